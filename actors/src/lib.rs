@@ -1,0 +1,18 @@
+//! Cabinet actors: the per-cabinet actor, its deterministic state machine, the protocol types
+//! and the ports through which actors reach storage, the broker and metrics.
+//!
+//! This crate knows no sqlx, Redis or rumqttd; `cabinet-hub` implements the ports.
+#![warn(missing_docs)]
+
+pub mod actor;
+pub mod alert;
+pub mod ids;
+pub mod machine;
+pub mod protocol;
+pub mod registry;
+
+pub use actor::{CabinetActor, CabinetMeta, CabinetPorts, Clock, SystemClock};
+pub use alert::{ActiveAlert, AlertType, ClearedBy, Severity};
+pub use ids::{CabinetId, MerchantId};
+pub use machine::{CabinetMachine, CabinetSnapshot, CommandOutcome, Effect, Input, Refusal, Timing};
+pub use registry::{ActorSeed, Registry};

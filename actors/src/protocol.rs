@@ -1,0 +1,718 @@
+//! The cabinet ↔ hub MQTT contract (PROTOCOL.md, version 1) as types, and the one parser every
+//! uplink message goes through. Nothing that fails here reaches an actor.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::CabinetId;
+
+/// Largest payload a cabinet may send (PROTOCOL.md: "at most 16 KiB").
+pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024;
+/// Longest opaque token (boot id, session id, command id) the hub accepts.
+pub const MAX_TOKEN_LEN: usize = 64;
+/// Longest free-text `detail` or `reason`.
+pub const MAX_TEXT_LEN: usize = 1024;
+
+/// Why an uplink message was refused. The label values are stable: they are metric labels
+/// (`mqtt_rejected_total{reason}`) and log fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// The topic is not `/tenants/{id}/{kind}`.
+    BadTopic,
+    /// The topic names a kind the protocol does not define.
+    UnknownTopic,
+    /// The id in the topic is not a valid cabinet id.
+    BadCabinetId,
+    /// More than [`MAX_PAYLOAD_BYTES`].
+    Oversize,
+    /// Not UTF-8 or not a JSON object.
+    MalformedJson,
+    /// JSON, but a field is missing, of the wrong type or out of range.
+    InvalidPayload,
+    /// A well-formed message from a cabinet that is not registered and active.
+    UnknownCabinet,
+}
+
+impl RejectReason {
+    /// Every reason, for pre-registering metric series.
+    pub const ALL: [RejectReason; 7] = [
+        RejectReason::BadTopic,
+        RejectReason::UnknownTopic,
+        RejectReason::BadCabinetId,
+        RejectReason::Oversize,
+        RejectReason::MalformedJson,
+        RejectReason::InvalidPayload,
+        RejectReason::UnknownCabinet,
+    ];
+
+    /// The stable label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::BadTopic => "bad_topic",
+            RejectReason::UnknownTopic => "unknown_topic",
+            RejectReason::BadCabinetId => "bad_cabinet_id",
+            RejectReason::Oversize => "oversize",
+            RejectReason::MalformedJson => "malformed_json",
+            RejectReason::InvalidPayload => "invalid_payload",
+            RejectReason::UnknownCabinet => "unknown_cabinet",
+        }
+    }
+}
+
+/// A refused uplink message: the reason, a human detail, and the cabinet when the topic named one.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{} ({detail})", reason.as_str())]
+pub struct Rejection {
+    /// The counted reason.
+    pub reason: RejectReason,
+    /// What exactly was wrong, for the log.
+    pub detail: String,
+    /// The cabinet named by the topic, when it parsed.
+    pub cabinet: Option<CabinetId>,
+}
+
+/// The uplink topics a cabinet publishes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UplinkKind {
+    /// `/tenants/{id}/status`
+    Status,
+    /// `/tenants/{id}/heartbeat`
+    Heartbeat,
+    /// `/tenants/{id}/event`
+    Event,
+    /// `/tenants/{id}/ack`
+    Ack,
+    /// `/tenants/{id}/recognition`
+    Recognition,
+}
+
+impl UplinkKind {
+    /// Every kind, for pre-registering metric series.
+    pub const ALL: [UplinkKind; 5] = [
+        UplinkKind::Status,
+        UplinkKind::Heartbeat,
+        UplinkKind::Event,
+        UplinkKind::Ack,
+        UplinkKind::Recognition,
+    ];
+
+    /// The topic suffix, also the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UplinkKind::Status => "status",
+            UplinkKind::Heartbeat => "heartbeat",
+            UplinkKind::Event => "event",
+            UplinkKind::Ack => "ack",
+            UplinkKind::Recognition => "recognition",
+        }
+    }
+}
+
+/// Where a topic points, once parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicTarget {
+    /// An uplink topic of a cabinet.
+    Uplink(CabinetId, UplinkKind),
+    /// The hub's own downlink topic (`/tenants/{id}/cmd`): not an uplink, ignored by the pump.
+    Command(CabinetId),
+}
+
+/// The downlink topic of a cabinet.
+pub fn command_topic(id: &CabinetId) -> String {
+    format!("/tenants/{id}/cmd")
+}
+
+/// Parses a topic into the cabinet and kind.
+pub fn parse_topic(topic: &str) -> Result<TopicTarget, Rejection> {
+    let reject = |reason, detail: String, cabinet| Rejection {
+        reason,
+        detail,
+        cabinet,
+    };
+    let Some(rest) = topic.strip_prefix("/tenants/") else {
+        return Err(reject(
+            RejectReason::BadTopic,
+            format!("topic {topic:?} does not start with /tenants/"),
+            None,
+        ));
+    };
+    let mut parts = rest.split('/');
+    let (Some(id), Some(kind), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(reject(
+            RejectReason::BadTopic,
+            format!("topic {topic:?} is not /tenants/{{id}}/{{kind}}"),
+            None,
+        ));
+    };
+    let cabinet = CabinetId::parse(id).map_err(|e| {
+        reject(
+            RejectReason::BadCabinetId,
+            format!("cabinet id {id:?} in topic: {e}"),
+            None,
+        )
+    })?;
+    let kind = match kind {
+        "status" => UplinkKind::Status,
+        "heartbeat" => UplinkKind::Heartbeat,
+        "event" => UplinkKind::Event,
+        "ack" => UplinkKind::Ack,
+        "recognition" => UplinkKind::Recognition,
+        "cmd" => return Ok(TopicTarget::Command(cabinet)),
+        other => {
+            return Err(reject(
+                RejectReason::UnknownTopic,
+                format!("unknown topic kind {other:?}"),
+                Some(cabinet),
+            ))
+        }
+    };
+    Ok(TopicTarget::Uplink(cabinet, kind))
+}
+
+/// Why a cabinet (re)booted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootReason {
+    /// Power was applied.
+    PowerOn,
+    /// The watchdog reset it.
+    Watchdog,
+    /// A firmware update.
+    Ota,
+    /// Only the network connection was re-established.
+    Reconnect,
+}
+
+/// `/tenants/{id}/status`: the online notice after every connect, or the Last Will.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// `false` in the Last Will.
+    pub online: bool,
+    /// Changes at every boot; required when `online`.
+    #[serde(default)]
+    pub boot_id: Option<String>,
+    /// Firmware version.
+    #[serde(default)]
+    pub fw: Option<String>,
+    /// Cabinet model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The configuration version the cabinet runs.
+    #[serde(default)]
+    pub config_version: Option<u64>,
+    /// Why it booted.
+    #[serde(default)]
+    pub boot: Option<BootReason>,
+}
+
+/// Door position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Door {
+    /// Open.
+    Open,
+    /// Closed.
+    Closed,
+}
+
+/// Lock state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lock {
+    /// Latched.
+    Locked,
+    /// Released.
+    Unlocked,
+    /// The lock reports a fault.
+    Fault,
+}
+
+/// Light strip state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Light {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// One camera's health in a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CameraStatus {
+    /// Camera index.
+    pub id: u32,
+    /// Whether it works.
+    pub ok: bool,
+}
+
+/// `/tenants/{id}/heartbeat`: periodic state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Per-boot sequence number shared with events.
+    pub seq: u64,
+    /// Cabinet clock, Unix ms.
+    pub ts: u64,
+    /// Door position.
+    pub door: Door,
+    /// Lock state.
+    pub lock: Lock,
+    /// Inside temperature; absent on unrefrigerated cabinets.
+    #[serde(default)]
+    pub temp_c: Option<f64>,
+    /// Light strip.
+    #[serde(default)]
+    pub light: Option<Light>,
+    /// Cameras; absent on gravity-shelf cabinets.
+    #[serde(default)]
+    pub cameras: Option<Vec<CameraStatus>>,
+    /// The configuration version the cabinet runs.
+    #[serde(default)]
+    pub config_version: Option<u64>,
+}
+
+/// The event types of `/tenants/{id}/event`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    /// The door opened.
+    DoorOpened,
+    /// The door closed.
+    DoorClosed,
+    /// The lock latched.
+    LockLocked,
+    /// The lock released.
+    LockUnlocked,
+    /// The lock reports a fault.
+    LockFault,
+    /// A camera failed.
+    CameraFault,
+    /// Cameras work again.
+    CameraOk,
+    /// Power came back after a cut.
+    PowerRestored,
+    /// Someone tampered with the cabinet.
+    Tamper,
+}
+
+/// `/tenants/{id}/event`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Per-boot sequence number shared with heartbeats.
+    pub seq: u64,
+    /// Cabinet clock, Unix ms.
+    pub ts: u64,
+    /// What happened.
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// The session the cabinet knows to be in progress.
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Free text.
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+/// `/tenants/{id}/ack`: the reply to a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The command answered.
+    pub cmd_id: String,
+    /// Whether it was carried out.
+    pub ok: bool,
+    /// Why not (`lock_jammed`, `busy`, `expired`, `locked_down`, `unknown_command`, `bad_config`).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Outcome of a recognition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecognitionStatus {
+    /// Recognised.
+    Ok,
+    /// Recognition failed.
+    Failed,
+}
+
+/// A product and a count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemCount {
+    /// Product code.
+    pub sku: String,
+    /// How many.
+    pub qty: u32,
+}
+
+/// `/tenants/{id}/recognition`: what was taken (purchase) or counted (restock).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recognition {
+    /// The session recognised.
+    pub session_id: String,
+    /// Whether recognition worked.
+    pub status: RecognitionStatus,
+    /// Purchase: the goods taken.
+    #[serde(default)]
+    pub items: Option<Vec<ItemCount>>,
+    /// Restock: the full stock counted.
+    #[serde(default)]
+    pub stock: Option<Vec<ItemCount>>,
+    /// Why recognition failed.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A parsed uplink payload.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UplinkBody {
+    /// Online notice or Last Will.
+    Status(Status),
+    /// Periodic state.
+    Heartbeat(Heartbeat),
+    /// Door, lock, camera and power events.
+    Event(Event),
+    /// Command reply.
+    Ack(Ack),
+    /// Recognition result.
+    Recognition(Recognition),
+}
+
+impl UplinkBody {
+    /// The topic kind this body came from.
+    pub fn kind(&self) -> UplinkKind {
+        match self {
+            UplinkBody::Status(_) => UplinkKind::Status,
+            UplinkBody::Heartbeat(_) => UplinkKind::Heartbeat,
+            UplinkBody::Event(_) => UplinkKind::Event,
+            UplinkBody::Ack(_) => UplinkKind::Ack,
+            UplinkBody::Recognition(_) => UplinkKind::Recognition,
+        }
+    }
+}
+
+/// A parsed uplink message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Uplink {
+    /// The cabinet named by the topic.
+    pub cabinet: CabinetId,
+    /// The payload.
+    pub body: UplinkBody,
+}
+
+fn invalid(cabinet: &CabinetId, detail: String) -> Rejection {
+    Rejection {
+        reason: RejectReason::InvalidPayload,
+        detail,
+        cabinet: Some(cabinet.clone()),
+    }
+}
+
+fn check_token(cabinet: &CabinetId, field: &str, value: Option<&str>) -> Result<(), Rejection> {
+    match value {
+        Some(v) if v.is_empty() || v.len() > MAX_TOKEN_LEN => Err(invalid(
+            cabinet,
+            format!("{field} must be 1 to {MAX_TOKEN_LEN} characters"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_text(cabinet: &CabinetId, field: &str, value: Option<&str>) -> Result<(), Rejection> {
+    match value {
+        Some(v) if v.len() > MAX_TEXT_LEN => Err(invalid(
+            cabinet,
+            format!("{field} longer than {MAX_TEXT_LEN} bytes"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    cabinet: &CabinetId,
+    payload: &[u8],
+) -> Result<T, Rejection> {
+    let value: serde_json::Value = serde_json::from_slice(payload).map_err(|e| Rejection {
+        reason: RejectReason::MalformedJson,
+        detail: format!("not JSON: {e}"),
+        cabinet: Some(cabinet.clone()),
+    })?;
+    if !value.is_object() {
+        return Err(Rejection {
+            reason: RejectReason::MalformedJson,
+            detail: "payload is not a JSON object".to_owned(),
+            cabinet: Some(cabinet.clone()),
+        });
+    }
+    serde_json::from_value(value).map_err(|e| invalid(cabinet, e.to_string()))
+}
+
+/// Parses one uplink message. This is the only way into the hub for cabinet data.
+pub fn parse_uplink(cabinet: CabinetId, kind: UplinkKind, payload: &[u8]) -> Result<Uplink, Rejection> {
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(Rejection {
+            reason: RejectReason::Oversize,
+            detail: format!("{} bytes, at most {MAX_PAYLOAD_BYTES}", payload.len()),
+            cabinet: Some(cabinet),
+        });
+    }
+    let body = match kind {
+        UplinkKind::Status => {
+            let s: Status = decode(&cabinet, payload)?;
+            if s.online && s.boot_id.is_none() {
+                return Err(invalid(&cabinet, "boot_id is required when online".into()));
+            }
+            check_token(&cabinet, "boot_id", s.boot_id.as_deref())?;
+            check_text(&cabinet, "fw", s.fw.as_deref())?;
+            check_text(&cabinet, "model", s.model.as_deref())?;
+            UplinkBody::Status(s)
+        }
+        UplinkKind::Heartbeat => {
+            let h: Heartbeat = decode(&cabinet, payload)?;
+            if let Some(t) = h.temp_c {
+                if !t.is_finite() || !(-100.0..=150.0).contains(&t) {
+                    return Err(invalid(&cabinet, format!("temp_c {t} out of range")));
+                }
+            }
+            if h.cameras.as_ref().is_some_and(|c| c.len() > 64) {
+                return Err(invalid(&cabinet, "more than 64 cameras".into()));
+            }
+            UplinkBody::Heartbeat(h)
+        }
+        UplinkKind::Event => {
+            let e: Event = decode(&cabinet, payload)?;
+            check_token(&cabinet, "session_id", e.session_id.as_deref())?;
+            check_text(&cabinet, "detail", e.detail.as_deref())?;
+            UplinkBody::Event(e)
+        }
+        UplinkKind::Ack => {
+            let a: Ack = decode(&cabinet, payload)?;
+            check_token(&cabinet, "cmd_id", Some(&a.cmd_id))?;
+            check_text(&cabinet, "error", a.error.as_deref())?;
+            UplinkBody::Ack(a)
+        }
+        UplinkKind::Recognition => {
+            let r: Recognition = decode(&cabinet, payload)?;
+            check_token(&cabinet, "session_id", Some(&r.session_id))?;
+            check_text(&cabinet, "reason", r.reason.as_deref())?;
+            let lines = r.items.iter().chain(r.stock.iter()).flatten();
+            for item in lines {
+                if item.sku.is_empty() || item.sku.len() > MAX_TOKEN_LEN {
+                    return Err(invalid(&cabinet, format!("sku {:?} invalid", item.sku)));
+                }
+            }
+            UplinkBody::Recognition(r)
+        }
+    };
+    Ok(Uplink { cabinet, body })
+}
+
+/// Light strip schedule, local time `HH:MM`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LightSchedule {
+    /// When the strip turns on.
+    pub on: String,
+    /// When the strip turns off.
+    pub off: String,
+}
+
+/// The settings pushed to a cabinet with `configure`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CabinetConfig {
+    /// Monotonic version; a cabinet reports the one it runs.
+    pub version: u64,
+    /// Target temperature.
+    pub temp_target_c: f64,
+    /// The allowed range; outside it for long raises `temperature_out_of_range`.
+    pub temp_range_c: [f64; 2],
+    /// Light strip schedule.
+    pub light: LightSchedule,
+    /// Heartbeat interval.
+    pub heartbeat_s: u32,
+    /// The foreign-object lock (异物锁柜) switch.
+    pub foreign_object_lock: bool,
+}
+
+/// Unlock purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionMode {
+    /// A shopper buys.
+    Purchase,
+    /// A restocker fills.
+    Restock,
+}
+
+/// A command's body, tagged by `type` on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CommandBody {
+    /// Open the door for a session.
+    Unlock {
+        /// The session.
+        session_id: String,
+        /// Purchase or restock.
+        mode: SessionMode,
+        /// Unix ms after which the cabinet must refuse (`expired`).
+        expires_at: u64,
+    },
+    /// Apply settings.
+    Configure {
+        /// The settings.
+        config: CabinetConfig,
+    },
+    /// Refuse (or allow again) local and remote opening.
+    Lockdown {
+        /// On or off.
+        on: bool,
+        /// Why.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// Restart the controller.
+    Reboot,
+}
+
+/// The command kinds, for metrics and outcomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    /// `unlock`
+    Unlock,
+    /// `configure`
+    Configure,
+    /// `lockdown`
+    Lockdown,
+    /// `reboot`
+    Reboot,
+}
+
+impl CommandKind {
+    /// Every kind, for pre-registering metric series.
+    pub const ALL: [CommandKind; 4] = [
+        CommandKind::Unlock,
+        CommandKind::Configure,
+        CommandKind::Lockdown,
+        CommandKind::Reboot,
+    ];
+
+    /// The wire name, also the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Unlock => "unlock",
+            CommandKind::Configure => "configure",
+            CommandKind::Lockdown => "lockdown",
+            CommandKind::Reboot => "reboot",
+        }
+    }
+}
+
+impl CommandBody {
+    /// The kind of this command.
+    pub fn kind(&self) -> CommandKind {
+        match self {
+            CommandBody::Unlock { .. } => CommandKind::Unlock,
+            CommandBody::Configure { .. } => CommandKind::Configure,
+            CommandBody::Lockdown { .. } => CommandKind::Lockdown,
+            CommandBody::Reboot => CommandKind::Reboot,
+        }
+    }
+}
+
+/// A command as published on `/tenants/{id}/cmd`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Idempotency key; the cabinet acks with it.
+    pub cmd_id: String,
+    /// What to do.
+    #[serde(flatten)]
+    pub body: CommandBody,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id() -> CabinetId {
+        CabinetId::parse("KM400A00017").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn reason(kind: UplinkKind, payload: &str) -> Option<RejectReason> {
+        parse_uplink(id(), kind, payload.as_bytes()).err().map(|r| r.reason)
+    }
+
+    #[test]
+    fn the_protocol_examples_parse() {
+        let ok = [
+            (UplinkKind::Status, r#"{"online":true,"boot_id":"b7f3","fw":"2.4.1","model":"KM-400","config_version":3,"boot":"power_on"}"#),
+            (UplinkKind::Status, r#"{"online":false}"#),
+            (UplinkKind::Heartbeat, r#"{"seq":42,"ts":1763700000000,"door":"closed","lock":"locked","temp_c":4.6,"light":"on","cameras":[{"id":0,"ok":true},{"id":1,"ok":false}],"config_version":3}"#),
+            (UplinkKind::Event, r#"{"seq":43,"ts":1763700001000,"type":"door_opened","session_id":"s_01J"}"#),
+            (UplinkKind::Ack, r#"{"cmd_id":"c_01J","ok":true}"#),
+            (UplinkKind::Ack, r#"{"cmd_id":"c_01J","ok":false,"error":"lock_jammed"}"#),
+            (UplinkKind::Recognition, r#"{"session_id":"s_01J","status":"ok","items":[{"sku":"6901234567890","qty":2}]}"#),
+            (UplinkKind::Recognition, r#"{"session_id":"s_01J","status":"failed","reason":"camera_blocked"}"#),
+            (UplinkKind::Recognition, r#"{"session_id":"s_01J","status":"ok","stock":[{"sku":"6901234567890","qty":12}]}"#),
+        ];
+        for (kind, payload) in ok {
+            let parsed = parse_uplink(id(), kind, payload.as_bytes());
+            assert!(parsed.is_ok(), "{payload}: {parsed:?}");
+            assert_eq!(parsed.map(|u| u.body.kind()).ok(), Some(kind));
+        }
+    }
+
+    #[test]
+    fn bad_payloads_get_their_reason() {
+        assert_eq!(reason(UplinkKind::Heartbeat, "{not json"), Some(RejectReason::MalformedJson));
+        assert_eq!(reason(UplinkKind::Heartbeat, "[1,2]"), Some(RejectReason::MalformedJson));
+        assert_eq!(
+            reason(UplinkKind::Heartbeat, r#"{"seq":"x","ts":1,"door":"closed","lock":"locked"}"#),
+            Some(RejectReason::InvalidPayload)
+        );
+        assert_eq!(
+            reason(UplinkKind::Heartbeat, r#"{"seq":1,"ts":1,"door":"ajar","lock":"locked"}"#),
+            Some(RejectReason::InvalidPayload)
+        );
+        assert_eq!(
+            reason(UplinkKind::Event, r#"{"seq":1,"ts":1,"type":"exploded"}"#),
+            Some(RejectReason::InvalidPayload)
+        );
+        assert_eq!(reason(UplinkKind::Status, r#"{"online":true}"#), Some(RejectReason::InvalidPayload));
+        let big = format!(r#"{{"cmd_id":"c","ok":true,"error":"{}"}}"#, "x".repeat(MAX_PAYLOAD_BYTES));
+        assert_eq!(reason(UplinkKind::Ack, &big), Some(RejectReason::Oversize));
+        assert_eq!(reason(UplinkKind::Ack, &format!(r#"{{"cmd_id":"{}","ok":true}}"#, "c".repeat(65))), Some(RejectReason::InvalidPayload));
+    }
+
+    #[test]
+    fn topics() {
+        assert_eq!(parse_topic("/tenants/A1/heartbeat"), Ok(TopicTarget::Uplink(CabinetId::parse("A1").unwrap_or_else(|e| panic!("{e}")), UplinkKind::Heartbeat)));
+        assert!(matches!(parse_topic("/tenants/A1/cmd"), Ok(TopicTarget::Command(_))));
+        assert_eq!(parse_topic("tenants/A1/heartbeat").map_err(|r| r.reason), Err(RejectReason::BadTopic));
+        assert_eq!(parse_topic("/tenants/A1/heartbeat/x").map_err(|r| r.reason), Err(RejectReason::BadTopic));
+        assert_eq!(parse_topic("/tenants/A-1/heartbeat").map_err(|r| r.reason), Err(RejectReason::BadCabinetId));
+        assert_eq!(parse_topic("/tenants/A1/telemetry").map_err(|r| r.reason), Err(RejectReason::UnknownTopic));
+    }
+
+    #[test]
+    fn commands_serialize_as_the_protocol_shows() {
+        let c = Command {
+            cmd_id: "c_1".into(),
+            body: CommandBody::Lockdown { on: true, reason: Some("lock_not_latched".into()) },
+        };
+        let v = serde_json::to_value(&c).unwrap_or_default();
+        assert_eq!(v, serde_json::json!({"cmd_id":"c_1","type":"lockdown","on":true,"reason":"lock_not_latched"}));
+        let r = serde_json::to_value(Command { cmd_id: "c_2".into(), body: CommandBody::Reboot }).unwrap_or_default();
+        assert_eq!(r, serde_json::json!({"cmd_id":"c_2","type":"reboot"}));
+    }
+
+    proptest! {
+        #[test]
+        fn parser_never_panics(kind in 0usize..5, payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_uplink(id(), UplinkKind::ALL[kind], &payload);
+        }
+
+        #[test]
+        fn topic_parser_never_panics(topic in "\\PC{0,80}") {
+            let _ = parse_topic(&topic);
+        }
+    }
+}
