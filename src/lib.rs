@@ -1,1 +1,18 @@
-pub fn _x(){}
+//! cabinet-hub: the realtime hub for smart open-door vending cabinets.
+//!
+//! `main` is a thin shell over [`app::Application`]; tests build the same application on free
+//! ports.
+
+pub mod api;
+pub mod app;
+pub mod ca;
+pub mod config;
+pub mod metrics;
+pub mod mqtt;
+pub mod ports;
+pub mod secrets;
+pub mod store;
+pub mod telemetry;
+
+pub use app::Application;
+pub use config::Settings;

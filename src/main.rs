@@ -1,1 +1,82 @@
-fn main(){}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use cabinet_hub::config::{Overrides, Settings};
+use cabinet_hub::{telemetry, Application};
+
+/// The realtime hub for smart open-door vending cabinets.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a hub node.
+    Serve {
+        /// A TOML file layered over the embedded defaults (else config/$HUB_ENV.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// HTTP and WebSocket address (http.listen).
+        #[arg(long)]
+        http_listen: Option<String>,
+        /// Password-mode MQTT address (mqtt.listen).
+        #[arg(long)]
+        mqtt_listen: Option<String>,
+        /// Data directory (data_dir).
+        #[arg(long)]
+        data_dir: Option<String>,
+        /// sqlite://… or postgres://… (database.url).
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+    /// Print the effective configuration and exit.
+    CheckConfig {
+        /// As for serve.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Serve { config, http_listen, mqtt_listen, data_dir, database_url } => {
+            let overrides = Overrides { http_listen, mqtt_listen, data_dir, database_url };
+            let settings = match Settings::load(config.as_deref(), &overrides) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("cabinet-hub: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            telemetry::init(&settings.log);
+            let result = actix_web::rt::System::new().block_on(async move {
+                let app = Application::build(settings).await?;
+                app.run_until_stopped().await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cabinet-hub: {e:#}");
+                    tracing::error!(error = %format!("{e:#}"), "start-up failed");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::CheckConfig { config } => match Settings::load(config.as_deref(), &Overrides::default()) {
+            Ok(s) => {
+                println!("{s:#?}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cabinet-hub: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}

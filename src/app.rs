@@ -1,0 +1,269 @@
+//! `Application::build` binds everything, reports the real ports, and runs until stopped.
+//! `main` and the tests build the hub the same way.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+
+use cabinet_actors::actor::{Clock, SystemClock};
+use cabinet_actors::registry::Registry;
+
+use crate::api;
+use crate::ca::DeviceCa;
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::mqtt::{start_broker, BrokerListeners, Directory, Pump};
+use crate::ports::{alert_writer, HubPorts};
+use crate::secrets::sha256_hex;
+use crate::store::Store;
+
+/// Shared by every request handler.
+pub struct AppState {
+    /// Configuration in force.
+    pub settings: Settings,
+    /// Storage.
+    pub store: Store,
+    /// Cabinet actors.
+    pub registry: Arc<Registry>,
+    /// Credentials and owners.
+    pub directory: Arc<Directory>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Device CA.
+    pub ca: Arc<DeviceCa>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Where readiness probes the broker.
+    pub mqtt_probe: SocketAddr,
+    /// Whether the uplink pump runs.
+    pub pump_alive: Arc<AtomicBool>,
+}
+
+impl AppState {
+    /// Now, Unix ms.
+    pub fn now(&self) -> i64 {
+        self.clock.now_ms() as i64
+    }
+}
+
+/// A running hub.
+pub struct Application {
+    http: SocketAddr,
+    mqtt: SocketAddr,
+    mqtt_tls: Option<SocketAddr>,
+    server: actix_web::dev::Server,
+    state: actix_web::web::Data<AppState>,
+    admin_key: Option<String>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+fn probe_addr(a: SocketAddr) -> SocketAddr {
+    if a.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port())
+    } else {
+        a
+    }
+}
+
+fn check_free(addr: SocketAddr, key: &str) -> anyhow::Result<()> {
+    // rumqttd binds on its own thread and only logs a failure: find out here, with the key.
+    TcpListener::bind(addr)
+        .map(drop)
+        .with_context(|| format!("{key} ({}) = {addr}: cannot listen there (port taken?); choose another address", env_key(key)))
+}
+
+fn env_key(key: &str) -> String {
+    format!("HUB__{}", key.replace('.', "__").to_uppercase())
+}
+
+async fn wait_listening(addr: SocketAddr, key: &str) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(probe_addr(addr)).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("{key} ({}) = {addr}: the broker did not start listening", env_key(key))
+}
+
+impl Application {
+    /// Binds the listeners, opens storage, starts the broker, the actors and the HTTP server.
+    /// Must run inside an actix `System`.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("data_dir (HUB__DATA_DIR) = {}: cannot create it", settings.data_dir.display()))?;
+        let http_listener = TcpListener::bind(settings.http.listen).with_context(|| {
+            format!("http.listen (HUB__HTTP__LISTEN) = {}: cannot listen there (port taken?); choose another address", settings.http.listen)
+        })?;
+        let http = http_listener.local_addr()?;
+        check_free(settings.mqtt.listen, "mqtt.listen")?;
+        if let Some(tls) = settings.mqtt.tls_listen {
+            check_free(tls, "mqtt.tls_listen")?;
+        }
+        if settings.redis.url.is_some() {
+            tracing::warn!("redis.url is set, but multi-node coordination is not built yet; running as a single node");
+        }
+
+        let url = settings.database_url();
+        let store = Store::connect(&url, settings.database.max_connections)
+            .await
+            .with_context(|| format!("database.url (HUB__DATABASE__URL): cannot open {}", redact(&url)))?;
+        let metrics = Metrics::new()?;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let directory = Arc::new(Directory::load(&store).await?);
+        let ca = Arc::new(DeviceCa::load_or_create(&settings.data_dir.join("ca"))?);
+
+        let tls = match settings.mqtt.tls_listen {
+            Some(addr) => {
+                let (cert, key) = ca.server_cert(&settings.mqtt.tls_server_names)?;
+                Some((addr, ca.ca_path(), cert, key))
+            }
+            None => None,
+        };
+        let listeners = BrokerListeners { plain: settings.mqtt.listen, tls, max_connections: settings.mqtt.max_connections };
+        let (publisher, link_rx) = start_broker(&listeners, directory.clone(), metrics.clone())?;
+
+        let (alert_tx, alert_rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(alert_writer(store.clone(), metrics.clone(), alert_rx));
+        let ports = Arc::new(HubPorts { publisher: Arc::new(publisher), metrics: metrics.clone(), alerts: alert_tx });
+        let threads = match settings.actors.threads {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            n => n,
+        };
+        let registry = Arc::new(Registry::new(threads, ports, clock.clone(), settings.timing()));
+
+        let pump_alive = Arc::new(AtomicBool::new(false));
+        let pump = Pump {
+            directory: directory.clone(),
+            registry: registry.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            alive: pump_alive.clone(),
+        };
+        tokio::spawn(pump.run(link_rx));
+        wait_listening(settings.mqtt.listen, "mqtt.listen").await?;
+        if let Some(tls) = settings.mqtt.tls_listen {
+            wait_listening(tls, "mqtt.tls_listen").await?;
+        }
+
+        let state = actix_web::web::Data::new(AppState {
+            mqtt_probe: probe_addr(settings.mqtt.listen),
+            settings: settings.clone(),
+            store,
+            registry,
+            directory,
+            metrics,
+            ca,
+            clock,
+            pump_alive,
+        });
+        let admin_key = ensure_admin_key(&state).await?;
+
+        let workers = match settings.http.workers {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            n => n,
+        };
+        let data = state.clone();
+        let server = actix_web::HttpServer::new(move || {
+            actix_web::App::new()
+                .app_data(data.clone())
+                .wrap(actix_web::middleware::Logger::new("%r %s %Dms").log_target("http"))
+                .configure(api::configure)
+        })
+        .workers(workers)
+        .shutdown_timeout(10)
+        .listen(http_listener)?
+        .run();
+
+        tracing::info!(%http, mqtt = %settings.mqtt.listen, mqtt_tls = ?settings.mqtt.tls_listen, database = %redact(&url), "cabinet-hub started");
+        Ok(Self {
+            http,
+            mqtt: settings.mqtt.listen,
+            mqtt_tls: settings.mqtt.tls_listen,
+            server,
+            state,
+            admin_key,
+            writer,
+        })
+    }
+
+    /// The HTTP address actually bound.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+    }
+
+    /// The password-mode MQTT address.
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt
+    }
+
+    /// The certificate-mode MQTT address.
+    pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_tls
+    }
+
+    /// The admin key generated at this start, if one was.
+    pub fn generated_admin_key(&self) -> Option<&str> {
+        self.admin_key.as_deref()
+    }
+
+    /// A handle that stops the HTTP server gracefully.
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    /// Runs until SIGTERM/SIGINT (or the handle stops it), then drains: HTTP requests in
+    /// flight finish, pending alert writes are flushed, the database is closed.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.server.await?;
+        tracing::info!("HTTP stopped; flushing alert history");
+        let Application { state, writer, .. } = self;
+        // Actors hold the writer's sender; give queued writes a moment to land.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !writer.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if state.registry.is_empty() {
+                break;
+            }
+        }
+        state.store.close().await;
+        tracing::info!("cabinet-hub stopped");
+        Ok(())
+    }
+}
+
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Makes sure an admin key exists: the configured one, or one generated and printed once.
+async fn ensure_admin_key(state: &AppState) -> anyhow::Result<Option<String>> {
+    if let Some(key) = &state.settings.auth.admin_key {
+        if key.len() < 16 {
+            anyhow::bail!("auth.admin_key (HUB__AUTH__ADMIN_KEY) must be at least 16 characters");
+        }
+        if state.store.api_key_by_hash(&sha256_hex(key)).await?.is_none() {
+            let id = format!("k_admin_{}", &sha256_hex(key)[..8]);
+            state.store.create_api_key(&id, &sha256_hex(key), None, "admin", state.now()).await?;
+        }
+        return Ok(None);
+    }
+    if state.store.has_admin_key().await? {
+        return Ok(None);
+    }
+    let (_, key) = api::issue_key(state, None, api::Role::Admin)
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the admin key: {e}"))?;
+    println!("\n  cabinet-hub: created the platform admin API key (shown once, keep it safe):\n\n    {key}\n");
+    Ok(Some(key))
+}

@@ -1,0 +1,326 @@
+//! Layered configuration: embedded `config/default.toml` → a file (`--config` or
+//! `config/$HUB_ENV.toml`) → `HUB__SECTION__KEY` environment variables → flags.
+//! Unknown keys, malformed URLs and bad addresses stop start-up with a message naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use cabinet_actors::machine::Timing;
+use cabinet_actors::protocol::{CabinetConfig, LightSchedule};
+
+const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Everything a node needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Where the embedded database, device CA and keys live.
+    pub data_dir: PathBuf,
+    /// HTTP and WebSocket.
+    pub http: HttpSettings,
+    /// The embedded broker.
+    pub mqtt: MqttSettings,
+    /// Storage.
+    pub database: DatabaseSettings,
+    /// Multi-node coordination.
+    pub redis: RedisSettings,
+    /// API keys.
+    pub auth: AuthSettings,
+    /// Cabinet timings and the first desired configuration.
+    pub cabinet: CabinetSettings,
+    /// Purchase sessions.
+    pub session: SessionSettings,
+    /// Actor threads.
+    pub actors: ActorSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// `HUB__HTTP__LISTEN`
+    pub listen: SocketAddr,
+    /// 0 = one per core.
+    pub workers: usize,
+}
+
+/// `[mqtt]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSettings {
+    /// `HUB__MQTT__LISTEN`: password mode.
+    pub listen: SocketAddr,
+    /// `HUB__MQTT__TLS_LISTEN`: certificate mode, off when unset.
+    #[serde(default)]
+    pub tls_listen: Option<SocketAddr>,
+    /// Names in the broker's server certificate.
+    pub tls_server_names: Vec<String>,
+    /// Connection limit of the broker.
+    pub max_connections: usize,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `HUB__DATABASE__URL`; a SQLite file in the data dir when unset.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Pool size.
+    pub max_connections: u32,
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `HUB__REDIS__URL`; single node when unset.
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// `HUB__AUTH__ADMIN_KEY`
+    #[serde(default)]
+    pub admin_key: Option<String>,
+}
+
+/// `[cabinet]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct CabinetSettings {
+    pub unlock_ack_timeout_ms: u64,
+    pub command_ack_timeout_ms: u64,
+    pub latch_timeout_ms: u64,
+    pub door_open_max_ms: u64,
+    pub heartbeat_s: u32,
+    pub missed_heartbeats: u32,
+    pub temp_out_of_range_ms: u64,
+    pub initial_service_days: u32,
+    pub temp_target_c: f64,
+    pub temp_min_c: f64,
+    pub temp_max_c: f64,
+    pub light_on: String,
+    pub light_off: String,
+    pub foreign_object_lock: bool,
+}
+
+/// `[session]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSettings {
+    /// `HUB__SESSION__RECOGNITION_TIMEOUT_MS`
+    pub recognition_timeout_ms: u64,
+}
+
+/// `[actors]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActorSettings {
+    /// 0 = one arbiter per core.
+    pub threads: usize,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: String,
+    /// A `tracing` filter.
+    pub level: String,
+}
+
+/// Command-line overrides, applied last.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--http-listen`
+    pub http_listen: Option<String>,
+    /// `--mqtt-listen`
+    pub mqtt_listen: Option<String>,
+    /// `--data-dir`
+    pub data_dir: Option<String>,
+    /// `--database-url`
+    pub database_url: Option<String>,
+}
+
+impl Settings {
+    /// Loads all layers. `file` is `--config`; without it `config/$HUB_ENV.toml` when `HUB_ENV`
+    /// is set.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Self> {
+        let mut b = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
+        let env_file = std::env::var("HUB_ENV")
+            .ok()
+            .filter(|e| !e.is_empty())
+            .map(|e| PathBuf::from(format!("config/{e}.toml")));
+        if let Some(path) = file.map(Path::to_path_buf).or(env_file) {
+            if !path.exists() {
+                bail!("configuration file {} does not exist", path.display());
+            }
+            b = b.add_source(config::File::from(path.clone()).format(config::FileFormat::Toml));
+        }
+        b = b.add_source(
+            config::Environment::with_prefix("HUB")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("mqtt.tls_server_names")
+                .try_parsing(true),
+        );
+        let pairs = [
+            ("http.listen", &overrides.http_listen),
+            ("mqtt.listen", &overrides.mqtt_listen),
+            ("data_dir", &overrides.data_dir),
+            ("database.url", &overrides.database_url),
+        ];
+        for (key, value) in pairs {
+            if let Some(v) = value {
+                b = b.set_override(key, v.as_str())?;
+            }
+        }
+        let settings: Settings = b
+            .build()
+            .context("reading configuration")?
+            .try_deserialize()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "configuration: {e} (keys are set in a TOML file or as HUB__SECTION__KEY environment variables; see README.md)"
+                )
+            })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what serde cannot: URLs, ranges, formats.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(url) = &self.database.url {
+            let parsed = url::Url::parse(url).map_err(|e| {
+                anyhow::anyhow!("database.url (HUB__DATABASE__URL) {url:?} is not a URL: {e}; use sqlite://PATH or postgres://USER@HOST:PORT/DB")
+            })?;
+            if !matches!(parsed.scheme(), "sqlite" | "postgres" | "postgresql") {
+                bail!("database.url (HUB__DATABASE__URL) has scheme {:?}; use sqlite:// or postgres://", parsed.scheme());
+            }
+        }
+        if let Some(url) = &self.redis.url {
+            let parsed = url::Url::parse(url).map_err(|e| {
+                anyhow::anyhow!("redis.url (HUB__REDIS__URL) {url:?} is not a URL: {e}; use redis://HOST:PORT")
+            })?;
+            if !matches!(parsed.scheme(), "redis" | "rediss") {
+                bail!("redis.url (HUB__REDIS__URL) has scheme {:?}; use redis://", parsed.scheme());
+            }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            bail!("log.format (HUB__LOG__FORMAT) must be \"text\" or \"json\", not {:?}", self.log.format);
+        }
+        let c = &self.cabinet;
+        if c.heartbeat_s == 0 || c.missed_heartbeats == 0 {
+            bail!("cabinet.heartbeat_s and cabinet.missed_heartbeats must be at least 1");
+        }
+        if c.temp_min_c >= c.temp_max_c {
+            bail!("cabinet.temp_min_c must be below cabinet.temp_max_c");
+        }
+        for (key, v) in [("cabinet.light_on", &c.light_on), ("cabinet.light_off", &c.light_off)] {
+            if !valid_hhmm(v) {
+                bail!("{key} must be HH:MM, not {v:?}");
+            }
+        }
+        if self.mqtt.tls_listen.is_some() && self.mqtt.tls_server_names.is_empty() {
+            bail!("mqtt.tls_server_names must name at least one host when mqtt.tls_listen is set");
+        }
+        Ok(())
+    }
+
+    /// The database URL, defaulting to a SQLite file in the data dir.
+    pub fn database_url(&self) -> String {
+        match &self.database.url {
+            Some(u) => u.clone(),
+            None => format!("sqlite://{}?mode=rwc", self.data_dir.join("hub.db").display()),
+        }
+    }
+
+    /// The machine timings.
+    pub fn timing(&self) -> Timing {
+        let c = &self.cabinet;
+        Timing {
+            unlock_ack_timeout_ms: c.unlock_ack_timeout_ms,
+            command_ack_timeout_ms: c.command_ack_timeout_ms,
+            latch_timeout_ms: c.latch_timeout_ms,
+            door_open_max_ms: c.door_open_max_ms,
+            heartbeat_s: c.heartbeat_s,
+            missed_heartbeats: c.missed_heartbeats,
+            temp_out_of_range_ms: c.temp_out_of_range_ms,
+            recognition_timeout_ms: self.session.recognition_timeout_ms,
+        }
+    }
+
+    /// The first desired configuration of a newly registered cabinet.
+    pub fn initial_cabinet_config(&self) -> CabinetConfig {
+        let c = &self.cabinet;
+        CabinetConfig {
+            version: 1,
+            temp_target_c: c.temp_target_c,
+            temp_range_c: [c.temp_min_c, c.temp_max_c],
+            light: LightSchedule {
+                on: c.light_on.clone(),
+                off: c.light_off.clone(),
+            },
+            heartbeat_s: c.heartbeat_s,
+            foreign_object_lock: c.foreign_object_lock,
+        }
+    }
+
+    /// The embedded defaults with a data dir (used by tests and tools).
+    pub fn defaults(data_dir: &Path) -> anyhow::Result<Self> {
+        let mut s: Settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml))
+            .build()?
+            .try_deserialize()?;
+        s.data_dir = data_dir.to_path_buf();
+        Ok(s)
+    }
+}
+
+/// `HH:MM`, 00:00–23:59.
+pub fn valid_hhmm(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 5
+        && b[2] == b':'
+        && s[..2].parse::<u8>().is_ok_and(|h| h < 24)
+        && s[3..].parse::<u8>().is_ok_and(|m| m < 60)
+        && b[..2].iter().chain(&b[3..]).all(u8::is_ascii_digit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let s = Settings::defaults(Path::new("/tmp/x")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(s.validate().is_ok());
+        assert_eq!(s.http.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.mqtt.listen.to_string(), "0.0.0.0:1883");
+        assert!(s.database_url().starts_with("sqlite:///tmp/x/hub.db"));
+        assert_eq!(s.timing(), Timing::default());
+    }
+
+    #[test]
+    fn hhmm() {
+        assert!(valid_hhmm("07:00"));
+        assert!(valid_hhmm("23:59"));
+        assert!(!valid_hhmm("24:00"));
+        assert!(!valid_hhmm("7:00"));
+        assert!(!valid_hhmm("07:60"));
+        assert!(!valid_hhmm("+7:00"));
+    }
+}

@@ -1,0 +1,113 @@
+//! Prometheus metrics. Per-cabinet labels appear only on `cabinet_alert_active`, and only while
+//! that alert is active, so cardinality is bounded by the number of active alerts.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use cabinet_actors::alert::AlertType;
+use cabinet_actors::protocol::{CommandKind, RejectReason, UplinkKind};
+
+/// Every series the hub exports.
+#[derive(Clone)]
+#[allow(missing_docs)]
+pub struct Metrics {
+    registry: Registry,
+    pub cabinets_online: IntGauge,
+    pub cabinet_actors: IntGauge,
+    pub alert_active: IntGaugeVec,
+    pub alerts_raised: IntCounterVec,
+    pub command_duration: HistogramVec,
+    pub mqtt_in: IntCounterVec,
+    pub mqtt_out: IntCounterVec,
+    pub mqtt_rejected: IntCounterVec,
+    pub mqtt_auth_failures: IntCounterVec,
+    pub mqtt_duplicates: IntCounter,
+    pub mqtt_stray_acks: IntCounter,
+    pub actor_restarts: IntCounter,
+    pub store_errors: IntCounterVec,
+}
+
+/// Adding a series to our own fresh registry only fails on a duplicate name, a bug caught by
+/// the first test that builds the hub.
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    if let Err(e) = r.register(Box::new(c.clone())) {
+        tracing::error!(error = %e, "metric registration failed");
+    }
+    c
+}
+
+impl Metrics {
+    /// Builds and registers every series.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let r = Registry::new();
+        let m = Self {
+            cabinets_online: reg(&r, IntGauge::new("cabinets_online", "Cabinets currently online")?),
+            cabinet_actors: reg(&r, IntGauge::new("cabinet_actors", "Cabinet actors running")?),
+            alert_active: reg(&r, IntGaugeVec::new(
+                Opts::new("cabinet_alert_active", "1 while an alert is active (series exists only then)"),
+                &["cabinet", "merchant", "type", "severity"],
+            )?),
+            alerts_raised: reg(&r, IntCounterVec::new(
+                Opts::new("cabinet_alerts_raised_total", "Alerts raised"),
+                &["type"],
+            )?),
+            command_duration: reg(&r, HistogramVec::new(
+                HistogramOpts::new("cabinet_command_duration_seconds", "Command request to outcome")
+                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                &["type", "outcome"],
+            )?),
+            mqtt_in: reg(&r, IntCounterVec::new(
+                Opts::new("mqtt_messages_in_total", "Accepted uplink messages"),
+                &["kind"],
+            )?),
+            mqtt_out: reg(&r, IntCounterVec::new(
+                Opts::new("mqtt_messages_out_total", "Commands published"),
+                &["type"],
+            )?),
+            mqtt_rejected: reg(&r, IntCounterVec::new(
+                Opts::new("mqtt_rejected_total", "Uplink messages rejected, by reason"),
+                &["reason"],
+            )?),
+            mqtt_auth_failures: reg(&r, IntCounterVec::new(
+                Opts::new("mqtt_auth_failures_total", "MQTT connections refused, by reason"),
+                &["reason"],
+            )?),
+            mqtt_duplicates: reg(&r, IntCounter::new("mqtt_duplicates_total", "Redelivered heartbeats and events dropped")?),
+            mqtt_stray_acks: reg(&r, IntCounter::new("mqtt_stray_acks_total", "Acks for no pending command")?),
+            actor_restarts: reg(&r, IntCounter::new("actor_restarts_total", "Cabinet actors restarted after a panic")?),
+            store_errors: reg(&r, IntCounterVec::new(
+                Opts::new("store_errors_total", "Failed background writes"),
+                &["op"],
+            )?),
+            registry: r,
+        };
+        // Pre-create the label sets so dashboards see zeros rather than gaps.
+        for reason in RejectReason::ALL {
+            m.mqtt_rejected.with_label_values(&[reason.as_str()]);
+        }
+        for reason in crate::mqtt::AuthFailure::ALL {
+            m.mqtt_auth_failures.with_label_values(&[reason.as_str()]);
+        }
+        for kind in UplinkKind::ALL {
+            m.mqtt_in.with_label_values(&[kind.as_str()]);
+        }
+        for kind in CommandKind::ALL {
+            m.mqtt_out.with_label_values(&[kind.as_str()]);
+        }
+        for t in AlertType::ALL {
+            m.alerts_raised.with_label_values(&[t.as_str()]);
+        }
+        Ok(m)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

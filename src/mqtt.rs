@@ -1,0 +1,318 @@
+//! The MQTT edge: rumqttd embedded on its own threads, authentication against registered and
+//! active cabinets, the uplink pump that parses every message once and routes it to the
+//! cabinet's actor, and the command publisher.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings, TlsConfig};
+
+use cabinet_actors::actor::{CabinetMeta, Deliver, PublishError};
+use cabinet_actors::ids::{CabinetId, MerchantId};
+use cabinet_actors::protocol::{command_topic, parse_topic, parse_uplink, Command, RejectReason, Rejection, TopicTarget};
+use cabinet_actors::registry::{ActorSeed, Registry};
+
+use crate::metrics::Metrics;
+use crate::secrets::{constant_time_eq, sha256_hex};
+use crate::store::Store;
+
+/// Why a connection was refused. Stable metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// The client id is not a valid cabinet id.
+    BadClientId,
+    /// Username differs from the client id.
+    UsernameMismatch,
+    /// No such cabinet.
+    UnknownCabinet,
+    /// Registered but not activated.
+    NotActive,
+    /// Wrong secret.
+    BadSecret,
+}
+
+impl AuthFailure {
+    /// Every reason.
+    pub const ALL: [AuthFailure; 5] = [
+        AuthFailure::BadClientId,
+        AuthFailure::UsernameMismatch,
+        AuthFailure::UnknownCabinet,
+        AuthFailure::NotActive,
+        AuthFailure::BadSecret,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::BadClientId => "bad_client_id",
+            AuthFailure::UsernameMismatch => "username_mismatch",
+            AuthFailure::UnknownCabinet => "unknown_cabinet",
+            AuthFailure::NotActive => "not_active",
+            AuthFailure::BadSecret => "bad_secret",
+        }
+    }
+}
+
+/// What the edge knows of a registered cabinet.
+#[derive(Debug, Clone)]
+pub struct DirectoryEntry {
+    /// Owner.
+    pub merchant: MerchantId,
+    /// SHA-256 hex of the MQTT secret.
+    pub secret_hash: String,
+    /// Activated.
+    pub active: bool,
+}
+
+/// The in-memory credential cache: loaded from storage at start, written through by the API
+/// on every registration and activation, read on every connect and every uplink message.
+#[derive(Debug, Default)]
+pub struct Directory {
+    map: RwLock<HashMap<CabinetId, DirectoryEntry>>,
+}
+
+impl Directory {
+    /// Adds or replaces an entry.
+    pub fn put(&self, id: CabinetId, entry: DirectoryEntry) {
+        self.map.write().unwrap_or_else(|p| p.into_inner()).insert(id, entry);
+    }
+
+    /// An entry.
+    pub fn get(&self, id: &CabinetId) -> Option<DirectoryEntry> {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    /// Loads every registered cabinet.
+    pub async fn load(store: &Store) -> anyhow::Result<Self> {
+        let d = Self::default();
+        for c in store.cabinets(None).await? {
+            let (Ok(id), Ok(merchant)) = (CabinetId::parse(&c.id), MerchantId::parse(&c.merchant_id)) else {
+                tracing::error!(cabinet_id = %c.id, "stored cabinet has an invalid id; skipped");
+                continue;
+            };
+            d.put(id, DirectoryEntry { merchant, secret_hash: c.secret_hash, active: c.active });
+        }
+        Ok(d)
+    }
+
+    /// Checks a password-mode login.
+    pub fn authenticate(&self, client_id: &str, username: &str, password: &str) -> Result<CabinetId, AuthFailure> {
+        let id = CabinetId::parse(client_id).map_err(|_| AuthFailure::BadClientId)?;
+        if username != client_id {
+            return Err(AuthFailure::UsernameMismatch);
+        }
+        let entry = self.get(&id).ok_or(AuthFailure::UnknownCabinet)?;
+        if !constant_time_eq(&sha256_hex(password), &entry.secret_hash) {
+            return Err(AuthFailure::BadSecret);
+        }
+        if !entry.active {
+            return Err(AuthFailure::NotActive);
+        }
+        Ok(id)
+    }
+}
+
+/// Publishes commands through the hub's local link. rumqttd link publishes are QoS 0;
+/// commands are acknowledged at the application level (`ack`), so a lost one times out
+/// truthfully.
+pub struct CommandPublisher {
+    tx: Mutex<LinkTx>,
+}
+
+impl CommandPublisher {
+    /// Publishes one command without blocking.
+    pub fn publish(&self, cabinet: &CabinetId, command: &Command) -> Result<(), PublishError> {
+        let payload = serde_json::to_vec(command).map_err(|e| PublishError(e.to_string()))?;
+        let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        tx.try_publish(command_topic(cabinet), payload)
+            .map(|_| ())
+            .map_err(|e| PublishError(e.to_string()))
+    }
+}
+
+/// The broker's listeners.
+#[derive(Debug, Clone)]
+pub struct BrokerListeners {
+    /// Password mode.
+    pub plain: SocketAddr,
+    /// Certificate mode: address, CA, server cert, server key.
+    pub tls: Option<(SocketAddr, PathBuf, PathBuf, PathBuf)>,
+    /// Connection limit.
+    pub max_connections: usize,
+}
+
+fn connection_settings() -> ConnectionSettings {
+    ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        // Larger than the protocol's 16 KiB so that an oversize payload reaches the edge
+        // parser and is counted with its reason rather than silently disconnected.
+        max_payload_size: 256 * 1024,
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    }
+}
+
+/// Starts rumqttd on its own threads and returns the hub's link to it.
+pub fn start_broker(
+    listeners: &BrokerListeners,
+    directory: Arc<Directory>,
+    metrics: Metrics,
+) -> anyhow::Result<(CommandPublisher, LinkRx)> {
+    let mut plain = ServerSettings {
+        name: "password".to_owned(),
+        listen: listeners.plain,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections: connection_settings(),
+    };
+    plain.set_auth_handler(move |client_id: String, username: String, password: String| {
+        let result = directory.authenticate(&client_id, &username, &password);
+        if let Err(reason) = result {
+            metrics.mqtt_auth_failures.with_label_values(&[reason.as_str()]).inc();
+            tracing::warn!(client_id = %client_id.chars().take(64).collect::<String>(), reason = reason.as_str(), "MQTT connection refused");
+        }
+        std::future::ready(result.is_ok())
+    });
+    let mut v4 = HashMap::new();
+    v4.insert("1".to_owned(), plain);
+    if let Some((addr, ca, cert, key)) = &listeners.tls {
+        v4.insert(
+            "2".to_owned(),
+            ServerSettings {
+                name: "certificate".to_owned(),
+                listen: *addr,
+                tls: Some(TlsConfig::Rustls {
+                    capath: Some(ca.display().to_string()),
+                    certpath: cert.display().to_string(),
+                    keypath: key.display().to_string(),
+                }),
+                next_connection_delay_ms: 0,
+                connections: connection_settings(),
+            },
+        );
+    }
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: listeners.max_connections + 10,
+            max_outgoing_packet_count: 1000,
+            // Small commit-log segments: a slow reader costs little memory.
+            max_segment_size: 4 * 1024 * 1024,
+            max_segment_count: 4,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(v4),
+        ..Default::default()
+    };
+    let mut broker = Broker::new(config);
+    let (mut tx, rx) = broker.link("cabinet-hub")?;
+    // Everything, so that unknown topics are counted too; our own commands are skipped.
+    tx.subscribe("#")?;
+    std::thread::Builder::new()
+        .name("rumqttd".to_owned())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "MQTT broker stopped");
+            }
+        })?;
+    Ok((CommandPublisher { tx: Mutex::new(tx) }, rx))
+}
+
+/// Everything the pump needs.
+pub struct Pump {
+    /// Credentials and owners.
+    pub directory: Arc<Directory>,
+    /// Actors.
+    pub registry: Arc<Registry>,
+    /// Seeds new actors.
+    pub store: Store,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Cleared when the pump stops.
+    pub alive: Arc<AtomicBool>,
+}
+
+impl Pump {
+    fn reject(&self, r: &Rejection) {
+        self.metrics.mqtt_rejected.with_label_values(&[r.reason.as_str()]).inc();
+        tracing::warn!(
+            cabinet_id = r.cabinet.as_ref().map(|c| c.as_str()).unwrap_or("-"),
+            reason = r.reason.as_str(),
+            detail = %r.detail,
+            "uplink rejected"
+        );
+    }
+
+    async fn seed(&self, id: &CabinetId) -> ActorSeed {
+        let desired = self.store.latest_config(id.as_str()).await;
+        let alerts = self.store.active_alerts(id.as_str()).await;
+        if let Err(e) = desired.as_ref().map(|_| ()).and(alerts.as_ref().map(|_| ())) {
+            tracing::error!(cabinet_id = %id, error = %e, "could not read the cabinet's stored state; starting the actor without it");
+            self.metrics.store_errors.with_label_values(&["seed_actor"]).inc();
+        }
+        ActorSeed { desired: desired.ok().flatten(), alerts: alerts.unwrap_or_default() }
+    }
+
+    /// Handles one message from the broker.
+    pub async fn handle(&self, topic: &[u8], payload: &[u8]) {
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            self.reject(&Rejection { reason: RejectReason::BadTopic, detail: "topic not UTF-8".into(), cabinet: None });
+            return;
+        };
+        let (id, kind) = match parse_topic(topic) {
+            Ok(TopicTarget::Uplink(id, kind)) => (id, kind),
+            Ok(TopicTarget::Command(_)) => return,
+            Err(r) => return self.reject(&r),
+        };
+        let entry = match self.directory.get(&id) {
+            Some(e) if e.active => e,
+            Some(_) | None => {
+                return self.reject(&Rejection {
+                    reason: RejectReason::UnknownCabinet,
+                    detail: "not a registered, active cabinet".into(),
+                    cabinet: Some(id),
+                })
+            }
+        };
+        let uplink = match parse_uplink(id, kind, payload) {
+            Ok(u) => u,
+            Err(r) => return self.reject(&r),
+        };
+        self.metrics.mqtt_in.with_label_values(&[kind.as_str()]).inc();
+        let addr = match self.registry.get(&uplink.cabinet) {
+            Some(a) => a,
+            None => {
+                let seed = self.seed(&uplink.cabinet).await;
+                let meta = CabinetMeta { id: uplink.cabinet.clone(), merchant: entry.merchant };
+                let addr = self.registry.get_or_start(&meta, || seed);
+                self.metrics.cabinet_actors.set(self.registry.len() as i64);
+                addr
+            }
+        };
+        addr.do_send(Deliver(uplink.body));
+    }
+
+    /// Runs until the broker link closes.
+    pub async fn run(self, mut rx: LinkRx) {
+        self.alive.store(true, Ordering::SeqCst);
+        loop {
+            match rx.next().await {
+                Ok(Some(Notification::Forward(f))) => self.handle(&f.publish.topic, &f.publish.payload).await,
+                Ok(Some(_)) | Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "MQTT link closed; uplink pump stopped");
+                    break;
+                }
+            }
+        }
+        self.alive.store(false, Ordering::SeqCst);
+    }
+}

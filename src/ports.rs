@@ -1,0 +1,132 @@
+//! The hub's implementation of the actors' ports: commands to the broker, alerts to storage
+//! (through one ordered writer) and to Prometheus, outcomes to metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use cabinet_actors::actor::{CabinetMeta, CabinetPorts, PublishError};
+use cabinet_actors::alert::{ActiveAlert, ClearedBy};
+use cabinet_actors::machine::{CabinetSnapshot, Effect};
+use cabinet_actors::protocol::Command;
+
+use crate::metrics::Metrics;
+use crate::mqtt::CommandPublisher;
+use crate::store::Store;
+
+/// A write to the alert history.
+#[derive(Debug)]
+pub enum AlertWrite {
+    /// Raised.
+    Raised(CabinetMeta, ActiveAlert),
+    /// Cleared.
+    Cleared {
+        /// Alert id.
+        id: String,
+        /// `condition` or a key id.
+        by: String,
+        /// Unix ms.
+        at: i64,
+    },
+}
+
+/// Wires actors to the world.
+pub struct HubPorts {
+    /// Commands out.
+    pub publisher: Arc<CommandPublisher>,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Alert history, in order.
+    pub alerts: mpsc::UnboundedSender<AlertWrite>,
+}
+
+impl CabinetPorts for HubPorts {
+    fn publish(&self, cabinet: &CabinetMeta, command: &Command) -> Result<(), PublishError> {
+        self.publisher.publish(&cabinet.id, command)?;
+        self.metrics
+            .mqtt_out
+            .with_label_values(&[command.body.kind().as_str()])
+            .inc();
+        Ok(())
+    }
+
+    fn effect(&self, cabinet: &CabinetMeta, effect: &Effect) {
+        let m = &self.metrics;
+        match effect {
+            Effect::AlertRaised(a) => {
+                m.alert_active
+                    .with_label_values(&[cabinet.id.as_str(), cabinet.merchant.as_str(), a.kind.as_str(), a.kind.severity().as_str()])
+                    .set(1);
+                m.alerts_raised.with_label_values(&[a.kind.as_str()]).inc();
+                tracing::warn!(cabinet_id = %cabinet.id, alert = a.kind.as_str(), detail = a.detail.as_deref().unwrap_or(""), "alert raised");
+                let _ = self.alerts.send(AlertWrite::Raised(cabinet.clone(), a.clone()));
+            }
+            Effect::AlertCleared { alert, by, at } => {
+                let _ = m.alert_active.remove_label_values(&[
+                    cabinet.id.as_str(),
+                    cabinet.merchant.as_str(),
+                    alert.kind.as_str(),
+                    alert.kind.severity().as_str(),
+                ]);
+                let by = match by {
+                    ClearedBy::Condition => "condition".to_owned(),
+                    ClearedBy::Operator(k) => k.clone(),
+                };
+                tracing::info!(cabinet_id = %cabinet.id, alert = alert.kind.as_str(), by = %by, "alert cleared");
+                let _ = self.alerts.send(AlertWrite::Cleared { id: alert.id.clone(), by, at: *at as i64 });
+            }
+            Effect::AlertAcked(_) => {}
+            Effect::OnlineChanged(true) => m.cabinets_online.inc(),
+            Effect::OnlineChanged(false) => m.cabinets_online.dec(),
+            Effect::CommandDone { cmd_id, kind, outcome, elapsed_ms } => {
+                m.command_duration
+                    .with_label_values(&[kind.as_str(), outcome.as_str()])
+                    .observe(*elapsed_ms as f64 / 1000.0);
+                tracing::info!(cabinet_id = %cabinet.id, cmd_id = %cmd_id, command = kind.as_str(), outcome = outcome.as_str(), elapsed_ms, "command ended");
+            }
+            Effect::Duplicate { seq } => {
+                m.mqtt_duplicates.inc();
+                tracing::debug!(cabinet_id = %cabinet.id, seq, "duplicate dropped");
+            }
+            Effect::StrayAck { cmd_id } => {
+                m.mqtt_stray_acks.inc();
+                tracing::info!(cabinet_id = %cabinet.id, cmd_id = %cmd_id, "ack for no pending command");
+            }
+            Effect::Session(ev) => {
+                tracing::info!(cabinet_id = %cabinet.id, event = ?ev, "session progress");
+            }
+            Effect::Publish(_) | Effect::StateChanged => {}
+        }
+    }
+
+    fn state_changed(&self, _cabinet: &CabinetMeta, _snapshot: &CabinetSnapshot) {}
+
+    fn actor_restarted(&self, cabinet: &CabinetMeta) {
+        self.metrics.actor_restarts.inc();
+        tracing::error!(cabinet_id = %cabinet.id, "cabinet actor restarted");
+    }
+}
+
+/// Writes alert history in the order the actors produced it, retrying a failed write so that
+/// a database blip does not lose a raise or a clear.
+pub async fn alert_writer(store: Store, metrics: Metrics, mut rx: mpsc::UnboundedReceiver<AlertWrite>) {
+    while let Some(w) = rx.recv().await {
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=8 {
+            let r = match &w {
+                AlertWrite::Raised(c, a) => store.insert_alert(c.id.as_str(), c.merchant.as_str(), a).await.map(|_| ()),
+                AlertWrite::Cleared { id, by, at } => store.clear_alert(id, by, *at).await.map(|_| ()),
+            };
+            match r {
+                Ok(()) => break,
+                Err(e) => {
+                    metrics.store_errors.with_label_values(&["alert_write"]).inc();
+                    tracing::error!(error = %e, attempt, write = ?w, "alert history write failed");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

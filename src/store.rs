@@ -1,0 +1,542 @@
+//! Storage over sqlx's `Any` driver: SQLite (the embedded default) and PostgreSQL, portable
+//! column types only (BIGINT, TEXT, DOUBLE PRECISION; money in fen, times in Unix ms, flags 0/1).
+
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, Row, SqlSafeStr};
+
+use cabinet_actors::alert::{ActiveAlert, AlertType};
+use cabinet_actors::protocol::CabinetConfig;
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A row with that key exists.
+    #[error("already exists")]
+    Conflict,
+    /// Stored data did not decode (a bug or a hand-edited row).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+fn conflict_or(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict,
+        _ => StoreError::Db(e),
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// A merchant.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MerchantRow {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Platform commission in basis points.
+    pub commission_bps: i64,
+    /// Unix ms.
+    pub created_at: i64,
+}
+
+/// An API key (its hash; the key itself is shown once).
+#[derive(Debug, Clone)]
+pub struct ApiKeyRow {
+    /// Public id (prefix of the key).
+    pub id: String,
+    /// Scope; `None` for admin.
+    pub merchant_id: Option<String>,
+    /// Role name.
+    pub role: String,
+}
+
+/// A registered cabinet.
+#[derive(Debug, Clone)]
+pub struct CabinetRow {
+    /// Id.
+    pub id: String,
+    /// Owner.
+    pub merchant_id: String,
+    /// Model.
+    pub model: String,
+    /// Placement (点位).
+    pub point: String,
+    /// SHA-256 of the MQTT secret, hex.
+    pub secret_hash: String,
+    /// Activated.
+    pub active: bool,
+    /// Unix ms.
+    pub service_expires_at: Option<i64>,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms.
+    pub activated_at: Option<i64>,
+}
+
+/// A stored alert, active or not.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AlertRow {
+    /// Id.
+    pub id: String,
+    /// Cabinet.
+    pub cabinet_id: String,
+    /// Merchant.
+    pub merchant_id: String,
+    /// Type name.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Severity name.
+    pub severity: String,
+    /// Context.
+    pub detail: Option<String>,
+    /// Unix ms.
+    pub raised_at: i64,
+    /// Unix ms.
+    pub acked_at: Option<i64>,
+    /// Key id.
+    pub acked_by: Option<String>,
+    /// Unix ms.
+    pub cleared_at: Option<i64>,
+    /// `condition` or a key id.
+    pub cleared_by: Option<String>,
+}
+
+/// Filters for listing alerts.
+#[derive(Debug, Clone, Default)]
+pub struct AlertFilter {
+    /// Only this merchant's.
+    pub merchant_id: Option<String>,
+    /// Only this cabinet's.
+    pub cabinet_id: Option<String>,
+    /// Only active (or only ended).
+    pub active: Option<bool>,
+    /// At most this many, newest first.
+    pub limit: i64,
+}
+
+fn migrator(postgres: bool) -> Migrator {
+    let sql: &'static str = if postgres {
+        include_str!("../migrations/postgres/0001_core.sql")
+    } else {
+        include_str!("../migrations/sqlite/0001_core.sql")
+    };
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        Cow::Borrowed("core"),
+        MigrationType::Simple,
+        sql.into_sql_str(),
+        false,
+    )])
+}
+
+/// The hub's database.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    postgres: bool,
+}
+
+impl Store {
+    /// Connects and applies migrations.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let postgres = url.starts_with("postgres");
+        let options = AnyConnectOptions::from_str(url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if !postgres {
+                        // WAL lets readers run beside the writer; the busy timeout makes
+                        // concurrent writers wait instead of failing with SQLITE_BUSY.
+                        sqlx::raw_sql("PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON; PRAGMA synchronous=NORMAL;")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        migrator(postgres).run(&pool).await?;
+        Ok(Self { pool, postgres })
+    }
+
+    /// Whether this is PostgreSQL.
+    pub fn is_postgres(&self) -> bool {
+        self.postgres
+    }
+
+    /// Readiness probe.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Closes the pool, waiting for queries in flight.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- merchants -------------------------------------------------------------------------
+
+    /// Creates a merchant.
+    pub async fn create_merchant(&self, m: &MerchantRow) -> Result<()> {
+        sqlx::query("INSERT INTO merchants (id, name, commission_bps, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(&m.id)
+            .bind(&m.name)
+            .bind(m.commission_bps)
+            .bind(m.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(conflict_or)?;
+        Ok(())
+    }
+
+    /// A merchant by id.
+    pub async fn merchant(&self, id: &str) -> Result<Option<MerchantRow>> {
+        let row = sqlx::query("SELECT id, name, commission_bps, created_at FROM merchants WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(MerchantRow {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                commission_bps: r.try_get("commission_bps")?,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    // ---- API keys --------------------------------------------------------------------------
+
+    /// Stores a key's hash.
+    pub async fn create_api_key(
+        &self,
+        id: &str,
+        key_hash: &str,
+        merchant_id: Option<&str>,
+        role: &str,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO api_keys (id, key_hash, merchant_id, role, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(id)
+            .bind(key_hash)
+            .bind(merchant_id)
+            .bind(role)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(conflict_or)?;
+        Ok(())
+    }
+
+    /// The live key with this hash.
+    pub async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRow>> {
+        let row = sqlx::query("SELECT id, merchant_id, role FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL")
+            .bind(key_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(ApiKeyRow {
+                id: r.try_get("id")?,
+                merchant_id: r.try_get("merchant_id")?,
+                role: r.try_get("role")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Whether any admin key exists.
+    pub async fn has_admin_key(&self) -> Result<bool> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM api_keys WHERE role = 'admin' AND revoked_at IS NULL")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?;
+        Ok(n > 0)
+    }
+
+    // ---- cabinets --------------------------------------------------------------------------
+
+    /// Registers a cabinet with its first desired configuration, atomically.
+    pub async fn register_cabinet(&self, c: &CabinetRow, config: &CabinetConfig, by: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO cabinets (id, merchant_id, model, point, secret_hash, active, created_at) VALUES ($1, $2, $3, $4, $5, 0, $6)")
+            .bind(&c.id)
+            .bind(&c.merchant_id)
+            .bind(&c.model)
+            .bind(&c.point)
+            .bind(&c.secret_hash)
+            .bind(c.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(conflict_or)?;
+        insert_config(&mut tx, &c.id, config, c.created_at, by).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A cabinet by id.
+    pub async fn cabinet(&self, id: &str) -> Result<Option<CabinetRow>> {
+        let row = sqlx::query("SELECT * FROM cabinets WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| cabinet_row(&r)).transpose()
+    }
+
+    /// Cabinets, optionally of one merchant, by id.
+    pub async fn cabinets(&self, merchant_id: Option<&str>) -> Result<Vec<CabinetRow>> {
+        let rows = match merchant_id {
+            Some(m) => {
+                sqlx::query("SELECT * FROM cabinets WHERE merchant_id = $1 ORDER BY id")
+                    .bind(m)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM cabinets ORDER BY id")
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(cabinet_row).collect()
+    }
+
+    /// Activates a registered cabinet; returns false when it was already active.
+    pub async fn activate_cabinet(&self, id: &str, now: i64, expires_at: i64) -> Result<bool> {
+        let r = sqlx::query("UPDATE cabinets SET active = 1, activated_at = $2, service_expires_at = COALESCE(service_expires_at, $3) WHERE id = $1 AND active = 0")
+            .bind(id)
+            .bind(now)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Sets the service expiry.
+    pub async fn set_service_expiry(&self, id: &str, expires_at: i64) -> Result<()> {
+        sqlx::query("UPDATE cabinets SET service_expires_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The newest desired configuration of a cabinet.
+    pub async fn latest_config(&self, cabinet_id: &str) -> Result<Option<CabinetConfig>> {
+        let row = sqlx::query("SELECT config FROM cabinet_configs WHERE cabinet_id = $1 ORDER BY version DESC LIMIT 1")
+            .bind(cabinet_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let text: String = r.try_get("config")?;
+            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+        .transpose()
+    }
+
+    /// Stores a new desired configuration whose version is one above the newest; `edit`
+    /// turns the newest into the new one. Returns the stored configuration.
+    pub async fn new_config_version(
+        &self,
+        cabinet_id: &str,
+        now: i64,
+        by: &str,
+        edit: impl Fn(&CabinetConfig) -> CabinetConfig,
+    ) -> Result<CabinetConfig> {
+        // Two operators editing at once both read version N; the primary key lets only one
+        // write N+1, and the other retries on top of it.
+        for _ in 0..5 {
+            let Some(current) = self.latest_config(cabinet_id).await? else {
+                return Err(StoreError::Corrupt(format!("cabinet {cabinet_id} has no configuration")));
+            };
+            let mut next = edit(&current);
+            next.version = current.version + 1;
+            let mut tx = self.pool.begin().await?;
+            match insert_config(&mut tx, cabinet_id, &next, now, by).await {
+                Ok(()) => {
+                    tx.commit().await?;
+                    return Ok(next);
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+
+    /// Records an issued certificate.
+    pub async fn record_certificate(&self, serial: &str, cabinet_id: &str, issued_at: i64, expires_at: i64) -> Result<()> {
+        sqlx::query("INSERT INTO certificates (serial, cabinet_id, issued_at, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(serial)
+            .bind(cabinet_id)
+            .bind(issued_at)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(conflict_or)?;
+        Ok(())
+    }
+
+    // ---- alerts ----------------------------------------------------------------------------
+
+    /// Stores a raised alert; a second active alert of the same (cabinet, type) is ignored.
+    pub async fn insert_alert(&self, cabinet_id: &str, merchant_id: &str, a: &ActiveAlert) -> Result<bool> {
+        let r = sqlx::query("INSERT INTO alerts (id, cabinet_id, merchant_id, type, severity, detail, raised_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING")
+            .bind(&a.id)
+            .bind(cabinet_id)
+            .bind(merchant_id)
+            .bind(a.kind.as_str())
+            .bind(a.kind.severity().as_str())
+            .bind(a.detail.as_deref())
+            .bind(a.raised_at as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Marks an alert acknowledged (once).
+    pub async fn ack_alert(&self, id: &str, by: &str, at: i64) -> Result<bool> {
+        let r = sqlx::query("UPDATE alerts SET acked_at = $2, acked_by = $3 WHERE id = $1 AND acked_at IS NULL")
+            .bind(id)
+            .bind(at)
+            .bind(by)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Marks an alert cleared (once).
+    pub async fn clear_alert(&self, id: &str, by: &str, at: i64) -> Result<bool> {
+        let r = sqlx::query("UPDATE alerts SET cleared_at = $2, cleared_by = $3 WHERE id = $1 AND cleared_at IS NULL")
+            .bind(id)
+            .bind(at)
+            .bind(by)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// One alert.
+    pub async fn alert(&self, id: &str) -> Result<Option<AlertRow>> {
+        let row = sqlx::query("SELECT * FROM alerts WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| alert_row(&r)).transpose()
+    }
+
+    /// Alerts, newest first.
+    pub async fn alerts(&self, f: &AlertFilter) -> Result<Vec<AlertRow>> {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Any>::new("SELECT * FROM alerts WHERE 1=1");
+        if let Some(m) = &f.merchant_id {
+            qb.push(" AND merchant_id = ").push_bind(m.clone());
+        }
+        if let Some(c) = &f.cabinet_id {
+            qb.push(" AND cabinet_id = ").push_bind(c.clone());
+        }
+        match f.active {
+            Some(true) => {
+                qb.push(" AND cleared_at IS NULL");
+            }
+            Some(false) => {
+                qb.push(" AND cleared_at IS NOT NULL");
+            }
+            None => {}
+        }
+        qb.push(" ORDER BY raised_at DESC, id LIMIT ").push_bind(f.limit);
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter().map(alert_row).collect()
+    }
+
+    /// The active alerts of a cabinet, for seeding its actor.
+    pub async fn active_alerts(&self, cabinet_id: &str) -> Result<Vec<ActiveAlert>> {
+        let rows = self
+            .alerts(&AlertFilter {
+                cabinet_id: Some(cabinet_id.to_owned()),
+                active: Some(true),
+                limit: 100,
+                ..AlertFilter::default()
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                Some(ActiveAlert {
+                    kind: AlertType::parse(&r.kind)?,
+                    id: r.id,
+                    raised_at: r.raised_at.max(0) as u64,
+                    acked: r.acked_at.is_some(),
+                    detail: r.detail,
+                })
+            })
+            .collect())
+    }
+}
+
+async fn insert_config(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    cabinet_id: &str,
+    config: &CabinetConfig,
+    now: i64,
+    by: &str,
+) -> Result<()> {
+    let text = serde_json::to_string(config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    sqlx::query("INSERT INTO cabinet_configs (cabinet_id, version, config, created_at, created_by) VALUES ($1, $2, $3, $4, $5)")
+        .bind(cabinet_id)
+        .bind(config.version as i64)
+        .bind(text)
+        .bind(now)
+        .bind(by)
+        .execute(&mut **tx)
+        .await
+        .map_err(conflict_or)?;
+    Ok(())
+}
+
+fn cabinet_row(r: &AnyRow) -> Result<CabinetRow> {
+    Ok(CabinetRow {
+        id: r.try_get("id")?,
+        merchant_id: r.try_get("merchant_id")?,
+        model: r.try_get("model")?,
+        point: r.try_get("point")?,
+        secret_hash: r.try_get("secret_hash")?,
+        active: r.try_get::<i64, _>("active")? != 0,
+        service_expires_at: r.try_get("service_expires_at")?,
+        created_at: r.try_get("created_at")?,
+        activated_at: r.try_get("activated_at")?,
+    })
+}
+
+fn alert_row(r: &AnyRow) -> Result<AlertRow> {
+    Ok(AlertRow {
+        id: r.try_get("id")?,
+        cabinet_id: r.try_get("cabinet_id")?,
+        merchant_id: r.try_get("merchant_id")?,
+        kind: r.try_get("type")?,
+        severity: r.try_get("severity")?,
+        detail: r.try_get("detail")?,
+        raised_at: r.try_get("raised_at")?,
+        acked_at: r.try_get("acked_at")?,
+        acked_by: r.try_get("acked_by")?,
+        cleared_at: r.try_get("cleared_at")?,
+        cleared_by: r.try_get("cleared_by")?,
+    })
+}
