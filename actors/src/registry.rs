@@ -116,3 +116,78 @@ impl Drop for Registry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::actor::{Deliver, GetSnapshot, InjectPanic, PublishError, SystemClock};
+    use crate::ids::MerchantId;
+    use crate::machine::{CabinetSnapshot, Effect};
+    use crate::protocol::{parse_uplink, Command, UplinkKind};
+
+    #[derive(Default)]
+    struct CountingPorts {
+        restarts: AtomicUsize,
+        published: AtomicUsize,
+    }
+
+    impl CabinetPorts for CountingPorts {
+        fn publish(&self, _: &CabinetMeta, _: &Command) -> Result<(), PublishError> {
+            self.published.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn effect(&self, _: &CabinetMeta, _: &Effect) {}
+        fn state_changed(&self, _: &CabinetMeta, _: &CabinetSnapshot) {}
+        fn actor_restarted(&self, _: &CabinetMeta) {
+            self.restarts.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn meta(id: &str) -> CabinetMeta {
+        CabinetMeta {
+            id: CabinetId::parse(id).unwrap_or_else(|e| panic!("{e}")),
+            merchant: MerchantId::parse("m1").unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_panicking_actor_is_restarted_counted_and_keeps_serving() {
+        let ports = Arc::new(CountingPorts::default());
+        let registry = Registry::new(2, ports.clone(), Arc::new(SystemClock), Timing::default());
+        let m = meta("KM1");
+        let addr = registry.get_or_start(&m, ActorSeed::default);
+        let hb = parse_uplink(m.id.clone(), UplinkKind::Heartbeat, br#"{"seq":1,"ts":1,"door":"closed","lock":"locked"}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        addr.send(Deliver(hb.body)).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(addr.send(GetSnapshot).await.map(|s| s.online).unwrap_or(false));
+
+        addr.send(InjectPanic).await.unwrap_or_else(|e| panic!("{e}"));
+        // The supervisor restarts it in place: the same address answers, state re-learned.
+        let mut snapshot = None;
+        for _ in 0..50 {
+            if let Ok(s) = addr.send(GetSnapshot).await {
+                snapshot = Some(s);
+                break;
+            }
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+        let snapshot = snapshot.unwrap_or_else(|| panic!("actor did not come back"));
+        assert_eq!(ports.restarts.load(Ordering::SeqCst), 1);
+        assert!(!snapshot.online, "a restarted actor re-learns state from the next message");
+        assert!(registry.get(&m.id).is_some());
+    }
+
+    #[actix_rt::test]
+    async fn one_actor_per_cabinet() {
+        let ports = Arc::new(CountingPorts::default());
+        let registry = Registry::new(2, ports, Arc::new(SystemClock), Timing::default());
+        let a = registry.get_or_start(&meta("A1"), ActorSeed::default);
+        let b = registry.get_or_start(&meta("A1"), || panic!("must not seed twice"));
+        assert_eq!(a, b);
+        registry.get_or_start(&meta("B1"), ActorSeed::default);
+        assert_eq!(registry.len(), 2);
+    }
+}
