@@ -445,24 +445,29 @@ impl Store {
 
     /// Alerts, newest first.
     pub async fn alerts(&self, f: &AlertFilter) -> Result<Vec<AlertRow>> {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Any>::new("SELECT * FROM alerts WHERE 1=1");
+        // Numbered placeholders work on both backends; sqlx's QueryBuilder under `Any` emits
+        // `?`, which PostgreSQL rejects.
+        let mut sql = String::from("SELECT * FROM alerts WHERE 1=1");
+        let mut binds: Vec<String> = Vec::new();
         if let Some(m) = &f.merchant_id {
-            qb.push(" AND merchant_id = ").push_bind(m.clone());
+            binds.push(m.clone());
+            sql.push_str(&format!(" AND merchant_id = ${}", binds.len()));
         }
         if let Some(c) = &f.cabinet_id {
-            qb.push(" AND cabinet_id = ").push_bind(c.clone());
+            binds.push(c.clone());
+            sql.push_str(&format!(" AND cabinet_id = ${}", binds.len()));
         }
         match f.active {
-            Some(true) => {
-                qb.push(" AND cleared_at IS NULL");
-            }
-            Some(false) => {
-                qb.push(" AND cleared_at IS NOT NULL");
-            }
+            Some(true) => sql.push_str(" AND cleared_at IS NULL"),
+            Some(false) => sql.push_str(" AND cleared_at IS NOT NULL"),
             None => {}
         }
-        qb.push(" ORDER BY raised_at DESC, id LIMIT ").push_bind(f.limit);
-        let rows = qb.build().fetch_all(&self.pool).await?;
+        sql.push_str(&format!(" ORDER BY raised_at DESC, id LIMIT ${}", binds.len() + 1));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for b in binds {
+            q = q.bind(b);
+        }
+        let rows = q.bind(f.limit).fetch_all(&self.pool).await?;
         rows.iter().map(alert_row).collect()
     }
 
