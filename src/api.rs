@@ -167,7 +167,11 @@ impl Caller {
 }
 
 fn bearer(req: &HttpRequest) -> Option<String> {
-    if let Some(h) = req.headers().get("authorization").and_then(|v| v.to_str().ok()) {
+    if let Some(h) = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+    {
         return h.strip_prefix("Bearer ").map(|s| s.trim().to_owned());
     }
     // Browsers cannot set headers on a WebSocket: `?token=` is accepted too.
@@ -190,14 +194,19 @@ impl FromRequest for Caller {
             let row = state.store.api_key_by_hash(&sha256_hex(&key)).await?;
             let row = row.ok_or(ApiError::Unauthorized)?;
             let role = Role::parse(&row.role).ok_or(ApiError::Unauthorized)?;
-            Ok(Caller { key_id: row.id, role, merchant: row.merchant_id })
+            Ok(Caller {
+                key_id: row.id,
+                role,
+                merchant: row.merchant_id,
+            })
         })
     }
 }
 
 fn rfc3339(ms: i64) -> Option<String> {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()?;
-    t.format(&time::format_description::well_known::Rfc3339).ok()
+    t.format(&time::format_description::well_known::Rfc3339)
+        .ok()
 }
 
 fn parse_cabinet_id(s: &str) -> ApiResult<CabinetId> {
@@ -205,7 +214,11 @@ fn parse_cabinet_id(s: &str) -> ApiResult<CabinetId> {
 }
 
 /// Loads a cabinet the caller may see, or 404.
-async fn visible_cabinet(state: &AppState, caller: &Caller, id: &str) -> ApiResult<(CabinetId, CabinetRow)> {
+async fn visible_cabinet(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> ApiResult<(CabinetId, CabinetRow)> {
     let cid = parse_cabinet_id(id)?;
     let row = state.store.cabinet(cid.as_str()).await?;
     match row {
@@ -277,11 +290,12 @@ fn cabinet_view(row: &CabinetRow, live: Option<&CabinetSnapshot>) -> Value {
 
 async fn snapshot_of(state: &AppState, id: &CabinetId) -> ApiResult<Option<CabinetSnapshot>> {
     match state.registry.get(id) {
-        Some(addr) => addr
-            .send(GetSnapshot)
-            .await
-            .map(Some)
-            .map_err(|e| ApiError::Unavailable("actor_unavailable", format!("cabinet actor did not answer: {e}"))),
+        Some(addr) => addr.send(GetSnapshot).await.map(Some).map_err(|e| {
+            ApiError::Unavailable(
+                "actor_unavailable",
+                format!("cabinet actor did not answer: {e}"),
+            )
+        }),
         None => Ok(None),
     }
 }
@@ -295,15 +309,20 @@ async fn healthz() -> HttpResponse {
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let db = state.store.ping().await.is_ok();
     let pump = state.pump_alive.load(Ordering::SeqCst);
-    let broker = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(state.mqtt_probe))
-        .await
-        .is_ok_and(|r| r.is_ok());
+    let broker = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::net::TcpStream::connect(state.mqtt_probe),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
     let ready = db && pump && broker;
     let body = json!({"ready": ready, "database": db, "broker": broker && pump, "redis": "not_configured"});
     if ready {
         HttpResponse::Ok().json(body)
     } else {
-        HttpResponse::ServiceUnavailable().insert_header(("Retry-After", "5")).json(body)
+        HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "5"))
+            .json(body)
     }
 }
 
@@ -330,16 +349,29 @@ struct NewMerchant {
     commission_bps: i64,
 }
 
-async fn create_merchant(state: web::Data<AppState>, caller: Caller, body: web::Json<NewMerchant>) -> ApiResult {
+async fn create_merchant(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: web::Json<NewMerchant>,
+) -> ApiResult {
     caller.require(Role::Admin)?;
     let b = body.into_inner();
     if !(0..=3000).contains(&b.commission_bps) {
-        return Err(ApiError::BadRequest("commission_bps must be between 0 and 3000 (30%)".into()));
+        return Err(ApiError::BadRequest(
+            "commission_bps must be between 0 and 3000 (30%)".into(),
+        ));
     }
     if b.name.trim().is_empty() || b.name.len() > 200 {
-        return Err(ApiError::BadRequest("name must be 1 to 200 characters".into()));
+        return Err(ApiError::BadRequest(
+            "name must be 1 to 200 characters".into(),
+        ));
     }
-    let row = MerchantRow { id: b.id.to_string(), name: b.name, commission_bps: b.commission_bps, created_at: state.now() };
+    let row = MerchantRow {
+        id: b.id.to_string(),
+        name: b.name,
+        commission_bps: b.commission_bps,
+        created_at: state.now(),
+    };
     match state.store.create_merchant(&row).await {
         Ok(()) => Ok(HttpResponse::Created().json(json!({"id": row.id, "name": row.name, "commission_bps": row.commission_bps, "created_at": rfc3339(row.created_at)}))),
         Err(StoreError::Conflict) => Err(ApiError::Conflict("merchant_exists", format!("merchant {} exists", row.id))),
@@ -356,9 +388,20 @@ struct NewKey {
 }
 
 /// Creates a key; shared by the API and first start.
-pub async fn issue_key(state: &AppState, merchant: Option<&str>, role: Role) -> ApiResult<(String, String)> {
-    let id = format!("k_{}", token(12).map_err(|_| anyhow::anyhow!("no randomness"))?);
-    let key = format!("chk_{}_{}", &id[2..], token(40).map_err(|_| anyhow::anyhow!("no randomness"))?);
+pub async fn issue_key(
+    state: &AppState,
+    merchant: Option<&str>,
+    role: Role,
+) -> ApiResult<(String, String)> {
+    let id = format!(
+        "k_{}",
+        token(12).map_err(|_| anyhow::anyhow!("no randomness"))?
+    );
+    let key = format!(
+        "chk_{}_{}",
+        &id[2..],
+        token(40).map_err(|_| anyhow::anyhow!("no randomness"))?
+    );
     state
         .store
         .create_api_key(&id, &sha256_hex(&key), merchant, role.as_str(), state.now())
@@ -366,19 +409,33 @@ pub async fn issue_key(state: &AppState, merchant: Option<&str>, role: Role) -> 
     Ok((id, key))
 }
 
-async fn create_key(state: web::Data<AppState>, caller: Caller, body: web::Json<NewKey>) -> ApiResult {
+async fn create_key(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: web::Json<NewKey>,
+) -> ApiResult {
     caller.require(Role::MerchantAdmin)?;
     let b = body.into_inner();
     let role = Role::parse(&b.role).ok_or_else(|| {
-        ApiError::BadRequest("role must be one of admin, merchant_admin, operator, restocker, viewer".into())
+        ApiError::BadRequest(
+            "role must be one of admin, merchant_admin, operator, restocker, viewer".into(),
+        )
     })?;
     if role > caller.role {
         return Err(ApiError::Forbidden);
     }
     let merchant = match (role, b.merchant_id) {
         (Role::Admin, None) => None,
-        (Role::Admin, Some(_)) => return Err(ApiError::BadRequest("merchant_id: an admin key is platform-wide".into())),
-        (_, None) => return Err(ApiError::BadRequest("merchant_id is required for this role".into())),
+        (Role::Admin, Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "merchant_id: an admin key is platform-wide".into(),
+            ))
+        }
+        (_, None) => {
+            return Err(ApiError::BadRequest(
+                "merchant_id is required for this role".into(),
+            ))
+        }
         (_, Some(m)) => {
             if !caller.sees(m.as_str()) || state.store.merchant(m.as_str()).await?.is_none() {
                 return Err(ApiError::NotFound("merchant"));
@@ -387,7 +444,8 @@ async fn create_key(state: web::Data<AppState>, caller: Caller, body: web::Json<
         }
     };
     let (id, key) = issue_key(&state, merchant.as_deref(), role).await?;
-    Ok(HttpResponse::Created().json(json!({"id": id, "key": key, "role": role.as_str(), "merchant_id": merchant})))
+    Ok(HttpResponse::Created()
+        .json(json!({"id": id, "key": key, "role": role.as_str(), "merchant_id": merchant})))
 }
 
 // ---- cabinets --------------------------------------------------------------------------------
@@ -403,14 +461,26 @@ struct NewCabinet {
     point: String,
 }
 
-async fn register_cabinet(state: web::Data<AppState>, caller: Caller, body: web::Json<NewCabinet>) -> ApiResult {
+async fn register_cabinet(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: web::Json<NewCabinet>,
+) -> ApiResult {
     caller.require(Role::MerchantAdmin)?;
     let b = body.into_inner();
-    if !caller.sees(b.merchant_id.as_str()) || state.store.merchant(b.merchant_id.as_str()).await?.is_none() {
+    if !caller.sees(b.merchant_id.as_str())
+        || state
+            .store
+            .merchant(b.merchant_id.as_str())
+            .await?
+            .is_none()
+    {
         return Err(ApiError::NotFound("merchant"));
     }
     if b.model.len() > 64 || b.point.len() > 200 {
-        return Err(ApiError::BadRequest("model (≤64) or point (≤200) too long".into()));
+        return Err(ApiError::BadRequest(
+            "model (≤64) or point (≤200) too long".into(),
+        ));
     }
     let secret = token(32).map_err(|_| anyhow::anyhow!("no randomness"))?;
     let row = CabinetRow {
@@ -424,29 +494,68 @@ async fn register_cabinet(state: web::Data<AppState>, caller: Caller, body: web:
         created_at: state.now(),
         activated_at: None,
     };
-    match state.store.register_cabinet(&row, &state.settings.initial_cabinet_config(), &caller.key_id).await {
+    match state
+        .store
+        .register_cabinet(
+            &row,
+            &state.settings.initial_cabinet_config(),
+            &caller.key_id,
+        )
+        .await
+    {
         Ok(()) => {}
-        Err(StoreError::Conflict) => return Err(ApiError::Conflict("cabinet_exists", format!("cabinet {} is already registered", row.id))),
+        Err(StoreError::Conflict) => {
+            return Err(ApiError::Conflict(
+                "cabinet_exists",
+                format!("cabinet {} is already registered", row.id),
+            ))
+        }
         Err(e) => return Err(e.into()),
     }
-    state.directory.put(b.id.clone(), DirectoryEntry { merchant: b.merchant_id, secret_hash: row.secret_hash.clone(), active: false });
+    state.directory.put(
+        b.id.clone(),
+        DirectoryEntry {
+            merchant: b.merchant_id,
+            secret_hash: row.secret_hash.clone(),
+            active: false,
+        },
+    );
     let mut v = cabinet_view(&row, None);
     v["secret"] = json!(secret);
     Ok(HttpResponse::Created().json(v))
 }
 
-async fn activate_cabinet(state: web::Data<AppState>, caller: Caller, path: web::Path<String>) -> ApiResult {
+async fn activate_cabinet(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult {
     caller.require(Role::MerchantAdmin)?;
-    let not_registered = || ApiError::Conflict("not_registered", "device not maintained (设备未维护): register the cabinet before activating it".into());
+    let not_registered = || {
+        ApiError::Conflict(
+            "not_registered",
+            "device not maintained (设备未维护): register the cabinet before activating it".into(),
+        )
+    };
     let Ok((cid, row)) = visible_cabinet(&state, &caller, &path).await else {
         return Err(not_registered());
     };
     let now = state.now();
     let expires = now + i64::from(state.settings.cabinet.initial_service_days) * 86_400_000;
-    state.store.activate_cabinet(cid.as_str(), now, expires).await?;
+    state
+        .store
+        .activate_cabinet(cid.as_str(), now, expires)
+        .await?;
     let row = state.store.cabinet(cid.as_str()).await?.unwrap_or(row);
     if let Ok(m) = MerchantId::parse(&row.merchant_id) {
-        state.directory.put(cid.clone(), DirectoryEntry { merchant: m, secret_hash: row.secret_hash.clone(), active: true });
+        state.directory.put(
+            cid.clone(),
+            DirectoryEntry {
+                merchant: m,
+                secret_hash: row.secret_hash.clone(),
+                active: true,
+            },
+        );
     }
     let live = snapshot_of(&state, &cid).await?;
     Ok(HttpResponse::Ok().json(cabinet_view(&row, live.as_ref())))
@@ -465,12 +574,23 @@ async fn list_cabinets(state: web::Data<AppState>, caller: Caller) -> ApiResult 
         }
     }))
     .await;
-    let items: Vec<Value> = rows.iter().zip(snapshots.iter()).map(|(r, s)| cabinet_view(r, s.as_ref())).collect();
-    let online = snapshots.iter().filter(|s| s.as_ref().is_some_and(|s| s.online)).count();
+    let items: Vec<Value> = rows
+        .iter()
+        .zip(snapshots.iter())
+        .map(|(r, s)| cabinet_view(r, s.as_ref()))
+        .collect();
+    let online = snapshots
+        .iter()
+        .filter(|s| s.as_ref().is_some_and(|s| s.online))
+        .count();
     Ok(HttpResponse::Ok().json(json!({"items": items, "count": items.len(), "online": online})))
 }
 
-async fn get_cabinet(state: web::Data<AppState>, caller: Caller, path: web::Path<String>) -> ApiResult {
+async fn get_cabinet(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult {
     caller.require(Role::Viewer)?;
     let (cid, row) = visible_cabinet(&state, &caller, &path).await?;
     let live = snapshot_of(&state, &cid).await?;
@@ -487,45 +607,72 @@ struct ConfigPatch {
     foreign_object_lock: Option<bool>,
 }
 
-async fn patch_config(state: web::Data<AppState>, caller: Caller, path: web::Path<String>, body: web::Json<ConfigPatch>) -> ApiResult {
+async fn patch_config(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<ConfigPatch>,
+) -> ApiResult {
     caller.require(Role::Operator)?;
     let (cid, _) = visible_cabinet(&state, &caller, &path).await?;
     let p = body.into_inner();
     if let Some(t) = p.temp_target_c {
         if !(-30.0..=60.0).contains(&t) {
-            return Err(ApiError::BadRequest("temp_target_c must be between -30 and 60".into()));
+            return Err(ApiError::BadRequest(
+                "temp_target_c must be between -30 and 60".into(),
+            ));
         }
     }
     if let Some([lo, hi]) = p.temp_range_c {
         if !(lo.is_finite() && hi.is_finite() && lo < hi) {
-            return Err(ApiError::BadRequest("temp_range_c must be [low, high] with low < high".into()));
+            return Err(ApiError::BadRequest(
+                "temp_range_c must be [low, high] with low < high".into(),
+            ));
         }
     }
     if let Some(l) = &p.light {
         if !valid_hhmm(&l.on) || !valid_hhmm(&l.off) {
-            return Err(ApiError::BadRequest("light.on and light.off must be HH:MM".into()));
+            return Err(ApiError::BadRequest(
+                "light.on and light.off must be HH:MM".into(),
+            ));
         }
     }
     if let Some(h) = p.heartbeat_s {
         if !(5..=600).contains(&h) {
-            return Err(ApiError::BadRequest("heartbeat_s must be between 5 and 600".into()));
+            return Err(ApiError::BadRequest(
+                "heartbeat_s must be between 5 and 600".into(),
+            ));
         }
     }
     let config = state
         .store
         .new_config_version(cid.as_str(), state.now(), &caller.key_id, |c| {
             let mut n = c.clone();
-            if let Some(v) = p.temp_target_c { n.temp_target_c = v; }
-            if let Some(v) = p.temp_range_c { n.temp_range_c = v; }
-            if let Some(v) = &p.light { n.light = v.clone(); }
-            if let Some(v) = p.heartbeat_s { n.heartbeat_s = v; }
-            if let Some(v) = p.foreign_object_lock { n.foreign_object_lock = v; }
+            if let Some(v) = p.temp_target_c {
+                n.temp_target_c = v;
+            }
+            if let Some(v) = p.temp_range_c {
+                n.temp_range_c = v;
+            }
+            if let Some(v) = &p.light {
+                n.light = v.clone();
+            }
+            if let Some(v) = p.heartbeat_s {
+                n.heartbeat_s = v;
+            }
+            if let Some(v) = p.foreign_object_lock {
+                n.foreign_object_lock = v;
+            }
             n
         })
         .await?;
     let mut online = false;
     if let Some(addr) = state.registry.get(&cid) {
-        online = addr.send(GetSnapshot).await.map(|s| s.online).unwrap_or(false);
+        online = addr
+            .send(GetSnapshot)
+            .await
+            .map(|s| s.online)
+            .unwrap_or(false);
         addr.do_send(SetDesired(config.clone()));
     }
     Ok(HttpResponse::Ok().json(json!({"config": config, "pushed": online})))
@@ -537,23 +684,45 @@ struct ServiceExtension {
     years: u32,
 }
 
-async fn extend_service(state: web::Data<AppState>, caller: Caller, path: web::Path<String>, body: web::Json<ServiceExtension>) -> ApiResult {
+async fn extend_service(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<ServiceExtension>,
+) -> ApiResult {
     caller.require(Role::Admin)?;
     let (cid, row) = visible_cabinet(&state, &caller, &path).await?;
     if !(1..=10).contains(&body.years) {
-        return Err(ApiError::BadRequest("years must be a whole number from 1 to 10".into()));
+        return Err(ApiError::BadRequest(
+            "years must be a whole number from 1 to 10".into(),
+        ));
     }
     let base = row.service_expires_at.unwrap_or(0).max(state.now());
     let expires = base + i64::from(body.years) * 365 * 86_400_000;
-    state.store.set_service_expiry(cid.as_str(), expires).await?;
+    state
+        .store
+        .set_service_expiry(cid.as_str(), expires)
+        .await?;
     Ok(HttpResponse::Ok().json(json!({"id": cid, "service_expires_at": rfc3339(expires)})))
 }
 
-async fn issue_certificate(state: web::Data<AppState>, caller: Caller, path: web::Path<String>) -> ApiResult {
+async fn issue_certificate(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult {
     caller.require(Role::MerchantAdmin)?;
     let (cid, _) = visible_cabinet(&state, &caller, &path).await?;
     let issued = state.ca.issue_client(&cid, 825)?;
-    state.store.record_certificate(&issued.serial, cid.as_str(), state.now(), issued.not_after_ms).await?;
+    state
+        .store
+        .record_certificate(
+            &issued.serial,
+            cid.as_str(),
+            state.now(),
+            issued.not_after_ms,
+        )
+        .await?;
     Ok(HttpResponse::Created().json(json!({
         "cabinet_id": cid, "serial": issued.serial, "cert_pem": issued.cert_pem, "key_pem": issued.key_pem,
         "ca_pem": issued.ca_pem, "not_after": rfc3339(issued.not_after_ms),
@@ -564,12 +733,25 @@ async fn issue_certificate(state: web::Data<AppState>, caller: Caller, path: web
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 enum CommandRequest {
-    Unlock { mode: SessionMode, #[serde(default)] session_id: Option<String> },
-    Lockdown { on: bool, #[serde(default)] reason: Option<String> },
+    Unlock {
+        mode: SessionMode,
+        #[serde(default)]
+        session_id: Option<String>,
+    },
+    Lockdown {
+        on: bool,
+        #[serde(default)]
+        reason: Option<String>,
+    },
     Reboot,
 }
 
-async fn send_command(state: web::Data<AppState>, caller: Caller, path: web::Path<String>, body: web::Json<CommandRequest>) -> ApiResult {
+async fn send_command(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<CommandRequest>,
+) -> ApiResult {
     let (cid, row) = visible_cabinet(&state, &caller, &path).await?;
     let body = match body.into_inner() {
         CommandRequest::Unlock { mode, session_id } => {
@@ -580,15 +762,29 @@ async fn send_command(state: web::Data<AppState>, caller: Caller, path: web::Pat
             caller.require(Role::Restocker)?;
             let session_id = match session_id {
                 Some(s) if !s.is_empty() && s.len() <= 64 => s,
-                Some(_) => return Err(ApiError::BadRequest("session_id must be 1 to 64 characters".into())),
-                None => format!("r_{}", token(20).map_err(|_| anyhow::anyhow!("no randomness"))?),
+                Some(_) => {
+                    return Err(ApiError::BadRequest(
+                        "session_id must be 1 to 64 characters".into(),
+                    ))
+                }
+                None => format!(
+                    "r_{}",
+                    token(20).map_err(|_| anyhow::anyhow!("no randomness"))?
+                ),
             };
             let expires_at = (state.now() as u64) + state.settings.cabinet.unlock_ack_timeout_ms;
-            CommandBody::Unlock { session_id, mode, expires_at }
+            CommandBody::Unlock {
+                session_id,
+                mode,
+                expires_at,
+            }
         }
         CommandRequest::Lockdown { on, reason } => {
             caller.require(Role::Operator)?;
-            CommandBody::Lockdown { on, reason: reason.or(Some("operator".into())) }
+            CommandBody::Lockdown {
+                on,
+                reason: reason.or(Some("operator".into())),
+            }
         }
         CommandRequest::Reboot => {
             caller.require(Role::Operator)?;
@@ -596,7 +792,10 @@ async fn send_command(state: web::Data<AppState>, caller: Caller, path: web::Pat
         }
     };
     if !row.active {
-        return Err(ApiError::Conflict("cabinet_not_active", "the cabinet is not activated".into()));
+        return Err(ApiError::Conflict(
+            "cabinet_not_active",
+            "the cabinet is not activated".into(),
+        ));
     }
     let Some(addr) = state.registry.get(&cid) else {
         // No actor: the cabinet has not connected since the hub started; never sent.
@@ -605,7 +804,12 @@ async fn send_command(state: web::Data<AppState>, caller: Caller, path: web::Pat
     let result = addr
         .send(SendCommand(body))
         .await
-        .map_err(|e| ApiError::Unavailable("actor_unavailable", format!("cabinet actor did not answer: {e}")))?
+        .map_err(|e| {
+            ApiError::Unavailable(
+                "actor_unavailable",
+                format!("cabinet actor did not answer: {e}"),
+            )
+        })?
         .map_err(|e| ApiError::Unavailable("actor_restarted", e.to_string()))?;
     let mut v = serde_json::to_value(&result).map_err(anyhow::Error::from)?;
     v["cabinet_id"] = json!(cid);
@@ -634,7 +838,11 @@ fn alert_view(a: &crate::store::AlertRow) -> Value {
     })
 }
 
-async fn list_alerts(state: web::Data<AppState>, caller: Caller, q: web::Query<AlertQuery>) -> ApiResult {
+async fn list_alerts(
+    state: web::Data<AppState>,
+    caller: Caller,
+    q: web::Query<AlertQuery>,
+) -> ApiResult {
     caller.require(Role::Viewer)?;
     let q = q.into_inner();
     let rows = state
@@ -650,17 +858,28 @@ async fn list_alerts(state: web::Data<AppState>, caller: Caller, q: web::Query<A
     Ok(HttpResponse::Ok().json(json!({"items": items, "count": items.len()})))
 }
 
-async fn visible_alert(state: &AppState, caller: &Caller, id: &str) -> ApiResult<crate::store::AlertRow> {
+async fn visible_alert(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> ApiResult<crate::store::AlertRow> {
     match state.store.alert(id).await? {
         Some(a) if caller.sees(&a.merchant_id) => Ok(a),
         _ => Err(ApiError::NotFound("alert")),
     }
 }
 
-async fn ack_alert(state: web::Data<AppState>, caller: Caller, path: web::Path<String>) -> ApiResult {
+async fn ack_alert(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult {
     caller.require(Role::Operator)?;
     let a = visible_alert(&state, &caller, &path).await?;
-    state.store.ack_alert(&a.id, &caller.key_id, state.now()).await?;
+    state
+        .store
+        .ack_alert(&a.id, &caller.key_id, state.now())
+        .await?;
     if let (Some(kind), Ok(cid)) = (AlertType::parse(&a.kind), CabinetId::parse(&a.cabinet_id)) {
         if let Some(addr) = state.registry.get(&cid) {
             let _ = addr.send(AckAlert(kind)).await;
@@ -670,7 +889,11 @@ async fn ack_alert(state: web::Data<AppState>, caller: Caller, path: web::Path<S
     Ok(HttpResponse::Ok().json(alert_view(&a)))
 }
 
-async fn clear_alert(state: web::Data<AppState>, caller: Caller, path: web::Path<String>) -> ApiResult {
+async fn clear_alert(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult {
     caller.require(Role::Operator)?;
     let a = visible_alert(&state, &caller, &path).await?;
     if a.cleared_at.is_some() {
@@ -678,10 +901,18 @@ async fn clear_alert(state: web::Data<AppState>, caller: Caller, path: web::Path
     }
     // History first, so the answer below already shows the clear; the actor's own write of
     // the same clear is then a no-op.
-    state.store.clear_alert(&a.id, &caller.key_id, state.now()).await?;
+    state
+        .store
+        .clear_alert(&a.id, &caller.key_id, state.now())
+        .await?;
     if let (Some(kind), Ok(cid)) = (AlertType::parse(&a.kind), CabinetId::parse(&a.cabinet_id)) {
         if let Some(addr) = state.registry.get(&cid) {
-            let _ = addr.send(ClearAlert { kind, by: caller.key_id.clone() }).await;
+            let _ = addr
+                .send(ClearAlert {
+                    kind,
+                    by: caller.key_id.clone(),
+                })
+                .await;
         }
     }
     let a = visible_alert(&state, &caller, &path).await?;
@@ -702,29 +933,37 @@ fn path_error(err: actix_web::error::PathError, _: &HttpRequest) -> actix_web::E
 
 /// Mounts every route.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(web::JsonConfig::default().limit(64 * 1024).error_handler(json_error))
-        .app_data(web::QueryConfig::default().error_handler(query_error))
-        .app_data(web::PathConfig::default().error_handler(path_error))
-        .route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics))
-        .route("/api/openapi.json", web::get().to(openapi))
-        .service(
-            web::scope("/api/v1")
-                .route("/merchants", web::post().to(create_merchant))
-                .route("/api-keys", web::post().to(create_key))
-                .route("/cabinets", web::post().to(register_cabinet))
-                .route("/cabinets", web::get().to(list_cabinets))
-                .route("/cabinets/{id}", web::get().to(get_cabinet))
-                .route("/cabinets/{id}/activate", web::post().to(activate_cabinet))
-                .route("/cabinets/{id}/certificate", web::post().to(issue_certificate))
-                .route("/cabinets/{id}/config", web::patch().to(patch_config))
-                .route("/cabinets/{id}/service", web::post().to(extend_service))
-                .route("/cabinets/{id}/commands", web::post().to(send_command))
-                .route("/alerts", web::get().to(list_alerts))
-                .route("/alerts/{id}/ack", web::post().to(ack_alert))
-                .route("/alerts/{id}/clear", web::post().to(clear_alert)),
-        )
-        .default_service(web::to(|| async { ApiError::NotFound("route") .error_response() }));
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(64 * 1024)
+            .error_handler(json_error),
+    )
+    .app_data(web::QueryConfig::default().error_handler(query_error))
+    .app_data(web::PathConfig::default().error_handler(path_error))
+    .route("/healthz", web::get().to(healthz))
+    .route("/readyz", web::get().to(readyz))
+    .route("/metrics", web::get().to(metrics))
+    .route("/api/openapi.json", web::get().to(openapi))
+    .service(
+        web::scope("/api/v1")
+            .route("/merchants", web::post().to(create_merchant))
+            .route("/api-keys", web::post().to(create_key))
+            .route("/cabinets", web::post().to(register_cabinet))
+            .route("/cabinets", web::get().to(list_cabinets))
+            .route("/cabinets/{id}", web::get().to(get_cabinet))
+            .route("/cabinets/{id}/activate", web::post().to(activate_cabinet))
+            .route(
+                "/cabinets/{id}/certificate",
+                web::post().to(issue_certificate),
+            )
+            .route("/cabinets/{id}/config", web::patch().to(patch_config))
+            .route("/cabinets/{id}/service", web::post().to(extend_service))
+            .route("/cabinets/{id}/commands", web::post().to(send_command))
+            .route("/alerts", web::get().to(list_alerts))
+            .route("/alerts/{id}/ack", web::post().to(ack_alert))
+            .route("/alerts/{id}/clear", web::post().to(clear_alert)),
+    )
+    .default_service(web::to(|| async {
+        ApiError::NotFound("route").error_response()
+    }));
 }
-

@@ -71,9 +71,12 @@ fn probe_addr(a: SocketAddr) -> SocketAddr {
 
 fn check_free(addr: SocketAddr, key: &str) -> anyhow::Result<()> {
     // rumqttd binds on its own thread and only logs a failure: find out here, with the key.
-    TcpListener::bind(addr)
-        .map(drop)
-        .with_context(|| format!("{key} ({}) = {addr}: cannot listen there (port taken?); choose another address", env_key(key)))
+    TcpListener::bind(addr).map(drop).with_context(|| {
+        format!(
+            "{key} ({}) = {addr}: cannot listen there (port taken?); choose another address",
+            env_key(key)
+        )
+    })
 }
 
 fn env_key(key: &str) -> String {
@@ -82,20 +85,30 @@ fn env_key(key: &str) -> String {
 
 async fn wait_listening(addr: SocketAddr, key: &str) -> anyhow::Result<()> {
     for _ in 0..100 {
-        if tokio::net::TcpStream::connect(probe_addr(addr)).await.is_ok() {
+        if tokio::net::TcpStream::connect(probe_addr(addr))
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    anyhow::bail!("{key} ({}) = {addr}: the broker did not start listening", env_key(key))
+    anyhow::bail!(
+        "{key} ({}) = {addr}: the broker did not start listening",
+        env_key(key)
+    )
 }
 
 impl Application {
     /// Binds the listeners, opens storage, starts the broker, the actors and the HTTP server.
     /// Must run inside an actix `System`.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&settings.data_dir)
-            .with_context(|| format!("data_dir (HUB__DATA_DIR) = {}: cannot create it", settings.data_dir.display()))?;
+        std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+            format!(
+                "data_dir (HUB__DATA_DIR) = {}: cannot create it",
+                settings.data_dir.display()
+            )
+        })?;
         let http_listener = TcpListener::bind(settings.http.listen).with_context(|| {
             format!("http.listen (HUB__HTTP__LISTEN) = {}: cannot listen there (port taken?); choose another address", settings.http.listen)
         })?;
@@ -111,7 +124,12 @@ impl Application {
         let url = settings.database_url();
         let store = Store::connect(&url, settings.database.max_connections)
             .await
-            .with_context(|| format!("database.url (HUB__DATABASE__URL): cannot open {}", redact(&url)))?;
+            .with_context(|| {
+                format!(
+                    "database.url (HUB__DATABASE__URL): cannot open {}",
+                    redact(&url)
+                )
+            })?;
         let metrics = Metrics::new()?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let directory = Arc::new(Directory::load(&store).await?);
@@ -124,17 +142,32 @@ impl Application {
             }
             None => None,
         };
-        let listeners = BrokerListeners { plain: settings.mqtt.listen, tls, max_connections: settings.mqtt.max_connections };
+        let listeners = BrokerListeners {
+            plain: settings.mqtt.listen,
+            tls,
+            max_connections: settings.mqtt.max_connections,
+        };
         let (publisher, link_rx) = start_broker(&listeners, directory.clone(), metrics.clone())?;
 
         let (alert_tx, alert_rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(alert_writer(store.clone(), metrics.clone(), alert_rx));
-        let ports = Arc::new(HubPorts { publisher: Arc::new(publisher), metrics: metrics.clone(), alerts: alert_tx });
+        let ports = Arc::new(HubPorts {
+            publisher: Arc::new(publisher),
+            metrics: metrics.clone(),
+            alerts: alert_tx,
+        });
         let threads = match settings.actors.threads {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             n => n,
         };
-        let registry = Arc::new(Registry::new(threads, ports, clock.clone(), settings.timing()));
+        let registry = Arc::new(Registry::new(
+            threads,
+            ports,
+            clock.clone(),
+            settings.timing(),
+        ));
 
         let pump_alive = Arc::new(AtomicBool::new(false));
         let pump = Pump {
@@ -164,7 +197,9 @@ impl Application {
         let admin_key = ensure_admin_key(&state).await?;
 
         let workers = match settings.http.workers {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             n => n,
         };
         let data = state.clone();
@@ -252,9 +287,17 @@ async fn ensure_admin_key(state: &AppState) -> anyhow::Result<Option<String>> {
         if key.len() < 16 {
             anyhow::bail!("auth.admin_key (HUB__AUTH__ADMIN_KEY) must be at least 16 characters");
         }
-        if state.store.api_key_by_hash(&sha256_hex(key)).await?.is_none() {
+        if state
+            .store
+            .api_key_by_hash(&sha256_hex(key))
+            .await?
+            .is_none()
+        {
             let id = format!("k_admin_{}", &sha256_hex(key)[..8]);
-            state.store.create_api_key(&id, &sha256_hex(key), None, "admin", state.now()).await?;
+            state
+                .store
+                .create_api_key(&id, &sha256_hex(key), None, "admin", state.now())
+                .await?;
         }
         return Ok(None);
     }

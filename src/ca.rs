@@ -45,7 +45,11 @@ fn ca_params() -> anyhow::Result<CertificateParams> {
     dn.push(DnType::OrganizationName, "cabinet-hub");
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     Ok(p)
 }
 
@@ -79,7 +83,11 @@ impl DeviceCa {
             let key = KeyPair::from_pem(&fs::read_to_string(&key_path)?)
                 .with_context(|| format!("reading {}", key_path.display()))?;
             let ca_pem = fs::read_to_string(&cert_path)?;
-            return Ok(Self { key, ca_pem, dir: dir.to_path_buf() });
+            return Ok(Self {
+                key,
+                ca_pem,
+                dir: dir.to_path_buf(),
+            });
         }
         let key = KeyPair::generate()?;
         let mut params = ca_params()?;
@@ -90,7 +98,11 @@ impl DeviceCa {
         write_private(&key_path, &key.serialize_pem())?;
         fs::write(&cert_path, cert.pem())?;
         tracing::info!(path = %cert_path.display(), "created the device CA");
-        Ok(Self { key, ca_pem: cert.pem(), dir: dir.to_path_buf() })
+        Ok(Self {
+            key,
+            ca_pem: cert.pem(),
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The CA certificate, PEM.
@@ -112,7 +124,10 @@ impl DeviceCa {
     pub fn server_cert(&self, names: &[String]) -> anyhow::Result<(PathBuf, PathBuf)> {
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::new(names.to_vec())?;
-        p.distinguished_name.push(DnType::CommonName, names.first().map(String::as_str).unwrap_or("cabinet-hub"));
+        p.distinguished_name.push(
+            DnType::CommonName,
+            names.first().map(String::as_str).unwrap_or("cabinet-hub"),
+        );
         let now = OffsetDateTime::now_utc();
         p.not_before = now - Duration::days(1);
         p.not_after = now + Duration::days(825);

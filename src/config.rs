@@ -157,8 +157,10 @@ impl Settings {
     /// Loads all layers. `file` is `--config`; without it `config/$HUB_ENV.toml` when `HUB_ENV`
     /// is set.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Self> {
-        let mut b = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
+        let mut b = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
         let env_file = std::env::var("HUB_ENV")
             .ok()
             .filter(|e| !e.is_empty())
@@ -213,14 +215,22 @@ impl Settings {
         }
         if let Some(url) = &self.redis.url {
             let parsed = url::Url::parse(url).map_err(|e| {
-                anyhow::anyhow!("redis.url (HUB__REDIS__URL) {url:?} is not a URL: {e}; use redis://HOST:PORT")
+                anyhow::anyhow!(
+                    "redis.url (HUB__REDIS__URL) {url:?} is not a URL: {e}; use redis://HOST:PORT"
+                )
             })?;
             if !matches!(parsed.scheme(), "redis" | "rediss") {
-                bail!("redis.url (HUB__REDIS__URL) has scheme {:?}; use redis://", parsed.scheme());
+                bail!(
+                    "redis.url (HUB__REDIS__URL) has scheme {:?}; use redis://",
+                    parsed.scheme()
+                );
             }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            bail!("log.format (HUB__LOG__FORMAT) must be \"text\" or \"json\", not {:?}", self.log.format);
+            bail!(
+                "log.format (HUB__LOG__FORMAT) must be \"text\" or \"json\", not {:?}",
+                self.log.format
+            );
         }
         let c = &self.cabinet;
         if c.heartbeat_s == 0 || c.missed_heartbeats == 0 {
@@ -229,7 +239,10 @@ impl Settings {
         if c.temp_min_c >= c.temp_max_c {
             bail!("cabinet.temp_min_c must be below cabinet.temp_max_c");
         }
-        for (key, v) in [("cabinet.light_on", &c.light_on), ("cabinet.light_off", &c.light_off)] {
+        for (key, v) in [
+            ("cabinet.light_on", &c.light_on),
+            ("cabinet.light_off", &c.light_off),
+        ] {
             if !valid_hhmm(v) {
                 bail!("{key} must be HH:MM, not {v:?}");
             }
@@ -244,7 +257,10 @@ impl Settings {
     pub fn database_url(&self) -> String {
         match &self.database.url {
             Some(u) => u.clone(),
-            None => format!("sqlite://{}?mode=rwc", self.data_dir.join("hub.db").display()),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("hub.db").display()
+            ),
         }
     }
 
@@ -282,7 +298,10 @@ impl Settings {
     /// The embedded defaults with a data dir (used by tests and tools).
     pub fn defaults(data_dir: &Path) -> anyhow::Result<Self> {
         let mut s: Settings = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml))
+            .add_source(config::File::from_str(
+                DEFAULT_TOML,
+                config::FileFormat::Toml,
+            ))
             .build()?
             .try_deserialize()?;
         s.data_dir = data_dir.to_path_buf();

@@ -45,8 +45,19 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Serve { config, http_listen, mqtt_listen, data_dir, database_url } => {
-            let overrides = Overrides { http_listen, mqtt_listen, data_dir, database_url };
+        Cmd::Serve {
+            config,
+            http_listen,
+            mqtt_listen,
+            data_dir,
+            database_url,
+        } => {
+            let overrides = Overrides {
+                http_listen,
+                mqtt_listen,
+                data_dir,
+                database_url,
+            };
             let settings = match Settings::load(config.as_deref(), &overrides) {
                 Ok(s) => s,
                 Err(e) => {
@@ -68,15 +79,17 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::CheckConfig { config } => match Settings::load(config.as_deref(), &Overrides::default()) {
-            Ok(s) => {
-                println!("{s:#?}");
-                ExitCode::SUCCESS
+        Cmd::CheckConfig { config } => {
+            match Settings::load(config.as_deref(), &Overrides::default()) {
+                Ok(s) => {
+                    println!("{s:#?}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cabinet-hub: {e:#}");
+                    ExitCode::from(2)
+                }
             }
-            Err(e) => {
-                eprintln!("cabinet-hub: {e:#}");
-                ExitCode::from(2)
-            }
-        },
+        }
     }
 }

@@ -43,44 +43,100 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let r = Registry::new();
         let m = Self {
-            cabinets_online: reg(&r, IntGauge::new("cabinets_online", "Cabinets currently online")?),
-            cabinet_actors: reg(&r, IntGauge::new("cabinet_actors", "Cabinet actors running")?),
-            alert_active: reg(&r, IntGaugeVec::new(
-                Opts::new("cabinet_alert_active", "1 while an alert is active (series exists only then)"),
-                &["cabinet", "merchant", "type", "severity"],
-            )?),
-            alerts_raised: reg(&r, IntCounterVec::new(
-                Opts::new("cabinet_alerts_raised_total", "Alerts raised"),
-                &["type"],
-            )?),
-            command_duration: reg(&r, HistogramVec::new(
-                HistogramOpts::new("cabinet_command_duration_seconds", "Command request to outcome")
-                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
-                &["type", "outcome"],
-            )?),
-            mqtt_in: reg(&r, IntCounterVec::new(
-                Opts::new("mqtt_messages_in_total", "Accepted uplink messages"),
-                &["kind"],
-            )?),
-            mqtt_out: reg(&r, IntCounterVec::new(
-                Opts::new("mqtt_messages_out_total", "Commands published"),
-                &["type"],
-            )?),
-            mqtt_rejected: reg(&r, IntCounterVec::new(
-                Opts::new("mqtt_rejected_total", "Uplink messages rejected, by reason"),
-                &["reason"],
-            )?),
-            mqtt_auth_failures: reg(&r, IntCounterVec::new(
-                Opts::new("mqtt_auth_failures_total", "MQTT connections refused, by reason"),
-                &["reason"],
-            )?),
-            mqtt_duplicates: reg(&r, IntCounter::new("mqtt_duplicates_total", "Redelivered heartbeats and events dropped")?),
-            mqtt_stray_acks: reg(&r, IntCounter::new("mqtt_stray_acks_total", "Acks for no pending command")?),
-            actor_restarts: reg(&r, IntCounter::new("actor_restarts_total", "Cabinet actors restarted after a panic")?),
-            store_errors: reg(&r, IntCounterVec::new(
-                Opts::new("store_errors_total", "Failed background writes"),
-                &["op"],
-            )?),
+            cabinets_online: reg(
+                &r,
+                IntGauge::new("cabinets_online", "Cabinets currently online")?,
+            ),
+            cabinet_actors: reg(
+                &r,
+                IntGauge::new("cabinet_actors", "Cabinet actors running")?,
+            ),
+            alert_active: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "cabinet_alert_active",
+                        "1 while an alert is active (series exists only then)",
+                    ),
+                    &["cabinet", "merchant", "type", "severity"],
+                )?,
+            ),
+            alerts_raised: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("cabinet_alerts_raised_total", "Alerts raised"),
+                    &["type"],
+                )?,
+            ),
+            command_duration: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "cabinet_command_duration_seconds",
+                        "Command request to outcome",
+                    )
+                    .buckets(vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ]),
+                    &["type", "outcome"],
+                )?,
+            ),
+            mqtt_in: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("mqtt_messages_in_total", "Accepted uplink messages"),
+                    &["kind"],
+                )?,
+            ),
+            mqtt_out: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("mqtt_messages_out_total", "Commands published"),
+                    &["type"],
+                )?,
+            ),
+            mqtt_rejected: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("mqtt_rejected_total", "Uplink messages rejected, by reason"),
+                    &["reason"],
+                )?,
+            ),
+            mqtt_auth_failures: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "mqtt_auth_failures_total",
+                        "MQTT connections refused, by reason",
+                    ),
+                    &["reason"],
+                )?,
+            ),
+            mqtt_duplicates: reg(
+                &r,
+                IntCounter::new(
+                    "mqtt_duplicates_total",
+                    "Redelivered heartbeats and events dropped",
+                )?,
+            ),
+            mqtt_stray_acks: reg(
+                &r,
+                IntCounter::new("mqtt_stray_acks_total", "Acks for no pending command")?,
+            ),
+            actor_restarts: reg(
+                &r,
+                IntCounter::new(
+                    "actor_restarts_total",
+                    "Cabinet actors restarted after a panic",
+                )?,
+            ),
+            store_errors: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("store_errors_total", "Failed background writes"),
+                    &["op"],
+                )?,
+            ),
             registry: r,
         };
         // Pre-create the label sets so dashboards see zeros rather than gaps.

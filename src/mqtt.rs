@@ -9,11 +9,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings, TlsConfig};
+use rumqttd::{
+    Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings, TlsConfig,
+};
 
 use cabinet_actors::actor::{CabinetMeta, Deliver, PublishError};
 use cabinet_actors::ids::{CabinetId, MerchantId};
-use cabinet_actors::protocol::{command_topic, parse_topic, parse_uplink, Command, RejectReason, Rejection, TopicTarget};
+use cabinet_actors::protocol::{
+    command_topic, parse_topic, parse_uplink, Command, RejectReason, Rejection, TopicTarget,
+};
 use cabinet_actors::registry::{ActorSeed, Registry};
 
 use crate::metrics::Metrics;
@@ -78,29 +82,50 @@ pub struct Directory {
 impl Directory {
     /// Adds or replaces an entry.
     pub fn put(&self, id: CabinetId, entry: DirectoryEntry) {
-        self.map.write().unwrap_or_else(|p| p.into_inner()).insert(id, entry);
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, entry);
     }
 
     /// An entry.
     pub fn get(&self, id: &CabinetId) -> Option<DirectoryEntry> {
-        self.map.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     /// Loads every registered cabinet.
     pub async fn load(store: &Store) -> anyhow::Result<Self> {
         let d = Self::default();
         for c in store.cabinets(None).await? {
-            let (Ok(id), Ok(merchant)) = (CabinetId::parse(&c.id), MerchantId::parse(&c.merchant_id)) else {
+            let (Ok(id), Ok(merchant)) =
+                (CabinetId::parse(&c.id), MerchantId::parse(&c.merchant_id))
+            else {
                 tracing::error!(cabinet_id = %c.id, "stored cabinet has an invalid id; skipped");
                 continue;
             };
-            d.put(id, DirectoryEntry { merchant, secret_hash: c.secret_hash, active: c.active });
+            d.put(
+                id,
+                DirectoryEntry {
+                    merchant,
+                    secret_hash: c.secret_hash,
+                    active: c.active,
+                },
+            );
         }
         Ok(d)
     }
 
     /// Checks a password-mode login.
-    pub fn authenticate(&self, client_id: &str, username: &str, password: &str) -> Result<CabinetId, AuthFailure> {
+    pub fn authenticate(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<CabinetId, AuthFailure> {
         let id = CabinetId::parse(client_id).map_err(|_| AuthFailure::BadClientId)?;
         if username != client_id {
             return Err(AuthFailure::UsernameMismatch);
@@ -242,7 +267,10 @@ pub struct Pump {
 
 impl Pump {
     fn reject(&self, r: &Rejection) {
-        self.metrics.mqtt_rejected.with_label_values(&[r.reason.as_str()]).inc();
+        self.metrics
+            .mqtt_rejected
+            .with_label_values(&[r.reason.as_str()])
+            .inc();
         tracing::warn!(
             cabinet_id = r.cabinet.as_ref().map(|c| c.as_str()).unwrap_or("-"),
             reason = r.reason.as_str(),
@@ -254,17 +282,31 @@ impl Pump {
     async fn seed(&self, id: &CabinetId) -> ActorSeed {
         let desired = self.store.latest_config(id.as_str()).await;
         let alerts = self.store.active_alerts(id.as_str()).await;
-        if let Err(e) = desired.as_ref().map(|_| ()).and(alerts.as_ref().map(|_| ())) {
+        if let Err(e) = desired
+            .as_ref()
+            .map(|_| ())
+            .and(alerts.as_ref().map(|_| ()))
+        {
             tracing::error!(cabinet_id = %id, error = %e, "could not read the cabinet's stored state; starting the actor without it");
-            self.metrics.store_errors.with_label_values(&["seed_actor"]).inc();
+            self.metrics
+                .store_errors
+                .with_label_values(&["seed_actor"])
+                .inc();
         }
-        ActorSeed { desired: desired.ok().flatten(), alerts: alerts.unwrap_or_default() }
+        ActorSeed {
+            desired: desired.ok().flatten(),
+            alerts: alerts.unwrap_or_default(),
+        }
     }
 
     /// Handles one message from the broker.
     pub async fn handle(&self, topic: &[u8], payload: &[u8]) {
         let Ok(topic) = std::str::from_utf8(topic) else {
-            self.reject(&Rejection { reason: RejectReason::BadTopic, detail: "topic not UTF-8".into(), cabinet: None });
+            self.reject(&Rejection {
+                reason: RejectReason::BadTopic,
+                detail: "topic not UTF-8".into(),
+                cabinet: None,
+            });
             return;
         };
         let (id, kind) = match parse_topic(topic) {
@@ -286,12 +328,18 @@ impl Pump {
             Ok(u) => u,
             Err(r) => return self.reject(&r),
         };
-        self.metrics.mqtt_in.with_label_values(&[kind.as_str()]).inc();
+        self.metrics
+            .mqtt_in
+            .with_label_values(&[kind.as_str()])
+            .inc();
         let addr = match self.registry.get(&uplink.cabinet) {
             Some(a) => a,
             None => {
                 let seed = self.seed(&uplink.cabinet).await;
-                let meta = CabinetMeta { id: uplink.cabinet.clone(), merchant: entry.merchant };
+                let meta = CabinetMeta {
+                    id: uplink.cabinet.clone(),
+                    merchant: entry.merchant,
+                };
                 let addr = self.registry.get_or_start(&meta, || seed);
                 self.metrics.cabinet_actors.set(self.registry.len() as i64);
                 addr
@@ -305,7 +353,9 @@ impl Pump {
         self.alive.store(true, Ordering::SeqCst);
         loop {
             match rx.next().await {
-                Ok(Some(Notification::Forward(f))) => self.handle(&f.publish.topic, &f.publish.payload).await,
+                Ok(Some(Notification::Forward(f))) => {
+                    self.handle(&f.publish.topic, &f.publish.payload).await
+                }
                 Ok(Some(_)) | Ok(None) => {}
                 Err(e) => {
                     tracing::error!(error = %e, "MQTT link closed; uplink pump stopped");

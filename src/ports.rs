@@ -56,11 +56,18 @@ impl CabinetPorts for HubPorts {
         match effect {
             Effect::AlertRaised(a) => {
                 m.alert_active
-                    .with_label_values(&[cabinet.id.as_str(), cabinet.merchant.as_str(), a.kind.as_str(), a.kind.severity().as_str()])
+                    .with_label_values(&[
+                        cabinet.id.as_str(),
+                        cabinet.merchant.as_str(),
+                        a.kind.as_str(),
+                        a.kind.severity().as_str(),
+                    ])
                     .set(1);
                 m.alerts_raised.with_label_values(&[a.kind.as_str()]).inc();
                 tracing::warn!(cabinet_id = %cabinet.id, alert = a.kind.as_str(), detail = a.detail.as_deref().unwrap_or(""), "alert raised");
-                let _ = self.alerts.send(AlertWrite::Raised(cabinet.clone(), a.clone()));
+                let _ = self
+                    .alerts
+                    .send(AlertWrite::Raised(cabinet.clone(), a.clone()));
             }
             Effect::AlertCleared { alert, by, at } => {
                 let _ = m.alert_active.remove_label_values(&[
@@ -74,12 +81,21 @@ impl CabinetPorts for HubPorts {
                     ClearedBy::Operator(k) => k.clone(),
                 };
                 tracing::info!(cabinet_id = %cabinet.id, alert = alert.kind.as_str(), by = %by, "alert cleared");
-                let _ = self.alerts.send(AlertWrite::Cleared { id: alert.id.clone(), by, at: *at as i64 });
+                let _ = self.alerts.send(AlertWrite::Cleared {
+                    id: alert.id.clone(),
+                    by,
+                    at: *at as i64,
+                });
             }
             Effect::AlertAcked(_) => {}
             Effect::OnlineChanged(true) => m.cabinets_online.inc(),
             Effect::OnlineChanged(false) => m.cabinets_online.dec(),
-            Effect::CommandDone { cmd_id, kind, outcome, elapsed_ms } => {
+            Effect::CommandDone {
+                cmd_id,
+                kind,
+                outcome,
+                elapsed_ms,
+            } => {
                 m.command_duration
                     .with_label_values(&[kind.as_str(), outcome.as_str()])
                     .observe(*elapsed_ms as f64 / 1000.0);
@@ -110,18 +126,30 @@ impl CabinetPorts for HubPorts {
 
 /// Writes alert history in the order the actors produced it, retrying a failed write so that
 /// a database blip does not lose a raise or a clear.
-pub async fn alert_writer(store: Store, metrics: Metrics, mut rx: mpsc::UnboundedReceiver<AlertWrite>) {
+pub async fn alert_writer(
+    store: Store,
+    metrics: Metrics,
+    mut rx: mpsc::UnboundedReceiver<AlertWrite>,
+) {
     while let Some(w) = rx.recv().await {
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=8 {
             let r = match &w {
-                AlertWrite::Raised(c, a) => store.insert_alert(c.id.as_str(), c.merchant.as_str(), a).await.map(|_| ()),
-                AlertWrite::Cleared { id, by, at } => store.clear_alert(id, by, *at).await.map(|_| ()),
+                AlertWrite::Raised(c, a) => store
+                    .insert_alert(c.id.as_str(), c.merchant.as_str(), a)
+                    .await
+                    .map(|_| ()),
+                AlertWrite::Cleared { id, by, at } => {
+                    store.clear_alert(id, by, *at).await.map(|_| ())
+                }
             };
             match r {
                 Ok(()) => break,
                 Err(e) => {
-                    metrics.store_errors.with_label_values(&["alert_write"]).inc();
+                    metrics
+                        .store_errors
+                        .with_label_values(&["alert_write"])
+                        .inc();
                     tracing::error!(error = %e, attempt, write = ?w, "alert history write failed");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));

@@ -304,7 +304,13 @@ impl Handler<SendCommand> for CabinetActor {
         let cmd_id = self.machine.next_cmd_id();
         let (tx, rx) = oneshot::channel();
         self.waiters.insert(cmd_id.clone(), tx);
-        self.feed(Input::Command { cmd_id, body: msg.0 }, ctx);
+        self.feed(
+            Input::Command {
+                cmd_id,
+                body: msg.0,
+            },
+            ctx,
+        );
         Box::pin(async move { rx.await.map_err(|_| ActorGone) })
     }
 }

@@ -14,5 +14,7 @@ pub mod registry;
 pub use actor::{CabinetActor, CabinetMeta, CabinetPorts, Clock, SystemClock};
 pub use alert::{ActiveAlert, AlertType, ClearedBy, Severity};
 pub use ids::{CabinetId, MerchantId};
-pub use machine::{CabinetMachine, CabinetSnapshot, CommandOutcome, Effect, Input, Refusal, Timing};
+pub use machine::{
+    CabinetMachine, CabinetSnapshot, CommandOutcome, Effect, Input, Refusal, Timing,
+};
 pub use registry::{ActorSeed, Registry};

@@ -492,10 +492,17 @@ impl CabinetMachine {
             .and_then(|s| s.closed_at)
             .map(|c| c + t.recognition_timeout_ms);
         let pending = self.pending.values().map(|p| p.deadline).min();
-        [latch, door, temp, recognition, pending, self.offline_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            latch,
+            door,
+            temp,
+            recognition,
+            pending,
+            self.offline_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Feeds one input at time `now` (Unix ms) and returns what to do.
@@ -614,7 +621,10 @@ impl CabinetMachine {
                 self.timing.command_ack_timeout_ms
             }
         };
-        if let CommandBody::Unlock { session_id, mode, .. } = &body {
+        if let CommandBody::Unlock {
+            session_id, mode, ..
+        } = &body
+        {
             self.session = Some(OpenSession {
                 id: session_id.clone(),
                 mode: *mode,
@@ -708,7 +718,8 @@ impl CabinetMachine {
             self.locked_down = false;
             if let Some(session) = self.session.take() {
                 let fail_unlock = session.phase == SessionPhase::Unlocking;
-                self.pending.retain(|_, p| !matches!(p.kind, CommandKind::Unlock));
+                self.pending
+                    .retain(|_, p| !matches!(p.kind, CommandKind::Unlock));
                 if fail_unlock {
                     fx.push(Effect::Session(SessionEvent::UnlockFailed {
                         session_id: session.id,
@@ -813,7 +824,12 @@ impl CabinetMachine {
                 }
             } else {
                 self.temp_out_since = None;
-                self.clear(AlertType::TemperatureOutOfRange, ClearedBy::Condition, now, fx);
+                self.clear(
+                    AlertType::TemperatureOutOfRange,
+                    ClearedBy::Condition,
+                    now,
+                    fx,
+                );
             }
         }
 
@@ -839,7 +855,10 @@ impl CabinetMachine {
                 // A door opened while the lock should be latched means the latch wait is moot.
                 self.latch_wait_since = None;
                 let in_session = match &mut self.session {
-                    Some(s) if s.phase != SessionPhase::Unlocking || e.session_id.as_deref() == Some(s.id.as_str()) => {
+                    Some(s)
+                        if s.phase != SessionPhase::Unlocking
+                            || e.session_id.as_deref() == Some(s.id.as_str()) =>
+                    {
                         s.phase = SessionPhase::DoorOpen;
                         s.closed_at = None;
                         true
@@ -915,7 +934,12 @@ impl CabinetMachine {
             CommandOutcome::Rejected(a.error.unwrap_or_else(|| "unspecified".to_owned()))
         };
         match (&p.body, &outcome) {
-            (CommandBody::Unlock { session_id, mode, .. }, CommandOutcome::Ok) => {
+            (
+                CommandBody::Unlock {
+                    session_id, mode, ..
+                },
+                CommandOutcome::Ok,
+            ) => {
                 self.clear(AlertType::UnlockNoAck, ClearedBy::Condition, now, fx);
                 if let Some(s) = self.session.as_mut().filter(|s| &s.id == session_id) {
                     if s.phase == SessionPhase::Unlocking {
@@ -966,7 +990,11 @@ impl CabinetMachine {
             // the session supervisor decides what it belongs to.
             fx.push(Effect::Session(SessionEvent::Recognized {
                 session_id: r.session_id.clone(),
-                mode: if r.stock.is_some() { SessionMode::Restock } else { SessionMode::Purchase },
+                mode: if r.stock.is_some() {
+                    SessionMode::Restock
+                } else {
+                    SessionMode::Purchase
+                },
                 recognition: r,
             }));
             return;
@@ -1027,7 +1055,10 @@ impl CabinetMachine {
         {
             self.raise(
                 AlertType::LockNotLatched,
-                Some(format!("door closed, not latched within {} ms", t.latch_timeout_ms)),
+                Some(format!(
+                    "door closed, not latched within {} ms",
+                    t.latch_timeout_ms
+                )),
                 now,
                 fx,
             );

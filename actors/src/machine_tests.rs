@@ -11,7 +11,10 @@ fn cfg(version: u64) -> CabinetConfig {
         version,
         temp_target_c: 5.0,
         temp_range_c: [2.0, 8.0],
-        light: LightSchedule { on: "07:00".into(), off: "23:00".into() },
+        light: LightSchedule {
+            on: "07:00".into(),
+            off: "23:00".into(),
+        },
         heartbeat_s: 30,
         foreign_object_lock: true,
     }
@@ -26,18 +29,26 @@ struct Rig {
 impl Rig {
     fn new() -> Self {
         let id = CabinetId::parse("KM1").unwrap_or_else(|e| panic!("{e}"));
-        Self { m: CabinetMachine::new(id, Timing::default(), "t".into(), Some(cfg(1)), vec![]), now: T0, seq: 0 }
+        Self {
+            m: CabinetMachine::new(id, Timing::default(), "t".into(), Some(cfg(1)), vec![]),
+            now: T0,
+            seq: 0,
+        }
     }
 
     fn up(&mut self, kind: UplinkKind, json: &str) -> Vec<Effect> {
-        let u = parse_uplink(self.m.id().clone(), kind, json.as_bytes()).unwrap_or_else(|e| panic!("{json}: {e}"));
+        let u = parse_uplink(self.m.id().clone(), kind, json.as_bytes())
+            .unwrap_or_else(|e| panic!("{json}: {e}"));
         self.m.handle(Input::Uplink(u.body), self.now)
     }
 
     /// Online with a fresh boot, config acked, healthy heartbeat.
     fn online() -> Self {
         let mut r = Self::new();
-        let fx = r.up(UplinkKind::Status, r#"{"online":true,"boot_id":"b1","config_version":1}"#);
+        let fx = r.up(
+            UplinkKind::Status,
+            r#"{"online":true,"boot_id":"b1","config_version":1}"#,
+        );
         for c in published(&fx) {
             r.ack(&c.cmd_id, true, None);
         }
@@ -47,7 +58,10 @@ impl Rig {
 
     fn event(&mut self, kind: &str) -> Vec<Effect> {
         self.seq += 1;
-        let json = format!(r#"{{"seq":{},"ts":{},"type":"{kind}"}}"#, self.seq, self.now);
+        let json = format!(
+            r#"{{"seq":{},"ts":{},"type":"{kind}"}}"#,
+            self.seq, self.now
+        );
         self.up(UplinkKind::Event, &json)
     }
 
@@ -75,12 +89,22 @@ impl Rig {
 
     fn command(&mut self, body: CommandBody) -> (String, Vec<Effect>) {
         let id = self.m.next_cmd_id();
-        let fx = self.m.handle(Input::Command { cmd_id: id.clone(), body }, self.now);
+        let fx = self.m.handle(
+            Input::Command {
+                cmd_id: id.clone(),
+                body,
+            },
+            self.now,
+        );
         (id, fx)
     }
 
     fn unlock(&mut self, session: &str) -> (String, Vec<Effect>) {
-        self.command(CommandBody::Unlock { session_id: session.into(), mode: SessionMode::Purchase, expires_at: self.now + 5000 })
+        self.command(CommandBody::Unlock {
+            session_id: session.into(),
+            mode: SessionMode::Purchase,
+            expires_at: self.now + 5000,
+        })
     }
 
     /// A purchase session up to an open door.
@@ -93,23 +117,48 @@ impl Rig {
 }
 
 fn raised(fx: &[Effect]) -> Vec<AlertType> {
-    fx.iter().filter_map(|e| match e { Effect::AlertRaised(a) => Some(a.kind), _ => None }).collect()
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::AlertRaised(a) => Some(a.kind),
+            _ => None,
+        })
+        .collect()
 }
 
 fn cleared(fx: &[Effect]) -> Vec<AlertType> {
-    fx.iter().filter_map(|e| match e { Effect::AlertCleared { alert, .. } => Some(alert.kind), _ => None }).collect()
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::AlertCleared { alert, .. } => Some(alert.kind),
+            _ => None,
+        })
+        .collect()
 }
 
 fn published(fx: &[Effect]) -> Vec<Command> {
-    fx.iter().filter_map(|e| match e { Effect::Publish(c) => Some(c.clone()), _ => None }).collect()
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Publish(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 fn outcomes(fx: &[Effect]) -> Vec<(CommandKind, CommandOutcome)> {
-    fx.iter().filter_map(|e| match e { Effect::CommandDone { kind, outcome, .. } => Some((*kind, outcome.clone())), _ => None }).collect()
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::CommandDone { kind, outcome, .. } => Some((*kind, outcome.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 fn sessions(fx: &[Effect]) -> Vec<SessionEvent> {
-    fx.iter().filter_map(|e| match e { Effect::Session(s) => Some(s.clone()), _ => None }).collect()
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Session(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 fn active(r: &Rig) -> Vec<AlertType> {
@@ -126,9 +175,19 @@ fn unlock_without_ack_times_out_and_alerts() {
     assert!(r.advance(4999).is_empty() || raised(&r.m.handle(Input::Tick, r.now)).is_empty());
     let fx = r.advance(1);
     assert_eq!(raised(&fx), vec![AlertType::UnlockNoAck]);
-    assert_eq!(outcomes(&fx), vec![(CommandKind::Unlock, CommandOutcome::Timeout)]);
-    assert!(sessions(&fx).contains(&SessionEvent::UnlockFailed { session_id: "s1".into(), reason: "unlock_timeout" }));
-    assert_eq!(r.m.session_refusal(SessionMode::Purchase), None, "the failed session no longer blocks the cabinet");
+    assert_eq!(
+        outcomes(&fx),
+        vec![(CommandKind::Unlock, CommandOutcome::Timeout)]
+    );
+    assert!(sessions(&fx).contains(&SessionEvent::UnlockFailed {
+        session_id: "s1".into(),
+        reason: "unlock_timeout"
+    }));
+    assert_eq!(
+        r.m.session_refusal(SessionMode::Purchase),
+        None,
+        "the failed session no longer blocks the cabinet"
+    );
 }
 
 // Row: `door_closed`, then no `lock_locked` within 10 s → `lock_not_latched`; cabinet faulted.
@@ -142,13 +201,31 @@ fn door_closed_without_latch_faults_and_locks_down() {
     let fx = r.advance(1);
     assert_eq!(raised(&fx), vec![AlertType::LockNotLatched]);
     let lockdown = published(&fx);
-    assert!(matches!(lockdown.as_slice(), [Command { body: CommandBody::Lockdown { on: true, .. }, .. }]), "{fx:?}");
+    assert!(
+        matches!(
+            lockdown.as_slice(),
+            [Command {
+                body: CommandBody::Lockdown { on: true, .. },
+                ..
+            }]
+        ),
+        "{fx:?}"
+    );
     assert!(r.m.faulted());
-    assert_eq!(r.m.session_refusal(SessionMode::Purchase), Some(Refusal::CabinetFaulted));
+    assert_eq!(
+        r.m.session_refusal(SessionMode::Purchase),
+        Some(Refusal::CabinetFaulted)
+    );
     // Latching ends it and releases the lock-down.
     let fx = r.event("lock_locked");
     assert_eq!(cleared(&fx), vec![AlertType::LockNotLatched]);
-    assert!(matches!(published(&fx).as_slice(), [Command { body: CommandBody::Lockdown { on: false, .. }, .. }]));
+    assert!(matches!(
+        published(&fx).as_slice(),
+        [Command {
+            body: CommandBody::Lockdown { on: false, .. },
+            ..
+        }]
+    ));
     assert!(!r.m.faulted());
 }
 
@@ -159,7 +236,9 @@ fn latch_in_time_raises_nothing() {
     r.event("door_closed");
     r.advance(3_000);
     r.event("lock_locked");
-    assert!(raised(&r.advance(60_000)).iter().all(|a| *a != AlertType::LockNotLatched));
+    assert!(raised(&r.advance(60_000))
+        .iter()
+        .all(|a| *a != AlertType::LockNotLatched));
 }
 
 #[test]
@@ -168,10 +247,19 @@ fn operator_clear_of_lock_not_latched_unfaults() {
     r.session_open("s1");
     r.event("door_closed");
     r.advance(10_000);
-    let fx = r.m.handle(Input::ClearAlert { kind: AlertType::LockNotLatched, by: "k1".into() }, r.now);
+    let fx = r.m.handle(
+        Input::ClearAlert {
+            kind: AlertType::LockNotLatched,
+            by: "k1".into(),
+        },
+        r.now,
+    );
     assert_eq!(cleared(&fx), vec![AlertType::LockNotLatched]);
     assert!(!r.m.faulted());
-    assert!(raised(&r.advance(60_000)).is_empty(), "not re-raised after an operator clear");
+    assert!(
+        raised(&r.advance(60_000)).is_empty(),
+        "not re-raised after an operator clear"
+    );
 }
 
 // Row: `door_opened` with no session in progress → `door_forced` (critical).
@@ -180,11 +268,20 @@ fn door_opened_without_session_is_forced() {
     let mut r = Rig::online();
     let fx = r.event("door_opened");
     assert_eq!(raised(&fx), vec![AlertType::DoorForced]);
-    assert_eq!(AlertType::DoorForced.severity(), crate::alert::Severity::Critical);
+    assert_eq!(
+        AlertType::DoorForced.severity(),
+        crate::alert::Severity::Critical
+    );
     // Only an operator clears it; a closed door does not.
     let fx = r.event("door_closed");
     assert!(cleared(&fx).is_empty());
-    let fx = r.m.handle(Input::ClearAlert { kind: AlertType::DoorForced, by: "k".into() }, r.now);
+    let fx = r.m.handle(
+        Input::ClearAlert {
+            kind: AlertType::DoorForced,
+            by: "k".into(),
+        },
+        r.now,
+    );
     assert_eq!(cleared(&fx), vec![AlertType::DoorForced]);
 }
 
@@ -199,7 +296,10 @@ fn door_open_too_long() {
     }
     assert!(raised(&r.advance(29_999)).is_empty());
     assert_eq!(raised(&r.advance(1)), vec![AlertType::DoorOpenTooLong]);
-    assert_eq!(cleared(&r.event("door_closed")), vec![AlertType::DoorOpenTooLong]);
+    assert_eq!(
+        cleared(&r.event("door_closed")),
+        vec![AlertType::DoorOpenTooLong]
+    );
 }
 
 // Row: `lock_fault` event or heartbeat `lock: fault` → `lock_fault`; cabinet faulted.
@@ -209,12 +309,29 @@ fn lock_fault_by_event_and_by_heartbeat() {
     let fx = r.event("lock_fault");
     assert_eq!(raised(&fx), vec![AlertType::LockFault]);
     assert!(r.m.faulted());
-    assert!(matches!(published(&fx).as_slice(), [Command { body: CommandBody::Lockdown { on: true, .. }, .. }]));
-    assert_eq!(cleared(&r.heartbeat("closed", "locked", 4.0, true)), vec![AlertType::LockFault]);
+    assert!(matches!(
+        published(&fx).as_slice(),
+        [Command {
+            body: CommandBody::Lockdown { on: true, .. },
+            ..
+        }]
+    ));
+    assert_eq!(
+        cleared(&r.heartbeat("closed", "locked", 4.0, true)),
+        vec![AlertType::LockFault]
+    );
 
     let mut r = Rig::online();
-    assert_eq!(raised(&r.heartbeat("closed", "fault", 4.0, true)), vec![AlertType::LockFault]);
-    assert!(r.heartbeat("closed", "fault", 4.0, true).iter().all(|e| !matches!(e, Effect::AlertRaised(_))), "raised once");
+    assert_eq!(
+        raised(&r.heartbeat("closed", "fault", 4.0, true)),
+        vec![AlertType::LockFault]
+    );
+    assert!(
+        r.heartbeat("closed", "fault", 4.0, true)
+            .iter()
+            .all(|e| !matches!(e, Effect::AlertRaised(_))),
+        "raised once"
+    );
 }
 
 // Row: camera not ok (event or heartbeat) → `camera_fault` until `camera_ok` / healthy heartbeat;
@@ -222,10 +339,23 @@ fn lock_fault_by_event_and_by_heartbeat() {
 #[test]
 fn camera_fault_and_recovery() {
     let mut r = Rig::online();
-    assert_eq!(raised(&r.heartbeat("closed", "locked", 4.0, false)), vec![AlertType::CameraFault]);
-    assert_eq!(r.m.session_refusal(SessionMode::Purchase), None, "one camera still works");
-    assert_eq!(cleared(&r.heartbeat("closed", "locked", 4.0, true)), vec![AlertType::CameraFault]);
-    assert_eq!(raised(&r.event("camera_fault")), vec![AlertType::CameraFault]);
+    assert_eq!(
+        raised(&r.heartbeat("closed", "locked", 4.0, false)),
+        vec![AlertType::CameraFault]
+    );
+    assert_eq!(
+        r.m.session_refusal(SessionMode::Purchase),
+        None,
+        "one camera still works"
+    );
+    assert_eq!(
+        cleared(&r.heartbeat("closed", "locked", 4.0, true)),
+        vec![AlertType::CameraFault]
+    );
+    assert_eq!(
+        raised(&r.event("camera_fault")),
+        vec![AlertType::CameraFault]
+    );
     assert_eq!(cleared(&r.event("camera_ok")), vec![AlertType::CameraFault]);
 }
 
@@ -233,9 +363,15 @@ fn camera_fault_and_recovery() {
 fn no_working_camera_refuses_purchase_not_restock() {
     let mut r = Rig::online();
     r.seq += 1;
-    let json = format!(r#"{{"seq":{},"ts":1,"door":"closed","lock":"locked","cameras":[{{"id":0,"ok":false}}]}}"#, r.seq);
+    let json = format!(
+        r#"{{"seq":{},"ts":1,"door":"closed","lock":"locked","cameras":[{{"id":0,"ok":false}}]}}"#,
+        r.seq
+    );
     r.up(UplinkKind::Heartbeat, &json);
-    assert_eq!(r.m.session_refusal(SessionMode::Purchase), Some(Refusal::CabinetFaulted));
+    assert_eq!(
+        r.m.session_refusal(SessionMode::Purchase),
+        Some(Refusal::CabinetFaulted)
+    );
     assert_eq!(r.m.session_refusal(SessionMode::Restock), None);
 }
 
@@ -247,7 +383,10 @@ fn offline_by_missed_heartbeats() {
     let fx = r.advance(1);
     assert_eq!(raised(&fx), vec![AlertType::CabinetOffline]);
     assert!(fx.contains(&Effect::OnlineChanged(false)));
-    assert_eq!(r.m.session_refusal(SessionMode::Purchase), Some(Refusal::CabinetOffline));
+    assert_eq!(
+        r.m.session_refusal(SessionMode::Purchase),
+        Some(Refusal::CabinetOffline)
+    );
     let fx = r.heartbeat("closed", "locked", 4.0, true);
     assert_eq!(cleared(&fx), vec![AlertType::CabinetOffline]);
     assert!(fx.contains(&Effect::OnlineChanged(true)));
@@ -262,7 +401,10 @@ fn offline_by_last_will() {
     // Commands are not sent to an offline cabinet.
     let (_, fx) = r.command(CommandBody::Reboot);
     assert!(published(&fx).is_empty());
-    assert_eq!(outcomes(&fx), vec![(CommandKind::Reboot, CommandOutcome::NotConnected)]);
+    assert_eq!(
+        outcomes(&fx),
+        vec![(CommandKind::Reboot, CommandOutcome::NotConnected)]
+    );
 }
 
 #[test]
@@ -290,7 +432,10 @@ fn temperature_out_of_range_for_ten_minutes() {
         }
     }
     assert_eq!(raised_at, Some(600_000));
-    assert_eq!(cleared(&r.heartbeat("closed", "locked", 5.0, true)), vec![AlertType::TemperatureOutOfRange]);
+    assert_eq!(
+        cleared(&r.heartbeat("closed", "locked", 5.0, true)),
+        vec![AlertType::TemperatureOutOfRange]
+    );
 }
 
 #[test]
@@ -312,13 +457,19 @@ fn recognition_timeout_makes_the_order_abnormal() {
     let mut r = Rig::online();
     r.session_open("s1");
     let fx = r.event("door_closed");
-    assert!(sessions(&fx).contains(&SessionEvent::DoorClosed { session_id: "s1".into() }));
+    assert!(sessions(&fx).contains(&SessionEvent::DoorClosed {
+        session_id: "s1".into()
+    }));
     r.event("lock_locked");
     assert!(sessions(&r.advance(59_999)).is_empty());
     let fx = r.advance(1);
     assert_eq!(
         sessions(&fx),
-        vec![SessionEvent::Abnormal { session_id: "s1".into(), mode: SessionMode::Purchase, reason: AbnormalReason::RecognitionTimeout }]
+        vec![SessionEvent::Abnormal {
+            session_id: "s1".into(),
+            mode: SessionMode::Purchase,
+            reason: AbnormalReason::RecognitionTimeout
+        }]
     );
     assert_eq!(r.m.session_refusal(SessionMode::Purchase), None);
 }
@@ -329,10 +480,17 @@ fn recognition_failed_makes_the_order_abnormal() {
     let mut r = Rig::online();
     r.session_open("s1");
     r.event("door_closed");
-    let fx = r.up(UplinkKind::Recognition, r#"{"session_id":"s1","status":"failed","reason":"camera_blocked"}"#);
+    let fx = r.up(
+        UplinkKind::Recognition,
+        r#"{"session_id":"s1","status":"failed","reason":"camera_blocked"}"#,
+    );
     assert_eq!(
         sessions(&fx),
-        vec![SessionEvent::Abnormal { session_id: "s1".into(), mode: SessionMode::Purchase, reason: AbnormalReason::RecognitionFailed }]
+        vec![SessionEvent::Abnormal {
+            session_id: "s1".into(),
+            mode: SessionMode::Purchase,
+            reason: AbnormalReason::RecognitionFailed
+        }]
     );
 }
 
@@ -341,9 +499,17 @@ fn recognition_ok_hands_the_items_on() {
     let mut r = Rig::online();
     r.session_open("s1");
     r.event("door_closed");
-    let fx = r.up(UplinkKind::Recognition, r#"{"session_id":"s1","status":"ok","items":[{"sku":"690","qty":2}]}"#);
-    assert!(matches!(sessions(&fx).as_slice(), [SessionEvent::Recognized { session_id, mode: SessionMode::Purchase, .. }] if session_id == "s1"));
-    assert!(sessions(&r.advance(120_000)).is_empty(), "no timeout after recognition");
+    let fx = r.up(
+        UplinkKind::Recognition,
+        r#"{"session_id":"s1","status":"ok","items":[{"sku":"690","qty":2}]}"#,
+    );
+    assert!(
+        matches!(sessions(&fx).as_slice(), [SessionEvent::Recognized { session_id, mode: SessionMode::Purchase, .. }] if session_id == "s1")
+    );
+    assert!(
+        sessions(&r.advance(120_000)).is_empty(),
+        "no timeout after recognition"
+    );
 }
 
 // Row: heartbeat `config_version` below the desired version → `configure` again.
@@ -352,13 +518,17 @@ fn heartbeat_behind_desired_config_resends_once() {
     let mut r = Rig::online();
     let fx = r.m.handle(Input::DesiredConfig(cfg(2)), r.now);
     let sent = published(&fx);
-    assert!(matches!(sent.as_slice(), [Command { body: CommandBody::Configure { config }, .. }] if config.version == 2));
+    assert!(
+        matches!(sent.as_slice(), [Command { body: CommandBody::Configure { config }, .. }] if config.version == 2)
+    );
     // Heartbeat still reports 1 while the configure is in flight: not sent twice.
     assert!(published(&r.heartbeat("closed", "locked", 4.0, true)).is_empty());
     // The configure timed out: the next heartbeat behind sends it again.
     r.advance(5_000);
     let fx = r.heartbeat("closed", "locked", 4.0, true);
-    assert!(matches!(published(&fx).as_slice(), [Command { body: CommandBody::Configure { config }, .. }] if config.version == 2));
+    assert!(
+        matches!(published(&fx).as_slice(), [Command { body: CommandBody::Configure { config }, .. }] if config.version == 2)
+    );
 }
 
 #[test]
@@ -367,7 +537,13 @@ fn rejected_configuration_is_not_resent_on_every_heartbeat() {
     let fx = r.m.handle(Input::DesiredConfig(cfg(2)), r.now);
     let id = published(&fx)[0].cmd_id.clone();
     let fx = r.ack(&id, false, Some("bad_config"));
-    assert_eq!(outcomes(&fx), vec![(CommandKind::Configure, CommandOutcome::Rejected("bad_config".into()))]);
+    assert_eq!(
+        outcomes(&fx),
+        vec![(
+            CommandKind::Configure,
+            CommandOutcome::Rejected("bad_config".into())
+        )]
+    );
     assert!(published(&r.heartbeat("closed", "locked", 4.0, true)).is_empty());
 }
 
@@ -376,28 +552,48 @@ fn rejected_configuration_is_not_resent_on_every_heartbeat() {
 fn reboot_resends_configure_and_ends_the_session() {
     let mut r = Rig::online();
     r.session_open("s1");
-    let fx = r.up(UplinkKind::Status, r#"{"online":true,"boot_id":"b2","config_version":1,"boot":"watchdog"}"#);
-    assert!(published(&fx).iter().any(|c| matches!(c.body, CommandBody::Configure { .. })));
+    let fx = r.up(
+        UplinkKind::Status,
+        r#"{"online":true,"boot_id":"b2","config_version":1,"boot":"watchdog"}"#,
+    );
+    assert!(published(&fx)
+        .iter()
+        .any(|c| matches!(c.body, CommandBody::Configure { .. })));
     assert_eq!(
         sessions(&fx),
-        vec![SessionEvent::Abnormal { session_id: "s1".into(), mode: SessionMode::Purchase, reason: AbnormalReason::Rebooted }]
+        vec![SessionEvent::Abnormal {
+            session_id: "s1".into(),
+            mode: SessionMode::Purchase,
+            reason: AbnormalReason::Rebooted
+        }]
     );
     // Sequence numbers restart with the boot.
     r.seq = 0;
-    assert!(!r.heartbeat("closed", "locked", 4.0, true).iter().any(|e| matches!(e, Effect::Duplicate { .. })));
+    assert!(!r
+        .heartbeat("closed", "locked", 4.0, true)
+        .iter()
+        .any(|e| matches!(e, Effect::Duplicate { .. })));
 }
 
 #[test]
 fn reconnect_with_same_boot_reconciles_only_when_behind() {
     let mut r = Rig::online();
-    let fx = r.up(UplinkKind::Status, r#"{"online":true,"boot_id":"b1","config_version":1,"boot":"reconnect"}"#);
+    let fx = r.up(
+        UplinkKind::Status,
+        r#"{"online":true,"boot_id":"b1","config_version":1,"boot":"reconnect"}"#,
+    );
     assert!(published(&fx).is_empty(), "{fx:?}");
     // The config changed while the cabinet was offline: it gets it on reconnect.
     r.up(UplinkKind::Status, r#"{"online":false}"#);
     let fx = r.m.handle(Input::DesiredConfig(cfg(2)), r.now);
     assert!(published(&fx).is_empty(), "offline: not sent");
-    let fx = r.up(UplinkKind::Status, r#"{"online":true,"boot_id":"b1","config_version":1,"boot":"reconnect"}"#);
-    assert!(matches!(published(&fx).as_slice(), [Command { body: CommandBody::Configure { config }, .. }] if config.version == 2));
+    let fx = r.up(
+        UplinkKind::Status,
+        r#"{"online":true,"boot_id":"b1","config_version":1,"boot":"reconnect"}"#,
+    );
+    assert!(
+        matches!(published(&fx).as_slice(), [Command { body: CommandBody::Configure { config }, .. }] if config.version == 2)
+    );
 }
 
 #[test]
@@ -405,8 +601,13 @@ fn faulted_cabinet_is_locked_down_again_on_reconnect() {
     let mut r = Rig::online();
     r.event("lock_fault");
     r.up(UplinkKind::Status, r#"{"online":false}"#);
-    let fx = r.up(UplinkKind::Status, r#"{"online":true,"boot_id":"b1","config_version":1}"#);
-    assert!(published(&fx).iter().any(|c| matches!(c.body, CommandBody::Lockdown { on: true, .. })));
+    let fx = r.up(
+        UplinkKind::Status,
+        r#"{"online":true,"boot_id":"b1","config_version":1}"#,
+    );
+    assert!(published(&fx)
+        .iter()
+        .any(|c| matches!(c.body, CommandBody::Lockdown { on: true, .. })));
 }
 
 #[test]
@@ -417,33 +618,54 @@ fn duplicates_are_dropped() {
     let json = format!(r#"{{"seq":{seq},"ts":1,"type":"door_opened"}}"#);
     let fx = r.up(UplinkKind::Event, &json);
     assert_eq!(fx, vec![Effect::Duplicate { seq }]);
-    assert!(active(&r).is_empty(), "a redelivered message changes nothing");
+    assert!(
+        active(&r).is_empty(),
+        "a redelivered message changes nothing"
+    );
 }
 
 #[test]
 fn command_outcomes_ok_rejected_timeout_not_connected() {
     let mut r = Rig::online();
     let (id, _) = r.command(CommandBody::Reboot);
-    assert_eq!(outcomes(&r.ack(&id, true, None)), vec![(CommandKind::Reboot, CommandOutcome::Ok)]);
+    assert_eq!(
+        outcomes(&r.ack(&id, true, None)),
+        vec![(CommandKind::Reboot, CommandOutcome::Ok)]
+    );
     let (id, _) = r.command(CommandBody::Reboot);
-    assert_eq!(outcomes(&r.ack(&id, false, Some("busy"))), vec![(CommandKind::Reboot, CommandOutcome::Rejected("busy".into()))]);
+    assert_eq!(
+        outcomes(&r.ack(&id, false, Some("busy"))),
+        vec![(CommandKind::Reboot, CommandOutcome::Rejected("busy".into()))]
+    );
     let (_, _) = r.command(CommandBody::Reboot);
-    assert_eq!(outcomes(&r.advance(5_000)), vec![(CommandKind::Reboot, CommandOutcome::Timeout)]);
+    assert_eq!(
+        outcomes(&r.advance(5_000)),
+        vec![(CommandKind::Reboot, CommandOutcome::Timeout)]
+    );
     // A late ack after the timeout is stray, not a second outcome.
     let fx = r.ack("c_t_999", true, None);
     assert!(matches!(fx.as_slice(), [Effect::StrayAck { .. }]));
     r.up(UplinkKind::Status, r#"{"online":false}"#);
     let (_, fx) = r.command(CommandBody::Reboot);
-    assert_eq!(outcomes(&fx), vec![(CommandKind::Reboot, CommandOutcome::NotConnected)]);
+    assert_eq!(
+        outcomes(&fx),
+        vec![(CommandKind::Reboot, CommandOutcome::NotConnected)]
+    );
 }
 
 #[test]
 fn unlock_rejected_fails_the_session() {
     let mut r = Rig::online();
     let (id, _) = r.unlock("s1");
-    assert_eq!(r.m.session_refusal(SessionMode::Purchase), Some(Refusal::CabinetBusy));
+    assert_eq!(
+        r.m.session_refusal(SessionMode::Purchase),
+        Some(Refusal::CabinetBusy)
+    );
     let fx = r.ack(&id, false, Some("lock_jammed"));
-    assert!(sessions(&fx).contains(&SessionEvent::UnlockFailed { session_id: "s1".into(), reason: "unlock_rejected" }));
+    assert!(sessions(&fx).contains(&SessionEvent::UnlockFailed {
+        session_id: "s1".into(),
+        reason: "unlock_rejected"
+    }));
     assert_eq!(r.m.session_refusal(SessionMode::Purchase), None);
 }
 
@@ -462,9 +684,26 @@ fn alerts_raise_once_under_bursts() {
 #[test]
 fn alerts_from_storage_are_not_raised_twice() {
     let id = CabinetId::parse("KM1").unwrap_or_else(|e| panic!("{e}"));
-    let stored = ActiveAlert { id: "a1".into(), kind: AlertType::DoorForced, raised_at: T0, acked: false, detail: None };
-    let mut m = CabinetMachine::new(id, Timing::default(), "t".into(), Some(cfg(1)), vec![stored]);
-    let u = parse_uplink(m.id().clone(), UplinkKind::Event, br#"{"seq":1,"ts":1,"type":"door_opened"}"#).unwrap_or_else(|e| panic!("{e}"));
+    let stored = ActiveAlert {
+        id: "a1".into(),
+        kind: AlertType::DoorForced,
+        raised_at: T0,
+        acked: false,
+        detail: None,
+    };
+    let mut m = CabinetMachine::new(
+        id,
+        Timing::default(),
+        "t".into(),
+        Some(cfg(1)),
+        vec![stored],
+    );
+    let u = parse_uplink(
+        m.id().clone(),
+        UplinkKind::Event,
+        br#"{"seq":1,"ts":1,"type":"door_opened"}"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let fx = m.handle(Input::Uplink(u.body), T0);
     assert!(raised(&fx).is_empty());
 }
@@ -478,7 +717,14 @@ fn tamper_alerts() {
 #[test]
 fn deadlines_are_exact() {
     let mut r = Rig::online();
-    assert_eq!(r.m.next_deadline(), Some(r.now + 90_000), "only the offline window");
+    assert_eq!(
+        r.m.next_deadline(),
+        Some(r.now + 90_000),
+        "only the offline window"
+    );
     r.session_open("s1");
-    assert_eq!(r.m.next_deadline(), Some(r.now + 90_000).min(Some(r.now + 120_000)));
+    assert_eq!(
+        r.m.next_deadline(),
+        Some(r.now + 90_000).min(Some(r.now + 120_000))
+    );
 }

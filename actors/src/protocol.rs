@@ -446,7 +446,11 @@ fn decode<T: serde::de::DeserializeOwned>(
 }
 
 /// Parses one uplink message. This is the only way into the hub for cabinet data.
-pub fn parse_uplink(cabinet: CabinetId, kind: UplinkKind, payload: &[u8]) -> Result<Uplink, Rejection> {
+pub fn parse_uplink(
+    cabinet: CabinetId,
+    kind: UplinkKind,
+    payload: &[u8],
+) -> Result<Uplink, Rejection> {
     if payload.len() > MAX_PAYLOAD_BYTES {
         return Err(Rejection {
             reason: RejectReason::Oversize,
@@ -637,21 +641,44 @@ mod tests {
     }
 
     fn reason(kind: UplinkKind, payload: &str) -> Option<RejectReason> {
-        parse_uplink(id(), kind, payload.as_bytes()).err().map(|r| r.reason)
+        parse_uplink(id(), kind, payload.as_bytes())
+            .err()
+            .map(|r| r.reason)
     }
 
     #[test]
     fn the_protocol_examples_parse() {
         let ok = [
-            (UplinkKind::Status, r#"{"online":true,"boot_id":"b7f3","fw":"2.4.1","model":"KM-400","config_version":3,"boot":"power_on"}"#),
+            (
+                UplinkKind::Status,
+                r#"{"online":true,"boot_id":"b7f3","fw":"2.4.1","model":"KM-400","config_version":3,"boot":"power_on"}"#,
+            ),
             (UplinkKind::Status, r#"{"online":false}"#),
-            (UplinkKind::Heartbeat, r#"{"seq":42,"ts":1763700000000,"door":"closed","lock":"locked","temp_c":4.6,"light":"on","cameras":[{"id":0,"ok":true},{"id":1,"ok":false}],"config_version":3}"#),
-            (UplinkKind::Event, r#"{"seq":43,"ts":1763700001000,"type":"door_opened","session_id":"s_01J"}"#),
+            (
+                UplinkKind::Heartbeat,
+                r#"{"seq":42,"ts":1763700000000,"door":"closed","lock":"locked","temp_c":4.6,"light":"on","cameras":[{"id":0,"ok":true},{"id":1,"ok":false}],"config_version":3}"#,
+            ),
+            (
+                UplinkKind::Event,
+                r#"{"seq":43,"ts":1763700001000,"type":"door_opened","session_id":"s_01J"}"#,
+            ),
             (UplinkKind::Ack, r#"{"cmd_id":"c_01J","ok":true}"#),
-            (UplinkKind::Ack, r#"{"cmd_id":"c_01J","ok":false,"error":"lock_jammed"}"#),
-            (UplinkKind::Recognition, r#"{"session_id":"s_01J","status":"ok","items":[{"sku":"6901234567890","qty":2}]}"#),
-            (UplinkKind::Recognition, r#"{"session_id":"s_01J","status":"failed","reason":"camera_blocked"}"#),
-            (UplinkKind::Recognition, r#"{"session_id":"s_01J","status":"ok","stock":[{"sku":"6901234567890","qty":12}]}"#),
+            (
+                UplinkKind::Ack,
+                r#"{"cmd_id":"c_01J","ok":false,"error":"lock_jammed"}"#,
+            ),
+            (
+                UplinkKind::Recognition,
+                r#"{"session_id":"s_01J","status":"ok","items":[{"sku":"6901234567890","qty":2}]}"#,
+            ),
+            (
+                UplinkKind::Recognition,
+                r#"{"session_id":"s_01J","status":"failed","reason":"camera_blocked"}"#,
+            ),
+            (
+                UplinkKind::Recognition,
+                r#"{"session_id":"s_01J","status":"ok","stock":[{"sku":"6901234567890","qty":12}]}"#,
+            ),
         ];
         for (kind, payload) in ok {
             let parsed = parse_uplink(id(), kind, payload.as_bytes());
@@ -662,45 +689,100 @@ mod tests {
 
     #[test]
     fn bad_payloads_get_their_reason() {
-        assert_eq!(reason(UplinkKind::Heartbeat, "{not json"), Some(RejectReason::MalformedJson));
-        assert_eq!(reason(UplinkKind::Heartbeat, "[1,2]"), Some(RejectReason::MalformedJson));
         assert_eq!(
-            reason(UplinkKind::Heartbeat, r#"{"seq":"x","ts":1,"door":"closed","lock":"locked"}"#),
+            reason(UplinkKind::Heartbeat, "{not json"),
+            Some(RejectReason::MalformedJson)
+        );
+        assert_eq!(
+            reason(UplinkKind::Heartbeat, "[1,2]"),
+            Some(RejectReason::MalformedJson)
+        );
+        assert_eq!(
+            reason(
+                UplinkKind::Heartbeat,
+                r#"{"seq":"x","ts":1,"door":"closed","lock":"locked"}"#
+            ),
             Some(RejectReason::InvalidPayload)
         );
         assert_eq!(
-            reason(UplinkKind::Heartbeat, r#"{"seq":1,"ts":1,"door":"ajar","lock":"locked"}"#),
+            reason(
+                UplinkKind::Heartbeat,
+                r#"{"seq":1,"ts":1,"door":"ajar","lock":"locked"}"#
+            ),
             Some(RejectReason::InvalidPayload)
         );
         assert_eq!(
             reason(UplinkKind::Event, r#"{"seq":1,"ts":1,"type":"exploded"}"#),
             Some(RejectReason::InvalidPayload)
         );
-        assert_eq!(reason(UplinkKind::Status, r#"{"online":true}"#), Some(RejectReason::InvalidPayload));
-        let big = format!(r#"{{"cmd_id":"c","ok":true,"error":"{}"}}"#, "x".repeat(MAX_PAYLOAD_BYTES));
+        assert_eq!(
+            reason(UplinkKind::Status, r#"{"online":true}"#),
+            Some(RejectReason::InvalidPayload)
+        );
+        let big = format!(
+            r#"{{"cmd_id":"c","ok":true,"error":"{}"}}"#,
+            "x".repeat(MAX_PAYLOAD_BYTES)
+        );
         assert_eq!(reason(UplinkKind::Ack, &big), Some(RejectReason::Oversize));
-        assert_eq!(reason(UplinkKind::Ack, &format!(r#"{{"cmd_id":"{}","ok":true}}"#, "c".repeat(65))), Some(RejectReason::InvalidPayload));
+        assert_eq!(
+            reason(
+                UplinkKind::Ack,
+                &format!(r#"{{"cmd_id":"{}","ok":true}}"#, "c".repeat(65))
+            ),
+            Some(RejectReason::InvalidPayload)
+        );
     }
 
     #[test]
     fn topics() {
-        assert_eq!(parse_topic("/tenants/A1/heartbeat"), Ok(TopicTarget::Uplink(CabinetId::parse("A1").unwrap_or_else(|e| panic!("{e}")), UplinkKind::Heartbeat)));
-        assert!(matches!(parse_topic("/tenants/A1/cmd"), Ok(TopicTarget::Command(_))));
-        assert_eq!(parse_topic("tenants/A1/heartbeat").map_err(|r| r.reason), Err(RejectReason::BadTopic));
-        assert_eq!(parse_topic("/tenants/A1/heartbeat/x").map_err(|r| r.reason), Err(RejectReason::BadTopic));
-        assert_eq!(parse_topic("/tenants/A-1/heartbeat").map_err(|r| r.reason), Err(RejectReason::BadCabinetId));
-        assert_eq!(parse_topic("/tenants/A1/telemetry").map_err(|r| r.reason), Err(RejectReason::UnknownTopic));
+        assert_eq!(
+            parse_topic("/tenants/A1/heartbeat"),
+            Ok(TopicTarget::Uplink(
+                CabinetId::parse("A1").unwrap_or_else(|e| panic!("{e}")),
+                UplinkKind::Heartbeat
+            ))
+        );
+        assert!(matches!(
+            parse_topic("/tenants/A1/cmd"),
+            Ok(TopicTarget::Command(_))
+        ));
+        assert_eq!(
+            parse_topic("tenants/A1/heartbeat").map_err(|r| r.reason),
+            Err(RejectReason::BadTopic)
+        );
+        assert_eq!(
+            parse_topic("/tenants/A1/heartbeat/x").map_err(|r| r.reason),
+            Err(RejectReason::BadTopic)
+        );
+        assert_eq!(
+            parse_topic("/tenants/A-1/heartbeat").map_err(|r| r.reason),
+            Err(RejectReason::BadCabinetId)
+        );
+        assert_eq!(
+            parse_topic("/tenants/A1/telemetry").map_err(|r| r.reason),
+            Err(RejectReason::UnknownTopic)
+        );
     }
 
     #[test]
     fn commands_serialize_as_the_protocol_shows() {
         let c = Command {
             cmd_id: "c_1".into(),
-            body: CommandBody::Lockdown { on: true, reason: Some("lock_not_latched".into()) },
+            body: CommandBody::Lockdown {
+                on: true,
+                reason: Some("lock_not_latched".into()),
+            },
         };
         let v = serde_json::to_value(&c).unwrap_or_default();
-        assert_eq!(v, serde_json::json!({"cmd_id":"c_1","type":"lockdown","on":true,"reason":"lock_not_latched"}));
-        let r = serde_json::to_value(Command { cmd_id: "c_2".into(), body: CommandBody::Reboot }).unwrap_or_default();
+        assert_eq!(
+            v,
+            serde_json::json!({"cmd_id":"c_1","type":"lockdown","on":true,"reason":"lock_not_latched"})
+        );
+        let r = serde_json::to_value(Command {
+            cmd_id: "c_2".into(),
+            body: CommandBody::Reboot,
+        })
+        .unwrap_or_default();
         assert_eq!(r, serde_json::json!({"cmd_id":"c_2","type":"reboot"}));
     }
 

@@ -159,12 +159,24 @@ mod tests {
         let registry = Registry::new(2, ports.clone(), Arc::new(SystemClock), Timing::default());
         let m = meta("KM1");
         let addr = registry.get_or_start(&m, ActorSeed::default);
-        let hb = parse_uplink(m.id.clone(), UplinkKind::Heartbeat, br#"{"seq":1,"ts":1,"door":"closed","lock":"locked"}"#)
+        let hb = parse_uplink(
+            m.id.clone(),
+            UplinkKind::Heartbeat,
+            br#"{"seq":1,"ts":1,"door":"closed","lock":"locked"}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        addr.send(Deliver(hb.body))
+            .await
             .unwrap_or_else(|e| panic!("{e}"));
-        addr.send(Deliver(hb.body)).await.unwrap_or_else(|e| panic!("{e}"));
-        assert!(addr.send(GetSnapshot).await.map(|s| s.online).unwrap_or(false));
+        assert!(addr
+            .send(GetSnapshot)
+            .await
+            .map(|s| s.online)
+            .unwrap_or(false));
 
-        addr.send(InjectPanic).await.unwrap_or_else(|e| panic!("{e}"));
+        addr.send(InjectPanic)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         // The supervisor restarts it in place: the same address answers, state re-learned.
         let mut snapshot = None;
         for _ in 0..50 {
@@ -176,7 +188,10 @@ mod tests {
         }
         let snapshot = snapshot.unwrap_or_else(|| panic!("actor did not come back"));
         assert_eq!(ports.restarts.load(Ordering::SeqCst), 1);
-        assert!(!snapshot.online, "a restarted actor re-learns state from the next message");
+        assert!(
+            !snapshot.online,
+            "a restarted actor re-learns state from the next message"
+        );
         assert!(registry.get(&m.id).is_some());
     }
 

@@ -47,7 +47,8 @@ pub fn free_port() -> u16 {
 }
 
 pub fn postgres_admin_url() -> String {
-    std::env::var("HUB_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    std::env::var("HUB_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
 /// A fresh PostgreSQL database. A missing server fails the test: it is never skipped.
@@ -56,8 +57,15 @@ pub async fn fresh_postgres() -> String {
     let admin = postgres_admin_url();
     let mut conn = sqlx::AnyConnection::connect(&admin)
         .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is required for these tests (HUB_TEST_POSTGRES_URL): {e}"));
-    let name = format!("hub_test_{}", cabinet_hub::secrets::token(16).unwrap_or_default().to_lowercase());
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL at {admin} is required for these tests (HUB_TEST_POSTGRES_URL): {e}")
+        });
+    let name = format!(
+        "hub_test_{}",
+        cabinet_hub::secrets::token(16)
+            .unwrap_or_default()
+            .to_lowercase()
+    );
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut conn)
         .await
@@ -104,7 +112,9 @@ impl TestHub {
             s.database.url = Some(fresh_postgres().await);
         }
         tweak(&mut s);
-        let app = Application::build(s).await.unwrap_or_else(|e| panic!("hub did not start: {e:#}"));
+        let app = Application::build(s)
+            .await
+            .unwrap_or_else(|e| panic!("hub did not start: {e:#}"));
         let hub = TestHub {
             http: app.http_addr(),
             mqtt: app.mqtt_addr(),
@@ -122,16 +132,28 @@ impl TestHub {
         format!("http://{}{}", self.http, path)
     }
 
-    pub async fn call(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
         let mut req = self.client.request(m, self.url(path)).bearer_auth(key);
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn get(&self, path: &str, key: &str) -> (u16, Value) {
@@ -143,7 +165,14 @@ impl TestHub {
     }
 
     pub async fn metrics(&self) -> String {
-        self.client.get(self.url("/metrics")).send().await.unwrap_or_else(|e| panic!("{e}")).text().await.unwrap_or_default()
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .text()
+            .await
+            .unwrap_or_default()
     }
 
     /// The value of one series, 0 when absent.
@@ -151,28 +180,62 @@ impl TestHub {
         self.metrics()
             .await
             .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
             .unwrap_or(0.0)
     }
 
     /// A merchant with a merchant_admin key and an operator key: (merchant_admin, operator).
     pub async fn merchant(&self, id: &str) -> (String, String) {
-        let (s, b) = self.post("/api/v1/merchants", ADMIN_KEY, json!({"id": id, "name": format!("Merchant {id}"), "commission_bps": 500})).await;
+        let (s, b) = self
+            .post(
+                "/api/v1/merchants",
+                ADMIN_KEY,
+                json!({"id": id, "name": format!("Merchant {id}"), "commission_bps": 500}),
+            )
+            .await;
         assert_eq!(s, 201, "{b}");
-        let (s, b) = self.post("/api/v1/api-keys", ADMIN_KEY, json!({"merchant_id": id, "role": "merchant_admin"})).await;
+        let (s, b) = self
+            .post(
+                "/api/v1/api-keys",
+                ADMIN_KEY,
+                json!({"merchant_id": id, "role": "merchant_admin"}),
+            )
+            .await;
         assert_eq!(s, 201, "{b}");
         let admin = b["key"].as_str().unwrap_or_default().to_owned();
-        let (s, b) = self.post("/api/v1/api-keys", &admin, json!({"merchant_id": id, "role": "operator"})).await;
+        let (s, b) = self
+            .post(
+                "/api/v1/api-keys",
+                &admin,
+                json!({"merchant_id": id, "role": "operator"}),
+            )
+            .await;
         assert_eq!(s, 201, "{b}");
         (admin, b["key"].as_str().unwrap_or_default().to_owned())
     }
 
     /// Registers and activates a cabinet; returns its secret.
     pub async fn cabinet(&self, merchant_admin: &str, merchant: &str, id: &str) -> String {
-        let (s, b) = self.post("/api/v1/cabinets", merchant_admin, json!({"id": id, "merchant_id": merchant, "model": "KM-400", "point": "lobby"})).await;
+        let (s, b) = self
+            .post(
+                "/api/v1/cabinets",
+                merchant_admin,
+                json!({"id": id, "merchant_id": merchant, "model": "KM-400", "point": "lobby"}),
+            )
+            .await;
         assert_eq!(s, 201, "{b}");
         let secret = b["secret"].as_str().unwrap_or_default().to_owned();
-        let (s, b) = self.post(&format!("/api/v1/cabinets/{id}/activate"), merchant_admin, json!({})).await;
+        let (s, b) = self
+            .post(
+                &format!("/api/v1/cabinets/{id}/activate"),
+                merchant_admin,
+                json!({}),
+            )
+            .await;
         assert_eq!(s, 200, "{b}");
         secret
     }
@@ -202,8 +265,17 @@ impl TestHub {
     }
 
     pub async fn active_alert(&self, key: &str, cabinet: &str, kind: &str) -> Option<Value> {
-        let (_, b) = self.get(&format!("/api/v1/alerts?active=true&cabinet_id={cabinet}"), key).await;
-        b["items"].as_array()?.iter().find(|a| a["type"] == kind).cloned()
+        let (_, b) = self
+            .get(
+                &format!("/api/v1/alerts?active=true&cabinet_id={cabinet}"),
+                key,
+            )
+            .await;
+        b["items"]
+            .as_array()?
+            .iter()
+            .find(|a| a["type"] == kind)
+            .cloned()
     }
 }
 
@@ -230,18 +302,25 @@ pub fn options(hub_mqtt: SocketAddr, id: &str, secret: &str) -> MqttOptions {
     o.set_keep_alive(Duration::from_secs(30));
     o.set_clean_session(true);
     o.set_max_packet_size(256 * 1024, 256 * 1024);
-    o.set_last_will(LastWill::new(format!("/tenants/{id}/status"), r#"{"online":false}"#, QoS::AtLeastOnce, false));
+    o.set_last_will(LastWill::new(
+        format!("/tenants/{id}/status"),
+        r#"{"online":false}"#,
+        QoS::AtLeastOnce,
+        false,
+    ));
     o
 }
 
 pub fn tls_options(addr: SocketAddr, id: &str, ca: &str, cert: &str, key: &str) -> MqttOptions {
     let mut o = MqttOptions::new(id, "localhost", addr.port());
     o.set_keep_alive(Duration::from_secs(30));
-    o.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Simple {
-        ca: ca.as_bytes().to_vec(),
-        alpn: None,
-        client_auth: Some((cert.as_bytes().to_vec(), key.as_bytes().to_vec())),
-    }));
+    o.set_transport(Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Simple {
+            ca: ca.as_bytes().to_vec(),
+            alpn: None,
+            client_auth: Some((cert.as_bytes().to_vec(), key.as_bytes().to_vec())),
+        },
+    ));
     o
 }
 
@@ -285,7 +364,13 @@ impl Cabinet {
             }
         }
         let id = id.split('.').next_back().unwrap_or_default().to_owned();
-        Ok(Self { id, client, rx, seq: 0, pump: task })
+        Ok(Self {
+            id,
+            client,
+            rx,
+            seq: 0,
+            pump: task,
+        })
     }
 
     /// Connects with password credentials, subscribes to commands and says it is online.
@@ -293,8 +378,16 @@ impl Cabinet {
         Self::connect_as(hub, id, secret, "b1", 1).await
     }
 
-    pub async fn connect_as(hub: &TestHub, id: &str, secret: &str, boot_id: &str, config_version: u64) -> Self {
-        let mut c = Self::try_connect(options(hub.mqtt, id, secret)).await.unwrap_or_else(|e| panic!("connect {id}: {e}"));
+    pub async fn connect_as(
+        hub: &TestHub,
+        id: &str,
+        secret: &str,
+        boot_id: &str,
+        config_version: u64,
+    ) -> Self {
+        let mut c = Self::try_connect(options(hub.mqtt, id, secret))
+            .await
+            .unwrap_or_else(|e| panic!("connect {id}: {e}"));
         c.subscribe_commands().await;
         c.publish("status", json!({"online": true, "boot_id": boot_id, "fw": "2.4.1", "model": "KM-400", "config_version": config_version, "boot": "power_on"})).await;
         c
@@ -310,14 +403,27 @@ impl Cabinet {
     }
 
     pub async fn publish(&self, kind: &str, payload: Value) {
-        self.publish_raw(&format!("/tenants/{}/{kind}", self.id), payload.to_string().into_bytes()).await;
+        self.publish_raw(
+            &format!("/tenants/{}/{kind}", self.id),
+            payload.to_string().into_bytes(),
+        )
+        .await;
     }
 
     pub async fn publish_raw(&self, topic: &str, payload: Vec<u8>) {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap_or_else(|e| panic!("{e}"));
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
-    pub async fn heartbeat(&mut self, door: &str, lock: &str, cameras_ok: bool, config_version: u64) {
+    pub async fn heartbeat(
+        &mut self,
+        door: &str,
+        lock: &str,
+        cameras_ok: bool,
+        config_version: u64,
+    ) {
         self.seq += 1;
         let hb = json!({"seq": self.seq, "ts": 1_763_700_000_000u64, "door": door, "lock": lock, "temp_c": 4.6, "light": "on",
                         "cameras": [{"id": 0, "ok": cameras_ok}], "config_version": config_version});
@@ -326,7 +432,11 @@ impl Cabinet {
 
     pub async fn event(&mut self, kind: &str) {
         self.seq += 1;
-        self.publish("event", json!({"seq": self.seq, "ts": 1_763_700_000_000u64, "type": kind})).await;
+        self.publish(
+            "event",
+            json!({"seq": self.seq, "ts": 1_763_700_000_000u64, "type": kind}),
+        )
+        .await;
     }
 
     /// The next command of `kind`, skipping others (which are acked ok so they don't linger).
@@ -337,7 +447,9 @@ impl Cabinet {
             match tokio::time::timeout(left, self.rx.recv()).await {
                 Ok(Some(Got::Command(c))) if c["type"] == kind => return c,
                 Ok(Some(Got::Command(_))) | Ok(Some(Got::ConnAck)) => {}
-                Ok(Some(Got::Closed(e))) => panic!("connection closed while waiting for {kind}: {e}"),
+                Ok(Some(Got::Closed(e))) => {
+                    panic!("connection closed while waiting for {kind}: {e}")
+                }
                 Ok(None) | Err(_) => panic!("no {kind} command within {within:?}"),
             }
         }
@@ -371,4 +483,3 @@ impl Cabinet {
         }
     }
 }
-

@@ -34,26 +34,73 @@ async fn credentials_good_and_bad(b: Backend) {
     let (ma, _) = hub.merchant("m1").await;
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
     // Registered but not activated.
-    let (s, reg) = hub.post("/api/v1/cabinets", &ma, json!({"id": "KM2", "merchant_id": "m1"})).await;
+    let (s, reg) = hub
+        .post(
+            "/api/v1/cabinets",
+            &ma,
+            json!({"id": "KM2", "merchant_id": "m1"}),
+        )
+        .await;
     assert_eq!(s, 201);
     let km2_secret = reg["secret"].as_str().unwrap_or_default();
 
-    assert!(Cabinet::try_connect(harness::options(hub.mqtt, "KM1", &secret)).await.is_ok());
-    assert!(Cabinet::try_connect(harness::options(hub.mqtt, "KM1", "wrong-secret")).await.is_err());
-    assert!(Cabinet::try_connect(harness::options(hub.mqtt, "GHOST1", &secret)).await.is_err());
-    assert!(Cabinet::try_connect(harness::options(hub.mqtt, "KM2", km2_secret)).await.is_err());
+    assert!(
+        Cabinet::try_connect(harness::options(hub.mqtt, "KM1", &secret))
+            .await
+            .is_ok()
+    );
+    assert!(
+        Cabinet::try_connect(harness::options(hub.mqtt, "KM1", "wrong-secret"))
+            .await
+            .is_err()
+    );
+    assert!(
+        Cabinet::try_connect(harness::options(hub.mqtt, "GHOST1", &secret))
+            .await
+            .is_err()
+    );
+    assert!(
+        Cabinet::try_connect(harness::options(hub.mqtt, "KM2", km2_secret))
+            .await
+            .is_err()
+    );
     let mut o = harness::options(hub.mqtt, "KM1", &secret);
     o.set_credentials("KM9", &secret);
-    assert!(Cabinet::try_connect(o).await.is_err(), "username must be the client id");
+    assert!(
+        Cabinet::try_connect(o).await.is_err(),
+        "username must be the client id"
+    );
 
-    assert_eq!(hub.metric(r#"mqtt_auth_failures_total{reason="bad_secret"}"#).await, 1.0);
-    assert_eq!(hub.metric(r#"mqtt_auth_failures_total{reason="unknown_cabinet"}"#).await, 1.0);
-    assert_eq!(hub.metric(r#"mqtt_auth_failures_total{reason="not_active"}"#).await, 1.0);
-    assert_eq!(hub.metric(r#"mqtt_auth_failures_total{reason="username_mismatch"}"#).await, 1.0);
+    assert_eq!(
+        hub.metric(r#"mqtt_auth_failures_total{reason="bad_secret"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        hub.metric(r#"mqtt_auth_failures_total{reason="unknown_cabinet"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        hub.metric(r#"mqtt_auth_failures_total{reason="not_active"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        hub.metric(r#"mqtt_auth_failures_total{reason="username_mismatch"}"#)
+            .await,
+        1.0
+    );
     // Activating KM2 lets it in.
-    let (s, _) = hub.post("/api/v1/cabinets/KM2/activate", &ma, json!({})).await;
+    let (s, _) = hub
+        .post("/api/v1/cabinets/KM2/activate", &ma, json!({}))
+        .await;
     assert_eq!(s, 200);
-    assert!(Cabinet::try_connect(harness::options(hub.mqtt, "KM2", km2_secret)).await.is_ok());
+    assert!(
+        Cabinet::try_connect(harness::options(hub.mqtt, "KM2", km2_secret))
+            .await
+            .is_ok()
+    );
 }
 
 async fn heartbeat_reaches_the_api_within_a_second(b: Backend) {
@@ -72,7 +119,10 @@ async fn heartbeat_reaches_the_api_within_a_second(b: Backend) {
     assert_eq!(state["light"], "on");
     assert_eq!(state["cameras"], json!([{"id": 0, "ok": true}]));
     assert_eq!(state["fw"], "2.4.1");
-    assert_eq!(state["config_version"], json!({"desired": 1, "reported": 1}));
+    assert_eq!(
+        state["config_version"],
+        json!({"desired": 1, "reported": 1})
+    );
     assert!(state["service_expires_at"].is_string());
     let (_, list) = hub.get("/api/v1/cabinets", &op).await;
     assert_eq!(list["count"], 1);
@@ -87,12 +137,18 @@ async fn door_forced_alert_in_api_and_metrics_until_cleared(b: Backend) {
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.event("door_opened").await;
     let alert = hub
-        .eventually(SEC, "door_forced alert", || hub.active_alert(&op, "KM1", "door_forced"))
+        .eventually(SEC, "door_forced alert", || {
+            hub.active_alert(&op, "KM1", "door_forced")
+        })
         .await;
     assert_eq!(alert["severity"], "critical");
     let series = r#"cabinet_alert_active{cabinet="KM1",merchant="m1",severity="critical",type="door_forced"}"#;
     assert_eq!(hub.metric(series).await, 1.0);
-    assert_eq!(hub.metric(r#"cabinet_alerts_raised_total{type="door_forced"}"#).await, 1.0);
+    assert_eq!(
+        hub.metric(r#"cabinet_alerts_raised_total{type="door_forced"}"#)
+            .await,
+        1.0
+    );
     // A burst of the same condition raises nothing more.
     for _ in 0..5 {
         c.event("door_closed").await;
@@ -100,16 +156,25 @@ async fn door_forced_alert_in_api_and_metrics_until_cleared(b: Backend) {
         c.event("door_opened").await;
     }
     actix_rt::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(hub.metric(r#"cabinet_alerts_raised_total{type="door_forced"}"#).await, 1.0);
+    assert_eq!(
+        hub.metric(r#"cabinet_alerts_raised_total{type="door_forced"}"#)
+            .await,
+        1.0
+    );
     let state = hub.cabinet_state(&op, "KM1").await;
     assert_eq!(state["alerts"].as_array().map(Vec::len), Some(1));
 
     let id = alert["id"].as_str().unwrap_or_default();
-    let (s, cleared) = hub.post(&format!("/api/v1/alerts/{id}/clear"), &op, json!({})).await;
+    let (s, cleared) = hub
+        .post(&format!("/api/v1/alerts/{id}/clear"), &op, json!({}))
+        .await;
     assert_eq!(s, 200, "{cleared}");
     assert_eq!(cleared["active"], false);
     assert!(hub.active_alert(&op, "KM1", "door_forced").await.is_none());
-    hub.eventually(SEC, "series removed", || async { (!hub.metrics().await.contains(series)).then_some(()) }).await;
+    hub.eventually(SEC, "series removed", || async {
+        (!hub.metrics().await.contains(series)).then_some(())
+    })
+    .await;
     let state = hub.cabinet_state(&op, "KM1").await;
     assert_eq!(state["alerts"], json!([]));
     // History keeps it.
@@ -131,7 +196,13 @@ async fn lock_not_latched_faults_and_locks_down(b: Backend) {
         let client = hub_ref.client.clone();
         let url = hub_ref.url("/api/v1/cabinets/KM1/commands");
         async move {
-            client.post(url).bearer_auth(op_ref).json(&json!({"type": "unlock", "mode": "restock"})).send().await.map(|r| r.status().as_u16())
+            client
+                .post(url)
+                .bearer_auth(op_ref)
+                .json(&json!({"type": "unlock", "mode": "restock"}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
         }
     });
     let cmd = c.expect_command("unlock", 2 * SEC).await;
@@ -145,18 +216,33 @@ async fn lock_not_latched_faults_and_locks_down(b: Backend) {
     assert_eq!(lockdown["on"], true);
     assert_eq!(lockdown["reason"], "lock_not_latched");
     c.ack(&lockdown, true, None).await;
-    let alert = hub.eventually(SEC, "lock_not_latched", || hub.active_alert(&op, "KM1", "lock_not_latched")).await;
+    let alert = hub
+        .eventually(SEC, "lock_not_latched", || {
+            hub.active_alert(&op, "KM1", "lock_not_latched")
+        })
+        .await;
     assert_eq!(alert["severity"], "critical");
-    let state = hub.eventually(SEC, "faulted", || async {
-        let s = hub.cabinet_state(&op, "KM1").await;
-        (s["faulted"] == true && s["locked_down"] == true).then_some(s)
-    }).await;
-    assert!(hub.active_alert(&op, "KM1", "door_forced").await.is_none(), "{state}");
+    let state = hub
+        .eventually(SEC, "faulted", || async {
+            let s = hub.cabinet_state(&op, "KM1").await;
+            (s["faulted"] == true && s["locked_down"] == true).then_some(s)
+        })
+        .await;
+    assert!(
+        hub.active_alert(&op, "KM1", "door_forced").await.is_none(),
+        "{state}"
+    );
     // Latching clears it and lifts the lock-down.
     c.event("lock_locked").await;
     let release = c.expect_command("lockdown", 2 * SEC).await;
     assert_eq!(release["on"], false);
-    hub.eventually(SEC, "alert cleared", || async { hub.active_alert(&op, "KM1", "lock_not_latched").await.is_none().then_some(()) }).await;
+    hub.eventually(SEC, "alert cleared", || async {
+        hub.active_alert(&op, "KM1", "lock_not_latched")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
 }
 
 async fn camera_fault_cleared_by_camera_ok(b: Backend) {
@@ -165,15 +251,33 @@ async fn camera_fault_cleared_by_camera_ok(b: Backend) {
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.event("camera_fault").await;
-    hub.eventually(SEC, "camera_fault", || hub.active_alert(&op, "KM1", "camera_fault")).await;
+    hub.eventually(SEC, "camera_fault", || {
+        hub.active_alert(&op, "KM1", "camera_fault")
+    })
+    .await;
     assert_eq!(hub.metric(r#"cabinet_alert_active{cabinet="KM1",merchant="m1",severity="major",type="camera_fault"}"#).await, 1.0);
     c.event("camera_ok").await;
-    hub.eventually(SEC, "camera_fault cleared", || async { hub.active_alert(&op, "KM1", "camera_fault").await.is_none().then_some(()) }).await;
+    hub.eventually(SEC, "camera_fault cleared", || async {
+        hub.active_alert(&op, "KM1", "camera_fault")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
     // And by heartbeat.
     c.heartbeat("closed", "locked", false, 1).await;
-    hub.eventually(SEC, "camera_fault by heartbeat", || hub.active_alert(&op, "KM1", "camera_fault")).await;
+    hub.eventually(SEC, "camera_fault by heartbeat", || {
+        hub.active_alert(&op, "KM1", "camera_fault")
+    })
+    .await;
     c.heartbeat("closed", "locked", true, 1).await;
-    hub.eventually(SEC, "cleared by heartbeat", || async { hub.active_alert(&op, "KM1", "camera_fault").await.is_none().then_some(()) }).await;
+    hub.eventually(SEC, "cleared by heartbeat", || async {
+        hub.active_alert(&op, "KM1", "camera_fault")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
 }
 
 async fn offline_by_last_will(b: Backend) {
@@ -182,16 +286,31 @@ async fn offline_by_last_will(b: Backend) {
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
-    hub.eventually(SEC, "online", || async { (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(()) }).await;
+    hub.eventually(SEC, "online", || async {
+        (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(())
+    })
+    .await;
     c.cut();
     // Well before the 4 s heartbeat window: this is the Will, not the timer.
-    hub.eventually(2 * SEC, "offline by the Will", || async { (hub.cabinet_state(&op, "KM1").await["online"] == false).then_some(()) }).await;
-    hub.eventually(SEC, "cabinet_offline", || hub.active_alert(&op, "KM1", "cabinet_offline")).await;
+    hub.eventually(2 * SEC, "offline by the Will", || async {
+        (hub.cabinet_state(&op, "KM1").await["online"] == false).then_some(())
+    })
+    .await;
+    hub.eventually(SEC, "cabinet_offline", || {
+        hub.active_alert(&op, "KM1", "cabinet_offline")
+    })
+    .await;
     assert_eq!(hub.metric("cabinets_online").await, 0.0);
     // Coming back clears it.
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
-    hub.eventually(SEC, "back online", || async { hub.active_alert(&op, "KM1", "cabinet_offline").await.is_none().then_some(()) }).await;
+    hub.eventually(SEC, "back online", || async {
+        hub.active_alert(&op, "KM1", "cabinet_offline")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
 }
 
 async fn offline_by_missed_heartbeats(b: Backend) {
@@ -200,11 +319,21 @@ async fn offline_by_missed_heartbeats(b: Backend) {
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
-    hub.eventually(SEC, "online", || async { (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(()) }).await;
+    hub.eventually(SEC, "online", || async {
+        (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(())
+    })
+    .await;
     // Connected but silent: 2 × 2 s later it is offline.
     let started = std::time::Instant::now();
-    hub.eventually(6 * SEC, "offline by missed heartbeats", || hub.active_alert(&op, "KM1", "cabinet_offline")).await;
-    assert!(started.elapsed() >= Duration::from_millis(3500), "not before the window: {:?}", started.elapsed());
+    hub.eventually(6 * SEC, "offline by missed heartbeats", || {
+        hub.active_alert(&op, "KM1", "cabinet_offline")
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(3500),
+        "not before the window: {:?}",
+        started.elapsed()
+    );
     drop(c);
 }
 
@@ -214,40 +343,80 @@ async fn config_change_while_offline_arrives_on_reconnect(b: Backend) {
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
-    hub.eventually(SEC, "online", || async { (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(()) }).await;
+    hub.eventually(SEC, "online", || async {
+        (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(())
+    })
+    .await;
     c.cut();
-    hub.eventually(2 * SEC, "offline", || async { (hub.cabinet_state(&op, "KM1").await["online"] == false).then_some(()) }).await;
+    hub.eventually(2 * SEC, "offline", || async {
+        (hub.cabinet_state(&op, "KM1").await["online"] == false).then_some(())
+    })
+    .await;
 
-    let (s, b) = hub.call("PATCH", "/api/v1/cabinets/KM1/config", &op, Some(json!({"temp_target_c": 6.5, "light": {"on": "06:30", "off": "22:00"}}))).await;
+    let (s, b) = hub
+        .call(
+            "PATCH",
+            "/api/v1/cabinets/KM1/config",
+            &op,
+            Some(json!({"temp_target_c": 6.5, "light": {"on": "06:30", "off": "22:00"}})),
+        )
+        .await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["config"]["version"], 2);
     assert_eq!(b["pushed"], false);
-    let (s, bad) = hub.call("PATCH", "/api/v1/cabinets/KM1/config", &op, Some(json!({"light": {"on": "25:00", "off": "22:00"}}))).await;
-    assert_eq!((s, bad["error"]["code"].clone()), (400, json!("invalid_request")));
+    let (s, bad) = hub
+        .call(
+            "PATCH",
+            "/api/v1/cabinets/KM1/config",
+            &op,
+            Some(json!({"light": {"on": "25:00", "off": "22:00"}})),
+        )
+        .await;
+    assert_eq!(
+        (s, bad["error"]["code"].clone()),
+        (400, json!("invalid_request"))
+    );
 
     // Same boot, reconnecting with the old version: the hub reconciles.
     let mut c = Cabinet::connect_as(&hub, "KM1", &secret, "b1", 1).await;
     let cfg = c.expect_command("configure", 2 * SEC).await;
     assert_eq!(cfg["config"]["version"], 2);
     assert_eq!(cfg["config"]["temp_target_c"], 6.5);
-    assert_eq!(cfg["config"]["light"], json!({"on": "06:30", "off": "22:00"}));
+    assert_eq!(
+        cfg["config"]["light"],
+        json!({"on": "06:30", "off": "22:00"})
+    );
     c.ack(&cfg, true, None).await;
     c.heartbeat("closed", "locked", true, 2).await;
     hub.eventually(SEC, "reported 2", || async {
-        (hub.cabinet_state(&op, "KM1").await["config_version"] == json!({"desired": 2, "reported": 2})).then_some(())
-    }).await;
+        (hub.cabinet_state(&op, "KM1").await["config_version"]
+            == json!({"desired": 2, "reported": 2}))
+        .then_some(())
+    })
+    .await;
     // A heartbeat that reports an older version gets configure again.
     c.heartbeat("closed", "locked", true, 1).await;
     let again = c.expect_command("configure", 2 * SEC).await;
     assert_eq!(again["config"]["version"], 2);
 }
 
-async fn command(hub: &TestHub, key: &str, cabinet: &str, body: Value) -> actix_rt::task::JoinHandle<(u16, Value)> {
+async fn command(
+    hub: &TestHub,
+    key: &str,
+    cabinet: &str,
+    body: Value,
+) -> actix_rt::task::JoinHandle<(u16, Value)> {
     let client = hub.client.clone();
     let url = hub.url(&format!("/api/v1/cabinets/{cabinet}/commands"));
     let key = key.to_owned();
     actix_rt::spawn(async move {
-        let r = client.post(url).bearer_auth(key).json(&body).send().await.unwrap_or_else(|e| panic!("{e}"));
+        let r = client
+            .post(url)
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let s = r.status().as_u16();
         (s, r.json().await.unwrap_or(Value::Null))
     })
@@ -259,24 +428,45 @@ async fn command_outcomes(b: Backend) {
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
 
     // Never connected since start: never sent.
-    let (s, r) = hub.post("/api/v1/cabinets/KM1/commands", &op, json!({"type": "reboot"})).await;
+    let (s, r) = hub
+        .post(
+            "/api/v1/cabinets/KM1/commands",
+            &op,
+            json!({"type": "reboot"}),
+        )
+        .await;
     assert_eq!((s, r["outcome"].clone()), (200, json!("not_connected")));
 
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
-    hub.eventually(SEC, "online", || async { (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(()) }).await;
+    hub.eventually(SEC, "online", || async {
+        (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(())
+    })
+    .await;
 
     let pending = command(&hub, &op, "KM1", json!({"type": "reboot"})).await;
     let cmd = c.expect_command("reboot", 2 * SEC).await;
     c.ack(&cmd, true, None).await;
     let (s, r) = pending.await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((s, r["outcome"].clone(), r["cmd_id"].clone()), (200, json!("ok"), cmd["cmd_id"].clone()));
+    assert_eq!(
+        (s, r["outcome"].clone(), r["cmd_id"].clone()),
+        (200, json!("ok"), cmd["cmd_id"].clone())
+    );
 
-    let pending = command(&hub, &op, "KM1", json!({"type": "lockdown", "on": true, "reason": "maintenance"})).await;
+    let pending = command(
+        &hub,
+        &op,
+        "KM1",
+        json!({"type": "lockdown", "on": true, "reason": "maintenance"}),
+    )
+    .await;
     let cmd = c.expect_command("lockdown", 2 * SEC).await;
     c.ack(&cmd, false, Some("busy")).await;
     let (_, r) = pending.await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((r["outcome"].clone(), r["error"].clone()), (json!("rejected"), json!("busy")));
+    assert_eq!(
+        (r["outcome"].clone(), r["error"].clone()),
+        (json!("rejected"), json!("busy"))
+    );
 
     let pending = command(&hub, &op, "KM1", json!({"type": "reboot"})).await;
     c.expect_command("reboot", 2 * SEC).await;
@@ -286,17 +476,38 @@ async fn command_outcomes(b: Backend) {
 
     // Offline (Will): not sent.
     c.cut();
-    hub.eventually(2 * SEC, "offline", || async { (hub.cabinet_state(&op, "KM1").await["online"] == false).then_some(()) }).await;
-    let (_, r) = hub.post("/api/v1/cabinets/KM1/commands", &op, json!({"type": "reboot"})).await;
+    hub.eventually(2 * SEC, "offline", || async {
+        (hub.cabinet_state(&op, "KM1").await["online"] == false).then_some(())
+    })
+    .await;
+    let (_, r) = hub
+        .post(
+            "/api/v1/cabinets/KM1/commands",
+            &op,
+            json!({"type": "reboot"}),
+        )
+        .await;
     assert_eq!(r["outcome"], "not_connected");
 
     let m = hub.metrics().await;
     for outcome in ["ok", "rejected", "timeout", "not_connected"] {
-        assert!(m.contains(&format!("outcome=\"{outcome}\"")), "cabinet_command_duration_seconds has {outcome}");
+        assert!(
+            m.contains(&format!("outcome=\"{outcome}\"")),
+            "cabinet_command_duration_seconds has {outcome}"
+        );
     }
     // Bad input is a clear 400.
-    let (s, r) = hub.post("/api/v1/cabinets/KM1/commands", &op, json!({"type": "explode"})).await;
-    assert_eq!((s, r["error"]["code"].clone()), (400, json!("invalid_request")));
+    let (s, r) = hub
+        .post(
+            "/api/v1/cabinets/KM1/commands",
+            &op,
+            json!({"type": "explode"}),
+        )
+        .await;
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (400, json!("invalid_request"))
+    );
 }
 
 async fn every_rejection_reason_is_counted(b: Backend) {
@@ -305,61 +516,123 @@ async fn every_rejection_reason_is_counted(b: Backend) {
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
-    let big = format!(r#"{{"cmd_id":"c1","ok":true,"error":"{}"}}"#, "x".repeat(17 * 1024));
+    let big = format!(
+        r#"{{"cmd_id":"c1","ok":true,"error":"{}"}}"#,
+        "x".repeat(17 * 1024)
+    );
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("tenants/KM1/heartbeat", b"{}".to_vec(), "bad_topic"),
         ("/tenants/KM1/telemetry", b"{}".to_vec(), "unknown_topic"),
         ("/tenants/KM-1/heartbeat", b"{}".to_vec(), "bad_cabinet_id"),
         ("/tenants/KM1/ack", big.into_bytes(), "oversize"),
-        ("/tenants/KM1/heartbeat", b"{not json".to_vec(), "malformed_json"),
-        ("/tenants/KM1/heartbeat", br#"{"seq":"two","ts":1,"door":"closed","lock":"locked"}"#.to_vec(), "invalid_payload"),
-        ("/tenants/GHOST/heartbeat", br#"{"seq":1,"ts":1,"door":"closed","lock":"locked"}"#.to_vec(), "unknown_cabinet"),
+        (
+            "/tenants/KM1/heartbeat",
+            b"{not json".to_vec(),
+            "malformed_json",
+        ),
+        (
+            "/tenants/KM1/heartbeat",
+            br#"{"seq":"two","ts":1,"door":"closed","lock":"locked"}"#.to_vec(),
+            "invalid_payload",
+        ),
+        (
+            "/tenants/GHOST/heartbeat",
+            br#"{"seq":1,"ts":1,"door":"closed","lock":"locked"}"#.to_vec(),
+            "unknown_cabinet",
+        ),
     ];
     for (topic, payload, _) in &cases {
         c.publish_raw(topic, payload.clone()).await;
     }
     for (_, _, reason) in &cases {
         let series = format!(r#"mqtt_rejected_total{{reason="{reason}"}}"#);
-        hub.eventually(SEC, reason, || async { (hub.metric(&series).await == 1.0).then_some(()) }).await;
+        hub.eventually(SEC, reason, || async {
+            (hub.metric(&series).await == 1.0).then_some(())
+        })
+        .await;
     }
     // A redelivered heartbeat (same seq in the same boot) is dropped and counted.
     c.seq -= 1;
     c.heartbeat("open", "locked", true, 1).await;
-    hub.eventually(SEC, "duplicate counted", || async { (hub.metric("mqtt_duplicates_total").await == 1.0).then_some(()) }).await;
-    assert_eq!(hub.cabinet_state(&op, "KM1").await["door"], "closed", "the duplicate changed nothing");
+    hub.eventually(SEC, "duplicate counted", || async {
+        (hub.metric("mqtt_duplicates_total").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        hub.cabinet_state(&op, "KM1").await["door"],
+        "closed",
+        "the duplicate changed nothing"
+    );
     // Nothing malformed crashed anything: the cabinet still works.
     c.heartbeat("open", "unlocked", true, 1).await;
-    hub.eventually(SEC, "still processing", || async { (hub.cabinet_state(&op, "KM1").await["door"] == "open").then_some(()) }).await;
+    hub.eventually(SEC, "still processing", || async {
+        (hub.cabinet_state(&op, "KM1").await["door"] == "open").then_some(())
+    })
+    .await;
 }
 
 async fn certificate_mode_confines_a_cabinet_to_its_namespace(b: Backend) {
     let tls_port = harness::free_port();
-    let hub = TestHub::start_with(b, |s| s.mqtt.tls_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], tls_port)))).await;
+    let hub = TestHub::start_with(b, |s| {
+        s.mqtt.tls_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], tls_port)))
+    })
+    .await;
     let (ma, op) = hub.merchant("m1").await;
     let secret_b = hub.cabinet(&ma, "m1", "KMB").await;
     hub.cabinet(&ma, "m1", "KMA").await;
-    let (s, cert) = hub.post("/api/v1/cabinets/KMA/certificate", &ma, json!({})).await;
+    let (s, cert) = hub
+        .post("/api/v1/cabinets/KMA/certificate", &ma, json!({}))
+        .await;
     assert_eq!(s, 201, "{cert}");
-    let (ca, crt, key) = (cert["ca_pem"].as_str().unwrap_or_default(), cert["cert_pem"].as_str().unwrap_or_default(), cert["key_pem"].as_str().unwrap_or_default());
+    let (ca, crt, key) = (
+        cert["ca_pem"].as_str().unwrap_or_default(),
+        cert["cert_pem"].as_str().unwrap_or_default(),
+        cert["key_pem"].as_str().unwrap_or_default(),
+    );
     let tls = hub.mqtt_tls.unwrap_or_else(|| panic!("no TLS listener"));
 
     // Without a client certificate: refused.
     let mut anon = harness::tls_options(tls, "KMA", ca, crt, key);
-    anon.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Simple { ca: ca.as_bytes().to_vec(), alpn: None, client_auth: None }));
+    anon.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Simple {
+            ca: ca.as_bytes().to_vec(),
+            alpn: None,
+            client_auth: None,
+        },
+    ));
     assert!(Cabinet::try_connect(anon).await.is_err());
 
     // B is an honest password-mode cabinet listening for its commands.
     let mut cab_b = Cabinet::connect(&hub, "KMB", &secret_b).await;
     cab_b.heartbeat("closed", "locked", true, 1).await;
 
-    let mut a = Cabinet::try_connect(harness::tls_options(tls, "KMA", ca, crt, key)).await.unwrap_or_else(|e| panic!("TLS connect: {e}"));
-    a.publish("status", json!({"online": true, "boot_id": "t1", "config_version": 1})).await;
+    let mut a = Cabinet::try_connect(harness::tls_options(tls, "KMA", ca, crt, key))
+        .await
+        .unwrap_or_else(|e| panic!("TLS connect: {e}"));
+    a.publish(
+        "status",
+        json!({"online": true, "boot_id": "t1", "config_version": 1}),
+    )
+    .await;
     a.seq += 1;
-    a.publish("heartbeat", json!({"seq": a.seq, "ts": 1, "door": "closed", "lock": "locked", "temp_c": 3.3})).await;
-    hub.eventually(2 * SEC, "A's own messages processed", || async { (hub.cabinet_state(&op, "KMA").await["temp_c"] == 3.3).then_some(()) }).await;
+    a.publish(
+        "heartbeat",
+        json!({"seq": a.seq, "ts": 1, "door": "closed", "lock": "locked", "temp_c": 3.3}),
+    )
+    .await;
+    hub.eventually(2 * SEC, "A's own messages processed", || async {
+        (hub.cabinet_state(&op, "KMA").await["temp_c"] == 3.3).then_some(())
+    })
+    .await;
 
     // Publishing into B's namespace is refused by the broker and B's state is untouched.
-    a.publish_raw("/tenants/KMB/event", json!({"seq": 99, "ts": 1, "type": "door_opened"}).to_string().into_bytes()).await;
+    a.publish_raw(
+        "/tenants/KMB/event",
+        json!({"seq": 99, "ts": 1, "type": "door_opened"})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
     a.publish_raw("/tenants/KMB/cmd", json!({"cmd_id": "evil", "type": "unlock", "session_id": "x", "mode": "purchase", "expires_at": 9}).to_string().into_bytes()).await;
     actix_rt::time::sleep(Duration::from_millis(500)).await;
     assert!(hub.active_alert(&op, "KMB", "door_forced").await.is_none());
@@ -371,8 +644,13 @@ async fn certificate_mode_confines_a_cabinet_to_its_namespace(b: Backend) {
     }
 
     // Subscribing outside its namespace is refused too.
-    let mut a2 = Cabinet::try_connect(harness::tls_options(tls, "KMA", ca, crt, key)).await.unwrap_or_else(|e| panic!("TLS reconnect: {e}"));
-    a2.client.subscribe("/tenants/KMB/cmd", rumqttc::QoS::AtLeastOnce).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut a2 = Cabinet::try_connect(harness::tls_options(tls, "KMA", ca, crt, key))
+        .await
+        .unwrap_or_else(|e| panic!("TLS reconnect: {e}"));
+    a2.client
+        .subscribe("/tenants/KMB/cmd", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     a2.expect_closed(3 * SEC).await;
 }
 
@@ -383,7 +661,11 @@ async fn merchant_scoping_on_every_endpoint(b: Backend) {
     let secret = hub.cabinet(&ma1, "m1", "KM1").await;
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.event("door_opened").await;
-    let alert = hub.eventually(SEC, "alert", || hub.active_alert(&op1, "KM1", "door_forced")).await;
+    let alert = hub
+        .eventually(SEC, "alert", || {
+            hub.active_alert(&op1, "KM1", "door_forced")
+        })
+        .await;
     let alert_id = alert["id"].as_str().unwrap_or_default().to_owned();
 
     // Merchant 2 sees nothing of merchant 1.
@@ -393,46 +675,197 @@ async fn merchant_scoping_on_every_endpoint(b: Backend) {
         assert_eq!(list["count"], 0);
         let (_, alerts) = hub.get("/api/v1/alerts", key).await;
         assert_eq!(alerts["count"], 0);
-        assert_eq!(hub.call("PATCH", "/api/v1/cabinets/KM1/config", key, Some(json!({"temp_target_c": 3.0}))).await.0, 404);
-        assert_eq!(hub.post("/api/v1/cabinets/KM1/commands", key, json!({"type": "reboot"})).await.0, 404);
-        assert_eq!(hub.post(&format!("/api/v1/alerts/{alert_id}/ack"), key, json!({})).await.0, 404);
-        assert_eq!(hub.post(&format!("/api/v1/alerts/{alert_id}/clear"), key, json!({})).await.0, 404);
+        assert_eq!(
+            hub.call(
+                "PATCH",
+                "/api/v1/cabinets/KM1/config",
+                key,
+                Some(json!({"temp_target_c": 3.0}))
+            )
+            .await
+            .0,
+            404
+        );
+        assert_eq!(
+            hub.post(
+                "/api/v1/cabinets/KM1/commands",
+                key,
+                json!({"type": "reboot"})
+            )
+            .await
+            .0,
+            404
+        );
+        assert_eq!(
+            hub.post(&format!("/api/v1/alerts/{alert_id}/ack"), key, json!({}))
+                .await
+                .0,
+            404
+        );
+        assert_eq!(
+            hub.post(&format!("/api/v1/alerts/{alert_id}/clear"), key, json!({}))
+                .await
+                .0,
+            404
+        );
     }
-    assert_eq!(hub.post("/api/v1/cabinets/KM1/certificate", &ma2, json!({})).await.0, 404);
+    assert_eq!(
+        hub.post("/api/v1/cabinets/KM1/certificate", &ma2, json!({}))
+            .await
+            .0,
+        404
+    );
     // Activating another merchant's cabinet looks exactly like activating an unknown one.
-    let (s, r) = hub.post("/api/v1/cabinets/KM1/activate", &ma2, json!({})).await;
-    assert_eq!((s, r["error"]["code"].clone()), (409, json!("not_registered")));
-    let (s, r) = hub.post("/api/v1/cabinets/NOPE/activate", &ma1, json!({})).await;
-    assert_eq!((s, r["error"]["code"].clone()), (409, json!("not_registered")));
+    let (s, r) = hub
+        .post("/api/v1/cabinets/KM1/activate", &ma2, json!({}))
+        .await;
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (409, json!("not_registered"))
+    );
+    let (s, r) = hub
+        .post("/api/v1/cabinets/NOPE/activate", &ma1, json!({}))
+        .await;
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (409, json!("not_registered"))
+    );
     // Registering into another merchant, or keys for it: 404.
-    assert_eq!(hub.post("/api/v1/cabinets", &ma2, json!({"id": "X1", "merchant_id": "m1"})).await.0, 404);
-    assert_eq!(hub.post("/api/v1/api-keys", &ma2, json!({"merchant_id": "m1", "role": "operator"})).await.0, 404);
+    assert_eq!(
+        hub.post(
+            "/api/v1/cabinets",
+            &ma2,
+            json!({"id": "X1", "merchant_id": "m1"})
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        hub.post(
+            "/api/v1/api-keys",
+            &ma2,
+            json!({"merchant_id": "m1", "role": "operator"})
+        )
+        .await
+        .0,
+        404
+    );
     // Roles: an operator cannot register, make keys, create merchants or extend service.
-    assert_eq!(hub.post("/api/v1/cabinets", &op1, json!({"id": "X2", "merchant_id": "m1"})).await.0, 403);
-    assert_eq!(hub.post("/api/v1/api-keys", &op1, json!({"merchant_id": "m1", "role": "viewer"})).await.0, 403);
-    assert_eq!(hub.post("/api/v1/merchants", &ma1, json!({"id": "m3", "name": "x"})).await.0, 403);
-    assert_eq!(hub.post("/api/v1/cabinets/KM1/service", &ma1, json!({"years": 1})).await.0, 403);
-    assert_eq!(hub.post("/api/v1/api-keys", &ma1, json!({"role": "admin"})).await.0, 403);
+    assert_eq!(
+        hub.post(
+            "/api/v1/cabinets",
+            &op1,
+            json!({"id": "X2", "merchant_id": "m1"})
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        hub.post(
+            "/api/v1/api-keys",
+            &op1,
+            json!({"merchant_id": "m1", "role": "viewer"})
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        hub.post("/api/v1/merchants", &ma1, json!({"id": "m3", "name": "x"}))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        hub.post("/api/v1/cabinets/KM1/service", &ma1, json!({"years": 1}))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        hub.post("/api/v1/api-keys", &ma1, json!({"role": "admin"}))
+            .await
+            .0,
+        403
+    );
     // A viewer reads but cannot act.
-    let (_, v) = hub.post("/api/v1/api-keys", &ma1, json!({"merchant_id": "m1", "role": "viewer"})).await;
+    let (_, v) = hub
+        .post(
+            "/api/v1/api-keys",
+            &ma1,
+            json!({"merchant_id": "m1", "role": "viewer"}),
+        )
+        .await;
     let viewer = v["key"].as_str().unwrap_or_default();
     assert_eq!(hub.get("/api/v1/cabinets/KM1", viewer).await.0, 200);
-    assert_eq!(hub.post(&format!("/api/v1/alerts/{alert_id}/clear"), viewer, json!({})).await.0, 403);
+    assert_eq!(
+        hub.post(
+            &format!("/api/v1/alerts/{alert_id}/clear"),
+            viewer,
+            json!({})
+        )
+        .await
+        .0,
+        403
+    );
     // No key, or a wrong one: 401.
     assert_eq!(hub.get("/api/v1/cabinets", "nope").await.0, 401);
-    assert_eq!(hub.client.get(hub.url("/api/v1/cabinets")).send().await.map(|r| r.status().as_u16()).unwrap_or(0), 401);
+    assert_eq!(
+        hub.client
+            .get(hub.url("/api/v1/cabinets"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0),
+        401
+    );
     // The owner and the platform see it.
     assert_eq!(hub.get("/api/v1/cabinets/KM1", &op1).await.0, 200);
     assert_eq!(hub.get("/api/v1/cabinets/KM1", ADMIN_KEY).await.0, 200);
-    let (s, r) = hub.post("/api/v1/cabinets/KM1/service", ADMIN_KEY, json!({"years": 2})).await;
+    let (s, r) = hub
+        .post(
+            "/api/v1/cabinets/KM1/service",
+            ADMIN_KEY,
+            json!({"years": 2}),
+        )
+        .await;
     assert_eq!(s, 200, "{r}");
     // Duplicate registration is a conflict with a code.
-    let (s, r) = hub.post("/api/v1/cabinets", &ma1, json!({"id": "KM1", "merchant_id": "m1"})).await;
-    assert_eq!((s, r["error"]["code"].clone()), (409, json!("cabinet_exists")));
-    let (s, r) = hub.post("/api/v1/merchants", ADMIN_KEY, json!({"id": "m1", "name": "again"})).await;
-    assert_eq!((s, r["error"]["code"].clone()), (409, json!("merchant_exists")));
-    let (s, r) = hub.post("/api/v1/merchants", ADMIN_KEY, json!({"id": "m9", "name": "greedy", "commission_bps": 3001})).await;
-    assert_eq!((s, r["error"]["code"].clone()), (400, json!("invalid_request")));
+    let (s, r) = hub
+        .post(
+            "/api/v1/cabinets",
+            &ma1,
+            json!({"id": "KM1", "merchant_id": "m1"}),
+        )
+        .await;
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (409, json!("cabinet_exists"))
+    );
+    let (s, r) = hub
+        .post(
+            "/api/v1/merchants",
+            ADMIN_KEY,
+            json!({"id": "m1", "name": "again"}),
+        )
+        .await;
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (409, json!("merchant_exists"))
+    );
+    let (s, r) = hub
+        .post(
+            "/api/v1/merchants",
+            ADMIN_KEY,
+            json!({"id": "m9", "name": "greedy", "commission_bps": 3001}),
+        )
+        .await;
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (400, json!("invalid_request"))
+    );
 }
 
 async fn health_readiness_and_alert_ack(b: Backend) {
@@ -440,7 +873,13 @@ async fn health_readiness_and_alert_ack(b: Backend) {
     let ok = |p: &'static str| {
         let c = hub.client.clone();
         let u = hub.url(p);
-        async move { c.get(u).send().await.map(|r| r.status().as_u16()).unwrap_or(0) }
+        async move {
+            c.get(u)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
     };
     assert_eq!(ok("/healthz").await, 200);
     assert_eq!(ok("/readyz").await, 200);
@@ -450,16 +889,25 @@ async fn health_readiness_and_alert_ack(b: Backend) {
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.event("tamper").await;
-    let alert = hub.eventually(SEC, "tamper", || hub.active_alert(&op, "KM1", "tamper")).await;
+    let alert = hub
+        .eventually(SEC, "tamper", || hub.active_alert(&op, "KM1", "tamper"))
+        .await;
     let id = alert["id"].as_str().unwrap_or_default();
-    let (s, acked) = hub.post(&format!("/api/v1/alerts/{id}/ack"), &op, json!({})).await;
+    let (s, acked) = hub
+        .post(&format!("/api/v1/alerts/{id}/ack"), &op, json!({}))
+        .await;
     assert_eq!(s, 200, "{acked}");
     assert!(acked["acked_at"].is_string());
     assert_eq!(acked["active"], true, "acknowledged is not cleared");
-    let state = hub.eventually(SEC, "acked in live state", || async {
-        let s = hub.cabinet_state(&op, "KM1").await;
-        (s["alerts"][0]["acked"] == true).then_some(s)
-    }).await;
+    let state = hub
+        .eventually(SEC, "acked in live state", || async {
+            let s = hub.cabinet_state(&op, "KM1").await;
+            (s["alerts"][0]["acked"] == true).then_some(s)
+        })
+        .await;
     assert_eq!(state["alerts"][0]["type"], "tamper");
-    assert_eq!(hub.post("/api/v1/alerts/nope/ack", &op, json!({})).await.0, 404);
+    assert_eq!(
+        hub.post("/api/v1/alerts/nope/ack", &op, json!({})).await.0,
+        404
+    );
 }

@@ -21,12 +21,18 @@ fn hub(data: &std::path::Path) -> Command {
 
 fn run_to_exit(mut c: Command) -> (i32, String) {
     let out = c.output().unwrap_or_else(|e| panic!("{e}"));
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn ports(c: &mut Command) -> (u16, u16) {
     let (h, m) = (free_port(), free_port());
-    c.arg("--http-listen").arg(format!("127.0.0.1:{h}")).arg("--mqtt-listen").arg(format!("127.0.0.1:{m}"));
+    c.arg("--http-listen")
+        .arg(format!("127.0.0.1:{h}"))
+        .arg("--mqtt-listen")
+        .arg(format!("127.0.0.1:{m}"));
     (h, m)
 }
 
@@ -36,10 +42,16 @@ fn a_taken_http_port_names_the_key() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
     let port = taken.local_addr().map(|a| a.port()).unwrap_or(0);
     let mut c = hub(dir.path());
-    c.arg("--http-listen").arg(format!("127.0.0.1:{port}")).arg("--mqtt-listen").arg(format!("127.0.0.1:{}", free_port()));
+    c.arg("--http-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--mqtt-listen")
+        .arg(format!("127.0.0.1:{}", free_port()));
     let (code, err) = run_to_exit(c);
     assert_ne!(code, 0);
-    assert!(err.contains("http.listen") && err.contains("HUB__HTTP__LISTEN"), "{err}");
+    assert!(
+        err.contains("http.listen") && err.contains("HUB__HTTP__LISTEN"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -48,10 +60,16 @@ fn a_taken_mqtt_port_names_the_key() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
     let port = taken.local_addr().map(|a| a.port()).unwrap_or(0);
     let mut c = hub(dir.path());
-    c.arg("--http-listen").arg(format!("127.0.0.1:{}", free_port())).arg("--mqtt-listen").arg(format!("127.0.0.1:{port}"));
+    c.arg("--http-listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--mqtt-listen")
+        .arg(format!("127.0.0.1:{port}"));
     let (code, err) = run_to_exit(c);
     assert_ne!(code, 0);
-    assert!(err.contains("mqtt.listen") && err.contains("HUB__MQTT__LISTEN"), "{err}");
+    assert!(
+        err.contains("mqtt.listen") && err.contains("HUB__MQTT__LISTEN"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -62,7 +80,10 @@ fn a_bad_database_url_names_the_key() {
     c.env("HUB__DATABASE__URL", "mysql://nobody@nowhere/db");
     let (code, err) = run_to_exit(c);
     assert_ne!(code, 0);
-    assert!(err.contains("database.url") && err.contains("HUB__DATABASE__URL"), "{err}");
+    assert!(
+        err.contains("database.url") && err.contains("HUB__DATABASE__URL"),
+        "{err}"
+    );
     let mut c = hub(dir.path());
     ports(&mut c);
     c.env("HUB__DATABASE__URL", "not a url");
@@ -101,7 +122,10 @@ fn wait_healthy(child: &mut Child, http: u16) {
             }
             panic!("hub exited early ({status}): {err}");
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "hub did not come up");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "hub did not come up"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -114,7 +138,10 @@ fn terminate(child: &mut Child) -> i32 {
         if let Ok(Some(status)) = child.try_wait() {
             return status.code().unwrap_or(-1);
         }
-        assert!(start.elapsed() < Duration::from_secs(15), "hub did not stop after SIGTERM");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "hub did not stop after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -131,9 +158,18 @@ fn embedded_defaults_print_the_admin_key_once_and_stop_on_sigterm() {
     if let Some(mut o) = child.stdout.take() {
         let _ = o.read_to_string(&mut out);
     }
-    assert!(out.contains("chk_"), "first start prints the admin key: {out}");
-    assert!(dir.path().join("hub.db").exists(), "SQLite file in the data dir");
-    assert!(dir.path().join("ca/device-ca.pem").exists(), "device CA in the data dir");
+    assert!(
+        out.contains("chk_"),
+        "first start prints the admin key: {out}"
+    );
+    assert!(
+        dir.path().join("hub.db").exists(),
+        "SQLite file in the data dir"
+    );
+    assert!(
+        dir.path().join("ca/device-ca.pem").exists(),
+        "device CA in the data dir"
+    );
 
     let mut c = hub(dir.path());
     let (http, _) = ports(&mut c);

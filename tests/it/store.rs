@@ -13,14 +13,21 @@ async fn open(b: Backend) -> (Store, tempfile::TempDir) {
         Backend::Postgres => fresh_postgres().await,
     };
     std::fs::create_dir_all(dir.path()).unwrap_or_else(|e| panic!("{e}"));
-    let store = Store::connect(&url, 4).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+    let store = Store::connect(&url, 4)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
     assert_eq!(store.is_postgres(), b == Backend::Postgres);
     (store, dir)
 }
 
 async fn seed(store: &Store) {
     store
-        .create_merchant(&MerchantRow { id: "m1".into(), name: "M".into(), commission_bps: 100, created_at: 1 })
+        .create_merchant(&MerchantRow {
+            id: "m1".into(),
+            name: "M".into(),
+            commission_bps: 100,
+            created_at: 1,
+        })
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let cab = CabinetRow {
@@ -35,44 +42,128 @@ async fn seed(store: &Store) {
         activated_at: None,
     };
     let cfg = test_settings(std::path::Path::new("/tmp")).initial_cabinet_config();
-    store.register_cabinet(&cab, &cfg, "k").await.unwrap_or_else(|e| panic!("{e}"));
-    assert!(matches!(store.register_cabinet(&cab, &cfg, "k").await, Err(StoreError::Conflict)));
+    store
+        .register_cabinet(&cab, &cfg, "k")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(
+        store.register_cabinet(&cab, &cfg, "k").await,
+        Err(StoreError::Conflict)
+    ));
 }
 
-both!(merchants_keys_and_cabinets, configs_version_up, alerts_one_active_per_type_with_history);
+both!(
+    merchants_keys_and_cabinets,
+    configs_version_up,
+    alerts_one_active_per_type_with_history
+);
 
 async fn merchants_keys_and_cabinets(b: Backend) {
     let (store, _d) = open(b).await;
     seed(&store).await;
     assert!(matches!(
-        store.create_merchant(&MerchantRow { id: "m1".into(), name: "x".into(), commission_bps: 0, created_at: 1 }).await,
+        store
+            .create_merchant(&MerchantRow {
+                id: "m1".into(),
+                name: "x".into(),
+                commission_bps: 0,
+                created_at: 1
+            })
+            .await,
         Err(StoreError::Conflict)
     ));
-    assert_eq!(store.merchant("m1").await.ok().flatten().map(|m| m.commission_bps), Some(100));
+    assert_eq!(
+        store
+            .merchant("m1")
+            .await
+            .ok()
+            .flatten()
+            .map(|m| m.commission_bps),
+        Some(100)
+    );
     assert!(!store.has_admin_key().await.unwrap_or(true));
-    store.create_api_key("k1", "hash1", None, "admin", 3).await.unwrap_or_else(|e| panic!("{e}"));
-    store.create_api_key("k2", "hash2", Some("m1"), "operator", 3).await.unwrap_or_else(|e| panic!("{e}"));
+    store
+        .create_api_key("k1", "hash1", None, "admin", 3)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    store
+        .create_api_key("k2", "hash2", Some("m1"), "operator", 3)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(store.has_admin_key().await.unwrap_or(false));
-    let k = store.api_key_by_hash("hash2").await.ok().flatten().unwrap_or_else(|| panic!("key"));
-    assert_eq!((k.id.as_str(), k.merchant_id.as_deref(), k.role.as_str()), ("k2", Some("m1"), "operator"));
+    let k = store
+        .api_key_by_hash("hash2")
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("key"));
+    assert_eq!(
+        (k.id.as_str(), k.merchant_id.as_deref(), k.role.as_str()),
+        ("k2", Some("m1"), "operator")
+    );
     assert!(store.api_key_by_hash("nope").await.ok().flatten().is_none());
 
-    assert!(store.activate_cabinet("KM1", 10, 1000).await.unwrap_or(false));
-    assert!(!store.activate_cabinet("KM1", 11, 2000).await.unwrap_or(true), "only once");
-    let c = store.cabinet("KM1").await.ok().flatten().unwrap_or_else(|| panic!("cabinet"));
+    assert!(store
+        .activate_cabinet("KM1", 10, 1000)
+        .await
+        .unwrap_or(false));
+    assert!(
+        !store
+            .activate_cabinet("KM1", 11, 2000)
+            .await
+            .unwrap_or(true),
+        "only once"
+    );
+    let c = store
+        .cabinet("KM1")
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("cabinet"));
     assert!(c.active);
-    assert_eq!((c.activated_at, c.service_expires_at), (Some(10), Some(1000)));
-    store.set_service_expiry("KM1", 5000).await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(store.cabinets(Some("m1")).await.map(|v| v.len()).unwrap_or(0), 1);
-    assert_eq!(store.cabinets(Some("m2")).await.map(|v| v.len()).unwrap_or(9), 0);
-    store.record_certificate("ab01", "KM1", 1, 2).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (c.activated_at, c.service_expires_at),
+        (Some(10), Some(1000))
+    );
+    store
+        .set_service_expiry("KM1", 5000)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        store
+            .cabinets(Some("m1"))
+            .await
+            .map(|v| v.len())
+            .unwrap_or(0),
+        1
+    );
+    assert_eq!(
+        store
+            .cabinets(Some("m2"))
+            .await
+            .map(|v| v.len())
+            .unwrap_or(9),
+        0
+    );
+    store
+        .record_certificate("ab01", "KM1", 1, 2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     store.ping().await.unwrap_or_else(|e| panic!("{e}"));
 }
 
 async fn configs_version_up(b: Backend) {
     let (store, _d) = open(b).await;
     seed(&store).await;
-    assert_eq!(store.latest_config("KM1").await.ok().flatten().map(|c| c.version), Some(1));
+    assert_eq!(
+        store
+            .latest_config("KM1")
+            .await
+            .ok()
+            .flatten()
+            .map(|c| c.version),
+        Some(1)
+    );
     let next = store
         .new_config_version("KM1", 5, "k", |c| {
             let mut n = c.clone();
@@ -82,14 +173,22 @@ async fn configs_version_up(b: Backend) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(next.version, 2);
-    let latest = store.latest_config("KM1").await.ok().flatten().unwrap_or_else(|| panic!("config"));
+    let latest = store
+        .latest_config("KM1")
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("config"));
     assert_eq!((latest.version, latest.temp_target_c), (2, 7.0));
     // Concurrent edits each get their own version.
     let (a, b2) = tokio::join!(
         store.new_config_version("KM1", 6, "a", |c| c.clone()),
         store.new_config_version("KM1", 6, "b", |c| c.clone())
     );
-    let mut versions = vec![a.map(|c| c.version).unwrap_or(0), b2.map(|c| c.version).unwrap_or(0)];
+    let mut versions = vec![
+        a.map(|c| c.version).unwrap_or(0),
+        b2.map(|c| c.version).unwrap_or(0),
+    ];
     versions.sort();
     assert_eq!(versions, vec![3, 4]);
 }
@@ -97,26 +196,91 @@ async fn configs_version_up(b: Backend) {
 async fn alerts_one_active_per_type_with_history(b: Backend) {
     let (store, _d) = open(b).await;
     seed(&store).await;
-    let a = ActiveAlert { id: "KM1-door_forced-1".into(), kind: AlertType::DoorForced, raised_at: 100, acked: false, detail: None };
-    assert!(store.insert_alert("KM1", "m1", &a).await.unwrap_or_else(|e| panic!("{e}")));
-    let dup = ActiveAlert { id: "KM1-door_forced-2".into(), raised_at: 101, ..a.clone() };
-    assert!(!store.insert_alert("KM1", "m1", &dup).await.unwrap_or(true), "one active per (cabinet, type)");
-    let other = ActiveAlert { id: "KM1-tamper-1".into(), kind: AlertType::Tamper, raised_at: 102, acked: false, detail: Some("lid".into()) };
-    assert!(store.insert_alert("KM1", "m1", &other).await.unwrap_or(false));
-    assert_eq!(store.active_alerts("KM1").await.unwrap_or_else(|e| panic!("{e}")).len(), 2);
+    let a = ActiveAlert {
+        id: "KM1-door_forced-1".into(),
+        kind: AlertType::DoorForced,
+        raised_at: 100,
+        acked: false,
+        detail: None,
+    };
+    assert!(store
+        .insert_alert("KM1", "m1", &a)
+        .await
+        .unwrap_or_else(|e| panic!("{e}")));
+    let dup = ActiveAlert {
+        id: "KM1-door_forced-2".into(),
+        raised_at: 101,
+        ..a.clone()
+    };
+    assert!(
+        !store.insert_alert("KM1", "m1", &dup).await.unwrap_or(true),
+        "one active per (cabinet, type)"
+    );
+    let other = ActiveAlert {
+        id: "KM1-tamper-1".into(),
+        kind: AlertType::Tamper,
+        raised_at: 102,
+        acked: false,
+        detail: Some("lid".into()),
+    };
+    assert!(store
+        .insert_alert("KM1", "m1", &other)
+        .await
+        .unwrap_or(false));
+    assert_eq!(
+        store
+            .active_alerts("KM1")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .len(),
+        2
+    );
 
     assert!(store.ack_alert(&a.id, "k", 110).await.unwrap_or(false));
     assert!(!store.ack_alert(&a.id, "k", 111).await.unwrap_or(true));
     assert!(store.clear_alert(&a.id, "k", 120).await.unwrap_or(false));
-    assert!(!store.clear_alert(&a.id, "condition", 121).await.unwrap_or(true), "cleared once");
+    assert!(
+        !store
+            .clear_alert(&a.id, "condition", 121)
+            .await
+            .unwrap_or(true),
+        "cleared once"
+    );
     // Cleared, so a new one of the same type may be raised.
     assert!(store.insert_alert("KM1", "m1", &dup).await.unwrap_or(false));
 
-    let all = store.alerts(&AlertFilter { merchant_id: Some("m1".into()), limit: 10, ..Default::default() }).await.unwrap_or_default();
-    assert_eq!(all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["KM1-tamper-1", "KM1-door_forced-2", "KM1-door_forced-1"]);
-    let ended = store.alerts(&AlertFilter { active: Some(false), limit: 10, ..Default::default() }).await.unwrap_or_default();
+    let all = store
+        .alerts(&AlertFilter {
+            merchant_id: Some("m1".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        vec!["KM1-tamper-1", "KM1-door_forced-2", "KM1-door_forced-1"]
+    );
+    let ended = store
+        .alerts(&AlertFilter {
+            active: Some(false),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_default();
     assert_eq!(ended.len(), 1);
-    assert_eq!((ended[0].acked_by.as_deref(), ended[0].cleared_at), (Some("k"), Some(120)));
-    let other_merchant = store.alerts(&AlertFilter { merchant_id: Some("m2".into()), limit: 10, ..Default::default() }).await.unwrap_or_default();
+    assert_eq!(
+        (ended[0].acked_by.as_deref(), ended[0].cleared_at),
+        (Some("k"), Some(120))
+    );
+    let other_merchant = store
+        .alerts(&AlertFilter {
+            merchant_id: Some("m2".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_default();
     assert!(other_merchant.is_empty());
 }
