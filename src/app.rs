@@ -58,7 +58,7 @@ pub struct Application {
     server: actix_web::dev::Server,
     state: actix_web::web::Data<AppState>,
     admin_key: Option<String>,
-    writer: tokio::task::JoinHandle<()>,
+    alerts: mpsc::UnboundedSender<crate::ports::AlertWrite>,
 }
 
 fn probe_addr(a: SocketAddr) -> SocketAddr {
@@ -150,11 +150,11 @@ impl Application {
         let (publisher, link_rx) = start_broker(&listeners, directory.clone(), metrics.clone())?;
 
         let (alert_tx, alert_rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(alert_writer(store.clone(), metrics.clone(), alert_rx));
+        tokio::spawn(alert_writer(store.clone(), metrics.clone(), alert_rx));
         let ports = Arc::new(HubPorts {
             publisher: Arc::new(publisher),
             metrics: metrics.clone(),
-            alerts: alert_tx,
+            alerts: alert_tx.clone(),
         });
         let threads = match settings.actors.threads {
             0 => std::thread::available_parallelism()
@@ -222,7 +222,7 @@ impl Application {
             server,
             state,
             admin_key,
-            writer,
+            alerts: alert_tx,
         })
     }
 
@@ -256,14 +256,15 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         self.server.await?;
         tracing::info!("HTTP stopped; flushing alert history");
-        let Application { state, writer, .. } = self;
-        // Actors hold the writer's sender; give queued writes a moment to land.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !writer.is_finished() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            if state.registry.is_empty() {
-                break;
-            }
+        let Application { state, alerts, .. } = self;
+        // Every raise and clear queued before this marker lands before the database closes.
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        if alerts.send(crate::ports::AlertWrite::Flush(done)).is_ok()
+            && tokio::time::timeout(Duration::from_secs(10), flushed)
+                .await
+                .is_err()
+        {
+            tracing::error!("alert history did not flush within 10 s");
         }
         state.store.close().await;
         tracing::info!("cabinet-hub stopped");

@@ -29,6 +29,8 @@ pub enum AlertWrite {
         /// Unix ms.
         at: i64,
     },
+    /// Answered once every write queued before it has landed (shutdown).
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Wires actors to the world.
@@ -132,6 +134,10 @@ pub async fn alert_writer(
     mut rx: mpsc::UnboundedReceiver<AlertWrite>,
 ) {
     while let Some(w) = rx.recv().await {
+        if let AlertWrite::Flush(done) = w {
+            let _ = done.send(());
+            continue;
+        }
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=8 {
             let r = match &w {
@@ -142,6 +148,7 @@ pub async fn alert_writer(
                 AlertWrite::Cleared { id, by, at } => {
                     store.clear_alert(id, by, *at).await.map(|_| ())
                 }
+                AlertWrite::Flush(_) => Ok(()),
             };
             match r {
                 Ok(()) => break,
