@@ -189,6 +189,10 @@ async fn lock_not_latched_faults_and_locks_down(b: Backend) {
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
+    hub.eventually(SEC, "online", || async {
+        (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(())
+    })
+    .await;
     // A restock session opens the door legitimately.
     let hub_ref = &hub;
     let op_ref = op.clone();
@@ -605,6 +609,10 @@ async fn certificate_mode_confines_a_cabinet_to_its_namespace(b: Backend) {
     // B is an honest password-mode cabinet listening for its commands.
     let mut cab_b = Cabinet::connect(&hub, "KMB", &secret_b).await;
     cab_b.heartbeat("closed", "locked", true, 1).await;
+    hub.eventually(SEC, "B online", || async {
+        (hub.cabinet_state(&op, "KMB").await["door"] == "closed").then_some(())
+    })
+    .await;
 
     let mut a = Cabinet::try_connect(harness::tls_options(tls, "KMA", ca, crt, key))
         .await

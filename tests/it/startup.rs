@@ -112,8 +112,18 @@ fn an_unknown_key_is_refused_by_name() {
 fn wait_healthy(child: &mut Child, http: u16) {
     let start = Instant::now();
     loop {
-        if std::net::TcpStream::connect(("127.0.0.1", http)).is_ok() {
-            return;
+        // A real answer from /healthz, not just a bound socket: the signal handlers are in
+        // place only once the server runs.
+        if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", http)) {
+            use std::io::Write;
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ =
+                conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut buf = String::new();
+            let _ = conn.read_to_string(&mut buf);
+            if buf.starts_with("HTTP/1.1 200") {
+                return;
+            }
         }
         if let Ok(Some(status)) = child.try_wait() {
             let mut err = String::new();
