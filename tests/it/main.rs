@@ -676,129 +676,6 @@ async fn merchant_scoping_on_every_endpoint(b: Backend) {
         .await;
     let alert_id = alert["id"].as_str().unwrap_or_default().to_owned();
 
-    // Merchant 2 sees nothing of merchant 1.
-    for key in [&ma2, &op2] {
-        assert_eq!(hub.get("/api/v1/cabinets/KM1", key).await.0, 404);
-        let (_, list) = hub.get("/api/v1/cabinets", key).await;
-        assert_eq!(list["count"], 0);
-        let (_, alerts) = hub.get("/api/v1/alerts", key).await;
-        assert_eq!(alerts["count"], 0);
-        assert_eq!(
-            hub.call(
-                "PATCH",
-                "/api/v1/cabinets/KM1/config",
-                key,
-                Some(json!({"temp_target_c": 3.0}))
-            )
-            .await
-            .0,
-            404
-        );
-        assert_eq!(
-            hub.post(
-                "/api/v1/cabinets/KM1/commands",
-                key,
-                json!({"type": "reboot"})
-            )
-            .await
-            .0,
-            404
-        );
-        assert_eq!(
-            hub.post(&format!("/api/v1/alerts/{alert_id}/ack"), key, json!({}))
-                .await
-                .0,
-            404
-        );
-        assert_eq!(
-            hub.post(&format!("/api/v1/alerts/{alert_id}/clear"), key, json!({}))
-                .await
-                .0,
-            404
-        );
-    }
-    assert_eq!(
-        hub.post("/api/v1/cabinets/KM1/certificate", &ma2, json!({}))
-            .await
-            .0,
-        404
-    );
-    // Activating another merchant's cabinet looks exactly like activating an unknown one.
-    let (s, r) = hub
-        .post("/api/v1/cabinets/KM1/activate", &ma2, json!({}))
-        .await;
-    assert_eq!(
-        (s, r["error"]["code"].clone()),
-        (409, json!("not_registered"))
-    );
-    let (s, r) = hub
-        .post("/api/v1/cabinets/NOPE/activate", &ma1, json!({}))
-        .await;
-    assert_eq!(
-        (s, r["error"]["code"].clone()),
-        (409, json!("not_registered"))
-    );
-    // Registering into another merchant, or keys for it: 404.
-    assert_eq!(
-        hub.post(
-            "/api/v1/cabinets",
-            &ma2,
-            json!({"id": "X1", "merchant_id": "m1"})
-        )
-        .await
-        .0,
-        404
-    );
-    assert_eq!(
-        hub.post(
-            "/api/v1/api-keys",
-            &ma2,
-            json!({"merchant_id": "m1", "role": "operator"})
-        )
-        .await
-        .0,
-        404
-    );
-    // Roles: an operator cannot register, make keys, create merchants or extend service.
-    assert_eq!(
-        hub.post(
-            "/api/v1/cabinets",
-            &op1,
-            json!({"id": "X2", "merchant_id": "m1"})
-        )
-        .await
-        .0,
-        403
-    );
-    assert_eq!(
-        hub.post(
-            "/api/v1/api-keys",
-            &op1,
-            json!({"merchant_id": "m1", "role": "viewer"})
-        )
-        .await
-        .0,
-        403
-    );
-    assert_eq!(
-        hub.post("/api/v1/merchants", &ma1, json!({"id": "m3", "name": "x"}))
-            .await
-            .0,
-        403
-    );
-    assert_eq!(
-        hub.post("/api/v1/cabinets/KM1/service", &ma1, json!({"years": 1}))
-            .await
-            .0,
-        403
-    );
-    assert_eq!(
-        hub.post("/api/v1/api-keys", &ma1, json!({"role": "admin"}))
-            .await
-            .0,
-        403
-    );
-    // A viewer reads but cannot act.
     let (_, v) = hub
         .post(
             "/api/v1/api-keys",
@@ -806,20 +683,141 @@ async fn merchant_scoping_on_every_endpoint(b: Backend) {
             json!({"merchant_id": "m1", "role": "viewer"}),
         )
         .await;
-    let viewer = v["key"].as_str().unwrap_or_default();
-    assert_eq!(hub.get("/api/v1/cabinets/KM1", viewer).await.0, 200);
-    assert_eq!(
-        hub.post(
-            &format!("/api/v1/alerts/{alert_id}/clear"),
-            viewer,
-            json!({})
-        )
-        .await
-        .0,
-        403
-    );
-    // No key, or a wrong one: 401.
-    assert_eq!(hub.get("/api/v1/cabinets", "nope").await.0, 401);
+    let viewer = v["key"].as_str().unwrap_or_default().to_owned();
+    let ack = format!("/api/v1/alerts/{alert_id}/ack");
+    let clear = format!("/api/v1/alerts/{alert_id}/clear");
+    let none = Value::Null;
+    // (method, path, key, body, expected status)
+    let mut cases: Vec<(&str, &str, &str, Value, u16)> = Vec::new();
+    for key in [ma2.as_str(), op2.as_str()] {
+        cases.extend([
+            ("GET", "/api/v1/cabinets/KM1", key, none.clone(), 404),
+            (
+                "PATCH",
+                "/api/v1/cabinets/KM1/config",
+                key,
+                json!({"temp_target_c": 3.0}),
+                404,
+            ),
+            (
+                "POST",
+                "/api/v1/cabinets/KM1/commands",
+                key,
+                json!({"type": "reboot"}),
+                404,
+            ),
+            ("POST", ack.as_str(), key, json!({}), 404),
+            ("POST", clear.as_str(), key, json!({}), 404),
+        ]);
+    }
+    cases.extend([
+        (
+            "POST",
+            "/api/v1/cabinets/KM1/certificate",
+            ma2.as_str(),
+            json!({}),
+            404,
+        ),
+        // Registering into another merchant, or keys for it.
+        (
+            "POST",
+            "/api/v1/cabinets",
+            ma2.as_str(),
+            json!({"id": "X1", "merchant_id": "m1"}),
+            404,
+        ),
+        (
+            "POST",
+            "/api/v1/api-keys",
+            ma2.as_str(),
+            json!({"merchant_id": "m1", "role": "operator"}),
+            404,
+        ),
+        // Roles: an operator cannot register or make keys; a merchant admin cannot create
+        // merchants, extend service or make admin keys; a viewer reads but cannot act.
+        (
+            "POST",
+            "/api/v1/cabinets",
+            op1.as_str(),
+            json!({"id": "X2", "merchant_id": "m1"}),
+            403,
+        ),
+        (
+            "POST",
+            "/api/v1/api-keys",
+            op1.as_str(),
+            json!({"merchant_id": "m1", "role": "viewer"}),
+            403,
+        ),
+        (
+            "POST",
+            "/api/v1/merchants",
+            ma1.as_str(),
+            json!({"id": "m3", "name": "x"}),
+            403,
+        ),
+        (
+            "POST",
+            "/api/v1/cabinets/KM1/service",
+            ma1.as_str(),
+            json!({"years": 1}),
+            403,
+        ),
+        (
+            "POST",
+            "/api/v1/api-keys",
+            ma1.as_str(),
+            json!({"role": "admin"}),
+            403,
+        ),
+        ("POST", clear.as_str(), viewer.as_str(), json!({}), 403),
+        (
+            "GET",
+            "/api/v1/cabinets/KM1",
+            viewer.as_str(),
+            none.clone(),
+            200,
+        ),
+        // No key, or a wrong one.
+        ("GET", "/api/v1/cabinets", "nope", none.clone(), 401),
+        // The owner and the platform see it.
+        (
+            "GET",
+            "/api/v1/cabinets/KM1",
+            op1.as_str(),
+            none.clone(),
+            200,
+        ),
+        ("GET", "/api/v1/cabinets/KM1", ADMIN_KEY, none.clone(), 200),
+        (
+            "POST",
+            "/api/v1/cabinets/KM1/service",
+            ADMIN_KEY,
+            json!({"years": 2}),
+            200,
+        ),
+    ]);
+    for (method, path, key, body, want) in cases {
+        let body = (!body.is_null()).then_some(body);
+        let (got, answer) = hub.call(method, path, key, body).await;
+        assert_eq!(got, want, "{method} {path}: {answer}");
+    }
+    for key in [&ma2, &op2] {
+        let (_, list) = hub.get("/api/v1/cabinets", key).await;
+        assert_eq!(list["count"], 0);
+        let (_, alerts) = hub.get("/api/v1/alerts", key).await;
+        assert_eq!(alerts["count"], 0);
+    }
+    // Activating another merchant's cabinet looks exactly like activating an unknown one.
+    for (key, id) in [(&ma2, "KM1"), (&ma1, "NOPE")] {
+        let (s, r) = hub
+            .post(&format!("/api/v1/cabinets/{id}/activate"), key, json!({}))
+            .await;
+        assert_eq!(
+            (s, r["error"]["code"].clone()),
+            (409, json!("not_registered"))
+        );
+    }
     assert_eq!(
         hub.client
             .get(hub.url("/api/v1/cabinets"))
@@ -829,17 +827,6 @@ async fn merchant_scoping_on_every_endpoint(b: Backend) {
             .unwrap_or(0),
         401
     );
-    // The owner and the platform see it.
-    assert_eq!(hub.get("/api/v1/cabinets/KM1", &op1).await.0, 200);
-    assert_eq!(hub.get("/api/v1/cabinets/KM1", ADMIN_KEY).await.0, 200);
-    let (s, r) = hub
-        .post(
-            "/api/v1/cabinets/KM1/service",
-            ADMIN_KEY,
-            json!({"years": 2}),
-        )
-        .await;
-    assert_eq!(s, 200, "{r}");
     // Duplicate registration is a conflict with a code.
     let (s, r) = hub
         .post(
