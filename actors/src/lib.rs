@@ -8,6 +8,7 @@ pub mod actor;
 pub mod alert;
 pub mod ids;
 pub mod machine;
+pub mod pricing;
 pub mod protocol;
 pub mod registry;
 
