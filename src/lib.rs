@@ -9,6 +9,7 @@ pub mod ca;
 pub mod config;
 pub mod metrics;
 pub mod mqtt;
+pub mod payments;
 pub mod ports;
 pub mod secrets;
 pub mod store;

@@ -393,17 +393,22 @@ mod tests {
         };
         let p = product("p1", w, &[("cola", PriceRule::PercentBps(8_000))]);
         assert_eq!(
-            price(&[("cola", 1)], &[p.clone()], MIDNIGHT_CN - 1).total_fen,
+            price(&[("cola", 1)], std::slice::from_ref(&p), MIDNIGHT_CN - 1).total_fen,
             300,
             "before the start"
         );
         assert_eq!(
-            price(&[("cola", 1)], &[p.clone()], MIDNIGHT_CN).total_fen,
+            price(&[("cola", 1)], std::slice::from_ref(&p), MIDNIGHT_CN).total_fen,
             240,
             "at the start"
         );
         assert_eq!(
-            price(&[("cola", 1)], &[p.clone()], MIDNIGHT_CN + 60 * MIN - 1).total_fen,
+            price(
+                &[("cola", 1)],
+                std::slice::from_ref(&p),
+                MIDNIGHT_CN + 60 * MIN - 1
+            )
+            .total_fen,
             240,
             "last ms"
         );
@@ -426,15 +431,15 @@ mod tests {
         let p = product("p1", w, &[("chips", PriceRule::FixedFen(500))]);
         let at = |h: i64, m: i64, day: i64| MIDNIGHT_CN + day * 1440 * MIN + (h * 60 + m) * MIN;
         assert_eq!(
-            price(&[("chips", 1)], &[p.clone()], at(19, 59, 0)).total_fen,
+            price(&[("chips", 1)], std::slice::from_ref(&p), at(19, 59, 0)).total_fen,
             650
         );
         assert_eq!(
-            price(&[("chips", 1)], &[p.clone()], at(20, 0, 0)).total_fen,
+            price(&[("chips", 1)], std::slice::from_ref(&p), at(20, 0, 0)).total_fen,
             500
         );
         assert_eq!(
-            price(&[("chips", 1)], &[p.clone()], at(22, 59, 3)).total_fen,
+            price(&[("chips", 1)], std::slice::from_ref(&p), at(22, 59, 3)).total_fen,
             500,
             "any day"
         );
@@ -504,21 +509,21 @@ mod tests {
     fn spend_save_tiers_on_the_discounted_subtotal() {
         let s = spend("s", &[(1000, 100), (2000, 300)]);
         assert_eq!(
-            price(&[("cola", 3)], &[s.clone()], 0).total_fen,
+            price(&[("cola", 3)], std::slice::from_ref(&s), 0).total_fen,
             900,
             "below the first tier"
         );
         assert_eq!(
-            price(&[("chips", 1), ("water", 2)], &[s.clone()], 0).total_fen,
+            price(&[("chips", 1), ("water", 2)], std::slice::from_ref(&s), 0).total_fen,
             1050 - 100,
             "exactly 10.50 ≥ 10.00"
         );
         assert_eq!(
-            price(&[("chips", 2), ("water", 2)], &[s.clone()], 0).total_fen,
+            price(&[("chips", 2), ("water", 2)], std::slice::from_ref(&s), 0).total_fen,
             1700 - 100
         );
         assert_eq!(
-            price(&[("chips", 3), ("cola", 1)], &[s.clone()], 0).total_fen,
+            price(&[("chips", 3), ("cola", 1)], std::slice::from_ref(&s), 0).total_fen,
             2250 - 300,
             "the highest tier met"
         );
