@@ -44,6 +44,9 @@ pub enum ApiError {
     /// 409 with a code.
     #[error("{1}")]
     Conflict(&'static str, String),
+    /// 422 with a code: a rule of the business refuses it.
+    #[error("{1}")]
+    Unprocessable(&'static str, String),
     /// 503 with a code.
     #[error("{1}")]
     Unavailable(&'static str, String),
@@ -65,7 +68,9 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound(_) => "not_found",
             ApiError::Forbidden => "forbidden",
-            ApiError::Conflict(code, _) | ApiError::Unavailable(code, _) => code,
+            ApiError::Conflict(code, _)
+            | ApiError::Unprocessable(code, _)
+            | ApiError::Unavailable(code, _) => code,
             ApiError::Internal(_) => "internal",
         }
     }
@@ -79,6 +84,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::Conflict(..) => StatusCode::CONFLICT,
+            ApiError::Unprocessable(..) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -99,7 +105,7 @@ impl ResponseError for ApiError {
     }
 }
 
-type ApiResult<T = HttpResponse> = Result<T, ApiError>;
+pub(crate) type ApiResult<T = HttpResponse> = Result<T, ApiError>;
 
 /// Key roles, weakest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -153,7 +159,7 @@ pub struct Caller {
 }
 
 impl Caller {
-    fn require(&self, min: Role) -> ApiResult<()> {
+    pub(crate) fn require(&self, min: Role) -> ApiResult<()> {
         if self.role >= min {
             Ok(())
         } else {
@@ -161,7 +167,7 @@ impl Caller {
         }
     }
 
-    fn sees(&self, merchant_id: &str) -> bool {
+    pub(crate) fn sees(&self, merchant_id: &str) -> bool {
         self.merchant.as_deref().is_none_or(|m| m == merchant_id)
     }
 }
@@ -203,7 +209,7 @@ impl FromRequest for Caller {
     }
 }
 
-fn rfc3339(ms: i64) -> Option<String> {
+pub(crate) fn rfc3339(ms: i64) -> Option<String> {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()?;
     t.format(&time::format_description::well_known::Rfc3339)
         .ok()
@@ -214,7 +220,7 @@ fn parse_cabinet_id(s: &str) -> ApiResult<CabinetId> {
 }
 
 /// Loads a cabinet the caller may see, or 404.
-async fn visible_cabinet(
+pub(crate) async fn visible_cabinet(
     state: &AppState,
     caller: &Caller,
     id: &str,
@@ -945,7 +951,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/metrics", web::get().to(metrics))
     .route("/api/openapi.json", web::get().to(openapi))
     .service(
-        web::scope("/api/v1")
+        crate::api_catalog::configure(web::scope("/api/v1"))
             .route("/merchants", web::post().to(create_merchant))
             .route("/api-keys", web::post().to(create_key))
             .route("/cabinets", web::post().to(register_cabinet))

@@ -33,6 +33,8 @@ pub struct Settings {
     pub cabinet: CabinetSettings,
     /// Purchase sessions.
     pub session: SessionSettings,
+    /// Promotion clock.
+    pub pricing: PricingSettings,
     /// Actor threads.
     pub actors: ActorSettings,
     /// Logging.
@@ -120,6 +122,14 @@ pub struct CabinetSettings {
 pub struct SessionSettings {
     /// `HUB__SESSION__RECOGNITION_TIMEOUT_MS`
     pub recognition_timeout_ms: u64,
+}
+
+/// `[pricing]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingSettings {
+    /// `HUB__PRICING__UTC_OFFSET_MIN`: local time of daily promotion slots.
+    pub utc_offset_min: i32,
 }
 
 /// `[actors]`
@@ -225,6 +235,9 @@ impl Settings {
                     parsed.scheme()
                 );
             }
+        }
+        if !(-720..=840).contains(&self.pricing.utc_offset_min) {
+            bail!("pricing.utc_offset_min (HUB__PRICING__UTC_OFFSET_MIN) must be between -720 and 840");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!(

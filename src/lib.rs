@@ -4,6 +4,7 @@
 //! ports.
 
 pub mod api;
+pub mod api_catalog;
 pub mod app;
 pub mod ca;
 pub mod config;

@@ -29,14 +29,17 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
-fn conflict_or(e: sqlx::Error) -> StoreError {
+pub(crate) fn conflict_or(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict,
         _ => StoreError::Db(e),
     }
 }
 
-type Result<T> = std::result::Result<T, StoreError>;
+pub(crate) type Result<T> = std::result::Result<T, StoreError>;
+
+mod catalog;
+pub use catalog::{PromotionRow, PromotionRule};
 
 /// A merchant.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -130,24 +133,53 @@ pub struct AlertFilter {
 // either can diverge without touching the other.
 #[allow(clippy::if_same_then_else)]
 fn migrator(postgres: bool) -> Migrator {
-    let sql: &'static str = if postgres {
-        include_str!("../migrations/postgres/0001_core.sql")
+    let files: [(i64, &str, &'static str); 2] = if postgres {
+        [
+            (
+                1,
+                "core",
+                include_str!("../../migrations/postgres/0001_core.sql"),
+            ),
+            (
+                2,
+                "catalog",
+                include_str!("../../migrations/postgres/0002_catalog.sql"),
+            ),
+        ]
     } else {
-        include_str!("../migrations/sqlite/0001_core.sql")
+        [
+            (
+                1,
+                "core",
+                include_str!("../../migrations/sqlite/0001_core.sql"),
+            ),
+            (
+                2,
+                "catalog",
+                include_str!("../../migrations/sqlite/0002_catalog.sql"),
+            ),
+        ]
     };
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        Cow::Borrowed("core"),
-        MigrationType::Simple,
-        sql.into_sql_str(),
-        false,
-    )])
+    Migrator::with_migrations(
+        files
+            .into_iter()
+            .map(|(v, name, sql)| {
+                Migration::new(
+                    v,
+                    Cow::Owned(name.to_owned()),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
 }
 
 /// The hub's database.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
     postgres: bool,
 }
 
