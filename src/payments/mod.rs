@@ -2,4 +2,6 @@
 //! clients here implement the providers' real security (signing, verification, decryption) and
 //! are tested against vectors made independently with OpenSSL.
 
+pub mod sim_wechat;
+pub mod wechat;
 pub mod wechat_crypto;

@@ -5,6 +5,7 @@ mod catalog;
 mod harness;
 mod startup;
 mod store;
+mod wechat;
 
 use std::time::Duration;
 

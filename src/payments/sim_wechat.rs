@@ -1,0 +1,708 @@
+//! A WeChat Pay Score simulator that behaves like the real service for the endpoints the hub
+//! uses: same paths, fields, states and transitions, error codes, APIv3-signed responses
+//! (its own test key pair), and AES-256-GCM-encrypted, signed notifications delivered with
+//! WeChat's retry schedule until answered 200/204. Mounted at `/sim/wechatpay`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::wechat::{Collection, CollectionDetail, ServiceOrder};
+use super::wechat_crypto::{
+    encrypt_resource, request_message, response_message, RsaSigner, Verifier,
+};
+use crate::secrets::token;
+
+/// The URL prefix the simulator is mounted at.
+pub const PREFIX: &str = "/sim/wechatpay";
+
+/// WeChat's notification retry schedule, seconds after the previous attempt.
+pub const RETRY_SCHEDULE_S: [u64; 9] = [15, 15, 30, 180, 1800, 1800, 1800, 1800, 3600];
+
+/// How the simulator is keyed and paced.
+#[derive(Clone)]
+pub struct SimConfig {
+    /// The platform merchant id it accepts.
+    pub mchid: String,
+    /// Serial of the merchant key it accepts.
+    pub merchant_serial: String,
+    /// The merchant's public key (PEM), to verify requests.
+    pub merchant_public_key_pem: String,
+    /// Serial it signs with.
+    pub platform_serial: String,
+    /// Its private key (PEM).
+    pub platform_key_pem: String,
+    /// The APIv3 key notifications are encrypted with.
+    pub api_v3_key: String,
+    /// Multiplies [`RETRY_SCHEDULE_S`] (1.0 = real time; tests use a small factor).
+    pub retry_scale: f64,
+    /// How long a scripted shopper takes to confirm.
+    pub confirm_delay: Duration,
+    /// Whether cancel is allowed after MCH_COMPLETE (sources disagree).
+    pub cancel_after_complete: bool,
+}
+
+/// How a simulated shopper behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct UserScript {
+    /// Confirms the pay-after-use order.
+    pub confirm: bool,
+    /// Deductions succeed.
+    pub deduction: Deduction,
+}
+
+/// Deduction outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Deduction {
+    /// Paid at once.
+    Succeed,
+    /// The balance is short: the order stays USER_PAYING.
+    Fail,
+}
+
+impl Default for UserScript {
+    fn default() -> Self {
+        Self {
+            confirm: true,
+            deduction: Deduction::Succeed,
+        }
+    }
+}
+
+struct SimOrder {
+    sub_mchid: String,
+    notify_url: String,
+    openid: String,
+    order: ServiceOrder,
+    create_body: Value,
+    refunded: i64,
+}
+
+#[derive(Default)]
+struct State {
+    orders: HashMap<String, SimOrder>,
+    refunds: HashMap<String, Value>,
+    users: HashMap<String, UserScript>,
+    seq: u64,
+}
+
+/// The simulator.
+#[derive(Clone)]
+pub struct WechatSim {
+    cfg: SimConfig,
+    signer: Arc<RsaSigner>,
+    verifier: Arc<Verifier>,
+    state: Arc<Mutex<State>>,
+    http: reqwest::Client,
+}
+
+fn key(sub_mchid: &str, out_order_no: &str) -> String {
+    format!("{sub_mchid}\u{1f}{out_order_no}")
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn rfc3339_now() -> String {
+    let t = time::OffsetDateTime::now_utc()
+        .to_offset(time::UtcOffset::from_hms(8, 0, 0).unwrap_or(time::UtcOffset::UTC));
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Why a simulator request was refused, as WeChat answers.
+struct SimError(u16, &'static str, String);
+
+impl WechatSim {
+    /// Builds the simulator.
+    pub fn new(cfg: SimConfig) -> anyhow::Result<Self> {
+        let signer = RsaSigner::from_pem(&cfg.platform_key_pem)
+            .map_err(|e| anyhow::anyhow!("simulator key: {e}"))?;
+        let mut verifier = Verifier::new(300);
+        verifier
+            .add_pem(&cfg.merchant_serial, &cfg.merchant_public_key_pem)
+            .map_err(|e| anyhow::anyhow!("merchant public key: {e}"))?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Self {
+            cfg,
+            signer: Arc::new(signer),
+            verifier: Arc::new(verifier),
+            state: Arc::new(Mutex::new(State::default())),
+            http,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Scripts a shopper.
+    pub fn set_user(&self, user: &str, script: UserScript) {
+        self.lock().users.insert(user.to_owned(), script);
+    }
+
+    /// The shopper's script (default: confirm, deductions succeed).
+    pub fn user(&self, user: &str) -> UserScript {
+        self.lock().users.get(user).copied().unwrap_or_default()
+    }
+
+    /// The shopper pays every outstanding deduction (as if they paid later). Returns how many.
+    pub fn user_pays(&self, user: &str) -> usize {
+        let keys: Vec<String> = {
+            let st = self.lock();
+            st.orders
+                .iter()
+                .filter(|(_, o)| {
+                    o.openid == user
+                        && o.order
+                            .collection
+                            .as_ref()
+                            .is_some_and(|c| c.state == "USER_PAYING")
+                })
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for k in &keys {
+            self.deduct(k, true);
+        }
+        keys.len()
+    }
+
+    fn signed(&self, status: u16, body: Option<&Value>) -> HttpResponse {
+        let text = body.map(Value::to_string).unwrap_or_default();
+        let ts = now_s();
+        let nonce = token(32).unwrap_or_default();
+        let sig = self
+            .signer
+            .sign(response_message(ts, &nonce, &text).as_bytes())
+            .unwrap_or_default();
+        let mut b = HttpResponse::build(
+            actix_web::http::StatusCode::from_u16(status)
+                .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR),
+        );
+        b.insert_header(("Wechatpay-Timestamp", ts.to_string()))
+            .insert_header(("Wechatpay-Nonce", nonce))
+            .insert_header(("Wechatpay-Signature", sig))
+            .insert_header(("Wechatpay-Serial", self.cfg.platform_serial.clone()));
+        if body.is_some() {
+            b.content_type("application/json").body(text)
+        } else {
+            b.finish()
+        }
+    }
+
+    fn error(&self, e: SimError) -> HttpResponse {
+        self.signed(e.0, Some(&json!({"code": e.1, "message": e.2})))
+    }
+
+    /// Checks the merchant's `Authorization` over exactly what was received.
+    fn authenticate(&self, req: &HttpRequest, body: &str) -> Result<(), SimError> {
+        let sign_error = |m: &str| SimError(401, "SIGN_ERROR", m.to_owned());
+        let auth = req
+            .headers()
+            .get("Authorization")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| sign_error("缺少Authorization"))?;
+        let params = auth
+            .strip_prefix("WECHATPAY2-SHA256-RSA2048 ")
+            .ok_or_else(|| sign_error("认证类型错误"))?;
+        let mut fields = HashMap::new();
+        for part in params.split(',') {
+            if let Some((k, v)) = part.trim().split_once('=') {
+                fields.insert(k, v.trim_matches('"'));
+            }
+        }
+        let get = |k: &str| {
+            fields
+                .get(k)
+                .copied()
+                .ok_or_else(|| sign_error(&format!("缺少{k}")))
+        };
+        if get("mchid")? != self.cfg.mchid {
+            return Err(SimError(401, "NO_AUTH", "商户号不匹配".into()));
+        }
+        let ts: i64 = get("timestamp")?
+            .parse()
+            .map_err(|_| sign_error("timestamp"))?;
+        if (now_s() - ts).abs() > 300 {
+            return Err(sign_error("请求已过期"));
+        }
+        let path_q = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("");
+        let url = path_q.strip_prefix(PREFIX).unwrap_or(path_q);
+        let message = request_message(req.method().as_str(), url, ts, get("nonce_str")?, body);
+        self.verifier
+            .verify_message(get("serial_no")?, message.as_bytes(), get("signature")?)
+            .map_err(|_| sign_error("签名错误"))
+    }
+
+    fn next_id(&self, prefix: &str) -> String {
+        let mut st = self.lock();
+        st.seq += 1;
+        format!("{prefix}{}{:08}", now_s(), st.seq)
+    }
+
+    /// Sends a notification about an order, retrying on WeChat's schedule until answered.
+    fn notify(&self, order_key: &str, event_type: &'static str) {
+        let (url, resource) = {
+            let st = self.lock();
+            let Some(o) = st.orders.get(order_key) else {
+                return;
+            };
+            let mut resource = serde_json::to_value(&o.order).unwrap_or(Value::Null);
+            resource["sub_mchid"] = json!(o.sub_mchid);
+            (o.notify_url.clone(), resource)
+        };
+        let sim = self.clone();
+        let id = self.next_id("EV-");
+        tokio::spawn(async move {
+            let nonce = token(12).unwrap_or_default();
+            let plain = resource.to_string();
+            let Ok(ciphertext) = encrypt_resource(
+                sim.cfg.api_v3_key.as_bytes(),
+                &nonce,
+                "payscore",
+                plain.as_bytes(),
+            ) else {
+                return;
+            };
+            let body = json!({"id": id, "create_time": rfc3339_now(), "event_type": event_type, "resource_type": "encrypt-resource",
+                "summary": "支付分服务单通知",
+                "resource": {"algorithm": "AEAD_AES_256_GCM", "ciphertext": ciphertext, "nonce": nonce, "associated_data": "payscore", "original_type": "payscore"}})
+            .to_string();
+            let mut attempt = 0;
+            loop {
+                let ts = now_s();
+                let n = token(32).unwrap_or_default();
+                let sig = sim
+                    .signer
+                    .sign(response_message(ts, &n, &body).as_bytes())
+                    .unwrap_or_default();
+                let sent = sim
+                    .http
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .header("Wechatpay-Timestamp", ts.to_string())
+                    .header("Wechatpay-Nonce", n)
+                    .header("Wechatpay-Signature", sig)
+                    .header("Wechatpay-Serial", sim.cfg.platform_serial.clone())
+                    .body(body.clone())
+                    .send()
+                    .await;
+                if sent
+                    .as_ref()
+                    .is_ok_and(|r| r.status().as_u16() == 200 || r.status().as_u16() == 204)
+                {
+                    return;
+                }
+                let Some(wait) = RETRY_SCHEDULE_S.get(attempt) else {
+                    tracing::warn!(url = %url, event_type, "simulator gave up delivering a notification");
+                    return;
+                };
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs_f64(*wait as f64 * sim.cfg.retry_scale))
+                    .await;
+            }
+        });
+    }
+
+    /// Tries the deduction of a completed order; `force` = the shopper paid.
+    fn deduct(&self, order_key: &str, force: bool) {
+        let paid = {
+            let mut st = self.lock();
+            let script = st
+                .orders
+                .get(order_key)
+                .map(|o| st.users.get(&o.openid).copied().unwrap_or_default());
+            let txn = format!("42000{}{:06}", now_s(), st.seq + 1);
+            st.seq += 1;
+            let Some(o) = st.orders.get_mut(order_key) else {
+                return;
+            };
+            let Some(c) = o.order.collection.as_mut() else {
+                return;
+            };
+            if c.state != "USER_PAYING" {
+                return;
+            }
+            let ok = force
+                || c.paying_amount == 0
+                || script.is_some_and(|s| s.deduction == Deduction::Succeed);
+            if !ok {
+                return;
+            }
+            let amount = c.paying_amount;
+            c.details.push(CollectionDetail {
+                seq: c.details.len() as u32 + 1,
+                amount,
+                paid_type: "NEWTON".into(),
+                paid_time: rfc3339_now(),
+                transaction_id: txn,
+            });
+            c.paid_amount += amount;
+            c.paying_amount = 0;
+            c.state = "USER_PAID".into();
+            o.order.state = "DONE".into();
+            o.order.state_description = None;
+            true
+        };
+        if paid {
+            self.notify(order_key, "PAYSCORE.USER_PAID");
+        }
+    }
+
+    fn create(&self, body: &Value) -> Result<Value, SimError> {
+        let param = |m: &str| SimError(400, "PARAM_ERROR", m.to_owned());
+        let s = |k: &str| {
+            body[k]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| param(&format!("缺少参数{k}")))
+        };
+        let out_order_no = s("out_order_no")?;
+        if out_order_no.is_empty()
+            || out_order_no.len() > 32
+            || !out_order_no
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-|*".contains(&b))
+        {
+            return Err(param("out_order_no格式错误"));
+        }
+        let sub_mchid = s("sub_mchid")?;
+        let (service_id, notify_url, openid) = (s("service_id")?, s("notify_url")?, s("openid")?);
+        if body["need_user_confirm"] != true {
+            return Err(param("need_user_confirm"));
+        }
+        if s("service_introduction")?.chars().count() > 20 {
+            return Err(param("service_introduction超长"));
+        }
+        let risk = body["risk_fund"]["amount"]
+            .as_i64()
+            .filter(|a| *a > 0)
+            .ok_or_else(|| param("risk_fund.amount"))?;
+        if body.get("post_payments").is_some() {
+            return Err(param("创建订单不允许传post_payments"));
+        }
+        let k = key(&sub_mchid, &out_order_no);
+        {
+            let st = self.lock();
+            if let Some(existing) = st.orders.get(&k) {
+                // Identical retries are idempotent; a different body with the same number is not.
+                return if existing.create_body == *body {
+                    Ok(serde_json::to_value(&existing.order).unwrap_or(Value::Null))
+                } else {
+                    Err(SimError(400, "INVALID_REQUEST", "商户订单号重复".into()))
+                };
+            }
+        }
+        let order = ServiceOrder {
+            out_order_no: out_order_no.clone(),
+            service_id,
+            state: "CREATED".into(),
+            state_description: None,
+            order_id: Some(self.next_id("1000")),
+            total_amount: None,
+            openid: None,
+            risk_fund: Some(super::wechat::RiskFund {
+                name: body["risk_fund"]["name"]
+                    .as_str()
+                    .unwrap_or("ESTIMATE_ORDER_COST")
+                    .into(),
+                amount: risk,
+            }),
+            collection: None,
+            package: Some(format!("sim_{out_order_no}")),
+            attach: body["attach"].as_str().map(str::to_owned),
+        };
+        let v = serde_json::to_value(&order).unwrap_or(Value::Null);
+        self.lock().orders.insert(
+            k.clone(),
+            SimOrder {
+                sub_mchid,
+                notify_url,
+                openid: openid.clone(),
+                order,
+                create_body: body.clone(),
+                refunded: 0,
+            },
+        );
+        if self.user(&openid).confirm {
+            let sim = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(sim.cfg.confirm_delay).await;
+                let confirmed = {
+                    let mut st = sim.lock();
+                    match st.orders.get_mut(&k) {
+                        Some(o) if o.order.state == "CREATED" => {
+                            o.order.state = "DOING".into();
+                            o.order.state_description = Some("USER_CONFIRM".into());
+                            o.order.openid = Some(o.openid.clone());
+                            true
+                        }
+                        _ => false,
+                    }
+                };
+                if confirmed {
+                    sim.notify(&k, "PAYSCORE.USER_CONFIRM");
+                }
+            });
+        }
+        Ok(v)
+    }
+
+    fn find(&self, sub_mchid: &str, out_order_no: &str) -> Result<Value, SimError> {
+        self.lock()
+            .orders
+            .get(&key(sub_mchid, out_order_no))
+            .map(|o| serde_json::to_value(&o.order).unwrap_or(Value::Null))
+            .ok_or_else(|| SimError(404, "ORDER_NOT_EXIST", "订单不存在".into()))
+    }
+
+    fn cancel(&self, out_order_no: &str, body: &Value) -> Result<Value, SimError> {
+        let sub = body["sub_mchid"].as_str().unwrap_or_default();
+        if body["reason"]
+            .as_str()
+            .is_none_or(|r| r.is_empty() || r.chars().count() > 50)
+        {
+            return Err(SimError(400, "PARAM_ERROR", "reason".into()));
+        }
+        let k = key(sub, out_order_no);
+        let mut st = self.lock();
+        let o = st
+            .orders
+            .get_mut(&k)
+            .ok_or_else(|| SimError(404, "ORDER_NOT_EXIST", "订单不存在".into()))?;
+        let allowed = match (o.order.state.as_str(), o.order.state_description.as_deref()) {
+            ("CREATED", _) | ("DOING", Some("USER_CONFIRM")) => true,
+            ("DOING", Some("MCH_COMPLETE")) => self.cfg.cancel_after_complete,
+            _ => false,
+        };
+        if !allowed {
+            return Err(SimError(
+                400,
+                "INVALID_REQUEST",
+                "当前订单状态不合法".into(),
+            ));
+        }
+        o.order.state = "REVOKED".into();
+        o.order.state_description = None;
+        Ok(
+            json!({"out_order_no": out_order_no, "service_id": o.order.service_id, "order_id": o.order.order_id}),
+        )
+    }
+
+    fn complete(&self, out_order_no: &str, body: &Value) -> Result<String, SimError> {
+        let sub = body["sub_mchid"].as_str().unwrap_or_default();
+        let k = key(sub, out_order_no);
+        let sum = |field: &str| -> Result<i64, SimError> {
+            body[field].as_array().map_or(Ok(0), |a| {
+                a.iter().try_fold(0i64, |acc, x| {
+                    x["amount"]
+                        .as_i64()
+                        .filter(|v| *v >= 0)
+                        .map(|v| acc + v)
+                        .ok_or(SimError(400, "PARAM_ERROR", format!("{field}.amount")))
+                })
+            })
+        };
+        if body["post_payments"].as_array().is_none_or(Vec::is_empty) {
+            return Err(SimError(400, "PARAM_ERROR", "post_payments必填".into()));
+        }
+        if body["post_discounts"]
+            .as_array()
+            .is_some_and(|d| d.len() > 30)
+        {
+            return Err(SimError(
+                400,
+                "PARAM_ERROR",
+                "post_discounts最多30条".into(),
+            ));
+        }
+        let total = body["total_amount"].as_i64().ok_or(SimError(
+            400,
+            "PARAM_ERROR",
+            "total_amount".into(),
+        ))?;
+        if total != sum("post_payments")? - sum("post_discounts")? || total < 0 {
+            return Err(SimError(400, "PARAM_ERROR", "最终总金额计算非法".into()));
+        }
+        let mut st = self.lock();
+        let o = st
+            .orders
+            .get_mut(&k)
+            .ok_or_else(|| SimError(404, "ORDER_NOT_EXIST", "订单不存在".into()))?;
+        if o.order.state != "DOING" || o.order.state_description.as_deref() != Some("USER_CONFIRM")
+        {
+            return Err(SimError(
+                400,
+                "INVALID_REQUEST",
+                "当前订单状态不合法".into(),
+            ));
+        }
+        if o.order.risk_fund.as_ref().is_some_and(|r| total > r.amount) {
+            return Err(SimError(
+                400,
+                "PARAM_ERROR",
+                "total_amount超过风险金额".into(),
+            ));
+        }
+        o.order.state_description = Some("MCH_COMPLETE".into());
+        o.order.total_amount = Some(total);
+        o.order.collection = Some(Collection {
+            state: "USER_PAYING".into(),
+            total_amount: total,
+            paying_amount: total,
+            paid_amount: 0,
+            details: vec![],
+        });
+        Ok(k)
+    }
+
+    fn refund(&self, body: &Value) -> Result<Value, SimError> {
+        let param = |m: &str| SimError(400, "PARAM_ERROR", m.to_owned());
+        let out_refund_no = body["out_refund_no"]
+            .as_str()
+            .ok_or_else(|| param("out_refund_no"))?
+            .to_owned();
+        let txn = body["transaction_id"]
+            .as_str()
+            .ok_or_else(|| param("transaction_id"))?;
+        let amount = body["amount"]["refund"]
+            .as_i64()
+            .filter(|a| *a > 0)
+            .ok_or_else(|| param("amount.refund"))?;
+        let mut st = self.lock();
+        if let Some(existing) = st.refunds.get(&out_refund_no) {
+            return Ok(existing.clone());
+        }
+        let o = st
+            .orders
+            .values_mut()
+            .find(|o| {
+                o.order
+                    .collection
+                    .as_ref()
+                    .is_some_and(|c| c.details.iter().any(|d| d.transaction_id == txn))
+            })
+            .ok_or_else(|| SimError(404, "RESOURCE_NOT_EXISTS", "订单不存在".into()))?;
+        let paid = o
+            .order
+            .collection
+            .as_ref()
+            .map(|c| c.paid_amount)
+            .unwrap_or(0);
+        if o.refunded + amount > paid {
+            return Err(SimError(403, "NOT_ENOUGH", "退款金额超过可退金额".into()));
+        }
+        o.refunded += amount;
+        st.seq += 1;
+        let r = json!({"refund_id": format!("50300{}{:06}", now_s(), st.seq), "out_refund_no": out_refund_no, "status": "SUCCESS",
+                       "amount": {"refund": amount}});
+        st.refunds.insert(out_refund_no, r.clone());
+        Ok(r)
+    }
+}
+
+#[derive(Deserialize)]
+struct OrderQuery {
+    out_order_no: Option<String>,
+    sub_mchid: Option<String>,
+}
+
+async fn handle(sim: web::Data<WechatSim>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if let Err(e) = sim.authenticate(&req, &text) {
+        return sim.error(e);
+    }
+    let parsed: Value = if text.is_empty() {
+        Value::Null
+    } else {
+        match serde_json::from_str(&text) {
+            Ok(v) => v,
+            Err(_) => return sim.error(SimError(400, "PARAM_ERROR", "请求体不是JSON".into())),
+        }
+    };
+    let path = req
+        .path()
+        .strip_prefix(PREFIX)
+        .unwrap_or(req.path())
+        .to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let result: Result<(u16, Option<Value>), SimError> =
+        match (req.method().as_str(), segments.as_slice()) {
+            ("POST", ["v3", "payscore", "partner", "serviceorder"]) => {
+                sim.create(&parsed).map(|v| (200, Some(v)))
+            }
+            ("GET", ["v3", "payscore", "partner", "serviceorder"]) => {
+                let q = web::Query::<OrderQuery>::from_query(req.query_string())
+                    .map(|q| q.into_inner());
+                match q {
+                    Ok(OrderQuery {
+                        out_order_no: Some(o),
+                        sub_mchid: Some(s),
+                    }) => sim.find(&s, &o).map(|v| (200, Some(v))),
+                    _ => Err(SimError(
+                        400,
+                        "PARAM_ERROR",
+                        "out_order_no和sub_mchid必填".into(),
+                    )),
+                }
+            }
+            ("POST", ["v3", "payscore", "partner", "serviceorder", no, "cancel"]) => {
+                sim.cancel(no, &parsed).map(|v| (200, Some(v)))
+            }
+            ("POST", ["v3", "payscore", "partner", "serviceorder", no, "complete"]) => {
+                match sim.complete(no, &parsed) {
+                    Ok(k) => {
+                        let s2 = sim.get_ref().clone();
+                        tokio::spawn(async move { s2.deduct(&k, false) });
+                        Ok((204, None))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            ("POST", ["v3", "payscore", "partner", "serviceorder", no, "pay"]) => {
+                let k = key(parsed["sub_mchid"].as_str().unwrap_or_default(), no);
+                match sim.find(parsed["sub_mchid"].as_str().unwrap_or_default(), no) {
+                    Ok(o) if o["collection"]["state"] == "USER_PAYING" => {
+                        sim.deduct(&k, false);
+                        Ok((204, None))
+                    }
+                    Ok(_) => Err(SimError(
+                        400,
+                        "INVALID_REQUEST",
+                        "当前订单状态不合法".into(),
+                    )),
+                    Err(e) => Err(e),
+                }
+            }
+            ("POST", ["v3", "ecommerce", "refunds", "apply"]) => {
+                sim.refund(&parsed).map(|v| (200, Some(v)))
+            }
+            _ => Err(SimError(404, "NOT_FOUND", "接口不存在".into())),
+        };
+    match result {
+        Ok((status, body)) => sim.signed(status, body.as_ref()),
+        Err(e) => sim.error(e),
+    }
+}
+
+/// Mounts the simulator's provider endpoints at [`PREFIX`].
+pub fn configure(cfg: &mut web::ServiceConfig, sim: WechatSim) {
+    cfg.service(
+        web::scope(PREFIX)
+            .app_data(web::Data::new(sim))
+            .app_data(web::PayloadConfig::new(64 * 1024))
+            .default_service(web::to(handle)),
+    );
+}

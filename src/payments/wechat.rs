@@ -1,0 +1,572 @@
+//! WeChat Pay Score (partner mode, 需确认模式) client: APIv3-signed requests, verified
+//! responses, verified and decrypted notifications, typed errors. It talks to the real service
+//! or, by base URL, to the simulator (`payments::sim_wechat`).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::wechat_crypto::{decrypt_resource, CryptoError, RequestToSign, RsaSigner, Verifier};
+use crate::secrets::token;
+
+/// How to reach and authenticate with WeChat Pay.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WechatConfig {
+    /// `https://api.mch.weixin.qq.com`, or the simulator's `http://…/sim/wechatpay`.
+    pub base_url: String,
+    /// The platform's (服务商) merchant id.
+    pub mchid: String,
+    /// Serial of the merchant API certificate.
+    pub merchant_serial: String,
+    /// Path of the merchant API private key (PEM).
+    pub merchant_key_path: String,
+    /// Serial (or `PUB_KEY_ID_…`) of the WeChat Pay public key.
+    pub platform_serial: String,
+    /// Path of the WeChat Pay public key (PEM).
+    pub platform_public_key_path: String,
+    /// The 32-byte APIv3 key.
+    pub api_v3_key: String,
+    /// The Pay Score service id.
+    pub service_id: String,
+    /// The mini-program app id.
+    pub appid: String,
+    /// Where notifications go.
+    pub notify_url: String,
+}
+
+/// A client failure, by kind, so the caller can decide to retry.
+#[derive(Debug, thiserror::Error)]
+pub enum WechatError {
+    /// The service answered with an error (`{"code","message"}`).
+    #[error("{status} {code}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// WeChat's error code (`INVALID_REQUEST`, `PARAM_ERROR`, `SIGN_ERROR`, …).
+        code: String,
+        /// WeChat's message.
+        message: String,
+    },
+    /// The answer was not signed by the platform key: never trusted.
+    #[error("response signature: {0}")]
+    BadResponseSignature(CryptoError),
+    /// Could not reach the service (retryable).
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The answer did not parse.
+    #[error("unexpected response: {0}")]
+    Decode(String),
+    /// Local keys or configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl WechatError {
+    /// Whether retrying the same request later may succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            WechatError::Transport(_) => true,
+            WechatError::Api { status, code, .. } => {
+                *status >= 500 || code == "FREQUENCY_LIMITED" || code == "SYSTEM_ERROR"
+            }
+            WechatError::BadResponseSignature(_)
+            | WechatError::Decode(_)
+            | WechatError::Config(_) => false,
+        }
+    }
+}
+
+/// `risk_fund`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RiskFund {
+    /// `ESTIMATE_ORDER_COST` for 先享.
+    pub name: String,
+    /// Ceiling (fen).
+    pub amount: i64,
+}
+
+/// `time_range`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeRange {
+    /// `yyyyMMddHHmmss`
+    pub start_time: String,
+    /// `yyyyMMddHHmmss`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<String>,
+}
+
+/// One `post_payments` line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostPayment {
+    /// `商品信息`
+    pub name: String,
+    /// Line total (fen).
+    pub amount: i64,
+    /// Product name.
+    pub description: String,
+    /// Quantity.
+    pub count: u32,
+}
+
+/// One `post_discounts` line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostDiscount {
+    /// Promotion name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// Saving (fen).
+    pub amount: i64,
+}
+
+/// A deduction record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionDetail {
+    /// Sequence.
+    pub seq: u32,
+    /// Amount (fen).
+    pub amount: i64,
+    /// `NEWTON` (WeChat deducted) or `MCH` (paid offline).
+    pub paid_type: String,
+    /// RFC 3339.
+    pub paid_time: String,
+    /// The trade number refunds need.
+    pub transaction_id: String,
+}
+
+/// `collection`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collection {
+    /// `USER_PAYING` or `USER_PAID`.
+    pub state: String,
+    /// Total (fen).
+    pub total_amount: i64,
+    /// Still owed (fen).
+    pub paying_amount: i64,
+    /// Paid (fen).
+    pub paid_amount: i64,
+    /// Deductions.
+    #[serde(default)]
+    pub details: Vec<CollectionDetail>,
+}
+
+/// A Pay Score service order as WeChat returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceOrder {
+    /// Ours.
+    pub out_order_no: String,
+    /// The service.
+    pub service_id: String,
+    /// CREATED, DOING, DONE, REVOKED, EXPIRED.
+    pub state: String,
+    /// While DOING: USER_CONFIRM or MCH_COMPLETE.
+    #[serde(default)]
+    pub state_description: Option<String>,
+    /// WeChat's order id.
+    #[serde(default)]
+    pub order_id: Option<String>,
+    /// Final amount once completed (fen).
+    #[serde(default)]
+    pub total_amount: Option<i64>,
+    /// The shopper, once known.
+    #[serde(default)]
+    pub openid: Option<String>,
+    /// Risk ceiling.
+    #[serde(default)]
+    pub risk_fund: Option<RiskFund>,
+    /// Deduction state.
+    #[serde(default)]
+    pub collection: Option<Collection>,
+    /// Mini-program `package` for openBusinessView.
+    #[serde(default)]
+    pub package: Option<String>,
+    /// Our context.
+    #[serde(default)]
+    pub attach: Option<String>,
+}
+
+/// What `create` takes.
+#[derive(Debug, Clone, Serialize)]
+pub struct CreateOrder {
+    /// Unique per merchant, ≤ 32 of `[0-9A-Za-z_-|*]`.
+    pub out_order_no: String,
+    /// The second-level merchant.
+    pub sub_mchid: String,
+    /// ≤ 20 characters.
+    pub service_introduction: String,
+    /// Risk ceiling.
+    pub risk_fund: RiskFund,
+    /// Start now.
+    pub time_range: TimeRange,
+    /// The shopper (used by the simulator to script confirmation; accepted by WeChat).
+    pub openid: String,
+    /// ≤ 256: our session id.
+    pub attach: String,
+    /// The cabinet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<Value>,
+}
+
+/// The answer to a cancel (WeChat returns the ids, not the state).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancelled {
+    /// Ours.
+    pub out_order_no: String,
+    /// WeChat's.
+    #[serde(default)]
+    pub order_id: Option<String>,
+}
+
+/// A refund request result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refund {
+    /// WeChat's id.
+    pub refund_id: String,
+    /// Ours.
+    pub out_refund_no: String,
+    /// PROCESSING, SUCCESS, ABNORMAL, CLOSED.
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+/// A verified, decrypted notification.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notification {
+    /// Unique id: a repeat is a replay (or a redelivery), handled idempotently by the caller.
+    pub id: String,
+    /// `PAYSCORE.USER_CONFIRM`, `PAYSCORE.USER_PAID`, …
+    pub event_type: String,
+    /// The decrypted resource.
+    pub resource: Value,
+}
+
+/// Why a notification was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NotificationError {
+    /// A `Wechatpay-*` header is missing or malformed.
+    #[error("missing or malformed header {0}")]
+    Header(&'static str),
+    /// Signature, key serial or timestamp.
+    #[error("verification: {0}")]
+    Verify(CryptoError),
+    /// The envelope is not the expected JSON.
+    #[error("envelope: {0}")]
+    Envelope(String),
+    /// The resource did not decrypt (forged or wrong key).
+    #[error("decryption failed")]
+    Decrypt,
+}
+
+/// The `Wechatpay-*` headers of a response or notification.
+#[derive(Debug, Clone, Default)]
+pub struct SignedHeaders {
+    /// `Wechatpay-Timestamp`
+    pub timestamp: Option<String>,
+    /// `Wechatpay-Nonce`
+    pub nonce: Option<String>,
+    /// `Wechatpay-Signature`
+    pub signature: Option<String>,
+    /// `Wechatpay-Serial`
+    pub serial: Option<String>,
+}
+
+/// The client.
+pub struct WechatClient {
+    http: reqwest::Client,
+    cfg: WechatConfig,
+    signer: RsaSigner,
+    verifier: Verifier,
+}
+
+fn read(path: &str) -> Result<String, WechatError> {
+    std::fs::read_to_string(path).map_err(|e| WechatError::Config(format!("{path}: {e}")))
+}
+
+impl WechatClient {
+    /// Loads keys and builds the client.
+    pub fn new(cfg: WechatConfig) -> Result<Self, WechatError> {
+        if cfg.api_v3_key.len() != 32 {
+            return Err(WechatError::Config("api_v3_key must be 32 bytes".into()));
+        }
+        let signer = RsaSigner::from_pem(&read(&cfg.merchant_key_path)?)
+            .map_err(|e| WechatError::Config(e.to_string()))?;
+        let mut verifier = Verifier::new(300);
+        verifier
+            .add_pem(&cfg.platform_serial, &read(&cfg.platform_public_key_path)?)
+            .map_err(|e| WechatError::Config(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| WechatError::Config(e.to_string()))?;
+        Ok(Self {
+            http,
+            cfg,
+            signer,
+            verifier,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &WechatConfig {
+        &self.cfg
+    }
+
+    fn now_s() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    }
+
+    /// Sends one signed request and verifies the signed answer.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), WechatError> {
+        let body_text = match body {
+            Some(b) => serde_json::to_string(b).map_err(|e| WechatError::Decode(e.to_string()))?,
+            None => String::new(),
+        };
+        let nonce = token(32).map_err(|_| WechatError::Config("no randomness".into()))?;
+        let req = RequestToSign {
+            method: method.as_str(),
+            url: path_and_query,
+            timestamp: Self::now_s(),
+            nonce: &nonce,
+            body: &body_text,
+        };
+        let auth = self
+            .signer
+            .authorization(&self.cfg.mchid, &self.cfg.merchant_serial, &req)
+            .map_err(|e| WechatError::Config(e.to_string()))?;
+        let url = format!(
+            "{}{}",
+            self.cfg.base_url.trim_end_matches('/'),
+            path_and_query
+        );
+        let mut rb = self
+            .http
+            .request(method, url)
+            .header("Authorization", auth)
+            .header("Accept", "application/json")
+            .header("User-Agent", "cabinet-hub");
+        if body.is_some() {
+            rb = rb
+                .header("Content-Type", "application/json")
+                .body(body_text);
+        }
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| WechatError::Transport(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let h = resp.headers();
+        let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let headers = SignedHeaders {
+            timestamp: get("Wechatpay-Timestamp"),
+            nonce: get("Wechatpay-Nonce"),
+            signature: get("Wechatpay-Signature"),
+            serial: get("Wechatpay-Serial"),
+        };
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| WechatError::Transport(e.to_string()))?;
+        // Error answers are signed too; an unsigned or forged answer is never believed.
+        self.verify_headers(&headers, &text).map_err(|e| match e {
+            NotificationError::Verify(c) => WechatError::BadResponseSignature(c),
+            other => WechatError::BadResponseSignature(CryptoError::Key(other.to_string())),
+        })?;
+        let value: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).map_err(|e| WechatError::Decode(e.to_string()))?
+        };
+        if status >= 300 {
+            return Err(WechatError::Api {
+                status,
+                code: value["code"].as_str().unwrap_or("UNKNOWN").to_owned(),
+                message: value["message"].as_str().unwrap_or("").to_owned(),
+            });
+        }
+        Ok((status, value))
+    }
+
+    fn verify_headers(&self, h: &SignedHeaders, body: &str) -> Result<(), NotificationError> {
+        let ts = h
+            .timestamp
+            .as_deref()
+            .ok_or(NotificationError::Header("Wechatpay-Timestamp"))?;
+        let ts: i64 = ts
+            .parse()
+            .map_err(|_| NotificationError::Header("Wechatpay-Timestamp"))?;
+        let nonce = h
+            .nonce
+            .as_deref()
+            .ok_or(NotificationError::Header("Wechatpay-Nonce"))?;
+        let sig = h
+            .signature
+            .as_deref()
+            .ok_or(NotificationError::Header("Wechatpay-Signature"))?;
+        let serial = h
+            .serial
+            .as_deref()
+            .ok_or(NotificationError::Header("Wechatpay-Serial"))?;
+        self.verifier
+            .verify(serial, ts, nonce, body, sig, Self::now_s())
+            .map_err(NotificationError::Verify)
+    }
+
+    fn order(v: Value) -> Result<ServiceOrder, WechatError> {
+        serde_json::from_value(v).map_err(|e| WechatError::Decode(e.to_string()))
+    }
+
+    /// Creates a service order (no amount yet; a risk ceiling). Idempotent for identical retries.
+    pub async fn create_order(&self, o: &CreateOrder) -> Result<ServiceOrder, WechatError> {
+        let mut body = serde_json::to_value(o).map_err(|e| WechatError::Decode(e.to_string()))?;
+        body["service_id"] = Value::String(self.cfg.service_id.clone());
+        body["appid"] = Value::String(self.cfg.appid.clone());
+        body["notify_url"] = Value::String(self.cfg.notify_url.clone());
+        body["need_user_confirm"] = Value::Bool(true);
+        let (_, v) = self
+            .call(
+                reqwest::Method::POST,
+                "/v3/payscore/partner/serviceorder",
+                Some(&body),
+            )
+            .await?;
+        Self::order(v)
+    }
+
+    /// Queries by our order number.
+    pub async fn query_order(
+        &self,
+        sub_mchid: &str,
+        out_order_no: &str,
+    ) -> Result<ServiceOrder, WechatError> {
+        let q = format!(
+            "/v3/payscore/partner/serviceorder?service_id={}&out_order_no={}&appid={}&sub_mchid={}",
+            self.cfg.service_id, out_order_no, self.cfg.appid, sub_mchid
+        );
+        let (_, v) = self.call(reqwest::Method::GET, &q, None).await?;
+        Self::order(v)
+    }
+
+    /// Cancels an order that will not be charged.
+    pub async fn cancel_order(
+        &self,
+        sub_mchid: &str,
+        out_order_no: &str,
+        reason: &str,
+    ) -> Result<Cancelled, WechatError> {
+        let body = serde_json::json!({"service_id": self.cfg.service_id, "sub_mchid": sub_mchid, "reason": reason});
+        let (_, v) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v3/payscore/partner/serviceorder/{out_order_no}/cancel"),
+                Some(&body),
+            )
+            .await?;
+        serde_json::from_value(v).map_err(|e| WechatError::Decode(e.to_string()))
+    }
+
+    /// Completes with the final amount; WeChat then deducts. Answers 204.
+    pub async fn complete_order(
+        &self,
+        sub_mchid: &str,
+        out_order_no: &str,
+        post_payments: &[PostPayment],
+        post_discounts: &[PostDiscount],
+        total_amount: i64,
+    ) -> Result<(), WechatError> {
+        let body = serde_json::json!({"service_id": self.cfg.service_id, "sub_mchid": sub_mchid, "post_payments": post_payments,
+                                      "post_discounts": post_discounts, "total_amount": total_amount, "profit_sharing": true});
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v3/payscore/partner/serviceorder/{out_order_no}/complete"),
+            Some(&body),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Prompts WeChat to deduct again (催收).
+    pub async fn collect(&self, sub_mchid: &str, out_order_no: &str) -> Result<(), WechatError> {
+        let body = serde_json::json!({"service_id": self.cfg.service_id, "sub_mchid": sub_mchid});
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v3/payscore/partner/serviceorder/{out_order_no}/pay"),
+            Some(&body),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Refunds part or all of a paid deduction; retry a failed one with the same `out_refund_no`.
+    pub async fn refund(
+        &self,
+        sub_mchid: &str,
+        transaction_id: &str,
+        out_refund_no: &str,
+        refund: i64,
+        total: i64,
+        reason: &str,
+    ) -> Result<Refund, WechatError> {
+        let body = serde_json::json!({"sub_mchid": sub_mchid, "sp_appid": self.cfg.appid, "transaction_id": transaction_id,
+            "out_refund_no": out_refund_no, "reason": reason, "amount": {"refund": refund, "total": total, "currency": "CNY"},
+            "notify_url": self.cfg.notify_url});
+        let (_, v) = self
+            .call(
+                reqwest::Method::POST,
+                "/v3/ecommerce/refunds/apply",
+                Some(&body),
+            )
+            .await?;
+        serde_json::from_value(v).map_err(|e| WechatError::Decode(e.to_string()))
+    }
+
+    /// Verifies and decrypts a notification. Replays must be caught by the caller by `id`
+    /// (and by the idempotent state change the resource describes).
+    pub fn parse_notification(
+        &self,
+        headers: &SignedHeaders,
+        body: &str,
+    ) -> Result<Notification, NotificationError> {
+        self.verify_headers(headers, body)?;
+        let env: Value =
+            serde_json::from_str(body).map_err(|e| NotificationError::Envelope(e.to_string()))?;
+        let field = |k: &str| {
+            env["resource"][k]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| NotificationError::Envelope(format!("resource.{k}")))
+        };
+        if env["resource"]["algorithm"] != "AEAD_AES_256_GCM" {
+            return Err(NotificationError::Envelope("resource.algorithm".into()));
+        }
+        let plain = decrypt_resource(
+            self.cfg.api_v3_key.as_bytes(),
+            &field("nonce")?,
+            &field("associated_data")?,
+            &field("ciphertext")?,
+        )
+        .map_err(|_| NotificationError::Decrypt)?;
+        let resource = serde_json::from_slice(&plain)
+            .map_err(|e| NotificationError::Envelope(e.to_string()))?;
+        Ok(Notification {
+            id: env["id"]
+                .as_str()
+                .ok_or_else(|| NotificationError::Envelope("id".into()))?
+                .to_owned(),
+            event_type: env["event_type"]
+                .as_str()
+                .ok_or_else(|| NotificationError::Envelope("event_type".into()))?
+                .to_owned(),
+            resource,
+        })
+    }
+}

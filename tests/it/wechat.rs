@@ -1,0 +1,441 @@
+//! The WeChat Pay Score client against the simulator, over HTTP.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use tokio::sync::mpsc;
+
+use cabinet_hub::payments::sim_wechat::{self, Deduction, SimConfig, UserScript, WechatSim};
+use cabinet_hub::payments::wechat::{
+    CreateOrder, NotificationError, PostDiscount, PostPayment, RiskFund, SignedHeaders, TimeRange,
+    WechatClient, WechatConfig, WechatError,
+};
+
+const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev-keys");
+const API_V3_KEY: &str = "0123456789abcdefghijklmnopqrstuv";
+
+struct Rig {
+    client: WechatClient,
+    sim: WechatSim,
+    notes: mpsc::UnboundedReceiver<(SignedHeaders, String)>,
+    refuse_first: Arc<AtomicUsize>,
+    base: String,
+}
+
+fn read(name: &str) -> String {
+    std::fs::read_to_string(format!("{KEYS}/{name}")).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn client_config(base: &str) -> WechatConfig {
+    WechatConfig {
+        base_url: format!("{base}{}", sim_wechat::PREFIX),
+        mchid: "1900000001".into(),
+        merchant_serial: "MERCHANT_SERIAL_1".into(),
+        merchant_key_path: format!("{KEYS}/wechat-merchant.key.pem"),
+        platform_serial: "PUB_KEY_ID_SIM".into(),
+        platform_public_key_path: format!("{KEYS}/wechat-platform.pub.pem"),
+        api_v3_key: API_V3_KEY.into(),
+        service_id: "500001".into(),
+        appid: "wx_sim_app".into(),
+        notify_url: format!("{base}/notify"),
+    }
+}
+
+async fn rig() -> Rig {
+    let sim = WechatSim::new(SimConfig {
+        mchid: "1900000001".into(),
+        merchant_serial: "MERCHANT_SERIAL_1".into(),
+        merchant_public_key_pem: read("wechat-merchant.pub.pem"),
+        platform_serial: "PUB_KEY_ID_SIM".into(),
+        platform_key_pem: read("wechat-platform.key.pem"),
+        api_v3_key: API_V3_KEY.into(),
+        retry_scale: 0.002,
+        confirm_delay: Duration::from_millis(20),
+        cancel_after_complete: false,
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (tx, notes) = mpsc::unbounded_channel();
+    let refuse_first = Arc::new(AtomicUsize::new(0));
+    let (s2, r2) = (sim.clone(), refuse_first.clone());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let base = format!(
+        "http://{}",
+        listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
+    );
+    let server = HttpServer::new(move || {
+        let (tx, refuse) = (tx.clone(), r2.clone());
+        App::new()
+            .route(
+                "/notify",
+                web::post().to(move |req: HttpRequest, body: String| {
+                    let (tx, refuse) = (tx.clone(), refuse.clone());
+                    async move {
+                        if refuse.load(Ordering::SeqCst) > 0 {
+                            refuse.fetch_sub(1, Ordering::SeqCst);
+                            return HttpResponse::InternalServerError()
+                                .json(serde_json::json!({"code": "FAIL", "message": "失败"}));
+                        }
+                        let h = |n: &str| {
+                            req.headers()
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned)
+                        };
+                        let headers = SignedHeaders {
+                            timestamp: h("Wechatpay-Timestamp"),
+                            nonce: h("Wechatpay-Nonce"),
+                            signature: h("Wechatpay-Signature"),
+                            serial: h("Wechatpay-Serial"),
+                        };
+                        let _ = tx.send((headers, body));
+                        HttpResponse::NoContent().finish()
+                    }
+                }),
+            )
+            .configure(|c| sim_wechat::configure(c, s2.clone()))
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)
+    .unwrap_or_else(|e| panic!("{e}"))
+    .run();
+    actix_rt::spawn(server);
+    let client = WechatClient::new(client_config(&base)).unwrap_or_else(|e| panic!("{e}"));
+    Rig {
+        client,
+        sim,
+        notes,
+        refuse_first,
+        base,
+    }
+}
+
+fn order(no: &str, user: &str) -> CreateOrder {
+    CreateOrder {
+        out_order_no: no.into(),
+        sub_mchid: "1900000109".into(),
+        service_introduction: "智能柜购物".into(),
+        risk_fund: RiskFund {
+            name: "ESTIMATE_ORDER_COST".into(),
+            amount: 20_000,
+        },
+        time_range: TimeRange {
+            start_time: "20251121120000".into(),
+            end_time: None,
+        },
+        openid: user.into(),
+        attach: "s_1".into(),
+        device: None,
+    }
+}
+
+impl Rig {
+    async fn next_note(&mut self) -> cabinet_hub::payments::wechat::Notification {
+        let (h, body) = tokio::time::timeout(Duration::from_secs(5), self.notes.recv())
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("no notification"));
+        self.client
+            .parse_notification(&h, &body)
+            .unwrap_or_else(|e| panic!("notification refused: {e}"))
+    }
+}
+
+fn lines() -> (Vec<PostPayment>, Vec<PostDiscount>) {
+    (
+        vec![
+            PostPayment {
+                name: "商品信息".into(),
+                amount: 600,
+                description: "Cola".into(),
+                count: 2,
+            },
+            PostPayment {
+                name: "商品信息".into(),
+                amount: 650,
+                description: "Chips".into(),
+                count: 1,
+            },
+        ],
+        vec![PostDiscount {
+            name: "满10减1".into(),
+            description: "满减".into(),
+            amount: 100,
+        }],
+    )
+}
+
+#[actix_rt::test]
+async fn happy_path_confirm_complete_paid_refund() {
+    let mut r = rig().await;
+    let created = r
+        .client
+        .create_order(&order("o_1", "u1"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(created.state, "CREATED");
+    // Identical retry is idempotent.
+    assert_eq!(
+        r.client
+            .create_order(&order("o_1", "u1"))
+            .await
+            .map(|o| o.order_id)
+            .ok(),
+        Some(created.order_id.clone())
+    );
+    let n = r.next_note().await;
+    assert_eq!(n.event_type, "PAYSCORE.USER_CONFIRM");
+    assert_eq!(n.resource["state_description"], "USER_CONFIRM");
+    let q = r
+        .client
+        .query_order("1900000109", "o_1")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (q.state.as_str(), q.state_description.as_deref()),
+        ("DOING", Some("USER_CONFIRM"))
+    );
+
+    let (pay, disc) = lines();
+    r.client
+        .complete_order("1900000109", "o_1", &pay, &disc, 1150)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let n = r.next_note().await;
+    assert_eq!(n.event_type, "PAYSCORE.USER_PAID");
+    let q = r
+        .client
+        .query_order("1900000109", "o_1")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(q.state, "DONE");
+    let c = q.collection.unwrap_or_else(|| panic!("collection"));
+    assert_eq!(
+        (c.state.as_str(), c.paid_amount, c.details.len()),
+        ("USER_PAID", 1150, 1)
+    );
+    let txn = c.details[0].transaction_id.clone();
+
+    let refund = r
+        .client
+        .refund("1900000109", &txn, "rf_1", 300, 1150, "少拿一瓶")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(refund.status.as_deref(), Some("SUCCESS"));
+    let again = r
+        .client
+        .refund("1900000109", &txn, "rf_1", 300, 1150, "少拿一瓶")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        again.refund_id, refund.refund_id,
+        "same out_refund_no: same refund"
+    );
+    match r
+        .client
+        .refund("1900000109", &txn, "rf_2", 900, 1150, "too much")
+        .await
+    {
+        Err(WechatError::Api {
+            status: 403, code, ..
+        }) => assert_eq!(code, "NOT_ENOUGH"),
+        other => panic!("over-refund must fail: {other:?}"),
+    }
+}
+
+#[actix_rt::test]
+async fn declined_confirmation_and_cancel() {
+    let mut r = rig().await;
+    r.sim.set_user(
+        "u2",
+        UserScript {
+            confirm: false,
+            deduction: Deduction::Succeed,
+        },
+    );
+    r.client
+        .create_order(&order("o_2", "u2"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), r.notes.recv())
+            .await
+            .is_err(),
+        "no confirmation"
+    );
+    let (pay, disc) = lines();
+    match r
+        .client
+        .complete_order("1900000109", "o_2", &pay, &disc, 1150)
+        .await
+    {
+        Err(WechatError::Api { code, message, .. }) => assert_eq!(
+            (code.as_str(), message.as_str()),
+            ("INVALID_REQUEST", "当前订单状态不合法")
+        ),
+        other => panic!("complete before confirmation must fail: {other:?}"),
+    }
+    let c = r
+        .client
+        .cancel_order("1900000109", "o_2", "用户未确认")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.out_order_no, "o_2");
+    assert_eq!(
+        r.client
+            .query_order("1900000109", "o_2")
+            .await
+            .map(|o| o.state)
+            .ok()
+            .as_deref(),
+        Some("REVOKED")
+    );
+    assert!(
+        r.client
+            .cancel_order("1900000109", "o_2", "again")
+            .await
+            .is_err(),
+        "REVOKED is terminal"
+    );
+}
+
+#[actix_rt::test]
+async fn failed_deduction_stays_paying_until_the_shopper_pays() {
+    let mut r = rig().await;
+    r.sim.set_user(
+        "u3",
+        UserScript {
+            confirm: true,
+            deduction: Deduction::Fail,
+        },
+    );
+    r.client
+        .create_order(&order("o_3", "u3"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    r.next_note().await;
+    let (pay, disc) = lines();
+    // A total that does not add up is refused as WeChat does.
+    match r
+        .client
+        .complete_order("1900000109", "o_3", &pay, &disc, 1250)
+        .await
+    {
+        Err(WechatError::Api { code, message, .. }) => assert_eq!(
+            (code.as_str(), message.as_str()),
+            ("PARAM_ERROR", "最终总金额计算非法")
+        ),
+        other => panic!("{other:?}"),
+    }
+    r.client
+        .complete_order("1900000109", "o_3", &pay, &disc, 1150)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    r.client
+        .collect("1900000109", "o_3")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let q = r
+        .client
+        .query_order("1900000109", "o_3")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (
+            q.state_description.as_deref(),
+            q.collection.map(|c| c.state)
+        ),
+        (Some("MCH_COMPLETE"), Some("USER_PAYING".to_owned()))
+    );
+    assert_eq!(r.sim.user_pays("u3"), 1);
+    assert_eq!(r.next_note().await.event_type, "PAYSCORE.USER_PAID");
+}
+
+#[actix_rt::test]
+async fn notifications_are_retried_until_answered() {
+    let mut r = rig().await;
+    r.refuse_first.store(2, Ordering::SeqCst);
+    r.client
+        .create_order(&order("o_4", "u4"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let n = r.next_note().await;
+    assert_eq!(n.event_type, "PAYSCORE.USER_CONFIRM");
+    assert_eq!(
+        r.refuse_first.load(Ordering::SeqCst),
+        0,
+        "two refusals, then delivered"
+    );
+}
+
+#[actix_rt::test]
+async fn forged_requests_responses_and_notifications_are_refused() {
+    let mut r = rig().await;
+    // A request signed with a key the service does not know: 401 SIGN_ERROR.
+    let mut cfg = client_config(&r.base);
+    cfg.merchant_key_path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/payments/testdata/merchant_key.pem"
+    )
+    .into();
+    let wrong = WechatClient::new(cfg).unwrap_or_else(|e| panic!("{e}"));
+    match wrong.create_order(&order("o_5", "u5")).await {
+        Err(WechatError::Api {
+            status: 401, code, ..
+        }) => assert_eq!(code, "SIGN_ERROR"),
+        other => panic!("{other:?}"),
+    }
+    // Answers not signed by the platform key we trust are not believed.
+    let mut cfg = client_config(&r.base);
+    cfg.platform_public_key_path = format!("{KEYS}/wechat-merchant.pub.pem");
+    let distrustful = WechatClient::new(cfg).unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(
+        distrustful.query_order("1900000109", "nope").await,
+        Err(WechatError::BadResponseSignature(_))
+    ));
+
+    // A genuine notification, then forgeries of it.
+    r.client
+        .create_order(&order("o_6", "u6"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (h, body) = tokio::time::timeout(Duration::from_secs(5), r.notes.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no note"));
+    assert!(r.client.parse_notification(&h, &body).is_ok());
+    let tampered = body.replace("PAYSCORE.USER_CONFIRM", "PAYSCORE.USER_PAID");
+    assert!(matches!(
+        r.client.parse_notification(&h, &tampered),
+        Err(NotificationError::Verify(_))
+    ));
+    let mut probe = h.clone();
+    probe.signature = Some("WECHATPAY/SIGNTEST/xyz".into());
+    assert!(matches!(
+        r.client.parse_notification(&probe, &body),
+        Err(NotificationError::Verify(_))
+    ));
+    let mut stale = h.clone();
+    stale.timestamp = Some("1600000000".into());
+    assert!(matches!(
+        r.client.parse_notification(&stale, &body),
+        Err(NotificationError::Verify(_))
+    ));
+    let mut missing = h.clone();
+    missing.serial = None;
+    assert_eq!(
+        r.client.parse_notification(&missing, &body),
+        Err(NotificationError::Header("Wechatpay-Serial"))
+    );
+    let mut cfg = client_config(&r.base);
+    cfg.api_v3_key = "ffffffffffffffffffffffffffffffff".into();
+    let wrong_key = WechatClient::new(cfg).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        wrong_key.parse_notification(&h, &body),
+        Err(NotificationError::Decrypt)
+    );
+}
