@@ -950,8 +950,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/readyz", web::get().to(readyz))
     .route("/metrics", web::get().to(metrics))
     .route("/api/openapi.json", web::get().to(openapi))
+    .configure(crate::api_sessions::configure_sim_control)
     .service(
-        crate::api_catalog::configure(web::scope("/api/v1"))
+        crate::api_sessions::configure(crate::api_catalog::configure(web::scope("/api/v1")))
             .route("/merchants", web::post().to(create_merchant))
             .route("/api-keys", web::post().to(create_key))
             .route("/cabinets", web::post().to(register_cabinet))

@@ -41,6 +41,10 @@ pub struct AppState {
     pub mqtt_probe: SocketAddr,
     /// Whether the uplink pump runs.
     pub pump_alive: Arc<AtomicBool>,
+    /// The session and order supervisor.
+    pub sessions: Arc<crate::sessions::Sessions>,
+    /// The in-process WeChat Pay simulator, when enabled.
+    pub wechat_sim: Option<crate::payments::sim_wechat::WechatSim>,
 }
 
 impl AppState {
@@ -150,11 +154,13 @@ impl Application {
         let (publisher, link_rx) = start_broker(&listeners, directory.clone(), metrics.clone())?;
 
         let (alert_tx, alert_rx) = mpsc::unbounded_channel();
+        let (session_tx, mut session_rx) = mpsc::unbounded_channel();
         tokio::spawn(alert_writer(store.clone(), metrics.clone(), alert_rx));
         let ports = Arc::new(HubPorts {
             publisher: Arc::new(publisher),
             metrics: metrics.clone(),
             alerts: alert_tx.clone(),
+            sessions: session_tx,
         });
         let threads = match settings.actors.threads {
             0 => std::thread::available_parallelism()
@@ -183,7 +189,24 @@ impl Application {
             wait_listening(tls, "mqtt.tls_listen").await?;
         }
 
+        let (wechat, wechat_sim) = crate::payments::build_wechat(&settings, probe_addr(http))?;
+        let sessions = Arc::new(crate::sessions::Sessions::new(
+            store.clone(),
+            registry.clone(),
+            metrics.clone(),
+            clock.clone(),
+            settings.clone(),
+            wechat,
+        ));
+        let events = sessions.clone();
+        tokio::spawn(async move {
+            while let Some((meta, ev)) = session_rx.recv().await {
+                events.on_event(&meta, ev).await;
+            }
+        });
         let state = actix_web::web::Data::new(AppState {
+            sessions,
+            wechat_sim: wechat_sim.clone(),
             mqtt_probe: probe_addr(settings.mqtt.listen),
             settings: settings.clone(),
             store,
@@ -207,7 +230,12 @@ impl Application {
             actix_web::App::new()
                 .app_data(data.clone())
                 .wrap(actix_web::middleware::Logger::new("%r %s %Dms").log_target("http"))
-                .configure(api::configure)
+                .configure(|c| {
+                    if let Some(sim) = &wechat_sim {
+                        crate::payments::sim_wechat::configure(c, sim.clone());
+                    }
+                    api::configure(c);
+                })
         })
         .workers(workers)
         .shutdown_timeout(10)

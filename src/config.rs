@@ -33,6 +33,8 @@ pub struct Settings {
     pub cabinet: CabinetSettings,
     /// Purchase sessions.
     pub session: SessionSettings,
+    /// Payment providers.
+    pub payments: PaymentSettings,
     /// Promotion clock.
     pub pricing: PricingSettings,
     /// Actor threads.
@@ -122,6 +124,23 @@ pub struct CabinetSettings {
 pub struct SessionSettings {
     /// `HUB__SESSION__RECOGNITION_TIMEOUT_MS`
     pub recognition_timeout_ms: u64,
+}
+
+/// `[payments]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentSettings {
+    /// Run the WeChat Pay simulator in-process and use it.
+    pub simulator: bool,
+    /// `HUB__PAYMENTS__CONFIRM_TIMEOUT_MS`
+    pub confirm_timeout_ms: u64,
+    /// `HUB__PAYMENTS__DEDUCTION_CHECK_MS`
+    pub deduction_check_ms: u64,
+    /// `HUB__PAYMENTS__SIMULATOR_RETRY_SCALE`
+    pub simulator_retry_scale: f64,
+    /// The real WeChat Pay service (when `simulator` is false).
+    #[serde(default)]
+    pub wechat: Option<crate::payments::wechat::WechatConfig>,
 }
 
 /// `[pricing]`
@@ -235,6 +254,9 @@ impl Settings {
                     parsed.scheme()
                 );
             }
+        }
+        if !self.payments.simulator && self.payments.wechat.is_none() {
+            bail!("payments.wechat must be configured when payments.simulator is false");
         }
         if !(-720..=840).contains(&self.pricing.utc_offset_min) {
             bail!("pricing.utc_offset_min (HUB__PRICING__UTC_OFFSET_MIN) must be between -720 and 840");

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod api_catalog;
+pub mod api_sessions;
 pub mod app;
 pub mod ca;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod mqtt;
 pub mod payments;
 pub mod ports;
 pub mod secrets;
+pub mod sessions;
 pub mod store;
 pub mod telemetry;
 

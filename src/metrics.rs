@@ -27,6 +27,11 @@ pub struct Metrics {
     pub mqtt_stray_acks: IntCounter,
     pub actor_restarts: IntCounter,
     pub store_errors: IntCounterVec,
+    pub sessions: IntCounterVec,
+    pub session_unlock: prometheus::Histogram,
+    pub orders: IntCounterVec,
+    pub payments: IntCounterVec,
+    pub notifications_rejected: IntCounterVec,
 }
 
 /// Adding a series to our own fresh registry only fails on a duplicate name, a bug caught by
@@ -135,6 +140,46 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new("store_errors_total", "Failed background writes"),
                     &["op"],
+                )?,
+            ),
+            sessions: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("sessions_total", "Sessions by mode and outcome"),
+                    &["mode", "outcome"],
+                )?,
+            ),
+            session_unlock: reg(
+                &r,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new("session_unlock_seconds", "Session request to unlock ack")
+                        .buckets(vec![
+                            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                        ]),
+                )?,
+            ),
+            orders: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("orders_total", "Orders reaching a status"),
+                    &["status"],
+                )?,
+            ),
+            payments: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("payments_total", "Payment provider calls"),
+                    &["provider", "operation", "outcome"],
+                )?,
+            ),
+            notifications_rejected: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "payment_notifications_rejected_total",
+                        "Payment notifications refused or ignored",
+                    ),
+                    &["provider", "reason"],
                 )?,
             ),
             registry: r,

@@ -41,6 +41,8 @@ pub struct HubPorts {
     pub metrics: Metrics,
     /// Alert history, in order.
     pub alerts: mpsc::UnboundedSender<AlertWrite>,
+    /// Session progress, in order, to the session supervisor.
+    pub sessions: mpsc::UnboundedSender<(CabinetMeta, cabinet_actors::machine::SessionEvent)>,
 }
 
 impl CabinetPorts for HubPorts {
@@ -113,6 +115,7 @@ impl CabinetPorts for HubPorts {
             }
             Effect::Session(ev) => {
                 tracing::info!(cabinet_id = %cabinet.id, event = ?ev, "session progress");
+                let _ = self.sessions.send((cabinet.clone(), ev.clone()));
             }
             Effect::Publish(_) | Effect::StateChanged => {}
         }

@@ -5,3 +5,63 @@
 pub mod sim_wechat;
 pub mod wechat;
 pub mod wechat_crypto;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Settings;
+use sim_wechat::{SimConfig, WechatSim};
+use wechat::{WechatClient, WechatConfig};
+
+const DEV_MERCHANT_KEY: &str = include_str!("../../config/dev-keys/wechat-merchant.key.pem");
+const DEV_MERCHANT_PUB: &str = include_str!("../../config/dev-keys/wechat-merchant.pub.pem");
+const DEV_PLATFORM_KEY: &str = include_str!("../../config/dev-keys/wechat-platform.key.pem");
+const DEV_PLATFORM_PUB: &str = include_str!("../../config/dev-keys/wechat-platform.pub.pem");
+/// The simulator's APIv3 key (development only).
+pub const DEV_API_V3_KEY: &str = "cabinethubsimulatorapiv3key00001";
+
+/// The WeChat client, and the simulator it talks to when `payments.simulator` is on (then the
+/// simulator is served by this hub at `http://{http}/sim/wechatpay`).
+pub fn build_wechat(
+    settings: &Settings,
+    http: SocketAddr,
+) -> anyhow::Result<(Option<Arc<WechatClient>>, Option<WechatSim>)> {
+    if !settings.payments.simulator {
+        let Some(cfg) = settings.payments.wechat.clone() else {
+            return Ok((None, None));
+        };
+        return Ok((
+            Some(Arc::new(
+                WechatClient::new(cfg).map_err(|e| anyhow::anyhow!("payments.wechat: {e}"))?,
+            )),
+            None,
+        ));
+    }
+    let sim = WechatSim::new(SimConfig {
+        mchid: "1900000001".into(),
+        merchant_serial: "DEV_MERCHANT_SERIAL".into(),
+        merchant_public_key_pem: DEV_MERCHANT_PUB.into(),
+        platform_serial: "PUB_KEY_ID_SIMULATOR".into(),
+        platform_key_pem: DEV_PLATFORM_KEY.into(),
+        api_v3_key: DEV_API_V3_KEY.into(),
+        retry_scale: settings.payments.simulator_retry_scale,
+        confirm_delay: Duration::from_millis(50),
+        cancel_after_complete: false,
+    })?;
+    let cfg = WechatConfig {
+        base_url: format!("http://{http}{}", sim_wechat::PREFIX),
+        mchid: "1900000001".into(),
+        merchant_serial: "DEV_MERCHANT_SERIAL".into(),
+        merchant_key_path: String::new(),
+        platform_serial: "PUB_KEY_ID_SIMULATOR".into(),
+        platform_public_key_path: String::new(),
+        api_v3_key: DEV_API_V3_KEY.into(),
+        service_id: "500001".into(),
+        appid: "wxsimulator".into(),
+        notify_url: format!("http://{http}/api/v1/payments/wechat/notify"),
+    };
+    let client = WechatClient::with_keys(cfg, DEV_MERCHANT_KEY, DEV_PLATFORM_PUB)
+        .map_err(|e| anyhow::anyhow!("simulator client: {e}"))?;
+    Ok((Some(Arc::new(client)), Some(sim)))
+}

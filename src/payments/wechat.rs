@@ -285,16 +285,29 @@ fn read(path: &str) -> Result<String, WechatError> {
 }
 
 impl WechatClient {
-    /// Loads keys and builds the client.
+    /// Loads keys from the configured files and builds the client.
     pub fn new(cfg: WechatConfig) -> Result<Self, WechatError> {
+        let (key, public) = (
+            read(&cfg.merchant_key_path)?,
+            read(&cfg.platform_public_key_path)?,
+        );
+        Self::with_keys(cfg, &key, &public)
+    }
+
+    /// Builds the client from PEM texts (the embedded simulator's development keys).
+    pub fn with_keys(
+        cfg: WechatConfig,
+        merchant_key_pem: &str,
+        platform_public_key_pem: &str,
+    ) -> Result<Self, WechatError> {
         if cfg.api_v3_key.len() != 32 {
             return Err(WechatError::Config("api_v3_key must be 32 bytes".into()));
         }
-        let signer = RsaSigner::from_pem(&read(&cfg.merchant_key_path)?)
+        let signer = RsaSigner::from_pem(merchant_key_pem)
             .map_err(|e| WechatError::Config(e.to_string()))?;
         let mut verifier = Verifier::new(300);
         verifier
-            .add_pem(&cfg.platform_serial, &read(&cfg.platform_public_key_path)?)
+            .add_pem(&cfg.platform_serial, platform_public_key_pem)
             .map_err(|e| WechatError::Config(e.to_string()))?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))

@@ -39,7 +39,9 @@ pub(crate) fn conflict_or(e: sqlx::Error) -> StoreError {
 pub(crate) type Result<T> = std::result::Result<T, StoreError>;
 
 mod catalog;
+mod sessions;
 pub use catalog::{PromotionRow, PromotionRule};
+pub use sessions::{OrderRow, SessionRow};
 
 /// A merchant.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -133,7 +135,7 @@ pub struct AlertFilter {
 // either can diverge without touching the other.
 #[allow(clippy::if_same_then_else)]
 fn migrator(postgres: bool) -> Migrator {
-    let files: [(i64, &str, &'static str); 2] = if postgres {
+    let files: [(i64, &str, &'static str); 3] = if postgres {
         [
             (
                 1,
@@ -144,6 +146,11 @@ fn migrator(postgres: bool) -> Migrator {
                 2,
                 "catalog",
                 include_str!("../../migrations/postgres/0002_catalog.sql"),
+            ),
+            (
+                3,
+                "sessions",
+                include_str!("../../migrations/postgres/0003_sessions.sql"),
             ),
         ]
     } else {
@@ -157,6 +164,11 @@ fn migrator(postgres: bool) -> Migrator {
                 2,
                 "catalog",
                 include_str!("../../migrations/sqlite/0002_catalog.sql"),
+            ),
+            (
+                3,
+                "sessions",
+                include_str!("../../migrations/sqlite/0003_sessions.sql"),
             ),
         ]
     };

@@ -3,6 +3,7 @@
 
 mod catalog;
 mod harness;
+mod purchase;
 mod startup;
 mod store;
 mod wechat;

@@ -55,7 +55,8 @@ async fn seed(store: &Store) {
 both!(
     merchants_keys_and_cabinets,
     configs_version_up,
-    alerts_one_active_per_type_with_history
+    alerts_one_active_per_type_with_history,
+    notifications_are_recorded_once
 );
 
 async fn merchants_keys_and_cabinets(b: Backend) {
@@ -283,4 +284,23 @@ async fn alerts_one_active_per_type_with_history(b: Backend) {
         .await
         .unwrap_or_default();
     assert!(other_merchant.is_empty());
+}
+
+async fn notifications_are_recorded_once(b: Backend) {
+    let (store, _d) = open(b).await;
+    assert!(store
+        .record_notification("EV-1", "wechat", "PAYSCORE.USER_PAID", 1)
+        .await
+        .unwrap_or(false));
+    assert!(
+        !store
+            .record_notification("EV-1", "wechat", "PAYSCORE.USER_PAID", 2)
+            .await
+            .unwrap_or(true),
+        "a replay is recognised"
+    );
+    assert!(store
+        .record_notification("EV-2", "wechat", "PAYSCORE.USER_PAID", 3)
+        .await
+        .unwrap_or(false));
 }

@@ -1,0 +1,229 @@
+//! Sessions, orders, payment notifications, merchant payment settings and the simulator's
+//! control API.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::api::{ApiError, ApiResult, Caller, Role};
+use crate::app::AppState;
+use crate::payments::sim_wechat::{Deduction, UserScript};
+use crate::payments::wechat::SignedHeaders;
+use crate::sessions::{order_view, StartSession};
+
+async fn start_session(
+    state: web::Data<AppState>,
+    caller: Caller,
+    req: HttpRequest,
+    body: web::Json<StartSession>,
+) -> ApiResult {
+    caller.require(Role::Restocker)?;
+    let body = body.into_inner();
+    if body.mode == cabinet_actors::protocol::SessionMode::Purchase {
+        caller.require(Role::Operator)?;
+    }
+    let key = match req.headers().get("Idempotency-Key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) if !k.is_empty() && k.len() <= 64 => Some(k.to_owned()),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "Idempotency-Key must be 1 to 64 visible characters".into(),
+            ))
+        }
+    };
+    match state
+        .sessions
+        .start(caller.merchant.as_deref(), body, key)
+        .await
+    {
+        Ok(v) => Ok(HttpResponse::Created().json(v)),
+        Err(r) => {
+            let status = actix_web::http::StatusCode::from_u16(r.status)
+                .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+            let mut b = HttpResponse::build(status);
+            if r.status == 503 {
+                b.insert_header(("Retry-After", "5"));
+            }
+            Ok(b.json(json!({"error": {"code": r.code, "message": r.message}})))
+        }
+    }
+}
+
+async fn get_session(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult {
+    caller.require(Role::Viewer)?;
+    match state.store.session(&path).await? {
+        Some(s) if caller.sees(&s.merchant_id) => {
+            Ok(HttpResponse::Ok().json(state.sessions.view(&s.id).await?))
+        }
+        _ => Err(ApiError::NotFound("session")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OrderQuery {
+    cabinet_id: Option<String>,
+    status: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list_orders(
+    state: web::Data<AppState>,
+    caller: Caller,
+    q: web::Query<OrderQuery>,
+) -> ApiResult {
+    caller.require(Role::Viewer)?;
+    let q = q.into_inner();
+    let rows = state
+        .store
+        .orders(
+            caller.merchant.as_deref(),
+            q.cabinet_id.as_deref(),
+            q.status.as_deref(),
+            q.limit.unwrap_or(200).clamp(1, 2000),
+        )
+        .await?;
+    let items: Vec<_> = rows.iter().map(order_view).collect();
+    Ok(HttpResponse::Ok().json(json!({"items": items, "count": items.len()})))
+}
+
+async fn get_order(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult {
+    caller.require(Role::Viewer)?;
+    match state.store.order(&path).await? {
+        Some(o) if caller.sees(&o.merchant_id) => Ok(HttpResponse::Ok().json(order_view(&o))),
+        _ => Err(ApiError::NotFound("order")),
+    }
+}
+
+/// WeChat's notifications: no API key; the platform signature is the credential.
+async fn wechat_notify(state: web::Data<AppState>, req: HttpRequest, body: String) -> HttpResponse {
+    let h = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let headers = SignedHeaders {
+        timestamp: h("Wechatpay-Timestamp"),
+        nonce: h("Wechatpay-Nonce"),
+        signature: h("Wechatpay-Signature"),
+        serial: h("Wechatpay-Serial"),
+    };
+    match state.sessions.on_wechat_notification(&headers, &body).await {
+        Ok(()) => HttpResponse::NoContent().finish(),
+        Err("store_error") => {
+            HttpResponse::InternalServerError().json(json!({"code": "FAIL", "message": "失败"}))
+        }
+        Err(reason) => {
+            HttpResponse::Unauthorized().json(json!({"code": "FAIL", "message": reason}))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PaymentSettingsBody {
+    risk_ceiling_fen: i64,
+    #[serde(default)]
+    wechat_sub_mchid: Option<String>,
+}
+
+async fn merchant_payment(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<PaymentSettingsBody>,
+) -> ApiResult {
+    caller.require(Role::Admin)?;
+    if state.store.merchant(&path).await?.is_none() {
+        return Err(ApiError::NotFound("merchant"));
+    }
+    if !(100..=1_000_000).contains(&body.risk_ceiling_fen) {
+        return Err(ApiError::BadRequest(
+            "risk_ceiling_fen must be 100 to 1000000".into(),
+        ));
+    }
+    state
+        .store
+        .set_merchant_payment(
+            &path,
+            body.risk_ceiling_fen,
+            body.wechat_sub_mchid.as_deref(),
+        )
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({"merchant_id": *path, "risk_ceiling_fen": body.risk_ceiling_fen, "wechat_sub_mchid": body.wechat_sub_mchid})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SimUserBody {
+    #[serde(default = "yes")]
+    confirm: bool,
+    #[serde(default = "succeed")]
+    deduction: Deduction,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn succeed() -> Deduction {
+    Deduction::Succeed
+}
+
+async fn sim_user(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<SimUserBody>,
+) -> ApiResult {
+    caller.require(Role::Admin)?;
+    let sim = state
+        .wechat_sim
+        .as_ref()
+        .ok_or(ApiError::NotFound("simulator"))?;
+    let script = UserScript {
+        confirm: body.confirm,
+        deduction: body.deduction,
+    };
+    sim.set_user(&path, script);
+    Ok(HttpResponse::Ok().json(json!({"user_id": *path, "script": script})))
+}
+
+async fn sim_user_pays(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult {
+    caller.require(Role::Admin)?;
+    let sim = state
+        .wechat_sim
+        .as_ref()
+        .ok_or(ApiError::NotFound("simulator"))?;
+    Ok(HttpResponse::Ok().json(json!({"user_id": *path, "orders_paid": sim.user_pays(&path)})))
+}
+
+/// Mounts the routes: the `/api/v1` ones on `scope`, the simulator control on `cfg`.
+pub fn configure(scope: actix_web::Scope) -> actix_web::Scope {
+    scope
+        .route("/sessions", web::post().to(start_session))
+        .route("/sessions/{id}", web::get().to(get_session))
+        .route("/orders", web::get().to(list_orders))
+        .route("/orders/{id}", web::get().to(get_order))
+        .route("/payments/wechat/notify", web::post().to(wechat_notify))
+        .route("/merchants/{id}/payment", web::put().to(merchant_payment))
+}
+
+/// The simulator's control API (admin only): script a shopper, or have them pay.
+pub fn configure_sim_control(cfg: &mut web::ServiceConfig) {
+    cfg.route("/sim/users/{user_id}", web::put().to(sim_user))
+        .route("/sim/users/{user_id}/pay", web::post().to(sim_user_pays));
+}

@@ -1,0 +1,376 @@
+//! Purchase sessions, their orders, and the provider notifications already applied. Every
+//! state change is a conditional update (`WHERE state = expected`), so a redelivered event or a
+//! concurrent handler changes nothing twice.
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{conflict_or, Result, Store};
+
+/// A purchase or restock session.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionRow {
+    /// Id (also the provider's `out_order_no`).
+    pub id: String,
+    /// Cabinet.
+    pub cabinet_id: String,
+    /// Merchant.
+    pub merchant_id: String,
+    /// Shopper or restocker.
+    pub user_id: String,
+    /// `wechat`, `alipay` or `none` (restock).
+    pub channel: String,
+    /// `purchase` or `restock`.
+    pub mode: String,
+    /// `confirming`, `unlocking`, `open`, `closed`, `failed`.
+    pub state: String,
+    /// Why it failed (a refusal code).
+    pub failure: Option<String>,
+    /// The caller's `Idempotency-Key`.
+    pub idempotency_key: Option<String>,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms.
+    pub updated_at: i64,
+    /// Unix ms.
+    pub unlocked_at: Option<i64>,
+}
+
+/// A session's order.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OrderRow {
+    /// Id.
+    pub id: String,
+    /// Session.
+    pub session_id: String,
+    /// Cabinet.
+    pub cabinet_id: String,
+    /// Merchant.
+    pub merchant_id: String,
+    /// Shopper.
+    pub user_id: String,
+    /// Payment channel.
+    pub channel: String,
+    /// `open`, `completing`, `pending_payment`, `paid`, `closed`, `abnormal`, `cancelled`.
+    pub status: String,
+    /// Why abnormal.
+    pub abnormal_reason: Option<String>,
+    /// Recognised items, JSON.
+    pub items: Option<String>,
+    /// The priced order, JSON.
+    pub priced: Option<String>,
+    /// Final amount (fen).
+    pub total_fen: Option<i64>,
+    /// Paid so far (fen).
+    pub paid_fen: i64,
+    /// The provider order number.
+    pub provider_order_no: Option<String>,
+    /// The provider's trade number (refunds need it).
+    pub transaction_id: Option<String>,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms.
+    pub updated_at: i64,
+}
+
+fn session_row(r: &AnyRow) -> Result<SessionRow> {
+    Ok(SessionRow {
+        id: r.try_get("id")?,
+        cabinet_id: r.try_get("cabinet_id")?,
+        merchant_id: r.try_get("merchant_id")?,
+        user_id: r.try_get("user_id")?,
+        channel: r.try_get("channel")?,
+        mode: r.try_get("mode")?,
+        state: r.try_get("state")?,
+        failure: r.try_get("failure")?,
+        idempotency_key: r.try_get("idempotency_key")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        unlocked_at: r.try_get("unlocked_at")?,
+    })
+}
+
+fn order_row(r: &AnyRow) -> Result<OrderRow> {
+    Ok(OrderRow {
+        id: r.try_get("id")?,
+        session_id: r.try_get("session_id")?,
+        cabinet_id: r.try_get("cabinet_id")?,
+        merchant_id: r.try_get("merchant_id")?,
+        user_id: r.try_get("user_id")?,
+        channel: r.try_get("channel")?,
+        status: r.try_get("status")?,
+        abnormal_reason: r.try_get("abnormal_reason")?,
+        items: r.try_get("items")?,
+        priced: r.try_get("priced")?,
+        total_fen: r.try_get("total_fen")?,
+        paid_fen: r.try_get("paid_fen")?,
+        provider_order_no: r.try_get("provider_order_no")?,
+        transaction_id: r.try_get("transaction_id")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+impl Store {
+    /// A merchant's payment settings: (risk ceiling in fen, WeChat sub-merchant id).
+    pub async fn merchant_payment(
+        &self,
+        merchant_id: &str,
+    ) -> Result<Option<(i64, Option<String>)>> {
+        let row =
+            sqlx::query("SELECT risk_ceiling_fen, wechat_sub_mchid FROM merchants WHERE id = $1")
+                .bind(merchant_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| {
+            Ok((
+                r.try_get("risk_ceiling_fen")?,
+                r.try_get("wechat_sub_mchid")?,
+            ))
+        })
+        .transpose()
+    }
+
+    /// Sets a merchant's payment settings.
+    pub async fn set_merchant_payment(
+        &self,
+        merchant_id: &str,
+        risk_ceiling_fen: i64,
+        sub_mchid: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE merchants SET risk_ceiling_fen = $2, wechat_sub_mchid = $3 WHERE id = $1",
+        )
+        .bind(merchant_id)
+        .bind(risk_ceiling_fen)
+        .bind(sub_mchid)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Stores a new session and its order together, before anything is acknowledged.
+    /// A repeated idempotency key is a `Conflict`.
+    pub async fn create_session(&self, s: &SessionRow, o: &OrderRow) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO sessions (id, cabinet_id, merchant_id, user_id, channel, mode, state, idempotency_key, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&s.id)
+        .bind(&s.cabinet_id)
+        .bind(&s.merchant_id)
+        .bind(&s.user_id)
+        .bind(&s.channel)
+        .bind(&s.mode)
+        .bind(&s.state)
+        .bind(s.idempotency_key.as_deref())
+        .bind(s.created_at)
+        .bind(s.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_or)?;
+        sqlx::query(
+            "INSERT INTO orders (id, session_id, cabinet_id, merchant_id, user_id, channel, status, provider_order_no, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&o.id)
+        .bind(&o.session_id)
+        .bind(&o.cabinet_id)
+        .bind(&o.merchant_id)
+        .bind(&o.user_id)
+        .bind(&o.channel)
+        .bind(&o.status)
+        .bind(o.provider_order_no.as_deref())
+        .bind(o.created_at)
+        .bind(o.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_or)?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A session by id.
+    pub async fn session(&self, id: &str) -> Result<Option<SessionRow>> {
+        let row = sqlx::query("SELECT * FROM sessions WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| session_row(&r)).transpose()
+    }
+
+    /// A session by the caller's idempotency key, with the answer given the first time.
+    pub async fn session_by_key(
+        &self,
+        merchant_id: &str,
+        key: &str,
+    ) -> Result<Option<(SessionRow, Option<String>)>> {
+        let row =
+            sqlx::query("SELECT * FROM sessions WHERE merchant_id = $1 AND idempotency_key = $2")
+                .bind(merchant_id)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| Ok((session_row(&r)?, r.try_get("response")?)))
+            .transpose()
+    }
+
+    /// Moves a session from `from` to `to`; false when it was not in `from`.
+    pub async fn transition_session(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        failure: Option<&str>,
+        now: i64,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE sessions SET state = $3, failure = COALESCE($4, failure), updated_at = $5, \
+             unlocked_at = CASE WHEN $3 = 'open' THEN $5 ELSE unlocked_at END WHERE id = $1 AND state = $2",
+        )
+        .bind(id)
+        .bind(from)
+        .bind(to)
+        .bind(failure)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Remembers the answer given to an idempotent request.
+    pub async fn set_session_response(&self, id: &str, response: &str) -> Result<()> {
+        sqlx::query("UPDATE sessions SET response = $2 WHERE id = $1")
+            .bind(id)
+            .bind(response)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A session's order.
+    pub async fn order_of_session(&self, session_id: &str) -> Result<Option<OrderRow>> {
+        let row = sqlx::query("SELECT * FROM orders WHERE session_id = $1")
+            .bind(session_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| order_row(&r)).transpose()
+    }
+
+    /// An order by id.
+    pub async fn order(&self, id: &str) -> Result<Option<OrderRow>> {
+        let row = sqlx::query("SELECT * FROM orders WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| order_row(&r)).transpose()
+    }
+
+    /// Orders, newest first, optionally of one merchant, cabinet or status.
+    pub async fn orders(
+        &self,
+        merchant_id: Option<&str>,
+        cabinet_id: Option<&str>,
+        status: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<OrderRow>> {
+        let mut sql = String::from("SELECT * FROM orders WHERE 1=1");
+        let mut binds: Vec<String> = Vec::new();
+        for (col, v) in [
+            ("merchant_id", merchant_id),
+            ("cabinet_id", cabinet_id),
+            ("status", status),
+        ] {
+            if let Some(v) = v {
+                binds.push(v.to_owned());
+                sql.push_str(&format!(" AND {col} = ${}", binds.len()));
+            }
+        }
+        sql.push_str(&format!(
+            " ORDER BY created_at DESC, id LIMIT ${}",
+            binds.len() + 1
+        ));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for b in binds {
+            q = q.bind(b);
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        rows.iter().map(order_row).collect()
+    }
+
+    /// Moves an order from one of `from` to `to` with the given fields; false when it was in
+    /// none of them (already moved by a redelivery or a concurrent handler).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn transition_order(
+        &self,
+        id: &str,
+        from: &[&str],
+        to: &str,
+        abnormal_reason: Option<&str>,
+        items: Option<&str>,
+        priced: Option<&str>,
+        total_fen: Option<i64>,
+        now: i64,
+    ) -> Result<bool> {
+        let mut sql = String::from(
+            "UPDATE orders SET status = $2, abnormal_reason = COALESCE($3, abnormal_reason), items = COALESCE($4, items), \
+             priced = COALESCE($5, priced), total_fen = COALESCE($6, total_fen), updated_at = $7 WHERE id = $1 AND status IN (",
+        );
+        for i in 0..from.len() {
+            sql.push_str(&format!("{}${}", if i == 0 { "" } else { ", " }, i + 8));
+        }
+        sql.push(')');
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .bind(to)
+            .bind(abnormal_reason)
+            .bind(items)
+            .bind(priced)
+            .bind(total_fen)
+            .bind(now);
+        for f in from {
+            q = q.bind(*f);
+        }
+        Ok(q.execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    /// Marks an order paid (once).
+    pub async fn mark_order_paid(
+        &self,
+        id: &str,
+        paid_fen: i64,
+        transaction_id: Option<&str>,
+        now: i64,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE orders SET status = 'paid', paid_fen = $2, transaction_id = COALESCE($3, transaction_id), updated_at = $4 \
+             WHERE id = $1 AND status IN ('completing', 'pending_payment')",
+        )
+        .bind(id)
+        .bind(paid_fen)
+        .bind(transaction_id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Records a provider notification id; false when it was seen before (a replay).
+    pub async fn record_notification(
+        &self,
+        id: &str,
+        provider: &str,
+        event_type: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let r = sqlx::query("INSERT INTO payment_notifications (id, provider, event_type, received_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+            .bind(id)
+            .bind(provider)
+            .bind(event_type)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+}

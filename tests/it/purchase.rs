@@ -1,0 +1,292 @@
+//! The purchase flow end to end: a real MQTT cabinet, the WeChat Pay simulator over HTTP (served
+//! by the hub itself), SQLite and PostgreSQL.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::both;
+use crate::harness::{Backend, Cabinet, TestHub, ADMIN_KEY};
+
+const SEC: Duration = Duration::from_secs(1);
+
+async fn shop(b: Backend) -> (TestHub, String, Cabinet) {
+    let hub = TestHub::start_with(b, |s| {
+        s.payments.confirm_timeout_ms = 1_500;
+        s.payments.deduction_check_ms = 300;
+        s.payments.simulator_retry_scale = 0.01;
+    })
+    .await;
+    let (ma, op) = hub.merchant("m1").await;
+    let secret = hub.cabinet(&ma, "m1", "KM1").await;
+    for sku in ["cola", "chips"] {
+        hub.call(
+            "PUT",
+            &format!("/api/v1/products/{sku}"),
+            &op,
+            Some(json!({"name": sku})),
+        )
+        .await;
+    }
+    let (s, r) = hub
+        .call("PUT", "/api/v1/cabinets/KM1/prices", &op, Some(json!({"items": [{"sku": "cola", "price_fen": 300}, {"sku": "chips", "price_fen": 650}]})))
+        .await;
+    assert_eq!(s, 200, "{r}");
+    let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    hub.eventually(SEC, "online", || async {
+        (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(())
+    })
+    .await;
+    (hub, op, c)
+}
+
+fn start(
+    hub: &TestHub,
+    key: &str,
+    user: &str,
+    idem: Option<&str>,
+) -> actix_rt::task::JoinHandle<(u16, Value)> {
+    let client = hub.client.clone();
+    let url = hub.url("/api/v1/sessions");
+    let (key, user, idem) = (key.to_owned(), user.to_owned(), idem.map(str::to_owned));
+    actix_rt::spawn(async move {
+        let mut rb = client.post(url).bearer_auth(key).json(
+            &json!({"cabinet_id": "KM1", "user_id": user, "channel": "wechat", "mode": "purchase"}),
+        );
+        if let Some(k) = idem {
+            rb = rb.header("Idempotency-Key", k);
+        }
+        let r = rb.send().await.unwrap_or_else(|e| panic!("{e}"));
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    })
+}
+
+/// Door opens and closes, the lock latches, recognition reports `items`.
+async fn shop_visit(c: &mut Cabinet, session: &str, items: Value) {
+    c.event("door_opened").await;
+    c.event("door_closed").await;
+    c.event("lock_locked").await;
+    c.publish(
+        "recognition",
+        json!({"session_id": session, "status": "ok", "items": items}),
+    )
+    .await;
+}
+
+async fn order_status(hub: &TestHub, key: &str, session: &str, want: &str) -> Value {
+    hub.eventually(3 * SEC, want, || async {
+        let (_, v) = hub.get(&format!("/api/v1/sessions/{session}"), key).await;
+        (v["order"]["status"] == want).then_some(v)
+    })
+    .await
+}
+
+both!(
+    wechat_happy_path_charges_once,
+    nothing_taken_closes_at_zero,
+    declined_confirmation_is_refused_without_charge,
+    unlock_timeout_charges_nothing,
+    recognition_failed_is_abnormal,
+    failed_deduction_is_pending_until_paid,
+    forged_notifications_are_refused_and_counted,
+);
+
+async fn wechat_happy_path_charges_once(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let pending = start(&hub, &op, "u1", Some("idem-1"));
+    let unlock = c.expect_command("unlock", 3 * SEC).await;
+    assert_eq!(unlock["mode"], "purchase");
+    c.ack(&unlock, true, None).await;
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s, 201, "{v}");
+    let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(v["session"]["state"], "open");
+    assert_eq!(unlock["session_id"], session.as_str());
+
+    // The same request again: the same answer, no second session.
+    let (s, again) = start(&hub, &op, "u1", Some("idem-1"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((s, again["session"]["id"].clone()), (201, json!(session)));
+
+    shop_visit(
+        &mut c,
+        &session,
+        json!([{"sku": "cola", "qty": 2}, {"sku": "chips", "qty": 1}]),
+    )
+    .await;
+    let v = order_status(&hub, &op, &session, "paid").await;
+    assert_eq!(v["order"]["total_fen"], 1250);
+    assert_eq!(v["order"]["paid_fen"], 1250);
+    assert!(v["order"]["transaction_id"].is_string());
+    assert_eq!(v["session"]["state"], "closed");
+    let (_, orders) = hub.get("/api/v1/orders?status=paid", &op).await;
+    assert_eq!(orders["count"], 1);
+    assert!(hub
+        .metrics()
+        .await
+        .contains(r#"sessions_total{mode="purchase",outcome="unlocked"} 1"#));
+    assert!(hub
+        .metrics()
+        .await
+        .contains(r#"orders_total{status="paid"} 1"#));
+    // A second session may start now.
+    assert_eq!(hub.cabinet_state(&op, "KM1").await["session"], Value::Null);
+}
+
+async fn nothing_taken_closes_at_zero(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let pending = start(&hub, &op, "u1", None);
+    let unlock = c.expect_command("unlock", 3 * SEC).await;
+    c.ack(&unlock, true, None).await;
+    let (_, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
+    shop_visit(&mut c, &session, json!([])).await;
+    let v = order_status(&hub, &op, &session, "closed").await;
+    assert_eq!(
+        (
+            v["order"]["total_fen"].clone(),
+            v["order"]["paid_fen"].clone()
+        ),
+        (json!(0), json!(0))
+    );
+}
+
+async fn declined_confirmation_is_refused_without_charge(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let (s, _) = hub
+        .call(
+            "PUT",
+            "/sim/users/u2",
+            ADMIN_KEY,
+            Some(json!({"confirm": false})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = start(&hub, &op, "u2", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (s, v["error"]["code"].clone()),
+        (422, json!("payment_declined")),
+        "{v}"
+    );
+    // The cabinet was never unlocked.
+    assert!(tokio::time::timeout(Duration::from_millis(300), async {
+        loop {
+            if let Some(crate::harness::Got::Command(cmd)) = c.rx.recv().await {
+                if cmd["type"] == "unlock" {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .is_err());
+    let (_, orders) = hub.get("/api/v1/orders?status=cancelled", &op).await;
+    assert_eq!(orders["count"], 1);
+}
+
+async fn unlock_timeout_charges_nothing(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let pending = start(&hub, &op, "u1", None);
+    c.expect_command("unlock", 3 * SEC).await; // and never ack it
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (s, v["error"]["code"].clone()),
+        (503, json!("unlock_timeout")),
+        "{v}"
+    );
+    hub.eventually(SEC, "unlock_no_ack", || {
+        hub.active_alert(&op, "KM1", "unlock_no_ack")
+    })
+    .await;
+    let (_, orders) = hub.get("/api/v1/orders", &op).await;
+    assert_eq!(orders["items"][0]["status"], "cancelled");
+    assert_eq!(orders["items"][0]["paid_fen"], 0);
+}
+
+async fn recognition_failed_is_abnormal(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let pending = start(&hub, &op, "u1", None);
+    let unlock = c.expect_command("unlock", 3 * SEC).await;
+    c.ack(&unlock, true, None).await;
+    let (_, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
+    c.event("door_opened").await;
+    c.event("door_closed").await;
+    c.event("lock_locked").await;
+    c.publish(
+        "recognition",
+        json!({"session_id": session, "status": "failed", "reason": "camera_blocked"}),
+    )
+    .await;
+    let v = order_status(&hub, &op, &session, "abnormal").await;
+    assert_eq!(v["order"]["abnormal_reason"], "recognition_failed");
+    assert_eq!(v["order"]["paid_fen"], 0);
+}
+
+async fn failed_deduction_is_pending_until_paid(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    hub.call(
+        "PUT",
+        "/sim/users/u3",
+        ADMIN_KEY,
+        Some(json!({"confirm": true, "deduction": "fail"})),
+    )
+    .await;
+    let pending = start(&hub, &op, "u3", None);
+    let unlock = c.expect_command("unlock", 3 * SEC).await;
+    c.ack(&unlock, true, None).await;
+    let (_, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
+    shop_visit(&mut c, &session, json!([{"sku": "chips", "qty": 1}])).await;
+    order_status(&hub, &op, &session, "pending_payment").await;
+    let (s, r) = hub.post("/sim/users/u3/pay", ADMIN_KEY, json!({})).await;
+    assert_eq!((s, r["orders_paid"].clone()), (200, json!(1)));
+    let v = order_status(&hub, &op, &session, "paid").await;
+    assert_eq!(v["order"]["paid_fen"], 650);
+}
+
+async fn forged_notifications_are_refused_and_counted(b: Backend) {
+    let (hub, _op, _c) = shop(b).await;
+    let url = hub.url("/api/v1/payments/wechat/notify");
+    let body = json!({"id": "EV-forged", "event_type": "PAYSCORE.USER_PAID", "resource": {"algorithm": "AEAD_AES_256_GCM", "ciphertext": "AAAA", "nonce": "123456789012", "associated_data": "payscore"}}).to_string();
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .to_string();
+    let r = hub
+        .client
+        .post(&url)
+        .header("Wechatpay-Timestamp", ts)
+        .header("Wechatpay-Nonce", "n")
+        .header("Wechatpay-Signature", "Zm9yZ2Vk")
+        .header("Wechatpay-Serial", "PUB_KEY_ID_SIMULATOR")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 401);
+    let r = hub
+        .client
+        .post(&url)
+        .body(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 401);
+    let m = hub.metrics().await;
+    assert!(
+        m.contains(
+            r#"payment_notifications_rejected_total{provider="wechat",reason="bad_signature"} 1"#
+        ),
+        "{m}"
+    );
+    assert!(m.contains(
+        r#"payment_notifications_rejected_total{provider="wechat",reason="bad_header"} 1"#
+    ));
+}
