@@ -91,18 +91,6 @@ async fn list_orders(
     Ok(HttpResponse::Ok().json(json!({"items": items, "count": items.len()})))
 }
 
-async fn get_order(
-    state: web::Data<AppState>,
-    caller: Caller,
-    path: web::Path<String>,
-) -> ApiResult {
-    caller.require(Role::Viewer)?;
-    match state.store.order(&path).await? {
-        Some(o) if caller.sees(&o.merchant_id) => Ok(HttpResponse::Ok().json(order_view(&o))),
-        _ => Err(ApiError::NotFound("order")),
-    }
-}
-
 /// WeChat's notifications: no API key; the platform signature is the credential.
 async fn wechat_notify(state: web::Data<AppState>, req: HttpRequest, body: String) -> HttpResponse {
     let h = |n: &str| {
@@ -218,6 +206,11 @@ pub fn configure(scope: actix_web::Scope) -> actix_web::Scope {
         .route("/sessions/{id}", web::get().to(get_session))
         .route("/orders", web::get().to(list_orders))
         .route("/orders/{id}", web::get().to(get_order))
+        .route("/orders/{id}/resolve", web::post().to(resolve_order))
+        .route("/orders/{id}/refund", web::post().to(refund_order))
+        .route("/blacklist", web::get().to(list_blacklist))
+        .route("/blacklist", web::post().to(add_blacklist))
+        .route("/blacklist/{user_id}", web::delete().to(remove_blacklist))
         .route("/payments/wechat/notify", web::post().to(wechat_notify))
         .route("/merchants/{id}/payment", web::put().to(merchant_payment))
 }
@@ -226,4 +219,189 @@ pub fn configure(scope: actix_web::Scope) -> actix_web::Scope {
 pub fn configure_sim_control(cfg: &mut web::ServiceConfig) {
     cfg.route("/sim/users/{user_id}", web::put().to(sim_user))
         .route("/sim/users/{user_id}/pay", web::post().to(sim_user_pays));
+}
+
+async fn visible_order(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> ApiResult<crate::store::OrderRow> {
+    match state.store.order(id).await? {
+        Some(o) if caller.sees(&o.merchant_id) => Ok(o),
+        _ => Err(ApiError::NotFound("order")),
+    }
+}
+
+fn refused_response(r: crate::sessions::Refused) -> HttpResponse {
+    let status = actix_web::http::StatusCode::from_u16(r.status)
+        .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+    let mut b = HttpResponse::build(status);
+    if r.status == 503 {
+        b.insert_header(("Retry-After", "5"));
+    }
+    b.json(json!({"error": {"code": r.code, "message": r.message}}))
+}
+
+async fn get_order(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult {
+    caller.require(Role::Viewer)?;
+    let o = visible_order(&state, &caller, &path).await?;
+    let mut v = order_view(&o);
+    v["refunds"] =
+        serde_json::to_value(state.store.refunds(&o.id).await?).map_err(anyhow::Error::from)?;
+    Ok(HttpResponse::Ok().json(v))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResolveBody {
+    items: Vec<cabinet_actors::pricing::BasketItem>,
+}
+
+async fn resolve_order(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<ResolveBody>,
+) -> ApiResult {
+    caller.require(Role::Operator)?;
+    let o = visible_order(&state, &caller, &path).await?;
+    Ok(
+        match state.sessions.resolve(&o, body.into_inner().items).await {
+            Ok(v) => HttpResponse::Ok().json(v),
+            Err(r) => refused_response(r),
+        },
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefundBody {
+    amount_fen: i64,
+    reason: String,
+}
+
+fn idempotency_key(req: &HttpRequest) -> ApiResult<Option<String>> {
+    match req.headers().get("Idempotency-Key").map(|v| v.to_str()) {
+        None => Ok(None),
+        Some(Ok(k)) if !k.is_empty() && k.len() <= 64 => Ok(Some(k.to_owned())),
+        Some(_) => Err(ApiError::BadRequest(
+            "Idempotency-Key must be 1 to 64 visible characters".into(),
+        )),
+    }
+}
+
+async fn refund_order(
+    state: web::Data<AppState>,
+    caller: Caller,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Json<RefundBody>,
+) -> ApiResult {
+    caller.require(Role::Operator)?;
+    let o = visible_order(&state, &caller, &path).await?;
+    let key = idempotency_key(&req)?;
+    Ok(
+        match state
+            .sessions
+            .refund(&o, body.amount_fen, &body.reason, key)
+            .await
+        {
+            Ok(v) => HttpResponse::Ok().json(v),
+            Err(r) => refused_response(r),
+        },
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlacklistQuery {
+    merchant_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlacklistBody {
+    user_id: String,
+    reason: String,
+    #[serde(default)]
+    merchant_id: Option<String>,
+}
+
+/// The merchant a blacklist request is about: a scoped key's own, or the one an admin names.
+fn scoped_merchant(caller: &Caller, named: Option<String>) -> ApiResult<String> {
+    match (&caller.merchant, named) {
+        (Some(own), None) => Ok(own.clone()),
+        (Some(own), Some(n)) if &n == own => Ok(n),
+        (Some(_), Some(_)) => Err(ApiError::NotFound("merchant")),
+        (None, Some(n)) => Ok(n),
+        (None, None) => Err(ApiError::BadRequest(
+            "merchant_id is required for a platform key".into(),
+        )),
+    }
+}
+
+async fn list_blacklist(
+    state: web::Data<AppState>,
+    caller: Caller,
+    q: web::Query<BlacklistQuery>,
+) -> ApiResult {
+    caller.require(Role::Viewer)?;
+    let named = q.into_inner().merchant_id;
+    let m = match (&caller.merchant, named) {
+        (None, None) => None,
+        (_, n) => Some(scoped_merchant(&caller, n)?),
+    };
+    let items = state.store.blacklist(m.as_deref()).await?;
+    Ok(HttpResponse::Ok().json(json!({"count": items.len(), "items": items})))
+}
+
+async fn add_blacklist(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: web::Json<BlacklistBody>,
+) -> ApiResult {
+    caller.require(Role::Operator)?;
+    let b = body.into_inner();
+    if b.user_id.is_empty()
+        || b.user_id.len() > 64
+        || b.reason.trim().is_empty()
+        || b.reason.chars().count() > 200
+    {
+        return Err(ApiError::BadRequest(
+            "user_id (1-64) and reason (1-200) are required".into(),
+        ));
+    }
+    let m = scoped_merchant(&caller, b.merchant_id)?;
+    state
+        .store
+        .blacklist_add(
+            &m,
+            &b.user_id,
+            b.reason.trim(),
+            false,
+            &caller.key_id,
+            state.now(),
+        )
+        .await?;
+    Ok(HttpResponse::Created()
+        .json(json!({"merchant_id": m, "user_id": b.user_id, "reason": b.reason.trim()})))
+}
+
+async fn remove_blacklist(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    q: web::Query<BlacklistQuery>,
+) -> ApiResult {
+    caller.require(Role::Operator)?;
+    let m = scoped_merchant(&caller, q.into_inner().merchant_id)?;
+    if state.store.blacklist_remove(&m, &path, false).await? {
+        Ok(HttpResponse::NoContent().finish())
+    } else {
+        Err(ApiError::NotFound("blacklist entry"))
+    }
 }

@@ -198,6 +198,15 @@ impl Application {
             settings.clone(),
             wechat,
         ));
+        let collector = sessions.clone();
+        let every =
+            Duration::from_millis((settings.payments.collect_interval_ms / 4).clamp(100, 60_000));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                collector.collect_due().await;
+            }
+        });
         let events = sessions.clone();
         tokio::spawn(async move {
             while let Some((meta, ev)) = session_rx.recv().await {

@@ -136,6 +136,12 @@ pub struct PaymentSettings {
     pub confirm_timeout_ms: u64,
     /// `HUB__PAYMENTS__DEDUCTION_CHECK_MS`
     pub deduction_check_ms: u64,
+    /// `HUB__PAYMENTS__COLLECT_INTERVAL_MS`
+    pub collect_interval_ms: u64,
+    /// `HUB__PAYMENTS__BLACKLIST_UNPAID_ORDERS`
+    pub blacklist_unpaid_orders: u32,
+    /// `HUB__PAYMENTS__BLACKLIST_AFTER_MS`
+    pub blacklist_after_ms: u64,
     /// `HUB__PAYMENTS__SIMULATOR_RETRY_SCALE`
     pub simulator_retry_scale: f64,
     /// The real WeChat Pay service (when `simulator` is false).

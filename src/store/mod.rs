@@ -41,7 +41,7 @@ pub(crate) type Result<T> = std::result::Result<T, StoreError>;
 mod catalog;
 mod sessions;
 pub use catalog::{PromotionRow, PromotionRule};
-pub use sessions::{OrderRow, SessionRow};
+pub use sessions::{OrderRow, RefundRow, SessionRow};
 
 /// A merchant.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -135,7 +135,7 @@ pub struct AlertFilter {
 // either can diverge without touching the other.
 #[allow(clippy::if_same_then_else)]
 fn migrator(postgres: bool) -> Migrator {
-    let files: [(i64, &str, &'static str); 3] = if postgres {
+    let files: [(i64, &str, &'static str); 4] = if postgres {
         [
             (
                 1,
@@ -151,6 +151,11 @@ fn migrator(postgres: bool) -> Migrator {
                 3,
                 "sessions",
                 include_str!("../../migrations/postgres/0003_sessions.sql"),
+            ),
+            (
+                4,
+                "exceptions",
+                include_str!("../../migrations/postgres/0004_exceptions.sql"),
             ),
         ]
     } else {
@@ -169,6 +174,11 @@ fn migrator(postgres: bool) -> Migrator {
                 3,
                 "sessions",
                 include_str!("../../migrations/sqlite/0003_sessions.sql"),
+            ),
+            (
+                4,
+                "exceptions",
+                include_str!("../../migrations/sqlite/0004_exceptions.sql"),
             ),
         ]
     };

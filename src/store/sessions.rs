@@ -71,6 +71,47 @@ pub struct OrderRow {
     pub created_at: i64,
     /// Unix ms.
     pub updated_at: i64,
+    /// Refunded so far (fen).
+    pub refunded_fen: i64,
+    /// Collection attempts after a failed deduction.
+    pub collect_attempts: i64,
+}
+
+/// A refund of (part of) an order.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RefundRow {
+    /// Id (the provider's `out_refund_no`).
+    pub id: String,
+    /// Order.
+    pub order_id: String,
+    /// The caller's key.
+    pub idempotency_key: Option<String>,
+    /// Amount (fen).
+    pub amount_fen: i64,
+    /// Why (the appeal).
+    pub reason: String,
+    /// `requested`, `succeeded`, `failed`.
+    pub status: String,
+    /// The provider's id.
+    pub provider_refund_id: Option<String>,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms.
+    pub updated_at: i64,
+}
+
+fn refund_row(r: &AnyRow) -> Result<RefundRow> {
+    Ok(RefundRow {
+        id: r.try_get("id")?,
+        order_id: r.try_get("order_id")?,
+        idempotency_key: r.try_get("idempotency_key")?,
+        amount_fen: r.try_get("amount_fen")?,
+        reason: r.try_get("reason")?,
+        status: r.try_get("status")?,
+        provider_refund_id: r.try_get("provider_refund_id")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
 }
 
 fn session_row(r: &AnyRow) -> Result<SessionRow> {
@@ -108,6 +149,8 @@ fn order_row(r: &AnyRow) -> Result<OrderRow> {
         transaction_id: r.try_get("transaction_id")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
+        refunded_fen: r.try_get("refunded_fen")?,
+        collect_attempts: r.try_get("collect_attempts")?,
     })
 }
 
@@ -372,5 +415,203 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    /// Stores a refund request before the provider hears of it, if the order's paid amount
+    /// still covers it (checked and reserved atomically). `Ok(None)`: it would exceed what was
+    /// paid. A repeated idempotency key returns the first refund.
+    pub async fn reserve_refund(&self, r: &RefundRow) -> Result<Option<RefundRow>> {
+        if let Some(key) = &r.idempotency_key {
+            let row =
+                sqlx::query("SELECT * FROM refunds WHERE order_id = $1 AND idempotency_key = $2")
+                    .bind(&r.order_id)
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            if let Some(row) = row {
+                return Ok(Some(refund_row(&row)?));
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        let reserved = sqlx::query(
+            "UPDATE orders SET refunded_fen = refunded_fen + $2, updated_at = $3 \
+             WHERE id = $1 AND status IN ('paid', 'refunded') AND refunded_fen + $2 <= paid_fen",
+        )
+        .bind(&r.order_id)
+        .bind(r.amount_fen)
+        .bind(r.created_at)
+        .execute(&mut *tx)
+        .await?;
+        if reserved.rows_affected() != 1 {
+            return Ok(None);
+        }
+        sqlx::query(
+            "INSERT INTO refunds (id, order_id, idempotency_key, amount_fen, reason, status, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, 'requested', $6, $6)",
+        )
+        .bind(&r.id)
+        .bind(&r.order_id)
+        .bind(r.idempotency_key.as_deref())
+        .bind(r.amount_fen)
+        .bind(&r.reason)
+        .bind(r.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict_or)?;
+        sqlx::query("UPDATE orders SET status = CASE WHEN refunded_fen >= paid_fen THEN 'refunded' ELSE status END WHERE id = $1")
+            .bind(&r.order_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(r.clone()))
+    }
+
+    /// Records the provider's answer to a refund.
+    pub async fn finish_refund(
+        &self,
+        id: &str,
+        status: &str,
+        provider_refund_id: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query("UPDATE refunds SET status = $2, provider_refund_id = COALESCE($3, provider_refund_id), updated_at = $4 WHERE id = $1")
+            .bind(id)
+            .bind(status)
+            .bind(provider_refund_id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// An order's refunds, oldest first.
+    pub async fn refunds(&self, order_id: &str) -> Result<Vec<RefundRow>> {
+        let rows = sqlx::query("SELECT * FROM refunds WHERE order_id = $1 ORDER BY created_at, id")
+            .bind(order_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(refund_row).collect()
+    }
+
+    /// Orders whose deduction failed and whose next collection attempt is due.
+    pub async fn due_collections(&self, now: i64, limit: i64) -> Result<Vec<OrderRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM orders WHERE status = 'pending_payment' AND (next_collect_at IS NULL OR next_collect_at <= $1) ORDER BY created_at LIMIT $2",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(order_row).collect()
+    }
+
+    /// Schedules the next collection attempt.
+    pub async fn schedule_collection(
+        &self,
+        order_id: &str,
+        attempts: i64,
+        next_at: i64,
+    ) -> Result<()> {
+        sqlx::query("UPDATE orders SET collect_attempts = $2, next_collect_at = $3 WHERE id = $1")
+            .bind(order_id)
+            .bind(attempts)
+            .bind(next_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A shopper's unpaid orders at a merchant: (how many, the oldest's creation time).
+    pub async fn unpaid(&self, merchant_id: &str, user_id: &str) -> Result<(i64, Option<i64>)> {
+        let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM orders WHERE merchant_id = $1 AND user_id = $2 AND status = 'pending_payment'")
+            .bind(merchant_id)
+            .bind(user_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((row.try_get("n")?, row.try_get("oldest")?))
+    }
+
+    /// Whether a shopper is on a merchant's blacklist.
+    pub async fn blacklisted(&self, merchant_id: &str, user_id: &str) -> Result<Option<String>> {
+        let row =
+            sqlx::query("SELECT reason FROM blacklist WHERE merchant_id = $1 AND user_id = $2")
+                .bind(merchant_id)
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| Ok(r.try_get("reason")?)).transpose()
+    }
+
+    /// Adds a shopper to a merchant's blacklist (no-op when already there).
+    pub async fn blacklist_add(
+        &self,
+        merchant_id: &str,
+        user_id: &str,
+        reason: &str,
+        automatic: bool,
+        by: &str,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO blacklist (merchant_id, user_id, reason, automatic, created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(merchant_id)
+        .bind(user_id)
+        .bind(reason)
+        .bind(i64::from(automatic))
+        .bind(now)
+        .bind(by)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Removes a shopper; `only_automatic` keeps an operator's own entries.
+    pub async fn blacklist_remove(
+        &self,
+        merchant_id: &str,
+        user_id: &str,
+        only_automatic: bool,
+    ) -> Result<bool> {
+        let sql = if only_automatic {
+            "DELETE FROM blacklist WHERE merchant_id = $1 AND user_id = $2 AND automatic = 1"
+        } else {
+            "DELETE FROM blacklist WHERE merchant_id = $1 AND user_id = $2"
+        };
+        Ok(sqlx::query(sql)
+            .bind(merchant_id)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            == 1)
+    }
+
+    /// A merchant's blacklist (all merchants' for `None`).
+    pub async fn blacklist(&self, merchant_id: Option<&str>) -> Result<Vec<serde_json::Value>> {
+        let rows = match merchant_id {
+            Some(m) => {
+                sqlx::query(
+                    "SELECT * FROM blacklist WHERE merchant_id = $1 ORDER BY created_at DESC",
+                )
+                .bind(m)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM blacklist ORDER BY created_at DESC")
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(serde_json::json!({
+                    "merchant_id": r.try_get::<String, _>("merchant_id")?, "user_id": r.try_get::<String, _>("user_id")?,
+                    "reason": r.try_get::<String, _>("reason")?, "automatic": r.try_get::<i64, _>("automatic")? != 0,
+                    "created_at": r.try_get::<i64, _>("created_at")?, "created_by": r.try_get::<String, _>("created_by")?,
+                }))
+            })
+            .collect()
     }
 }

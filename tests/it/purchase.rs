@@ -15,6 +15,8 @@ async fn shop(b: Backend) -> (TestHub, String, Cabinet) {
         s.payments.confirm_timeout_ms = 1_500;
         s.payments.deduction_check_ms = 300;
         s.payments.simulator_retry_scale = 0.01;
+        s.payments.collect_interval_ms = 200;
+        s.payments.blacklist_unpaid_orders = 1;
     })
     .await;
     let (ma, op) = hub.merchant("m1").await;
@@ -91,7 +93,221 @@ both!(
     recognition_failed_is_abnormal,
     failed_deduction_is_pending_until_paid,
     forged_notifications_are_refused_and_counted,
+    abnormal_order_resolved_then_charged,
+    refunds_partial_full_idempotent_and_bounded,
+    unpaid_shopper_blacklisted_until_paid,
+    operators_edit_the_blacklist,
 );
+
+/// A purchase up to the recognition: returns the session id.
+async fn visit(hub: &TestHub, op: &str, c: &mut Cabinet, user: &str, items: Value) -> String {
+    let pending = start(hub, op, user, None);
+    let unlock = c.expect_command("unlock", 3 * SEC).await;
+    c.ack(&unlock, true, None).await;
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s, 201, "{v}");
+    let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
+    shop_visit(c, &session, items).await;
+    session
+}
+
+async fn abnormal_order_resolved_then_charged(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let pending = start(&hub, &op, "u1", None);
+    let unlock = c.expect_command("unlock", 3 * SEC).await;
+    c.ack(&unlock, true, None).await;
+    let (_, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
+    c.event("door_opened").await;
+    c.event("door_closed").await;
+    c.event("lock_locked").await;
+    c.publish(
+        "recognition",
+        json!({"session_id": session, "status": "failed", "reason": "camera_blocked"}),
+    )
+    .await;
+    let v = order_status(&hub, &op, &session, "abnormal").await;
+    let order = v["order"]["id"].as_str().unwrap_or_default().to_owned();
+    let (_, list) = hub.get("/api/v1/orders?status=abnormal", &op).await;
+    assert_eq!(list["count"], 1, "listed for operators");
+    let (s, r) = hub
+        .post(
+            &format!("/api/v1/orders/{order}/resolve"),
+            &op,
+            json!({"items": [{"sku": "cola", "qty": 1}]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    let v = order_status(&hub, &op, &session, "paid").await;
+    assert_eq!(v["order"]["paid_fen"], 300);
+    let (s, r) = hub
+        .post(
+            &format!("/api/v1/orders/{order}/resolve"),
+            &op,
+            json!({"items": []}),
+        )
+        .await;
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (409, json!("order_not_abnormal"))
+    );
+}
+
+async fn refunds_partial_full_idempotent_and_bounded(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let session = visit(
+        &hub,
+        &op,
+        &mut c,
+        "u1",
+        json!([{"sku": "cola", "qty": 2}, {"sku": "chips", "qty": 1}]),
+    )
+    .await;
+    let v = order_status(&hub, &op, &session, "paid").await;
+    let order = v["order"]["id"].as_str().unwrap_or_default().to_owned();
+    let refund = |amount: i64, key: &'static str| {
+        let (client, url, op) = (
+            hub.client.clone(),
+            hub.url(&format!("/api/v1/orders/{order}/refund")),
+            op.clone(),
+        );
+        async move {
+            let r = client
+                .post(url)
+                .bearer_auth(op)
+                .header("Idempotency-Key", key)
+                .json(&json!({"amount_fen": amount, "reason": "少拿一瓶"}))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (s, first) = refund(300, "k1").await;
+    assert_eq!(s, 200, "{first}");
+    assert_eq!(first["refund"]["status"], "succeeded");
+    assert_eq!(
+        (
+            first["order"]["refunded_fen"].clone(),
+            first["order"]["status"].clone()
+        ),
+        (json!(300), json!("paid"))
+    );
+    let (_, again) = refund(300, "k1").await;
+    assert_eq!(
+        again["refund"]["id"], first["refund"]["id"],
+        "same key, same refund"
+    );
+    assert_eq!(again["order"]["refunded_fen"], 300);
+    let (s, over) = refund(1000, "k2").await;
+    assert_eq!(
+        (s, over["error"]["code"].clone()),
+        (422, json!("refund_exceeds_paid"))
+    );
+    let (s, rest) = refund(950, "k3").await;
+    assert_eq!(s, 200, "{rest}");
+    assert_eq!(
+        (
+            rest["order"]["refunded_fen"].clone(),
+            rest["order"]["status"].clone()
+        ),
+        (json!(1250), json!("refunded"))
+    );
+    let (_, o) = hub.get(&format!("/api/v1/orders/{order}"), &op).await;
+    assert_eq!(o["refunds"].as_array().map(Vec::len), Some(2));
+    assert_eq!(o["paid_fen"], 1250);
+}
+
+async fn unpaid_shopper_blacklisted_until_paid(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    hub.call(
+        "PUT",
+        "/sim/users/u4",
+        ADMIN_KEY,
+        Some(json!({"deduction": "fail"})),
+    )
+    .await;
+    let session = visit(&hub, &op, &mut c, "u4", json!([{"sku": "chips", "qty": 1}])).await;
+    order_status(&hub, &op, &session, "pending_payment").await;
+    // Collection is retried while it is unpaid.
+    hub.eventually(3 * SEC, "collection retried", || async {
+        hub.metrics()
+            .await
+            .contains(r#"payments_total{operation="collect",outcome="ok",provider="wechat"}"#)
+            .then_some(())
+    })
+    .await;
+    let (s, r) = start(&hub, &op, "u4", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (422, json!("user_blacklisted")),
+        "{r}"
+    );
+    let (_, list) = hub.get("/api/v1/blacklist", &op).await;
+    assert_eq!(
+        (list["count"].clone(), list["items"][0]["user_id"].clone()),
+        (json!(1), json!("u4"))
+    );
+    hub.call(
+        "PUT",
+        "/sim/users/u4",
+        ADMIN_KEY,
+        Some(json!({"deduction": "succeed"})),
+    )
+    .await;
+    hub.post("/sim/users/u4/pay", ADMIN_KEY, json!({})).await;
+    order_status(&hub, &op, &session, "paid").await;
+    hub.eventually(SEC, "off the blacklist", || async {
+        (hub.get("/api/v1/blacklist", &op).await.1["count"] == 0).then_some(())
+    })
+    .await;
+    visit(&hub, &op, &mut c, "u4", json!([])).await;
+}
+
+async fn operators_edit_the_blacklist(b: Backend) {
+    let (hub, op, _c) = shop(b).await;
+    let (s, r) = hub
+        .post(
+            "/api/v1/blacklist",
+            &op,
+            json!({"user_id": "u9", "reason": "fraud"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{r}");
+    let (s, r) = start(&hub, &op, "u9", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (422, json!("user_blacklisted"))
+    );
+    let (s, _) = hub.call("DELETE", "/api/v1/blacklist/u9", &op, None).await;
+    assert_eq!(s, 204);
+    hub.call(
+        "PUT",
+        "/sim/users/u9",
+        ADMIN_KEY,
+        Some(json!({"confirm": false})),
+    )
+    .await;
+    let (s, r) = start(&hub, &op, "u9", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (422, json!("payment_declined")),
+        "no longer blacklisted"
+    );
+    assert_eq!(
+        hub.call("DELETE", "/api/v1/blacklist/u9", &op, None)
+            .await
+            .0,
+        404
+    );
+}
 
 async fn wechat_happy_path_charges_once(b: Backend) {
     let (hub, op, mut c) = shop(b).await;

@@ -29,6 +29,8 @@ use crate::payments::wechat::{
 use crate::secrets::token;
 use crate::store::{OrderRow, SessionRow, Store, StoreError};
 
+mod exceptions;
+
 /// Why a session was not started: an API error code and its HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
@@ -231,6 +233,11 @@ impl Sessions {
             }
         }
 
+        if req.mode == SessionMode::Purchase {
+            self.check_blacklist(&cabinet.merchant_id, &req.user_id)
+                .await?;
+        }
+
         let now = self.now();
         let id = format!(
             "s{}",
@@ -268,6 +275,8 @@ impl Sessions {
             priced: None,
             total_fen: None,
             paid_fen: 0,
+            refunded_fen: 0,
+            collect_attempts: 0,
             provider_order_no: (channel != "none").then(|| id.clone()),
             transaction_id: None,
             created_at: now,
@@ -648,7 +657,7 @@ impl Sessions {
                         qty: i.qty,
                     })
                     .collect();
-                self.price_and_complete(&s, &o, basket).await
+                self.price_and_complete(&s, &o, basket, &["open"]).await
             }
             SessionEvent::Abnormal {
                 session_id, reason, ..
@@ -701,6 +710,7 @@ impl Sessions {
         s: &SessionRow,
         o: &OrderRow,
         basket: Vec<BasketItem>,
+        from: &[&str],
     ) -> Result<(), StoreError> {
         let now = self.now();
         let items_json = serde_json::to_string(&basket).unwrap_or_default();
@@ -710,7 +720,7 @@ impl Sessions {
                 .store
                 .transition_order(
                     &o.id,
-                    &["open"],
+                    from,
                     "closed",
                     None,
                     Some(&items_json),
@@ -753,7 +763,7 @@ impl Sessions {
             .store
             .transition_order(
                 &o.id,
-                &["open"],
+                from,
                 "completing",
                 None,
                 Some(&items_json),
@@ -972,8 +982,8 @@ impl Sessions {
                     .await
                     .unwrap_or(false)
                 {
-                    self.metrics.orders.with_label_values(&["paid"]).inc();
                     tracing::info!(order_id = %o.id, paid, "order paid");
+                    self.paid(&o).await;
                 }
             }
             other => tracing::info!(event_type = other, "notification ignored"),
@@ -988,7 +998,7 @@ pub fn order_view(o: &OrderRow) -> Value {
         s.as_deref()
             .and_then(|t| serde_json::from_str::<Value>(t).ok())
     };
-    json!({"id": o.id, "session_id": o.session_id, "cabinet_id": o.cabinet_id, "merchant_id": o.merchant_id, "user_id": o.user_id,
+    json!({"id": o.id, "session_id": o.session_id, "refunded_fen": o.refunded_fen, "cabinet_id": o.cabinet_id, "merchant_id": o.merchant_id, "user_id": o.user_id,
            "channel": o.channel, "status": o.status, "abnormal_reason": o.abnormal_reason, "items": parse(&o.items),
            "priced": parse(&o.priced), "total_fen": o.total_fen, "paid_fen": o.paid_fen, "transaction_id": o.transaction_id,
            "created_at": crate::api::rfc3339(o.created_at), "updated_at": crate::api::rfc3339(o.updated_at)})
