@@ -198,6 +198,9 @@ impl Application {
             settings.clone(),
             wechat,
         ));
+        // After a crash: runs once the HTTP server (which also serves the simulator) is up.
+        let resumer = sessions.clone();
+        tokio::spawn(async move { resumer.resume().await });
         let collector = sessions.clone();
         let every =
             Duration::from_millis((settings.payments.collect_interval_ms / 4).clamp(100, 60_000));

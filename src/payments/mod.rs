@@ -48,6 +48,7 @@ pub fn build_wechat(
         retry_scale: settings.payments.simulator_retry_scale,
         confirm_delay: Duration::from_millis(50),
         cancel_after_complete: false,
+        persist: Some(settings.data_dir.join("wechat-simulator.json")),
     })?;
     let cfg = WechatConfig {
         base_url: format!("http://{http}{}", sim_wechat::PREFIX),

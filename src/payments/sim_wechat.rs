@@ -44,6 +44,8 @@ pub struct SimConfig {
     pub confirm_delay: Duration,
     /// Whether cancel is allowed after MCH_COMPLETE (sources disagree).
     pub cancel_after_complete: bool,
+    /// Where its state is kept across restarts, as the real service keeps its own.
+    pub persist: Option<std::path::PathBuf>,
 }
 
 /// How a simulated shopper behaves.
@@ -74,6 +76,7 @@ impl Default for UserScript {
     }
 }
 
+#[derive(serde::Serialize, Deserialize)]
 struct SimOrder {
     sub_mchid: String,
     notify_url: String,
@@ -83,7 +86,7 @@ struct SimOrder {
     refunded: i64,
 }
 
-#[derive(Default)]
+#[derive(Default, serde::Serialize, Deserialize)]
 struct State {
     orders: HashMap<String, SimOrder>,
     refunds: HashMap<String, Value>,
@@ -134,11 +137,19 @@ impl WechatSim {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()?;
+        let state = match cfg.persist.as_ref().filter(|p| p.exists()) {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)?;
+                serde_json::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("simulator state {}: {e}", p.display()))?
+            }
+            None => State::default(),
+        };
         Ok(Self {
             cfg,
             signer: Arc::new(signer),
             verifier: Arc::new(verifier),
-            state: Arc::new(Mutex::new(State::default())),
+            state: Arc::new(Mutex::new(state)),
             http,
         })
     }
@@ -147,9 +158,25 @@ impl WechatSim {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Writes the state atomically (temp file + rename) when persistence is on.
+    fn save(&self) {
+        let Some(path) = &self.cfg.persist else {
+            return;
+        };
+        let text = match serde_json::to_string(&*self.lock()) {
+            Ok(t) => t,
+            Err(e) => return tracing::error!(error = %e, "simulator state not serialised"),
+        };
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+            tracing::error!(error = %e, "simulator state not saved");
+        }
+    }
+
     /// Scripts a shopper.
     pub fn set_user(&self, user: &str, script: UserScript) {
         self.lock().users.insert(user.to_owned(), script);
+        self.save();
     }
 
     /// The shopper's script (default: confirm, deductions succeed).
@@ -357,6 +384,7 @@ impl WechatSim {
             true
         };
         if paid {
+            self.save();
             self.notify(order_key, "PAYSCORE.USER_PAID");
         }
     }
@@ -453,6 +481,7 @@ impl WechatSim {
                     }
                 };
                 if confirmed {
+                    sim.save();
                     sim.notify(&k, "PAYSCORE.USER_CONFIRM");
                 }
             });
@@ -691,6 +720,9 @@ async fn handle(sim: web::Data<WechatSim>, req: HttpRequest, body: web::Bytes) -
             }
             _ => Err(SimError(404, "NOT_FOUND", "接口不存在".into())),
         };
+    if req.method() != actix_web::http::Method::GET {
+        sim.save();
+    }
     match result {
         Ok((status, body)) => sim.signed(status, body.as_ref()),
         Err(e) => sim.error(e),

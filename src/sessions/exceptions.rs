@@ -267,3 +267,146 @@ impl Sessions {
         }
     }
 }
+
+impl Sessions {
+    /// Hands a priced, stored order to the provider: complete (retried while retryable), then
+    /// check the deduction. Safe to repeat: the provider holds one order per session and
+    /// completing it again is refused, not charged twice.
+    pub(super) async fn finish_completion(
+        &self,
+        s: &crate::store::SessionRow,
+        order_id: &str,
+        priced: &cabinet_actors::pricing::PricedOrder,
+    ) -> Result<(), StoreError> {
+        use crate::payments::wechat::{PostDiscount, PostPayment, WechatError};
+        let Some(w) = &self.wechat else { return Ok(()) };
+        let sub = self.sub_mchid(
+            &s.merchant_id,
+            self.store
+                .merchant_payment(&s.merchant_id)
+                .await?
+                .and_then(|m| m.1),
+        );
+        let pay: Vec<PostPayment> = priced
+            .lines
+            .iter()
+            .map(|l| PostPayment {
+                name: "商品信息".into(),
+                amount: l.amount_fen,
+                description: l.name.clone(),
+                count: l.qty,
+            })
+            .collect();
+        let disc: Vec<PostDiscount> = priced
+            .discounts
+            .iter()
+            .map(|d| PostDiscount {
+                name: d.name.clone(),
+                description: d.name.clone(),
+                amount: d.amount_fen,
+            })
+            .collect();
+        let mut delay = std::time::Duration::from_millis(200);
+        for attempt in 1..=5 {
+            let r = w
+                .complete_order(&sub, &s.id, &pay, &disc, priced.total_fen)
+                .await;
+            self.metrics
+                .payments
+                .with_label_values(&["wechat", "complete", if r.is_ok() { "ok" } else { "error" }])
+                .inc();
+            match r {
+                Ok(()) => break,
+                Err(e) if e.retryable() && attempt < 5 => {
+                    tracing::warn!(session_id = %s.id, error = %e, attempt, "complete failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(WechatError::Api { code, .. })
+                    if code == "INVALID_REQUEST"
+                        && self.already_completed(w, &sub, &s.id).await =>
+                {
+                    // Completed before a crash: carry on with the deduction check.
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(session_id = %s.id, error = %e, "complete failed");
+                    if self
+                        .store
+                        .transition_order(
+                            order_id,
+                            &["completing"],
+                            "abnormal",
+                            Some("payment_complete_failed"),
+                            None,
+                            None,
+                            None,
+                            self.now(),
+                        )
+                        .await?
+                    {
+                        self.metrics.orders.with_label_values(&["abnormal"]).inc();
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        self.schedule_deduction_check(s.clone(), order_id.to_owned(), sub);
+        Ok(())
+    }
+
+    async fn already_completed(
+        &self,
+        w: &crate::payments::wechat::WechatClient,
+        sub: &str,
+        id: &str,
+    ) -> bool {
+        match w.query_order(sub, id).await {
+            Ok(o) => o.state == "DONE" || o.state_description.as_deref() == Some("MCH_COMPLETE"),
+            Err(_) => false,
+        }
+    }
+
+    /// Picks up what a crash interrupted. Sessions still waiting for the shopper's confirmation
+    /// fail (the cabinet never opened; the provider order is cancelled). Sessions that were
+    /// unlocking may have opened the door: they are treated as open, so the cabinet's
+    /// recognition still charges them. Orders that were being completed are completed again.
+    pub async fn resume(&self) {
+        let now = self.now();
+        if let Ok(confirming) = self.store.sessions_in_state("confirming").await {
+            for s in confirming {
+                let _ = self
+                    .fail(&s, "confirming", "hub_restarted", 503, "the hub restarted")
+                    .await;
+            }
+        }
+        if let Ok(unlocking) = self.store.sessions_in_state("unlocking").await {
+            for s in unlocking {
+                let _ = self
+                    .store
+                    .transition_session(&s.id, "unlocking", "open", None, now)
+                    .await;
+                tracing::warn!(session_id = %s.id, "session was unlocking at a crash; awaiting the cabinet's recognition");
+            }
+        }
+        let completing = self
+            .store
+            .orders(None, None, Some("completing"), 1000)
+            .await
+            .unwrap_or_default();
+        for o in completing {
+            let (Ok(Some(s)), Some(priced)) = (
+                self.store.session(&o.session_id).await,
+                o.priced.as_deref().and_then(|p| {
+                    serde_json::from_str::<cabinet_actors::pricing::PricedOrder>(p).ok()
+                }),
+            ) else {
+                continue;
+            };
+            tracing::info!(order_id = %o.id, "completing an order interrupted by a restart");
+            if let Err(e) = self.finish_completion(&s, &o.id, &priced).await {
+                tracing::error!(order_id = %o.id, error = %e, "could not resume the order");
+            }
+        }
+    }
+}

@@ -23,9 +23,7 @@ use cabinet_actors::registry::Registry;
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::payments::wechat::{
-    CreateOrder, PostDiscount, PostPayment, RiskFund, SignedHeaders, TimeRange, WechatClient,
-};
+use crate::payments::wechat::{CreateOrder, RiskFund, SignedHeaders, TimeRange, WechatClient};
 use crate::secrets::token;
 use crate::store::{OrderRow, SessionRow, Store, StoreError};
 
@@ -778,73 +776,7 @@ impl Sessions {
         self.store
             .transition_session(&s.id, "open", "closed", None, now)
             .await?;
-        let Some(w) = &self.wechat else { return Ok(()) };
-        let sub = self.sub_mchid(
-            &s.merchant_id,
-            self.store
-                .merchant_payment(&s.merchant_id)
-                .await?
-                .and_then(|m| m.1),
-        );
-        let pay: Vec<PostPayment> = priced
-            .lines
-            .iter()
-            .map(|l| PostPayment {
-                name: "商品信息".into(),
-                amount: l.amount_fen,
-                description: l.name.clone(),
-                count: l.qty,
-            })
-            .collect();
-        let disc: Vec<PostDiscount> = priced
-            .discounts
-            .iter()
-            .map(|d| PostDiscount {
-                name: d.name.clone(),
-                description: d.name.clone(),
-                amount: d.amount_fen,
-            })
-            .collect();
-        let mut delay = Duration::from_millis(200);
-        for attempt in 1..=5 {
-            let r = w
-                .complete_order(&sub, &s.id, &pay, &disc, priced.total_fen)
-                .await;
-            self.metrics
-                .payments
-                .with_label_values(&["wechat", "complete", if r.is_ok() { "ok" } else { "error" }])
-                .inc();
-            match r {
-                Ok(()) => break,
-                Err(e) if e.retryable() && attempt < 5 => {
-                    tracing::warn!(session_id = %s.id, error = %e, attempt, "complete failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-                Err(e) => {
-                    tracing::error!(session_id = %s.id, error = %e, "complete failed");
-                    if self
-                        .store
-                        .transition_order(
-                            &o.id,
-                            &["completing"],
-                            "abnormal",
-                            Some("payment_complete_failed"),
-                            None,
-                            None,
-                            None,
-                            self.now(),
-                        )
-                        .await?
-                    {
-                        self.metrics.orders.with_label_values(&["abnormal"]).inc();
-                    }
-                    return Ok(());
-                }
-            }
-        }
-        self.schedule_deduction_check(s.clone(), o.id.clone(), sub);
-        Ok(())
+        self.finish_completion(s, &o.id, &priced).await
     }
 
     /// A deduction that fails sends no notification: check later, and mark the order pending

@@ -614,4 +614,13 @@ impl Store {
             })
             .collect()
     }
+
+    /// Sessions in a state (for recovery after a restart).
+    pub async fn sessions_in_state(&self, state: &str) -> Result<Vec<SessionRow>> {
+        let rows = sqlx::query("SELECT * FROM sessions WHERE state = $1 ORDER BY created_at")
+            .bind(state)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(session_row).collect()
+    }
 }

@@ -2,6 +2,7 @@
 //! MQTT clients, the real PostgreSQL. One binary (faster linking).
 
 mod catalog;
+mod crash;
 mod harness;
 mod purchase;
 mod startup;

@@ -54,6 +54,7 @@ async fn rig() -> Rig {
         retry_scale: 0.002,
         confirm_delay: Duration::from_millis(20),
         cancel_after_complete: false,
+        persist: None,
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let (tx, notes) = mpsc::unbounded_channel();
