@@ -22,3 +22,6 @@ json.dump({"key": key.decode(), "nonce": nonce.decode(), "associated_data": aad.
            "ciphertext": base64.b64encode(ct).decode(), "plaintext": plain.decode()},
           open("gcm_vector.json", "w"), indent=1)
 PY
+# Alipay RSA2: the gateway signs the sorted `k=v&…` string of the request parameters.
+printf 'app_id=2021000000000001&biz_content={"out_order_no":"s_1"}&charset=utf-8&format=JSON&method=zhima.credit.payafteruse.creditbizorder.query&sign_type=RSA2&timestamp=2025-11-21 12:00:00&version=1.0' > alipay_sign_content.txt
+openssl dgst -sha256 -sign merchant_key.pem alipay_sign_content.txt | base64 -w0 > alipay_signature.b64
