@@ -2,7 +2,9 @@
 //! clients here implement the providers' real security (signing, verification, decryption) and
 //! are tested against vectors made independently with OpenSSL.
 
+pub mod alipay;
 pub mod alipay_crypto;
+pub mod sim_alipay;
 pub mod sim_wechat;
 pub mod wechat;
 pub mod wechat_crypto;

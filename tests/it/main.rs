@@ -1,6 +1,7 @@
 //! Black-box integration tests: the hub on free ports with a fresh database, cabinets as real
 //! MQTT clients, the real PostgreSQL. One binary (faster linking).
 
+mod alipay;
 mod catalog;
 mod crash;
 mod harness;

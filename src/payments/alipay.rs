@@ -1,0 +1,203 @@
+//! Alipay 芝麻先享 (CREDIT_PAY_AFTER_USE) client over the standard open-platform gateway:
+//! RSA2-signed form requests, responses verified over their raw `<method>_response` member,
+//! notifications verified over their sorted form parameters.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::alipay_crypto::{sign_params, verify_notify, verify_response, yuan};
+use super::wechat_crypto::{CryptoError, RsaSigner, Verifier};
+
+/// Gateway methods used.
+pub mod methods {
+    /// Create a credit order the shopper confirms.
+    pub const CREATE: &str = "zhima.credit.payafteruse.creditbizorder.create";
+    /// Query a credit order.
+    pub const QUERY: &str = "zhima.credit.payafteruse.creditbizorder.query";
+    /// Close a credit order (without charge when `is_fulfilled` is false).
+    pub const FINISH: &str = "zhima.credit.payafteruse.creditbizorder.finish";
+    /// Deduct against the credit order.
+    pub const PAY: &str = "alipay.trade.pay";
+    /// Refund a deduction.
+    pub const REFUND: &str = "alipay.trade.refund";
+}
+
+/// How to reach Alipay.
+#[derive(Debug, Clone)]
+pub struct AlipayConfig {
+    /// `https://openapi.alipay.com/gateway.do`, or the simulator's `http://…/sim/alipay/gateway.do`.
+    pub gateway: String,
+    /// The application id.
+    pub app_id: String,
+    /// Where notifications go.
+    pub notify_url: String,
+}
+
+/// A client failure.
+#[derive(Debug, thiserror::Error)]
+pub enum AlipayError {
+    /// The gateway answered with a business error.
+    #[error("{code} {sub_code}: {sub_msg}")]
+    Api {
+        /// `40004` and friends.
+        code: String,
+        /// `ACQ.TRADE_NOT_EXIST` and friends.
+        sub_code: String,
+        /// Human text.
+        sub_msg: String,
+    },
+    /// The answer was not signed by Alipay's key.
+    #[error("response signature: {0}")]
+    BadSignature(CryptoError),
+    /// Could not reach the gateway.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// Keys or configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// The client.
+pub struct AlipayClient {
+    http: reqwest::Client,
+    cfg: AlipayConfig,
+    signer: RsaSigner,
+    verifier: Verifier,
+}
+
+const KEY_ID: &str = "alipay";
+
+impl AlipayClient {
+    /// From the application private key and Alipay's public key (PEM).
+    pub fn new(
+        cfg: AlipayConfig,
+        app_key_pem: &str,
+        alipay_public_key_pem: &str,
+    ) -> Result<Self, AlipayError> {
+        let signer =
+            RsaSigner::from_pem(app_key_pem).map_err(|e| AlipayError::Config(e.to_string()))?;
+        let mut verifier = Verifier::new(300);
+        verifier
+            .add_pem(KEY_ID, alipay_public_key_pem)
+            .map_err(|e| AlipayError::Config(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| AlipayError::Config(e.to_string()))?;
+        Ok(Self {
+            http,
+            cfg,
+            signer,
+            verifier,
+        })
+    }
+
+    /// One gateway call: signed form in, verified JSON out; `code != 10000` is an error.
+    pub async fn call(&self, method: &str, biz: &Value) -> Result<Value, AlipayError> {
+        let now = time::OffsetDateTime::now_utc()
+            .to_offset(time::UtcOffset::from_hms(8, 0, 0).unwrap_or(time::UtcOffset::UTC));
+        let ts = now
+            .format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second]"
+            ))
+            .map_err(|e| AlipayError::Config(e.to_string()))?;
+        let mut params: BTreeMap<String, String> = [
+            ("app_id", self.cfg.app_id.as_str()),
+            ("method", method),
+            ("format", "JSON"),
+            ("charset", "utf-8"),
+            ("sign_type", "RSA2"),
+            ("timestamp", ts.as_str()),
+            ("version", "1.0"),
+            ("notify_url", self.cfg.notify_url.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        params.insert("biz_content".into(), biz.to_string());
+        let sign =
+            sign_params(&self.signer, &params).map_err(|e| AlipayError::Config(e.to_string()))?;
+        params.insert("sign".into(), sign);
+        let resp = self
+            .http
+            .post(&self.cfg.gateway)
+            .form(&params)
+            .send()
+            .await
+            .map_err(|e| AlipayError::Transport(e.to_string()))?;
+        let body = resp
+            .text()
+            .await
+            .map_err(|e| AlipayError::Transport(e.to_string()))?;
+        let v = verify_response(&self.verifier, KEY_ID, &body, method)
+            .map_err(AlipayError::BadSignature)?;
+        if v["code"] != "10000" {
+            return Err(AlipayError::Api {
+                code: v["code"].as_str().unwrap_or("").to_owned(),
+                sub_code: v["sub_code"].as_str().unwrap_or("").to_owned(),
+                sub_msg: v["sub_msg"].as_str().unwrap_or("").to_owned(),
+            });
+        }
+        Ok(v)
+    }
+
+    /// Creates the credit order the shopper confirms; `ceiling_fen` is the most it may cost.
+    pub async fn create(
+        &self,
+        out_order_no: &str,
+        buyer: &str,
+        ceiling_fen: i64,
+    ) -> Result<Value, AlipayError> {
+        let biz = json!({"out_order_no": out_order_no, "subject": "智能柜购物", "order_amount": yuan(ceiling_fen),
+                         "product_code": "CREDIT_PAY_AFTER_USE", "buyer_id": buyer});
+        self.call(methods::CREATE, &biz).await
+    }
+
+    /// Queries a credit order by our number.
+    pub async fn query(&self, out_order_no: &str) -> Result<Value, AlipayError> {
+        self.call(methods::QUERY, &json!({"out_order_no": out_order_no}))
+            .await
+    }
+
+    /// Deducts the final amount against the credit order.
+    pub async fn pay(
+        &self,
+        out_trade_no: &str,
+        credit_biz_order_id: &str,
+        total_fen: i64,
+    ) -> Result<Value, AlipayError> {
+        let biz = json!({"out_trade_no": out_trade_no, "total_amount": yuan(total_fen), "subject": "智能柜购物",
+                         "product_code": "CREDIT_PAY_AFTER_USE", "credit_biz_order_id": credit_biz_order_id});
+        self.call(methods::PAY, &biz).await
+    }
+
+    /// Closes a credit order without charge (nothing taken, refused session).
+    pub async fn close(
+        &self,
+        credit_biz_order_id: &str,
+        out_request_no: &str,
+        remark: &str,
+    ) -> Result<Value, AlipayError> {
+        let biz = json!({"out_request_no": out_request_no, "credit_biz_order_id": credit_biz_order_id, "is_fulfilled": false, "remark": remark});
+        self.call(methods::FINISH, &biz).await
+    }
+
+    /// Refunds part or all of a deduction; the same `out_request_no` is the same refund.
+    pub async fn refund(
+        &self,
+        out_trade_no: &str,
+        refund_fen: i64,
+        out_request_no: &str,
+        reason: &str,
+    ) -> Result<Value, AlipayError> {
+        let biz = json!({"out_trade_no": out_trade_no, "refund_amount": yuan(refund_fen), "out_request_no": out_request_no, "refund_reason": reason});
+        self.call(methods::REFUND, &biz).await
+    }
+
+    /// Verifies a notification's form parameters.
+    pub fn verify_notify(&self, params: &BTreeMap<String, String>) -> Result<(), CryptoError> {
+        verify_notify(&self.verifier, KEY_ID, params)
+    }
+}
