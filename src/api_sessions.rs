@@ -183,6 +183,9 @@ async fn sim_user(
         deduction: body.deduction,
     };
     sim.set_user(&path, script);
+    if let Some(a) = &state.alipay_sim {
+        a.set_user(&path, script);
+    }
     Ok(HttpResponse::Ok().json(json!({"user_id": *path, "script": script})))
 }
 
@@ -196,7 +199,9 @@ async fn sim_user_pays(
         .wechat_sim
         .as_ref()
         .ok_or(ApiError::NotFound("simulator"))?;
-    Ok(HttpResponse::Ok().json(json!({"user_id": *path, "orders_paid": sim.user_pays(&path)})))
+    let alipay = state.alipay_sim.as_ref().map_or(0, |a| a.user_pays(&path));
+    Ok(HttpResponse::Ok()
+        .json(json!({"user_id": *path, "orders_paid": sim.user_pays(&path) + alipay})))
 }
 
 /// Mounts the routes: the `/api/v1` ones on `scope`, the simulator control on `cfg`.
@@ -212,6 +217,7 @@ pub fn configure(scope: actix_web::Scope) -> actix_web::Scope {
         .route("/blacklist", web::post().to(add_blacklist))
         .route("/blacklist/{user_id}", web::delete().to(remove_blacklist))
         .route("/payments/wechat/notify", web::post().to(wechat_notify))
+        .route("/payments/alipay/notify", web::post().to(alipay_notify))
         .route("/merchants/{id}/payment", web::put().to(merchant_payment))
 }
 
@@ -403,5 +409,23 @@ async fn remove_blacklist(
         Ok(HttpResponse::NoContent().finish())
     } else {
         Err(ApiError::NotFound("blacklist entry"))
+    }
+}
+
+/// Alipay's notifications: form parameters signed by Alipay; answered `success` once applied.
+async fn alipay_notify(
+    state: web::Data<AppState>,
+    form: web::Form<std::collections::BTreeMap<String, String>>,
+) -> HttpResponse {
+    match state
+        .sessions
+        .on_alipay_notification(&form.into_inner())
+        .await
+    {
+        Ok(()) => HttpResponse::Ok()
+            .content_type("text/plain")
+            .body("success"),
+        Err("store_error") => HttpResponse::InternalServerError().body("fail"),
+        Err(reason) => HttpResponse::BadRequest().body(format!("fail: {reason}")),
     }
 }

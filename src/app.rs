@@ -45,6 +45,8 @@ pub struct AppState {
     pub sessions: Arc<crate::sessions::Sessions>,
     /// The in-process WeChat Pay simulator, when enabled.
     pub wechat_sim: Option<crate::payments::sim_wechat::WechatSim>,
+    /// The in-process Alipay simulator, when enabled.
+    pub alipay_sim: Option<crate::payments::sim_alipay::AlipaySim>,
 }
 
 impl AppState {
@@ -190,6 +192,7 @@ impl Application {
         }
 
         let (wechat, wechat_sim) = crate::payments::build_wechat(&settings, probe_addr(http))?;
+        let (alipay, alipay_sim) = crate::payments::build_alipay(&settings, probe_addr(http))?;
         let sessions = Arc::new(crate::sessions::Sessions::new(
             store.clone(),
             registry.clone(),
@@ -197,6 +200,7 @@ impl Application {
             clock.clone(),
             settings.clone(),
             wechat,
+            alipay,
         ));
         // After a crash: runs once the HTTP server (which also serves the simulator) is up.
         let resumer = sessions.clone();
@@ -219,6 +223,7 @@ impl Application {
         let state = actix_web::web::Data::new(AppState {
             sessions,
             wechat_sim: wechat_sim.clone(),
+            alipay_sim: alipay_sim.clone(),
             mqtt_probe: probe_addr(settings.mqtt.listen),
             settings: settings.clone(),
             store,
@@ -245,6 +250,9 @@ impl Application {
                 .configure(|c| {
                     if let Some(sim) = &wechat_sim {
                         crate::payments::sim_wechat::configure(c, sim.clone());
+                    }
+                    if let Some(sim) = &alipay_sim {
+                        crate::payments::sim_alipay::configure(c, sim.clone());
                     }
                     api::configure(c);
                 })

@@ -69,3 +69,37 @@ pub fn build_wechat(
         .map_err(|e| anyhow::anyhow!("simulator client: {e}"))?;
     Ok((Some(Arc::new(client)), Some(sim)))
 }
+
+const DEV_ALIPAY_APP_KEY: &str = include_str!("../../config/dev-keys/alipay-app.key.pem");
+const DEV_ALIPAY_APP_PUB: &str = include_str!("../../config/dev-keys/alipay-app.pub.pem");
+const DEV_ALIPAY_KEY: &str = include_str!("../../config/dev-keys/alipay-platform.key.pem");
+const DEV_ALIPAY_PUB: &str = include_str!("../../config/dev-keys/alipay-platform.pub.pem");
+
+/// The Alipay client, and its simulator when `payments.simulator` is on (served by this hub at
+/// `http://{http}/sim/alipay/gateway.do`). Real Alipay credentials are not configurable yet.
+pub fn build_alipay(
+    settings: &Settings,
+    http: SocketAddr,
+) -> anyhow::Result<(
+    Option<Arc<alipay::AlipayClient>>,
+    Option<sim_alipay::AlipaySim>,
+)> {
+    if !settings.payments.simulator {
+        return Ok((None, None));
+    }
+    let sim = sim_alipay::AlipaySim::new(sim_alipay::AlipaySimConfig {
+        app_id: "2021000000000001".into(),
+        app_public_key_pem: DEV_ALIPAY_APP_PUB.into(),
+        alipay_key_pem: DEV_ALIPAY_KEY.into(),
+        retry_scale: settings.payments.simulator_retry_scale,
+        confirm_delay: Duration::from_millis(50),
+    })?;
+    let cfg = alipay::AlipayConfig {
+        gateway: format!("http://{http}{}/gateway.do", sim_alipay::PREFIX),
+        app_id: "2021000000000001".into(),
+        notify_url: format!("http://{http}/api/v1/payments/alipay/notify"),
+    };
+    let client = alipay::AlipayClient::new(cfg, DEV_ALIPAY_APP_KEY, DEV_ALIPAY_PUB)
+        .map_err(|e| anyhow::anyhow!("simulator client: {e}"))?;
+    Ok((Some(Arc::new(client)), Some(sim)))
+}

@@ -175,6 +175,9 @@ impl Sessions {
 
     async fn send_refund(&self, o: &OrderRow, r: &RefundRow) {
         let now = self.now();
+        if o.channel == "alipay" {
+            return self.alipay_refund(o, r).await;
+        }
         let (Some(w), Some(txn)) = (&self.wechat, o.transaction_id.as_deref()) else {
             tracing::error!(order_id = %o.id, "refund cannot be sent: no provider or no transaction id");
             return;
@@ -220,7 +223,6 @@ impl Sessions {
     /// Prompts the provider to collect pending payments (催收), with exponential backoff per
     /// order. Run periodically.
     pub async fn collect_due(&self) {
-        let Some(w) = self.wechat.clone() else { return };
         let now = self.now();
         let due = match self.store.due_collections(now, 100).await {
             Ok(d) => d,
@@ -230,6 +232,13 @@ impl Sessions {
             }
         };
         for o in due {
+            if o.channel == "alipay" {
+                self.alipay_collect(&o).await;
+                continue;
+            }
+            let Some(w) = self.wechat.clone() else {
+                continue;
+            };
             let sub = self.sub_mchid(
                 &o.merchant_id,
                 self.store
@@ -279,6 +288,9 @@ impl Sessions {
         priced: &cabinet_actors::pricing::PricedOrder,
     ) -> Result<(), StoreError> {
         use crate::payments::wechat::{PostDiscount, PostPayment, WechatError};
+        if s.channel == "alipay" {
+            return self.alipay_pay(s, order_id, priced.total_fen).await;
+        }
         let Some(w) = &self.wechat else { return Ok(()) };
         let sub = self.sub_mchid(
             &s.merchant_id,

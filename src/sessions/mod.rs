@@ -27,6 +27,7 @@ use crate::payments::wechat::{CreateOrder, RiskFund, SignedHeaders, TimeRange, W
 use crate::secrets::token;
 use crate::store::{OrderRow, SessionRow, Store, StoreError};
 
+mod alipay_flow;
 mod exceptions;
 
 /// Why a session was not started: an API error code and its HTTP status.
@@ -71,6 +72,7 @@ pub struct Sessions {
     clock: Arc<dyn Clock>,
     settings: Settings,
     wechat: Option<Arc<WechatClient>>,
+    alipay: Option<Arc<crate::payments::alipay::AlipayClient>>,
     confirmations: Mutex<HashMap<String, oneshot::Sender<()>>>,
 }
 
@@ -90,6 +92,7 @@ impl Sessions {
         clock: Arc<dyn Clock>,
         settings: Settings,
         wechat: Option<Arc<WechatClient>>,
+        alipay: Option<Arc<crate::payments::alipay::AlipayClient>>,
     ) -> Self {
         Self {
             store,
@@ -98,6 +101,7 @@ impl Sessions {
             clock,
             settings,
             wechat,
+            alipay,
             confirmations: Mutex::new(HashMap::new()),
         }
     }
@@ -170,6 +174,7 @@ impl Sessions {
         let channel = match (req.mode, req.channel.as_deref()) {
             (SessionMode::Restock, _) => "none",
             (SessionMode::Purchase, Some("wechat")) => "wechat",
+            (SessionMode::Purchase, Some("alipay")) if self.alipay.is_some() => "alipay",
             (SessionMode::Purchase, Some("alipay")) => {
                 return Err(refused(
                     422,
@@ -360,13 +365,16 @@ impl Sessions {
                 .await;
             self.metrics.orders.with_label_values(&["cancelled"]).inc();
         }
-        if s.channel == "wechat" {
+        if s.channel != "none" {
             self.cancel_provider_order(s, code).await;
         }
         refused(status, code, message)
     }
 
     async fn cancel_provider_order(&self, s: &SessionRow, reason: &str) {
+        if s.channel == "alipay" {
+            return self.alipay_close(s, reason).await;
+        }
         let Some(w) = &self.wechat else { return };
         let sub = self.sub_mchid(
             &s.merchant_id,
@@ -391,6 +399,9 @@ impl Sessions {
 
     async fn run_start(&self, s: &SessionRow, mode: SessionMode) -> Result<(), Refused> {
         let internal = |e: StoreError| refused(500, "internal", e.to_string());
+        if s.channel == "alipay" {
+            self.alipay_confirm(s).await?;
+        }
         if s.channel == "wechat" {
             let Some(w) = self.wechat.clone() else {
                 return Err(self

@@ -623,4 +623,14 @@ impl Store {
             .await?;
         rows.iter().map(session_row).collect()
     }
+
+    /// Records the provider's own order id (Alipay's credit order id).
+    pub async fn set_provider_order(&self, order_id: &str, provider_order_no: &str) -> Result<()> {
+        sqlx::query("UPDATE orders SET provider_order_no = $2 WHERE id = $1")
+            .bind(order_id)
+            .bind(provider_order_no)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
 }

@@ -49,12 +49,22 @@ fn start(
     user: &str,
     idem: Option<&str>,
 ) -> actix_rt::task::JoinHandle<(u16, Value)> {
+    start_on(hub, key, user, idem, "wechat")
+}
+
+fn start_on(
+    hub: &TestHub,
+    key: &str,
+    user: &str,
+    idem: Option<&str>,
+    channel: &'static str,
+) -> actix_rt::task::JoinHandle<(u16, Value)> {
     let client = hub.client.clone();
     let url = hub.url("/api/v1/sessions");
     let (key, user, idem) = (key.to_owned(), user.to_owned(), idem.map(str::to_owned));
     actix_rt::spawn(async move {
         let mut rb = client.post(url).bearer_auth(key).json(
-            &json!({"cabinet_id": "KM1", "user_id": user, "channel": "wechat", "mode": "purchase"}),
+            &json!({"cabinet_id": "KM1", "user_id": user, "channel": channel, "mode": "purchase"}),
         );
         if let Some(k) = idem {
             rb = rb.header("Idempotency-Key", k);
@@ -97,7 +107,86 @@ both!(
     refunds_partial_full_idempotent_and_bounded,
     unpaid_shopper_blacklisted_until_paid,
     operators_edit_the_blacklist,
+    alipay_purchase_paid_refunded,
+    alipay_nothing_taken_and_failed_deduction,
 );
+
+async fn alipay_visit(
+    hub: &TestHub,
+    op: &str,
+    c: &mut Cabinet,
+    user: &str,
+    items: Value,
+) -> String {
+    let pending = start_on(hub, op, user, None, "alipay");
+    let unlock = c.expect_command("unlock", 3 * SEC).await;
+    c.ack(&unlock, true, None).await;
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["session"]["channel"], "alipay");
+    let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
+    shop_visit(c, &session, items).await;
+    session
+}
+
+async fn alipay_purchase_paid_refunded(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let session = alipay_visit(
+        &hub,
+        &op,
+        &mut c,
+        "a1",
+        json!([{"sku": "cola", "qty": 2}, {"sku": "chips", "qty": 1}]),
+    )
+    .await;
+    let v = order_status(&hub, &op, &session, "paid").await;
+    assert_eq!(
+        (
+            v["order"]["total_fen"].clone(),
+            v["order"]["paid_fen"].clone()
+        ),
+        (json!(1250), json!(1250))
+    );
+    let order = v["order"]["id"].as_str().unwrap_or_default().to_owned();
+    let (s, r) = hub
+        .post(
+            &format!("/api/v1/orders/{order}/refund"),
+            &op,
+            json!({"amount_fen": 300, "reason": "少拿一瓶"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(
+        (
+            r["refund"]["status"].clone(),
+            r["order"]["refunded_fen"].clone()
+        ),
+        (json!("succeeded"), json!(300))
+    );
+    assert!(hub
+        .metrics()
+        .await
+        .contains(r#"payments_total{operation="pay",outcome="ok",provider="alipay"} 1"#));
+}
+
+async fn alipay_nothing_taken_and_failed_deduction(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let session = alipay_visit(&hub, &op, &mut c, "a2", json!([])).await;
+    order_status(&hub, &op, &session, "closed").await;
+    hub.call(
+        "PUT",
+        "/sim/users/a3",
+        ADMIN_KEY,
+        Some(json!({"deduction": "fail"})),
+    )
+    .await;
+    let session = alipay_visit(&hub, &op, &mut c, "a3", json!([{"sku": "cola", "qty": 1}])).await;
+    order_status(&hub, &op, &session, "pending_payment").await;
+    let (s, r) = hub.post("/sim/users/a3/pay", ADMIN_KEY, json!({})).await;
+    assert_eq!((s, r["orders_paid"].clone()), (200, json!(1)));
+    let v = order_status(&hub, &op, &session, "paid").await;
+    assert_eq!(v["order"]["paid_fen"], 300);
+}
 
 /// A purchase up to the recognition: returns the session id.
 async fn visit(hub: &TestHub, op: &str, c: &mut Cabinet, user: &str, items: Value) -> String {
