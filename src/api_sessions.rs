@@ -224,7 +224,18 @@ pub fn configure(scope: actix_web::Scope) -> actix_web::Scope {
 /// The simulator's control API (admin only): script a shopper, or have them pay.
 pub fn configure_sim_control(cfg: &mut web::ServiceConfig) {
     cfg.route("/sim/users/{user_id}", web::put().to(sim_user))
-        .route("/sim/users/{user_id}/pay", web::post().to(sim_user_pays));
+        .route("/sim/users/{user_id}/pay", web::post().to(sim_user_pays))
+        .route("/sim/wechatpay-redeliver", web::post().to(sim_redeliver));
+}
+
+/// WeChat delivers every notification again (it does when unsure an answer arrived).
+async fn sim_redeliver(state: web::Data<AppState>, caller: Caller) -> ApiResult {
+    caller.require(Role::Admin)?;
+    let sim = state
+        .wechat_sim
+        .as_ref()
+        .ok_or(ApiError::NotFound("simulator"))?;
+    Ok(HttpResponse::Ok().json(json!({"redelivered": sim.redeliver_all().await})))
 }
 
 async fn visible_order(

@@ -53,6 +53,10 @@ pub fn build_wechat(
         cancel_after_complete: false,
         persist: Some(settings.data_dir.join("wechat-simulator.json")),
     })?;
+    // WeChat retries deductions on its own; a minute, scaled like the notification schedule.
+    sim.start_deduction_retries(Duration::from_secs_f64(
+        (60.0 * settings.payments.simulator_retry_scale).max(0.05),
+    ));
     let cfg = WechatConfig {
         base_url: format!("http://{http}{}", sim_wechat::PREFIX),
         mchid: "1900000001".into(),

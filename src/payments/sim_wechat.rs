@@ -101,6 +101,7 @@ pub struct WechatSim {
     signer: Arc<RsaSigner>,
     verifier: Arc<Verifier>,
     state: Arc<Mutex<State>>,
+    sent: Arc<Mutex<Vec<(String, String)>>>,
     http: reqwest::Client,
 }
 
@@ -150,6 +151,7 @@ impl WechatSim {
             signer: Arc::new(signer),
             verifier: Arc::new(verifier),
             state: Arc::new(Mutex::new(state)),
+            sent: Arc::new(Mutex::new(Vec::new())),
             http,
         })
     }
@@ -307,40 +309,85 @@ impl WechatSim {
                 "summary": "支付分服务单通知",
                 "resource": {"algorithm": "AEAD_AES_256_GCM", "ciphertext": ciphertext, "nonce": nonce, "associated_data": "payscore", "original_type": "payscore"}})
             .to_string();
-            let mut attempt = 0;
+            sim.sent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((url.clone(), body.clone()));
+            sim.deliver(url, body).await;
+        });
+    }
+
+    /// Delivers one notification, retrying on WeChat's schedule until answered 200/204.
+    async fn deliver(&self, url: String, body: String) {
+        let mut attempt = 0;
+        loop {
+            let ts = now_s();
+            let n = token(32).unwrap_or_default();
+            let sig = self
+                .signer
+                .sign(response_message(ts, &n, &body).as_bytes())
+                .unwrap_or_default();
+            let sent = self
+                .http
+                .post(&url)
+                .header("Content-Type", "application/json")
+                .header("Wechatpay-Timestamp", ts.to_string())
+                .header("Wechatpay-Nonce", n)
+                .header("Wechatpay-Signature", sig)
+                .header("Wechatpay-Serial", self.cfg.platform_serial.clone())
+                .body(body.clone())
+                .send()
+                .await;
+            if sent
+                .as_ref()
+                .is_ok_and(|r| r.status().as_u16() == 200 || r.status().as_u16() == 204)
+            {
+                return;
+            }
+            let Some(wait) = RETRY_SCHEDULE_S.get(attempt) else {
+                tracing::warn!(url = %url, "simulator gave up delivering a notification");
+                return;
+            };
+            attempt += 1;
+            tokio::time::sleep(Duration::from_secs_f64(*wait as f64 * self.cfg.retry_scale)).await;
+        }
+    }
+
+    /// WeChat keeps retrying a failed or interrupted deduction by itself after `complete`,
+    /// and never expires the order meanwhile. This loop does that every `every`.
+    pub fn start_deduction_retries(&self, every: Duration) {
+        let sim = self.clone();
+        tokio::spawn(async move {
             loop {
-                let ts = now_s();
-                let n = token(32).unwrap_or_default();
-                let sig = sim
-                    .signer
-                    .sign(response_message(ts, &n, &body).as_bytes())
-                    .unwrap_or_default();
-                let sent = sim
-                    .http
-                    .post(&url)
-                    .header("Content-Type", "application/json")
-                    .header("Wechatpay-Timestamp", ts.to_string())
-                    .header("Wechatpay-Nonce", n)
-                    .header("Wechatpay-Signature", sig)
-                    .header("Wechatpay-Serial", sim.cfg.platform_serial.clone())
-                    .body(body.clone())
-                    .send()
-                    .await;
-                if sent
-                    .as_ref()
-                    .is_ok_and(|r| r.status().as_u16() == 200 || r.status().as_u16() == 204)
-                {
-                    return;
-                }
-                let Some(wait) = RETRY_SCHEDULE_S.get(attempt) else {
-                    tracing::warn!(url = %url, event_type, "simulator gave up delivering a notification");
-                    return;
+                tokio::time::sleep(every).await;
+                let owed: Vec<String> = {
+                    let st = sim.lock();
+                    st.orders
+                        .iter()
+                        .filter(|(_, o)| {
+                            o.order
+                                .collection
+                                .as_ref()
+                                .is_some_and(|c| c.state == "USER_PAYING")
+                        })
+                        .map(|(k, _)| k.clone())
+                        .collect()
                 };
-                attempt += 1;
-                tokio::time::sleep(Duration::from_secs_f64(*wait as f64 * sim.cfg.retry_scale))
-                    .await;
+                for k in owed {
+                    sim.deduct(&k, false);
+                }
             }
         });
+    }
+
+    /// Delivers every notification sent so far once more, as WeChat does when it is unsure an
+    /// answer arrived: the receiver must change nothing. Returns how many.
+    pub async fn redeliver_all(&self) -> usize {
+        let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (url, body) in &sent {
+            self.deliver(url.clone(), body.clone()).await;
+        }
+        sent.len()
     }
 
     /// Tries the deduction of a completed order; `force` = the shopper paid.
@@ -597,6 +644,45 @@ impl WechatSim {
         Ok(k)
     }
 
+    /// `modify`: only while the deduction is pending (MCH_COMPLETE, USER_PAYING), only lower.
+    fn modify(&self, out_order_no: &str, body: &Value) -> Result<(), SimError> {
+        let sub = body["sub_mchid"].as_str().unwrap_or_default();
+        let sum = |field: &str| -> i64 {
+            body[field]
+                .as_array()
+                .map_or(0, |a| a.iter().filter_map(|x| x["amount"].as_i64()).sum())
+        };
+        let total = body["total_amount"].as_i64().ok_or(SimError(
+            400,
+            "PARAM_ERROR",
+            "total_amount".into(),
+        ))?;
+        if body["reason"].as_str().is_none_or(|r| r.is_empty()) {
+            return Err(SimError(400, "PARAM_ERROR", "reason".into()));
+        }
+        if total != sum("post_payments") - sum("post_discounts") || total < 0 {
+            return Err(SimError(400, "PARAM_ERROR", "最终总金额计算非法".into()));
+        }
+        let mut st = self.lock();
+        let o = st
+            .orders
+            .get_mut(&key(sub, out_order_no))
+            .ok_or_else(|| SimError(404, "ORDER_NOT_EXIST", "订单不存在".into()))?;
+        let c = o
+            .order
+            .collection
+            .as_mut()
+            .filter(|c| c.state == "USER_PAYING")
+            .ok_or_else(|| SimError(400, "INVALID_REQUEST", "当前订单状态不合法".into()))?;
+        if total >= c.total_amount {
+            return Err(SimError(400, "PARAM_ERROR", "修改金额只能调低".into()));
+        }
+        c.total_amount = total;
+        c.paying_amount = total - c.paid_amount;
+        o.order.total_amount = Some(total);
+        Ok(())
+    }
+
     fn refund(&self, body: &Value) -> Result<Value, SimError> {
         let param = |m: &str| SimError(400, "PARAM_ERROR", m.to_owned());
         let out_refund_no = body["out_refund_no"]
@@ -717,6 +803,9 @@ async fn handle(sim: web::Data<WechatSim>, req: HttpRequest, body: web::Bytes) -
             }
             ("POST", ["v3", "ecommerce", "refunds", "apply"]) => {
                 sim.refund(&parsed).map(|v| (200, Some(v)))
+            }
+            ("POST", ["v3", "payscore", "partner", "serviceorder", no, "modify"]) => {
+                sim.modify(no, &parsed).map(|()| (204, None))
             }
             _ => Err(SimError(404, "NOT_FOUND", "接口不存在".into())),
         };

@@ -507,6 +507,27 @@ impl WechatClient {
         Ok(())
     }
 
+    /// Lowers the amount of a completed order whose deduction has not succeeded yet.
+    pub async fn modify_order(
+        &self,
+        sub_mchid: &str,
+        out_order_no: &str,
+        post_payments: &[PostPayment],
+        post_discounts: &[PostDiscount],
+        total_amount: i64,
+        reason: &str,
+    ) -> Result<(), WechatError> {
+        let body = serde_json::json!({"service_id": self.cfg.service_id, "sub_mchid": sub_mchid, "post_payments": post_payments,
+                                      "post_discounts": post_discounts, "total_amount": total_amount, "reason": reason});
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v3/payscore/partner/serviceorder/{out_order_no}/modify"),
+            Some(&body),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Prompts WeChat to deduct again (催收).
     pub async fn collect(&self, sub_mchid: &str, out_order_no: &str) -> Result<(), WechatError> {
         let body = serde_json::json!({"service_id": self.cfg.service_id, "sub_mchid": sub_mchid});

@@ -109,7 +109,98 @@ both!(
     operators_edit_the_blacklist,
     alipay_purchase_paid_refunded,
     alipay_nothing_taken_and_failed_deduction,
+    replayed_notifications_change_nothing,
+    promotions_apply_to_the_next_session,
+    unlock_rejected_charges_nothing,
 );
+
+async fn replayed_notifications_change_nothing(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let session = visit(&hub, &op, &mut c, "u1", json!([{"sku": "cola", "qty": 1}])).await;
+    let before = order_status(&hub, &op, &session, "paid").await;
+    let (s, r) = hub
+        .post("/sim/wechatpay-redeliver", ADMIN_KEY, json!({}))
+        .await;
+    assert_eq!(
+        (s, r["redelivered"].clone()),
+        (200, json!(2)),
+        "USER_CONFIRM and USER_PAID"
+    );
+    let m = hub.metrics().await;
+    assert!(
+        m.contains(r#"payment_notifications_rejected_total{provider="wechat",reason="replay"} 2"#),
+        "{m}"
+    );
+    let (_, after) = hub.get(&format!("/api/v1/sessions/{session}"), &op).await;
+    assert_eq!(after["order"], before["order"], "a replay changes nothing");
+    assert!(m.contains(r#"orders_total{status="paid"} 1"#));
+}
+
+async fn promotions_apply_to_the_next_session(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let (s, _) = hub
+        .post("/api/v1/promotions", &op, json!({"name": "可乐八折", "window": {"type": "between", "starts_at": now - 1000, "ends_at": now + 3_600_000},
+              "offer": {"type": "product_price", "rules": {"cola": {"kind": "percent_bps", "value": 8000}}}}))
+        .await;
+    assert_eq!(s, 201);
+    let (s, _) = hub
+        .post(
+            "/api/v1/promotions",
+            &op,
+            json!({"name": "满10减1", "window": {"type": "always"},
+              "offer": {"type": "spend_save", "tiers": [{"threshold_fen": 1000, "off_fen": 100}]}}),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let session = visit(
+        &hub,
+        &op,
+        &mut c,
+        "u1",
+        json!([{"sku": "cola", "qty": 2}, {"sku": "chips", "qty": 1}]),
+    )
+    .await;
+    let v = order_status(&hub, &op, &session, "paid").await;
+    // 2×300 + 650 = 1250; cola 20% off: −120; 满10减1 on 1130: −100.
+    assert_eq!(v["order"]["total_fen"], 1030);
+    assert_eq!(
+        v["order"]["paid_fen"], 1030,
+        "the provider accepted the post_discounts lines"
+    );
+    let names: Vec<Value> = v["order"]["priced"]["discounts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|d| d["name"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("可乐八折"), json!("满10减1")]);
+}
+
+async fn unlock_rejected_charges_nothing(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let pending = start(&hub, &op, "u1", None);
+    let unlock = c.expect_command("unlock", 3 * SEC).await;
+    c.ack(&unlock, false, Some("lock_jammed")).await;
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (s, v["error"]["code"].clone()),
+        (409, json!("unlock_rejected")),
+        "{v}"
+    );
+    let (_, orders) = hub.get("/api/v1/orders", &op).await;
+    assert_eq!(
+        (
+            orders["items"][0]["status"].clone(),
+            orders["items"][0]["paid_fen"].clone()
+        ),
+        (json!("cancelled"), json!(0))
+    );
+}
 
 async fn alipay_visit(
     hub: &TestHub,

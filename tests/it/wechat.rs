@@ -339,6 +339,22 @@ async fn failed_deduction_stays_paying_until_the_shopper_pays() {
         .collect("1900000109", "o_3")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    // While unpaid, the amount may be lowered (an appeal before payment), never raised.
+    let (mut pay2, disc2) = lines();
+    pay2[0].amount = 300;
+    pay2[0].count = 1;
+    r.client
+        .modify_order("1900000109", "o_3", &pay2, &disc2, 850, "少拿一瓶")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    match r
+        .client
+        .modify_order("1900000109", "o_3", &pay, &disc, 1150, "raise")
+        .await
+    {
+        Err(WechatError::Api { code, .. }) => assert_eq!(code, "PARAM_ERROR"),
+        other => panic!("raising must fail: {other:?}"),
+    }
     let q = r
         .client
         .query_order("1900000109", "o_3")
@@ -352,7 +368,12 @@ async fn failed_deduction_stays_paying_until_the_shopper_pays() {
         (Some("MCH_COMPLETE"), Some("USER_PAYING".to_owned()))
     );
     assert_eq!(r.sim.user_pays("u3"), 1);
-    assert_eq!(r.next_note().await.event_type, "PAYSCORE.USER_PAID");
+    let paid = r.next_note().await;
+    assert_eq!(paid.event_type, "PAYSCORE.USER_PAID");
+    assert_eq!(
+        paid.resource["collection"]["paid_amount"], 850,
+        "the lowered amount was collected"
+    );
 }
 
 #[actix_rt::test]
