@@ -147,6 +147,9 @@ pub struct PaymentSettings {
     /// The real WeChat Pay service (when `simulator` is false).
     #[serde(default)]
     pub wechat: Option<crate::payments::wechat::WechatConfig>,
+    /// Real Alipay credentials (when `simulator` is false).
+    #[serde(default)]
+    pub alipay: Option<crate::payments::alipay::AlipaySettings>,
 }
 
 /// `[pricing]`
@@ -261,8 +264,11 @@ impl Settings {
                 );
             }
         }
-        if !self.payments.simulator && self.payments.wechat.is_none() {
-            bail!("payments.wechat must be configured when payments.simulator is false");
+        if !self.payments.simulator
+            && self.payments.wechat.is_none()
+            && self.payments.alipay.is_none()
+        {
+            bail!("payments.wechat or payments.alipay must be configured when payments.simulator is false");
         }
         if !(-720..=840).contains(&self.pricing.utc_offset_min) {
             bail!("pricing.utc_offset_min (HUB__PRICING__UTC_OFFSET_MIN) must be between -720 and 840");

@@ -24,6 +24,41 @@ pub mod methods {
     pub const REFUND: &str = "alipay.trade.refund";
 }
 
+/// Real Alipay credentials (`[payments.alipay]`), used when the simulator is off.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlipaySettings {
+    /// `https://openapi.alipay.com/gateway.do`
+    pub gateway: String,
+    /// The application id.
+    pub app_id: String,
+    /// Path of the application private key (PEM, RSA2).
+    pub app_private_key_path: String,
+    /// Path of Alipay's public key (PEM).
+    pub alipay_public_key_path: String,
+    /// Where notifications go (`https://…/api/v1/payments/alipay/notify`).
+    pub notify_url: String,
+}
+
+impl AlipaySettings {
+    /// Builds the client from the key files.
+    pub fn client(&self) -> Result<AlipayClient, AlipayError> {
+        let read = |p: &str| {
+            std::fs::read_to_string(p).map_err(|e| AlipayError::Config(format!("{p}: {e}")))
+        };
+        let cfg = AlipayConfig {
+            gateway: self.gateway.clone(),
+            app_id: self.app_id.clone(),
+            notify_url: self.notify_url.clone(),
+        };
+        AlipayClient::new(
+            cfg,
+            &read(&self.app_private_key_path)?,
+            &read(&self.alipay_public_key_path)?,
+        )
+    }
+}
+
 /// How to reach Alipay.
 #[derive(Debug, Clone)]
 pub struct AlipayConfig {

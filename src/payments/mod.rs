@@ -80,7 +80,7 @@ const DEV_ALIPAY_KEY: &str = include_str!("../../config/dev-keys/alipay-platform
 const DEV_ALIPAY_PUB: &str = include_str!("../../config/dev-keys/alipay-platform.pub.pem");
 
 /// The Alipay client, and its simulator when `payments.simulator` is on (served by this hub at
-/// `http://{http}/sim/alipay/gateway.do`). Real Alipay credentials are not configurable yet.
+/// `http://{http}/sim/alipay/gateway.do`); otherwise from `[payments.alipay]`.
 pub fn build_alipay(
     settings: &Settings,
     http: SocketAddr,
@@ -89,7 +89,16 @@ pub fn build_alipay(
     Option<sim_alipay::AlipaySim>,
 )> {
     if !settings.payments.simulator {
-        return Ok((None, None));
+        let Some(a) = &settings.payments.alipay else {
+            return Ok((None, None));
+        };
+        return Ok((
+            Some(Arc::new(
+                a.client()
+                    .map_err(|e| anyhow::anyhow!("payments.alipay: {e}"))?,
+            )),
+            None,
+        ));
     }
     let sim = sim_alipay::AlipaySim::new(sim_alipay::AlipaySimConfig {
         app_id: "2021000000000001".into(),

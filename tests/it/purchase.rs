@@ -686,3 +686,43 @@ async fn forged_notifications_are_refused_and_counted(b: Backend) {
         r#"payment_notifications_rejected_total{provider="wechat",reason="bad_header"} 1"#
     ));
 }
+
+#[actix_rt::test]
+async fn real_credentials_load_and_unconfigured_channels_are_refused() {
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev-keys");
+    let hub = TestHub::start_with(Backend::Sqlite, |s| {
+        s.payments.simulator = false;
+        s.payments.alipay = Some(cabinet_hub::payments::alipay::AlipaySettings {
+            gateway: "http://127.0.0.1:9/gateway.do".into(),
+            app_id: "2021000000000001".into(),
+            app_private_key_path: format!("{keys}/alipay-app.key.pem"),
+            alipay_public_key_path: format!("{keys}/alipay-platform.pub.pem"),
+            notify_url: "http://127.0.0.1:9/notify".into(),
+        });
+    })
+    .await;
+    let (ma, op) = hub.merchant("m1").await;
+    let secret = hub.cabinet(&ma, "m1", "KM1").await;
+    let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    hub.eventually(SEC, "online", || async {
+        (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(())
+    })
+    .await;
+    // No WeChat provider configured: refused, never unlocked, nothing stored as charged.
+    let (s, v) = start(&hub, &op, "u1", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (s, v["error"]["code"].clone()),
+        (422, json!("payment_declined")),
+        "{v}"
+    );
+    // The simulator is not mounted.
+    assert_eq!(
+        hub.call("PUT", "/sim/users/u1", ADMIN_KEY, Some(json!({})))
+            .await
+            .0,
+        404
+    );
+}
