@@ -22,31 +22,17 @@ async fn start_session(
     if body.mode == cabinet_actors::protocol::SessionMode::Purchase {
         caller.require(Role::Operator)?;
     }
-    let key = match req.headers().get("Idempotency-Key").map(|v| v.to_str()) {
-        None => None,
-        Some(Ok(k)) if !k.is_empty() && k.len() <= 64 => Some(k.to_owned()),
-        Some(_) => {
-            return Err(ApiError::BadRequest(
-                "Idempotency-Key must be 1 to 64 visible characters".into(),
-            ))
-        }
-    };
-    match state
-        .sessions
-        .start(caller.merchant.as_deref(), body, key)
-        .await
-    {
-        Ok(v) => Ok(HttpResponse::Created().json(v)),
-        Err(r) => {
-            let status = actix_web::http::StatusCode::from_u16(r.status)
-                .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
-            let mut b = HttpResponse::build(status);
-            if r.status == 503 {
-                b.insert_header(("Retry-After", "5"));
-            }
-            Ok(b.json(json!({"error": {"code": r.code, "message": r.message}})))
-        }
-    }
+    let key = idempotency_key(&req)?;
+    Ok(
+        match state
+            .sessions
+            .start(caller.merchant.as_deref(), body, key)
+            .await
+        {
+            Ok(v) => HttpResponse::Created().json(v),
+            Err(r) => refused_response(r),
+        },
+    )
 }
 
 async fn get_session(

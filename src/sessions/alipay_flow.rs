@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::{refused, Refused, Sessions};
+use super::{Refused, Sessions};
 use crate::payments::alipay::AlipayError;
 use crate::payments::alipay_crypto::fen;
 use crate::payments::sim_alipay::request_no;
@@ -77,26 +77,7 @@ impl Sessions {
                 }
             }
         };
-        self.confirmations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&s.id);
-        if !confirmed {
-            return Err(self
-                .fail(
-                    s,
-                    "confirming",
-                    "payment_declined",
-                    422,
-                    "the shopper did not confirm pay-after-use",
-                )
-                .await);
-        }
-        self.store
-            .transition_session(&s.id, "confirming", "unlocking", None, self.now())
-            .await
-            .map_err(|e| refused(500, "internal", e.to_string()))?;
-        Ok(())
+        self.after_confirmation(s, confirmed).await
     }
 
     async fn credit_order_id(&self, session_id: &str) -> Option<String> {

@@ -371,6 +371,35 @@ impl Sessions {
         refused(status, code, message)
     }
 
+    /// Ends the wait for the shopper: refuse (and cancel the provider order) or move on to the
+    /// unlock.
+    pub(super) async fn after_confirmation(
+        &self,
+        s: &SessionRow,
+        confirmed: bool,
+    ) -> Result<(), Refused> {
+        self.confirmations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&s.id);
+        if !confirmed {
+            return Err(self
+                .fail(
+                    s,
+                    "confirming",
+                    "payment_declined",
+                    422,
+                    "the shopper did not confirm pay-after-use",
+                )
+                .await);
+        }
+        self.store
+            .transition_session(&s.id, "confirming", "unlocking", None, self.now())
+            .await
+            .map_err(|e| refused(500, "internal", e.to_string()))?;
+        Ok(())
+    }
+
     async fn cancel_provider_order(&self, s: &SessionRow, reason: &str) {
         if s.channel == "alipay" {
             return self.alipay_close(s, reason).await;
@@ -473,25 +502,7 @@ impl Sessions {
                     .await);
             }
             let confirmed = self.await_confirmation(&w, &sub, &s.id, rx).await;
-            self.confirmations
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&s.id);
-            if !confirmed {
-                return Err(self
-                    .fail(
-                        s,
-                        "confirming",
-                        "payment_declined",
-                        422,
-                        "the shopper did not confirm pay-after-use",
-                    )
-                    .await);
-            }
-            self.store
-                .transition_session(&s.id, "confirming", "unlocking", None, self.now())
-                .await
-                .map_err(internal)?;
+            self.after_confirmation(s, confirmed).await?;
         }
         let Ok(cid) = CabinetId::parse(&s.cabinet_id) else {
             return Err(refused(500, "internal", "stored cabinet id invalid"));

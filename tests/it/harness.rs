@@ -264,6 +264,14 @@ impl TestHub {
         b
     }
 
+    /// Waits until the hub reports the cabinet online.
+    pub async fn wait_online(&self, key: &str, id: &str) {
+        self.eventually(Duration::from_secs(1), "online", || async {
+            (self.cabinet_state(key, id).await["online"] == true).then_some(())
+        })
+        .await;
+    }
+
     pub async fn active_alert(&self, key: &str, cabinet: &str, kind: &str) -> Option<Value> {
         let (_, b) = self
             .get(

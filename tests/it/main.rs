@@ -194,10 +194,7 @@ async fn lock_not_latched_faults_and_locks_down(b: Backend) {
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
-    hub.eventually(SEC, "online", || async {
-        (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(())
-    })
-    .await;
+    hub.wait_online(&op, "KM1").await;
     // A restock session opens the door legitimately.
     let hub_ref = &hub;
     let op_ref = op.clone();
@@ -295,10 +292,7 @@ async fn offline_by_last_will(b: Backend) {
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
-    hub.eventually(SEC, "online", || async {
-        (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(())
-    })
-    .await;
+    hub.wait_online(&op, "KM1").await;
     c.cut();
     // Well before the 4 s heartbeat window: this is the Will, not the timer.
     hub.eventually(2 * SEC, "offline by the Will", || async {
@@ -328,10 +322,7 @@ async fn offline_by_missed_heartbeats(b: Backend) {
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
-    hub.eventually(SEC, "online", || async {
-        (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(())
-    })
-    .await;
+    hub.wait_online(&op, "KM1").await;
     // Connected but silent: 2 × 2 s later it is offline.
     let started = std::time::Instant::now();
     hub.eventually(6 * SEC, "offline by missed heartbeats", || {
@@ -352,10 +343,7 @@ async fn config_change_while_offline_arrives_on_reconnect(b: Backend) {
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
-    hub.eventually(SEC, "online", || async {
-        (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(())
-    })
-    .await;
+    hub.wait_online(&op, "KM1").await;
     c.cut();
     hub.eventually(2 * SEC, "offline", || async {
         (hub.cabinet_state(&op, "KM1").await["online"] == false).then_some(())
@@ -448,10 +436,7 @@ async fn command_outcomes(b: Backend) {
 
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
-    hub.eventually(SEC, "online", || async {
-        (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(())
-    })
-    .await;
+    hub.wait_online(&op, "KM1").await;
 
     let pending = command(&hub, &op, "KM1", json!({"type": "reboot"})).await;
     let cmd = c.expect_command("reboot", 2 * SEC).await;

@@ -36,10 +36,7 @@ async fn shop(b: Backend) -> (TestHub, String, Cabinet) {
     assert_eq!(s, 200, "{r}");
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
-    hub.eventually(SEC, "online", || async {
-        (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(())
-    })
-    .await;
+    hub.wait_online(&op, "KM1").await;
     (hub, op, c)
 }
 
@@ -705,10 +702,7 @@ async fn real_credentials_load_and_unconfigured_channels_are_refused() {
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
     let mut c = Cabinet::connect(&hub, "KM1", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
-    hub.eventually(SEC, "online", || async {
-        (hub.cabinet_state(&op, "KM1").await["online"] == true).then_some(())
-    })
-    .await;
+    hub.wait_online(&op, "KM1").await;
     // No WeChat provider configured: refused, never unlocked, nothing stored as charged.
     let (s, v) = start(&hub, &op, "u1", None)
         .await
