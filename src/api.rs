@@ -234,7 +234,7 @@ pub(crate) async fn visible_cabinet(
 }
 
 /// A cabinet as the API shows it: registration plus live state from its actor.
-fn cabinet_view(row: &CabinetRow, live: Option<&CabinetSnapshot>) -> Value {
+pub(crate) fn cabinet_view(row: &CabinetRow, live: Option<&CabinetSnapshot>) -> Value {
     let offline = CabinetSnapshot {
         id: match CabinetId::parse(&row.id) {
             Ok(i) => i,
@@ -294,7 +294,10 @@ fn cabinet_view(row: &CabinetRow, live: Option<&CabinetSnapshot>) -> Value {
     })
 }
 
-async fn snapshot_of(state: &AppState, id: &CabinetId) -> ApiResult<Option<CabinetSnapshot>> {
+pub(crate) async fn snapshot_of(
+    state: &AppState,
+    id: &CabinetId,
+) -> ApiResult<Option<CabinetSnapshot>> {
     match state.registry.get(id) {
         Some(addr) => addr.send(GetSnapshot).await.map(Some).map_err(|e| {
             ApiError::Unavailable(
@@ -951,6 +954,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/metrics", web::get().to(metrics))
     .route("/api/openapi.json", web::get().to(openapi))
     .configure(crate::api_sessions::configure_sim_control)
+    .configure(crate::api_feed::configure)
     .service(
         crate::api_sessions::configure(crate::api_catalog::configure(web::scope("/api/v1")))
             .route("/merchants", web::post().to(create_merchant))

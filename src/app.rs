@@ -45,6 +45,8 @@ pub struct AppState {
     pub sessions: Arc<crate::sessions::Sessions>,
     /// The in-process WeChat Pay simulator, when enabled.
     pub wechat_sim: Option<crate::payments::sim_wechat::WechatSim>,
+    /// The operator feed.
+    pub feed: Arc<crate::feed::Feed>,
     /// The in-process Alipay simulator, when enabled.
     pub alipay_sim: Option<crate::payments::sim_alipay::AlipaySim>,
 }
@@ -157,12 +159,17 @@ impl Application {
 
         let (alert_tx, alert_rx) = mpsc::unbounded_channel();
         let (session_tx, mut session_rx) = mpsc::unbounded_channel();
+        let feed = Arc::new(crate::feed::Feed::new(
+            settings.feed.replay_events,
+            settings.feed.client_queue,
+        ));
         tokio::spawn(alert_writer(store.clone(), metrics.clone(), alert_rx));
         let ports = Arc::new(HubPorts {
             publisher: Arc::new(publisher),
             metrics: metrics.clone(),
             alerts: alert_tx.clone(),
             sessions: session_tx,
+            feed: feed.clone(),
         });
         let threads = match settings.actors.threads {
             0 => std::thread::available_parallelism()
@@ -224,6 +231,7 @@ impl Application {
             sessions,
             wechat_sim: wechat_sim.clone(),
             alipay_sim: alipay_sim.clone(),
+            feed,
             mqtt_probe: probe_addr(settings.mqtt.listen),
             settings: settings.clone(),
             store,

@@ -35,6 +35,8 @@ pub struct Settings {
     pub session: SessionSettings,
     /// Payment providers.
     pub payments: PaymentSettings,
+    /// The operator feed.
+    pub feed: FeedSettings,
     /// Promotion clock.
     pub pricing: PricingSettings,
     /// Actor threads.
@@ -150,6 +152,16 @@ pub struct PaymentSettings {
     /// Real Alipay credentials (when `simulator` is false).
     #[serde(default)]
     pub alipay: Option<crate::payments::alipay::AlipaySettings>,
+}
+
+/// `[feed]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedSettings {
+    /// `HUB__FEED__REPLAY_EVENTS`
+    pub replay_events: usize,
+    /// `HUB__FEED__CLIENT_QUEUE`
+    pub client_queue: usize,
 }
 
 /// `[pricing]`

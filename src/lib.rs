@@ -5,10 +5,12 @@
 
 pub mod api;
 pub mod api_catalog;
+pub mod api_feed;
 pub mod api_sessions;
 pub mod app;
 pub mod ca;
 pub mod config;
+pub mod feed;
 pub mod metrics;
 pub mod mqtt;
 pub mod payments;

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub orders: IntCounterVec,
     pub payments: IntCounterVec,
     pub notifications_rejected: IntCounterVec,
+    pub ws_clients: IntGauge,
+    pub ws_sent: IntCounter,
+    pub ws_dropped: IntCounterVec,
 }
 
 /// Adding a series to our own fresh registry only fails on a duplicate name, a bug caught by
@@ -180,6 +183,24 @@ impl Metrics {
                         "Payment notifications refused or ignored",
                     ),
                     &["provider", "reason"],
+                )?,
+            ),
+            ws_clients: reg(
+                &r,
+                IntGauge::new("ws_clients", "Operator feed clients connected")?,
+            ),
+            ws_sent: reg(
+                &r,
+                IntCounter::new("ws_messages_sent_total", "Operator feed messages sent")?,
+            ),
+            ws_dropped: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ws_dropped_total",
+                        "Operator feed clients dropped, by reason",
+                    ),
+                    &["reason"],
                 )?,
             ),
             registry: r,

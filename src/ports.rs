@@ -41,6 +41,8 @@ pub struct HubPorts {
     pub metrics: Metrics,
     /// Alert history, in order.
     pub alerts: mpsc::UnboundedSender<AlertWrite>,
+    /// The operator feed.
+    pub feed: Arc<crate::feed::Feed>,
     /// Session progress, in order, to the session supervisor.
     pub sessions: mpsc::UnboundedSender<(CabinetMeta, cabinet_actors::machine::SessionEvent)>,
 }
@@ -56,6 +58,25 @@ impl CabinetPorts for HubPorts {
     }
 
     fn effect(&self, cabinet: &CabinetMeta, effect: &Effect) {
+        let alert = |a: &ActiveAlert, state: &str| {
+            serde_json::json!({"cabinet_id": cabinet.id, "merchant_id": cabinet.merchant, "state": state, "alert": a,
+                               "severity": a.kind.severity()})
+        };
+        match effect {
+            Effect::AlertRaised(a) => {
+                self.feed
+                    .publish(cabinet.merchant.as_str(), "alert", alert(a, "raised"))
+            }
+            Effect::AlertAcked(a) => {
+                self.feed
+                    .publish(cabinet.merchant.as_str(), "alert", alert(a, "acked"))
+            }
+            Effect::AlertCleared { alert: a, .. } => {
+                self.feed
+                    .publish(cabinet.merchant.as_str(), "alert", alert(a, "cleared"))
+            }
+            _ => {}
+        }
         let m = &self.metrics;
         match effect {
             Effect::AlertRaised(a) => {
@@ -121,7 +142,13 @@ impl CabinetPorts for HubPorts {
         }
     }
 
-    fn state_changed(&self, _cabinet: &CabinetMeta, _snapshot: &CabinetSnapshot) {}
+    fn state_changed(&self, cabinet: &CabinetMeta, snapshot: &CabinetSnapshot) {
+        self.feed.publish(
+            cabinet.merchant.as_str(),
+            "cabinet",
+            serde_json::json!(snapshot),
+        );
+    }
 
     fn actor_restarted(&self, cabinet: &CabinetMeta) {
         self.metrics.actor_restarts.inc();

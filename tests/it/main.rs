@@ -4,6 +4,7 @@
 mod alipay;
 mod catalog;
 mod crash;
+mod feed;
 mod harness;
 mod purchase;
 mod startup;

@@ -1,0 +1,130 @@
+//! `GET /ws`: the operator feed over WebSocket (API.md). A `snapshot` of every cabinet the key
+//! may see, then deltas; `?since=` replays what a reconnecting client missed, or sends a fresh
+//! snapshot when that is no longer kept. A client that falls behind is dropped with a counted
+//! reason; it never slows the hub or other clients.
+
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpRequest};
+use actix_ws::Message;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+
+use cabinet_actors::ids::CabinetId;
+
+use crate::api::{cabinet_view, snapshot_of, ApiError, ApiResult, Caller, Role};
+use crate::app::AppState;
+
+const PING_EVERY: Duration = Duration::from_secs(10);
+const PONG_WITHIN: Duration = Duration::from_secs(30);
+const SEND_WITHIN: Duration = Duration::from_secs(5);
+
+#[derive(Deserialize)]
+struct FeedQuery {
+    since: Option<u64>,
+    #[allow(dead_code)]
+    token: Option<String>,
+}
+
+async fn snapshot(state: &AppState, caller: &Caller, seq: u64) -> ApiResult<String> {
+    let rows = state.store.cabinets(caller.merchant.as_deref()).await?;
+    let mut cabinets = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let live = match CabinetId::parse(&r.id) {
+            Ok(id) => snapshot_of(state, &id).await.ok().flatten(),
+            Err(_) => None,
+        };
+        cabinets.push(cabinet_view(r, live.as_ref()));
+    }
+    Ok(json!({"type": "snapshot", "seq": seq, "data": {"cabinets": cabinets}}).to_string())
+}
+
+async fn ws(
+    state: web::Data<AppState>,
+    caller: Caller,
+    req: HttpRequest,
+    body: web::Payload,
+    q: web::Query<FeedQuery>,
+) -> ApiResult {
+    caller.require(Role::Viewer)?;
+    let (response, mut session, mut stream) = actix_ws::handle(&req, body)
+        .map_err(|e| ApiError::BadRequest(format!("not a WebSocket handshake: {e}")))?;
+    let since = q.into_inner().since;
+    let state = state.into_inner();
+    let metrics = state.metrics.clone();
+    actix_web::rt::spawn(async move {
+        metrics.ws_clients.inc();
+        let visible = |m: &str| caller.merchant.as_deref().is_none_or(|own| own == m);
+        let (mut rx, seq) = state.feed.subscribe();
+        // Replay when every missed event is still kept; otherwise start over from a snapshot.
+        let first: Vec<String> = match since.and_then(|s| state.feed.since(s).map(|evs| (s, evs))) {
+            Some((_, evs)) => evs
+                .iter()
+                .filter(|e| e.seq <= seq && visible(&e.merchant))
+                .map(|e| e.json.clone())
+                .collect(),
+            None => match snapshot(&state, &caller, seq).await {
+                Ok(s) => vec![s],
+                Err(e) => {
+                    tracing::error!(error = %e, "feed snapshot failed");
+                    metrics
+                        .ws_dropped
+                        .with_label_values(&["snapshot_failed"])
+                        .inc();
+                    metrics.ws_clients.dec();
+                    let _ = session.close(None).await;
+                    return;
+                }
+            },
+        };
+        let mut reason = "closed";
+        for text in first {
+            if session.text(text).await.is_err() {
+                reason = "closed";
+                break;
+            }
+            metrics.ws_sent.inc();
+        }
+        let mut ping = tokio::time::interval(PING_EVERY);
+        let mut last_pong = Instant::now();
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Ok(e) if e.seq > seq && visible(&e.merchant) => {
+                        match tokio::time::timeout(SEND_WITHIN, session.text(e.json.clone())).await {
+                            Ok(Ok(())) => metrics.ws_sent.inc(),
+                            Ok(Err(_)) => { reason = "closed"; break; }
+                            Err(_) => { reason = "slow"; break; }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => { reason = "lagged"; break; }
+                    Err(RecvError::Closed) => { reason = "shutdown"; break; }
+                },
+                msg = stream.recv() => match msg {
+                    Some(Ok(Message::Ping(b))) => { if session.pong(&b).await.is_err() { break; } }
+                    Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => { reason = "closed"; break; }
+                    Some(Ok(_)) => {}
+                },
+                _ = ping.tick() => {
+                    if last_pong.elapsed() > PONG_WITHIN { reason = "heartbeat_timeout"; break; }
+                    if session.ping(b"feed").await.is_err() { reason = "closed"; break; }
+                }
+            }
+        }
+        if reason != "closed" {
+            metrics.ws_dropped.with_label_values(&[reason]).inc();
+            tracing::info!(reason, "feed client dropped");
+        }
+        metrics.ws_clients.dec();
+        let _ = session.close(None).await;
+    });
+    Ok(response)
+}
+
+/// Mounts `GET /ws`.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/ws", web::get().to(ws));
+}

@@ -1,0 +1,134 @@
+//! The operator feed: every visible change as a sequenced JSON event, fanned out to WebSocket
+//! clients, with a replay buffer for clients that reconnect with `?since=`.
+//!
+//! Events come from actor state (the ports), never from polling the database. `seq` increases
+//! by one per event across the node; a client sees only its merchant's events, so its `seq`
+//! values increase but may skip the numbers of other merchants' events.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+/// One event.
+#[derive(Debug)]
+pub struct FeedEvent {
+    /// Position in the node's stream.
+    pub seq: u64,
+    /// Whose it is (scoping).
+    pub merchant: String,
+    /// `{"type", "seq", "data"}`, serialised once for every client.
+    pub json: String,
+}
+
+struct Ring {
+    seq: u64,
+    events: VecDeque<Arc<FeedEvent>>,
+}
+
+/// The fan-out.
+pub struct Feed {
+    ring: Mutex<Ring>,
+    tx: broadcast::Sender<Arc<FeedEvent>>,
+    replay: usize,
+}
+
+impl Feed {
+    /// `replay` events are kept for `?since=`; each client may lag `client_queue` events
+    /// behind before it is dropped.
+    pub fn new(replay: usize, client_queue: usize) -> Self {
+        let (tx, _) = broadcast::channel(client_queue.max(1));
+        Self {
+            ring: Mutex::new(Ring {
+                seq: 0,
+                events: VecDeque::with_capacity(replay),
+            }),
+            tx,
+            replay: replay.max(1),
+        }
+    }
+
+    /// Publishes an event of `kind` for a merchant's screens.
+    pub fn publish(&self, merchant: &str, kind: &str, data: Value) {
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.seq += 1;
+        let seq = ring.seq;
+        let ev = Arc::new(FeedEvent {
+            seq,
+            merchant: merchant.to_owned(),
+            json: json!({"type": kind, "seq": seq, "data": data}).to_string(),
+        });
+        if ring.events.len() == self.replay {
+            ring.events.pop_front();
+        }
+        ring.events.push_back(ev.clone());
+        // Sent under the lock so that subscribers see events in `seq` order; a send with no
+        // receivers is not an error worth reporting.
+        let _ = self.tx.send(ev);
+    }
+
+    /// Subscribes, returning the current `seq`: every later event arrives on the receiver.
+    pub fn subscribe(&self) -> (broadcast::Receiver<Arc<FeedEvent>>, u64) {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        (self.tx.subscribe(), ring.seq)
+    }
+
+    /// The events after `since`, or `None` when some of them are no longer kept.
+    pub fn since(&self, since: u64) -> Option<Vec<Arc<FeedEvent>>> {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        if since > ring.seq {
+            return None;
+        }
+        let oldest = ring.events.front().map_or(ring.seq + 1, |e| e.seq);
+        if since + 1 < oldest {
+            return None;
+        }
+        Some(
+            ring.events
+                .iter()
+                .filter(|e| e.seq > since)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_window() {
+        let f = Feed::new(3, 8);
+        for i in 0..5 {
+            f.publish("m", "cabinet", json!(i));
+        }
+        assert_eq!(f.since(5).map(|v| v.len()), Some(0));
+        assert_eq!(
+            f.since(2)
+                .map(|v| v.iter().map(|e| e.seq).collect::<Vec<_>>()),
+            Some(vec![3, 4, 5])
+        );
+        assert!(
+            f.since(1).is_none(),
+            "event 2 is gone: a snapshot is needed"
+        );
+        assert!(f.since(9).is_none(), "from the future");
+    }
+
+    #[tokio::test]
+    async fn subscribers_get_later_events_in_order() {
+        let f = Feed::new(10, 8);
+        f.publish("m", "cabinet", json!(1));
+        let (mut rx, seq) = f.subscribe();
+        assert_eq!(seq, 1);
+        f.publish("m", "alert", json!(2));
+        f.publish("m2", "alert", json!(3));
+        assert_eq!(rx.recv().await.map(|e| e.seq).ok(), Some(2));
+        assert_eq!(
+            rx.recv().await.map(|e| e.merchant.clone()).ok(),
+            Some("m2".into())
+        );
+    }
+}
