@@ -54,7 +54,21 @@ async fn get_session(
 struct OrderQuery {
     cabinet_id: Option<String>,
     status: Option<String>,
+    /// RFC 3339, inclusive.
+    from: Option<String>,
+    /// RFC 3339, exclusive.
+    to: Option<String>,
     limit: Option<i64>,
+}
+
+/// RFC 3339 to Unix ms, naming the parameter when it does not parse.
+fn rfc3339_ms(name: &str, v: Option<&str>) -> ApiResult<Option<i64>> {
+    v.map(|t| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            .map(|d| (d.unix_timestamp_nanos() / 1_000_000) as i64)
+            .map_err(|_| ApiError::BadRequest(format!("{name} must be an RFC 3339 time")))
+    })
+    .transpose()
 }
 
 async fn list_orders(
@@ -70,6 +84,10 @@ async fn list_orders(
             caller.merchant.as_deref(),
             q.cabinet_id.as_deref(),
             q.status.as_deref(),
+            (
+                rfc3339_ms("from", q.from.as_deref())?,
+                rfc3339_ms("to", q.to.as_deref())?,
+            ),
             q.limit.unwrap_or(200).clamp(1, 2000),
         )
         .await?;

@@ -403,7 +403,7 @@ impl Sessions {
         }
         let completing = self
             .store
-            .orders(None, None, Some("completing"), 1000)
+            .orders(None, None, Some("completing"), (None, None), 1000)
             .await
             .unwrap_or_default();
         for o in completing {

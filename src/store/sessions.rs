@@ -316,6 +316,7 @@ impl Store {
         merchant_id: Option<&str>,
         cabinet_id: Option<&str>,
         status: Option<&str>,
+        created: (Option<i64>, Option<i64>),
         limit: i64,
     ) -> Result<Vec<OrderRow>> {
         let mut sql = String::from("SELECT * FROM orders WHERE 1=1");
@@ -330,13 +331,27 @@ impl Store {
                 sql.push_str(&format!(" AND {col} = ${}", binds.len()));
             }
         }
+        // Time bounds (Unix ms, `[from, to)`) are numbered after the text binds.
+        let mut times: Vec<i64> = Vec::new();
+        for (op, v) in [(">=", created.0), ("<", created.1)] {
+            if let Some(v) = v {
+                times.push(v);
+                sql.push_str(&format!(
+                    " AND created_at {op} ${}",
+                    binds.len() + times.len()
+                ));
+            }
+        }
         sql.push_str(&format!(
             " ORDER BY created_at DESC, id LIMIT ${}",
-            binds.len() + 1
+            binds.len() + times.len() + 1
         ));
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for b in binds {
             q = q.bind(b);
+        }
+        for t in times {
+            q = q.bind(t);
         }
         let rows = q.bind(limit).fetch_all(&self.pool).await?;
         rows.iter().map(order_row).collect()

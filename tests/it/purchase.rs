@@ -517,6 +517,23 @@ async fn wechat_happy_path_charges_once(b: Backend) {
     assert_eq!(v["session"]["state"], "closed");
     let (_, orders) = hub.get("/api/v1/orders?status=paid", &op).await;
     assert_eq!(orders["count"], 1);
+    // Filterable by time: [from, to) in RFC 3339.
+    let (_, later) = hub
+        .get("/api/v1/orders?from=2999-01-01T00:00:00Z", &op)
+        .await;
+    assert_eq!(later["count"], 0);
+    let (_, window) = hub
+        .get(
+            "/api/v1/orders?from=2000-01-01T00:00:00Z&to=2999-01-01T00:00:00Z&status=paid",
+            &op,
+        )
+        .await;
+    assert_eq!(window["count"], 1);
+    let (s, bad) = hub.get("/api/v1/orders?from=yesterday", &op).await;
+    assert_eq!(
+        (s, bad["error"]["code"].clone()),
+        (400, json!("invalid_request"))
+    );
     assert!(hub
         .metrics()
         .await
