@@ -236,3 +236,8 @@ impl AlipayClient {
         verify_notify(&self.verifier, KEY_ID, params)
     }
 }
+
+/// A fresh `out_request_no` for a one-off request (closing a credit order).
+pub fn request_no() -> String {
+    format!("q{}", crate::secrets::token(20).unwrap_or_default())
+}

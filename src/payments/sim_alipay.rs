@@ -16,7 +16,6 @@ use serde_json::{json, Value};
 use super::alipay_crypto::{fen, notify_sign_content, request_sign_content, yuan};
 use super::sim_wechat::{Deduction, UserScript};
 use super::wechat_crypto::{RsaSigner, Verifier};
-use crate::secrets::token;
 
 /// Where the simulator is mounted; the gateway is `{PREFIX}/gateway.do`.
 pub const PREFIX: &str = "/sim/alipay";
@@ -461,9 +460,4 @@ pub fn configure(cfg: &mut web::ServiceConfig, sim: AlipaySim) {
             .app_data(web::Data::new(sim))
             .route("/gateway.do", web::post().to(gateway)),
     );
-}
-
-/// A fresh request number for callers.
-pub fn request_no() -> String {
-    format!("q{}", token(20).unwrap_or_default())
 }

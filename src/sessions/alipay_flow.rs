@@ -9,9 +9,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::{Refused, Sessions};
+use crate::payments::alipay::request_no;
 use crate::payments::alipay::AlipayError;
 use crate::payments::alipay_crypto::fen;
-use crate::payments::sim_alipay::request_no;
 use crate::store::{OrderRow, RefundRow, SessionRow, StoreError};
 
 impl Sessions {

@@ -187,7 +187,11 @@ async fn nothing_taken_closes_without_charge() {
         .to_owned();
     r.note().await;
     r.client
-        .close(&id, &sim_alipay::request_no(), "未取商品")
+        .close(
+            &id,
+            &cabinet_hub::payments::alipay::request_no(),
+            "未取商品",
+        )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
