@@ -130,7 +130,7 @@ impl Application {
         }
 
         let url = settings.database_url();
-        let store = Store::connect(&url, settings.database.max_connections)
+        let mut store = Store::connect(&url, settings.database.max_connections)
             .await
             .with_context(|| {
                 format!(
@@ -163,6 +163,9 @@ impl Application {
             settings.feed.replay_events,
             settings.feed.client_queue,
         ));
+        let (change_tx, change_rx) = mpsc::unbounded_channel();
+        store.announce_changes(change_tx);
+        tokio::spawn(crate::feed::relay_store_changes(feed.clone(), change_rx));
         tokio::spawn(alert_writer(store.clone(), metrics.clone(), alert_rx));
         let ports = Arc::new(HubPorts {
             publisher: Arc::new(publisher),

@@ -94,6 +94,23 @@ impl Feed {
     }
 }
 
+/// Publishes every committed session and order change as a `session` or `order` event, with
+/// the row as its transaction committed it.
+pub async fn relay_store_changes(
+    feed: Arc<Feed>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::store::Change>,
+) {
+    use crate::store::Change;
+    while let Some(change) = rx.recv().await {
+        match change {
+            Change::Session(s) => feed.publish(&s.merchant_id, "session", json!(s)),
+            Change::Order(o) => {
+                feed.publish(&o.merchant_id, "order", crate::sessions::order_view(&o))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

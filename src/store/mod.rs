@@ -203,6 +203,17 @@ fn migrator(postgres: bool) -> Migrator {
 pub struct Store {
     pub(crate) pool: AnyPool,
     postgres: bool,
+    changes: Option<tokio::sync::mpsc::UnboundedSender<Change>>,
+}
+
+/// A committed change to a session or an order with the row as committed, announced after the
+/// commit so that the operator feed shows only what is durable.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A session was created or changed state.
+    Session(sessions::SessionRow),
+    /// An order was created or changed (status, amounts).
+    Order(sessions::OrderRow),
 }
 
 impl Store {
@@ -229,7 +240,24 @@ impl Store {
             .connect_with(options)
             .await?;
         migrator(postgres).run(&pool).await?;
-        Ok(Self { pool, postgres })
+        Ok(Self {
+            pool,
+            postgres,
+            changes: None,
+        })
+    }
+
+    /// Announces every later committed session and order change on `tx`. Call before the
+    /// store is cloned: clones made earlier do not announce.
+    pub fn announce_changes(&mut self, tx: tokio::sync::mpsc::UnboundedSender<Change>) {
+        self.changes = Some(tx);
+    }
+
+    pub(crate) fn changed(&self, c: Change) {
+        if let Some(tx) = &self.changes {
+            // A closed receiver means the node is shutting down; nothing is lost from storage.
+            let _ = tx.send(c);
+        }
     }
 
     /// Whether this is PostgreSQL.

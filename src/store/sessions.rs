@@ -5,7 +5,7 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{conflict_or, Result, Store};
+use super::{conflict_or, Change, Result, Store};
 
 /// A purchase or restock session.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -231,6 +231,8 @@ impl Store {
         .await
         .map_err(conflict_or)?;
         tx.commit().await?;
+        self.changed(Change::Session(s.clone()));
+        self.changed(Change::Order(o.clone()));
         Ok(())
     }
 
@@ -270,16 +272,22 @@ impl Store {
     ) -> Result<bool> {
         let r = sqlx::query(
             "UPDATE sessions SET state = $3, failure = COALESCE($4, failure), updated_at = $5, \
-             unlocked_at = CASE WHEN $3 = 'open' THEN $5 ELSE unlocked_at END WHERE id = $1 AND state = $2",
+             unlocked_at = CASE WHEN $3 = 'open' THEN $5 ELSE unlocked_at END WHERE id = $1 AND state = $2 RETURNING *",
         )
         .bind(id)
         .bind(from)
         .bind(to)
         .bind(failure)
         .bind(now)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(r.rows_affected() == 1)
+        match r {
+            Some(row) => {
+                self.changed(Change::Session(session_row(&row)?));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Remembers the answer given to an idempotent request.
@@ -378,7 +386,7 @@ impl Store {
         for i in 0..from.len() {
             sql.push_str(&format!("{}${}", if i == 0 { "" } else { ", " }, i + 8));
         }
-        sql.push(')');
+        sql.push_str(") RETURNING *");
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id)
             .bind(to)
@@ -390,7 +398,13 @@ impl Store {
         for f in from {
             q = q.bind(*f);
         }
-        Ok(q.execute(&self.pool).await?.rows_affected() == 1)
+        match q.fetch_optional(&self.pool).await? {
+            Some(row) => {
+                self.changed(Change::Order(order_row(&row)?));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Marks an order paid (once).
@@ -403,15 +417,21 @@ impl Store {
     ) -> Result<bool> {
         let r = sqlx::query(
             "UPDATE orders SET status = 'paid', paid_fen = $2, transaction_id = COALESCE($3, transaction_id), updated_at = $4 \
-             WHERE id = $1 AND status IN ('completing', 'pending_payment')",
+             WHERE id = $1 AND status IN ('completing', 'pending_payment') RETURNING *",
         )
         .bind(id)
         .bind(paid_fen)
         .bind(transaction_id)
         .bind(now)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(r.rows_affected() == 1)
+        match r {
+            Some(row) => {
+                self.changed(Change::Order(order_row(&row)?));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Records a provider notification id; false when it was seen before (a replay).
@@ -473,11 +493,13 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(conflict_or)?;
-        sqlx::query("UPDATE orders SET status = CASE WHEN refunded_fen >= paid_fen THEN 'refunded' ELSE status END WHERE id = $1")
+        let order = sqlx::query("UPDATE orders SET status = CASE WHEN refunded_fen >= paid_fen THEN 'refunded' ELSE status END WHERE id = $1 RETURNING *")
             .bind(&r.order_id)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+        let order = order_row(&order)?;
         tx.commit().await?;
+        self.changed(Change::Order(order));
         Ok(Some(r.clone()))
     }
 

@@ -109,7 +109,51 @@ both!(
     replayed_notifications_change_nothing,
     promotions_apply_to_the_next_session,
     unlock_rejected_charges_nothing,
+    sessions_and_orders_on_the_feed,
 );
+
+/// The operator feed carries every durable session and order step, in order, for its merchant.
+async fn sessions_and_orders_on_the_feed(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let (_, op2) = hub.merchant("m2").await;
+    let mut ws = crate::feed::connect(&hub, &op, None).await;
+    let mut other = crate::feed::connect(&hub, &op2, None).await;
+    for w in [&mut ws, &mut other] {
+        let snap = crate::feed::next(w, SEC).await;
+        assert_eq!(snap.map(|v| v["type"].clone()), Some(json!("snapshot")));
+    }
+    let session = visit(&hub, &op, &mut c, "u1", json!([{"sku": "cola", "qty": 2}])).await;
+    order_status(&hub, &op, &session, "paid").await;
+    let (mut states, mut statuses) = (Vec::new(), Vec::new());
+    while statuses.last().map(String::as_str) != Some("paid") {
+        let v = crate::feed::next(&mut ws, SEC)
+            .await
+            .unwrap_or_else(|| panic!("feed stopped; sessions {states:?} orders {statuses:?}"));
+        let text = |k: &str| v["data"][k].as_str().unwrap_or_default().to_owned();
+        match v["type"].as_str() {
+            Some("session") => {
+                assert_eq!(text("id"), session);
+                states.push(text("state"));
+            }
+            Some("order") => {
+                assert_eq!(text("session_id"), session);
+                if text("status") == "paid" {
+                    assert_eq!(v["data"]["paid_fen"], 600);
+                }
+                statuses.push(text("status"));
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(states, ["confirming", "unlocking", "open", "closed"]);
+    assert_eq!(statuses, ["open", "completing", "paid"]);
+    assert!(
+        crate::feed::next(&mut other, Duration::from_millis(200))
+            .await
+            .is_none(),
+        "another merchant sees none of it"
+    );
+}
 
 async fn replayed_notifications_change_nothing(b: Backend) {
     let (hub, op, mut c) = shop(b).await;
