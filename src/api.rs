@@ -257,25 +257,41 @@ pub(crate) fn cabinet_view(row: &CabinetRow, live: Option<&CabinetSnapshot>) -> 
         session: None,
         last_seen_ms: None,
     };
-    let s = live.unwrap_or(&offline);
-    let alerts: Vec<Value> = s
-        .alerts
-        .iter()
-        .map(|a| {
-            json!({"id": a.id, "type": a.kind, "severity": a.kind.severity(), "raised_at": rfc3339(a.raised_at as i64),
-                   "acked": a.acked, "detail": a.detail})
-        })
-        .collect();
+    let mut v = live_view(live.unwrap_or(&offline));
+    if let Value::Object(m) = &mut v {
+        m.insert("merchant_id".into(), json!(row.merchant_id));
+        m.insert("model".into(), json!(row.model));
+        m.insert("point".into(), json!(row.point));
+        m.insert(
+            "status".into(),
+            json!(if row.active { "active" } else { "registered" }),
+        );
+        m.insert("registered_at".into(), json!(rfc3339(row.created_at)));
+        m.insert(
+            "activated_at".into(),
+            json!(row.activated_at.and_then(rfc3339)),
+        );
+        m.insert(
+            "service_expires_at".into(),
+            json!(row.service_expires_at.and_then(rfc3339)),
+        );
+        m.insert("actor".into(), json!(live.is_some()));
+    }
+    v
+}
+
+/// An active alert as the API and the feed show it.
+pub(crate) fn active_alert_view(a: &cabinet_actors::alert::ActiveAlert) -> Value {
+    json!({"id": a.id, "type": a.kind, "severity": a.kind.severity(), "raised_at": rfc3339(a.raised_at as i64),
+           "acked": a.acked, "detail": a.detail})
+}
+
+/// A cabinet's live state as the API and the feed's `cabinet` events show it (the same shape in
+/// both, so a screen merges a delta into its snapshot row field by field).
+pub(crate) fn live_view(s: &CabinetSnapshot) -> Value {
+    let alerts: Vec<Value> = s.alerts.iter().map(active_alert_view).collect();
     json!({
-        "id": row.id,
-        "merchant_id": row.merchant_id,
-        "model": row.model,
-        "point": row.point,
-        "status": if row.active { "active" } else { "registered" },
-        "registered_at": rfc3339(row.created_at),
-        "activated_at": row.activated_at.and_then(rfc3339),
-        "service_expires_at": row.service_expires_at.and_then(rfc3339),
-        "actor": live.is_some(),
+        "id": s.id,
         "online": s.online,
         "door": s.door,
         "lock": s.lock,
@@ -687,6 +703,17 @@ async fn patch_config(
     Ok(HttpResponse::Ok().json(json!({"config": config, "pushed": online})))
 }
 
+async fn get_config(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult {
+    caller.require(Role::Viewer)?;
+    let (cid, _) = visible_cabinet(&state, &caller, &path).await?;
+    let config = state.store.latest_config(cid.as_str()).await?;
+    Ok(HttpResponse::Ok().json(json!({"config": config})))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ServiceExtension {
@@ -968,6 +995,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 web::post().to(issue_certificate),
             )
             .route("/cabinets/{id}/config", web::patch().to(patch_config))
+            .route("/cabinets/{id}/config", web::get().to(get_config))
             .route("/cabinets/{id}/service", web::post().to(extend_service))
             .route("/cabinets/{id}/commands", web::post().to(send_command))
             .route("/alerts", web::get().to(list_alerts))

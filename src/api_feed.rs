@@ -9,7 +9,7 @@ use actix_web::{web, HttpRequest};
 use actix_ws::Message;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError};
 
 use cabinet_actors::ids::CabinetId;
 
@@ -19,6 +19,7 @@ use crate::app::AppState;
 const PING_EVERY: Duration = Duration::from_secs(10);
 const PONG_WITHIN: Duration = Duration::from_secs(30);
 const SEND_WITHIN: Duration = Duration::from_secs(5);
+const LAG_CHECK: Duration = Duration::from_millis(50);
 
 #[derive(Deserialize)]
 struct FeedQuery {
@@ -40,6 +41,33 @@ async fn snapshot(state: &AppState, caller: &Caller, seq: u64) -> ApiResult<Stri
     Ok(json!({"type": "snapshot", "seq": seq, "data": {"cabinets": cabinets}}).to_string())
 }
 
+/// Sends one event, giving up when the socket has not taken it within `SEND_WITHIN` (`slow`)
+/// or when, meanwhile, the client's queue of events not yet sent is full (`lagged`): a blocked
+/// socket is noticed as soon as the client is a queue behind, not only after the timeout.
+async fn send_unless_behind(
+    session: &mut actix_ws::Session,
+    text: String,
+    rx: &broadcast::Receiver<std::sync::Arc<crate::feed::FeedEvent>>,
+    queue: usize,
+) -> Result<(), &'static str> {
+    let deadline = tokio::time::Instant::now() + SEND_WITHIN;
+    let send = session.text(text);
+    tokio::pin!(send);
+    loop {
+        tokio::select! {
+            r = &mut send => return r.map_err(|_| "closed"),
+            _ = tokio::time::sleep(LAG_CHECK) => {
+                if rx.len() >= queue {
+                    return Err("lagged");
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err("slow");
+                }
+            }
+        }
+    }
+}
+
 async fn ws(
     state: web::Data<AppState>,
     caller: Caller,
@@ -53,6 +81,7 @@ async fn ws(
     let since = q.into_inner().since;
     let state = state.into_inner();
     let metrics = state.metrics.clone();
+    let queue = state.settings.feed.client_queue.max(1);
     actix_web::rt::spawn(async move {
         metrics.ws_clients.inc();
         let visible = |m: &str| caller.merchant.as_deref().is_none_or(|own| own == m);
@@ -92,10 +121,9 @@ async fn ws(
             tokio::select! {
                 ev = rx.recv() => match ev {
                     Ok(e) if e.seq > seq && visible(&e.merchant) => {
-                        match tokio::time::timeout(SEND_WITHIN, session.text(e.json.clone())).await {
-                            Ok(Ok(())) => metrics.ws_sent.inc(),
-                            Ok(Err(_)) => { reason = "closed"; break; }
-                            Err(_) => { reason = "slow"; break; }
+                        match send_unless_behind(&mut session, e.json.clone(), &rx, queue).await {
+                            Ok(()) => metrics.ws_sent.inc(),
+                            Err(r) => { reason = r; break; }
                         }
                     }
                     Ok(_) => {}

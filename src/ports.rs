@@ -59,8 +59,8 @@ impl CabinetPorts for HubPorts {
 
     fn effect(&self, cabinet: &CabinetMeta, effect: &Effect) {
         let alert = |a: &ActiveAlert, state: &str| {
-            serde_json::json!({"cabinet_id": cabinet.id, "merchant_id": cabinet.merchant, "state": state, "alert": a,
-                               "severity": a.kind.severity()})
+            serde_json::json!({"cabinet_id": cabinet.id, "merchant_id": cabinet.merchant, "state": state,
+                               "alert": crate::api::active_alert_view(a), "severity": a.kind.severity()})
         };
         match effect {
             Effect::AlertRaised(a) => {
@@ -143,11 +143,11 @@ impl CabinetPorts for HubPorts {
     }
 
     fn state_changed(&self, cabinet: &CabinetMeta, snapshot: &CabinetSnapshot) {
-        self.feed.publish(
-            cabinet.merchant.as_str(),
-            "cabinet",
-            serde_json::json!(snapshot),
-        );
+        let mut v = crate::api::live_view(snapshot);
+        if let serde_json::Value::Object(m) = &mut v {
+            m.insert("merchant_id".into(), cabinet.merchant.as_str().into());
+        }
+        self.feed.publish(cabinet.merchant.as_str(), "cabinet", v);
     }
 
     fn actor_restarted(&self, cabinet: &CabinetMeta) {

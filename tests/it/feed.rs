@@ -199,12 +199,11 @@ async fn slow_client_dropped_fast_client_served(b: Backend) {
     })
     .await;
 
-    // Bursts of state changes that a reading client keeps up with. The slow client is dropped
-    // once the kernel's socket buffers (several megabytes on loopback) and its queue are full:
-    // ≈ 34,000 events here.
+    // Bursts of state changes that a reading client keeps up with; the slow client is dropped
+    // once its socket is blocked and 256 events are queued behind it (≈ 2,000 events here).
     let mut dropped = 0.0;
     let mut received = 0u64;
-    for burst in 0..600u32 {
+    for burst in 0..100u32 {
         for i in 0..100u32 {
             let temp = 2.0 + f64::from((burst * 100 + i) % 600) / 100.0;
             c.publish("heartbeat", beat(temp)).await;
@@ -235,11 +234,10 @@ async fn slow_client_dropped_fast_client_served(b: Backend) {
     }
     assert_eq!(dropped, 1.0, "the slow client was dropped, once");
     let m = hub.metrics().await;
-    assert!(
-        m.contains("ws_dropped_total{reason=\"lagged\"} 1")
-            || m.contains("ws_dropped_total{reason=\"slow\"} 1"),
-        "{m}"
-    );
+    assert!(m.contains("ws_dropped_total{reason=\"lagged\"} 1"), "{m}");
     assert_eq!(hub.metric("ws_clients").await, 1.0);
-    assert!(received >= 2_000, "{received} events reached the fast client");
+    assert!(
+        received >= 2_000,
+        "{received} events reached the fast client"
+    );
 }
