@@ -703,6 +703,10 @@ async fn patch_config(
     Ok(HttpResponse::Ok().json(json!({"config": config, "pushed": online})))
 }
 
+async fn whoami(caller: Caller) -> ApiResult {
+    Ok(HttpResponse::Ok().json(json!({"key_id": caller.key_id, "role": caller.role.as_str(), "merchant_id": caller.merchant})))
+}
+
 async fn get_config(
     state: web::Data<AppState>,
     caller: Caller,
@@ -982,8 +986,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/api/openapi.json", web::get().to(openapi))
     .configure(crate::api_sessions::configure_sim_control)
     .configure(crate::api_feed::configure)
+    .configure(crate::web::configure)
     .service(
         crate::api_sessions::configure(crate::api_catalog::configure(web::scope("/api/v1")))
+            .route("/me", web::get().to(whoami))
             .route("/merchants", web::post().to(create_merchant))
             .route("/api-keys", web::post().to(create_key))
             .route("/cabinets", web::post().to(register_cabinet))

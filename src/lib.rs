@@ -19,6 +19,7 @@ pub mod secrets;
 pub mod sessions;
 pub mod store;
 pub mod telemetry;
+pub mod web;
 
 pub use app::Application;
 pub use config::Settings;

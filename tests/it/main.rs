@@ -2,6 +2,7 @@
 //! MQTT clients, the real PostgreSQL. One binary (faster linking).
 
 mod alipay;
+mod browser;
 mod catalog;
 mod crash;
 mod feed;

@@ -1,0 +1,43 @@
+//! The operator web page: three static files compiled into the binary, so the page needs no
+//! build step and always matches the API of the hub that serves it.
+
+use actix_web::{http::header, web, HttpResponse};
+
+const INDEX: &str = include_str!("../web/index.html");
+const APP_JS: &str = include_str!("../web/app.js");
+const APP_CSS: &str = include_str!("../web/app.css");
+
+// Scripts and styles only from the hub itself: a cabinet id or alert detail that carries markup
+// cannot run in an operator's browser even if some rendering path forgot to escape it.
+const CSP: &str =
+    "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; \
+                   script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
+fn file(body: &'static str, content_type: &'static str) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, content_type))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header((header::CONTENT_SECURITY_POLICY, CSP))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .insert_header((header::REFERRER_POLICY, "no-referrer"))
+        .body(body)
+}
+
+async fn index() -> HttpResponse {
+    file(INDEX, "text/html; charset=utf-8")
+}
+
+async fn app_js() -> HttpResponse {
+    file(APP_JS, "text/javascript; charset=utf-8")
+}
+
+async fn app_css() -> HttpResponse {
+    file(APP_CSS, "text/css; charset=utf-8")
+}
+
+/// Mounts `GET /`, `GET /ui/app.js` and `GET /ui/app.css`.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/", web::get().to(index))
+        .route("/ui/app.js", web::get().to(app_js))
+        .route("/ui/app.css", web::get().to(app_css));
+}

@@ -1,0 +1,623 @@
+// The operator page: one WebSocket feed (snapshot, then deltas) drives every view; the HTTP API
+// is used for actions and for lists the feed does not carry (order history, configuration).
+// No framework and no build step: the hub serves this file as it is.
+'use strict';
+
+const ROW_H = 34;
+const SEVERITY_RANK = { critical: 3, major: 2, minor: 1 };
+const KEY_STORE = 'cabinet-hub.key';
+const MAX_ORDERS = 300;
+const MAX_SESSIONS = 300;
+const MAX_EVENTS = 40;
+
+const S = {
+  key: null,
+  me: null,
+  ws: null,
+  lastSeq: null,
+  backoff: 500,
+  retryTimer: null,
+  everLive: false,
+  cabinets: new Map(),
+  sessions: new Map(),
+  orders: new Map(),
+  abnormal: new Map(),
+  events: new Map(),
+  tab: 'fleet',
+  filter: 'all',
+  search: '',
+  sort: 'severity',
+  view: [],
+  detail: null,
+  dirty: { fleet: true, alerts: true, sessions: true, abnormal: true, detail: true },
+  frame: 0,
+  lastFleetCompute: 0,
+};
+
+const $ = (id) => document.getElementById(id);
+
+// Builds an element; strings become text nodes, so nothing from the wire is parsed as markup.
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === 'class') e.className = v;
+    else if (k === 'text') e.textContent = v;
+    else if (k.startsWith('on')) e.addEventListener(k.slice(2), v);
+    else if (k.startsWith('data-')) e.setAttribute(k, v);
+    else e[k] = v;
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+const fen = (n) => (n === null || n === undefined ? '–' : '¥' + (n / 100).toFixed(2));
+function when(t) {
+  if (t === null || t === undefined) return '–';
+  const d = new Date(t);
+  return isNaN(d) ? String(t) : d.toLocaleString();
+}
+function clock(t) {
+  const d = new Date(t);
+  return isNaN(d) ? '' : d.toLocaleTimeString();
+}
+
+// ---- HTTP ----------------------------------------------------------------------------------
+
+async function api(method, path, body) {
+  const opts = { method, headers: { Authorization: 'Bearer ' + S.key } };
+  if (body !== undefined) {
+    opts.headers['Content-Type'] = 'application/json';
+    opts.body = JSON.stringify(body);
+  }
+  const r = await fetch(path, opts);
+  let data = null;
+  try { data = await r.json(); } catch (_) { data = null; }
+  if (r.status === 401) {
+    signOut('Your key was refused (401). Sign in again.');
+    throw new Error('unauthorized');
+  }
+  if (!r.ok) {
+    const msg = (data && (data.message || data.error || data.code)) || r.statusText;
+    const err = new Error(`${r.status}: ${msg}`);
+    err.status = r.status;
+    throw err;
+  }
+  return data;
+}
+
+function banner(msg) {
+  const b = $('banner');
+  b.textContent = msg;
+  b.hidden = !msg;
+  if (msg) setTimeout(() => { if (b.textContent === msg) b.hidden = true; }, 8000);
+}
+
+function explain(e) {
+  if (e.status === 403) return 'Your key may not do this (403): an operator key is needed.';
+  return e.message;
+}
+
+// ---- sign-in ---------------------------------------------------------------------------------
+
+async function signIn(key, remember) {
+  S.key = key;
+  let me;
+  try {
+    me = await api('GET', '/api/v1/me');
+  } catch (e) {
+    S.key = null;
+    $('signin-error').textContent = e.message === 'unauthorized' ? 'Unknown key.' : 'Cannot reach the hub: ' + e.message;
+    return;
+  }
+  S.me = me;
+  (remember ? localStorage : sessionStorage).setItem(KEY_STORE, key);
+  $('signin').hidden = true;
+  $('app').hidden = false;
+  $('who').textContent = `${me.role}${me.merchant_id ? ' · ' + me.merchant_id : ' · platform'}`;
+  connect();
+  loadOrders();
+}
+
+function signOut(reason) {
+  localStorage.removeItem(KEY_STORE);
+  sessionStorage.removeItem(KEY_STORE);
+  S.key = null;
+  if (S.ws) { S.ws.onclose = null; S.ws.close(); S.ws = null; }
+  clearTimeout(S.retryTimer);
+  S.lastSeq = null;
+  S.cabinets.clear(); S.sessions.clear(); S.orders.clear(); S.abnormal.clear(); S.events.clear();
+  $('app').hidden = true;
+  $('signin').hidden = false;
+  $('signin-error').textContent = reason || '';
+}
+
+// ---- the feed --------------------------------------------------------------------------------
+
+function setConn(state, text) {
+  const c = $('conn');
+  c.dataset.state = state;
+  c.textContent = text;
+}
+
+function connect() {
+  if (!S.key) return;
+  const proto = location.protocol === 'https:' ? 'wss' : 'ws';
+  let url = `${proto}://${location.host}/ws?token=${encodeURIComponent(S.key)}`;
+  if (S.lastSeq !== null) url += `&since=${S.lastSeq}`;
+  setConn('connecting', S.everLive ? 'reconnecting…' : 'connecting…');
+  const ws = new WebSocket(url);
+  S.ws = ws;
+  ws.onopen = () => {
+    S.backoff = 500;
+    S.everLive = true;
+    setConn('live', 'live');
+  };
+  ws.onmessage = (m) => {
+    let ev;
+    try { ev = JSON.parse(m.data); } catch (_) { return; }
+    handle(ev);
+  };
+  ws.onclose = () => {
+    if (S.ws !== ws) return;
+    S.ws = null;
+    const wait = S.backoff;
+    S.backoff = Math.min(S.backoff * 2, 10000);
+    let left = Math.ceil(wait / 1000);
+    setConn('down', `disconnected — retrying in ${left}s`);
+    const tick = setInterval(() => {
+      left -= 1;
+      if (left > 0 && !S.ws) setConn('down', `disconnected — retrying in ${left}s`);
+    }, 1000);
+    S.retryTimer = setTimeout(async () => {
+      clearInterval(tick);
+      // A refused handshake looks like any other close; ask the API whether the key still works.
+      try { await api('GET', '/api/v1/me'); } catch (e) { if (e.message === 'unauthorized') return; }
+      connect();
+    }, wait);
+  };
+}
+
+function logEvent(cabinetId, text) {
+  if (!cabinetId) return;
+  let list = S.events.get(cabinetId);
+  if (!list) { list = []; S.events.set(cabinetId, list); }
+  list.unshift({ at: Date.now(), text });
+  if (list.length > MAX_EVENTS) list.length = MAX_EVENTS;
+  if (S.detail === cabinetId) S.dirty.detail = true;
+}
+
+function describeChange(before, after) {
+  if (!before) return 'appeared';
+  const parts = [];
+  for (const k of ['online', 'door', 'lock', 'light', 'faulted', 'locked_down']) {
+    if (before[k] !== after[k] && after[k] !== undefined) parts.push(`${k} ${before[k] ?? '–'} → ${after[k] ?? '–'}`);
+  }
+  if (before.temp_c !== after.temp_c && after.temp_c !== undefined && Math.abs((before.temp_c ?? 0) - (after.temp_c ?? 0)) >= 0.5) {
+    parts.push(`temp ${after.temp_c}°C`);
+  }
+  const camsOk = (c) => (c.cameras || []).filter((x) => x.ok).length;
+  if (camsOk(before) !== camsOk(after)) parts.push(`cameras ok ${camsOk(after)}/${(after.cameras || []).length}`);
+  return parts.join(', ');
+}
+
+function handle(ev) {
+  if (typeof ev.seq === 'number') S.lastSeq = ev.seq;
+  const d = ev.data || {};
+  switch (ev.type) {
+    case 'snapshot': {
+      S.cabinets.clear();
+      for (const c of d.cabinets || []) S.cabinets.set(c.id, c);
+      markAll();
+      break;
+    }
+    case 'cabinet': {
+      const before = S.cabinets.get(d.id);
+      const text = describeChange(before, d);
+      S.cabinets.set(d.id, Object.assign({}, before || {}, d));
+      if (text) logEvent(d.id, text);
+      markAll();
+      break;
+    }
+    case 'alert': {
+      const c = S.cabinets.get(d.cabinet_id);
+      const a = d.alert || {};
+      if (c) {
+        const rest = (c.alerts || []).filter((x) => x.id !== a.id);
+        c.alerts = d.state === 'cleared' ? rest : rest.concat([Object.assign({}, a, { acked: a.acked || d.state === 'acked' })]);
+      }
+      logEvent(d.cabinet_id, `alert ${a.type} ${d.state}`);
+      markAll();
+      break;
+    }
+    case 'session': {
+      S.sessions.set(d.id, d);
+      trim(S.sessions, MAX_SESSIONS);
+      logEvent(d.cabinet_id, `session ${d.id.slice(0, 8)} ${d.state}${d.failure ? ' (' + d.failure + ')' : ''}`);
+      S.dirty.sessions = true;
+      break;
+    }
+    case 'order': {
+      S.orders.set(d.id, d);
+      trim(S.orders, MAX_ORDERS);
+      if (d.status === 'abnormal') S.abnormal.set(d.id, d); else S.abnormal.delete(d.id);
+      logEvent(d.cabinet_id, `order ${d.id.slice(0, 8)} ${d.status}${d.total_fen != null ? ' ' + fen(d.total_fen) : ''}`);
+      S.dirty.sessions = true;
+      S.dirty.abnormal = true;
+      break;
+    }
+    default:
+      break;
+  }
+  schedule();
+}
+
+function trim(map, max) {
+  while (map.size > max) map.delete(map.keys().next().value);
+}
+
+function markAll() {
+  S.dirty.fleet = S.dirty.alerts = S.dirty.detail = true;
+}
+
+async function loadOrders() {
+  try {
+    const [recent, abnormal] = await Promise.all([
+      api('GET', '/api/v1/orders?limit=100'),
+      api('GET', '/api/v1/orders?status=abnormal&limit=500'),
+    ]);
+    // Oldest first, so the newest stay when the map is trimmed; feed events may already be newer.
+    for (const o of (recent.items || []).slice().reverse()) if (!S.orders.has(o.id)) S.orders.set(o.id, o);
+    for (const o of abnormal.items || []) if (!S.abnormal.has(o.id)) S.abnormal.set(o.id, o);
+    S.dirty.sessions = S.dirty.abnormal = true;
+    schedule();
+  } catch (e) {
+    banner('Could not load orders: ' + explain(e));
+  }
+}
+
+// ---- rendering -------------------------------------------------------------------------------
+
+function schedule() {
+  if (S.frame) return;
+  S.frame = requestAnimationFrame(render);
+}
+
+function render() {
+  S.frame = 0;
+  if (S.dirty.fleet) {
+    // Sorting 10,000 rows on every event would starve the page under an alert storm; at most
+    // every 150 ms is still well inside the one-second promise.
+    const since = performance.now() - S.lastFleetCompute;
+    if (since < 150) {
+      setTimeout(schedule, 150 - since);
+    } else {
+      S.lastFleetCompute = performance.now();
+      computeFleet();
+      renderCounts();
+      renderRows();
+      S.dirty.fleet = false;
+    }
+  }
+  if (S.dirty.alerts) { renderAlerts(); S.dirty.alerts = false; }
+  if (S.dirty.sessions && S.tab === 'sessions') { renderSessions(); S.dirty.sessions = false; }
+  if (S.dirty.abnormal) { renderAbnormal(); S.dirty.abnormal = false; }
+  if (S.dirty.detail && S.detail) { renderDetail(); S.dirty.detail = false; }
+}
+
+function severityOf(c) {
+  let s = 0;
+  for (const a of c.alerts || []) s = Math.max(s, SEVERITY_RANK[a.severity] || 0);
+  return s;
+}
+
+function matches(c) {
+  switch (S.filter) {
+    case 'online': if (!c.online) return false; break;
+    case 'offline': if (c.online) return false; break;
+    case 'alerting': if (!(c.alerts && c.alerts.length)) return false; break;
+    case 'faulted': if (!(c.faulted || c.locked_down)) return false; break;
+    case 'session': if (!c.session) return false; break;
+    default: break;
+  }
+  if (S.search) {
+    const q = S.search;
+    return c.id.toLowerCase().includes(q) || (c.point || '').toLowerCase().includes(q);
+  }
+  return true;
+}
+
+function computeFleet() {
+  const view = [];
+  for (const c of S.cabinets.values()) if (matches(c)) view.push(c);
+  const byId = (a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
+  const cmp = {
+    severity: (a, b) => severityOf(b) - severityOf(a) || (a.online === b.online ? 0 : a.online ? 1 : -1) || byId(a, b),
+    id: byId,
+    temp: (a, b) => (b.temp_c ?? -999) - (a.temp_c ?? -999) || byId(a, b),
+    seen: (a, b) => String(b.last_seen_at || '').localeCompare(String(a.last_seen_at || '')) || byId(a, b),
+  }[S.sort];
+  view.sort(cmp);
+  S.view = view;
+}
+
+function renderCounts() {
+  let online = 0, alerting = 0, faulted = 0, session = 0, alerts = 0;
+  for (const c of S.cabinets.values()) {
+    if (c.online) online++;
+    if (c.alerts && c.alerts.length) { alerting++; alerts += c.alerts.filter((a) => !a.acked).length; }
+    if (c.faulted || c.locked_down) faulted++;
+    if (c.session) session++;
+  }
+  $('c-total').textContent = S.cabinets.size;
+  $('c-online').textContent = online;
+  $('c-offline').textContent = S.cabinets.size - online;
+  $('c-alerting').textContent = alerting;
+  $('c-faulted').textContent = faulted;
+  $('c-session').textContent = session;
+  $('tab-alerts-count').textContent = alerts ? String(alerts) : '';
+  $('shown').textContent = `${S.view.length} shown`;
+}
+
+function cabinetRow(c) {
+  const cams = c.cameras || [];
+  const camsOk = cams.filter((x) => x.ok).length;
+  const sev = severityOf(c);
+  const sevName = sev === 3 ? 'critical' : sev === 2 ? 'major' : sev === 1 ? 'minor' : '';
+  return el('div', { class: 'row' + (sevName ? ' sev-' + sevName : ''), 'data-cabinet': c.id, onclick: () => openDetail(c.id) },
+    el('span', { text: c.id, title: c.id }),
+    el('span', { text: c.point || '', title: c.point || '' }),
+    el('span', {}, el('i', { class: 'dot' + (c.online ? ' on' : '') }), c.online ? 'online' : 'offline'),
+    el('span', { class: c.door === 'open' ? 'warn' : '', text: c.door || '–' }),
+    el('span', { class: c.lock === 'fault' || c.lock === 'unlocked' ? 'warn' : '', text: c.lock || '–' }),
+    el('span', { class: cams.length && camsOk < cams.length ? 'warn' : '', text: cams.length ? `${camsOk}/${cams.length} ok` : '–' }),
+    el('span', { text: c.temp_c === null || c.temp_c === undefined ? '–' : `${c.temp_c}°C` }),
+    el('span', { text: c.light || '–' }),
+    el('span', {}, (c.alerts || []).map((a) => el('span', { class: `badge ${a.severity}${a.acked ? ' acked' : ''}`, text: a.type }))),
+    el('span', { text: c.session ? `${c.session.mode} ${c.session.phase}` : '' }),
+  );
+}
+
+function renderRows() {
+  const vp = $('fleet');
+  $('fleet-spacer').style.height = `${S.view.length * ROW_H}px`;
+  const first = Math.max(0, Math.floor(vp.scrollTop / ROW_H) - 5);
+  const count = Math.ceil(vp.clientHeight / ROW_H) + 10;
+  const rows = $('fleet-rows');
+  rows.style.transform = `translateY(${first * ROW_H}px)`;
+  rows.replaceChildren(...S.view.slice(first, first + count).map(cabinetRow));
+}
+
+function allAlerts() {
+  const out = [];
+  for (const c of S.cabinets.values()) for (const a of c.alerts || []) out.push(Object.assign({ cabinet_id: c.id }, a));
+  out.sort((a, b) => (SEVERITY_RANK[b.severity] || 0) - (SEVERITY_RANK[a.severity] || 0)
+    || (a.acked === b.acked ? 0 : a.acked ? 1 : -1)
+    || String(b.raised_at).localeCompare(String(a.raised_at)));
+  return out;
+}
+
+function alertActions(a) {
+  return el('span', {},
+    a.acked ? null : el('button', { 'data-action': 'ack', onclick: (e) => { e.stopPropagation(); alertAction(a, 'ack'); }, text: 'Acknowledge' }),
+    ' ',
+    el('button', { 'data-action': 'clear', onclick: (e) => { e.stopPropagation(); alertAction(a, 'clear'); }, text: 'Clear' }));
+}
+
+async function alertAction(a, what) {
+  try {
+    await api('POST', `/api/v1/alerts/${encodeURIComponent(a.id)}/${what}`);
+  } catch (e) {
+    banner(`Could not ${what} ${a.type} on ${a.cabinet_id}: ${explain(e)}`);
+  }
+}
+
+function renderAlerts() {
+  const list = allAlerts();
+  // An alert storm can raise thousands at once; the newest 500 of the worst are enough to act on.
+  const shown = list.slice(0, 500);
+  $('alerts').replaceChildren(...shown.map((a) => el('tr', { 'data-alert-id': a.id, 'data-type': a.type, 'data-cabinet': a.cabinet_id, 'data-acked': a.acked ? 'true' : 'false' },
+    el('td', {}, el('span', { class: `badge ${a.severity}`, text: a.severity })),
+    el('td', { text: a.type }),
+    el('td', {}, el('button', { class: 'link', onclick: () => openDetail(a.cabinet_id), text: a.cabinet_id })),
+    el('td', { text: when(a.raised_at) }),
+    el('td', { text: a.detail || '' }),
+    el('td', { text: a.acked ? 'acknowledged' : 'new' }),
+    el('td', {}, alertActions(a)))));
+  $('alerts-empty').hidden = list.length > 0;
+}
+
+function renderSessions() {
+  const live = [...S.sessions.values()].reverse();
+  $('sessions').replaceChildren(...live.slice(0, 100).map((s) => el('tr', { 'data-session': s.id },
+    el('td', { text: s.id.slice(0, 12), title: s.id }),
+    el('td', {}, el('button', { class: 'link', onclick: () => openDetail(s.cabinet_id), text: s.cabinet_id })),
+    el('td', { text: s.user_id }), el('td', { text: s.channel }), el('td', { text: s.mode }),
+    el('td', { class: s.state === 'failed' ? 'warn' : '', text: s.state + (s.failure ? ` (${s.failure})` : '') }),
+    el('td', { text: when(s.updated_at) }))));
+  const orders = [...S.orders.values()].sort((a, b) => String(b.updated_at).localeCompare(String(a.updated_at)));
+  $('orders').replaceChildren(...orders.slice(0, 100).map(orderRow));
+}
+
+function orderRow(o) {
+  return el('tr', { 'data-order': o.id },
+    el('td', { text: o.id.slice(0, 12), title: o.id }),
+    el('td', { text: o.cabinet_id }), el('td', { text: o.user_id }),
+    el('td', { class: o.status === 'abnormal' || o.status === 'pending_payment' ? 'warn' : '', text: o.status }),
+    el('td', { text: fen(o.total_fen) }), el('td', { text: fen(o.paid_fen) }), el('td', { text: fen(o.refunded_fen) }),
+    el('td', { text: when(o.updated_at) }));
+}
+
+function renderAbnormal() {
+  const list = [...S.abnormal.values()].sort((a, b) => String(a.created_at).localeCompare(String(b.created_at)));
+  $('tab-abnormal-count').textContent = list.length ? String(list.length) : '';
+  const box = $('abnormal');
+  // Keep forms an operator is typing in: only add and remove cards.
+  const have = new Map([...box.children].map((n) => [n.dataset.order, n]));
+  for (const [id, node] of have) if (!S.abnormal.has(id)) node.remove();
+  for (const o of list) if (!have.has(o.id)) box.append(abnormalCard(o));
+  $('abnormal-empty').hidden = list.length > 0;
+}
+
+function itemLine(sku, qty) {
+  return el('div', { class: 'item' },
+    el('input', { name: 'sku', placeholder: 'sku', value: sku || '', required: true }),
+    el('input', { name: 'qty', type: 'number', min: '1', value: String(qty || 1), required: true }),
+    el('button', { type: 'button', text: '−', onclick: (e) => e.target.parentElement.remove() }));
+}
+
+function abnormalCard(o) {
+  const items = el('div', { class: 'items' }, itemLine());
+  const msg = el('span', { class: 'muted', role: 'status' });
+  const form = el('form', {
+    onsubmit: async (e) => {
+      e.preventDefault();
+      const lines = [...items.querySelectorAll('.item')].map((n) => ({
+        sku: n.querySelector('[name=sku]').value.trim(),
+        qty: parseInt(n.querySelector('[name=qty]').value, 10),
+      })).filter((l) => l.sku && l.qty > 0);
+      msg.textContent = 'resolving…';
+      try {
+        const r = await api('POST', `/api/v1/orders/${encodeURIComponent(o.id)}/resolve`, { items: lines });
+        msg.textContent = `resolved: ${r.order ? r.order.status : 'ok'}`;
+      } catch (err) {
+        msg.textContent = explain(err);
+      }
+    },
+  }, items,
+  el('button', { type: 'button', text: '+ item', onclick: () => items.append(itemLine()) }), ' ',
+  el('button', { type: 'submit', text: 'Resolve and charge' }), ' ', msg);
+  return el('div', { class: 'abn', 'data-order': o.id },
+    el('div', {}, el('b', { text: o.id }), ` · cabinet ${o.cabinet_id} · user ${o.user_id} · ${o.channel} · `,
+      el('span', { class: 'warn', text: o.abnormal_reason || 'abnormal' }), ` · ${when(o.created_at)}`),
+    form);
+}
+
+// ---- cabinet detail --------------------------------------------------------------------------
+
+async function openDetail(id) {
+  S.detail = id;
+  $('detail').hidden = false;
+  $('d-title').textContent = id;
+  $('d-config-msg').textContent = '';
+  S.dirty.detail = true;
+  schedule();
+  try {
+    const [cfg, hist, orders] = await Promise.all([
+      api('GET', `/api/v1/cabinets/${encodeURIComponent(id)}/config`),
+      api('GET', `/api/v1/alerts?cabinet_id=${encodeURIComponent(id)}&limit=20`),
+      api('GET', `/api/v1/orders?cabinet_id=${encodeURIComponent(id)}&limit=10`),
+    ]);
+    if (S.detail !== id) return;
+    fillConfig(cfg.config);
+    const seen = new Set((S.events.get(id) || []).map((e) => e.text));
+    for (const a of (hist.items || []).slice().reverse()) {
+      const text = `alert ${a.type} raised${a.cleared_at ? ', cleared ' + when(a.cleared_at) : ''}`;
+      if (!seen.has(text)) {
+        logEvent(id, text);
+        S.events.get(id)[0].at = Date.parse(a.raised_at) || Date.now();
+      }
+    }
+    $('d-orders').replaceChildren(...(orders.items || []).map((o) => el('tr', {},
+      el('td', { text: o.id.slice(0, 12) }), el('td', { text: o.status }), el('td', { text: fen(o.total_fen) }), el('td', { text: when(o.created_at) }))));
+    S.dirty.detail = true;
+    schedule();
+  } catch (e) {
+    banner('Could not load the cabinet: ' + explain(e));
+  }
+}
+
+function fillConfig(c) {
+  S.config = c;
+  const f = $('d-config');
+  if (!c) { $('d-config-msg').textContent = 'no configuration yet (activate the cabinet)'; return; }
+  f.temp_target_c.value = c.temp_target_c;
+  f.temp_lo.value = c.temp_range_c[0];
+  f.temp_hi.value = c.temp_range_c[1];
+  f.light_on.value = c.light.on;
+  f.light_off.value = c.light.off;
+  f.heartbeat_s.value = c.heartbeat_s;
+  f.foreign_object_lock.checked = !!c.foreign_object_lock;
+  $('d-config-msg').textContent = `version ${c.version}`;
+}
+
+async function saveConfig(e) {
+  e.preventDefault();
+  const f = e.target;
+  const id = S.detail;
+  const want = {
+    temp_target_c: parseFloat(f.temp_target_c.value),
+    temp_range_c: [parseFloat(f.temp_lo.value), parseFloat(f.temp_hi.value)],
+    light: { on: f.light_on.value, off: f.light_off.value },
+    heartbeat_s: parseInt(f.heartbeat_s.value, 10),
+    foreign_object_lock: f.foreign_object_lock.checked,
+  };
+  // Only what the operator changed: a field someone else edited meanwhile is not overwritten.
+  const body = {};
+  for (const [k, v] of Object.entries(want)) {
+    if (!S.config || JSON.stringify(S.config[k]) !== JSON.stringify(v)) body[k] = v;
+  }
+  if (!Object.keys(body).length) { $('d-config-msg').textContent = 'nothing changed'; return; }
+  $('d-config-msg').textContent = 'saving…';
+  try {
+    const r = await api('PATCH', `/api/v1/cabinets/${encodeURIComponent(id)}/config`, body);
+    fillConfig(r.config);
+    $('d-config-msg').textContent = `saved version ${r.config.version}` + (r.pushed ? ', pushed to the cabinet' : ', will be pushed when it reconnects');
+  } catch (err) {
+    $('d-config-msg').textContent = explain(err);
+  }
+}
+
+function renderDetail() {
+  const c = S.cabinets.get(S.detail);
+  if (!c) { $('d-state').replaceChildren(el('span', { text: 'unknown cabinet' })); return; }
+  const kv = [
+    ['link', c.online ? 'online' : 'offline'], ['point', c.point], ['status', c.status], ['door', c.door], ['lock', c.lock],
+    ['cameras', (c.cameras || []).map((x) => `#${x.id} ${x.ok ? 'ok' : 'FAULT'}`).join(', ')],
+    ['temperature', c.temp_c === null || c.temp_c === undefined ? '–' : `${c.temp_c}°C`], ['light', c.light],
+    ['faulted', c.faulted ? 'yes — no new sessions' : 'no'], ['locked down', c.locked_down ? 'yes' : 'no'],
+    ['session', c.session ? `${c.session.id} ${c.session.mode} ${c.session.phase}` : 'none'],
+    ['config version', c.config_version ? `${c.config_version.reported ?? '–'} reported / ${c.config_version.desired ?? '–'} desired` : '–'],
+    ['firmware', c.fw], ['last seen', when(c.last_seen_at)], ['service until', when(c.service_expires_at)],
+  ];
+  $('d-state').replaceChildren(...kv.flatMap(([k, v]) => [el('span', { text: k }), el('span', { text: v ?? '–' })]));
+  $('d-alerts').replaceChildren(...((c.alerts || []).length ? c.alerts.map((a) => el('div', { 'data-alert-id': a.id },
+    el('span', { class: `badge ${a.severity}${a.acked ? ' acked' : ''}`, text: a.type }), ` ${when(a.raised_at)} `,
+    alertActions(Object.assign({ cabinet_id: c.id }, a)))) : [el('span', { class: 'muted', text: 'none' })]));
+  $('d-events').replaceChildren(...(S.events.get(c.id) || []).map((e) => el('li', { text: `${clock(e.at)} ${e.text}` })));
+}
+
+// ---- wiring ----------------------------------------------------------------------------------
+
+function showTab(tab) {
+  S.tab = tab;
+  for (const b of document.querySelectorAll('.tab')) b.classList.toggle('active', b.dataset.tab === tab);
+  for (const p of document.querySelectorAll('.tabpane')) p.hidden = p.id !== `tab-${tab}`;
+  markAll();
+  S.dirty.sessions = S.dirty.abnormal = true;
+  schedule();
+}
+
+document.addEventListener('DOMContentLoaded', () => {
+  $('signin-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    $('signin-error').textContent = '';
+    signIn($('key').value.trim(), $('remember').checked);
+  });
+  $('signout').addEventListener('click', () => signOut(''));
+  for (const b of document.querySelectorAll('.tab')) b.addEventListener('click', () => showTab(b.dataset.tab));
+  for (const b of document.querySelectorAll('.count')) {
+    b.addEventListener('click', () => { $('filter').value = b.dataset.filter; S.filter = b.dataset.filter; showTab('fleet'); });
+  }
+  $('search').addEventListener('input', (e) => { S.search = e.target.value.trim().toLowerCase(); S.dirty.fleet = true; schedule(); });
+  $('filter').addEventListener('change', (e) => { S.filter = e.target.value; S.dirty.fleet = true; schedule(); });
+  $('sort').addEventListener('change', (e) => { S.sort = e.target.value; S.dirty.fleet = true; schedule(); });
+  $('fleet').addEventListener('scroll', () => renderRows(), { passive: true });
+  $('d-close').addEventListener('click', () => { S.detail = null; $('detail').hidden = true; });
+  $('d-config').addEventListener('submit', saveConfig);
+  const saved = localStorage.getItem(KEY_STORE) || sessionStorage.getItem(KEY_STORE);
+  if (saved) signIn(saved, !!localStorage.getItem(KEY_STORE));
+});
