@@ -10,7 +10,7 @@ use crate::harness::{Backend, Cabinet, TestHub, ADMIN_KEY};
 
 const SEC: Duration = Duration::from_secs(1);
 
-async fn shop(b: Backend) -> (TestHub, String, Cabinet) {
+pub(crate) async fn shop(b: Backend) -> (TestHub, String, Cabinet) {
     let hub = TestHub::start_with(b, |s| {
         s.payments.confirm_timeout_ms = 1_500;
         s.payments.deduction_check_ms = 300;
@@ -40,7 +40,7 @@ async fn shop(b: Backend) -> (TestHub, String, Cabinet) {
     (hub, op, c)
 }
 
-fn start(
+pub(crate) fn start(
     hub: &TestHub,
     key: &str,
     user: &str,
