@@ -24,6 +24,7 @@ pub struct Metrics {
     pub mqtt_rejected: IntCounterVec,
     pub mqtt_auth_failures: IntCounterVec,
     pub mqtt_duplicates: IntCounter,
+    pub uplinks_processed: IntCounter,
     pub mqtt_stray_acks: IntCounter,
     pub actor_restarts: IntCounter,
     pub store_errors: IntCounterVec,
@@ -118,6 +119,13 @@ impl Metrics {
                         "MQTT connections refused, by reason",
                     ),
                     &["reason"],
+                )?,
+            ),
+            uplinks_processed: reg(
+                &r,
+                IntCounter::new(
+                    "uplinks_processed_total",
+                    "Uplink messages that went through a cabinet actor's state machine",
                 )?,
             ),
             mqtt_duplicates: reg(

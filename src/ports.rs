@@ -150,6 +150,10 @@ impl CabinetPorts for HubPorts {
         self.feed.publish(cabinet.merchant.as_str(), "cabinet", v);
     }
 
+    fn uplink_processed(&self, _cabinet: &CabinetMeta) {
+        self.metrics.uplinks_processed.inc();
+    }
+
     fn actor_restarted(&self, cabinet: &CabinetMeta) {
         self.metrics.actor_restarts.inc();
         tracing::error!(cabinet_id = %cabinet.id, "cabinet actor restarted");

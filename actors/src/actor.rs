@@ -61,6 +61,8 @@ pub trait CabinetPorts: Send + Sync + 'static {
     fn state_changed(&self, cabinet: &CabinetMeta, snapshot: &CabinetSnapshot);
     /// The actor's logic panicked; it is being restarted.
     fn actor_restarted(&self, cabinet: &CabinetMeta);
+    /// One uplink message went through the state machine (throughput accounting).
+    fn uplink_processed(&self, _cabinet: &CabinetMeta) {}
 }
 
 /// The answer to a command request.
@@ -295,6 +297,7 @@ impl Handler<Deliver> for CabinetActor {
     type Result = ();
     fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
         self.feed(Input::Uplink(msg.0), ctx);
+        self.ports.uplink_processed(&self.meta);
     }
 }
 

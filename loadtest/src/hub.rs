@@ -1,0 +1,284 @@
+//! The hub under test: a `cabinet-hub serve` child process on free loopback ports with a fresh
+//! data directory (or an external hub), its HTTP API, its metrics and its resource use.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+/// A running hub.
+pub struct Hub {
+    /// HTTP address.
+    pub http: SocketAddr,
+    /// Password-mode MQTT address.
+    pub mqtt: SocketAddr,
+    /// The platform admin key.
+    pub admin_key: String,
+    client: reqwest::Client,
+    child: Option<tokio::process::Child>,
+    _data: Option<tempfile::TempDir>,
+}
+
+/// Where the hub binary is: beside this one (both are built into the same target directory).
+pub fn default_hub_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("cabinet-hub")))
+        .unwrap_or_else(|| PathBuf::from("cabinet-hub"))
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// One cabinet of the fleet.
+#[derive(Clone, Debug)]
+pub struct FleetCabinet {
+    /// Id.
+    pub id: String,
+    /// MQTT secret.
+    pub secret: String,
+}
+
+impl Hub {
+    /// Starts `bin` on free ports with a fresh SQLite data dir; `env` adds settings
+    /// (`HUB__…`). Returns once `/readyz` answers 200.
+    pub async fn spawn(bin: &Path, env: &[(String, String)]) -> Result<Self> {
+        if !bin.exists() {
+            bail!(
+                "{}: no hub binary there; build it (cargo build --release) or pass --hub-bin",
+                bin.display()
+            );
+        }
+        let data = tempfile::tempdir()?;
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        // The broker listens on every loopback address so the fleet can spread its
+        // connections over several source addresses.
+        let mqtt_port = free_port()?;
+        let admin_key = "chk_loadtest_admin_0123456789abcdef".to_owned();
+        let mut cmd = tokio::process::Command::new(bin);
+        cmd.arg("serve")
+            .env("HUB__HTTP__LISTEN", http.to_string())
+            .env("HUB__MQTT__LISTEN", format!("0.0.0.0:{mqtt_port}"))
+            .env("HUB__DATA_DIR", data.path())
+            .env("HUB__AUTH__ADMIN_KEY", &admin_key)
+            .env("HUB__LOG__LEVEL", "warn")
+            .env("HUB__MQTT__MAX_CONNECTIONS", "60000")
+            .kill_on_drop(true)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let hub = Hub {
+            http,
+            mqtt: format!("127.0.0.1:{mqtt_port}").parse()?,
+            admin_key,
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .timeout(Duration::from_secs(60))
+                .build()?,
+            child: Some(child),
+            _data: Some(data),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = hub.client.get(hub.url("/readyz")).send().await {
+                if r.status().is_success() {
+                    return Ok(hub);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the hub did not become ready within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// An already running hub.
+    pub fn external(http: SocketAddr, mqtt: SocketAddr, admin_key: String) -> Result<Self> {
+        Ok(Hub {
+            http,
+            mqtt,
+            admin_key,
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .timeout(Duration::from_secs(60))
+                .build()?,
+            child: None,
+            _data: None,
+        })
+    }
+
+    /// The hub's process id when this tool started it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// `http://…{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    /// A JSON call; returns status and body.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        let mut rb = self.client.request(method, self.url(path)).bearer_auth(key);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await?;
+        let s = r.status().as_u16();
+        Ok((s, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    async fn expect(&self, path: &str, key: &str, body: Value, want: u16) -> Result<Value> {
+        let (s, v) = self
+            .call(reqwest::Method::POST, path, key, Some(body))
+            .await?;
+        if s != want {
+            bail!("POST {path}: {s} {v}");
+        }
+        Ok(v)
+    }
+
+    /// A merchant with an operator key; returns (merchant_admin key, operator key).
+    pub async fn merchant(&self, id: &str) -> Result<(String, String)> {
+        self.expect(
+            "/api/v1/merchants",
+            &self.admin_key,
+            json!({"id": id, "name": format!("Loadtest {id}"), "commission_bps": 500}),
+            201,
+        )
+        .await?;
+        let admin = self
+            .expect(
+                "/api/v1/api-keys",
+                &self.admin_key,
+                json!({"merchant_id": id, "role": "merchant_admin"}),
+                201,
+            )
+            .await?;
+        let admin = admin["key"].as_str().unwrap_or_default().to_owned();
+        let op = self
+            .expect(
+                "/api/v1/api-keys",
+                &admin,
+                json!({"merchant_id": id, "role": "operator"}),
+                201,
+            )
+            .await?;
+        Ok((admin, op["key"].as_str().unwrap_or_default().to_owned()))
+    }
+
+    /// Registers and activates `n` cabinets `{prefix}{i:06}` (32 requests in flight).
+    pub async fn register_fleet(
+        &self,
+        merchant: &str,
+        admin: &str,
+        prefix: &str,
+        n: usize,
+    ) -> Result<Vec<FleetCabinet>> {
+        use futures_util::stream::{self, StreamExt, TryStreamExt};
+        stream::iter(0..n)
+            .map(|i| async move {
+                let id = format!("{prefix}{i:06}");
+                let v = self
+                    .expect(
+                        "/api/v1/cabinets",
+                        admin,
+                        json!({"id": id, "merchant_id": merchant, "model": "KM-400",
+                               "point": format!("Loadtest point {}", i / 50)}),
+                        201,
+                    )
+                    .await?;
+                let secret = v["secret"].as_str().unwrap_or_default().to_owned();
+                self.expect(
+                    &format!("/api/v1/cabinets/{id}/activate"),
+                    admin,
+                    json!({}),
+                    200,
+                )
+                .await?;
+                Ok::<_, anyhow::Error>(FleetCabinet { id, secret })
+            })
+            .buffered(32)
+            .try_collect()
+            .await
+    }
+
+    /// The Prometheus text.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
+    /// The sum of every series of a metric (all label sets).
+    pub async fn metric_sum(&self, name: &str) -> Result<f64> {
+        Ok(metric_sum(&self.metrics().await?, name))
+    }
+
+    /// Resident memory of the hub process in bytes (Linux).
+    pub fn rss(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    }
+
+    /// CPU time used by the hub process so far, in seconds (Linux).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()?)).ok()?;
+        // Fields after the command name (which may contain spaces) start after the last ')'.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let utime: f64 = f.get(11)?.parse().ok()?;
+        let stime: f64 = f.get(12)?.parse().ok()?;
+        Some((utime + stime) / clock_ticks())
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // USER_HZ is 100 on every Linux architecture this runs on.
+    100.0
+}
+
+/// Sums `name` over its label sets in a Prometheus text page.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sums_label_sets_only_of_the_named_metric() {
+        let t = "a_total{k=\"x\"} 2\na_total{k=\"y\"} 3\na_total_other 7\n# HELP a_total x\na_total 1\n";
+        assert_eq!(super::metric_sum(t, "a_total"), 6.0);
+    }
+}

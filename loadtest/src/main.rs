@@ -1,0 +1,330 @@
+//! `cabinet-loadtest`: a fleet of simulated cabinets against a cabinet-hub, with the scenarios of
+//! docs/benchmarks.md. Loopback only, bounded in count and time; prints a report, writes JSON
+//! with `--json`, and exits 1 when a `--target` is missed.
+
+mod fleet;
+mod hub;
+mod mqtt;
+mod report;
+mod scenarios;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::report::{Report, Target};
+
+/// The most cabinets one run may simulate, and the longest it may last.
+const MAX_CABINETS: usize = 60_000;
+const MAX_DURATION_S: u64 = 4 * 3600;
+
+#[derive(Parser)]
+#[command(name = "cabinet-loadtest", about = "Fleet simulator and benchmarks for cabinet-hub")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// The hub binary to start (default: beside this binary).
+    #[arg(long)]
+    hub_bin: Option<PathBuf>,
+    /// Use a running hub instead (its HTTP address, loopback only).
+    #[arg(long, requires_all = ["hub_mqtt", "admin_key"])]
+    hub_http: Option<SocketAddr>,
+    /// The running hub's password-mode MQTT address.
+    #[arg(long)]
+    hub_mqtt: Option<SocketAddr>,
+    /// The running hub's admin key.
+    #[arg(long)]
+    admin_key: Option<String>,
+    /// Extra hub settings for the started hub, `HUB__SECTION__KEY=value` (repeatable).
+    #[arg(long = "hub-env")]
+    hub_env: Vec<String>,
+    /// Heartbeat interval pushed to the fleet, seconds.
+    #[arg(long, default_value_t = 30)]
+    heartbeat_s: u32,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// A target, `figure<=value` or `figure>=value` (repeatable); missing one exits 1.
+    #[arg(long = "target")]
+    targets: Vec<Target>,
+    /// Fault: share of unlocks ignored (0–1).
+    #[arg(long, default_value_t = 0.0)]
+    fault_unlock_ignored: f64,
+    /// Fault: share of visits whose lock never latches (0–1).
+    #[arg(long, default_value_t = 0.0)]
+    fault_lock_not_latching: f64,
+    /// Fault: share of cabinets with a failing camera (0–1).
+    #[arg(long, default_value_t = 0.0)]
+    fault_camera_failing: f64,
+    /// Fault: chance per heartbeat of an abrupt disconnect and reconnect (0–1).
+    #[arg(long, default_value_t = 0.0)]
+    fault_abrupt_disconnect: f64,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// N cabinets connect at once: time until the hub reports all online.
+    ConnectStorm {
+        #[arg(long, default_value_t = 20_000)]
+        cabinets: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// N cabinets at the standard heartbeat: hub memory per cabinet, CPU, event → feed latency.
+    SteadyFleet {
+        #[arg(long, default_value_t = 20_000)]
+        cabinets: usize,
+        #[arg(long, default_value_t = 90)]
+        duration_s: u64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Uplinks as fast as the hub processes them, then through Mosquitto: both rates.
+    Ingest {
+        #[arg(long, default_value_t = 200)]
+        publishers: usize,
+        /// Unacknowledged publishes each publisher keeps in flight.
+        #[arg(long, default_value_t = 16)]
+        window: usize,
+        #[arg(long, default_value_t = 20)]
+        duration_s: u64,
+        /// A Mosquitto to use instead of starting one.
+        #[arg(long)]
+        mosquitto: Option<SocketAddr>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Sessions at R per second over N cabinets: unlock latency beside the MQTT round-trip floor.
+    ShoppingRush {
+        #[arg(long, default_value_t = 10_000)]
+        cabinets: usize,
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 60)]
+        duration_s: u64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// K cabinets fault within one second: each alert once, all on the feed, API latency.
+    AlertStorm {
+        #[arg(long, default_value_t = 5_000)]
+        cabinets: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// The steady fleet with shopping: memory growth, errors, lost messages and orders.
+    Soak {
+        #[arg(long, default_value_t = 5_000)]
+        cabinets: usize,
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 1800)]
+        duration_s: u64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Writes docs/benchmarks.md's results section from JSON reports.
+    Report {
+        /// The JSON reports, in the order to show.
+        files: Vec<PathBuf>,
+        /// Where to write the Markdown (stdout when absent).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn loopback(a: SocketAddr, what: &str) -> Result<SocketAddr> {
+    if !a.ip().is_loopback() {
+        bail!("{what} {a}: this tool only drives a hub on loopback");
+    }
+    Ok(a)
+}
+
+fn ctx(c: &Common) -> Result<scenarios::Ctx> {
+    let external = match (c.hub_http, c.hub_mqtt, &c.admin_key) {
+        (Some(h), Some(m), Some(k)) => Some((
+            loopback(h, "--hub-http")?,
+            loopback(m, "--hub-mqtt")?,
+            k.clone(),
+        )),
+        _ => None,
+    };
+    let hub_env = c
+        .hub_env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("--hub-env {kv}: write KEY=value"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for (name, p) in [
+        ("--fault-unlock-ignored", c.fault_unlock_ignored),
+        ("--fault-lock-not-latching", c.fault_lock_not_latching),
+        ("--fault-camera-failing", c.fault_camera_failing),
+        ("--fault-abrupt-disconnect", c.fault_abrupt_disconnect),
+    ] {
+        if !(0.0..=1.0).contains(&p) {
+            bail!("{name} {p}: a share between 0 and 1");
+        }
+    }
+    Ok(scenarios::Ctx {
+        hub_bin: c.hub_bin.clone().unwrap_or_else(hub::default_hub_bin),
+        external,
+        hub_env,
+        heartbeat_s: c.heartbeat_s.max(1),
+        faults: fleet::Faults {
+            unlock_ignored: c.fault_unlock_ignored,
+            lock_not_latching: c.fault_lock_not_latching,
+            camera_failing: c.fault_camera_failing,
+            abrupt_disconnect: c.fault_abrupt_disconnect,
+        },
+    })
+}
+
+fn bounded(n: usize, what: &str) -> Result<usize> {
+    if n == 0 || n > MAX_CABINETS {
+        bail!("{what} {n}: between 1 and {MAX_CABINETS}");
+    }
+    Ok(n)
+}
+
+fn secs(s: u64) -> Result<Duration> {
+    if s == 0 || s > MAX_DURATION_S {
+        bail!("duration {s} s: between 1 and {MAX_DURATION_S}");
+    }
+    Ok(Duration::from_secs(s))
+}
+
+/// Tens of thousands of sockets need more descriptors than the usual 1,024 (or 20,000): raise
+/// the limit as far as the system allows; the hub this tool starts inherits it.
+fn raise_fd_limit() {
+    use rlimit::Resource;
+    let want = 200_000;
+    if rlimit::setrlimit(Resource::NOFILE, want, want).is_err() {
+        let _ = rlimit::increase_nofile_limit(want);
+    }
+}
+
+async fn run(s: Scenario) -> Result<Option<(Report, Common)>> {
+    Ok(Some(match s {
+        Scenario::ConnectStorm { cabinets, common } => (
+            scenarios::connect_storm(&ctx(&common)?, bounded(cabinets, "--cabinets")?).await?,
+            common,
+        ),
+        Scenario::SteadyFleet {
+            cabinets,
+            duration_s,
+            common,
+        } => (
+            scenarios::steady_fleet(&ctx(&common)?, bounded(cabinets, "--cabinets")?, secs(duration_s)?)
+                .await?,
+            common,
+        ),
+        Scenario::Ingest {
+            publishers,
+            window,
+            duration_s,
+            mosquitto,
+            common,
+        } => {
+            let m = mosquitto.map(|a| loopback(a, "--mosquitto")).transpose()?;
+            (
+                scenarios::ingest(
+                    &ctx(&common)?,
+                    bounded(publishers, "--publishers")?,
+                    window.clamp(1, 1000),
+                    secs(duration_s)?,
+                    m,
+                )
+                .await?,
+                common,
+            )
+        }
+        Scenario::ShoppingRush {
+            cabinets,
+            rate,
+            duration_s,
+            common,
+        } => (
+            scenarios::shopping_rush(
+                &ctx(&common)?,
+                bounded(cabinets, "--cabinets")?,
+                rate.clamp(0.01, 10_000.0),
+                secs(duration_s)?,
+            )
+            .await?,
+            common,
+        ),
+        Scenario::AlertStorm { cabinets, common } => (
+            scenarios::alert_storm(&ctx(&common)?, bounded(cabinets, "--cabinets")?).await?,
+            common,
+        ),
+        Scenario::Soak {
+            cabinets,
+            rate,
+            duration_s,
+            common,
+        } => (
+            scenarios::soak(
+                &ctx(&common)?,
+                bounded(cabinets, "--cabinets")?,
+                rate.clamp(0.01, 10_000.0),
+                secs(duration_s)?,
+            )
+            .await?,
+            common,
+        ),
+        Scenario::Report { files, out } => {
+            let md = report::markdown(&files)?;
+            match out {
+                Some(p) => std::fs::write(&p, md).with_context(|| p.display().to_string())?,
+                None => print!("{md}"),
+            }
+            return Ok(None);
+        }
+    }))
+}
+
+fn main() -> ExitCode {
+    raise_fd_limit();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cabinet-loadtest: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(cli.scenario)) {
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some((mut r, common))) => {
+            let met = r.check(&common.targets);
+            print!("{}", r.human());
+            if let Some(p) = &common.json {
+                let text = serde_json::to_string_pretty(&r).unwrap_or_default();
+                if let Err(e) = std::fs::write(p, text) {
+                    eprintln!("cabinet-loadtest: {}: {e}", p.display());
+                    return ExitCode::from(2);
+                }
+            }
+            if met {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("cabinet-loadtest: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

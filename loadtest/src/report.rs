@@ -1,0 +1,277 @@
+//! Results: figures with units and optional targets, printed for people and written as JSON.
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A target given on the command line: `name<=value` or `name>=value`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Target {
+    /// Figure name.
+    pub figure: String,
+    /// `<=` or `>=`.
+    pub op: String,
+    /// Bound.
+    pub bound: f64,
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        for op in ["<=", ">="] {
+            if let Some((f, b)) = s.split_once(op) {
+                let bound = b
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{s}: the bound after {op} is not a number"))?;
+                return Ok(Target {
+                    figure: f.trim().to_owned(),
+                    op: op.to_owned(),
+                    bound,
+                });
+            }
+        }
+        Err(format!("{s}: write a target as figure<=value or figure>=value"))
+    }
+}
+
+/// One measured figure.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Figure {
+    /// Name (what a target refers to).
+    pub name: String,
+    /// Value.
+    pub value: f64,
+    /// Unit.
+    pub unit: String,
+}
+
+/// A scenario's result.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    /// Scenario.
+    pub scenario: String,
+    /// When it ran (Unix s).
+    pub started_at: u64,
+    /// The parameters it ran with.
+    pub params: Value,
+    /// The figures, in the order measured.
+    pub figures: Vec<Figure>,
+    /// The targets checked, with their outcome.
+    pub targets: Vec<(Target, Option<bool>)>,
+    /// What a reader should know.
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    /// An empty report.
+    pub fn new(scenario: &str, params: Value) -> Self {
+        Report {
+            scenario: scenario.to_owned(),
+            started_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default(),
+            params,
+            figures: Vec::new(),
+            targets: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    /// Adds a figure.
+    pub fn fig(&mut self, name: &str, value: f64, unit: &str) {
+        self.figures.push(Figure {
+            name: name.to_owned(),
+            value,
+            unit: unit.to_owned(),
+        });
+    }
+
+    /// Adds p50/p99/p999/max of a latency histogram recorded in microseconds, in ms.
+    pub fn latency(&mut self, prefix: &str, h: &Histogram<u64>) {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        self.fig(&format!("{prefix}_p50_ms"), ms(0.5), "ms");
+        self.fig(&format!("{prefix}_p99_ms"), ms(0.99), "ms");
+        self.fig(&format!("{prefix}_p999_ms"), ms(0.999), "ms");
+        self.fig(&format!("{prefix}_max_ms"), h.max() as f64 / 1000.0, "ms");
+        self.fig(&format!("{prefix}_samples"), h.len() as f64, "");
+    }
+
+    /// A note.
+    pub fn note(&mut self, s: impl Into<String>) {
+        self.notes.push(s.into());
+    }
+
+    /// The value of a figure.
+    pub fn value(&self, name: &str) -> Option<f64> {
+        self.figures.iter().find(|f| f.name == name).map(|f| f.value)
+    }
+
+    /// Checks the targets; a target naming no figure fails.
+    pub fn check(&mut self, targets: &[Target]) -> bool {
+        self.targets = targets
+            .iter()
+            .map(|t| {
+                let pass = self.value(&t.figure).map(|v| match t.op.as_str() {
+                    "<=" => v <= t.bound,
+                    _ => v >= t.bound,
+                });
+                (t.clone(), pass)
+            })
+            .collect();
+        self.targets.iter().all(|(_, p)| *p == Some(true))
+    }
+
+    /// For people.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "== {} {}", self.scenario, self.params);
+        for f in &self.figures {
+            let _ = writeln!(s, "  {:<34} {:>14} {}", f.name, fmt_value(f.value), f.unit);
+        }
+        for (t, pass) in &self.targets {
+            let verdict = match pass {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "MISSED (no such figure)",
+            };
+            let _ = writeln!(s, "  target {} {} {}: {verdict}", t.figure, t.op, t.bound);
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "  note: {n}");
+        }
+        s
+    }
+}
+
+/// A number as a person reads it.
+pub fn fmt_value(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// A histogram for latencies in microseconds, 1 µs to 10 min, 3 significant digits.
+pub fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 600_000_000, 3)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_check() {
+        let mut r = Report::new("x", Value::Null);
+        r.fig("a_ms", 40.0, "ms");
+        r.fig("rate", 100.0, "/s");
+        let ok: Vec<Target> = ["a_ms<=50", "rate >= 90"]
+            .iter()
+            .map(|s| s.parse().unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        assert!(r.check(&ok));
+        let missed: Target = "a_ms<=30".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert!(!r.check(&[missed]));
+        let unknown: Target = "nope<=1".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert!(!r.check(&[unknown]), "a target naming no figure fails");
+        assert!("a_ms=3".parse::<Target>().is_err());
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| format!("{:.0} GiB", kb as f64 / 1024.0 / 1024.0))
+        .unwrap_or_else(|| "unknown memory".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cores} cores ({model}), {mem}, Linux {}; hub and simulator on the same machine, over loopback",
+        kernel.trim()
+    )
+}
+
+/// The whole of docs/benchmarks.md from JSON reports.
+pub fn markdown(files: &[std::path::PathBuf]) -> anyhow::Result<String> {
+    let mut reports = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        let r: Report = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        reports.push(r);
+    }
+    let mut s = String::new();
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Generated by `scripts/bench` (which runs `cabinet-loadtest` and then `cabinet-loadtest report`); \
+         do not edit by hand. Every comparison (hub vs Mosquitto, unlock vs the bare MQTT round trip) \
+         is measured in the same run, because absolute times on a shared 2-core machine drift.\n"
+    );
+    let _ = writeln!(s, "**Machine**: {}.\n", machine());
+    let _ = writeln!(
+        s,
+        "**Reproduce**: `scripts/bench` (the standard suite, ≈ 15 min here) or `scripts/bench --soak-minutes 30`; \
+         one scenario: `target/release/cabinet-loadtest <scenario> --help`. The hot paths: `cargo bench -p cabinet-actors`.\n"
+    );
+    let _ = writeln!(s, "## Targets\n");
+    let _ = writeln!(s, "| scenario | figure | target | measured | |\n| --- | --- | --- | --- | --- |");
+    for r in &reports {
+        for (t, pass) in &r.targets {
+            let v = r
+                .value(&t.figure)
+                .map(fmt_value)
+                .unwrap_or_else(|| "–".into());
+            let verdict = match pass {
+                Some(true) => "met",
+                _ => "**missed**",
+            };
+            let _ = writeln!(
+                s,
+                "| {} | `{}` | {} {} | {v} | {verdict} |",
+                r.scenario, t.figure, t.op, fmt_value(t.bound)
+            );
+        }
+    }
+    let _ = writeln!(s, "\n## Results\n");
+    for r in &reports {
+        let _ = writeln!(s, "### {}\n", r.scenario);
+        let _ = writeln!(s, "Parameters: `{}`.\n", r.params);
+        let _ = writeln!(s, "| figure | value | unit |\n| --- | ---: | --- |");
+        for f in &r.figures {
+            let _ = writeln!(s, "| `{}` | {} | {} |", f.name, fmt_value(f.value), f.unit);
+        }
+        if !r.notes.is_empty() {
+            let _ = writeln!(s);
+            for n in &r.notes {
+                let _ = writeln!(s, "- {n}");
+            }
+        }
+        let _ = writeln!(s);
+    }
+    Ok(s)
+}

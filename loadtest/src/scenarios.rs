@@ -1,0 +1,806 @@
+//! The scenarios. Each starts from a fresh hub (unless one is given), sets up what it needs
+//! outside the measured window, measures, and returns a report.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use rumqttc::mqttbytes::v4::Packet;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::fleet::{self, Behaviour, Control, Faults, Handle, Stats};
+use crate::hub::{FleetCabinet, Hub};
+use crate::mqtt::{Conn, Login};
+use crate::report::{histogram, Report};
+
+/// What every scenario is given.
+pub struct Ctx {
+    /// The hub binary (when this tool starts the hub).
+    pub hub_bin: std::path::PathBuf,
+    /// An external hub instead: HTTP, MQTT, admin key.
+    pub external: Option<(SocketAddr, SocketAddr, String)>,
+    /// Extra hub settings (`HUB__…=…`).
+    pub hub_env: Vec<(String, String)>,
+    /// Heartbeat interval pushed to the fleet.
+    pub heartbeat_s: u32,
+    /// Injected faults.
+    pub faults: Faults,
+}
+
+impl Ctx {
+    async fn hub(&self) -> Result<Hub> {
+        match &self.external {
+            Some((http, mqtt, key)) => Hub::external(*http, *mqtt, key.clone()),
+            None => {
+                let mut env = self.hub_env.clone();
+                env.push((
+                    "HUB__CABINET__HEARTBEAT_S".into(),
+                    self.heartbeat_s.to_string(),
+                ));
+                Hub::spawn(&self.hub_bin, &env).await
+            }
+        }
+    }
+
+    fn behaviour(&self, items: Value, door_open: Duration) -> Arc<Behaviour> {
+        Arc::new(Behaviour {
+            heartbeat_s: self.heartbeat_s,
+            door_open,
+            items,
+            faults: self.faults,
+        })
+    }
+}
+
+struct Fleet {
+    handles: Vec<Handle>,
+    stats: Arc<Stats>,
+    stop: watch::Sender<bool>,
+}
+
+impl Fleet {
+    fn start(hub: &Hub, cabs: &[FleetCabinet], behaviour: Arc<Behaviour>) -> Self {
+        let stats = Arc::new(Stats::default());
+        let (stop, rx) = watch::channel(false);
+        let handles = fleet::start(hub.mqtt, cabs, behaviour, stats.clone(), rx);
+        Fleet {
+            handles,
+            stats,
+            stop,
+        }
+    }
+
+    async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        // Give the tasks a moment to send DISCONNECT so the hub sees clean goodbyes.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn wait_online(hub: &Hub, n: usize, within: Duration) -> Result<Duration> {
+    let t = Instant::now();
+    loop {
+        let online = hub.metric_sum("cabinets_online").await?;
+        if online as usize >= n {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > within {
+            bail!("only {online} of {n} cabinets online after {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn setup(hub: &Hub, n: usize, report: &mut Report) -> Result<(String, Vec<FleetCabinet>)> {
+    let t = Instant::now();
+    let (admin, op) = hub.merchant("lt").await?;
+    let cabs = hub.register_fleet("lt", &admin, "LT", n).await?;
+    report.note(format!(
+        "set-up (not measured): {n} cabinets registered and activated in {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
+    Ok((op, cabs))
+}
+
+/// `connect-storm`: every cabinet connects at once; time until the hub reports all online.
+pub async fn connect_storm(ctx: &Ctx, n: usize) -> Result<Report> {
+    let mut r = Report::new("connect-storm", json!({"cabinets": n}));
+    let hub = ctx.hub().await?;
+    let (_, cabs) = setup(&hub, n, &mut r).await?;
+    let fleet = Fleet::start(&hub, &cabs, ctx.behaviour(json!([]), Duration::from_secs(1)));
+    let took = wait_online(&hub, n, Duration::from_secs(120)).await?;
+    r.fig("all_online_s", took.as_secs_f64(), "s");
+    r.fig(
+        "connect_retries",
+        Stats::get(&fleet.stats.connect_failed) as f64,
+        "",
+    );
+    r.fig(
+        "sources",
+        (n.div_ceil(fleet::PER_SOURCE)).max(1) as f64,
+        "loopback addresses",
+    );
+    if let Some(rss) = hub.rss() {
+        r.fig("hub_rss_mb", rss as f64 / 1e6, "MB");
+    }
+    fleet.shutdown().await;
+    Ok(r)
+}
+
+/// Watches the feed: `(type, data)` of every event, with its arrival time.
+async fn feed(
+    hub: &Hub,
+    key: &str,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<(Instant, Value)>> {
+    let url = format!("ws://{}/ws?token={key}", hub.http);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .context("feed connect")?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = ws.next().await {
+            if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+                let at = Instant::now();
+                if let Ok(v) = serde_json::from_str::<Value>(t.as_str()) {
+                    if tx.send((at, v)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// `steady-fleet`: N cabinets at the standard heartbeat; hub memory per connected cabinet and
+/// CPU; device event → operator feed latency under that load.
+pub async fn steady_fleet(ctx: &Ctx, n: usize, duration: Duration) -> Result<Report> {
+    let mut r = Report::new(
+        "steady-fleet",
+        json!({"cabinets": n, "duration_s": duration.as_secs(), "heartbeat_s": ctx.heartbeat_s}),
+    );
+    let hub = ctx.hub().await?;
+    let (op, cabs) = setup(&hub, n, &mut r).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = hub.rss();
+    let fleet = Fleet::start(&hub, &cabs, ctx.behaviour(json!([]), Duration::from_secs(1)));
+    let took = wait_online(&hub, n, Duration::from_secs(120)).await?;
+    r.fig("all_online_s", took.as_secs_f64(), "s");
+
+    let mut events = feed(&hub, &op).await?;
+    let cpu0 = hub.cpu_seconds();
+    let t0 = Instant::now();
+    let sent: Arc<Mutex<HashMap<(String, i64), Instant>>> = Arc::default();
+    let mut h = histogram()?;
+    let mut k: i64 = 0;
+    let mut probe = tokio::time::interval(Duration::from_millis(20));
+    let mut i = 0usize;
+    while t0.elapsed() < duration {
+        tokio::select! {
+            _ = probe.tick() => {
+                // A unique temperature per probe: the feed event that carries it is the answer.
+                k += 1;
+                let temp = 2.0 + (k % 4000) as f64 / 1000.0;
+                let cab = &fleet.handles[i % fleet.handles.len()];
+                i = i.wrapping_add(7919);
+                let key = (cab.id.clone(), (temp * 1000.0).round() as i64);
+                if let Ok(mut m) = sent.lock() { m.insert(key, Instant::now()); }
+                let _ = cab.tx.send(Control::HeartbeatTemp(temp));
+            }
+            ev = events.recv() => {
+                let Some((at, v)) = ev else { bail!("the feed closed") };
+                if v["type"] == "cabinet" {
+                    if let (Some(id), Some(t)) = (v["data"]["id"].as_str(), v["data"]["temp_c"].as_f64()) {
+                        let key = (id.to_owned(), (t * 1000.0).round() as i64);
+                        if let Some(s) = sent.lock().ok().and_then(|mut m| m.remove(&key)) {
+                            h.saturating_record(at.duration_since(s).as_micros() as u64);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    if let (Some(a), Some(b)) = (cpu0, hub.cpu_seconds()) {
+        r.fig("hub_cpu_pct_of_one_core", (b - a) / wall * 100.0, "%");
+    }
+    if let (Some(idle), Some(full)) = (idle, hub.rss()) {
+        r.fig("hub_rss_idle_mb", idle as f64 / 1e6, "MB");
+        r.fig("hub_rss_fleet_mb", full as f64 / 1e6, "MB");
+        r.fig(
+            "hub_kb_per_cabinet",
+            (full.saturating_sub(idle)) as f64 / n.max(1) as f64 / 1024.0,
+            "KB",
+        );
+    }
+    r.latency("event_to_feed", &h);
+    let unanswered = sent.lock().map(|m| m.len()).unwrap_or_default();
+    r.fig("feed_probes_unanswered", unanswered as f64, "");
+    r.fig("dropped_connections", Stats::get(&fleet.stats.dropped) as f64, "");
+    fleet.shutdown().await;
+    Ok(r)
+}
+
+/// Publishes heartbeats as fast as the broker acks them, `window` unacked at a time.
+async fn blast(
+    mut conn: Conn,
+    topic: String,
+    window: usize,
+    until: Instant,
+    sent: Arc<AtomicU64>,
+) -> Result<()> {
+    let mut seq = 0u64;
+    let mut inflight = 0usize;
+    let body = |seq: u64| {
+        json!({"seq": seq, "ts": 1_763_700_000_000u64, "door": "closed", "lock": "locked", "temp_c": 4.6,
+               "light": "on", "cameras": [{"id": 0, "ok": true}], "config_version": 0})
+        .to_string()
+    };
+    while Instant::now() < until {
+        while inflight < window {
+            seq += 1;
+            conn.publish(&topic, body(seq).as_bytes()).await?;
+            inflight += 1;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), conn.read()).await {
+            Ok(Ok(Packet::PubAck(_))) => {
+                inflight -= 1;
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Ok(Packet::Publish(p))) => conn.puback(p.pkid).await?,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => bail!("no PUBACK within 5 s"),
+        }
+    }
+    let _ = conn.send(&Packet::Disconnect).await;
+    Ok(())
+}
+
+/// A Mosquitto for the baseline: the machine's binary on a free port, anonymous, loopback.
+struct Mosquitto {
+    addr: SocketAddr,
+    _child: Option<tokio::process::Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn mosquitto(given: Option<SocketAddr>) -> Result<Mosquitto> {
+    if let Some(addr) = given {
+        return Ok(Mosquitto {
+            addr,
+            _child: None,
+            _dir: None,
+        });
+    }
+    let port = crate::hub::free_port()?;
+    let dir = tempfile::tempdir()?;
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"),
+    )?;
+    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .context("mosquitto is not installed (apt-get install mosquitto), and no --mosquitto address was given")?;
+    let child = tokio::process::Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let t = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("mosquitto did not listen on {addr}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Mosquitto {
+        addr,
+        _child: Some(child),
+        _dir: Some(dir),
+    })
+}
+
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// `ingest`: uplinks as fast as the hub processes them, then the same stream through Mosquitto
+/// to one subscriber; both rates and the ratio.
+pub async fn ingest(
+    ctx: &Ctx,
+    publishers: usize,
+    window: usize,
+    duration: Duration,
+    mosquitto_addr: Option<SocketAddr>,
+) -> Result<Report> {
+    let mut r = Report::new(
+        "ingest",
+        json!({"publishers": publishers, "window": window, "duration_s": duration.as_secs()}),
+    );
+    let hub = ctx.hub().await?;
+    let (_, cabs) = setup(&hub, publishers, &mut r).await?;
+
+    // The hub: cabinets publish their heartbeats; processed = through the actors.
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut conns = Vec::new();
+    for (i, c) in cabs.iter().enumerate() {
+        let login = Login {
+            client_id: &c.id,
+            credentials: Some((&c.id, &c.secret)),
+            keep_alive: 60,
+            will: None,
+        };
+        conns.push((
+            Conn::connect(hub.mqtt, fleet::source_for(i), login).await?,
+            format!("/tenants/{}/heartbeat", c.id),
+        ));
+    }
+    // Actors exist after a cabinet's first message; start them before the clock.
+    for (conn, topic) in conns.iter_mut() {
+        let status = format!("/tenants/{}/status", &topic["/tenants/".len()..topic.len() - "/heartbeat".len()]);
+        conn.publish(&status, br#"{"online":true,"boot_id":"ingest","fw":"2.4.1","model":"KM-400","config_version":0,"boot":"power_on"}"#).await?;
+    }
+    wait_online(&hub, publishers, Duration::from_secs(30)).await?;
+    let before = hub.metric_sum("uplinks_processed_total").await?;
+    let t0 = Instant::now();
+    let until = t0 + duration;
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|(c, t)| tokio::spawn(blast(c, t, window, until, sent.clone())))
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let processed_in_window = hub.metric_sum("uplinks_processed_total").await? - before;
+    // Drain: whatever the broker acked must come through the actors.
+    let acked = sent.load(Ordering::Relaxed) as f64;
+    let t = Instant::now();
+    let mut processed = processed_in_window;
+    while processed < acked && t.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        processed = hub.metric_sum("uplinks_processed_total").await? - before;
+    }
+    let hub_rate = processed_in_window / elapsed;
+    r.fig("hub_processed_per_s", hub_rate, "msg/s");
+    r.fig("hub_acked_per_s", acked / elapsed, "msg/s");
+    r.fig("hub_lost", (acked - processed).max(0.0), "messages");
+    drop(hub);
+
+    // Mosquitto: the same publishers and payloads, one subscriber.
+    let m = mosquitto(mosquitto_addr).await?;
+    let sub_login = Login {
+        client_id: "lt-subscriber",
+        credentials: None,
+        keep_alive: 60,
+        will: None,
+    };
+    let mut sub = Conn::connect(m.addr, LOOPBACK, sub_login).await?;
+    sub.subscribe("/tenants/+/heartbeat").await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let rcv = received.clone();
+    let sub_task = tokio::spawn(async move {
+        while let Ok(p) = sub.read().await {
+            if let Packet::Publish(p) = p {
+                rcv.fetch_add(1, Ordering::Relaxed);
+                if sub.puback(p.pkid).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let msent = Arc::new(AtomicU64::new(0));
+    let mut conns = Vec::new();
+    for (i, c) in cabs.iter().enumerate() {
+        let login = Login {
+            client_id: &c.id,
+            credentials: None,
+            keep_alive: 60,
+            will: None,
+        };
+        conns.push((
+            Conn::connect(m.addr, fleet::source_for(i), login).await?,
+            format!("/tenants/{}/heartbeat", c.id),
+        ));
+    }
+    let r0 = received.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    let until = t0 + duration;
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|(c, t)| tokio::spawn(blast(c, t, window, until, msent.clone())))
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let mrate = (received.load(Ordering::Relaxed) - r0) as f64 / elapsed;
+    sub_task.abort();
+    r.fig("mosquitto_delivered_per_s", mrate, "msg/s");
+    r.fig("mosquitto_acked_per_s", msent.load(Ordering::Relaxed) as f64 / elapsed, "msg/s");
+    r.fig("hub_vs_mosquitto", hub_rate / mrate.max(1.0), "×");
+    Ok(r)
+}
+
+/// Two probe clients on the hub's broker bouncing a message: the bare MQTT round trip (a
+/// command to a cabinet and its ack, without the hub's logic).
+async fn floor_probe(
+    hub: &Hub,
+    a: &FleetCabinet,
+    b: &FleetCabinet,
+    every: Duration,
+    until: Instant,
+) -> Result<Histogram<u64>> {
+    let login = |c: &FleetCabinet| {
+        (
+            c.id.clone(),
+            c.secret.clone(),
+        )
+    };
+    let (aid, asec) = login(a);
+    let (bid, bsec) = login(b);
+    let mut ca = Conn::connect(
+        hub.mqtt,
+        LOOPBACK,
+        Login { client_id: &aid, credentials: Some((&aid, &asec)), keep_alive: 60, will: None },
+    )
+    .await?;
+    let mut cb = Conn::connect(
+        hub.mqtt,
+        LOOPBACK,
+        Login { client_id: &bid, credentials: Some((&bid, &bsec)), keep_alive: 60, will: None },
+    )
+    .await?;
+    let (a_in, b_in) = (format!("/tenants/{aid}/cmd"), format!("/tenants/{bid}/cmd"));
+    ca.subscribe(&a_in).await?;
+    cb.subscribe(&b_in).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // B answers every command it receives, as a cabinet acks.
+    let echo = tokio::spawn(async move {
+        while let Ok(p) = cb.read().await {
+            if let Packet::Publish(p) = p {
+                if cb.puback(p.pkid).await.is_err() || cb.publish(&a_in, &p.payload).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let mut h = histogram()?;
+    let mut tick = tokio::time::interval(every);
+    while Instant::now() < until {
+        tick.tick().await;
+        let t = Instant::now();
+        ca.publish(&b_in, br#"{"cmd_id":"probe","type":"reboot"}"#).await?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), ca.read()).await {
+                Ok(Ok(Packet::Publish(p))) => {
+                    h.saturating_record(t.elapsed().as_micros() as u64);
+                    ca.puback(p.pkid).await?;
+                    break;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => bail!("the floor probe got no answer within 5 s"),
+            }
+        }
+    }
+    echo.abort();
+    Ok(h)
+}
+
+async fn price_fleet(hub: &Hub, op: &str, cabs: &[FleetCabinet]) -> Result<()> {
+    use futures_util::stream::{self, TryStreamExt};
+    for sku in ["6901234567890", "6907992100012"] {
+        let (s, v) = hub
+            .call(reqwest::Method::PUT, &format!("/api/v1/products/{sku}"), op, Some(json!({"name": sku})))
+            .await?;
+        if s != 200 && s != 201 {
+            bail!("product {sku}: {s} {v}");
+        }
+    }
+    stream::iter(cabs.iter().map(Ok::<_, anyhow::Error>))
+        .map_ok(|c| async move {
+            let (s, v) = hub
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/api/v1/cabinets/{}/prices", c.id),
+                    op,
+                    Some(json!({"items": [{"sku": "6901234567890", "price_fen": 350}, {"sku": "6907992100012", "price_fen": 600}]})),
+                )
+                .await?;
+            if s != 200 {
+                bail!("prices of {}: {s} {v}", c.id);
+            }
+            Ok(())
+        })
+        .try_buffer_unordered(32)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+/// Outcome of the shoppers.
+#[derive(Default)]
+struct Shopping {
+    started: u64,
+    ok: u64,
+    refused: HashMap<String, u64>,
+    errors: u64,
+}
+
+/// Starts sessions at `rate` per second over the fleet until `until`, round robin so that a
+/// cabinet is not asked again while its last shopper may still be inside.
+async fn shop(
+    hub: Arc<Hub>,
+    op: String,
+    cabs: Vec<FleetCabinet>,
+    rate: f64,
+    until: Instant,
+) -> Result<(Histogram<u64>, Shopping)> {
+    let h = Arc::new(Mutex::new(histogram()?));
+    let out = Arc::new(Mutex::new(Shopping::default()));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut i = 0usize;
+    let mut tasks = Vec::new();
+    while Instant::now() < until {
+        tick.tick().await;
+        let cab = cabs[i % cabs.len()].id.clone();
+        i += 1;
+        let (hub, op, h, out) = (hub.clone(), op.clone(), h.clone(), out.clone());
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = hub
+                .call(
+                    reqwest::Method::POST,
+                    "/api/v1/sessions",
+                    &op,
+                    Some(json!({"cabinet_id": cab, "user_id": format!("shopper{i}"), "channel": "wechat", "mode": "purchase"})),
+                )
+                .await;
+            let us = t.elapsed().as_micros() as u64;
+            let Ok(mut o) = out.lock() else { return };
+            o.started += 1;
+            match r {
+                Ok((201, _)) => {
+                    o.ok += 1;
+                    if let Ok(mut h) = h.lock() {
+                        h.saturating_record(us);
+                    }
+                }
+                Ok((_, v)) => {
+                    let code = v["code"].as_str().unwrap_or("unknown").to_owned();
+                    *o.refused.entry(code).or_default() += 1;
+                }
+                Err(_) => o.errors += 1,
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let h = h.lock().map(|h| h.clone()).map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let o = std::mem::take(&mut *out.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    Ok((h, o))
+}
+
+async fn wait_orders(hub: &Hub, want: u64, within: Duration) -> Result<f64> {
+    let t = Instant::now();
+    loop {
+        let m = hub.metrics().await?;
+        let paid = crate::hub::metric_sum(&m, "orders_total{status=\"paid\"}");
+        if paid as u64 >= want || t.elapsed() > within {
+            return Ok(paid);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `shopping-rush`: sessions at `rate`/s across the fleet; request → unlock-ack latency beside
+/// the bare MQTT round trip measured on the same broker at the same time.
+pub async fn shopping_rush(ctx: &Ctx, n: usize, rate: f64, duration: Duration) -> Result<Report> {
+    let mut r = Report::new(
+        "shopping-rush",
+        json!({"cabinets": n, "rate_per_s": rate, "duration_s": duration.as_secs()}),
+    );
+    let hub = Arc::new(ctx.hub().await?);
+    let (op, mut cabs) = setup(&hub, n + 2, &mut r).await?;
+    let probes: Vec<FleetCabinet> = cabs.split_off(n);
+    price_fleet(&hub, &op, &cabs).await?;
+    let items = json!([{"sku": "6901234567890", "qty": 1}, {"sku": "6907992100012", "qty": 1}]);
+    let fleet = Fleet::start(&hub, &cabs, ctx.behaviour(items, Duration::from_millis(1500)));
+    wait_online(&hub, n, Duration::from_secs(120)).await?;
+
+    let until = Instant::now() + duration;
+    let floor = {
+        let hub = hub.clone();
+        let (a, b) = (probes[0].clone(), probes[1].clone());
+        tokio::spawn(async move { floor_probe(&hub, &a, &b, Duration::from_millis(20), until).await })
+    };
+    let (h, s) = shop(hub.clone(), op, cabs.clone(), rate, until).await?;
+    let floor = floor.await??;
+    r.latency("unlock", &h);
+    r.latency("floor_rtt", &floor);
+    let f50 = floor.value_at_quantile(0.5).max(1) as f64;
+    r.fig("unlock_p50_over_floor_p50", h.value_at_quantile(0.5) as f64 / f50, "×");
+    r.fig("sessions_started", s.started as f64, "");
+    r.fig("sessions_unlocked", s.ok as f64, "");
+    r.fig("sessions_errors", s.errors as f64, "");
+    for (code, count) in &s.refused {
+        r.note(format!("{count} sessions refused: {code}"));
+    }
+    let paid = wait_orders(&hub, s.ok, Duration::from_secs(60)).await?;
+    r.fig("orders_paid", paid, "");
+    r.fig("orders_missing", (s.ok as f64 - paid).max(0.0), "");
+    r.fig("dropped_connections", Stats::get(&fleet.stats.dropped) as f64, "");
+    fleet.shutdown().await;
+    Ok(r)
+}
+
+/// `alert-storm`: K cabinets have their door forced within one second; every alert must be
+/// raised once and reach the operator feed; API latency meanwhile.
+pub async fn alert_storm(ctx: &Ctx, k: usize) -> Result<Report> {
+    let mut r = Report::new("alert-storm", json!({"cabinets": k}));
+    let hub = Arc::new(ctx.hub().await?);
+    let (op, cabs) = setup(&hub, k, &mut r).await?;
+    let fleet = Fleet::start(&hub, &cabs, ctx.behaviour(json!([]), Duration::from_secs(1)));
+    wait_online(&hub, k, Duration::from_secs(120)).await?;
+    let mut events = feed(&hub, &op).await?;
+    // The snapshot first.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+            Ok(Some((_, v))) if v["type"] == "snapshot" => break,
+            Ok(Some(_)) => {}
+            _ => bail!("no feed snapshot"),
+        }
+    }
+    // API latency while the storm lasts.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let api = {
+        let (hub, op, stop, ids) = (hub.clone(), op.clone(), stop.clone(), cabs.iter().map(|c| c.id.clone()).collect::<Vec<_>>());
+        tokio::spawn(async move {
+            let mut h = histogram()?;
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                hub.call(reqwest::Method::GET, &format!("/api/v1/cabinets/{}", ids[i % ids.len()]), &op, None)
+                    .await?;
+                h.saturating_record(t.elapsed().as_micros() as u64);
+                i += 7;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok::<_, anyhow::Error>(h)
+        })
+    };
+    let t0 = Instant::now();
+    let gap = Duration::from_secs(1).div_f64(k.max(1) as f64);
+    let sender = {
+        let txs: Vec<_> = fleet.handles.iter().map(|h| h.tx.clone()).collect();
+        tokio::spawn(async move {
+            for (i, tx) in txs.iter().enumerate() {
+                let _ = tx.send(Control::Event("door_opened"));
+                tokio::time::sleep_until(t0 + gap.mul_f64((i + 1) as f64)).await;
+            }
+        })
+    };
+    let mut raised: HashMap<String, u32> = HashMap::new();
+    let mut last = t0;
+    let deadline = t0 + Duration::from_secs(60);
+    while raised.len() < k && Instant::now() < deadline {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some((at, v))) => {
+                if v["type"] == "alert" && v["data"]["state"] == "raised" && v["data"]["alert"]["type"] == "door_forced" {
+                    if let Some(id) = v["data"]["cabinet_id"].as_str() {
+                        *raised.entry(id.to_owned()).or_default() += 1;
+                        last = at;
+                    }
+                }
+            }
+            _ => break,
+        }
+    }
+    sender.await?;
+    // Anything more arriving now would be a duplicate.
+    let settle = Instant::now() + Duration::from_secs(2);
+    while let Ok(Some((_, v))) = tokio::time::timeout_at(settle, events.recv()).await {
+        if v["type"] == "alert" && v["data"]["state"] == "raised" && v["data"]["alert"]["type"] == "door_forced" {
+            if let Some(id) = v["data"]["cabinet_id"].as_str() {
+                *raised.entry(id.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let api = api.await??;
+    let dupes: u32 = raised.values().map(|c| c - 1).sum();
+    r.fig("alerts_on_feed", raised.len() as f64, "");
+    r.fig("alerts_missing", (k - raised.len().min(k)) as f64, "");
+    r.fig("alerts_duplicated", f64::from(dupes), "");
+    r.fig("last_alert_on_feed_s", last.duration_since(t0).as_secs_f64(), "s");
+    let (_, v) = hub
+        .call(reqwest::Method::GET, "/api/v1/alerts?active=true&limit=5000", &op, None)
+        .await?;
+    let stored = v["items"]
+        .as_array()
+        .map(|a| a.iter().filter(|a| a["type"] == "door_forced").count())
+        .unwrap_or_default();
+    r.fig("alerts_active_in_api", stored as f64, "");
+    r.latency("api_get_cabinet", &api);
+    fleet.shutdown().await;
+    Ok(r)
+}
+
+/// `soak`: the steady fleet with shopping for `duration`; memory growth, errors, and lost
+/// messages or orders (which must be zero).
+pub async fn soak(ctx: &Ctx, n: usize, rate: f64, duration: Duration) -> Result<Report> {
+    let mut r = Report::new(
+        "soak",
+        json!({"cabinets": n, "rate_per_s": rate, "duration_s": duration.as_secs(), "heartbeat_s": ctx.heartbeat_s}),
+    );
+    let hub = Arc::new(ctx.hub().await?);
+    let (op, cabs) = setup(&hub, n, &mut r).await?;
+    price_fleet(&hub, &op, &cabs).await?;
+    let items = json!([{"sku": "6901234567890", "qty": 2}]);
+    let fleet = Fleet::start(&hub, &cabs, ctx.behaviour(items, Duration::from_millis(1500)));
+    wait_online(&hub, n, Duration::from_secs(120)).await?;
+    let processed0 = hub.metric_sum("uplinks_processed_total").await?;
+    let published0 = Stats::get(&fleet.stats.published);
+    let until = Instant::now() + duration;
+    let sampler = {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while Instant::now() < until {
+                if let Some(rss) = hub.rss() {
+                    samples.push(rss);
+                }
+                tokio::time::sleep(Duration::from_secs(5).min(until.saturating_duration_since(Instant::now()) + Duration::from_millis(1))).await;
+            }
+            samples
+        })
+    };
+    let (h, s) = shop(hub.clone(), op, cabs.clone(), rate, until).await?;
+    let samples = sampler.await?;
+    let paid = wait_orders(&hub, s.ok, Duration::from_secs(60)).await?;
+    // Every uplink the fleet sent must have gone through an actor.
+    let published = (Stats::get(&fleet.stats.published) - published0) as f64;
+    let t = Instant::now();
+    let mut processed = hub.metric_sum("uplinks_processed_total").await? - processed0;
+    while processed < published && t.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        processed = hub.metric_sum("uplinks_processed_total").await? - processed0;
+    }
+    r.fig("uplinks_sent", published, "");
+    r.fig("uplinks_lost", (published - processed).max(0.0), "");
+    r.fig("sessions_unlocked", s.ok as f64, "");
+    r.fig("sessions_failed", (s.started - s.ok) as f64, "");
+    r.fig("orders_paid", paid, "");
+    r.fig("orders_missing", (s.ok as f64 - paid).max(0.0), "");
+    r.latency("unlock", &h);
+    for (code, count) in &s.refused {
+        r.note(format!("{count} sessions refused: {code}"));
+    }
+    if samples.len() >= 4 {
+        // Growth from the first quarter to the last, so start-up allocation does not count.
+        let q = samples.len() / 4;
+        let avg = |s: &[u64]| s.iter().sum::<u64>() as f64 / s.len().max(1) as f64;
+        let first = avg(&samples[..q.max(1)]);
+        let last = avg(&samples[samples.len() - q.max(1)..]);
+        r.fig("hub_rss_first_quarter_mb", first / 1e6, "MB");
+        r.fig("hub_rss_last_quarter_mb", last / 1e6, "MB");
+        r.fig("hub_rss_growth_pct", (last - first) / first * 100.0, "%");
+    }
+    r.fig("dropped_connections", Stats::get(&fleet.stats.dropped) as f64, "");
+    fleet.shutdown().await;
+    Ok(r)
+}
