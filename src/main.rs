@@ -42,6 +42,21 @@ enum Cmd {
     },
 }
 
+/// Every cabinet is a socket: raise the soft descriptor limit to the hard one (the usual soft
+/// default of 1,024 would refuse the 1,025th cabinet), and say so when even that is too low.
+fn raise_fd_limit(max_connections: usize) {
+    let want = max_connections as u64 + 1_024;
+    match rlimit::increase_nofile_limit(want) {
+        Ok(got) if got < want => tracing::warn!(
+            limit = got,
+            wanted = want,
+            "open-file limit below mqtt.max_connections plus headroom; raise the hard limit (ulimit -Hn, LimitNOFILE=)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -66,6 +81,7 @@ fn main() -> ExitCode {
                 }
             };
             telemetry::init(&settings.log);
+            raise_fd_limit(settings.mqtt.max_connections);
             let result = actix_web::rt::System::new().block_on(async move {
                 let app = Application::build(settings).await?;
                 app.run_until_stopped().await

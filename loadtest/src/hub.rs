@@ -29,11 +29,28 @@ pub fn default_hub_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("cabinet-hub"))
 }
 
-/// A free TCP port on loopback.
+/// The started hub's log: beside the other temporary files, kept after the run for a post-mortem.
+fn log_file() -> Result<std::process::Stdio> {
+    let path = std::env::temp_dir().join("cabinet-loadtest-hub.log");
+    let f = std::fs::File::create(&path).with_context(|| path.display().to_string())?;
+    Ok(f.into())
+}
+
+/// A free TCP port below the ephemeral range (32768–60999): a port the kernel hands out for
+/// outgoing connections may be taken again by the fleet's own sockets between this check and the
+/// hub's bind, which a port from outside the range cannot be.
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    for i in 0..2_000u32 {
+        let port = 20_000 + ((seed / 7 + i * 7_919) % 12_000) as u16;
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free TCP port between 20000 and 32000")
 }
 
 /// One cabinet of the fleet.
@@ -71,9 +88,21 @@ impl Hub {
             .env("HUB__MQTT__MAX_CONNECTIONS", "60000")
             .kill_on_drop(true)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit());
+            .stderr(log_file()?);
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        // The hub must not outlive this tool, however it ends (a panic, a kill, Ctrl-C).
+        // SAFETY: prctl with PR_SET_PDEATHSIG is async-signal-safe and touches no memory of
+        // the parent; it runs in the child between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
         }
         let child = cmd
             .spawn()
@@ -220,15 +249,21 @@ impl Hub {
             .await
     }
 
-    /// The Prometheus text.
+    /// The Prometheus text. Retried: a pooled connection the hub closed under load is not a
+    /// failure of the run.
     pub async fn metrics(&self) -> Result<String> {
-        Ok(self
-            .client
-            .get(self.url("/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?)
+        let mut last = None;
+        for _ in 0..5 {
+            match self.client.get(self.url("/metrics")).send().await {
+                Ok(r) => match r.text().await {
+                    Ok(t) => return Ok(t),
+                    Err(e) => last = Some(e),
+                },
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("metrics")))
     }
 
     /// The sum of every series of a metric (all label sets).

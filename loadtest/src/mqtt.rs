@@ -21,6 +21,27 @@ pub struct Conn {
     next_pkid: u16,
 }
 
+fn bind_address_no_port(sock: &TcpSocket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: the descriptor belongs to `sock`, which outlives the call; the option value is
+    // the c_int the kernel reads for IP_BIND_ADDRESS_NO_PORT, passed with its size.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn codec(e: CodecError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("mqtt: {e:?}"))
 }
@@ -44,7 +65,12 @@ impl Conn {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
-        sock.bind(SocketAddr::new(src, 0))?;
+        if !src.is_unspecified() {
+            // Choosing the port at bind time would scan the whole ephemeral range for every
+            // socket (minutes of system time at 20,000 connections); defer it to connect.
+            bind_address_no_port(&sock)?;
+            sock.bind(SocketAddr::new(src, 0))?;
+        }
         let stream = sock.connect(broker).await?;
         stream.set_nodelay(true)?;
         let mut c = Conn {

@@ -312,7 +312,8 @@ async fn mosquitto(given: Option<SocketAddr>) -> Result<Mosquitto> {
     })
 }
 
-const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// Let the kernel choose the source address and port.
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 
 /// `ingest`: uplinks as fast as the hub processes them, then the same stream through Mosquitto
 /// to one subscriber; both rates and the ratio.
