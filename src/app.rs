@@ -211,6 +211,12 @@ impl Application {
         };
         tokio::spawn(pump.run(link_rx));
         wait_listening(settings.mqtt.listen, "mqtt.listen").await?;
+        crate::mqtt::tune_listeners(
+            std::iter::once(settings.mqtt.listen)
+                .chain(settings.mqtt.tls_listen)
+                .map(|a| a.port())
+                .collect(),
+        );
         if let Some(tls) = settings.mqtt.tls_listen {
             wait_listening(tls, "mqtt.tls_listen").await?;
         }

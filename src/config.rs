@@ -146,6 +146,8 @@ pub struct PaymentSettings {
     pub blacklist_after_ms: u64,
     /// `HUB__PAYMENTS__SIMULATOR_RETRY_SCALE`
     pub simulator_retry_scale: f64,
+    /// `HUB__PAYMENTS__SIMULATOR_CONFIRM_MS`: how long the simulators' shoppers take to confirm.
+    pub simulator_confirm_ms: u64,
     /// The real WeChat Pay service (when `simulator` is false).
     #[serde(default)]
     pub wechat: Option<crate::payments::wechat::WechatConfig>,

@@ -227,9 +227,13 @@ pub fn start_broker(
         router: RouterConfig {
             max_connections: listeners.max_connections + 10,
             max_outgoing_packet_count: 1000,
-            // Small commit-log segments: a slow reader costs little memory.
-            max_segment_size: 4 * 1024 * 1024,
-            max_segment_count: 4,
+            // rumqttd keeps every topic's messages in a commit log of up to `count` segments of
+            // `size` bytes. Each cabinet has its own topics, and the hub reads every message as it
+            // arrives, so a topic only ever needs a few messages of backlog: 16 KiB × 2 bounds what
+            // a heartbeat topic retains to minutes of beats instead of growing for days (4 MiB × 4
+            // was up to 16 MiB per topic).
+            max_segment_size: 16 * 1024,
+            max_segment_count: 2,
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
@@ -364,5 +368,53 @@ impl Pump {
             }
         }
         self.alive.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The accept backlog given to the broker's listeners.
+const MQTT_BACKLOG: i32 = 4096;
+
+/// Tunes the broker's listening sockets, which rumqttd creates itself with no way to configure
+/// them: found among this process's descriptors by their port, each gets TCP_NODELAY (inherited
+/// by every accepted cabinet connection on Linux; without it, Nagle's algorithm meets the
+/// cabinet's delayed ACK and holds a command up to 40 ms) and an accept backlog of 4,096
+/// instead of 128 (a connect storm otherwise overflows the queue and cabinets wait for SYN
+/// retransmits).
+pub fn tune_listeners(ports: Vec<u16>) {
+    use std::os::fd::BorrowedFd;
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        tracing::warn!("cannot list /proc/self/fd; MQTT listeners left untuned");
+        return;
+    };
+    let mut tuned = 0;
+    for entry in fds.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: the descriptor is open in this process (listed in /proc/self/fd); it is only
+        // borrowed for the calls below, and a descriptor closed meanwhile makes them fail with
+        // EBADF, which is ignored.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&borrowed);
+        let listening = sock.is_listener().unwrap_or(false);
+        let port = sock
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .map(|a| a.port());
+        if !listening || !port.is_some_and(|p| ports.contains(&p)) {
+            continue;
+        }
+        if let Err(e) = sock.set_tcp_nodelay(true) {
+            tracing::warn!(error = %e, "MQTT listener: TCP_NODELAY not set");
+        }
+        // listen() again on a listening socket only changes its backlog.
+        if let Err(e) = sock.listen(MQTT_BACKLOG) {
+            tracing::warn!(error = %e, "MQTT listener: backlog not raised");
+        }
+        tuned += 1;
+    }
+    if tuned < ports.len() {
+        tracing::warn!(tuned, expected = ports.len(), "not every MQTT listener was found to tune");
     }
 }

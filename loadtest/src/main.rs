@@ -138,6 +138,9 @@ enum Scenario {
         /// Where to write the Markdown (stdout when absent).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Criterion's output directory, for the hot-path table.
+        #[arg(long)]
+        criterion: Option<PathBuf>,
     },
 }
 
@@ -283,8 +286,12 @@ async fn run(s: Scenario) -> Result<Option<(Report, Common)>> {
             .await?,
             common,
         ),
-        Scenario::Report { files, out } => {
-            let md = report::markdown(&files)?;
+        Scenario::Report {
+            files,
+            out,
+            criterion,
+        } => {
+            let md = report::markdown(&files, criterion.as_deref())?;
             match out {
                 Some(p) => std::fs::write(&p, md).with_context(|| p.display().to_string())?,
                 None => print!("{md}"),

@@ -214,8 +214,43 @@ fn machine() -> String {
     )
 }
 
-/// The whole of docs/benchmarks.md from JSON reports.
-pub fn markdown(files: &[std::path::PathBuf]) -> anyhow::Result<String> {
+/// Criterion's medians under `dir` (target/criterion): `(group/bench, median ns)`.
+fn criterion_medians(dir: &std::path::Path) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    let Ok(groups) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    let mut groups: Vec<_> = groups.flatten().map(|e| e.path()).collect();
+    groups.sort();
+    for g in groups {
+        let Ok(benches) = std::fs::read_dir(&g) else {
+            continue;
+        };
+        let mut benches: Vec<_> = benches.flatten().map(|e| e.path()).collect();
+        benches.sort();
+        for b in benches {
+            let est = b.join("new/estimates.json");
+            let median = std::fs::read_to_string(&est)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .and_then(|v| v["median"]["point_estimate"].as_f64());
+            if let (Some(m), Some(gn), Some(bn)) = (
+                median,
+                g.file_name().and_then(|n| n.to_str()),
+                b.file_name().and_then(|n| n.to_str()),
+            ) {
+                out.push((format!("{gn}/{bn}"), m));
+            }
+        }
+    }
+    out
+}
+
+/// The whole of docs/benchmarks.md from JSON reports (and criterion's results, when given).
+pub fn markdown(
+    files: &[std::path::PathBuf],
+    criterion: Option<&std::path::Path>,
+) -> anyhow::Result<String> {
     let mut reports = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(f)
@@ -255,6 +290,21 @@ pub fn markdown(files: &[std::path::PathBuf]) -> anyhow::Result<String> {
                 "| {} | `{}` | {} {} | {v} | {verdict} |",
                 r.scenario, t.figure, t.op, fmt_value(t.bound)
             );
+        }
+    }
+    if let Some(dir) = criterion {
+        let medians = criterion_medians(dir);
+        if !medians.is_empty() {
+            let _ = writeln!(s, "\n## Hot paths (`cargo bench -p cabinet-actors`)\n");
+            let _ = writeln!(
+                s,
+                "Criterion medians; each group has a baseline measured in the same run (untyped JSON \
+                 parsing, parsing alone, a basket without promotions).\n"
+            );
+            let _ = writeln!(s, "| benchmark | median |\n| --- | ---: |");
+            for (name, ns) in medians {
+                let _ = writeln!(s, "| `{name}` | {} ns |", fmt_value(ns));
+            }
         }
     }
     let _ = writeln!(s, "\n## Results\n");

@@ -5,6 +5,7 @@
 pub mod alipay;
 pub mod alipay_crypto;
 pub mod sim_alipay;
+mod journal;
 pub mod sim_wechat;
 pub mod wechat;
 pub mod wechat_crypto;
@@ -49,9 +50,9 @@ pub fn build_wechat(
         platform_key_pem: DEV_PLATFORM_KEY.into(),
         api_v3_key: DEV_API_V3_KEY.into(),
         retry_scale: settings.payments.simulator_retry_scale,
-        confirm_delay: Duration::from_millis(50),
+        confirm_delay: Duration::from_millis(settings.payments.simulator_confirm_ms),
         cancel_after_complete: false,
-        persist: Some(settings.data_dir.join("wechat-simulator.json")),
+        persist: Some(settings.data_dir.join("wechat-simulator.jsonl")),
     })?;
     // WeChat retries deductions on its own; a minute, scaled like the notification schedule.
     sim.start_deduction_retries(Duration::from_secs_f64(
@@ -105,7 +106,7 @@ pub fn build_alipay(
         app_public_key_pem: DEV_ALIPAY_APP_PUB.into(),
         alipay_key_pem: DEV_ALIPAY_KEY.into(),
         retry_scale: settings.payments.simulator_retry_scale,
-        confirm_delay: Duration::from_millis(50),
+        confirm_delay: Duration::from_millis(settings.payments.simulator_confirm_ms),
     })?;
     let cfg = alipay::AlipayConfig {
         gateway: format!("http://{http}{}/gateway.do", sim_alipay::PREFIX),

@@ -11,6 +11,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::journal::Tracked;
 use super::wechat::{Collection, CollectionDetail, ServiceOrder};
 use super::wechat_crypto::{
     encrypt_resource, request_message, response_message, RsaSigner, Verifier,
@@ -88,10 +89,39 @@ struct SimOrder {
 
 #[derive(Default, serde::Serialize, Deserialize)]
 struct State {
-    orders: HashMap<String, SimOrder>,
-    refunds: HashMap<String, Value>,
-    users: HashMap<String, UserScript>,
+    orders: Tracked<SimOrder>,
+    refunds: Tracked<Value>,
+    users: Tracked<UserScript>,
     seq: u64,
+}
+
+impl State {
+    /// One journal line with what changed since the last one.
+    fn changes(&mut self) -> Option<String> {
+        let (orders, refunds, users) = (
+            self.orders.take_changed(),
+            self.refunds.take_changed(),
+            self.users.take_changed(),
+        );
+        if orders.is_empty() && refunds.is_empty() && users.is_empty() {
+            return None;
+        }
+        serde_json::to_string(&json!({"orders": orders, "refunds": refunds, "users": users, "seq": self.seq}))
+            .ok()
+    }
+
+    /// Replays a journal: every line is a partial state, later lines win.
+    fn replay(text: &str) -> Result<Self, serde_json::Error> {
+        let mut st = State::default();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let part: State = serde_json::from_str(line)?;
+            st.orders.merge(part.orders);
+            st.refunds.merge(part.refunds);
+            st.users.merge(part.users);
+            st.seq = st.seq.max(part.seq);
+        }
+        Ok(st)
+    }
 }
 
 /// The simulator.
@@ -141,8 +171,13 @@ impl WechatSim {
         let state = match cfg.persist.as_ref().filter(|p| p.exists()) {
             Some(p) => {
                 let text = std::fs::read_to_string(p)?;
-                serde_json::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("simulator state {}: {e}", p.display()))?
+                let st = State::replay(&text)
+                    .map_err(|e| anyhow::anyhow!("simulator state {}: {e}", p.display()))?;
+                // Compacted to one line, so the journal does not grow across restarts.
+                let tmp = p.with_extension("tmp");
+                std::fs::write(&tmp, serde_json::to_string(&st)? + "\n")?;
+                std::fs::rename(&tmp, p)?;
+                st
             }
             None => State::default(),
         };
@@ -160,17 +195,23 @@ impl WechatSim {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes the state atomically (temp file + rename) when persistence is on.
+    /// Appends what changed to the journal when persistence is on. Appends happen under the
+    /// state lock, so lines are in the order of the changes.
     fn save(&self) {
+        use std::io::Write as _;
         let Some(path) = &self.cfg.persist else {
             return;
         };
-        let text = match serde_json::to_string(&*self.lock()) {
-            Ok(t) => t,
-            Err(e) => return tracing::error!(error = %e, "simulator state not serialised"),
+        let mut st = self.lock();
+        let Some(line) = st.changes() else {
+            return;
         };
-        let tmp = path.with_extension("tmp");
-        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+        if let Err(e) = written {
             tracing::error!(error = %e, "simulator state not saved");
         }
     }
@@ -702,8 +743,7 @@ impl WechatSim {
         }
         let o = st
             .orders
-            .values_mut()
-            .find(|o| {
+            .find_mut(|o| {
                 o.order
                     .collection
                     .as_ref()

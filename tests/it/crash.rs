@@ -149,20 +149,26 @@ impl Node {
         }
     }
 
-    /// The simulator's own record of the deductions: one entry per charge.
+    /// The simulator's own record of the deductions: one entry per charge. Its journal holds
+    /// one partial state per line; the last line naming an order has its latest state.
     fn charges(&self) -> usize {
         let text =
-            std::fs::read_to_string(self.data.join("wechat-simulator.json")).unwrap_or_default();
-        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        v["orders"].as_object().map_or(0, |o| {
-            o.values()
-                .map(|x| {
-                    x["order"]["collection"]["details"]
-                        .as_array()
-                        .map_or(0, Vec::len)
-                })
-                .sum()
-        })
+            std::fs::read_to_string(self.data.join("wechat-simulator.jsonl")).unwrap_or_default();
+        let mut orders = serde_json::Map::new();
+        for line in text.lines() {
+            let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
+            if let Some(o) = v["orders"].as_object() {
+                orders.extend(o.clone());
+            }
+        }
+        orders
+            .values()
+            .map(|x| {
+                x["order"]["collection"]["details"]
+                    .as_array()
+                    .map_or(0, Vec::len)
+            })
+            .sum()
     }
 }
 
