@@ -25,6 +25,7 @@ pub struct Metrics {
     pub mqtt_auth_failures: IntCounterVec,
     pub mqtt_duplicates: IntCounter,
     pub uplinks_processed: IntCounter,
+    pub mqtt_link_unscheduled: IntCounter,
     pub mqtt_stray_acks: IntCounter,
     pub actor_restarts: IntCounter,
     pub store_errors: IntCounterVec,
@@ -119,6 +120,13 @@ impl Metrics {
                         "MQTT connections refused, by reason",
                     ),
                     &["reason"],
+                )?,
+            ),
+            mqtt_link_unscheduled: reg(
+                &r,
+                IntCounter::new(
+                    "mqtt_link_unscheduled_total",
+                    "Times the broker paused the hub's uplink link because its buffer was full",
                 )?,
             ),
             uplinks_processed: reg(

@@ -228,10 +228,9 @@ pub fn start_broker(
             max_connections: listeners.max_connections + 10,
             max_outgoing_packet_count: 1000,
             // rumqttd keeps every topic's messages in a commit log of up to `count` segments of
-            // `size` bytes. Each cabinet has its own topics, and the hub reads every message as it
-            // arrives, so a topic only ever needs a few messages of backlog: 16 KiB × 2 bounds what
-            // a heartbeat topic retains to minutes of beats instead of growing for days (4 MiB × 4
-            // was up to 16 MiB per topic).
+            // `size` bytes. Each cabinet has its own topics and the hub reads every message as it
+            // arrives, so a topic needs only a little backlog: 16 KiB × 2 bounds what a heartbeat
+            // topic retains (4 MiB × 4 let every topic grow to 16 MiB over weeks).
             max_segment_size: 16 * 1024,
             max_segment_count: 2,
             custom_segment: None,
@@ -359,6 +358,17 @@ impl Pump {
             match rx.next().await {
                 Ok(Some(Notification::Forward(f))) => {
                     self.handle(&f.publish.topic, &f.publish.payload).await
+                }
+                // The router stops feeding a link whose buffer filled (a burst of uplinks) and
+                // waits to be told the link is ready again. Without this the hub stopped
+                // receiving every cabinet's messages for good after the first burst of ~200,
+                // while the broker kept acking them (found by the loadtest's ingest scenario).
+                Ok(Some(Notification::Unschedule)) => {
+                    self.metrics.mqtt_link_unscheduled.inc();
+                    if let Err(e) = rx.wake().await {
+                        tracing::error!(error = %e, "MQTT link could not be woken; uplink pump stopped");
+                        break;
+                    }
                 }
                 Ok(Some(_)) | Ok(None) => {}
                 Err(e) => {

@@ -127,7 +127,12 @@ impl Conn {
 
     /// Subscribes at QoS 1 (the SUBACK arrives through `read`).
     pub async fn subscribe(&mut self, filter: &str) -> io::Result<()> {
-        let mut s = Subscribe::new(filter, QoS::AtLeastOnce);
+        self.subscribe_qos(filter, QoS::AtLeastOnce).await
+    }
+
+    /// Subscribes at the given QoS.
+    pub async fn subscribe_qos(&mut self, filter: &str, qos: QoS) -> io::Result<()> {
+        let mut s = Subscribe::new(filter, qos);
         s.pkid = self.pkid();
         self.send(&Packet::Subscribe(s)).await
     }

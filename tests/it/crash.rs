@@ -39,6 +39,14 @@ fn spawn(data: &std::path::Path, http: u16, mqtt: u16, db: Option<&str>) -> Chil
     c.spawn().unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A failed assertion must not leave the hub running after the test.
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Node {
     async fn start(db: Option<String>) -> Self {
         let data = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")).keep();
