@@ -398,7 +398,11 @@ pub fn tune_listeners(ports: Vec<u16>) {
     };
     let mut tuned = 0;
     for entry in fds.flatten() {
-        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         // SAFETY: the descriptor is open in this process (listed in /proc/self/fd); it is only
@@ -425,6 +429,10 @@ pub fn tune_listeners(ports: Vec<u16>) {
         tuned += 1;
     }
     if tuned < ports.len() {
-        tracing::warn!(tuned, expected = ports.len(), "not every MQTT listener was found to tune");
+        tracing::warn!(
+            tuned,
+            expected = ports.len(),
+            "not every MQTT listener was found to tune"
+        );
     }
 }

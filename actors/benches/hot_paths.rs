@@ -17,7 +17,8 @@ use cabinet_actors::protocol::{parse_uplink, CabinetConfig, LightSchedule, Uplin
 use criterion::{criterion_group, criterion_main, Criterion};
 
 const HEARTBEAT: &str = r#"{"seq":42,"ts":1763700000000,"door":"closed","lock":"locked","temp_c":4.6,"light":"on","cameras":[{"id":0,"ok":true},{"id":1,"ok":true}],"config_version":3}"#;
-const EVENT: &str = r#"{"seq":43,"ts":1763700001000,"type":"door_opened","session_id":"s_01JABCDEF"}"#;
+const EVENT: &str =
+    r#"{"seq":43,"ts":1763700001000,"type":"door_opened","session_id":"s_01JABCDEF"}"#;
 
 #[allow(clippy::unwrap_used)]
 fn id() -> CabinetId {
@@ -147,7 +148,15 @@ fn pricing(c: &mut Criterion) {
     ];
     let mut g = c.benchmark_group("pricing");
     g.bench_function("basket_6_lines_3_promotions", |b| {
-        b.iter(|| price_basket(black_box(&basket), &list, &promotions, 1_763_700_000_000, 480))
+        b.iter(|| {
+            price_basket(
+                black_box(&basket),
+                &list,
+                &promotions,
+                1_763_700_000_000,
+                480,
+            )
+        })
     });
     g.bench_function("baseline_basket_6_lines_no_promotions", |b| {
         b.iter(|| price_basket(black_box(&basket), &list, &[], 1_763_700_000_000, 480))

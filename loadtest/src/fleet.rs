@@ -99,7 +99,12 @@ pub struct Handle {
 /// The loopback source address for the `i`-th connection: 127.0.0.1 for the first
 /// `PER_SOURCE`, then 127.0.0.2, 127.0.0.3, …
 pub fn source_for(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i / PER_SOURCE).min(250) as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        0,
+        1 + (i / PER_SOURCE).min(250) as u8,
+    ))
 }
 
 /// Starts one task per cabinet; they run until `stop` turns true.
@@ -281,7 +286,11 @@ impl Sim {
         }
     }
 
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Control>, mut stop: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Control>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         if chance(self.behaviour.faults.camera_failing) {
             self.camera_ok = false;
         }
@@ -364,7 +373,11 @@ impl Sim {
                 }
                 if cmd["expires_at"].as_u64().is_some_and(|e| e < now_ms()) {
                     return self
-                        .publish(conn, "ack", json!({"cmd_id": cmd_id, "ok": false, "error": "expired"}))
+                        .publish(
+                            conn,
+                            "ack",
+                            json!({"cmd_id": cmd_id, "ok": false, "error": "expired"}),
+                        )
                         .await;
                 }
                 self.publish(conn, "ack", json!({"cmd_id": cmd_id, "ok": true}))

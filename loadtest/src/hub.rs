@@ -263,7 +263,9 @@ impl Hub {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("metrics")))
+        Err(last
+            .map(anyhow::Error::from)
+            .unwrap_or_else(|| anyhow::anyhow!("metrics")))
     }
 
     /// The sum of every series of a metric (all label sets).

@@ -23,7 +23,10 @@ const MAX_CABINETS: usize = 60_000;
 const MAX_DURATION_S: u64 = 4 * 3600;
 
 #[derive(Parser)]
-#[command(name = "cabinet-loadtest", about = "Fleet simulator and benchmarks for cabinet-hub")]
+#[command(
+    name = "cabinet-loadtest",
+    about = "Fleet simulator and benchmarks for cabinet-hub"
+)]
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
@@ -141,6 +144,9 @@ enum Scenario {
         /// Criterion's output directory, for the hot-path table.
         #[arg(long)]
         criterion: Option<PathBuf>,
+        /// A paragraph for the top of the document (repeatable).
+        #[arg(long = "note")]
+        notes: Vec<String>,
     },
 }
 
@@ -228,8 +234,12 @@ async fn run(s: Scenario) -> Result<Option<(Report, Common)>> {
             duration_s,
             common,
         } => (
-            scenarios::steady_fleet(&ctx(&common)?, bounded(cabinets, "--cabinets")?, secs(duration_s)?)
-                .await?,
+            scenarios::steady_fleet(
+                &ctx(&common)?,
+                bounded(cabinets, "--cabinets")?,
+                secs(duration_s)?,
+            )
+            .await?,
             common,
         ),
         Scenario::Ingest {
@@ -290,8 +300,9 @@ async fn run(s: Scenario) -> Result<Option<(Report, Common)>> {
             files,
             out,
             criterion,
+            notes,
         } => {
-            let md = report::markdown(&files, criterion.as_deref())?;
+            let md = report::markdown(&files, criterion.as_deref(), &notes)?;
             match out {
                 Some(p) => std::fs::write(&p, md).with_context(|| p.display().to_string())?,
                 None => print!("{md}"),
@@ -304,7 +315,10 @@ async fn run(s: Scenario) -> Result<Option<(Report, Common)>> {
 fn main() -> ExitCode {
     raise_fd_limit();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cabinet-loadtest: {e}");

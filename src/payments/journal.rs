@@ -47,7 +47,11 @@ impl<V> Tracked<V> {
 
     /// The first entry matching `f`, to change (marked changed).
     pub fn find_mut(&mut self, mut f: impl FnMut(&V) -> bool) -> Option<&mut V> {
-        let k = self.map.iter().find(|(_, v)| f(v)).map(|(k, _)| k.clone())?;
+        let k = self
+            .map
+            .iter()
+            .find(|(_, v)| f(v))
+            .map(|(k, _)| k.clone())?;
         let v = self.map.get_mut(&k)?;
         self.dirty.insert(k);
         Some(v)
@@ -56,7 +60,10 @@ impl<V> Tracked<V> {
     /// The changed entries (cleared).
     pub fn take_changed(&mut self) -> HashMap<&String, &V> {
         let dirty = std::mem::take(&mut self.dirty);
-        self.map.iter().filter(|(k, _)| dirty.contains(*k)).collect()
+        self.map
+            .iter()
+            .filter(|(k, _)| dirty.contains(*k))
+            .collect()
     }
 
     /// Takes over every entry of `other` (a later journal line wins).

@@ -4,8 +4,8 @@
 
 pub mod alipay;
 pub mod alipay_crypto;
-pub mod sim_alipay;
 mod journal;
+pub mod sim_alipay;
 pub mod sim_wechat;
 pub mod wechat;
 pub mod wechat_crypto;

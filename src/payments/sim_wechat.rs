@@ -106,8 +106,10 @@ impl State {
         if orders.is_empty() && refunds.is_empty() && users.is_empty() {
             return None;
         }
-        serde_json::to_string(&json!({"orders": orders, "refunds": refunds, "users": users, "seq": self.seq}))
-            .ok()
+        serde_json::to_string(
+            &json!({"orders": orders, "refunds": refunds, "users": users, "seq": self.seq}),
+        )
+        .ok()
     }
 
     /// Replays a journal: every line is a partial state, later lines win.
