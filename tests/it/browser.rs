@@ -193,7 +193,7 @@ impl Browser {
 
 #[actix_rt::test]
 async fn operator_page_shows_and_acknowledges_a_forced_door() {
-    let hub = TestHub::start(Backend::Sqlite).await;
+    let hub = TestHub::start_with(Backend::Sqlite, steady_heartbeats).await;
     let (ma, op) = hub.merchant("m1").await;
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
     for id in ["KM2", "KM3"] {
@@ -211,16 +211,16 @@ async fn operator_page_shows_and_acknowledges_a_forced_door() {
         Duration::from_secs(1),
     )
     .await;
-    assert_eq!(
-        b.eval("document.getElementById('c-total').textContent")
-            .await,
-        "3"
-    );
-    assert_eq!(
-        b.eval("document.getElementById('c-online').textContent")
-            .await,
-        "1"
-    );
+    b.wait_for(
+        "document.getElementById('c-total').textContent === '3'",
+        Duration::from_secs(1),
+    )
+    .await;
+    b.wait_for(
+        "document.getElementById('c-online').textContent === '1'",
+        Duration::from_secs(1),
+    )
+    .await;
 
     // The door is forced open: the alert is on the page within a second, without reload.
     b.eval("document.querySelector('[data-tab=alerts]').click()")
@@ -322,6 +322,13 @@ async fn operator_page_shows_and_acknowledges_a_forced_door() {
     .await;
 }
 
+/// The test cabinets beat once; with the suite's 2 s heartbeat a slow browser start (a cold CI
+/// machine) let them go offline before the page looked. The standard interval keeps them online.
+fn steady_heartbeats(s: &mut cabinet_hub::config::Settings) {
+    s.cabinet.heartbeat_s = 30;
+    s.cabinet.missed_heartbeats = 3;
+}
+
 /// Types the key into the sign-in form as a person would.
 async fn sign_in(b: &mut Browser, hub: &TestHub, key: &str) {
     b.goto(&hub.url("/")).await;
@@ -340,7 +347,7 @@ async fn sign_in(b: &mut Browser, hub: &TestHub, key: &str) {
 /// turns up under abnormal orders, and the operator's resolve form charges it.
 #[actix_rt::test]
 async fn operator_resolves_an_abnormal_order_in_the_page() {
-    let (hub, op, mut c) = crate::purchase::shop(Backend::Sqlite).await;
+    let (hub, op, mut c) = crate::purchase::shop_with(Backend::Sqlite, steady_heartbeats).await;
     let mut b = Browser::launch(1440, 900).await;
     sign_in(&mut b, &hub, &op).await;
     b.eval("document.querySelector('[data-tab=sessions]').click()")
@@ -412,7 +419,7 @@ async fn operator_resolves_an_abnormal_order_in_the_page() {
 async fn ten_thousand_cabinets_stay_usable() {
     use futures_util::stream::{self, StreamExt as _};
     const N: usize = 10_000;
-    let hub = TestHub::start(Backend::Sqlite).await;
+    let hub = TestHub::start_with(Backend::Sqlite, steady_heartbeats).await;
     let (ma, op) = hub.merchant("m1").await;
     let started = Instant::now();
     let secret = hub.cabinet(&ma, "m1", "KM04321").await;

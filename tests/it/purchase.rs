@@ -11,12 +11,21 @@ use crate::harness::{Backend, Cabinet, TestHub, ADMIN_KEY};
 const SEC: Duration = Duration::from_secs(1);
 
 pub(crate) async fn shop(b: Backend) -> (TestHub, String, Cabinet) {
+    shop_with(b, |_| {}).await
+}
+
+/// `shop` with more settings changed.
+pub(crate) async fn shop_with(
+    b: Backend,
+    tweak: impl FnOnce(&mut cabinet_hub::config::Settings),
+) -> (TestHub, String, Cabinet) {
     let hub = TestHub::start_with(b, |s| {
         s.payments.confirm_timeout_ms = 1_500;
         s.payments.deduction_check_ms = 300;
         s.payments.simulator_retry_scale = 0.01;
         s.payments.collect_interval_ms = 200;
         s.payments.blacklist_unpaid_orders = 1;
+        tweak(s);
     })
     .await;
     let (ma, op) = hub.merchant("m1").await;
