@@ -227,12 +227,13 @@ pub fn start_broker(
         router: RouterConfig {
             max_connections: listeners.max_connections + 10,
             max_outgoing_packet_count: 1000,
-            // rumqttd keeps every topic's messages in a commit log of up to `count` segments of
-            // `size` bytes. Each cabinet has its own topics and the hub reads every message as it
-            // arrives, so a topic needs only a little backlog: 16 KiB × 2 bounds what a heartbeat
-            // topic retains (4 MiB × 4 let every topic grow to 16 MiB over weeks).
-            max_segment_size: 16 * 1024,
-            max_segment_count: 2,
+            // rumqttd appends every publish to the commit log of each *filter* it matches, and
+            // the hub reads everything through one `#` filter: that one log must hold any burst
+            // the pump has not read yet, or the reader jumps ahead and messages are lost (at
+            // 16 KiB × 2 it held ~160 heartbeats and the ingest scenario lost thousands).
+            // 8 MiB × 4 ≈ 160,000 heartbeats; a cabinet's own command filter stays tiny.
+            max_segment_size: 8 * 1024 * 1024,
+            max_segment_count: 4,
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
