@@ -249,7 +249,6 @@ pub async fn steady_fleet(ctx: &Ctx, n: usize, duration: Duration) -> Result<Rep
 /// only how fast a broker can queue — and rumqttd drops what its bounded per-topic logs cannot
 /// hold — instead of the rate the consumer sustains.
 struct Gate {
-    sent: AtomicU64,
     acked: AtomicU64,
     done: AtomicU64,
     /// Messages each publisher may have ahead of its share of what the consumer has seen:
@@ -284,7 +283,6 @@ async fn blast(
         while inflight < window && gate.open(seq) {
             seq += 1;
             conn.publish(&topic, body(seq).as_bytes()).await?;
-            gate.sent.fetch_add(1, Ordering::Relaxed);
             inflight += 1;
         }
         if inflight == 0 {
@@ -357,6 +355,58 @@ async fn mosquitto(given: Option<SocketAddr>) -> Result<Mosquitto> {
 /// Let the kernel choose the source address and port.
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 
+/// Connects one publisher per cabinet to `broker` (with the cabinets' credentials when
+/// `credentials`), each with its heartbeat topic.
+async fn connect_publishers(
+    broker: SocketAddr,
+    cabs: &[FleetCabinet],
+    credentials: bool,
+) -> Result<Vec<(Conn, String)>> {
+    let mut conns = Vec::with_capacity(cabs.len());
+    for (i, c) in cabs.iter().enumerate() {
+        let login = Login {
+            client_id: &c.id,
+            credentials: credentials.then_some((c.id.as_str(), c.secret.as_str())),
+            keep_alive: 60,
+            will: None,
+        };
+        conns.push((
+            Conn::connect(broker, fleet::source_for(i), login).await?,
+            format!("/tenants/{}/heartbeat", c.id),
+        ));
+    }
+    Ok(conns)
+}
+
+/// Runs the publishers for `duration` behind a gate whose `done` count the `watch` task keeps
+/// up to date (it is handed the gate and the deadline); returns the gate and the elapsed time.
+async fn run_gated(
+    conns: Vec<(Conn, String)>,
+    window: usize,
+    per_publisher: u64,
+    duration: Duration,
+    watch: impl FnOnce(Arc<Gate>, Instant) -> tokio::task::JoinHandle<()>,
+) -> Result<(Arc<Gate>, f64)> {
+    let gate = Arc::new(Gate {
+        acked: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        per_publisher,
+        publishers: conns.len() as u64,
+    });
+    let t0 = Instant::now();
+    let until = t0 + duration;
+    let watcher = watch(gate.clone(), until);
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|(c, t)| tokio::spawn(blast(c, t, window, until, gate.clone())))
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    let _ = watcher.await;
+    Ok((gate, t0.elapsed().as_secs_f64()))
+}
+
 /// `ingest`: uplinks as fast as the hub processes them, then the same stream through Mosquitto
 /// to one subscriber; both rates and the ratio.
 pub async fn ingest(
@@ -375,19 +425,7 @@ pub async fn ingest(
     let (_, cabs) = setup(&hub, publishers, &mut r).await?;
 
     // The hub: cabinets publish their heartbeats; processed = through the actors.
-    let mut conns = Vec::new();
-    for (i, c) in cabs.iter().enumerate() {
-        let login = Login {
-            client_id: &c.id,
-            credentials: Some((&c.id, &c.secret)),
-            keep_alive: 60,
-            will: None,
-        };
-        conns.push((
-            Conn::connect(hub.mqtt, fleet::source_for(i), login).await?,
-            format!("/tenants/{}/heartbeat", c.id),
-        ));
-    }
+    let mut conns = connect_publishers(hub.mqtt, &cabs, true).await?;
     // Actors exist after a cabinet's first message; start them before the clock.
     for (conn, topic) in conns.iter_mut() {
         let status = format!(
@@ -398,17 +436,8 @@ pub async fn ingest(
     }
     wait_online(&hub, publishers, Duration::from_secs(30)).await?;
     let before = hub.metric_sum("uplinks_processed_total").await?;
-    let gate = Arc::new(Gate {
-        sent: AtomicU64::new(0),
-        acked: AtomicU64::new(0),
-        done: AtomicU64::new(0),
-        per_publisher,
-        publishers: publishers as u64,
-    });
-    let t0 = Instant::now();
-    let until = t0 + duration;
-    let watcher = {
-        let (gate, hub) = (gate.clone(), hub.clone());
+    let (gate, elapsed) = run_gated(conns, window, per_publisher, duration, |gate, until| {
+        let hub = hub.clone();
         tokio::spawn(async move {
             while Instant::now() < until {
                 if let Ok(p) = hub.metric_sum("uplinks_processed_total").await {
@@ -418,16 +447,8 @@ pub async fn ingest(
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
-    };
-    let tasks: Vec<_> = conns
-        .into_iter()
-        .map(|(c, t)| tokio::spawn(blast(c, t, window, until, gate.clone())))
-        .collect();
-    for t in tasks {
-        t.await??;
-    }
-    let _ = watcher.await;
-    let elapsed = t0.elapsed().as_secs_f64();
+    })
+    .await?;
     let processed_in_window = hub.metric_sum("uplinks_processed_total").await? - before;
     // Drain: whatever the broker acknowledged must come through the actors.
     let sent = gate.acked.load(Ordering::Relaxed) as f64;
@@ -468,31 +489,10 @@ pub async fn ingest(
         }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut conns = Vec::new();
-    for (i, c) in cabs.iter().enumerate() {
-        let login = Login {
-            client_id: &c.id,
-            credentials: None,
-            keep_alive: 60,
-            will: None,
-        };
-        conns.push((
-            Conn::connect(m.addr, fleet::source_for(i), login).await?,
-            format!("/tenants/{}/heartbeat", c.id),
-        ));
-    }
+    let conns = connect_publishers(m.addr, &cabs, false).await?;
     let r0 = received.load(Ordering::Relaxed);
-    let gate = Arc::new(Gate {
-        sent: AtomicU64::new(0),
-        acked: AtomicU64::new(0),
-        done: AtomicU64::new(0),
-        per_publisher,
-        publishers: publishers as u64,
-    });
-    let t0 = Instant::now();
-    let until = t0 + duration;
-    let watcher = {
-        let (gate, received) = (gate.clone(), received.clone());
+    let (_, elapsed) = run_gated(conns, window, per_publisher, duration, |gate, until| {
+        let received = received.clone();
         tokio::spawn(async move {
             while Instant::now() < until {
                 gate.done
@@ -500,16 +500,8 @@ pub async fn ingest(
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         })
-    };
-    let tasks: Vec<_> = conns
-        .into_iter()
-        .map(|(c, t)| tokio::spawn(blast(c, t, window, until, gate.clone())))
-        .collect();
-    for t in tasks {
-        t.await??;
-    }
-    let _ = watcher.await;
-    let elapsed = t0.elapsed().as_secs_f64();
+    })
+    .await?;
     let mrate = (received.load(Ordering::Relaxed) - r0) as f64 / elapsed;
     sub_task.abort();
     r.fig("mosquitto_delivered_per_s", mrate, "msg/s");
