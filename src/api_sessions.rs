@@ -1,6 +1,7 @@
 //! Sessions, orders, payment notifications, merchant payment settings and the simulator's
 //! control API.
 
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
@@ -9,7 +10,7 @@ use crate::api::{ApiError, ApiResult, Caller, Role};
 use crate::app::AppState;
 use crate::payments::sim_wechat::{Deduction, UserScript};
 use crate::payments::wechat::SignedHeaders;
-use crate::sessions::{order_view, StartSession};
+use crate::sessions::{order_view, StartSession, StartTimings};
 
 async fn start_session(
     state: web::Data<AppState>,
@@ -23,16 +24,21 @@ async fn start_session(
         caller.require(Role::Operator)?;
     }
     let key = idempotency_key(&req)?;
-    Ok(
-        match state
-            .sessions
-            .start(caller.merchant.as_deref(), body, key)
-            .await
-        {
-            Ok(v) => HttpResponse::Created().json(v),
-            Err(r) => refused_response(r),
-        },
-    )
+    let mut timings = StartTimings::default();
+    let mut response = match state
+        .sessions
+        .start(caller.merchant.as_deref(), body, key, &mut timings)
+        .await
+    {
+        Ok(v) => HttpResponse::Created().json(v),
+        Err(r) => refused_response(r),
+    };
+    if let Ok(v) = HeaderValue::from_str(&timings.server_timing()) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("server-timing"), v);
+    }
+    Ok(response)
 }
 
 async fn get_session(

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     pub sessions: IntCounterVec,
     pub session_unlock: prometheus::Histogram,
+    pub session_stages: HistogramVec,
     pub orders: IntCounterVec,
     pub payments: IntCounterVec,
     pub notifications_rejected: IntCounterVec,
@@ -175,6 +176,19 @@ impl Metrics {
                         .buckets(vec![
                             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                         ]),
+                )?,
+            ),
+            session_stages: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "session_start_stage_seconds",
+                        "Where a session start's time goes: checks, provider, confirm, unlock, record",
+                    )
+                    .buckets(vec![
+                        0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5, 30.0,
+                    ]),
+                    &["stage"],
                 )?,
             ),
             orders: reg(

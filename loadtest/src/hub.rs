@@ -165,13 +165,30 @@ impl Hub {
         key: &str,
         body: Option<Value>,
     ) -> Result<(u16, Value)> {
+        let (s, v, _) = self.call_timed(method, path, key, body).await?;
+        Ok((s, v))
+    }
+
+    /// As `call`, with the answer's `Server-Timing` header (where the hub spent the time).
+    pub async fn call_timed(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value, Option<String>)> {
         let mut rb = self.client.request(method, self.url(path)).bearer_auth(key);
         if let Some(b) = body {
             rb = rb.json(&b);
         }
         let r = rb.send().await?;
         let s = r.status().as_u16();
-        Ok((s, r.json().await.unwrap_or(Value::Null)))
+        let timing = r
+            .headers()
+            .get("server-timing")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok((s, r.json().await.unwrap_or(Value::Null), timing))
     }
 
     async fn expect(&self, path: &str, key: &str, body: Value, want: u16) -> Result<Value> {

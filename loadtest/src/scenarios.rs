@@ -627,6 +627,44 @@ struct Shopping {
     errors: u64,
 }
 
+/// Latencies of the unlocked sessions: the whole request, and the part of it the payment
+/// provider took (its create round trip and the confirmation), read from `Server-Timing`.
+struct Unlocks {
+    total: Histogram<u64>,
+    provider: Histogram<u64>,
+    hub_own: Histogram<u64>,
+    stages: std::collections::BTreeMap<String, Histogram<u64>>,
+    untimed: u64,
+}
+
+/// The stages of a `Server-Timing` value, in microseconds.
+fn server_timing_us(server_timing: &str) -> Option<Vec<(&str, u64)>> {
+    server_timing
+        .split(',')
+        .map(|metric| {
+            let mut parts = metric.trim().split(';');
+            let name = parts.next()?;
+            let dur: f64 = parts
+                .find_map(|p| p.trim().strip_prefix("dur="))?
+                .parse()
+                .ok()?;
+            Some((name, (dur * 1000.0) as u64))
+        })
+        .collect()
+}
+
+/// Microseconds spent in the `provider` and `confirm` stages of a `Server-Timing` value.
+fn provider_share_us(server_timing: &str) -> Option<u64> {
+    let stages = server_timing_us(server_timing)?;
+    let provider = stages
+        .iter()
+        .filter(|(name, _)| *name == "provider" || *name == "confirm");
+    provider
+        .clone()
+        .next()
+        .map(|_| provider.map(|(_, us)| us).sum())
+}
+
 /// Starts sessions at `rate` per second over the fleet until `until`, round robin so that a
 /// cabinet is not asked again while its last shopper may still be inside.
 async fn shop(
@@ -635,8 +673,14 @@ async fn shop(
     cabs: Vec<FleetCabinet>,
     rate: f64,
     until: Instant,
-) -> Result<(Histogram<u64>, Shopping)> {
-    let h = Arc::new(Mutex::new(histogram()?));
+) -> Result<(Unlocks, Shopping)> {
+    let h = Arc::new(Mutex::new(Unlocks {
+        total: histogram()?,
+        provider: histogram()?,
+        hub_own: histogram()?,
+        stages: Default::default(),
+        untimed: 0,
+    }));
     let out = Arc::new(Mutex::new(Shopping::default()));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -650,7 +694,7 @@ async fn shop(
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
             let r = hub
-                .call(
+                .call_timed(
                     reqwest::Method::POST,
                     "/api/v1/sessions",
                     &op,
@@ -661,13 +705,33 @@ async fn shop(
             let Ok(mut o) = out.lock() else { return };
             o.started += 1;
             match r {
-                Ok((201, _)) => {
+                Ok((201, _, timing)) => {
                     o.ok += 1;
                     if let Ok(mut h) = h.lock() {
-                        h.saturating_record(us);
+                        h.total.saturating_record(us);
+                        for (stage, us) in timing
+                            .as_deref()
+                            .and_then(server_timing_us)
+                            .unwrap_or_default()
+                        {
+                            if !h.stages.contains_key(stage) {
+                                let Ok(new) = histogram() else { continue };
+                                h.stages.insert(stage.to_owned(), new);
+                            }
+                            if let Some(sh) = h.stages.get_mut(stage) {
+                                sh.saturating_record(us);
+                            }
+                        }
+                        match timing.as_deref().and_then(provider_share_us) {
+                            Some(p) => {
+                                h.provider.saturating_record(p);
+                                h.hub_own.saturating_record(us.saturating_sub(p));
+                            }
+                            None => h.untimed += 1,
+                        }
                     }
                 }
-                Ok((_, v)) => {
+                Ok((_, v, _)) => {
                     let code = v["code"].as_str().unwrap_or("unknown").to_owned();
                     *o.refused.entry(code).or_default() += 1;
                 }
@@ -678,9 +742,9 @@ async fn shop(
     for t in tasks {
         let _ = t.await;
     }
-    let h = h
-        .lock()
-        .map(|h| h.clone())
+    let h = Arc::try_unwrap(h)
+        .map_err(|_| anyhow::anyhow!("a shopper still holds the histograms"))?
+        .into_inner()
         .map_err(|_| anyhow::anyhow!("poisoned"))?;
     let o = std::mem::take(&mut *out.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
     Ok((h, o))
@@ -727,14 +791,25 @@ pub async fn shopping_rush(ctx: &Ctx, n: usize, rate: f64, duration: Duration) -
     };
     let (h, s) = shop(hub.clone(), op, cabs.clone(), rate, until).await?;
     let floor = floor.await??;
-    r.latency("unlock", &h);
+    r.latency("unlock", &h.total);
+    r.latency("unlock_provider", &h.provider);
+    r.latency("unlock_hub_own", &h.hub_own);
+    for (stage, sh) in &h.stages {
+        r.latency(&format!("stage_{stage}"), sh);
+    }
     r.latency("floor_rtt", &floor);
     let f50 = floor.value_at_quantile(0.5).max(1) as f64;
     r.fig(
         "unlock_p50_over_floor_p50",
-        h.value_at_quantile(0.5) as f64 / f50,
+        h.total.value_at_quantile(0.5) as f64 / f50,
         "×",
     );
+    r.fig(
+        "unlock_hub_own_p50_over_floor_p50",
+        h.hub_own.value_at_quantile(0.5) as f64 / f50,
+        "×",
+    );
+    r.fig("sessions_untimed", h.untimed as f64, "");
     r.fig("sessions_started", s.started as f64, "");
     r.fig("sessions_unlocked", s.ok as f64, "");
     r.fig("sessions_errors", s.errors as f64, "");
@@ -927,7 +1002,7 @@ pub async fn soak(ctx: &Ctx, n: usize, rate: f64, duration: Duration) -> Result<
     r.fig("sessions_failed", (s.started - s.ok) as f64, "");
     r.fig("orders_paid", paid, "");
     r.fig("orders_missing", (s.ok as f64 - paid).max(0.0), "");
-    r.latency("unlock", &h);
+    r.latency("unlock", &h.total);
     for (code, count) in &s.refused {
         r.note(format!("{count} sessions refused: {code}"));
     }
@@ -948,4 +1023,25 @@ pub async fn soak(ctx: &Ctx, n: usize, rate: f64, duration: Duration) -> Result<
     );
     fleet.shutdown().await;
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::provider_share_us;
+
+    #[test]
+    fn provider_share_sums_provider_and_confirm() {
+        let t = "checks;dur=0.400, provider;dur=2.500, confirm;dur=1.250, unlock;dur=0.600, record;dur=0.200";
+        assert_eq!(provider_share_us(t), Some(3750));
+    }
+
+    #[test]
+    fn provider_share_absent_or_malformed() {
+        assert_eq!(
+            provider_share_us("checks;dur=0.4, unlock;dur=0.6, record;dur=0.2"),
+            None
+        );
+        assert_eq!(provider_share_us("provider;dur=abc"), None);
+        assert_eq!(provider_share_us("provider"), None);
+    }
 }

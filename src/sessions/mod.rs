@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -29,6 +29,47 @@ use crate::store::{OrderRow, SessionRow, Store, StoreError};
 
 mod alipay_flow;
 mod exceptions;
+
+/// Where the time of one session start went, stage by stage: answered as `Server-Timing` and
+/// observed in `session_start_stage_seconds`, so the provider's share (its round trip and the
+/// shopper's confirmation) is told apart from the hub's own.
+#[derive(Debug, Clone)]
+pub struct StartTimings {
+    stages: Vec<(&'static str, Duration)>,
+    mark: Instant,
+}
+
+impl Default for StartTimings {
+    fn default() -> Self {
+        Self {
+            stages: Vec::with_capacity(5),
+            mark: Instant::now(),
+        }
+    }
+}
+
+impl StartTimings {
+    /// Closes the stage that ran since the previous one ended.
+    fn lap(&mut self, stage: &'static str) {
+        let now = Instant::now();
+        self.stages.push((stage, now - self.mark));
+        self.mark = now;
+    }
+
+    /// The stages in order.
+    pub fn stages(&self) -> &[(&'static str, Duration)] {
+        &self.stages
+    }
+
+    /// The `Server-Timing` header value (W3C), durations in milliseconds.
+    pub fn server_timing(&self) -> String {
+        self.stages
+            .iter()
+            .map(|(name, d)| format!("{name};dur={:.3}", d.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
 
 /// Why a session was not started: an API error code and its HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +162,7 @@ impl Sessions {
         merchant_scope: Option<&str>,
         req: StartSession,
         idempotency_key: Option<String>,
+        timings: &mut StartTimings,
     ) -> Result<Value, Refused> {
         let internal = |e: StoreError| refused(500, "internal", e.to_string());
         let Ok(cid) = CabinetId::parse(&req.cabinet_id) else {
@@ -296,7 +338,8 @@ impl Sessions {
             }
             Err(e) => return Err(internal(e)),
         }
-        let outcome = self.run_start(&session, req.mode).await;
+        timings.lap("checks");
+        let outcome = self.run_start(&session, req.mode, timings).await;
         let mode = mode_str(req.mode);
         let answer = match outcome {
             Ok(()) => {
@@ -329,6 +372,13 @@ impl Sessions {
             .await
         {
             tracing::error!(session_id = %id, error = %e, "could not store the idempotent answer");
+        }
+        timings.lap("record");
+        for (stage, d) in timings.stages() {
+            self.metrics
+                .session_stages
+                .with_label_values(&[stage])
+                .observe(d.as_secs_f64());
         }
         answer
     }
@@ -426,10 +476,16 @@ impl Sessions {
         }
     }
 
-    async fn run_start(&self, s: &SessionRow, mode: SessionMode) -> Result<(), Refused> {
+    async fn run_start(
+        &self,
+        s: &SessionRow,
+        mode: SessionMode,
+        timings: &mut StartTimings,
+    ) -> Result<(), Refused> {
         let internal = |e: StoreError| refused(500, "internal", e.to_string());
         if s.channel == "alipay" {
             self.alipay_confirm(s).await?;
+            timings.lap("provider");
         }
         if s.channel == "wechat" {
             let Some(w) = self.wechat.clone() else {
@@ -501,8 +557,10 @@ impl Sessions {
                     )
                     .await);
             }
+            timings.lap("provider");
             let confirmed = self.await_confirmation(&w, &sub, &s.id, rx).await;
             self.after_confirmation(s, confirmed).await?;
+            timings.lap("confirm");
         }
         let Ok(cid) = CabinetId::parse(&s.cabinet_id) else {
             return Err(refused(500, "internal", "stored cabinet id invalid"));
@@ -526,6 +584,7 @@ impl Sessions {
                 expires_at,
             }))
             .await;
+        timings.lap("unlock");
         match result {
             Ok(Ok(r)) => match r.outcome {
                 CommandOutcome::Ok => {

@@ -119,6 +119,7 @@ both!(
     promotions_apply_to_the_next_session,
     unlock_rejected_charges_nothing,
     sessions_and_orders_on_the_feed,
+    session_start_tells_where_the_time_went,
 );
 
 /// The operator feed carries every durable session and order step, in order, for its merchant.
@@ -789,4 +790,54 @@ async fn real_credentials_load_and_unconfigured_channels_are_refused() {
             .0,
         404
     );
+}
+
+/// The answer to a session start says where its time went (`Server-Timing`): the payment
+/// provider's stages apart from the hub's own; the same stages feed
+/// `session_start_stage_seconds`.
+async fn session_start_tells_where_the_time_went(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let (client, url, key) = (hub.client.clone(), hub.url("/api/v1/sessions"), op.clone());
+    let pending = actix_rt::spawn(async move {
+        let r = client
+            .post(url)
+            .bearer_auth(key)
+            .json(&json!({"cabinet_id": "KM1", "user_id": "u1", "channel": "wechat", "mode": "purchase"}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let timing = r
+            .headers()
+            .get("server-timing")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        (r.status().as_u16(), timing)
+    });
+    let unlock = c.expect_command("unlock", 3 * SEC).await;
+    c.ack(&unlock, true, None).await;
+    let (s, timing) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s, 201);
+    let timing = timing.unwrap_or_else(|| panic!("no Server-Timing header"));
+    let stages: Vec<(String, f64)> = timing
+        .split(", ")
+        .map(|m| {
+            let (name, dur) = m
+                .split_once(";dur=")
+                .unwrap_or_else(|| panic!("malformed metric {m:?} in {timing:?}"));
+            let dur: f64 = dur.parse().unwrap_or_else(|e| panic!("{dur}: {e}"));
+            assert!(dur >= 0.0, "{timing}");
+            (name.to_owned(), dur)
+        })
+        .collect();
+    let names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["checks", "provider", "confirm", "unlock", "record"],
+        "{timing}"
+    );
+    let m = hub.metrics().await;
+    for stage in names {
+        let line = format!("session_start_stage_seconds_count{{stage=\"{stage}\"}} 1");
+        assert!(m.contains(&line), "{line} missing");
+    }
 }
