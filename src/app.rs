@@ -168,6 +168,7 @@ impl Application {
             plain: settings.mqtt.listen,
             tls,
             max_connections: settings.mqtt.max_connections,
+            uplink_buffer_mib: settings.mqtt.uplink_buffer_mib,
         };
         let (publisher, link_rx) = start_broker(&listeners, directory.clone(), metrics.clone())?;
 

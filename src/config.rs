@@ -68,6 +68,10 @@ pub struct MqttSettings {
     pub tls_server_names: Vec<String>,
     /// Connection limit of the broker.
     pub max_connections: usize,
+    /// `HUB__MQTT__UPLINK_BUFFER_MIB`: how much uplink (topic + payload bytes) the broker
+    /// holds for the hub while it has not read it yet; a burst beyond it is lost. Real memory
+    /// is about twice this once full.
+    pub uplink_buffer_mib: usize,
 }
 
 /// `[database]`

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{
-    Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings, TlsConfig,
+    Broker, Config, ConnectionSettings, Notification, RouterConfig, SegmentConfig, ServerSettings,
+    TlsConfig,
 };
 
 use cabinet_actors::actor::{CabinetMeta, Deliver, PublishError};
@@ -168,6 +169,8 @@ pub struct BrokerListeners {
     pub tls: Option<(SocketAddr, PathBuf, PathBuf, PathBuf)>,
     /// Connection limit.
     pub max_connections: usize,
+    /// The hub's uplink buffer, MiB.
+    pub uplink_buffer_mib: usize,
 }
 
 fn connection_settings() -> ConnectionSettings {
@@ -227,14 +230,28 @@ pub fn start_broker(
         router: RouterConfig {
             max_connections: listeners.max_connections + 10,
             max_outgoing_packet_count: 1000,
-            // rumqttd appends every publish to the commit log of each *filter* it matches, and
-            // the hub reads everything through one `#` filter: that one log must hold any burst
-            // the pump has not read yet, or the reader jumps ahead and messages are lost (at
-            // 16 KiB × 2 it held ~160 heartbeats and the ingest scenario lost thousands).
-            // 8 MiB × 4 ≈ 160,000 heartbeats; a cabinet's own command filter stays tiny.
-            max_segment_size: 8 * 1024 * 1024,
+            // rumqttd appends every publish to the commit log of each *filter* it matches and
+            // keeps the log up to its cap even after every reader has read it, so these caps
+            // are memory that fills and then stays. The hub reads everything through one `#`
+            // filter: that log must hold any burst the pump has not read yet, or the reader
+            // jumps ahead and messages are lost (at 16 KiB × 2 the ingest scenario lost
+            // thousands); `uplink_buffer_mib` sizes it.
+            max_segment_size: (listeners.uplink_buffer_mib.max(1) * 1024 * 1024) / 4,
             max_segment_count: 4,
-            custom_segment: None,
+            // A cabinet's command filter under the same cap would keep its last 32 MiB of
+            // commands forever (months of unlocks, per cabinet). Commands are read within
+            // milliseconds and expire anyway: a few hundred are plenty.
+            custom_segment: Some(
+                [(
+                    "/tenants/+/cmd".to_owned(),
+                    SegmentConfig {
+                        max_segment_size: 32 * 1024,
+                        max_segment_count: 2,
+                    },
+                )]
+                .into_iter()
+                .collect(),
+            ),
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },

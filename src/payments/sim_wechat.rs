@@ -3,7 +3,7 @@
 //! (its own test key pair), and AES-256-GCM-encrypted, signed notifications delivered with
 //! WeChat's retry schedule until answered 200/204. Mounted at `/sim/wechatpay`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -133,9 +133,14 @@ pub struct WechatSim {
     signer: Arc<RsaSigner>,
     verifier: Arc<Verifier>,
     state: Arc<Mutex<State>>,
-    sent: Arc<Mutex<Vec<(String, String)>>>,
+    /// The most recent notifications, for `redeliver_all`; bounded so a long run does not
+    /// grow with every order.
+    sent: Arc<Mutex<VecDeque<(String, String)>>>,
     http: reqwest::Client,
 }
+
+/// How many sent notifications the simulator keeps for redelivery.
+const SENT_KEPT: usize = 10_000;
 
 fn key(sub_mchid: &str, out_order_no: &str) -> String {
     format!("{sub_mchid}\u{1f}{out_order_no}")
@@ -188,7 +193,7 @@ impl WechatSim {
             signer: Arc::new(signer),
             verifier: Arc::new(verifier),
             state: Arc::new(Mutex::new(state)),
-            sent: Arc::new(Mutex::new(Vec::new())),
+            sent: Arc::new(Mutex::new(VecDeque::new())),
             http,
         })
     }
@@ -352,10 +357,13 @@ impl WechatSim {
                 "summary": "支付分服务单通知",
                 "resource": {"algorithm": "AEAD_AES_256_GCM", "ciphertext": ciphertext, "nonce": nonce, "associated_data": "payscore", "original_type": "payscore"}})
             .to_string();
-            sim.sent
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((url.clone(), body.clone()));
+            {
+                let mut sent = sim.sent.lock().unwrap_or_else(|p| p.into_inner());
+                if sent.len() == SENT_KEPT {
+                    sent.pop_front();
+                }
+                sent.push_back((url.clone(), body.clone()));
+            }
             sim.deliver(url, body).await;
         });
     }
@@ -423,8 +431,9 @@ impl WechatSim {
         });
     }
 
-    /// Delivers every notification sent so far once more, as WeChat does when it is unsure an
-    /// answer arrived: the receiver must change nothing. Returns how many.
+    /// Delivers every notification sent so far (the latest `SENT_KEPT`) once more, as WeChat
+    /// does when it is unsure an answer arrived: the receiver must change nothing. Returns how
+    /// many.
     pub async fn redeliver_all(&self) -> usize {
         let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for (url, body) in &sent {

@@ -342,7 +342,7 @@ impl Sessions {
         let outcome = self.run_start(&session, req.mode, timings).await;
         let mode = mode_str(req.mode);
         let answer = match outcome {
-            Ok(()) => {
+            Ok(opened) => {
                 self.metrics
                     .sessions
                     .with_label_values(&[mode, "unlocked"])
@@ -350,7 +350,8 @@ impl Sessions {
                 self.metrics
                     .session_unlock
                     .observe((self.now() - now).max(0) as f64 / 1000.0);
-                Ok(self.view(&id).await.map_err(internal)?)
+                // Both rows as just committed: the order is untouched since it was stored.
+                Ok(json!({"session": opened, "order": order_view(&order)}))
             }
             Err(r) => {
                 self.metrics
@@ -360,18 +361,21 @@ impl Sessions {
                 Err(r)
             }
         };
-        let stored = match &answer {
-            Ok(v) => json!({"status": 201, "body": v}),
-            Err(r) => {
-                json!({"status": r.status, "body": {"error": {"code": r.code, "message": r.message}}})
+        // Kept only where a repeat can ask for it: under an Idempotency-Key.
+        if idempotency_key.is_some() {
+            let stored = match &answer {
+                Ok(v) => json!({"status": 201, "body": v}),
+                Err(r) => {
+                    json!({"status": r.status, "body": {"error": {"code": r.code, "message": r.message}}})
+                }
+            };
+            if let Err(e) = self
+                .store
+                .set_session_response(&id, &stored.to_string())
+                .await
+            {
+                tracing::error!(session_id = %id, error = %e, "could not store the idempotent answer");
             }
-        };
-        if let Err(e) = self
-            .store
-            .set_session_response(&id, &stored.to_string())
-            .await
-        {
-            tracing::error!(session_id = %id, error = %e, "could not store the idempotent answer");
         }
         timings.lap("record");
         for (stage, d) in timings.stages() {
@@ -481,7 +485,7 @@ impl Sessions {
         s: &SessionRow,
         mode: SessionMode,
         timings: &mut StartTimings,
-    ) -> Result<(), Refused> {
+    ) -> Result<SessionRow, Refused> {
         let internal = |e: StoreError| refused(500, "internal", e.to_string());
         if s.channel == "alipay" {
             self.alipay_confirm(s).await?;
@@ -588,11 +592,21 @@ impl Sessions {
         match result {
             Ok(Ok(r)) => match r.outcome {
                 CommandOutcome::Ok => {
-                    self.store
-                        .transition_session(&s.id, "unlocking", "open", None, self.now())
+                    let opened = self
+                        .store
+                        .transition_session_row(&s.id, "unlocking", "open", None, self.now())
                         .await
                         .map_err(internal)?;
-                    Ok(())
+                    match opened {
+                        Some(row) => Ok(row),
+                        // Moved on meanwhile: answer with what is stored.
+                        None => self
+                            .store
+                            .session(&s.id)
+                            .await
+                            .map_err(internal)?
+                            .ok_or_else(|| refused(500, "internal", "the session vanished")),
+                    }
                 }
                 CommandOutcome::Timeout => Err(self
                     .fail(

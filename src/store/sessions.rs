@@ -270,6 +270,21 @@ impl Store {
         failure: Option<&str>,
         now: i64,
     ) -> Result<bool> {
+        Ok(self
+            .transition_session_row(id, from, to, failure, now)
+            .await?
+            .is_some())
+    }
+
+    /// `transition_session`, answering the session as committed.
+    pub async fn transition_session_row(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        failure: Option<&str>,
+        now: i64,
+    ) -> Result<Option<SessionRow>> {
         let r = sqlx::query(
             "UPDATE sessions SET state = $3, failure = COALESCE($4, failure), updated_at = $5, \
              unlocked_at = CASE WHEN $3 = 'open' THEN $5 ELSE unlocked_at END WHERE id = $1 AND state = $2 RETURNING *",
@@ -283,10 +298,11 @@ impl Store {
         .await?;
         match r {
             Some(row) => {
-                self.changed(Change::Session(session_row(&row)?));
-                Ok(true)
+                let s = session_row(&row)?;
+                self.changed(Change::Session(s.clone()));
+                Ok(Some(s))
             }
-            None => Ok(false),
+            None => Ok(None),
         }
     }
 
