@@ -1,7 +1,7 @@
 //! A map that remembers which entries changed, so a simulator can persist each change as one
 //! appended line instead of rewriting its whole state (which made every request O(all orders)).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -10,6 +10,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub struct Tracked<V> {
     map: HashMap<String, V>,
     dirty: HashSet<String>,
+    /// Keys, oldest first, for `evict`.
+    age: VecDeque<String>,
 }
 
 impl<V> Default for Tracked<V> {
@@ -17,6 +19,7 @@ impl<V> Default for Tracked<V> {
         Self {
             map: HashMap::new(),
             dirty: HashSet::new(),
+            age: VecDeque::new(),
         }
     }
 }
@@ -37,7 +40,11 @@ impl<V> Tracked<V> {
     /// Inserts or replaces (marked changed).
     pub fn insert(&mut self, k: String, v: V) -> Option<V> {
         self.dirty.insert(k.clone());
-        self.map.insert(k, v)
+        let old = self.map.insert(k.clone(), v);
+        if old.is_none() {
+            self.age.push_back(k);
+        }
+        old
     }
 
     /// Every entry.
@@ -68,7 +75,38 @@ impl<V> Tracked<V> {
 
     /// Takes over every entry of `other` (a later journal line wins).
     pub fn merge(&mut self, other: Tracked<V>) {
-        self.map.extend(other.map);
+        for (k, v) in other.map {
+            self.insert(k, v);
+        }
+        self.dirty.clear();
+    }
+
+    /// How many entries.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// While there are more than `keep` entries, forgets the oldest ones that `done` says are
+    /// finished; unfinished ones are kept and looked at again later. Looks at no more than
+    /// `budget` entries, so a call stays cheap whatever the size.
+    pub fn evict(&mut self, keep: usize, budget: usize, done: impl Fn(&V) -> bool) {
+        for _ in 0..budget {
+            if self.map.len() <= keep {
+                return;
+            }
+            let Some(k) = self.age.pop_front() else {
+                return;
+            };
+            match self.map.get(&k) {
+                Some(v) if done(v) => {
+                    self.map.remove(&k);
+                    self.dirty.remove(&k);
+                }
+                Some(_) => self.age.push_back(k),
+                None => {}
+            }
+        }
     }
 }
 
@@ -80,8 +118,10 @@ impl<V: Serialize> Serialize for Tracked<V> {
 
 impl<'de, V: Deserialize<'de>> Deserialize<'de> for Tracked<V> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map: HashMap<String, V> = HashMap::deserialize(d)?;
         Ok(Self {
-            map: HashMap::deserialize(d)?,
+            age: map.keys().cloned().collect(),
+            map,
             dirty: HashSet::new(),
         })
     }
@@ -109,5 +149,33 @@ mod tests {
         let changed = t.take_changed();
         assert_eq!(changed.len(), 2);
         assert_eq!(changed.get(&"a".to_owned()), Some(&&4));
+    }
+
+    #[test]
+    fn evicts_the_oldest_finished_entries_only() {
+        let mut t: Tracked<u32> = Tracked::default();
+        // Even values are finished.
+        for (i, v) in [1u32, 2, 4, 5, 6].iter().enumerate() {
+            t.insert(format!("k{i}"), *v);
+        }
+        t.evict(3, 10, |v| v % 2 == 0);
+        assert_eq!(t.len(), 3);
+        assert!(t.get("k0").is_some(), "unfinished, kept although oldest");
+        assert!(
+            t.get("k1").is_none() && t.get("k2").is_none(),
+            "oldest finished go"
+        );
+        assert!(t.get("k3").is_some() && t.get("k4").is_some());
+        // Nothing more to evict while everything left is unfinished but the newest.
+        t.evict(0, 10, |v| *v == 6);
+        assert_eq!(t.len(), 2);
+        assert!(t.get("k4").is_none());
+        // The budget bounds the work of one call.
+        let mut big: Tracked<u32> = Tracked::default();
+        for i in 0..100 {
+            big.insert(format!("b{i}"), 0);
+        }
+        big.evict(0, 10, |_| true);
+        assert_eq!(big.len(), 90);
     }
 }

@@ -83,8 +83,30 @@ struct SimOrder {
     notify_url: String,
     openid: String,
     order: ServiceOrder,
-    create_body: Value,
+    /// The create request as compact JSON (a `Value` took ~4 KB an order); journals written
+    /// with the object form still load.
+    #[serde(deserialize_with = "json_text")]
+    create_body: String,
     refunded: i64,
+}
+
+impl SimOrder {
+    /// Nothing more can happen to it but a refund: paid, revoked or expired.
+    fn finished(&self) -> bool {
+        matches!(self.order.state.as_str(), "DONE" | "REVOKED" | "EXPIRED")
+    }
+}
+
+/// Orders the simulator remembers before it forgets the oldest finished ones. The real service
+/// keeps them for years; a simulator that did would grow with every order of a long run.
+const ORDERS_KEPT: usize = 20_000;
+
+/// A JSON text, or any JSON value turned into its text.
+fn json_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => s,
+        other => other.to_string(),
+    })
 }
 
 #[derive(Default, serde::Serialize, Deserialize)]
@@ -206,21 +228,28 @@ impl WechatSim {
     /// state lock, so lines are in the order of the changes.
     fn save(&self) {
         use std::io::Write as _;
-        let Some(path) = &self.cfg.persist else {
-            return;
-        };
         let mut st = self.lock();
-        let Some(line) = st.changes() else {
-            return;
-        };
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
-        if let Err(e) = written {
-            tracing::error!(error = %e, "simulator state not saved");
+        match &self.cfg.persist {
+            Some(path) => {
+                if let Some(line) = st.changes() {
+                    let written = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+                    if let Err(e) = written {
+                        tracing::error!(error = %e, "simulator state not saved");
+                    }
+                }
+            }
+            None => {
+                st.orders.take_changed();
+                st.refunds.take_changed();
+                st.users.take_changed();
+            }
         }
+        // After the journal line, so a forgotten order's last state is on disk.
+        st.orders.evict(ORDERS_KEPT, 8, SimOrder::finished);
     }
 
     /// Scripts a shopper.
@@ -525,7 +554,7 @@ impl WechatSim {
             let st = self.lock();
             if let Some(existing) = st.orders.get(&k) {
                 // Identical retries are idempotent; a different body with the same number is not.
-                return if existing.create_body == *body {
+                return if existing.create_body == body.to_string() {
                     Ok(serde_json::to_value(&existing.order).unwrap_or(Value::Null))
                 } else {
                     Err(SimError(400, "INVALID_REQUEST", "商户订单号重复".into()))
@@ -559,7 +588,7 @@ impl WechatSim {
                 notify_url,
                 openid: openid.clone(),
                 order,
-                create_body: body.clone(),
+                create_body: body.to_string(),
                 refunded: 0,
             },
         );
@@ -877,4 +906,26 @@ pub fn configure(cfg: &mut web::ServiceConfig, sim: WechatSim) {
             .app_data(web::PayloadConfig::new(64 * 1024))
             .default_service(web::to(handle)),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_text;
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    struct Body {
+        #[serde(deserialize_with = "json_text")]
+        create_body: String,
+    }
+
+    #[test]
+    fn create_body_loads_from_text_and_from_older_object_journals() {
+        let text: Body = serde_json::from_str(r#"{"create_body": "{\"a\":1}"}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let object: Body = serde_json::from_str(r#"{"create_body": {"a": 1}}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(text.create_body, r#"{"a":1}"#);
+        assert_eq!(object.create_body, text.create_body);
+    }
 }
