@@ -47,6 +47,8 @@ pub struct Behaviour {
     pub items: Value,
     /// Injected faults.
     pub faults: Faults,
+    /// Connections per second while the fleet comes up; all at once when unset.
+    pub ramp_per_s: Option<f64>,
 }
 
 /// Counters shared by the whole fleet.
@@ -120,7 +122,11 @@ pub fn start(
         .enumerate()
         .map(|(i, c)| {
             let (tx, rx) = mpsc::unbounded_channel();
+            let start_after = behaviour
+                .ramp_per_s
+                .map_or(Duration::ZERO, |r| Duration::from_secs_f64(i as f64 / r));
             let sim = Sim {
+                start_after,
                 cab: c.clone(),
                 src: source_for(i),
                 broker,
@@ -151,6 +157,8 @@ enum Step {
 }
 
 struct Sim {
+    /// When to connect first, for a ramped start.
+    start_after: Duration,
     cab: FleetCabinet,
     src: IpAddr,
     broker: SocketAddr,
@@ -293,6 +301,12 @@ impl Sim {
     ) {
         if chance(self.behaviour.faults.camera_failing) {
             self.camera_ok = false;
+        }
+        if !self.start_after.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(self.start_after) => {}
+                _ = stop.changed() => return,
+            }
         }
         'session: loop {
             let Some(mut conn) = self.connect(&stop).await else {

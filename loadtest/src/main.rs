@@ -52,6 +52,10 @@ struct Common {
     /// Heartbeat interval pushed to the fleet, seconds.
     #[arg(long, default_value_t = 30)]
     heartbeat_s: u32,
+    /// Bring the fleet up at this many connections per second instead of all at once, as a
+    /// fleet does in the field (`connect-storm` always connects all at once).
+    #[arg(long)]
+    ramp_per_s: Option<f64>,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -190,6 +194,7 @@ fn ctx(c: &Common) -> Result<scenarios::Ctx> {
         external,
         hub_env,
         heartbeat_s: c.heartbeat_s.max(1),
+        ramp_per_s: c.ramp_per_s.filter(|r| *r > 0.0),
         faults: fleet::Faults {
             unlock_ignored: c.fault_unlock_ignored,
             lock_not_latching: c.fault_lock_not_latching,

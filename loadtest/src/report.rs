@@ -303,6 +303,35 @@ pub fn markdown(
             }
         }
     }
+    let storms: Vec<&Report> = reports
+        .iter()
+        .filter(|r| r.scenario == "connect-storm")
+        .collect();
+    if storms.len() > 1 {
+        let _ = writeln!(s, "\n## Connect storms by size\n");
+        let _ = writeln!(
+            s,
+            "The same storm at several sizes in the same run: linear growth keeps the time per \
+             cabinet constant.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| cabinets | all online | per 1,000 cabinets | reconnects |\n| ---: | ---: | ---: | ---: |"
+        );
+        for r in storms {
+            let n = r.params["cabinets"].as_f64().unwrap_or(0.0);
+            let t = r.value("all_online_s").unwrap_or(f64::NAN);
+            let retries = r.value("connect_retries").unwrap_or(f64::NAN);
+            let _ = writeln!(
+                s,
+                "| {} | {} s | {} s | {} |",
+                fmt_value(n),
+                fmt_value(t),
+                fmt_value(t / n.max(1.0) * 1000.0),
+                fmt_value(retries)
+            );
+        }
+    }
     let _ = writeln!(s, "\n## Results\n");
     for r in &reports {
         let _ = writeln!(s, "### {}\n", r.scenario);

@@ -21,6 +21,7 @@ use crate::mqtt::{Conn, Login};
 use crate::report::{histogram, Report};
 
 /// What every scenario is given.
+#[derive(Clone)]
 pub struct Ctx {
     /// The hub binary (when this tool starts the hub).
     pub hub_bin: std::path::PathBuf,
@@ -30,6 +31,8 @@ pub struct Ctx {
     pub hub_env: Vec<(String, String)>,
     /// Heartbeat interval pushed to the fleet.
     pub heartbeat_s: u32,
+    /// Connections per second while the fleet comes up; all at once when unset.
+    pub ramp_per_s: Option<f64>,
     /// Injected faults.
     pub faults: Faults,
 }
@@ -58,7 +61,14 @@ impl Ctx {
             door_open,
             items,
             faults: self.faults,
+            ramp_per_s: self.ramp_per_s,
         })
+    }
+
+    /// How long `n` cabinets may take to come online: the ramp plus two minutes.
+    fn online_within(&self, n: usize) -> Duration {
+        let ramp = self.ramp_per_s.map_or(0.0, |r| n as f64 / r);
+        Duration::from_secs_f64(120.0 + ramp)
     }
 }
 
@@ -117,10 +127,14 @@ pub async fn connect_storm(ctx: &Ctx, n: usize) -> Result<Report> {
     let mut r = Report::new("connect-storm", json!({"cabinets": n}));
     let hub = ctx.hub().await?;
     let (_, cabs) = setup(&hub, n, &mut r).await?;
+    let at_once = Ctx {
+        ramp_per_s: None,
+        ..ctx.clone()
+    };
     let fleet = Fleet::start(
         &hub,
         &cabs,
-        ctx.behaviour(json!([]), Duration::from_secs(1)),
+        at_once.behaviour(json!([]), Duration::from_secs(1)),
     );
     let took = wait_online(&hub, n, Duration::from_secs(600)).await?;
     r.fig("all_online_s", took.as_secs_f64(), "s");
@@ -182,7 +196,7 @@ pub async fn steady_fleet(ctx: &Ctx, n: usize, duration: Duration) -> Result<Rep
         &cabs,
         ctx.behaviour(json!([]), Duration::from_secs(1)),
     );
-    let took = wait_online(&hub, n, Duration::from_secs(120)).await?;
+    let took = wait_online(&hub, n, ctx.online_within(n)).await?;
     r.fig("all_online_s", took.as_secs_f64(), "s");
 
     let mut events = feed(&hub, &op).await?;
@@ -779,7 +793,7 @@ pub async fn shopping_rush(ctx: &Ctx, n: usize, rate: f64, duration: Duration) -
         &cabs,
         ctx.behaviour(items, Duration::from_millis(1500)),
     );
-    wait_online(&hub, n, Duration::from_secs(120)).await?;
+    wait_online(&hub, n, ctx.online_within(n)).await?;
 
     let until = Instant::now() + duration;
     let floor = {
@@ -839,7 +853,7 @@ pub async fn alert_storm(ctx: &Ctx, k: usize) -> Result<Report> {
         &cabs,
         ctx.behaviour(json!([]), Duration::from_secs(1)),
     );
-    wait_online(&hub, k, Duration::from_secs(120)).await?;
+    wait_online(&hub, k, ctx.online_within(k)).await?;
     let mut events = feed(&hub, &op).await?;
     // The snapshot first.
     loop {
@@ -965,7 +979,7 @@ pub async fn soak(ctx: &Ctx, n: usize, rate: f64, duration: Duration) -> Result<
         &cabs,
         ctx.behaviour(items, Duration::from_millis(1500)),
     );
-    wait_online(&hub, n, Duration::from_secs(120)).await?;
+    wait_online(&hub, n, ctx.online_within(n)).await?;
     let processed0 = hub.metric_sum("uplinks_processed_total").await?;
     let published0 = Stats::get(&fleet.stats.published);
     let until = Instant::now() + duration;

@@ -923,8 +923,8 @@ mod tests {
     fn create_body_loads_from_text_and_from_older_object_journals() {
         let text: Body = serde_json::from_str(r#"{"create_body": "{\"a\":1}"}"#)
             .unwrap_or_else(|e| panic!("{e}"));
-        let object: Body = serde_json::from_str(r#"{"create_body": {"a": 1}}"#)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let object: Body =
+            serde_json::from_str(r#"{"create_body": {"a": 1}}"#).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(text.create_body, r#"{"a":1}"#);
         assert_eq!(object.create_body, text.create_body);
     }
