@@ -65,6 +65,13 @@ impl Ctx {
         })
     }
 
+    /// Waits until every cabinet has sent its first heartbeat, which comes up to one interval
+    /// after it connects: a topic's first message costs the broker a scan of every filter, and
+    /// that belongs to the connect phase, not to the steady state being measured.
+    async fn settle(&self) {
+        tokio::time::sleep(Duration::from_secs(u64::from(self.heartbeat_s) + 1)).await;
+    }
+
     /// How long `n` cabinets may take to come online: the ramp plus two minutes.
     fn online_within(&self, n: usize) -> Duration {
         let ramp = self.ramp_per_s.map_or(0.0, |r| n as f64 / r);
@@ -120,6 +127,22 @@ async fn setup(hub: &Hub, n: usize, report: &mut Report) -> Result<(String, Vec<
         t.elapsed().as_secs_f64()
     ));
     Ok((op, cabs))
+}
+
+/// Probes in flight: (cabinet, temperature in m°C) → when it was sent.
+type Probes = Mutex<HashMap<(String, i64), Instant>>;
+
+/// Records the latency of the probe a feed event answers, if it answers one.
+fn probe_answered(sent: &Probes, h: &mut Histogram<u64>, at: Instant, v: &Value) {
+    if v["type"] != "cabinet" {
+        return;
+    }
+    if let (Some(id), Some(t)) = (v["data"]["id"].as_str(), v["data"]["temp_c"].as_f64()) {
+        let key = (id.to_owned(), (t * 1000.0).round() as i64);
+        if let Some(s) = sent.lock().ok().and_then(|mut m| m.remove(&key)) {
+            h.saturating_record(at.duration_since(s).as_micros() as u64);
+        }
+    }
 }
 
 /// `connect-storm`: every cabinet connects at once; time until the hub reports all online.
@@ -198,11 +221,12 @@ pub async fn steady_fleet(ctx: &Ctx, n: usize, duration: Duration) -> Result<Rep
     );
     let took = wait_online(&hub, n, ctx.online_within(n)).await?;
     r.fig("all_online_s", took.as_secs_f64(), "s");
+    ctx.settle().await;
 
     let mut events = feed(&hub, &op).await?;
     let cpu0 = hub.cpu_seconds();
     let t0 = Instant::now();
-    let sent: Arc<Mutex<HashMap<(String, i64), Instant>>> = Arc::default();
+    let sent: Arc<Probes> = Arc::default();
     let mut h = histogram()?;
     let mut k: i64 = 0;
     let mut probe = tokio::time::interval(Duration::from_millis(20));
@@ -221,18 +245,19 @@ pub async fn steady_fleet(ctx: &Ctx, n: usize, duration: Duration) -> Result<Rep
             }
             ev = events.recv() => {
                 let Some((at, v)) = ev else { bail!("the feed closed") };
-                if v["type"] == "cabinet" {
-                    if let (Some(id), Some(t)) = (v["data"]["id"].as_str(), v["data"]["temp_c"].as_f64()) {
-                        let key = (id.to_owned(), (t * 1000.0).round() as i64);
-                        if let Some(s) = sent.lock().ok().and_then(|mut m| m.remove(&key)) {
-                            h.saturating_record(at.duration_since(s).as_micros() as u64);
-                        }
-                    }
-                }
+                probe_answered(&sent, &mut h, at, &v);
             }
         }
     }
     let wall = t0.elapsed().as_secs_f64();
+    // Probes sent in the last moments are still on their way: give them a second.
+    let grace = Instant::now() + Duration::from_secs(1);
+    while sent.lock().map(|m| !m.is_empty()).unwrap_or(false) {
+        let Ok(Some((at, v))) = tokio::time::timeout_at(grace, events.recv()).await else {
+            break;
+        };
+        probe_answered(&sent, &mut h, at, &v);
+    }
     if let (Some(a), Some(b)) = (cpu0, hub.cpu_seconds()) {
         r.fig("hub_cpu_pct_of_one_core", (b - a) / wall * 100.0, "%");
     }
@@ -794,6 +819,7 @@ pub async fn shopping_rush(ctx: &Ctx, n: usize, rate: f64, duration: Duration) -
         ctx.behaviour(items, Duration::from_millis(1500)),
     );
     wait_online(&hub, n, ctx.online_within(n)).await?;
+    ctx.settle().await;
 
     let until = Instant::now() + duration;
     let floor = {
