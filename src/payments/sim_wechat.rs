@@ -554,7 +554,9 @@ impl WechatSim {
             let st = self.lock();
             if let Some(existing) = st.orders.get(&k) {
                 // Identical retries are idempotent; a different body with the same number is not.
-                return if existing.create_body == body.to_string() {
+                let same = serde_json::from_str::<Value>(&existing.create_body)
+                    .is_ok_and(|first| first == *body);
+                return if same {
                     Ok(serde_json::to_value(&existing.order).unwrap_or(Value::Null))
                 } else {
                     Err(SimError(400, "INVALID_REQUEST", "商户订单号重复".into()))
