@@ -129,6 +129,20 @@ async fn setup(hub: &Hub, n: usize, report: &mut Report) -> Result<(String, Vec<
     Ok((op, cabs))
 }
 
+/// Skips to the end of the feed's snapshot: probes are timed from a live feed, not from one
+/// still building its first picture of the fleet.
+async fn wait_snapshot(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, Value)>,
+) -> Result<()> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+            Ok(Some((_, v))) if v["type"] == "snapshot" => return Ok(()),
+            Ok(Some(_)) => {}
+            _ => bail!("no feed snapshot"),
+        }
+    }
+}
+
 /// Probes in flight: (cabinet, temperature in m°C) → when it was sent.
 type Probes = Mutex<HashMap<(String, i64), Instant>>;
 
@@ -224,6 +238,7 @@ pub async fn steady_fleet(ctx: &Ctx, n: usize, duration: Duration) -> Result<Rep
     ctx.settle().await;
 
     let mut events = feed(&hub, &op).await?;
+    wait_snapshot(&mut events).await?;
     let cpu0 = hub.cpu_seconds();
     let t0 = Instant::now();
     let sent: Arc<Probes> = Arc::default();
@@ -881,14 +896,7 @@ pub async fn alert_storm(ctx: &Ctx, k: usize) -> Result<Report> {
     );
     wait_online(&hub, k, ctx.online_within(k)).await?;
     let mut events = feed(&hub, &op).await?;
-    // The snapshot first.
-    loop {
-        match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
-            Ok(Some((_, v))) if v["type"] == "snapshot" => break,
-            Ok(Some(_)) => {}
-            _ => bail!("no feed snapshot"),
-        }
-    }
+    wait_snapshot(&mut events).await?;
     // API latency while the storm lasts.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let api = {
