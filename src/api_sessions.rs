@@ -33,7 +33,11 @@ async fn start_session(
         Ok(v) => HttpResponse::Created().json(v),
         Err(r) => refused_response(r),
     };
-    if let Ok(v) = HeaderValue::from_str(&timings.server_timing()) {
+    // Refusals before anything was stored have no stages to tell.
+    if let Some(v) = (!timings.stages().is_empty())
+        .then(|| HeaderValue::from_str(&timings.server_timing()).ok())
+        .flatten()
+    {
         response
             .headers_mut()
             .insert(HeaderName::from_static("server-timing"), v);

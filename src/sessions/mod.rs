@@ -594,7 +594,7 @@ impl Sessions {
                 CommandOutcome::Ok => {
                     let opened = self
                         .store
-                        .transition_session_row(&s.id, "unlocking", "open", None, self.now())
+                        .transition_session(&s.id, "unlocking", "open", None, self.now())
                         .await
                         .map_err(internal)?;
                     match opened {

@@ -261,23 +261,9 @@ impl Store {
             .transpose()
     }
 
-    /// Moves a session from `from` to `to`; false when it was not in `from`.
+    /// Moves a session from `from` to `to`, answering the session as committed; `None` when it
+    /// was not in `from`.
     pub async fn transition_session(
-        &self,
-        id: &str,
-        from: &str,
-        to: &str,
-        failure: Option<&str>,
-        now: i64,
-    ) -> Result<bool> {
-        Ok(self
-            .transition_session_row(id, from, to, failure, now)
-            .await?
-            .is_some())
-    }
-
-    /// `transition_session`, answering the session as committed.
-    pub async fn transition_session_row(
         &self,
         id: &str,
         from: &str,
