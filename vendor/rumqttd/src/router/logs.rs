@@ -1,10 +1,14 @@
+// Modified for cabinet-hub (see PATCHES.md): a filter without wildcards is found by lookup
+// instead of being matched against every topic, and a new topic is matched only against the
+// wildcard filters. Routing was quadratic in the number of clients that each subscribe to a
+// topic of their own.
 use super::Ack;
 use slab::Slab;
 use tracing::{info, trace};
 
 use crate::protocol::{
-    matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
-    PublishProperties, SubAck, UnsubAck,
+    has_wildcards, matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel,
+    Publish, PublishProperties, SubAck, UnsubAck,
 };
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
 use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
@@ -58,6 +62,9 @@ pub struct DataLog {
     pub native: Slab<Data<PublishData>>,
     /// Map of subscription filter name to filter index
     filter_indexes: HashMap<Filter, FilterIdx>,
+    /// The filters of `filter_indexes` that have wildcards, the only ones a new topic has to be
+    /// matched against one by one
+    wildcard_filters: Vec<(Filter, FilterIdx)>,
     retained_publishes: HashMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
@@ -67,6 +74,7 @@ impl DataLog {
     pub fn new(config: RouterConfig) -> io::Result<DataLog> {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
+        let mut wildcard_filters = Vec::new();
         let retained_publishes = HashMap::new();
         let publish_filters = HashMap::new();
 
@@ -77,6 +85,9 @@ impl DataLog {
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
+                if has_wildcards(&filter) {
+                    wildcard_filters.push((filter.clone(), idx));
+                }
                 filter_indexes.insert(filter, idx);
             }
         }
@@ -86,6 +97,7 @@ impl DataLog {
             native,
             publish_filters,
             filter_indexes,
+            wildcard_filters,
             retained_publishes,
         })
     }
@@ -128,12 +140,7 @@ impl DataLog {
         match &self.publish_filters.get(topic) {
             Some(v) => Some(v.to_vec()),
             None => {
-                let v: Vec<usize> = self
-                    .filter_indexes
-                    .iter()
-                    .filter(|(filter, _)| matches(topic, filter))
-                    .map(|(_, filter_idx)| *filter_idx)
-                    .collect();
+                let v = self.match_filters(topic);
 
                 if !v.is_empty() {
                     self.publish_filters.insert(topic.to_owned(), v.clone());
@@ -142,6 +149,28 @@ impl DataLog {
                 Some(v)
             }
         }
+    }
+
+    /// All filters that match `topic`: the same set as trying `matches` on every filter. A filter
+    /// without wildcards matches exactly the topic spelled like it (and none that starts with
+    /// '$'), so it is looked up; only the wildcard filters are tried.
+    fn match_filters(&self, topic: &str) -> Vec<FilterIdx> {
+        let mut v = Vec::new();
+        if topic.starts_with('$') {
+            return v;
+        }
+        if !has_wildcards(topic) {
+            if let Some(idx) = self.filter_indexes.get(topic) {
+                v.push(*idx);
+            }
+        }
+        v.extend(
+            self.wildcard_filters
+                .iter()
+                .filter(|(filter, _)| matches(topic, filter))
+                .map(|(_, filter_idx)| *filter_idx),
+        );
+        v
     }
 
     pub fn next_native_offset(&mut self, filter: &str) -> (FilterIdx, Offset) {
@@ -158,11 +187,17 @@ impl DataLog {
                 let idx = self.native.insert(data);
                 self.filter_indexes.insert(filter.to_owned(), idx);
 
-                // Match new filter to existing topics and add to publish_filters if it matches
-                for (topic, filters) in publish_filters.iter_mut() {
-                    if matches(topic, filter) {
-                        filters.push(idx);
+                // Match new filter to existing topics and add to publish_filters if it matches.
+                // Without wildcards it can only match the topic spelled like it.
+                if has_wildcards(filter) {
+                    self.wildcard_filters.push((filter.to_owned(), idx));
+                    for (topic, filters) in publish_filters.iter_mut() {
+                        if matches(topic, filter) {
+                            filters.push(idx);
+                        }
                     }
+                } else if let Some(filters) = publish_filters.get_mut(filter) {
+                    filters.push(idx);
                 }
 
                 (idx, self.native.get(idx).unwrap())
@@ -475,6 +510,79 @@ mod test {
         data.matches("topic/a");
 
         assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 1);
+    }
+
+    fn test_config(initialized_filters: &[&str]) -> RouterConfig {
+        RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: Some(initialized_filters.iter().map(|f| f.to_string()).collect()),
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+        }
+    }
+
+    fn brute_force(data: &DataLog, topic: &str) -> Vec<usize> {
+        let mut v: Vec<usize> = data
+            .filter_indexes
+            .iter()
+            .filter(|(filter, _)| crate::protocol::matches(topic, filter))
+            .map(|(_, idx)| *idx)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    // cabinet-hub patch: the indexed match finds the same filters as matching every filter,
+    // whichever comes first, the filter or the topic.
+    #[test]
+    fn indexed_matching_agrees_with_matching_every_filter() {
+        let filters = [
+            "#", "+", "a", "a/b", "a/+", "a/#", "+/b", "+/+/c", "a/b/c", "$SYS/x", "$SYS/#", "/a",
+            "/+", "a/", "a/+/", "x/y/z", "init/a",
+        ];
+        let topics = [
+            "a", "a/b", "a/b/c", "a/c", "b/b", "$SYS/x", "$SYS/y", "/a", "a/", "x/y/z", "x/y",
+            "init/a", "init/b", "", "q/b/c",
+        ];
+        // With "#" there from the start, every topic is remembered with its filters before the
+        // other filters arrive, and each new filter has to be added to the topics it matches.
+        for (init, topics_first) in [
+            (&["init/+", "init/a"][..], false),
+            (&["init/+", "init/a"][..], true),
+            (&["#"][..], true),
+        ] {
+            let mut data = DataLog::new(test_config(init)).unwrap();
+            if topics_first {
+                for topic in topics {
+                    data.matches(topic);
+                }
+            }
+            for filter in filters {
+                data.next_native_offset(filter);
+            }
+            for topic in topics {
+                let mut got = data.matches(topic).unwrap();
+                got.sort_unstable();
+                assert_eq!(got, brute_force(&data, topic), "topic {topic:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn concrete_filter_matches_only_its_own_topic() {
+        let mut data = DataLog::new(test_config(&[])).unwrap();
+        let (cmd, _) = data.next_native_offset("t/1/cmd");
+        let (all, _) = data.next_native_offset("#");
+        let mut got = data.matches("t/1/cmd").unwrap();
+        got.sort_unstable();
+        let mut want = vec![cmd, all];
+        want.sort_unstable();
+        assert_eq!(got, want);
+        assert_eq!(data.matches("t/2/cmd").unwrap(), vec![all]);
+        assert!(data.matches("$t/1/cmd").unwrap().is_empty());
     }
 
     //     #[test]
