@@ -19,7 +19,7 @@ use cabinet_actors::ids::{CabinetId, MerchantId};
 use cabinet_actors::protocol::{
     command_topic, parse_topic, parse_uplink, Command, RejectReason, Rejection, TopicTarget,
 };
-use cabinet_actors::registry::{ActorSeed, Registry};
+use cabinet_actors::registry::{ActorSeed, PendingSeed, Registry};
 
 use crate::metrics::Metrics;
 use crate::secrets::{constant_time_eq, sha256_hex};
@@ -139,6 +139,30 @@ impl Directory {
             return Err(AuthFailure::NotActive);
         }
         Ok(id)
+    }
+}
+
+/// A new actor's stored state: its desired configuration and its active alerts, read side by
+/// side. A failed read is counted and the actor starts without it.
+async fn read_seed(store: &Store, metrics: &Metrics, id: &CabinetId) -> ActorSeed {
+    let (desired, alerts) = tokio::join!(
+        store.latest_config(id.as_str()),
+        store.active_alerts(id.as_str())
+    );
+    if let Err(e) = desired
+        .as_ref()
+        .map(|_| ())
+        .and(alerts.as_ref().map(|_| ()))
+    {
+        tracing::error!(cabinet_id = %id, error = %e, "could not read the cabinet's stored state; starting the actor without it");
+        metrics
+            .store_errors
+            .with_label_values(&["seed_actor"])
+            .inc();
+    }
+    ActorSeed {
+        desired: desired.ok().flatten(),
+        alerts: alerts.unwrap_or_default(),
     }
 }
 
@@ -300,24 +324,19 @@ impl Pump {
         );
     }
 
-    async fn seed(&self, id: &CabinetId) -> ActorSeed {
-        let desired = self.store.latest_config(id.as_str()).await;
-        let alerts = self.store.active_alerts(id.as_str()).await;
-        if let Err(e) = desired
-            .as_ref()
-            .map(|_| ())
-            .and(alerts.as_ref().map(|_| ()))
-        {
-            tracing::error!(cabinet_id = %id, error = %e, "could not read the cabinet's stored state; starting the actor without it");
-            self.metrics
-                .store_errors
-                .with_label_values(&["seed_actor"])
-                .inc();
-        }
-        ActorSeed {
-            desired: desired.ok().flatten(),
-            alerts: alerts.unwrap_or_default(),
-        }
+    /// Reads a new actor's stored state on the hub's runtime, where storage's connections live;
+    /// the actor, on its own arbiter, waits for the result. The pump goes on with the next
+    /// message meanwhile: it used to wait for both reads, which made a connect storm of N
+    /// cabinets take N × two storage round trips in a row.
+    fn seed_later(&self, id: &CabinetId) -> PendingSeed {
+        let (store, metrics, id) = (self.store.clone(), self.metrics.clone(), id.clone());
+        let read = tokio::spawn(async move { read_seed(&store, &metrics, &id).await });
+        Box::pin(async move {
+            read.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "reading a cabinet's stored state failed; starting the actor without it");
+                ActorSeed::default()
+            })
+        })
     }
 
     /// Handles one message from the broker.
@@ -356,12 +375,13 @@ impl Pump {
         let addr = match self.registry.get(&uplink.cabinet) {
             Some(a) => a,
             None => {
-                let seed = self.seed(&uplink.cabinet).await;
                 let meta = CabinetMeta {
                     id: uplink.cabinet.clone(),
                     merchant: entry.merchant,
                 };
-                let addr = self.registry.get_or_start(&meta, || seed);
+                let addr = self
+                    .registry
+                    .get_or_start(&meta, || self.seed_later(&uplink.cabinet));
                 self.metrics.cabinet_actors.set(self.registry.len() as i64);
                 addr
             }

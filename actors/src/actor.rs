@@ -16,6 +16,7 @@ use crate::machine::{
     CabinetMachine, CabinetSnapshot, CommandOutcome, Effect, Input, Refusal, Timing,
 };
 use crate::protocol::{CabinetConfig, Command, CommandBody, CommandKind, SessionMode, UplinkBody};
+use crate::registry::PendingSeed;
 
 /// Where time comes from; tests use a fake one.
 pub trait Clock: Send + Sync + 'static {
@@ -143,6 +144,8 @@ pub struct CabinetActor {
     waiters: HashMap<String, oneshot::Sender<CommandResult>>,
     incarnation: u32,
     panic_next: bool,
+    /// Stored state still being read; taken when the actor starts.
+    seed: Option<PendingSeed>,
 }
 
 fn prefix(now: u64, incarnation: u32) -> String {
@@ -176,7 +179,23 @@ impl CabinetActor {
             waiters: HashMap::new(),
             incarnation: 0,
             panic_next: false,
+            seed: None,
         }
+    }
+
+    /// A new actor whose stored state (`desired`, `alerts`) is still being read. It takes no
+    /// message before the seed is in: the machine must know the desired configuration and the
+    /// active alerts before it sees the cabinet's first message.
+    pub fn seeded_later(
+        meta: CabinetMeta,
+        timing: Timing,
+        ports: Arc<dyn CabinetPorts>,
+        clock: Arc<dyn Clock>,
+        seed: PendingSeed,
+    ) -> Self {
+        let mut actor = Self::new(meta, timing, ports, clock, None, Vec::new());
+        actor.seed = Some(seed);
+        actor
     }
 
     fn feed(&mut self, input: Input, ctx: &mut Context<Self>) {
@@ -264,7 +283,21 @@ impl Actor for CabinetActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(1024);
-        self.schedule(ctx);
+        let Some(seed) = self.seed.take() else {
+            self.schedule(ctx);
+            return;
+        };
+        // `wait` holds the mailbox until the seed is in.
+        ctx.wait(seed.into_actor(self).map(|seed, act, ctx| {
+            act.machine = CabinetMachine::new(
+                act.meta.id.clone(),
+                act.timing.clone(),
+                prefix(act.clock.now_ms(), act.incarnation),
+                seed.desired,
+                seed.alerts,
+            );
+            act.schedule(ctx);
+        }));
     }
 }
 

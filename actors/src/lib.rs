@@ -18,4 +18,4 @@ pub use ids::{CabinetId, MerchantId};
 pub use machine::{
     CabinetMachine, CabinetSnapshot, CommandOutcome, Effect, Input, Refusal, Timing,
 };
-pub use registry::{ActorSeed, Registry};
+pub use registry::{ActorSeed, PendingSeed, Registry};

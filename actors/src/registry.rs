@@ -2,7 +2,9 @@
 //! an actix `Supervisor` that restarts it when its logic panics.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use actix::prelude::*;
@@ -20,6 +22,17 @@ pub struct ActorSeed {
     pub desired: Option<CabinetConfig>,
     /// Alerts still active in storage.
     pub alerts: Vec<ActiveAlert>,
+}
+
+/// A seed still being read from storage. The actor starts at once and takes no message until
+/// its seed is in, so whoever starts it never waits for storage.
+pub type PendingSeed = Pin<Box<dyn Future<Output = ActorSeed> + Send + 'static>>;
+
+impl ActorSeed {
+    /// A seed already at hand.
+    pub fn ready(self) -> PendingSeed {
+        Box::pin(std::future::ready(self))
+    }
 }
 
 /// Owns the arbiters and the map from cabinet to actor.
@@ -72,7 +85,7 @@ impl Registry {
     pub fn get_or_start(
         &self,
         meta: &CabinetMeta,
-        seed: impl FnOnce() -> ActorSeed,
+        seed: impl FnOnce() -> PendingSeed,
     ) -> Addr<CabinetActor> {
         if let Some(addr) = self.get(&meta.id) {
             return addr;
@@ -92,7 +105,7 @@ impl Registry {
             self.clock.clone(),
         );
         let addr = Supervisor::start_in_arbiter(&self.arbiters[idx].handle(), move |_| {
-            CabinetActor::new(meta_c, timing, ports, clock, seed.desired, seed.alerts)
+            CabinetActor::seeded_later(meta_c, timing, ports, clock, seed)
         });
         actors.insert(meta.id.clone(), addr.clone());
         addr
@@ -158,7 +171,7 @@ mod tests {
         let ports = Arc::new(CountingPorts::default());
         let registry = Registry::new(2, ports.clone(), Arc::new(SystemClock), Timing::default());
         let m = meta("KM1");
-        let addr = registry.get_or_start(&m, ActorSeed::default);
+        let addr = registry.get_or_start(&m, || ActorSeed::default().ready());
         let hb = parse_uplink(
             m.id.clone(),
             UplinkKind::Heartbeat,
@@ -199,10 +212,10 @@ mod tests {
     async fn one_actor_per_cabinet() {
         let ports = Arc::new(CountingPorts::default());
         let registry = Registry::new(2, ports, Arc::new(SystemClock), Timing::default());
-        let a = registry.get_or_start(&meta("A1"), ActorSeed::default);
+        let a = registry.get_or_start(&meta("A1"), || ActorSeed::default().ready());
         let b = registry.get_or_start(&meta("A1"), || panic!("must not seed twice"));
         assert_eq!(a, b);
-        registry.get_or_start(&meta("B1"), ActorSeed::default);
+        registry.get_or_start(&meta("B1"), || ActorSeed::default().ready());
         assert_eq!(registry.len(), 2);
     }
 }
