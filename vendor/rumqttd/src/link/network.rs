@@ -51,8 +51,10 @@ impl<P: Protocol> Network<P> {
     ) -> Network<P> {
         Network {
             socket,
-            read: BytesMut::with_capacity(10 * 1024),
-            write: BytesMut::with_capacity(10 * 1024),
+            // cabinet-hub patch (PATCHES.md): 1 KiB each to start (10 KiB before); `read_bytes`
+            // makes room for the frame being read, and both keep what they grew to.
+            read: BytesMut::with_capacity(1024),
+            write: BytesMut::with_capacity(1024),
             max_incoming_size,
             max_connection_buffer_len,
             // Overwritten by keepalive value in connect packet, otherwise we
@@ -72,6 +74,9 @@ impl<P: Protocol> Network<P> {
     async fn read_bytes(&mut self, required: usize) -> io::Result<usize> {
         // TODO: Fix this cancellation bug and write unit test
         let mut total_read = 0;
+        // cabinet-hub patch (PATCHES.md): with a full buffer `read_buf` would make room for 64
+        // bytes at a time; make room for the rest of the frame at once.
+        self.read.reserve(required.max(1024));
         loop {
             let read = self.socket.read_buf(&mut self.read).await?;
             if 0 == read {

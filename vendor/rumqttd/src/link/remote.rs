@@ -120,7 +120,8 @@ impl<P: Protocol> RemoteLink<P> {
             network,
             link_tx,
             link_rx,
-            notifications: VecDeque::with_capacity(100),
+            // cabinet-hub patch (PATCHES.md): grows with use instead of 25 KB per connection.
+            notifications: VecDeque::new(),
             will_delay_interval,
         })
     }

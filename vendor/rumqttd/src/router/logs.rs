@@ -415,8 +415,9 @@ impl AckLog {
     /// New log
     pub fn new() -> AckLog {
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            // cabinet-hub patch (PATCHES.md): grow with use instead of ~45 KB per connection.
+            committed: VecDeque::new(),
+            recorded: VecDeque::new(),
         }
     }
 

@@ -27,16 +27,18 @@ impl<T> Segment<T>
 where
     T: Storage + Clone,
 {
+    // cabinet-hub patch (PATCHES.md): segments grow with use. 1,024 entries up front are
+    // ~240 KB for every filter, most of which (a cabinet's command topic) hold a handful.
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            data: Vec::new(),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            data: Vec::new(),
             absolute_offset: 0,
             total_size: 0,
         }

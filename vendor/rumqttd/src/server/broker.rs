@@ -396,6 +396,10 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 Ok((s, r)) => (s, r),
                 Err(e) => {
                     error!(error=?e, "Unable to accept socket.");
+                    // cabinet-hub patch (PATCHES.md): out of file descriptors the listener
+                    // stays readable and accept fails at once, so this loop spun a core and
+                    // flooded the log. Waiting a little lets connections close meanwhile.
+                    time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
