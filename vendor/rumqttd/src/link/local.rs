@@ -336,7 +336,8 @@ impl LinkRx {
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
-            cache: VecDeque::with_capacity(100),
+            // cabinet-hub patch (PATCHES.md): grows with use instead of 25 KB per connection.
+            cache: VecDeque::new(),
         }
     }
 
