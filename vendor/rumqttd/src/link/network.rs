@@ -76,7 +76,7 @@ impl<P: Protocol> Network<P> {
         let mut total_read = 0;
         // cabinet-hub patch (PATCHES.md): with a full buffer `read_buf` would make room for 64
         // bytes at a time; make room for the rest of the frame at once.
-        self.read.reserve(required.max(1024));
+        self.read.reserve(required);
         loop {
             let read = self.socket.read_buf(&mut self.read).await?;
             if 0 == read {
