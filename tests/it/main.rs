@@ -586,6 +586,12 @@ async fn certificate_mode_confines_a_cabinet_to_its_namespace(b: Backend) {
         cert["key_pem"].as_str().unwrap_or_default(),
     );
     let tls = hub.mqtt_tls.unwrap_or_else(|| panic!("no TLS listener"));
+    // A connection that never starts its handshake, open for the whole test: every other cabinet
+    // must still get in. (rumqttd ran the handshake in its accept loop, so this one connection
+    // locked every certificate-mode cabinet out.)
+    let _silent = tokio::net::TcpStream::connect(tls)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // Without a client certificate: refused.
     let mut anon = harness::tls_options(tls, "KMA", ca, crt, key);

@@ -36,7 +36,7 @@ use std::{io, thread};
 use crate::link::console;
 use crate::link::local::{self, LinkRx, LinkTx};
 use crate::router::{Event, Router};
-use crate::{Config, ConnectionId, ServerSettings};
+use crate::{Config, ConnectionId, ServerSettings, TlsConfig};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::error::Elapsed;
@@ -365,20 +365,6 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         }
     }
 
-    // Depending on TLS or not create a new Network
-    async fn tls_accept(&self, stream: TcpStream) -> Result<(Box<dyn N>, Option<String>), Error> {
-        #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
-        match &self.config.tls {
-            Some(c) => {
-                let (tenant_id, network) = TLSAcceptor::new(c)?.accept(stream).await?;
-                Ok((network, tenant_id))
-            }
-            None => Ok((Box::new(stream), None)),
-        }
-        #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
-        Ok((Box::new(stream), None))
-    }
-
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
         let listener = TcpListener::bind(&self.config.listen).await?;
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
@@ -404,66 +390,67 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
-            let (network, tenant_id) = match self.tls_accept(stream).await {
-                Ok(o) => o,
-                Err(e) => {
-                    error!(error=?e, "Tls accept error");
-                    continue;
-                }
-            };
-
-            info!(
-                name=?self.config.name, ?addr, count, tenant=?tenant_id, "accept"
-            );
+            info!(name=?self.config.name, ?addr, count, "accept");
 
             let config = config.clone();
             let router_tx = self.router_tx.clone();
             count += 1;
 
             let protocol = self.protocol.clone();
-            match link_type {
+            let awaiting_will_handler = self.awaiting_will_handler.clone();
+            let tls_config = self.config.tls.clone();
+            // cabinet-hub patch (PATCHES.md): the TLS (and websocket) handshake runs in the
+            // connection's own task, within the connection timeout. It ran here in the accept
+            // loop without a deadline, so one client that opened a connection and sent nothing
+            // stopped every other client of this listener from connecting.
+            let handshake_timeout = Duration::from_millis(config.connection_timeout_ms.into());
+            let span = match link_type {
                 #[cfg(feature = "websocket")]
-                LinkType::Websocket => {
-                    let stream = match accept_hdr_async(network, WSCallback).await {
-                        Ok(s) => Box::new(WsStream::new(s)),
-                        Err(e) => {
-                            error!(error=?e, "Websocket failed handshake");
-                            continue;
+                LinkType::Websocket => tracing::info_span!(
+                    "websocket_link",
+                    client_id = field::Empty,
+                    connection_id = field::Empty
+                ),
+                LinkType::Remote => tracing::error_span!(
+                    "remote_link",
+                    tenant_id = field::Empty,
+                    client_id = field::Empty,
+                    connection_id = field::Empty,
+                ),
+            };
+            task::spawn(
+                async move {
+                    let handshake = time::timeout(
+                        handshake_timeout,
+                        handshake(tls_config.as_ref(), stream, link_type),
+                    )
+                    .await;
+                    let (network, tenant_id) = match handshake {
+                        Ok(Ok(o)) => o,
+                        Ok(Err(e)) => {
+                            error!(error=?e, ?addr, "Tls accept error");
+                            return;
+                        }
+                        Err(_) => {
+                            error!(?addr, "Handshake timed out");
+                            return;
                         }
                     };
-                    task::spawn(
-                        remote(
-                            config,
-                            tenant_id.clone(),
-                            router_tx,
-                            stream,
-                            protocol,
-                            self.awaiting_will_handler.clone(),
-                        )
-                        .instrument(tracing::info_span!(
-                            "websocket_link",
-                            client_id = field::Empty,
-                            connection_id = field::Empty
-                        )),
-                    )
-                }
-                LinkType::Remote => task::spawn(
+                    if let Some(tenant_id) = &tenant_id {
+                        tracing::Span::current().record("tenant_id", tenant_id.as_str());
+                    }
                     remote(
                         config,
-                        tenant_id.clone(),
+                        tenant_id,
                         router_tx,
                         network,
                         protocol,
-                        self.awaiting_will_handler.clone(),
+                        awaiting_will_handler,
                     )
-                    .instrument(tracing::error_span!(
-                        "remote_link",
-                        ?tenant_id,
-                        client_id = field::Empty,
-                        connection_id = field::Empty,
-                    )),
-                ),
-            };
+                    .await
+                }
+                .instrument(span),
+            );
 
             // cabinet-hub patch (PATCHES.md): a zero delay still waited for the next timer tick,
             // about a millisecond, so the listener accepted at most ~1,000 connections a second.
@@ -471,6 +458,37 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 time::sleep(delay).await;
             }
         }
+    }
+}
+
+/// The TLS handshake when the listener has TLS, then the websocket one for a websocket link.
+async fn handshake(
+    tls: Option<&TlsConfig>,
+    stream: TcpStream,
+    link_type: LinkType,
+) -> Result<(Box<dyn N>, Option<String>), Error> {
+    #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
+    let (network, tenant_id): (Box<dyn N>, Option<String>) = match tls {
+        Some(c) => {
+            let (tenant_id, network) = TLSAcceptor::new(c)?.accept(stream).await?;
+            (network, tenant_id)
+        }
+        None => (Box::new(stream), None),
+    };
+    #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
+    let (network, tenant_id): (Box<dyn N>, Option<String>) = {
+        let _ = tls;
+        (Box::new(stream), None)
+    };
+    match link_type {
+        #[cfg(feature = "websocket")]
+        LinkType::Websocket => {
+            let stream = accept_hdr_async(network, WSCallback)
+                .await
+                .map_err(|e| Error::Accept(e.to_string()))?;
+            Ok((Box::new(WsStream::new(stream)), tenant_id))
+        }
+        LinkType::Remote => Ok((network, tenant_id)),
     }
 }
 
