@@ -137,6 +137,7 @@ mod tests {
 
     use super::*;
     use crate::actor::{Deliver, GetSnapshot, InjectPanic, PublishError, SystemClock};
+    use crate::alert::AlertType;
     use crate::ids::MerchantId;
     use crate::machine::{CabinetSnapshot, Effect};
     use crate::protocol::{parse_uplink, Command, UplinkKind};
@@ -206,6 +207,49 @@ mod tests {
             "a restarted actor re-learns state from the next message"
         );
         assert!(registry.get(&m.id).is_some());
+    }
+
+    #[actix_rt::test]
+    async fn an_actor_takes_no_message_before_its_seed_is_in() {
+        let ports = Arc::new(CountingPorts::default());
+        let registry = Registry::new(2, ports, Arc::new(SystemClock), Timing::default());
+        let (tx, rx) = tokio::sync::oneshot::channel::<ActorSeed>();
+        let addr = registry.get_or_start(&meta("KM1"), || {
+            Box::pin(async move { rx.await.unwrap_or_default() })
+        });
+        // Delivered while the seed is still being read: it must wait for it.
+        let hb = parse_uplink(
+            CabinetId::parse("KM1").unwrap_or_else(|e| panic!("{e}")),
+            UplinkKind::Heartbeat,
+            br#"{"seq":1,"ts":1,"door":"closed","lock":"locked"}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        addr.do_send(Deliver(hb.body));
+        let snapshot = actix_rt::spawn(addr.send(GetSnapshot));
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+        assert!(!snapshot.is_finished(), "answered before the seed was in");
+
+        let stored = ActiveAlert {
+            id: "a1".into(),
+            kind: AlertType::DoorForced,
+            raised_at: 1,
+            acked: true,
+            detail: None,
+        };
+        tx.send(ActorSeed {
+            desired: None,
+            alerts: vec![stored.clone()],
+        })
+        .unwrap_or_else(|_| panic!("actor gone"));
+        let s = snapshot
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.alerts, vec![stored], "the stored alert was kept");
+        assert!(
+            s.online,
+            "the heartbeat sent before the seed was processed after it"
+        );
     }
 
     #[actix_rt::test]
