@@ -152,6 +152,17 @@ impl Report {
     }
 }
 
+/// How the report names a scenario's run: by its scenario, and by its length as well when the
+/// report holds the same scenario more than once (the suite's short soak beside a long one).
+fn label(r: &Report, all: &[Report]) -> String {
+    let same = all.iter().filter(|o| o.scenario == r.scenario).count();
+    match r.params.get("duration_s").and_then(Value::as_f64) {
+        Some(d) if same > 1 && d >= 60.0 => format!("{} ({} min)", r.scenario, fmt_value(d / 60.0)),
+        Some(d) if same > 1 => format!("{} ({} s)", r.scenario, fmt_value(d)),
+        _ => r.scenario.clone(),
+    }
+}
+
 /// A number as a person reads it.
 pub fn fmt_value(v: f64) -> String {
     if (v.fract() == 0.0 && v.abs() < 1e15) || v.abs() >= 100.0 {
@@ -281,7 +292,7 @@ pub fn markdown(
             let _ = writeln!(
                 s,
                 "| {} | `{}` | {} {} | {v} | {verdict} |",
-                r.scenario,
+                label(r, &reports),
                 t.figure,
                 t.op,
                 fmt_value(t.bound)
@@ -334,7 +345,7 @@ pub fn markdown(
     }
     let _ = writeln!(s, "\n## Results\n");
     for r in &reports {
-        let _ = writeln!(s, "### {}\n", r.scenario);
+        let _ = writeln!(s, "### {}\n", label(r, &reports));
         let _ = writeln!(s, "Parameters: `{}`.\n", r.params);
         let _ = writeln!(s, "| figure | value | unit |\n| --- | ---: | --- |");
         for f in &r.figures {
@@ -370,5 +381,17 @@ mod tests {
         let unknown: Target = "nope<=1".parse().unwrap_or_else(|e| panic!("{e}"));
         assert!(!r.check(&[unknown]), "a target naming no figure fails");
         assert!("a_ms=3".parse::<Target>().is_err());
+    }
+
+    #[test]
+    fn a_scenario_run_twice_is_told_apart_by_its_length() {
+        let short = Report::new("soak", serde_json::json!({"duration_s": 180}));
+        let long = Report::new("soak", serde_json::json!({"duration_s": 1800}));
+        let storm = Report::new("connect-storm", serde_json::json!({"cabinets": 10}));
+        let all = vec![short.clone(), long.clone(), storm.clone()];
+        assert_eq!(label(&short, &all), "soak (3 min)");
+        assert_eq!(label(&long, &all), "soak (30 min)");
+        assert_eq!(label(&storm, &all), "connect-storm");
+        assert_eq!(label(&short, &all[..1]), "soak", "alone, no length");
     }
 }
