@@ -340,7 +340,7 @@ impl Pump {
     }
 
     /// Handles one message from the broker.
-    pub async fn handle(&self, topic: &[u8], payload: &[u8]) {
+    pub fn handle(&self, topic: &[u8], payload: &[u8]) {
         let Ok(topic) = std::str::from_utf8(topic) else {
             self.reject(&Rejection {
                 reason: RejectReason::BadTopic,
@@ -395,7 +395,7 @@ impl Pump {
         loop {
             match rx.next().await {
                 Ok(Some(Notification::Forward(f))) => {
-                    self.handle(&f.publish.topic, &f.publish.payload).await
+                    self.handle(&f.publish.topic, &f.publish.payload)
                 }
                 // The router stops feeding a link whose buffer filled (a burst of uplinks) and
                 // waits to be told the link is ready again. Without this the hub stopped

@@ -66,8 +66,9 @@ impl Ctx {
     }
 
     /// Waits until every cabinet has sent its first heartbeat, which comes up to one interval
-    /// after it connects: a topic's first message costs the broker a scan of every filter, and
-    /// that belongs to the connect phase, not to the steady state being measured.
+    /// after it connects: a cabinet's first messages (its actor starting and reading its stored
+    /// state, the broker learning its topics) belong to the connect phase, not to the steady
+    /// state being measured.
     async fn settle(&self) {
         tokio::time::sleep(Duration::from_secs(u64::from(self.heartbeat_s) + 1)).await;
     }
