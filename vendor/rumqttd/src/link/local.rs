@@ -204,10 +204,11 @@ impl LinkTx {
     }
 
     pub(crate) async fn notify(&mut self) -> Result<(), LinkError> {
-        self.router_tx
-            .send_async((self.connection_id, Event::DeviceData))
-            .await?;
-
+        // Bound first: a temporary of the `if let` head would live across the await.
+        let full = send_or_wait(&self.router_tx, (self.connection_id, Event::DeviceData))?;
+        if let Some(full) = full {
+            full.await?;
+        }
         Ok(())
     }
 
@@ -394,10 +395,12 @@ impl LinkRx {
         }
     }
 
+    // cabinet-hub patch (PATCHES.md): fails only as the receive does; a `LinkError` is 800
+    // bytes (it can carry a router event), and the remote link's task holds this result.
     pub(crate) async fn exchange(
         &mut self,
         notifications: &mut VecDeque<Notification>,
-    ) -> Result<(), LinkError> {
+    ) -> Result<(), RecvError> {
         self.router_rx.recv_async().await?;
         mem::swap(&mut *self.send_buffer.lock(), notifications);
         Ok(())
@@ -409,11 +412,30 @@ impl LinkRx {
     }
 
     pub async fn wake(&self) -> Result<(), LinkError> {
-        self.router_tx
-            .send_async((self.connection_id, Event::Ready))
-            .await?;
-
+        let full = send_or_wait(&self.router_tx, (self.connection_id, Event::Ready))?;
+        if let Some(full) = full {
+            full.await?;
+        }
         Ok(())
+    }
+}
+
+/// The router's send future, boxed, when its channel is full; `None` once sent.
+///
+/// cabinet-hub patch (PATCHES.md): a remote link awaited `send_async` inline, and that future
+/// holds a whole router `Event` (800 bytes, sized for `Event::Connect`). Every connection's task
+/// carried two of them for its whole life. Sending without waiting is the usual case; only a
+/// full channel needs the future, and then on the heap.
+#[allow(clippy::type_complexity)]
+fn send_or_wait(
+    router_tx: &Sender<(ConnectionId, Event)>,
+    message: (ConnectionId, Event),
+) -> Result<Option<std::pin::Pin<Box<flume::r#async::SendFut<'_, (ConnectionId, Event)>>>>, LinkError>
+{
+    match router_tx.try_send(message) {
+        Ok(()) => Ok(None),
+        Err(TrySendError::Full(message)) => Ok(Some(Box::pin(router_tx.send_async(message)))),
+        Err(TrySendError::Disconnected(message)) => Err(SendError(message).into()),
     }
 }
 

@@ -10,6 +10,15 @@ use std::{
 };
 use tokio::time::{error::Elapsed, Duration};
 
+use std::pin::Pin;
+use std::task::Poll;
+use tokio::io::ReadBuf;
+
+/// The stack scratch of a read into an empty buffer (cabinet-hub patch, PATCHES.md).
+const READ_SCRATCH: usize = 4096;
+/// Room made before writing packets, so that a command is written without regrowing.
+const WRITE_RESERVE: usize = 512;
+
 use crate::protocol::{self, Packet, Protocol};
 
 #[derive(Debug, thiserror::Error)]
@@ -51,10 +60,11 @@ impl<P: Protocol> Network<P> {
     ) -> Network<P> {
         Network {
             socket,
-            // cabinet-hub patch (PATCHES.md): 1 KiB each to start (10 KiB before); `read_bytes`
-            // makes room for the frame being read, and both keep what they grew to.
-            read: BytesMut::with_capacity(1024),
-            write: BytesMut::with_capacity(1024),
+            // cabinet-hub patch (PATCHES.md): no buffer while idle (10 KiB each before). A read
+            // with nothing buffered goes through a scratch on the stack and keeps only the bytes
+            // it got; the write buffer is let go once written.
+            read: BytesMut::new(),
+            write: BytesMut::new(),
             max_incoming_size,
             max_connection_buffer_len,
             // Overwritten by keepalive value in connect packet, otherwise we
@@ -74,11 +84,15 @@ impl<P: Protocol> Network<P> {
     async fn read_bytes(&mut self, required: usize) -> io::Result<usize> {
         // TODO: Fix this cancellation bug and write unit test
         let mut total_read = 0;
-        // cabinet-hub patch (PATCHES.md): with a full buffer `read_buf` would make room for 64
-        // bytes at a time; make room for the rest of the frame at once.
-        self.read.reserve(required);
         loop {
-            let read = self.socket.read_buf(&mut self.read).await?;
+            let read = if self.read.is_empty() {
+                self.read_into_empty().await?
+            } else {
+                // cabinet-hub patch (PATCHES.md): with a full buffer `read_buf` would make room
+                // for 64 bytes at a time; make room for the rest of the frame at once.
+                self.read.reserve(required);
+                self.socket.read_buf(&mut self.read).await?
+            };
             if 0 == read {
                 let error = if self.read.is_empty() {
                     io::Error::new(ErrorKind::ConnectionAborted, "connection closed by peer")
@@ -94,6 +108,31 @@ impl<P: Protocol> Network<P> {
                 return Ok(total_read);
             }
         }
+    }
+
+    /// Reads into an empty buffer through a scratch on the stack of each poll, so that a
+    /// connection waiting for its next packet holds no read buffer: the buffer is allocated for
+    /// the bytes that arrived. cabinet-hub patch (PATCHES.md): an idle cabinet sends a heartbeat
+    /// every 30 s, and a buffer kept between packets was ~1 KiB for each of tens of thousands.
+    async fn read_into_empty(&mut self) -> io::Result<usize> {
+        // An empty buffer may still share the allocation of packets already handed out; a
+        // fresh one lets that go as soon as they are dropped.
+        self.read = BytesMut::new();
+        let socket = &mut self.socket;
+        let read = &mut self.read;
+        std::future::poll_fn(|cx| {
+            let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); READ_SCRATCH];
+            let mut buf = ReadBuf::uninit(&mut scratch);
+            match Pin::new(&mut **socket).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => {
+                    read.extend_from_slice(buf.filled());
+                    Poll::Ready(Ok(buf.filled().len()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// Waits on network for 1 packet
@@ -137,18 +176,21 @@ impl<P: Protocol> Network<P> {
     }
 
     pub async fn write(&mut self, packet: Packet) -> Result<(), Error> {
+        self.write.reserve(WRITE_RESERVE);
         Protocol::write(&self.protocol, packet, &mut self.write)?;
         self.socket.write_all(&self.write).await?;
-        self.write.clear();
+        // cabinet-hub patch (PATCHES.md): let the buffer go, as in `read_into_empty`.
+        self.write = BytesMut::new();
         Ok(())
     }
 
     pub async fn writev(&mut self, packets: VecDeque<Packet>) -> Result<(), Error> {
+        self.write.reserve(WRITE_RESERVE);
         for packet in packets {
             Protocol::write(&self.protocol, packet, &mut self.write)?;
         }
         self.socket.write_all(&self.write).await?;
-        self.write.clear();
+        self.write = BytesMut::new();
         Ok(())
     }
 }

@@ -152,7 +152,9 @@ impl<P: Protocol> RemoteLink<P> {
                     let mut packets = VecDeque::new();
                     let mut unscheduled = false;
 
-                    for notif in self.notifications.drain(..) {
+                    // cabinet-hub patch (PATCHES.md): taken, not drained: the buffer goes
+                    // with the batch instead of staying with the idle connection.
+                    for notif in std::mem::take(&mut self.notifications) {
                         if let Some(packet) = notif.into() {
                             packets.push_back(packet);
                         } else {

@@ -418,36 +418,28 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     connection_id = field::Empty,
                 ),
             };
+            // cabinet-hub patch (PATCHES.md): everything the set-up needs travels in one box and
+            // the set-up runs as a boxed future of its own, freed once the client is connected.
+            // A task's future is as large as its largest state, so the handshake, the CONNECT
+            // and `RemoteLink::new` held inline kept every connection's task at ~5 KB for life.
+            let setup = Box::new(Setup {
+                config,
+                router_tx,
+                stream,
+                addr,
+                tls_config,
+                link_type,
+                handshake_timeout,
+                protocol,
+                will_handlers: awaiting_will_handler,
+            });
             task::spawn(
                 async move {
-                    let handshake = time::timeout(
-                        handshake_timeout,
-                        handshake(tls_config.as_ref(), stream, link_type),
-                    )
-                    .await;
-                    let (network, tenant_id) = match handshake {
-                        Ok(Ok(o)) => o,
-                        Ok(Err(e)) => {
-                            error!(error=?e, ?addr, "Tls accept error");
-                            return;
-                        }
-                        Err(_) => {
-                            error!(?addr, "Handshake timed out");
-                            return;
-                        }
+                    // `let else`: an `if let` head's temporary would live across `serve`.
+                    let Some(connected) = Box::pin(connect(setup)).await else {
+                        return;
                     };
-                    if let Some(tenant_id) = &tenant_id {
-                        tracing::Span::current().record("tenant_id", tenant_id.as_str());
-                    }
-                    remote(
-                        config,
-                        tenant_id,
-                        router_tx,
-                        network,
-                        protocol,
-                        awaiting_will_handler,
-                    )
-                    .await
+                    serve(connected).await;
                 }
                 .instrument(span),
             );
@@ -510,19 +502,85 @@ impl Callback for WSCallback {
     }
 }
 
+/// What a new connection's task starts with.
+struct Setup<P> {
+    config: Arc<ConnectionSettings>,
+    router_tx: Sender<(ConnectionId, Event)>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    tls_config: Option<TlsConfig>,
+    link_type: LinkType,
+    handshake_timeout: Duration,
+    protocol: P,
+    will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+}
+
+/// What a connection keeps once the client is connected.
+struct Connected<P> {
+    link: RemoteLink<P>,
+    client_id: String,
+    tenant_id: Option<String>,
+    router_tx: Sender<(ConnectionId, Event)>,
+    will_rx: flume::Receiver<AwaitingWill>,
+    will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+}
+
+/// The TLS (or websocket) handshake within the connection timeout, then `remote_connect`.
+async fn connect<P: Protocol>(setup: Box<Setup<P>>) -> Option<Connected<P>> {
+    let Setup {
+        config,
+        router_tx,
+        stream,
+        addr,
+        tls_config,
+        link_type,
+        handshake_timeout,
+        protocol,
+        will_handlers,
+    } = *setup;
+    let handshake = time::timeout(
+        handshake_timeout,
+        handshake(tls_config.as_ref(), stream, link_type),
+    )
+    .await;
+    let (network, tenant_id) = match handshake {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            error!(error=?e, ?addr, "Tls accept error");
+            return None;
+        }
+        Err(_) => {
+            error!(?addr, "Handshake timed out");
+            return None;
+        }
+    };
+    if let Some(tenant_id) = &tenant_id {
+        tracing::Span::current().record("tenant_id", tenant_id.as_str());
+    }
+    remote_connect(
+        config,
+        tenant_id,
+        router_tx,
+        network,
+        protocol,
+        will_handlers,
+    )
+    .await
+}
+
 /// A new network connection should wait for a mqtt connect packet. This should be handled
 /// asynchronously to avoid blocking other new connections while this connection is
 /// waiting for mqtt connect packet. Also this honours connection wait time as per config to prevent
 /// denial of service attacks (rogue clients which only establish network connections without
 /// sending a mqtt connection packet to make the server reach its concurrent connection limit).
-async fn remote<P: Protocol>(
+async fn remote_connect<P: Protocol>(
     config: Arc<ConnectionSettings>,
     tenant_id: Option<String>,
     router_tx: Sender<(ConnectionId, Event)>,
     stream: Box<dyn N>,
     protocol: P,
     will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
-) {
+) -> Option<Connected<P>> {
     let mut network = Network::new(
         stream,
         config.max_payload_size,
@@ -536,7 +594,7 @@ async fn remote<P: Protocol>(
         Ok(p) => p,
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");
-            return;
+            return None;
         }
     };
 
@@ -577,7 +635,7 @@ async fn remote<P: Protocol>(
         .insert(client_id.clone(), will_tx);
 
     // Start the link
-    let mut link = match RemoteLink::new(
+    let link = match RemoteLink::new(
         router_tx.clone(),
         tenant_id.clone(),
         network,
@@ -590,66 +648,82 @@ async fn remote<P: Protocol>(
         Ok(l) => l,
         Err(e) => {
             error!(error=?e, "Remote link error");
-            return;
+            return None;
         }
     };
+    Some(Connected {
+        link,
+        client_id,
+        tenant_id,
+        router_tx,
+        will_rx,
+        will_handlers,
+    })
+}
 
-    let connection_id = link.connection_id;
-    let will_delay_interval = link.will_delay_interval;
-    let mut send_disconnect = true;
+/// A connected client's life: its link until it ends, then its last will.
+fn serve<P: Protocol>(mut c: Connected<P>) -> impl std::future::Future<Output = ()> {
+    // An `async move` block over fields rather than an `async fn` with locals: an async fn's
+    // future keeps its arguments for its whole life and moves them into locals as well, so it
+    // would hold the connection twice.
+    async move {
+        let connection_id = c.link.connection_id;
+        let will_delay_interval = c.link.will_delay_interval;
+        let mut send_disconnect = true;
 
-    match link.start().await {
-        // Connection got closed. This shouldn't usually happen.
-        Ok(_) => error!("connection-stop"),
-        // No need to send a disconnect message when disconnection
-        // originated internally in the router.
-        Err(remote::Error::Link(e)) => {
-            error!(error=?e, "router-drop");
-            send_disconnect = false;
+        match c.link.start().await {
+            // Connection got closed. This shouldn't usually happen.
+            Ok(_) => error!("connection-stop"),
+            // No need to send a disconnect message when disconnection
+            // originated internally in the router.
+            Err(remote::Error::Link(e)) => {
+                error!(error=?e, "router-drop");
+                send_disconnect = false;
+            }
+            // Connection was closed by peer
+            Err(remote::Error::Network(network::Error::Io(err)) | remote::Error::Io(err))
+                if err.kind() == io::ErrorKind::ConnectionAborted =>
+            {
+                info!(error=?err, "disconnected");
+            }
+            // Any other error
+            Err(e) => {
+                error!(error=?e, "disconnected");
+            }
+        };
+
+        if send_disconnect {
+            let disconnect = Event::Disconnect;
+            let message = (connection_id, disconnect);
+            c.router_tx.send(message).ok();
         }
-        // Connection was closed by peer
-        Err(remote::Error::Network(network::Error::Io(err)) | remote::Error::Io(err))
-            if err.kind() == io::ErrorKind::ConnectionAborted =>
+
+        // this is important to stop the connection
+        drop(c.link);
+
+        let publish_will = match tokio::time::timeout(
+            Duration::from_secs(will_delay_interval as u64),
+            c.will_rx.recv_async(),
+        )
+        .await
         {
-            info!(error=?err, "disconnected");
+            Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
+            Err(_) => {
+                // no need to keep the sender after timeout
+                c.will_handlers.lock().unwrap().remove(&c.client_id);
+                // as will delay interval has passed, publish the will message
+                true
+            }
+        };
+
+        if publish_will {
+            let message = Event::PublishWill((c.client_id, c.tenant_id));
+            // is this connection_id really correct at this point?
+            // as we have disconnected already, some other connection
+            // might be using this connection ID!
+            // It won't matter in this case as we don't use it
+            // but might affect logs?
+            c.router_tx.send((connection_id, message)).ok();
         }
-        // Any other error
-        Err(e) => {
-            error!(error=?e, "disconnected");
-        }
-    };
-
-    if send_disconnect {
-        let disconnect = Event::Disconnect;
-        let message = (connection_id, disconnect);
-        router_tx.send(message).ok();
-    }
-
-    // this is important to stop the connection
-    drop(link);
-
-    let publish_will = match tokio::time::timeout(
-        Duration::from_secs(will_delay_interval as u64),
-        will_rx.recv_async(),
-    )
-    .await
-    {
-        Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
-        Err(_) => {
-            // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
-            // as will delay interval has passed, publish the will message
-            true
-        }
-    };
-
-    if publish_will {
-        let message = Event::PublishWill((client_id, tenant_id));
-        // is this connection_id really correct at this point?
-        // as we have disconnected already, some other connection
-        // might be using this connection ID!
-        // It won't matter in this case as we don't use it
-        // but might affect logs?
-        router_tx.send((connection_id, message)).ok();
     }
 }
