@@ -254,17 +254,15 @@ pub fn start_broker(
         router: RouterConfig {
             max_connections: listeners.max_connections + 10,
             max_outgoing_packet_count: 1000,
-            // rumqttd appends every publish to the commit log of each *filter* it matches and
-            // keeps the log up to its cap even after every reader has read it, so these caps
-            // are memory that fills and then stays. The hub reads everything through one `#`
-            // filter: that log must hold any burst the pump has not read yet, or the reader
-            // jumps ahead and messages are lost (at 16 KiB × 2 the ingest scenario lost
-            // thousands); `uplink_buffer_mib` sizes it.
+            // rumqttd appends every publish to the commit log of each *filter* it matches. The
+            // hub reads everything through one `#` filter: its log must hold any burst the pump
+            // has not read yet, or the reader jumps ahead and messages are lost (at 16 KiB × 2
+            // the ingest scenario lost thousands); `uplink_buffer_mib` sizes it. Read logs are
+            // emptied (`discard_consumed`), so the cap is a ceiling, not a resting size.
             max_segment_size: (listeners.uplink_buffer_mib.max(1) * 1024 * 1024) / 4,
             max_segment_count: 4,
-            // A cabinet's command filter under the same cap would keep its last 32 MiB of
-            // commands forever (months of unlocks, per cabinet). Commands are read within
-            // milliseconds and expire anyway: a few hundred are plenty.
+            // A cabinet's commands are read within milliseconds and expire anyway: a few
+            // hundred unread ones are plenty.
             custom_segment: Some(
                 [(
                     "/tenants/+/cmd".to_owned(),
@@ -278,6 +276,9 @@ pub fn start_broker(
             ),
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
+            // Logs emptied once every reader has read them (our patch, PATCHES.md 9): the caps
+            // above then bound a burst the hub has not read yet, not memory kept for good.
+            discard_consumed: true,
         },
         v4: Some(v4),
         ..Default::default()

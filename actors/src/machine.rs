@@ -598,6 +598,16 @@ impl CabinetMachine {
         }
     }
 
+    /// Removes a pending command. The map is let go once empty: a cabinet is nearly always
+    /// without a command in flight, and an emptied map keeps its buckets (~0.5 KB) for life.
+    fn take_pending(&mut self, cmd_id: &str) -> Option<Pending> {
+        let p = self.pending.remove(cmd_id);
+        if self.pending.is_empty() {
+            self.pending = HashMap::new();
+        }
+        p
+    }
+
     fn send(&mut self, cmd_id: String, body: CommandBody, now: u64, fx: &mut Vec<Effect>) {
         let kind = body.kind();
         if !self.online {
@@ -924,7 +934,7 @@ impl CabinetMachine {
     }
 
     fn ack(&mut self, a: Ack, now: u64, fx: &mut Vec<Effect>) {
-        let Some(p) = self.pending.remove(&a.cmd_id) else {
+        let Some(p) = self.take_pending(&a.cmd_id) else {
             fx.push(Effect::StrayAck { cmd_id: a.cmd_id });
             return;
         };
@@ -1027,7 +1037,7 @@ impl CabinetMachine {
             .collect();
         expired.sort_by_key(|(_, p)| p.deadline);
         for (cmd_id, p) in expired {
-            self.pending.remove(&cmd_id);
+            self.take_pending(&cmd_id);
             if let CommandBody::Unlock { session_id, .. } = &p.body {
                 self.end_session(session_id);
                 self.raise(

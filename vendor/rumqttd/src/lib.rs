@@ -202,6 +202,12 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    /// cabinet-hub patch (PATCHES.md): empty a filter's log as soon as every subscriber has read
+    /// all of it, instead of keeping it up to the segment caps. Only while no persistent
+    /// session is saved and no shared subscription exists (those may read from older cursors).
+    /// Off by default: upstream's behaviour.
+    #[serde(default)]
+    pub discard_consumed: bool,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

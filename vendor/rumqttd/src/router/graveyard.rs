@@ -7,19 +7,42 @@ use super::{
 
 pub struct Graveyard {
     connections: HashMap<String, SavedState>,
+    /// How many of `connections` hold a persistent session (cabinet-hub patch, PATCHES.md).
+    sessions: usize,
 }
 
 impl Graveyard {
     pub fn new() -> Graveyard {
         Graveyard {
             connections: HashMap::new(),
+            sessions: 0,
+        }
+    }
+
+    /// Whether a persistent session is saved, whose cursors may point back into a log.
+    pub fn holds_sessions(&self) -> bool {
+        self.sessions > 0
+    }
+
+    fn insert(&mut self, id: String, state: SavedState) {
+        if state.session_state.is_some() {
+            self.sessions += 1;
+        }
+        if let Some(old) = self.connections.insert(id, state) {
+            if old.session_state.is_some() {
+                self.sessions -= 1;
+            }
         }
     }
 
     /// Add a new connection.
     /// Return tracker of previous connection if connection id already exists
     pub fn retrieve(&mut self, id: &str) -> Option<SavedState> {
-        self.connections.remove(id)
+        let saved = self.connections.remove(id);
+        if saved.as_ref().is_some_and(|s| s.session_state.is_some()) {
+            self.sessions -= 1;
+        }
+        saved
     }
 
     /// Save connection tracker
@@ -39,7 +62,7 @@ impl Graveyard {
             unacked_pubrels,
         };
 
-        self.connections.insert(
+        self.insert(
             id,
             SavedState {
                 session_state: Some(session_state),
@@ -50,7 +73,7 @@ impl Graveyard {
 
     /// Save only metrics for connection
     pub fn save_metrics(&mut self, id: String, metrics: ConnectionEvents) {
-        self.connections.insert(
+        self.insert(
             id,
             SavedState {
                 session_state: None,

@@ -280,6 +280,17 @@ impl DataLog {
         data.waiters.register(id, request);
     }
 
+    /// Empties the filter's log when every one of its `readers` is parked at its end, i.e. has
+    /// read everything in it. cabinet-hub patch (PATCHES.md).
+    pub fn discard_if_all_read(&mut self, filter_idx: FilterIdx, readers: usize) {
+        let Some(data) = self.native.get_mut(filter_idx) else {
+            return;
+        };
+        if readers > 0 && data.waiters.waiters().len() == readers {
+            data.log.discard_all();
+        }
+    }
+
     /// Cleanup a connection from all the waiters
     pub fn clean(&mut self, id: ConnectionId) -> Vec<DataRequest> {
         let mut inflight = Vec::new();
@@ -372,7 +383,8 @@ where
         // max_segment_size: usize, max_mem_segments: usize
         let log = CommitLog::new(max_segment_size, max_mem_segments).unwrap();
 
-        let waiters = Waiters::with_capacity(10);
+        // cabinet-hub patch (PATCHES.md): empty until a reader parks (room for 10 before).
+        let waiters = Waiters::with_capacity(0);
         let metrics = SubscriptionMeter::default();
         Data {
             filter: filter.to_owned(),
@@ -484,6 +496,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            discard_consumed: false,
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("topic/a");
@@ -504,6 +517,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            discard_consumed: false,
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("+/+");
@@ -522,6 +536,7 @@ mod test {
             custom_segment: None,
             initialized_filters: Some(initialized_filters.iter().map(|f| f.to_string()).collect()),
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            discard_consumed: false,
         }
     }
 

@@ -24,6 +24,11 @@ impl<T> Waiters<T> {
 
     /// Pushes a request to current wait queue
     pub fn register(&mut self, id: ConnectionId, request: T) {
+        // cabinet-hub patch (PATCHES.md): room for one, not four: most filters (a cabinet's
+        // command topic) have a single reader.
+        if self.current.capacity() == 0 {
+            self.current.reserve_exact(1);
+        }
         let request = (id, request);
         self.current.push_back(request);
     }

@@ -162,6 +162,21 @@ where
         }
     }
 
+    /// Drops every entry and keeps the offsets going: the next append gets the offset it would
+    /// have got, and a cursor at the end of the log stays valid (same segment id, same
+    /// offset). cabinet-hub patch (PATCHES.md): for when every reader has read everything.
+    pub fn discard_all(&mut self) {
+        let next = self.active_segment().next_offset();
+        if self.segments.len() == 1 && self.active_segment().len() == 0 {
+            return;
+        }
+        while self.segments.len() > 1 {
+            self.segments.pop_front();
+            self.head += 1;
+        }
+        *self.active_segment_mut() = Segment::with_offset(next);
+    }
+
     #[inline]
     pub fn last(&self) -> Option<T> {
         self.active_segment().last()
@@ -282,6 +297,38 @@ mod tests {
         let expected = Bytes::from(vec![expected_id as u8; expected_size as usize]);
         // dbg!(expected_id, &expected);
         assert_eq!(out.0, expected);
+    }
+
+    // cabinet-hub patch (PATCHES.md)
+    #[test]
+    fn discarding_everything_keeps_a_reader_at_the_end_where_it_was() {
+        // 600-byte entries in 1 KiB segments: two per segment, three segments kept.
+        let mut log: CommitLog<Bytes> = CommitLog::new(1024, 3).unwrap();
+        for i in 0..5 {
+            log.append(random_payload(i, 600));
+        }
+        assert_eq!(log.len(), 3);
+        let mut out = Vec::new();
+        let end = match log.readv((log.head, 0), 100, &mut out).unwrap() {
+            Done { end, .. } | Next { end, .. } => end,
+        };
+        assert_eq!(out.len(), 5);
+
+        log.discard_all();
+        assert_eq!(log.len(), 1);
+        assert_eq!(log.size(), 0);
+        let mut nothing = Vec::new();
+        log.readv(end, 100, &mut nothing).unwrap();
+        assert!(nothing.is_empty());
+
+        log.append(random_payload(5, 600));
+        let mut next = Vec::new();
+        match log.readv(end, 100, &mut next).unwrap() {
+            // Read from the very cursor it had: no jump, nothing skipped or repeated.
+            Done { start, .. } | Next { start, .. } => assert_eq!(start, end),
+        }
+        assert_eq!(next.len(), 1);
+        verify(5, 600, next.remove(0));
     }
 
     #[test]
