@@ -54,10 +54,14 @@ impl Feed {
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         ring.seq += 1;
         let seq = ring.seq;
+        let mut json = json!({"type": kind, "seq": seq, "data": data}).to_string();
+        // Kept for replay: without this the text keeps the up-to-double room it grew into
+        // while being written, and the replay ring holds tens of thousands of them.
+        json.shrink_to_fit();
         let ev = Arc::new(FeedEvent {
             seq,
             merchant: merchant.to_owned(),
-            json: json!({"type": kind, "seq": seq, "data": data}).to_string(),
+            json,
         });
         if ring.events.len() == self.replay {
             ring.events.pop_front();

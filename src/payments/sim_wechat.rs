@@ -88,6 +88,9 @@ struct SimOrder {
     #[serde(deserialize_with = "json_text")]
     create_body: String,
     refunded: i64,
+    /// When it was created (Unix seconds); 0 in journals written before this was kept.
+    #[serde(default)]
+    created_s: i64,
 }
 
 impl SimOrder {
@@ -95,11 +98,21 @@ impl SimOrder {
     fn finished(&self) -> bool {
         matches!(self.order.state.as_str(), "DONE" | "REVOKED" | "EXPIRED")
     }
+
+    /// Finished, and old enough that the hub is done asking about it.
+    fn forgettable(&self, now_s: i64) -> bool {
+        self.finished() && now_s - self.created_s > FINISHED_KEPT_S
+    }
 }
 
 /// Orders the simulator remembers before it forgets the oldest finished ones. The real service
 /// keeps them for years; a simulator that did would grow with every order of a long run.
 const ORDERS_KEPT: usize = 20_000;
+/// A finished order is forgotten this long after it was created whatever the count, so a long
+/// run's memory levels off (at 5 orders a second the count cap alone took over an hour). The hub
+/// asks about an order until its deduction check, a minute after the session ends; a session
+/// lasts minutes at most.
+const FINISHED_KEPT_S: i64 = 600;
 
 /// A JSON text, or any JSON value turned into its text.
 fn json_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -250,6 +263,8 @@ impl WechatSim {
         }
         // After the journal line, so a forgotten order's last state is on disk.
         st.orders.evict(ORDERS_KEPT, 8, SimOrder::finished);
+        let now = now_s();
+        st.orders.evict(0, 8, |o| o.forgettable(now));
     }
 
     /// Scripts a shopper.
@@ -592,6 +607,7 @@ impl WechatSim {
                 order,
                 create_body: body.to_string(),
                 refunded: 0,
+                created_s: now_s(),
             },
         );
         if self.user(&openid).confirm {
