@@ -154,6 +154,9 @@ pub struct PaymentSettings {
     pub simulator_retry_scale: f64,
     /// `HUB__PAYMENTS__SIMULATOR_CONFIRM_MS`: how long the simulators' shoppers take to confirm.
     pub simulator_confirm_ms: u64,
+    /// `HUB__PAYMENTS__SIMULATOR_ORDERS_KEPT_S`: how long the WeChat Pay simulator remembers a
+    /// finished order after its creation (a refund needs it).
+    pub simulator_orders_kept_s: u64,
     /// The real WeChat Pay service (when `simulator` is false).
     #[serde(default)]
     pub wechat: Option<crate::payments::wechat::WechatConfig>,

@@ -50,6 +50,12 @@ impl Ctx {
                 // Shoppers who authorised Pay Score before (免确认): the measured latency is
                 // the hub's, not a simulated person's 50 ms tap on "confirm".
                 env.push(("HUB__PAYMENTS__SIMULATOR_CONFIRM_MS".into(), "0".into()));
+                // The simulator runs inside the hub's process here, so what it remembers counts
+                // in the hub's RSS; ten minutes cover every question the hub asks of an order.
+                env.push((
+                    "HUB__PAYMENTS__SIMULATOR_ORDERS_KEPT_S".into(),
+                    "600".into(),
+                ));
                 Hub::spawn(&self.hub_bin, &env).await
             }
         }

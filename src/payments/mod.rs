@@ -53,6 +53,7 @@ pub fn build_wechat(
         confirm_delay: Duration::from_millis(settings.payments.simulator_confirm_ms),
         cancel_after_complete: false,
         persist: Some(settings.data_dir.join("wechat-simulator.jsonl")),
+        finished_kept: Duration::from_secs(settings.payments.simulator_orders_kept_s),
     })?;
     // WeChat retries deductions on its own; a minute, scaled like the notification schedule.
     sim.start_deduction_retries(Duration::from_secs_f64(

@@ -47,6 +47,8 @@ pub struct SimConfig {
     pub cancel_after_complete: bool,
     /// Where its state is kept across restarts, as the real service keeps its own.
     pub persist: Option<std::path::PathBuf>,
+    /// How long after its creation a finished order is forgotten (refunds need it kept).
+    pub finished_kept: Duration,
 }
 
 /// How a simulated shopper behaves.
@@ -99,20 +101,15 @@ impl SimOrder {
         matches!(self.order.state.as_str(), "DONE" | "REVOKED" | "EXPIRED")
     }
 
-    /// Finished, and old enough that the hub is done asking about it.
-    fn forgettable(&self, now_s: i64) -> bool {
-        self.finished() && now_s - self.created_s > FINISHED_KEPT_S
+    /// Finished, and created more than `kept_s` ago.
+    fn forgettable(&self, now_s: i64, kept_s: i64) -> bool {
+        self.finished() && now_s - self.created_s > kept_s
     }
 }
 
 /// Orders the simulator remembers before it forgets the oldest finished ones. The real service
 /// keeps them for years; a simulator that did would grow with every order of a long run.
 const ORDERS_KEPT: usize = 20_000;
-/// A finished order is forgotten this long after it was created whatever the count, so a long
-/// run's memory levels off (at 5 orders a second the count cap alone took over an hour). The hub
-/// asks about an order until its deduction check, a minute after the session ends; a session
-/// lasts minutes at most.
-const FINISHED_KEPT_S: i64 = 600;
 
 /// A JSON text, or any JSON value turned into its text.
 fn json_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -263,8 +260,10 @@ impl WechatSim {
         }
         // After the journal line, so a forgotten order's last state is on disk.
         st.orders.evict(ORDERS_KEPT, 8, SimOrder::finished);
-        let now = now_s();
-        st.orders.evict(0, 8, |o| o.forgettable(now));
+        // And, whatever the count, those finished longer ago than `finished_kept`, so that a
+        // long run's memory levels off (at 5 orders a second the count cap alone takes an hour).
+        let (now, kept) = (now_s(), self.cfg.finished_kept.as_secs() as i64);
+        st.orders.evict(0, 8, |o| o.forgettable(now, kept));
     }
 
     /// Scripts a shopper.

@@ -55,6 +55,7 @@ async fn rig() -> Rig {
         confirm_delay: Duration::from_millis(20),
         cancel_after_complete: false,
         persist: None,
+        finished_kept: Duration::from_secs(86_400),
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let (tx, notes) = mpsc::unbounded_channel();
