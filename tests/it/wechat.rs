@@ -44,6 +44,11 @@ fn client_config(base: &str) -> WechatConfig {
 }
 
 async fn rig() -> Rig {
+    rig_keeping(Duration::from_secs(86_400)).await
+}
+
+/// A rig whose simulator forgets finished orders `finished_kept` after creating them.
+async fn rig_keeping(finished_kept: Duration) -> Rig {
     let sim = WechatSim::new(SimConfig {
         mchid: "1900000001".into(),
         merchant_serial: "MERCHANT_SERIAL_1".into(),
@@ -55,7 +60,7 @@ async fn rig() -> Rig {
         confirm_delay: Duration::from_millis(20),
         cancel_after_complete: false,
         persist: None,
-        finished_kept: Duration::from_secs(86_400),
+        finished_kept,
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let (tx, notes) = mpsc::unbounded_channel();
@@ -246,6 +251,45 @@ async fn happy_path_confirm_complete_paid_refund() {
         }) => assert_eq!(code, "NOT_ENOUGH"),
         other => panic!("over-refund must fail: {other:?}"),
     }
+}
+
+#[actix_rt::test]
+async fn finished_orders_are_forgotten_after_the_kept_time_unfinished_ones_never() {
+    let mut r = rig_keeping(Duration::ZERO).await;
+    r.client
+        .create_order(&order("o_done", "u1"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.next_note().await.event_type, "PAYSCORE.USER_CONFIRM");
+    let (pay, disc) = lines();
+    r.client
+        .complete_order("1900000109", "o_done", &pay, &disc, 1150)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.next_note().await.event_type, "PAYSCORE.USER_PAID");
+    r.client
+        .create_order(&order("o_open", "u2"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.next_note().await.event_type, "PAYSCORE.USER_CONFIRM");
+    // Ages are whole seconds; the next change after that lets the simulator forget.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    r.client
+        .create_order(&order("o_later", "u3"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    match r.client.query_order("1900000109", "o_done").await {
+        Err(WechatError::Api {
+            status: 404, code, ..
+        }) => assert_eq!(code, "ORDER_NOT_EXIST"),
+        other => panic!("a finished order past its time must be forgotten: {other:?}"),
+    }
+    let open = r
+        .client
+        .query_order("1900000109", "o_open")
+        .await
+        .unwrap_or_else(|e| panic!("an unfinished order is never forgotten: {e}"));
+    assert_eq!(open.state, "DOING");
 }
 
 #[actix_rt::test]
