@@ -14,12 +14,12 @@ use std::pin::Pin;
 use std::task::Poll;
 use tokio::io::ReadBuf;
 
+use crate::protocol::{self, Packet, Protocol};
+
 /// The stack scratch of a read into an empty buffer (cabinet-hub patch, PATCHES.md).
 const READ_SCRATCH: usize = 4096;
 /// Room made before writing packets, so that a command is written without regrowing.
 const WRITE_RESERVE: usize = 512;
-
-use crate::protocol::{self, Packet, Protocol};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -486,6 +486,53 @@ mod test {
     use crate::router::shared_subs::Strategy;
     use crate::RouterConfig;
 
+    // cabinet-hub patch (PATCHES.md)
+    #[test]
+    fn a_log_is_emptied_only_once_every_reader_has_read_it() {
+        use crate::protocol::Publish;
+        use crate::router::DataRequest;
+        use std::collections::VecDeque;
+
+        let mut data = DataLog::new(test_config(&[])).unwrap();
+        let (idx, start) = data.next_native_offset("cmd/1");
+        let publish = Publish::new(b"cmd/1".to_vec(), vec![7u8; 100], false);
+        for _ in 0..3 {
+            data.native
+                .get_mut(idx)
+                .unwrap()
+                .append((publish.clone(), None).into(), &mut VecDeque::new());
+        }
+        let request = |cursor| DataRequest {
+            filter: "cmd/1".to_owned(),
+            filter_idx: idx,
+            qos: 1,
+            cursor,
+            read_count: 0,
+            max_count: 100,
+            forward_retained: false,
+            group: None,
+        };
+        let end = data.native.get(idx).unwrap().log.next_offset();
+        let unread = |data: &DataLog| data.native_readv(idx, start, 10).unwrap().1.len();
+
+        // Two readers, one parked at the end: the other has not read it all yet.
+        data.park(1, request(end));
+        data.discard_if_all_read(idx, 2);
+        assert_eq!(unread(&data), 3, "kept for the reader still reading");
+
+        // Both parked: nothing in the log will be read again.
+        data.park(2, request(end));
+        data.discard_if_all_read(idx, 2);
+        assert_eq!(unread(&data), 0, "emptied once everyone read it");
+        // The offsets go on, so the parked cursor still reads what comes next, and only that.
+        data.native
+            .get_mut(idx)
+            .unwrap()
+            .append((publish, None).into(), &mut VecDeque::new());
+        let (_, next) = data.native_readv(idx, end, 10).unwrap();
+        assert_eq!(next.len(), 1);
+    }
+
     #[test]
     fn publish_filters_updating_correctly_on_new_topic_subscription() {
         let config = RouterConfig {

@@ -1072,18 +1072,20 @@ impl Router {
                     // When all the data in the log is caught up, current request is
                     // registered in waiters and not added back to the tracker. This
                     // ensures that tracker.next() stops when all the requests are done
-                    let filter_idx = request.filter_idx;
-                    let readers = self.subscription_map.get(&request.filter).map(|s| s.len());
-                    datalog.park(id, request);
                     // cabinet-hub patch (PATCHES.md): a log every subscriber has read to the
                     // end is emptied. rumqttd kept it up to its caps, read or not: for the
                     // hub's `#` filter megabytes of uplinks, and for each cabinet's command
                     // filter its last commands, for as long as the process ran.
-                    if self.config.discard_consumed
+                    let discard = (self.config.discard_consumed
                         && !self.graveyard.holds_sessions()
-                        && self.shared_subscriptions.is_empty()
-                    {
-                        datalog.discard_if_all_read(filter_idx, readers.unwrap_or(0));
+                        && self.shared_subscriptions.is_empty())
+                    .then(|| {
+                        let readers = self.subscription_map.get(&request.filter);
+                        (request.filter_idx, readers.map_or(0, |s| s.len()))
+                    });
+                    datalog.park(id, request);
+                    if let Some((filter_idx, readers)) = discard {
+                        datalog.discard_if_all_read(filter_idx, readers);
                     }
                 }
                 ConsumeStatus::PartialRead => {
