@@ -176,6 +176,7 @@ impl Application {
         let (session_tx, mut session_rx) = mpsc::unbounded_channel();
         let feed = Arc::new(crate::feed::Feed::new(
             settings.feed.replay_events,
+            Duration::from_secs(settings.feed.replay_s),
             settings.feed.client_queue,
         ));
         let (change_tx, change_rx) = mpsc::unbounded_channel();

@@ -171,6 +171,8 @@ pub struct PaymentSettings {
 pub struct FeedSettings {
     /// `HUB__FEED__REPLAY_EVENTS`
     pub replay_events: usize,
+    /// `HUB__FEED__REPLAY_S`: no event older than this is kept for replay.
+    pub replay_s: u64,
     /// `HUB__FEED__CLIENT_QUEUE`
     pub client_queue: usize,
 }

@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
@@ -20,6 +21,8 @@ pub struct FeedEvent {
     pub merchant: String,
     /// `{"type", "seq", "data"}`, serialised once for every client.
     pub json: String,
+    /// When it was published, for the replay window's age limit.
+    at: Instant,
 }
 
 struct Ring {
@@ -32,25 +35,31 @@ pub struct Feed {
     ring: Mutex<Ring>,
     tx: broadcast::Sender<Arc<FeedEvent>>,
     replay: usize,
+    replay_for: Duration,
 }
 
 impl Feed {
-    /// `replay` events are kept for `?since=`; each client may lag `client_queue` events
-    /// behind before it is dropped.
-    pub fn new(replay: usize, client_queue: usize) -> Self {
+    /// The last `replay` events, and none older than `replay_for`, are kept for `?since=`;
+    /// each client may lag `client_queue` events behind before it is dropped.
+    pub fn new(replay: usize, replay_for: Duration, client_queue: usize) -> Self {
         let (tx, _) = broadcast::channel(client_queue.max(1));
         Self {
             ring: Mutex::new(Ring {
                 seq: 0,
-                events: VecDeque::with_capacity(replay),
+                events: VecDeque::new(),
             }),
             tx,
             replay: replay.max(1),
+            replay_for,
         }
     }
 
     /// Publishes an event of `kind` for a merchant's screens.
     pub fn publish(&self, merchant: &str, kind: &str, data: Value) {
+        self.publish_at(merchant, kind, data, Instant::now());
+    }
+
+    fn publish_at(&self, merchant: &str, kind: &str, data: Value, now: Instant) {
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         ring.seq += 1;
         let seq = ring.seq;
@@ -62,8 +71,18 @@ impl Feed {
             seq,
             merchant: merchant.to_owned(),
             json,
+            at: now,
         });
         if ring.events.len() == self.replay {
+            ring.events.pop_front();
+        }
+        // The age limit is what levels memory off on a quiet fleet, where the count would take
+        // hours to reach: a screen that was away longer starts again from a snapshot.
+        while ring
+            .events
+            .front()
+            .is_some_and(|e| now.saturating_duration_since(e.at) > self.replay_for)
+        {
             ring.events.pop_front();
         }
         ring.events.push_back(ev.clone());
@@ -119,9 +138,11 @@ pub async fn relay_store_changes(
 mod tests {
     use super::*;
 
+    const HOUR: Duration = Duration::from_secs(3600);
+
     #[test]
     fn replay_window() {
-        let f = Feed::new(3, 8);
+        let f = Feed::new(3, HOUR, 8);
         for i in 0..5 {
             f.publish("m", "cabinet", json!(i));
         }
@@ -138,9 +159,35 @@ mod tests {
         assert!(f.since(9).is_none(), "from the future");
     }
 
+    #[test]
+    fn events_older_than_the_window_are_not_replayed() {
+        let f = Feed::new(100, Duration::from_secs(60), 8);
+        let t0 = Instant::now();
+        f.publish_at("m", "cabinet", json!(1), t0);
+        f.publish_at("m", "cabinet", json!(2), t0 + Duration::from_secs(30));
+        f.publish_at("m", "cabinet", json!(3), t0 + Duration::from_secs(61));
+        assert!(
+            f.since(0).is_none(),
+            "event 1 is 61 s old when event 3 comes: a snapshot is needed"
+        );
+        assert_eq!(
+            f.since(1)
+                .map(|v| v.iter().map(|e| e.seq).collect::<Vec<_>>()),
+            Some(vec![2, 3])
+        );
+        f.publish_at("m", "cabinet", json!(4), t0 + Duration::from_secs(200));
+        assert_eq!(
+            f.since(3)
+                .map(|v| v.iter().map(|e| e.seq).collect::<Vec<_>>()),
+            Some(vec![4]),
+            "the newest is kept whatever its neighbours' age"
+        );
+        assert!(f.since(2).is_none());
+    }
+
     #[tokio::test]
     async fn subscribers_get_later_events_in_order() {
-        let f = Feed::new(10, 8);
+        let f = Feed::new(10, HOUR, 8);
         f.publish("m", "cabinet", json!(1));
         let (mut rx, seq) = f.subscribe();
         assert_eq!(seq, 1);

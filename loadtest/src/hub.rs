@@ -165,7 +165,7 @@ impl Hub {
         key: &str,
         body: Option<Value>,
     ) -> Result<(u16, Value)> {
-        let (s, v, _) = self.call_timed(method, path, key, body).await?;
+        let (s, v, _) = self.call_timed(method, path, key, None, body).await?;
         Ok((s, v))
     }
 
@@ -175,9 +175,13 @@ impl Hub {
         method: reqwest::Method,
         path: &str,
         key: &str,
+        idempotency_key: Option<&str>,
         body: Option<Value>,
     ) -> Result<(u16, Value, Option<String>)> {
         let mut rb = self.client.request(method, self.url(path)).bearer_auth(key);
+        if let Some(k) = idempotency_key {
+            rb = rb.header("Idempotency-Key", k);
+        }
         if let Some(b) = body {
             rb = rb.json(&b);
         }

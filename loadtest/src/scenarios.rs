@@ -747,6 +747,10 @@ async fn shop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut i = 0usize;
     let mut tasks = Vec::new();
+    // Keys unique across calls on the same hub: a repeated key would get the first answer back.
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     while Instant::now() < until {
         tick.tick().await;
         let cab = cabs[i % cabs.len()].id.clone();
@@ -759,6 +763,9 @@ async fn shop(
                     reqwest::Method::POST,
                     "/api/v1/sessions",
                     &op,
+                    // As a shop's backend calls it: with a key, so that a retry cannot open
+                    // the door twice (the hub then stores its answer with the session).
+                    Some(&format!("rush-{run}-{i}")),
                     Some(json!({"cabinet_id": cab, "user_id": format!("shopper{i}"), "channel": "wechat", "mode": "purchase"})),
                 )
                 .await;

@@ -171,8 +171,9 @@ pub struct WechatSim {
     http: reqwest::Client,
 }
 
-/// How many sent notifications the simulator keeps for redelivery.
-const SENT_KEPT: usize = 10_000;
+/// How many sent notifications the simulator keeps for redelivery: enough for a replay drill,
+/// few enough that the bodies (~1 KB each) do not add megabytes to a long run of the hub.
+const SENT_KEPT: usize = 1_000;
 
 fn key(sub_mchid: &str, out_order_no: &str) -> String {
     format!("{sub_mchid}\u{1f}{out_order_no}")

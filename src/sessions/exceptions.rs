@@ -21,23 +21,18 @@ impl Sessions {
         merchant_id: &str,
         user_id: &str,
     ) -> Result<(), Refused> {
-        if let Some(reason) = self
-            .store
-            .blacklisted(merchant_id, user_id)
-            .await
-            .map_err(internal)?
-        {
+        let (listed, unpaid) = tokio::join!(
+            self.store.blacklisted(merchant_id, user_id),
+            self.store.unpaid(merchant_id, user_id)
+        );
+        if let Some(reason) = listed.map_err(internal)? {
             return Err(refused(
                 422,
                 "user_blacklisted",
                 format!("the shopper is blacklisted: {reason}"),
             ));
         }
-        let (n, oldest) = self
-            .store
-            .unpaid(merchant_id, user_id)
-            .await
-            .map_err(internal)?;
+        let (n, oldest) = unpaid.map_err(internal)?;
         let p = &self.settings.payments;
         let too_old = oldest.is_some_and(|t| self.now() - t >= p.blacklist_after_ms as i64);
         if n > 0 && (n >= i64::from(p.blacklist_unpaid_orders) || too_old) {

@@ -42,7 +42,7 @@ pub struct StartTimings {
 impl Default for StartTimings {
     fn default() -> Self {
         Self {
-            stages: Vec::with_capacity(5),
+            stages: Vec::with_capacity(6),
             mark: Instant::now(),
         }
     }
@@ -88,6 +88,14 @@ fn refused(status: u16, code: &str, message: impl Into<String>) -> Refused {
         code: code.to_owned(),
         message: message.into(),
     }
+}
+
+/// What the merchant's settings say of a WeChat Pay Score order.
+struct PaymentTerms {
+    /// The risk ceiling (`risk_fund.amount`), fen.
+    ceiling_fen: i64,
+    /// The merchant's second-level merchant number.
+    sub_mchid: String,
 }
 
 /// What `POST /api/v1/sessions` takes.
@@ -253,7 +261,28 @@ impl Sessions {
                 "the cabinet is not connected",
             ));
         };
-        match actor.send(CheckSession(req.mode)).await {
+        // The cabinet's own check, the shopper's standing and the merchant's payment settings
+        // do not depend on one another: asked together, they cost one wait instead of four.
+        let purchase = req.mode == SessionMode::Purchase;
+        let (check, standing, payment) = tokio::join!(
+            actor.send(CheckSession(req.mode)),
+            async {
+                if purchase {
+                    self.check_blacklist(&cabinet.merchant_id, &req.user_id)
+                        .await
+                } else {
+                    Ok(())
+                }
+            },
+            async {
+                if channel == "wechat" {
+                    self.store.merchant_payment(&cabinet.merchant_id).await
+                } else {
+                    Ok(None)
+                }
+            },
+        );
+        match check {
             Ok(None) => {}
             Ok(Some(Refusal::CabinetOffline)) | Err(_) => {
                 return Err(refused(
@@ -277,11 +306,12 @@ impl Sessions {
                 ))
             }
         }
-
-        if req.mode == SessionMode::Purchase {
-            self.check_blacklist(&cabinet.merchant_id, &req.user_id)
-                .await?;
-        }
+        standing?;
+        let (ceiling, sub) = payment.map_err(internal)?.unwrap_or((20_000, None));
+        let payment = PaymentTerms {
+            ceiling_fen: ceiling,
+            sub_mchid: self.sub_mchid(&cabinet.merchant_id, sub),
+        };
 
         let now = self.now();
         let id = format!(
@@ -339,10 +369,14 @@ impl Sessions {
             Err(e) => return Err(internal(e)),
         }
         timings.lap("checks");
-        let outcome = self.run_start(&session, req.mode, timings).await;
+        let outcome = self
+            .run_start(&session, &order, &payment, req.mode, timings)
+            .await;
         let mode = mode_str(req.mode);
+        let mut answer_stored = false;
         let answer = match outcome {
-            Ok(opened) => {
+            Ok((opened, stored)) => {
+                answer_stored = stored;
                 self.metrics
                     .sessions
                     .with_label_values(&[mode, "unlocked"])
@@ -361,8 +395,9 @@ impl Sessions {
                 Err(r)
             }
         };
-        // Kept only where a repeat can ask for it: under an Idempotency-Key.
-        if idempotency_key.is_some() {
+        // Kept only where a repeat can ask for it: under an Idempotency-Key. An opened session's
+        // answer was stored with its move to `open`.
+        if idempotency_key.is_some() && !answer_stored {
             let stored = match &answer {
                 Ok(v) => json!({"status": 201, "body": v}),
                 Err(r) => {
@@ -480,13 +515,16 @@ impl Sessions {
         }
     }
 
+    /// Runs a stored session up to the open door. Answers the opened session and whether the
+    /// answer to an idempotent request was stored with it.
     async fn run_start(
         &self,
         s: &SessionRow,
+        order: &OrderRow,
+        payment: &PaymentTerms,
         mode: SessionMode,
         timings: &mut StartTimings,
-    ) -> Result<SessionRow, Refused> {
-        let internal = |e: StoreError| refused(500, "internal", e.to_string());
+    ) -> Result<(SessionRow, bool), Refused> {
         if s.channel == "alipay" {
             self.alipay_confirm(s).await?;
             timings.lap("provider");
@@ -503,13 +541,7 @@ impl Sessions {
                     )
                     .await);
             };
-            let (ceiling, sub) = self
-                .store
-                .merchant_payment(&s.merchant_id)
-                .await
-                .map_err(internal)?
-                .unwrap_or((20_000, None));
-            let sub = self.sub_mchid(&s.merchant_id, sub);
+            let sub = payment.sub_mchid.clone();
             let (tx, rx) = oneshot::channel();
             self.confirmations
                 .lock()
@@ -526,7 +558,7 @@ impl Sessions {
                 service_introduction: "智能柜购物".into(),
                 risk_fund: RiskFund {
                     name: "ESTIMATE_ORDER_COST".into(),
-                    amount: ceiling,
+                    amount: payment.ceiling_fen,
                 },
                 time_range: TimeRange {
                     start_time: start.format(&fmt).unwrap_or_default(),
@@ -563,8 +595,9 @@ impl Sessions {
             }
             timings.lap("provider");
             let confirmed = self.await_confirmation(&w, &sub, &s.id, rx).await;
-            self.after_confirmation(s, confirmed).await?;
             timings.lap("confirm");
+            self.after_confirmation(s, confirmed).await?;
+            timings.lap("confirmed");
         }
         let Ok(cid) = CabinetId::parse(&s.cabinet_id) else {
             return Err(refused(500, "internal", "stored cabinet id invalid"));
@@ -591,23 +624,7 @@ impl Sessions {
         timings.lap("unlock");
         match result {
             Ok(Ok(r)) => match r.outcome {
-                CommandOutcome::Ok => {
-                    let opened = self
-                        .store
-                        .transition_session(&s.id, "unlocking", "open", None, self.now())
-                        .await
-                        .map_err(internal)?;
-                    match opened {
-                        Some(row) => Ok(row),
-                        // Moved on meanwhile: answer with what is stored.
-                        None => self
-                            .store
-                            .session(&s.id)
-                            .await
-                            .map_err(internal)?
-                            .ok_or_else(|| refused(500, "internal", "the session vanished")),
-                    }
-                }
+                CommandOutcome::Ok => self.open(s, order).await,
                 CommandOutcome::Timeout => Err(self
                     .fail(
                         s,
@@ -645,6 +662,43 @@ impl Sessions {
                     "the cabinet actor restarted during the unlock",
                 )
                 .await),
+        }
+    }
+
+    /// Stores the session as open. Under an Idempotency-Key the answer goes into the same
+    /// write, built from the row as the write will leave it; should the committed row differ,
+    /// the answer is left for `start` to store from the real one.
+    async fn open(&self, s: &SessionRow, order: &OrderRow) -> Result<(SessionRow, bool), Refused> {
+        let internal = |e: StoreError| refused(500, "internal", e.to_string());
+        let now = self.now();
+        let expected = SessionRow {
+            state: "open".to_owned(),
+            updated_at: now,
+            unlocked_at: Some(now),
+            ..s.clone()
+        };
+        let answer = s.idempotency_key.is_some().then(|| {
+            json!({"status": 201, "body": {"session": &expected, "order": order_view(order)}})
+                .to_string()
+        });
+        let opened = self
+            .store
+            .open_session(&s.id, now, answer.as_deref())
+            .await
+            .map_err(internal)?;
+        match opened {
+            Some(row) => {
+                let stored = answer.is_some() && row == expected;
+                Ok((row, stored))
+            }
+            // Moved on meanwhile: answer with what is stored.
+            None => self
+                .store
+                .session(&s.id)
+                .await
+                .map_err(internal)?
+                .map(|row| (row, false))
+                .ok_or_else(|| refused(500, "internal", "the session vanished")),
         }
     }
 
@@ -960,6 +1014,23 @@ impl Sessions {
                 return Err(reason);
             }
         };
+        let out_order_no = n.resource["out_order_no"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        // The signature is verified: the shopper did confirm, so a session waiting for that
+        // goes on now rather than after the notification is recorded. A redelivery finds no
+        // one waiting.
+        if n.event_type == "PAYSCORE.USER_CONFIRM" {
+            if let Some(tx) = self
+                .confirmations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&out_order_no)
+            {
+                let _ = tx.send(());
+            }
+        }
         let now = self.now();
         match self
             .store
@@ -980,21 +1051,9 @@ impl Sessions {
                 return Err("store_error");
             }
         }
-        let out_order_no = n.resource["out_order_no"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
         match n.event_type.as_str() {
-            "PAYSCORE.USER_CONFIRM" => {
-                if let Some(tx) = self
-                    .confirmations
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&out_order_no)
-                {
-                    let _ = tx.send(());
-                }
-            }
+            // Handled above, before recording.
+            "PAYSCORE.USER_CONFIRM" => {}
             "PAYSCORE.USER_PAID" => {
                 let Ok(Some(o)) = self.store.order_of_session(&out_order_no).await else {
                     return Ok(());

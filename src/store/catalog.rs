@@ -76,7 +76,7 @@ impl Store {
         .bind(sku)
         .bind(name)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -100,7 +100,7 @@ impl Store {
         items: &[(String, i64)],
         now: i64,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         sqlx::query("DELETE FROM cabinet_prices WHERE cabinet_id = $1")
             .bind(cabinet_id)
             .execute(&mut *tx)
@@ -163,7 +163,7 @@ impl Store {
             .bind(rule)
             .bind(cabinets)
             .bind(p.created_at)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(conflict_or)?;
         Ok(())
@@ -175,7 +175,7 @@ impl Store {
             sqlx::query("UPDATE promotions SET ended_at = $2 WHERE id = $1 AND ended_at IS NULL")
                 .bind(id)
                 .bind(now)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
         Ok(r.rows_affected() == 1)
     }

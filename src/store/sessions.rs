@@ -8,7 +8,7 @@ use sqlx::Row;
 use super::{conflict_or, Change, Result, Store};
 
 /// A purchase or restock session.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SessionRow {
     /// Id (also the provider's `out_order_no`).
     pub id: String,
@@ -187,7 +187,7 @@ impl Store {
         .bind(merchant_id)
         .bind(risk_ceiling_fen)
         .bind(sub_mchid)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -195,7 +195,7 @@ impl Store {
     /// Stores a new session and its order together, before anything is acknowledged.
     /// A repeated idempotency key is a `Conflict`.
     pub async fn create_session(&self, s: &SessionRow, o: &OrderRow) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         sqlx::query(
             "INSERT INTO sessions (id, cabinet_id, merchant_id, user_id, channel, mode, state, idempotency_key, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
@@ -280,16 +280,38 @@ impl Store {
         .bind(to)
         .bind(failure)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await?;
-        match r {
-            Some(row) => {
-                let s = session_row(&row)?;
-                self.changed(Change::Session(s.clone()));
-                Ok(Some(s))
-            }
-            None => Ok(None),
-        }
+        self.announce_session(r)
+    }
+
+    /// Moves a session from `unlocking` to `open` and, in the same write, stores the answer a
+    /// repeat of its idempotent request gets (`None` leaves it unset); `None` when it was no
+    /// longer unlocking. One write instead of two on the unlock path.
+    pub async fn open_session(
+        &self,
+        id: &str,
+        now: i64,
+        response: Option<&str>,
+    ) -> Result<Option<SessionRow>> {
+        let r = sqlx::query(
+            "UPDATE sessions SET state = 'open', updated_at = $2, unlocked_at = $2, \
+             response = COALESCE($3, response) WHERE id = $1 AND state = 'unlocking' RETURNING *",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(response)
+        .fetch_optional(&self.writer)
+        .await?;
+        self.announce_session(r)
+    }
+
+    /// The row a state change returned, announced as committed; `None` when no row matched.
+    fn announce_session(&self, row: Option<AnyRow>) -> Result<Option<SessionRow>> {
+        let Some(row) = row else { return Ok(None) };
+        let s = session_row(&row)?;
+        self.changed(Change::Session(s.clone()));
+        Ok(Some(s))
     }
 
     /// Remembers the answer given to an idempotent request.
@@ -297,7 +319,7 @@ impl Store {
         sqlx::query("UPDATE sessions SET response = $2 WHERE id = $1")
             .bind(id)
             .bind(response)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -400,7 +422,7 @@ impl Store {
         for f in from {
             q = q.bind(*f);
         }
-        match q.fetch_optional(&self.pool).await? {
+        match q.fetch_optional(&self.writer).await? {
             Some(row) => {
                 self.changed(Change::Order(order_row(&row)?));
                 Ok(true)
@@ -425,7 +447,7 @@ impl Store {
         .bind(paid_fen)
         .bind(transaction_id)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await?;
         match r {
             Some(row) => {
@@ -449,7 +471,7 @@ impl Store {
             .bind(provider)
             .bind(event_type)
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -469,7 +491,7 @@ impl Store {
                 return Ok(Some(refund_row(&row)?));
             }
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let reserved = sqlx::query(
             "UPDATE orders SET refunded_fen = refunded_fen + $2, updated_at = $3 \
              WHERE id = $1 AND status IN ('paid', 'refunded') AND refunded_fen + $2 <= paid_fen",
@@ -518,7 +540,7 @@ impl Store {
             .bind(status)
             .bind(provider_refund_id)
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -555,7 +577,7 @@ impl Store {
             .bind(order_id)
             .bind(attempts)
             .bind(next_at)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -600,7 +622,7 @@ impl Store {
         .bind(i64::from(automatic))
         .bind(now)
         .bind(by)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -620,7 +642,7 @@ impl Store {
         Ok(sqlx::query(sql)
             .bind(merchant_id)
             .bind(user_id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?
             .rows_affected()
             == 1)
@@ -668,7 +690,7 @@ impl Store {
         sqlx::query("UPDATE orders SET provider_order_no = $2 WHERE id = $1")
             .bind(order_id)
             .bind(provider_order_no)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }

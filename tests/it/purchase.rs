@@ -832,7 +832,14 @@ async fn session_start_tells_where_the_time_went(b: Backend) {
     let names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
-        ["checks", "provider", "confirm", "unlock", "record"],
+        [
+            "checks",
+            "provider",
+            "confirm",
+            "confirmed",
+            "unlock",
+            "record"
+        ],
         "{timing}"
     );
     let m = hub.metrics().await;
