@@ -108,6 +108,7 @@ both!(
     unlock_timeout_charges_nothing,
     recognition_failed_is_abnormal,
     failed_deduction_is_pending_until_paid,
+    settled_orders_are_not_asked_about,
     forged_notifications_are_refused_and_counted,
     abnormal_order_resolved_then_charged,
     refunds_partial_full_idempotent_and_bounded,
@@ -712,6 +713,28 @@ async fn failed_deduction_is_pending_until_paid(b: Backend) {
     assert_eq!((s, r["orders_paid"].clone()), (200, json!(1)));
     let v = order_status(&hub, &op, &session, "paid").await;
     assert_eq!(v["order"]["paid_fen"], 650);
+}
+
+/// The deduction check asks the provider only about orders no notification settled.
+async fn settled_orders_are_not_asked_about(b: Backend) {
+    // The check waits long enough that the notification has surely arrived.
+    let (hub, op, mut c) = shop_with(b, |s| s.payments.deduction_check_ms = 1_000).await;
+    let query = r#"payments_total{operation="query",outcome="ok",provider="wechat"}"#;
+    let session = visit(&hub, &op, &mut c, "u1", json!([{"sku": "cola", "qty": 1}])).await;
+    order_status(&hub, &op, &session, "paid").await;
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert!(!hub.metrics().await.contains(query));
+    // Unpaid, the same check asks (and is counted under the same name).
+    hub.call(
+        "PUT",
+        "/sim/users/u3",
+        ADMIN_KEY,
+        Some(json!({"confirm": true, "deduction": "fail"})),
+    )
+    .await;
+    let session = visit(&hub, &op, &mut c, "u3", json!([{"sku": "cola", "qty": 1}])).await;
+    order_status(&hub, &op, &session, "pending_payment").await;
+    assert!(hub.metrics().await.contains(&format!("{query} 1")));
 }
 
 async fn forged_notifications_are_refused_and_counted(b: Backend) {
