@@ -38,6 +38,15 @@ pub struct Metrics {
     pub ws_clients: IntGauge,
     pub ws_sent: IntCounter,
     pub ws_dropped: IntCounterVec,
+    /// Read at each scrape (`render`).
+    memory: MemoryGauges,
+}
+
+#[derive(Clone)]
+struct MemoryGauges {
+    resident: IntGauge,
+    heap_in_use: IntGauge,
+    heap_free: IntGauge,
 }
 
 /// Adding a series to our own fresh registry only fails on a duplicate name, a bug caught by
@@ -233,6 +242,29 @@ impl Metrics {
                     &["reason"],
                 )?,
             ),
+            memory: MemoryGauges {
+                resident: reg(
+                    &r,
+                    IntGauge::new(
+                        "process_resident_memory_bytes",
+                        "Resident memory of the hub process",
+                    )?,
+                ),
+                heap_in_use: reg(
+                    &r,
+                    IntGauge::new(
+                        "process_heap_in_use_bytes",
+                        "Heap allocated and not freed (glibc mallinfo2)",
+                    )?,
+                ),
+                heap_free: reg(
+                    &r,
+                    IntGauge::new(
+                        "process_heap_free_bytes",
+                        "Heap freed but kept by the allocator for reuse (glibc mallinfo2)",
+                    )?,
+                ),
+            },
             registry: r,
         };
         // Pre-create the label sets so dashboards see zeros rather than gaps.
@@ -256,6 +288,15 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        let m = crate::telemetry::memory_use();
+        let set = |g: &IntGauge, v: Option<u64>| {
+            if let Some(v) = v {
+                g.set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+        };
+        set(&self.memory.resident, m.resident);
+        set(&self.memory.heap_in_use, m.heap_in_use);
+        set(&self.memory.heap_free, m.heap_free);
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");

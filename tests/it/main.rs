@@ -877,6 +877,16 @@ async fn health_readiness_and_alert_ack(b: Backend) {
     assert_eq!(ok("/healthz").await, 200);
     assert_eq!(ok("/readyz").await, 200);
     assert_eq!(ok("/metrics").await, 200);
+    // The process's memory, read at the scrape: an engineer tells a leak (heap in use grows)
+    // from fragmentation (only resident and free grow).
+    for series in [
+        "process_resident_memory_bytes",
+        "process_heap_in_use_bytes",
+        "process_heap_free_bytes",
+    ] {
+        assert!(hub.metric(series).await > 0.0, "{series}");
+    }
+    assert!(hub.metric("process_resident_memory_bytes").await > 1e6);
     assert_eq!(ok("/api/openapi.json").await, 200);
     let (ma, op) = hub.merchant("m1").await;
     let secret = hub.cabinet(&ma, "m1", "KM1").await;
