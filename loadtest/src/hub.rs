@@ -157,6 +157,18 @@ impl Hub {
         format!("http://{}{}", self.http, path)
     }
 
+    /// One `GET /healthz` over the same client as every call: the cheapest answer the hub
+    /// gives, i.e. the bare HTTP round trip. Fails on anything but 200.
+    pub async fn healthz(&self) -> Result<()> {
+        let r = self.client.get(self.url("/healthz")).send().await?;
+        let s = r.status().as_u16();
+        r.bytes().await?;
+        if s != 200 {
+            bail!("GET /healthz: {s}");
+        }
+        Ok(())
+    }
+
     /// A JSON call; returns status and body.
     pub async fn call(
         &self,
