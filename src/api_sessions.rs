@@ -171,6 +171,8 @@ struct SimUserBody {
     confirm: bool,
     #[serde(default = "succeed")]
     deduction: Deduction,
+    #[serde(default)]
+    cancel_delay_ms: u64,
 }
 
 fn yes() -> bool {
@@ -195,6 +197,8 @@ async fn sim_user(
     let script = UserScript {
         confirm: body.confirm,
         deduction: body.deduction,
+        // Bounded: a script is a test's, and a minute covers any client timeout worth testing.
+        cancel_delay_ms: body.cancel_delay_ms.min(60_000),
     };
     sim.set_user(&path, script);
     if let Some(a) = &state.alipay_sim {

@@ -349,6 +349,16 @@ impl AlipaySim {
         }
     }
 
+    /// The scripted wait before answering a close of a credit order (none for an unknown one).
+    fn close_delay(&self, credit_biz_order_id: &str) -> Duration {
+        let mut st = self.lock();
+        let buyer = Self::find_by_id(&mut st, credit_biz_order_id).map(|(_, o)| o.buyer.clone());
+        let ms = buyer
+            .and_then(|b| st.users.get(&b).map(|u| u.cancel_delay_ms))
+            .unwrap_or(0);
+        Duration::from_millis(ms)
+    }
+
     fn finish(&self, biz: &Value) -> Answer {
         let id = biz["credit_biz_order_id"]
             .as_str()
@@ -439,6 +449,12 @@ async fn gateway(
         return fail("40002", "isv.invalid-parameter", "biz_content");
     };
     let notify_url = params.get("notify_url").cloned().unwrap_or_default();
+    if method == super::alipay::methods::FINISH {
+        tokio::time::sleep(
+            sim.close_delay(biz["credit_biz_order_id"].as_str().unwrap_or_default()),
+        )
+        .await;
+    }
     let answer = match method.as_str() {
         super::alipay::methods::CREATE => sim.create(&biz, &notify_url),
         super::alipay::methods::QUERY => sim.query(&biz),

@@ -58,6 +58,10 @@ pub struct UserScript {
     pub confirm: bool,
     /// Deductions succeed.
     pub deduction: Deduction,
+    /// How long the provider takes to answer a cancel (WeChat) or close (Alipay) of this
+    /// shopper's order: a slow provider, for what must not wait on one.
+    #[serde(default)]
+    pub cancel_delay_ms: u64,
 }
 
 /// Deduction outcome.
@@ -75,6 +79,7 @@ impl Default for UserScript {
         Self {
             confirm: true,
             deduction: Deduction::Succeed,
+            cancel_delay_ms: 0,
         }
     }
 }
@@ -643,6 +648,17 @@ impl WechatSim {
             .ok_or_else(|| SimError(404, "ORDER_NOT_EXIST", "订单不存在".into()))
     }
 
+    /// The scripted wait before answering a cancel of an order (none for an unknown one).
+    fn cancel_delay(&self, sub_mchid: &str, out_order_no: &str) -> Duration {
+        let st = self.lock();
+        let ms = st
+            .orders
+            .get(&key(sub_mchid, out_order_no))
+            .and_then(|o| st.users.get(&o.openid))
+            .map_or(0, |u| u.cancel_delay_ms);
+        Duration::from_millis(ms)
+    }
+
     fn cancel(&self, out_order_no: &str, body: &Value) -> Result<Value, SimError> {
         let sub = body["sub_mchid"].as_str().unwrap_or_default();
         if body["reason"]
@@ -851,6 +867,12 @@ async fn handle(sim: web::Data<WechatSim>, req: HttpRequest, body: web::Bytes) -
         .unwrap_or(req.path())
         .to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if let ("POST", ["v3", "payscore", "partner", "serviceorder", no, "cancel"]) =
+        (req.method().as_str(), segments.as_slice())
+    {
+        let delay = sim.cancel_delay(parsed["sub_mchid"].as_str().unwrap_or_default(), no);
+        tokio::time::sleep(delay).await;
+    }
     let result: Result<(u16, Option<Value>), SimError> =
         match (req.method().as_str(), segments.as_slice()) {
             ("POST", ["v3", "payscore", "partner", "serviceorder"]) => {

@@ -863,7 +863,7 @@ impl Sessions {
         let items_json = serde_json::to_string(&basket).unwrap_or_default();
         if basket.iter().all(|i| i.qty == 0) {
             // Nothing taken: no charge, the provider order is cancelled, the order closes at zero.
-            if self
+            let closed = self
                 .store
                 .transition_order(
                     &o.id,
@@ -875,14 +875,16 @@ impl Sessions {
                     Some(0),
                     now,
                 )
-                .await?
-            {
-                self.metrics.orders.with_label_values(&["closed"]).inc();
-                self.cancel_provider_order(s, "未取商品").await;
-            }
+                .await?;
+            // The session ends before the provider is told: the next shopper at this cabinet
+            // must not meet `cabinet_busy` while a cancel call is in flight.
             self.store
                 .transition_session(&s.id, "open", "closed", None, now)
                 .await?;
+            if closed {
+                self.metrics.orders.with_label_values(&["closed"]).inc();
+                self.cancel_provider_order(s, "未取商品").await;
+            }
             return Ok(());
         }
         let list = self.store.prices(&s.cabinet_id, &s.merchant_id).await?;

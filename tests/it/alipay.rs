@@ -216,6 +216,7 @@ async fn failed_deduction_paid_later_is_notified() {
         UserScript {
             confirm: true,
             deduction: Deduction::Fail,
+            ..UserScript::default()
         },
     );
     let created = r

@@ -116,6 +116,7 @@ both!(
     operators_edit_the_blacklist,
     alipay_purchase_paid_refunded,
     alipay_nothing_taken_and_failed_deduction,
+    nothing_taken_frees_the_cabinet_before_the_provider_answers,
     replayed_notifications_change_nothing,
     promotions_apply_to_the_next_session,
     unlock_rejected_charges_nothing,
@@ -329,6 +330,40 @@ async fn alipay_nothing_taken_and_failed_deduction(b: Backend) {
     assert_eq!((s, r["orders_paid"].clone()), (200, json!(1)));
     let v = order_status(&hub, &op, &session, "paid").await;
     assert_eq!(v["order"]["paid_fen"], 300);
+}
+
+/// A shopper who took nothing leaves the cabinet free at once, however long the provider takes
+/// to answer the cancel: the next shopper must not meet `cabinet_busy` meanwhile.
+async fn nothing_taken_frees_the_cabinet_before_the_provider_answers(b: Backend) {
+    for (channel, first, next) in [("wechat", "w1", "w2"), ("alipay", "a1", "a2")] {
+        let (hub, op, mut c) = shop(b).await;
+        hub.call(
+            "PUT",
+            &format!("/sim/users/{first}"),
+            ADMIN_KEY,
+            Some(json!({"cancel_delay_ms": 5_000})),
+        )
+        .await;
+        let session = if channel == "wechat" {
+            visit(&hub, &op, &mut c, first, json!([])).await
+        } else {
+            alipay_visit(&hub, &op, &mut c, first, json!([])).await
+        };
+        order_status(&hub, &op, &session, "closed").await;
+        let pending = start_on(&hub, &op, next, None, channel);
+        let unlock = c.expect_command("unlock", 2 * SEC).await;
+        c.ack(&unlock, true, None).await;
+        let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s, 201, "{channel}: {v}");
+        let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
+        // The cabinet's events are applied in order: this visit's order follows the cancel.
+        shop_visit(&mut c, &session, json!([])).await;
+        hub.eventually(8 * SEC, "the second visit closed", || async {
+            let (_, v) = hub.get(&format!("/api/v1/sessions/{session}"), &op).await;
+            (v["order"]["status"] == "closed").then_some(())
+        })
+        .await;
+    }
 }
 
 /// A purchase up to the recognition: returns the session id.

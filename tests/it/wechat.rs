@@ -300,6 +300,7 @@ async fn declined_confirmation_and_cancel() {
         UserScript {
             confirm: false,
             deduction: Deduction::Succeed,
+            ..UserScript::default()
         },
     );
     r.client
@@ -356,6 +357,7 @@ async fn failed_deduction_stays_paying_until_the_shopper_pays() {
         UserScript {
             confirm: true,
             deduction: Deduction::Fail,
+            ..UserScript::default()
         },
     );
     r.client
