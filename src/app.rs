@@ -173,7 +173,7 @@ impl Application {
         let (publisher, link_rx) = start_broker(&listeners, directory.clone(), metrics.clone())?;
 
         let (alert_tx, alert_rx) = mpsc::unbounded_channel();
-        let (session_tx, mut session_rx) = mpsc::unbounded_channel();
+        let (session_tx, session_rx) = mpsc::unbounded_channel();
         let feed = Arc::new(crate::feed::Feed::new(
             settings.feed.replay_events,
             Duration::from_secs(settings.feed.replay_s),
@@ -251,12 +251,7 @@ impl Application {
                 collector.collect_due().await;
             }
         });
-        let events = sessions.clone();
-        tokio::spawn(async move {
-            while let Some((meta, ev)) = session_rx.recv().await {
-                events.on_event(&meta, ev).await;
-            }
-        });
+        tokio::spawn(sessions.clone().apply_events(session_rx));
         let state = actix_web::web::Data::new(AppState {
             sessions,
             wechat_sim: wechat_sim.clone(),

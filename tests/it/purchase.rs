@@ -65,12 +65,24 @@ fn start_on(
     idem: Option<&str>,
     channel: &'static str,
 ) -> actix_rt::task::JoinHandle<(u16, Value)> {
+    start_at(hub, key, "KM1", user, idem, channel)
+}
+
+fn start_at(
+    hub: &TestHub,
+    key: &str,
+    cabinet: &str,
+    user: &str,
+    idem: Option<&str>,
+    channel: &'static str,
+) -> actix_rt::task::JoinHandle<(u16, Value)> {
     let client = hub.client.clone();
     let url = hub.url("/api/v1/sessions");
     let (key, user, idem) = (key.to_owned(), user.to_owned(), idem.map(str::to_owned));
+    let cabinet = cabinet.to_owned();
     actix_rt::spawn(async move {
         let mut rb = client.post(url).bearer_auth(key).json(
-            &json!({"cabinet_id": "KM1", "user_id": user, "channel": channel, "mode": "purchase"}),
+            &json!({"cabinet_id": cabinet, "user_id": user, "channel": channel, "mode": "purchase"}),
         );
         if let Some(k) = idem {
             rb = rb.header("Idempotency-Key", k);
@@ -117,6 +129,7 @@ both!(
     alipay_purchase_paid_refunded,
     alipay_nothing_taken_and_failed_deduction,
     nothing_taken_frees_the_cabinet_before_the_provider_answers,
+    a_slow_provider_holds_up_only_its_own_cabinet,
     replayed_notifications_change_nothing,
     promotions_apply_to_the_next_session,
     unlock_rejected_charges_nothing,
@@ -364,6 +377,50 @@ async fn nothing_taken_frees_the_cabinet_before_the_provider_answers(b: Backend)
         })
         .await;
     }
+}
+
+/// Session events wait on the provider (a cancel, a completion); a slow answer for one cabinet
+/// must not hold up another cabinet's order.
+async fn a_slow_provider_holds_up_only_its_own_cabinet(b: Backend) {
+    use cabinet_hub::sessions::event_lane;
+    let (hub, op, mut c) = shop(b).await;
+    // A second cabinet whose events go through another lane than KM1's.
+    let id = (2..100)
+        .map(|n| format!("KM{n}"))
+        .find(|id| event_lane(id) != event_lane("KM1"))
+        .unwrap_or_default();
+    let secret = hub.cabinet(ADMIN_KEY, "m1", &id).await;
+    let (s, r) = hub
+        .call(
+            "PUT",
+            &format!("/api/v1/cabinets/{id}/prices"),
+            &op,
+            Some(json!({"items": [{"sku": "cola", "price_fen": 300}]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    let mut c2 = Cabinet::connect(&hub, &id, &secret).await;
+    c2.heartbeat("closed", "locked", true, 1).await;
+    hub.wait_online(&op, &id).await;
+    hub.call(
+        "PUT",
+        "/sim/users/slow",
+        ADMIN_KEY,
+        Some(json!({"cancel_delay_ms": 5_000})),
+    )
+    .await;
+    // KM1: nothing taken; its provider order's cancel now takes five seconds.
+    let first = visit(&hub, &op, &mut c, "slow", json!([])).await;
+    order_status(&hub, &op, &first, "closed").await;
+    // The other cabinet's shopper is charged meanwhile, well within those five seconds.
+    let pending = start_at(&hub, &op, &id, "u2", None, "wechat");
+    let unlock = c2.expect_command("unlock", 2 * SEC).await;
+    c2.ack(&unlock, true, None).await;
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s, 201, "{v}");
+    let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
+    shop_visit(&mut c2, &session, json!([{"sku": "cola", "qty": 1}])).await;
+    order_status(&hub, &op, &session, "paid").await;
 }
 
 /// A purchase up to the recognition: returns the session id.
