@@ -93,6 +93,19 @@ fn start_at(
     })
 }
 
+/// Scripts how the simulated shopper `user` behaves (both simulators).
+async fn script_shopper(hub: &TestHub, user: &str, script: Value) {
+    let (s, v) = hub
+        .call(
+            "PUT",
+            &format!("/sim/users/{user}"),
+            ADMIN_KEY,
+            Some(script),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+}
+
 /// Door opens and closes, the lock latches, recognition reports `items`.
 async fn shop_visit(c: &mut Cabinet, session: &str, items: Value) {
     c.event("door_opened").await;
@@ -330,13 +343,7 @@ async fn alipay_nothing_taken_and_failed_deduction(b: Backend) {
     let (hub, op, mut c) = shop(b).await;
     let session = alipay_visit(&hub, &op, &mut c, "a2", json!([])).await;
     order_status(&hub, &op, &session, "closed").await;
-    hub.call(
-        "PUT",
-        "/sim/users/a3",
-        ADMIN_KEY,
-        Some(json!({"deduction": "fail"})),
-    )
-    .await;
+    script_shopper(&hub, "a3", json!({"deduction": "fail"})).await;
     let session = alipay_visit(&hub, &op, &mut c, "a3", json!([{"sku": "cola", "qty": 1}])).await;
     order_status(&hub, &op, &session, "pending_payment").await;
     let (s, r) = hub.post("/sim/users/a3/pay", ADMIN_KEY, json!({})).await;
@@ -350,13 +357,7 @@ async fn alipay_nothing_taken_and_failed_deduction(b: Backend) {
 async fn nothing_taken_frees_the_cabinet_before_the_provider_answers(b: Backend) {
     for (channel, first, next) in [("wechat", "w1", "w2"), ("alipay", "a1", "a2")] {
         let (hub, op, mut c) = shop(b).await;
-        hub.call(
-            "PUT",
-            &format!("/sim/users/{first}"),
-            ADMIN_KEY,
-            Some(json!({"cancel_delay_ms": 5_000})),
-        )
-        .await;
+        script_shopper(&hub, first, json!({"cancel_delay_ms": 5_000})).await;
         let session = if channel == "wechat" {
             visit(&hub, &op, &mut c, first, json!([])).await
         } else {
@@ -402,13 +403,7 @@ async fn a_slow_provider_holds_up_only_its_own_cabinet(b: Backend) {
     let mut c2 = Cabinet::connect(&hub, &id, &secret).await;
     c2.heartbeat("closed", "locked", true, 1).await;
     hub.wait_online(&op, &id).await;
-    hub.call(
-        "PUT",
-        "/sim/users/slow",
-        ADMIN_KEY,
-        Some(json!({"cancel_delay_ms": 5_000})),
-    )
-    .await;
+    script_shopper(&hub, "slow", json!({"cancel_delay_ms": 5_000})).await;
     // KM1: nothing taken; its provider order's cancel now takes five seconds.
     let first = visit(&hub, &op, &mut c, "slow", json!([])).await;
     order_status(&hub, &op, &first, "closed").await;
@@ -545,13 +540,7 @@ async fn refunds_partial_full_idempotent_and_bounded(b: Backend) {
 
 async fn unpaid_shopper_blacklisted_until_paid(b: Backend) {
     let (hub, op, mut c) = shop(b).await;
-    hub.call(
-        "PUT",
-        "/sim/users/u4",
-        ADMIN_KEY,
-        Some(json!({"deduction": "fail"})),
-    )
-    .await;
+    script_shopper(&hub, "u4", json!({"deduction": "fail"})).await;
     let session = visit(&hub, &op, &mut c, "u4", json!([{"sku": "chips", "qty": 1}])).await;
     order_status(&hub, &op, &session, "pending_payment").await;
     // Collection is retried while it is unpaid.
@@ -575,13 +564,7 @@ async fn unpaid_shopper_blacklisted_until_paid(b: Backend) {
         (list["count"].clone(), list["items"][0]["user_id"].clone()),
         (json!(1), json!("u4"))
     );
-    hub.call(
-        "PUT",
-        "/sim/users/u4",
-        ADMIN_KEY,
-        Some(json!({"deduction": "succeed"})),
-    )
-    .await;
+    script_shopper(&hub, "u4", json!({"deduction": "succeed"})).await;
     hub.post("/sim/users/u4/pay", ADMIN_KEY, json!({})).await;
     order_status(&hub, &op, &session, "paid").await;
     hub.eventually(SEC, "off the blacklist", || async {
@@ -610,13 +593,7 @@ async fn operators_edit_the_blacklist(b: Backend) {
     );
     let (s, _) = hub.call("DELETE", "/api/v1/blacklist/u9", &op, None).await;
     assert_eq!(s, 204);
-    hub.call(
-        "PUT",
-        "/sim/users/u9",
-        ADMIN_KEY,
-        Some(json!({"confirm": false})),
-    )
-    .await;
+    script_shopper(&hub, "u9", json!({"confirm": false})).await;
     let (s, r) = start(&hub, &op, "u9", None)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -787,13 +764,7 @@ async fn recognition_failed_is_abnormal(b: Backend) {
 
 async fn failed_deduction_is_pending_until_paid(b: Backend) {
     let (hub, op, mut c) = shop(b).await;
-    hub.call(
-        "PUT",
-        "/sim/users/u3",
-        ADMIN_KEY,
-        Some(json!({"confirm": true, "deduction": "fail"})),
-    )
-    .await;
+    script_shopper(&hub, "u3", json!({"confirm": true, "deduction": "fail"})).await;
     let pending = start(&hub, &op, "u3", None);
     let unlock = c.expect_command("unlock", 3 * SEC).await;
     c.ack(&unlock, true, None).await;
@@ -817,13 +788,7 @@ async fn settled_orders_are_not_asked_about(b: Backend) {
     tokio::time::sleep(Duration::from_millis(2_000)).await;
     assert!(!hub.metrics().await.contains(query));
     // Unpaid, the same check asks (and is counted under the same name).
-    hub.call(
-        "PUT",
-        "/sim/users/u3",
-        ADMIN_KEY,
-        Some(json!({"confirm": true, "deduction": "fail"})),
-    )
-    .await;
+    script_shopper(&hub, "u3", json!({"confirm": true, "deduction": "fail"})).await;
     let session = visit(&hub, &op, &mut c, "u3", json!([{"sku": "cola", "qty": 1}])).await;
     order_status(&hub, &op, &session, "pending_payment").await;
     assert!(hub.metrics().await.contains(&format!("{query} 1")));
