@@ -12,51 +12,19 @@ use tokio::sync::mpsc;
 use cabinet_actors::actor::{Clock, SystemClock};
 use cabinet_actors::registry::Registry;
 
-use crate::api;
 use crate::ca::DeviceCa;
 use crate::config::Settings;
+use crate::feed::Feed;
+use crate::http::auth::{issue_key, Role};
+use crate::http::AppState;
 use crate::metrics::Metrics;
-use crate::mqtt::{start_broker, BrokerListeners, Directory, Pump};
-use crate::ports::{alert_writer, HubPorts};
+use crate::mqtt::auth::Directory;
+use crate::mqtt::{start_broker, BrokerListeners, Pump};
+use crate::payments::Providers;
+use crate::ports::{alert_writer, AlertWrite, HubPorts};
 use crate::secrets::sha256_hex;
+use crate::sessions::Sessions;
 use crate::store::Store;
-
-/// Shared by every request handler.
-pub struct AppState {
-    /// Configuration in force.
-    pub settings: Settings,
-    /// Storage.
-    pub store: Store,
-    /// Cabinet actors.
-    pub registry: Arc<Registry>,
-    /// Credentials and owners.
-    pub directory: Arc<Directory>,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Device CA.
-    pub ca: Arc<DeviceCa>,
-    /// Time.
-    pub clock: Arc<dyn Clock>,
-    /// Where readiness probes the broker.
-    pub mqtt_probe: SocketAddr,
-    /// Whether the uplink pump runs.
-    pub pump_alive: Arc<AtomicBool>,
-    /// The session and order supervisor.
-    pub sessions: Arc<crate::sessions::Sessions>,
-    /// The in-process WeChat Pay simulator, when enabled.
-    pub wechat_sim: Option<crate::payments::sim_wechat::WechatSim>,
-    /// The operator feed.
-    pub feed: Arc<crate::feed::Feed>,
-    /// The in-process Alipay simulator, when enabled.
-    pub alipay_sim: Option<crate::payments::sim_alipay::AlipaySim>,
-}
-
-impl AppState {
-    /// Now, Unix ms.
-    pub fn now(&self) -> i64 {
-        self.clock.now_ms() as i64
-    }
-}
 
 /// A running hub.
 pub struct Application {
@@ -66,7 +34,7 @@ pub struct Application {
     server: actix_web::dev::Server,
     state: actix_web::web::Data<AppState>,
     admin_key: Option<String>,
-    alerts: mpsc::UnboundedSender<crate::ports::AlertWrite>,
+    alerts: mpsc::UnboundedSender<AlertWrite>,
 }
 
 fn probe_addr(a: SocketAddr) -> SocketAddr {
@@ -174,7 +142,7 @@ impl Application {
 
         let (alert_tx, alert_rx) = mpsc::unbounded_channel();
         let (session_tx, session_rx) = mpsc::unbounded_channel();
-        let feed = Arc::new(crate::feed::Feed::new(
+        let feed = Arc::new(Feed::new(
             settings.feed.replay_events,
             Duration::from_secs(settings.feed.replay_s),
             settings.feed.client_queue,
@@ -228,17 +196,15 @@ impl Application {
             wait_listening(tls, "mqtt.tls_listen").await?;
         }
 
-        let (wechat, wechat_sim) = crate::payments::build_wechat(&settings, probe_addr(http))?;
-        let (alipay, alipay_sim) = crate::payments::build_alipay(&settings, probe_addr(http))?;
-        let sessions = Arc::new(crate::sessions::Sessions::new(
+        let (providers, simulators) = payment_providers(&settings, probe_addr(http))?;
+        let sessions = Sessions::new(
             store.clone(),
             registry.clone(),
             metrics.clone(),
             clock.clone(),
             settings.clone(),
-            wechat,
-            alipay,
-        ));
+            providers,
+        );
         // After a crash: runs once the HTTP server (which also serves the simulator) is up.
         let resumer = sessions.clone();
         tokio::spawn(async move { resumer.resume().await });
@@ -254,8 +220,8 @@ impl Application {
         tokio::spawn(sessions.clone().apply_events(session_rx));
         let state = actix_web::web::Data::new(AppState {
             sessions,
-            wechat_sim: wechat_sim.clone(),
-            alipay_sim: alipay_sim.clone(),
+            #[cfg(feature = "simulators")]
+            simulators: simulators.clone(),
             feed,
             mqtt_probe: probe_addr(settings.mqtt.listen),
             settings: settings.clone(),
@@ -281,13 +247,11 @@ impl Application {
                 .app_data(data.clone())
                 .wrap(actix_web::middleware::Logger::new("%r %s %Dms").log_target("http"))
                 .configure(|c| {
-                    if let Some(sim) = &wechat_sim {
-                        crate::payments::sim_wechat::configure(c, sim.clone());
+                    #[cfg(feature = "simulators")]
+                    if let Some(sims) = &simulators {
+                        sims.configure(c);
                     }
-                    if let Some(sim) = &alipay_sim {
-                        crate::payments::sim_alipay::configure(c, sim.clone());
-                    }
-                    api::configure(c);
+                    crate::http::configure(c);
                 })
         })
         .on_connect(bound_send_buffer)
@@ -341,7 +305,7 @@ impl Application {
         let Application { state, alerts, .. } = self;
         // Every raise and clear queued before this marker lands before the database closes.
         let (done, flushed) = tokio::sync::oneshot::channel();
-        if alerts.send(crate::ports::AlertWrite::Flush(done)).is_ok()
+        if alerts.send(AlertWrite::Flush(done)).is_ok()
             && tokio::time::timeout(Duration::from_secs(10), flushed)
                 .await
                 .is_err()
@@ -351,6 +315,39 @@ impl Application {
         state.store.close().await;
         tracing::info!("cabinet-hub stopped");
         Ok(())
+    }
+}
+
+#[cfg(feature = "simulators")]
+type Simulators = Option<crate::simulators::Simulators>;
+#[cfg(not(feature = "simulators"))]
+type Simulators = ();
+
+/// The payment providers: the simulators served by this hub when `payments.simulator` is on,
+/// else the real ones configured.
+fn payment_providers(
+    settings: &Settings,
+    http: SocketAddr,
+) -> anyhow::Result<(Providers, Simulators)> {
+    if !settings.payments.simulator {
+        let real = Providers::real(
+            settings.payments.wechat.as_ref(),
+            settings.payments.alipay.as_ref(),
+        )?;
+        #[cfg(feature = "simulators")]
+        return Ok((real, None));
+        #[cfg(not(feature = "simulators"))]
+        return Ok((real, ()));
+    }
+    #[cfg(feature = "simulators")]
+    {
+        let (providers, sims) = crate::simulators::Simulators::start(settings, http)?;
+        Ok((providers, Some(sims)))
+    }
+    #[cfg(not(feature = "simulators"))]
+    {
+        let _ = http;
+        anyhow::bail!("payments.simulator (HUB__PAYMENTS__SIMULATOR) is on, but this build has no simulators (built without the `simulators` feature); configure payments.wechat or payments.alipay")
     }
 }
 
@@ -387,7 +384,7 @@ async fn ensure_admin_key(state: &AppState) -> anyhow::Result<Option<String>> {
     if state.store.has_admin_key().await? {
         return Ok(None);
     }
-    let (_, key) = api::issue_key(state, None, api::Role::Admin)
+    let (_, key) = issue_key(state, None, Role::Admin)
         .await
         .map_err(|e| anyhow::anyhow!("creating the admin key: {e}"))?;
     println!("\n  cabinet-hub: created the platform admin API key (shown once, keep it safe):\n\n    {key}\n");

@@ -9,8 +9,11 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde::Serialize;
 use tokio::sync::broadcast;
+
+use crate::store::Change;
+use crate::views::OrderView;
 
 /// One event.
 #[derive(Debug)]
@@ -23,6 +26,15 @@ pub struct FeedEvent {
     pub json: String,
     /// When it was published, for the replay window's age limit.
     at: Instant,
+}
+
+/// An event on the wire: `{"type", "seq", "data"}`.
+#[derive(Serialize)]
+struct Envelope<'a, T> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    seq: u64,
+    data: &'a T,
 }
 
 struct Ring {
@@ -55,15 +67,21 @@ impl Feed {
     }
 
     /// Publishes an event of `kind` for a merchant's screens.
-    pub fn publish(&self, merchant: &str, kind: &str, data: Value) {
+    pub fn publish<T: Serialize>(&self, merchant: &str, kind: &'static str, data: &T) {
         self.publish_at(merchant, kind, data, Instant::now());
     }
 
-    fn publish_at(&self, merchant: &str, kind: &str, data: Value, now: Instant) {
+    fn publish_at<T: Serialize>(&self, merchant: &str, kind: &'static str, data: &T, now: Instant) {
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        ring.seq += 1;
-        let seq = ring.seq;
-        let mut json = json!({"type": kind, "seq": seq, "data": data}).to_string();
+        let seq = ring.seq + 1;
+        let mut json = match serde_json::to_string(&Envelope { kind, seq, data }) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(kind, error = %e, "feed event not serialisable; dropped");
+                return;
+            }
+        };
+        ring.seq = seq;
         // Kept for replay: without this the text keeps the up-to-double room it grew into
         // while being written, and the replay ring holds tens of thousands of them.
         json.shrink_to_fit();
@@ -121,15 +139,12 @@ impl Feed {
 /// the row as its transaction committed it.
 pub async fn relay_store_changes(
     feed: Arc<Feed>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::store::Change>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Change>,
 ) {
-    use crate::store::Change;
     while let Some(change) = rx.recv().await {
         match change {
-            Change::Session(s) => feed.publish(&s.merchant_id, "session", json!(s)),
-            Change::Order(o) => {
-                feed.publish(&o.merchant_id, "order", crate::sessions::order_view(&o))
-            }
+            Change::Session(s) => feed.publish(&s.merchant_id, "session", &s),
+            Change::Order(o) => feed.publish(&o.merchant_id, "order", &OrderView::from(&o)),
         }
     }
 }
@@ -137,6 +152,7 @@ pub async fn relay_store_changes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const HOUR: Duration = Duration::from_secs(3600);
 
@@ -144,7 +160,7 @@ mod tests {
     fn replay_window() {
         let f = Feed::new(3, HOUR, 8);
         for i in 0..5 {
-            f.publish("m", "cabinet", json!(i));
+            f.publish("m", "cabinet", &json!(i));
         }
         assert_eq!(f.since(5).map(|v| v.len()), Some(0));
         assert_eq!(
@@ -163,9 +179,9 @@ mod tests {
     fn events_older_than_the_window_are_not_replayed() {
         let f = Feed::new(100, Duration::from_secs(60), 8);
         let t0 = Instant::now();
-        f.publish_at("m", "cabinet", json!(1), t0);
-        f.publish_at("m", "cabinet", json!(2), t0 + Duration::from_secs(30));
-        f.publish_at("m", "cabinet", json!(3), t0 + Duration::from_secs(61));
+        f.publish_at("m", "cabinet", &json!(1), t0);
+        f.publish_at("m", "cabinet", &json!(2), t0 + Duration::from_secs(30));
+        f.publish_at("m", "cabinet", &json!(3), t0 + Duration::from_secs(61));
         assert!(
             f.since(0).is_none(),
             "event 1 is 61 s old when event 3 comes: a snapshot is needed"
@@ -175,7 +191,7 @@ mod tests {
                 .map(|v| v.iter().map(|e| e.seq).collect::<Vec<_>>()),
             Some(vec![2, 3])
         );
-        f.publish_at("m", "cabinet", json!(4), t0 + Duration::from_secs(200));
+        f.publish_at("m", "cabinet", &json!(4), t0 + Duration::from_secs(200));
         assert_eq!(
             f.since(3)
                 .map(|v| v.iter().map(|e| e.seq).collect::<Vec<_>>()),
@@ -188,11 +204,11 @@ mod tests {
     #[tokio::test]
     async fn subscribers_get_later_events_in_order() {
         let f = Feed::new(10, HOUR, 8);
-        f.publish("m", "cabinet", json!(1));
+        f.publish("m", "cabinet", &json!(1));
         let (mut rx, seq) = f.subscribe();
         assert_eq!(seq, 1);
-        f.publish("m", "alert", json!(2));
-        f.publish("m2", "alert", json!(3));
+        f.publish("m", "alert", &json!(2));
+        f.publish("m2", "alert", &json!(3));
         assert_eq!(rx.recv().await.map(|e| e.seq).ok(), Some(2));
         assert_eq!(
             rx.recv().await.map(|e| e.merchant.clone()).ok(),

@@ -1,25 +1,35 @@
 //! cabinet-hub: the realtime hub for smart open-door vending cabinets.
 //!
-//! `main` is a thin shell over [`app::Application`]; tests build the same application on free
-//! ports.
+//! `main` is a thin shell over [`app::Application`], the composition root; tests build the same
+//! application on free ports. The layers, top down (each imports only from below it):
+//!
+//! - `app`: builds and wires everything.
+//! - `http`: the API, one file per resource; `http::state::AppState` is what handlers share.
+//! - `sessions`: the money path's supervisor, the shell of `cabinet_actors::session`.
+//! - `ports`, `mqtt`: the actors' outside world: commands out, uplinks in, alerts to storage.
+//! - `feed`: the operator feed's fan-out and replay.
+//! - `payments`, `simulators`: provider clients, and the providers' simulators (a feature).
+//! - `views`, `error`: the JSON views and the one error model of the API.
+//! - `store`, `metrics`, `config`, `telemetry`, `secrets`, `ca`, `backoff`: leaves.
 
-pub mod api;
-pub mod api_catalog;
-pub mod api_feed;
-pub mod api_sessions;
 pub mod app;
+pub mod backoff;
 pub mod ca;
 pub mod config;
+pub mod error;
 pub mod feed;
+pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod payments;
 pub mod ports;
 pub mod secrets;
 pub mod sessions;
+#[cfg(feature = "simulators")]
+pub mod simulators;
 pub mod store;
 pub mod telemetry;
-pub mod web;
+pub mod views;
 
 pub use app::Application;
 pub use config::Settings;

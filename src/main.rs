@@ -34,6 +34,9 @@ enum Cmd {
         #[arg(long)]
         database_url: Option<String>,
     },
+    /// Print the OpenAPI document of this build's HTTP API and exit (also served at
+    /// `GET /api/openapi.json`).
+    Openapi,
     /// Print the effective configuration and exit.
     CheckConfig {
         /// As for serve.
@@ -95,6 +98,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Openapi => match cabinet_hub::http::openapi().to_pretty_json() {
+            Ok(doc) => {
+                println!("{doc}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cabinet-hub: {e}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::CheckConfig { config } => {
             match Settings::load(config.as_deref(), &Overrides::default()) {
                 Ok(s) => {

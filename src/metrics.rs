@@ -271,9 +271,6 @@ impl Metrics {
         for reason in RejectReason::ALL {
             m.mqtt_rejected.with_label_values(&[reason.as_str()]);
         }
-        for reason in crate::mqtt::AuthFailure::ALL {
-            m.mqtt_auth_failures.with_label_values(&[reason.as_str()]);
-        }
         for kind in UplinkKind::ALL {
             m.mqtt_in.with_label_values(&[kind.as_str()]);
         }

@@ -11,9 +11,12 @@ use cabinet_actors::alert::{ActiveAlert, ClearedBy};
 use cabinet_actors::machine::{CabinetSnapshot, Effect};
 use cabinet_actors::protocol::Command;
 
+use crate::backoff::Backoff;
+use crate::feed::Feed;
 use crate::metrics::Metrics;
-use crate::mqtt::CommandPublisher;
+use crate::mqtt::publisher::CommandPublisher;
 use crate::store::Store;
+use crate::views::{ActiveAlertView, AlertEvent, CabinetLive};
 
 /// A write to the alert history.
 #[derive(Debug)]
@@ -42,7 +45,7 @@ pub struct HubPorts {
     /// Alert history, in order.
     pub alerts: mpsc::UnboundedSender<AlertWrite>,
     /// The operator feed.
-    pub feed: Arc<crate::feed::Feed>,
+    pub feed: Arc<Feed>,
     /// Session progress, in order, to the session supervisor.
     pub sessions: mpsc::UnboundedSender<(CabinetMeta, cabinet_actors::machine::SessionEvent)>,
 }
@@ -58,23 +61,21 @@ impl CabinetPorts for HubPorts {
     }
 
     fn effect(&self, cabinet: &CabinetMeta, effect: &Effect) {
-        let alert = |a: &ActiveAlert, state: &str| {
-            serde_json::json!({"cabinet_id": cabinet.id, "merchant_id": cabinet.merchant, "state": state,
-                               "alert": crate::api::active_alert_view(a), "severity": a.kind.severity()})
+        let alert = |a: &ActiveAlert, state: &'static str| {
+            let event = AlertEvent {
+                cabinet_id: &cabinet.id,
+                merchant_id: &cabinet.merchant,
+                state,
+                alert: ActiveAlertView::from(a),
+                severity: a.kind.severity(),
+            };
+            self.feed
+                .publish(cabinet.merchant.as_str(), "alert", &event);
         };
         match effect {
-            Effect::AlertRaised(a) => {
-                self.feed
-                    .publish(cabinet.merchant.as_str(), "alert", alert(a, "raised"))
-            }
-            Effect::AlertAcked(a) => {
-                self.feed
-                    .publish(cabinet.merchant.as_str(), "alert", alert(a, "acked"))
-            }
-            Effect::AlertCleared { alert: a, .. } => {
-                self.feed
-                    .publish(cabinet.merchant.as_str(), "alert", alert(a, "cleared"))
-            }
+            Effect::AlertRaised(a) => alert(a, "raised"),
+            Effect::AlertAcked(a) => alert(a, "acked"),
+            Effect::AlertCleared { alert: a, .. } => alert(a, "cleared"),
             _ => {}
         }
         let m = &self.metrics;
@@ -143,11 +144,9 @@ impl CabinetPorts for HubPorts {
     }
 
     fn state_changed(&self, cabinet: &CabinetMeta, snapshot: &CabinetSnapshot) {
-        let mut v = crate::api::live_view(snapshot);
-        if let serde_json::Value::Object(m) = &mut v {
-            m.insert("merchant_id".into(), cabinet.merchant.as_str().into());
-        }
-        self.feed.publish(cabinet.merchant.as_str(), "cabinet", v);
+        let live = CabinetLive::new(snapshot, cabinet.merchant.as_str());
+        self.feed
+            .publish(cabinet.merchant.as_str(), "cabinet", &live);
     }
 
     fn uplink_processed(&self, _cabinet: &CabinetMeta) {
@@ -172,7 +171,7 @@ pub async fn alert_writer(
             let _ = done.send(());
             continue;
         }
-        let mut delay = Duration::from_millis(50);
+        let mut wait = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         for attempt in 1..=8 {
             let r = match &w {
                 AlertWrite::Raised(c, a) => store
@@ -192,8 +191,7 @@ pub async fn alert_writer(
                         .with_label_values(&["alert_write"])
                         .inc();
                     tracing::error!(error = %e, attempt, write = ?w, "alert history write failed");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(wait.next_delay()).await;
                 }
             }
         }

@@ -2,7 +2,9 @@
 //! effects through [`CabinetPorts`], and is restarted by its supervisor when the logic panics.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,7 +18,26 @@ use crate::machine::{
     CabinetMachine, CabinetSnapshot, CommandOutcome, Effect, Input, Refusal, Timing,
 };
 use crate::protocol::{CabinetConfig, Command, CommandBody, CommandKind, SessionMode, UplinkBody};
-use crate::registry::PendingSeed;
+
+/// What a new actor starts from (read from storage by the caller).
+#[derive(Debug, Clone, Default)]
+pub struct ActorSeed {
+    /// The desired configuration.
+    pub desired: Option<CabinetConfig>,
+    /// Alerts still active in storage.
+    pub alerts: Vec<ActiveAlert>,
+}
+
+/// A seed still being read from storage. The actor starts at once and takes no message until
+/// its seed is in, so whoever starts it never waits for storage.
+pub type PendingSeed = Pin<Box<dyn Future<Output = ActorSeed> + Send + 'static>>;
+
+impl ActorSeed {
+    /// A seed already at hand.
+    pub fn ready(self) -> PendingSeed {
+        Box::pin(std::future::ready(self))
+    }
+}
 
 /// Where time comes from; tests use a fake one.
 pub trait Clock: Send + Sync + 'static {
@@ -84,13 +105,13 @@ pub struct CommandResult {
 /// Deliver a parsed uplink message.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct Deliver(pub UplinkBody);
+pub(crate) struct Deliver(pub UplinkBody);
 
 /// Send a command and wait for its truthful outcome. For `unlock`, `session_id`, `mode` and
 /// `expires_at` come from the caller.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<CommandResult, ActorGone>")]
-pub struct SendCommand(pub CommandBody);
+pub(crate) struct SendCommand(pub CommandBody);
 
 /// The actor restarted or stopped before the command ended.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -100,38 +121,38 @@ pub struct ActorGone;
 /// Read the live state.
 #[derive(Debug, Message)]
 #[rtype(result = "CabinetSnapshot")]
-pub struct GetSnapshot;
+pub(crate) struct GetSnapshot;
 
 /// Ask whether a session of this mode may start now.
 #[derive(Debug, Message)]
 #[rtype(result = "Option<Refusal>")]
-pub struct CheckSession(pub SessionMode);
+pub(crate) struct CheckSession(pub SessionMode);
 
 /// A new desired configuration.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct SetDesired(pub CabinetConfig);
+pub(crate) struct SetDesired(pub CabinetConfig);
 
 /// An operator acknowledged an alert. Returns whether it was active.
 #[derive(Debug, Message)]
 #[rtype(result = "bool")]
-pub struct AckAlert(pub AlertType);
+pub(crate) struct AckAlert(pub AlertType);
 
 /// An operator cleared an alert. Returns whether it was active.
 #[derive(Debug, Message)]
 #[rtype(result = "bool")]
-pub struct ClearAlert {
+pub(crate) struct ClearAlert {
     /// Which.
-    pub kind: AlertType,
+    pub(crate) kind: AlertType,
     /// The operator's key id.
-    pub by: String,
+    pub(crate) by: String,
 }
 
 /// Fault injection for supervision tests: the next step of the logic panics.
 #[doc(hidden)]
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct InjectPanic;
+pub(crate) struct InjectPanic;
 
 /// One cabinet's actor.
 pub struct CabinetActor {

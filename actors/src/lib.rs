@@ -6,16 +6,21 @@
 
 pub mod actor;
 pub mod alert;
+pub mod handle;
 pub mod ids;
 pub mod machine;
 pub mod pricing;
 pub mod protocol;
 pub mod registry;
+pub mod session;
 
-pub use actor::{CabinetActor, CabinetMeta, CabinetPorts, Clock, SystemClock};
+pub use actor::{
+    ActorSeed, CabinetActor, CabinetMeta, CabinetPorts, Clock, PendingSeed, SystemClock,
+};
 pub use alert::{ActiveAlert, AlertType, ClearedBy, Severity};
+pub use handle::{CabinetHandle, CommandError, Unreachable};
 pub use ids::{CabinetId, MerchantId};
 pub use machine::{
     CabinetMachine, CabinetSnapshot, CommandOutcome, Effect, Input, Refusal, Timing,
 };
-pub use registry::{ActorSeed, PendingSeed, Registry};
+pub use registry::Registry;

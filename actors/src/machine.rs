@@ -121,25 +121,6 @@ pub enum AbnormalReason {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "event")]
 pub enum SessionEvent {
-    /// The cabinet acked the unlock: the door may open.
-    Unlocked {
-        /// Session.
-        session_id: String,
-        /// Mode.
-        mode: SessionMode,
-    },
-    /// The unlock was not carried out.
-    UnlockFailed {
-        /// Session.
-        session_id: String,
-        /// `unlock_timeout`, `unlock_rejected` or `cabinet_offline`.
-        reason: &'static str,
-    },
-    /// The shopper's door closed.
-    DoorClosed {
-        /// Session.
-        session_id: String,
-    },
     /// Recognition arrived.
     Recognized {
         /// Session.
@@ -338,6 +319,31 @@ pub struct CabinetMachine {
     locked_down: bool,
     session: Option<OpenSession>,
     pending: HashMap<String, Pending>,
+}
+
+impl CabinetSnapshot {
+    /// A cabinet with no actor: offline, nothing known.
+    pub fn offline(id: CabinetId) -> Self {
+        Self {
+            id,
+            online: false,
+            door: None,
+            lock: None,
+            cameras: vec![],
+            temp_c: None,
+            light: None,
+            boot_id: None,
+            fw: None,
+            model: None,
+            config_version_desired: None,
+            config_version_reported: None,
+            faulted: false,
+            locked_down: false,
+            alerts: vec![],
+            session: None,
+            last_seen_ms: None,
+        }
+    }
 }
 
 impl CabinetMachine {
@@ -611,12 +617,6 @@ impl CabinetMachine {
     fn send(&mut self, cmd_id: String, body: CommandBody, now: u64, fx: &mut Vec<Effect>) {
         let kind = body.kind();
         if !self.online {
-            if let CommandBody::Unlock { session_id, .. } = &body {
-                fx.push(Effect::Session(SessionEvent::UnlockFailed {
-                    session_id: session_id.clone(),
-                    reason: "cabinet_offline",
-                }));
-            }
             fx.push(Effect::CommandDone {
                 cmd_id,
                 kind,
@@ -730,12 +730,9 @@ impl CabinetMachine {
                 let fail_unlock = session.phase == SessionPhase::Unlocking;
                 self.pending
                     .retain(|_, p| !matches!(p.kind, CommandKind::Unlock));
-                if fail_unlock {
-                    fx.push(Effect::Session(SessionEvent::UnlockFailed {
-                        session_id: session.id,
-                        reason: "unlock_timeout",
-                    }));
-                } else {
+                // A session still unlocking never opened: its unlock's outcome tells the
+                // supervisor. One past the unlock needs a person.
+                if !fail_unlock {
                     fx.push(Effect::Session(SessionEvent::Abnormal {
                         session_id: session.id,
                         mode: session.mode,
@@ -894,9 +891,6 @@ impl CabinetMachine {
                     if s.phase == SessionPhase::DoorOpen {
                         s.phase = SessionPhase::DoorClosed;
                         s.closed_at = Some(now);
-                        fx.push(Effect::Session(SessionEvent::DoorClosed {
-                            session_id: s.id.clone(),
-                        }));
                     }
                 }
             }
@@ -944,29 +938,16 @@ impl CabinetMachine {
             CommandOutcome::Rejected(a.error.unwrap_or_else(|| "unspecified".to_owned()))
         };
         match (&p.body, &outcome) {
-            (
-                CommandBody::Unlock {
-                    session_id, mode, ..
-                },
-                CommandOutcome::Ok,
-            ) => {
+            (CommandBody::Unlock { session_id, .. }, CommandOutcome::Ok) => {
                 self.clear(AlertType::UnlockNoAck, ClearedBy::Condition, now, fx);
                 if let Some(s) = self.session.as_mut().filter(|s| &s.id == session_id) {
                     if s.phase == SessionPhase::Unlocking {
                         s.phase = SessionPhase::Unlocked;
                     }
                 }
-                fx.push(Effect::Session(SessionEvent::Unlocked {
-                    session_id: session_id.clone(),
-                    mode: *mode,
-                }));
             }
             (CommandBody::Unlock { session_id, .. }, _) => {
                 self.end_session(session_id);
-                fx.push(Effect::Session(SessionEvent::UnlockFailed {
-                    session_id: session_id.clone(),
-                    reason: "unlock_rejected",
-                }));
             }
             (CommandBody::Configure { config }, CommandOutcome::Ok) => {
                 self.reported_version = Some(config.version);
@@ -1046,10 +1027,6 @@ impl CabinetMachine {
                     now,
                     fx,
                 );
-                fx.push(Effect::Session(SessionEvent::UnlockFailed {
-                    session_id: session_id.clone(),
-                    reason: "unlock_timeout",
-                }));
                 fx.push(Effect::StateChanged);
             }
             fx.push(Effect::CommandDone {

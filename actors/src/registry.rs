@@ -2,38 +2,15 @@
 //! an actix `Supervisor` that restarts it when its logic panics.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use actix::prelude::*;
 
-use crate::actor::{CabinetActor, CabinetMeta, CabinetPorts, Clock};
-use crate::alert::ActiveAlert;
+use crate::actor::{CabinetActor, CabinetMeta, CabinetPorts, Clock, PendingSeed};
+use crate::handle::CabinetHandle;
 use crate::ids::CabinetId;
 use crate::machine::Timing;
-use crate::protocol::CabinetConfig;
-
-/// What a new actor starts from (read from storage by the caller).
-#[derive(Debug, Clone, Default)]
-pub struct ActorSeed {
-    /// The desired configuration.
-    pub desired: Option<CabinetConfig>,
-    /// Alerts still active in storage.
-    pub alerts: Vec<ActiveAlert>,
-}
-
-/// A seed still being read from storage. The actor starts at once and takes no message until
-/// its seed is in, so whoever starts it never waits for storage.
-pub type PendingSeed = Pin<Box<dyn Future<Output = ActorSeed> + Send + 'static>>;
-
-impl ActorSeed {
-    /// A seed already at hand.
-    pub fn ready(self) -> PendingSeed {
-        Box::pin(std::future::ready(self))
-    }
-}
 
 /// Owns the arbiters and the map from cabinet to actor.
 pub struct Registry {
@@ -62,8 +39,12 @@ impl Registry {
         }
     }
 
-    /// The actor of a cabinet, when it has one.
-    pub fn get(&self, id: &CabinetId) -> Option<Addr<CabinetActor>> {
+    /// The cabinet's handle, when it has an actor on this node.
+    pub fn get(&self, id: &CabinetId) -> Option<CabinetHandle> {
+        self.addr(id).map(CabinetHandle::local)
+    }
+
+    fn addr(&self, id: &CabinetId) -> Option<Addr<CabinetActor>> {
         self.actors
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -81,18 +62,18 @@ impl Registry {
         self.len() == 0
     }
 
-    /// The actor of a cabinet, started from `seed()` when it has none.
+    /// The cabinet's handle, its actor started from `seed()` when it has none.
     pub fn get_or_start(
         &self,
         meta: &CabinetMeta,
         seed: impl FnOnce() -> PendingSeed,
-    ) -> Addr<CabinetActor> {
-        if let Some(addr) = self.get(&meta.id) {
-            return addr;
+    ) -> CabinetHandle {
+        if let Some(addr) = self.addr(&meta.id) {
+            return CabinetHandle::local(addr);
         }
         let mut actors = self.actors.write().unwrap_or_else(|p| p.into_inner());
         if let Some(addr) = actors.get(&meta.id) {
-            return addr.clone();
+            return CabinetHandle::local(addr.clone());
         }
         let mut h = DefaultHasher::new();
         meta.id.hash(&mut h);
@@ -108,17 +89,7 @@ impl Registry {
             CabinetActor::seeded_later(meta_c, timing, ports, clock, seed)
         });
         actors.insert(meta.id.clone(), addr.clone());
-        addr
-    }
-
-    /// Every actor, for listing.
-    pub fn all(&self) -> Vec<(CabinetId, Addr<CabinetActor>)> {
-        self.actors
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        CabinetHandle::local(addr)
     }
 }
 
@@ -136,7 +107,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::actor::{Deliver, GetSnapshot, InjectPanic, PublishError, SystemClock};
+    use crate::actor::{ActorSeed, PublishError, SystemClock};
+    use crate::alert::ActiveAlert;
     use crate::alert::AlertType;
     use crate::ids::MerchantId;
     use crate::machine::{CabinetSnapshot, Effect};
@@ -179,22 +151,14 @@ mod tests {
             br#"{"seq":1,"ts":1,"door":"closed","lock":"locked"}"#,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        addr.send(Deliver(hb.body))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(addr
-            .send(GetSnapshot)
-            .await
-            .map(|s| s.online)
-            .unwrap_or(false));
+        addr.deliver(hb.body);
+        assert!(addr.snapshot().await.map(|s| s.online).unwrap_or(false));
 
-        addr.send(InjectPanic)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        addr.inject_panic().await.unwrap_or_else(|e| panic!("{e}"));
         // The supervisor restarts it in place: the same address answers, state re-learned.
         let mut snapshot = None;
         for _ in 0..50 {
-            if let Ok(s) = addr.send(GetSnapshot).await {
+            if let Ok(s) = addr.snapshot().await {
                 snapshot = Some(s);
                 break;
             }
@@ -224,8 +188,9 @@ mod tests {
             br#"{"seq":1,"ts":1,"door":"closed","lock":"locked"}"#,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        addr.do_send(Deliver(hb.body));
-        let snapshot = actix_rt::spawn(addr.send(GetSnapshot));
+        addr.deliver(hb.body);
+        let reader = addr.clone();
+        let snapshot = actix_rt::spawn(async move { reader.snapshot().await });
         actix_rt::time::sleep(Duration::from_millis(100)).await;
         assert!(!snapshot.is_finished(), "answered before the seed was in");
 

@@ -41,7 +41,7 @@ pub(crate) type Result<T> = std::result::Result<T, StoreError>;
 mod catalog;
 mod sessions;
 pub use catalog::{PromotionRow, PromotionRule};
-pub use sessions::{OrderRow, RefundRow, SessionRow};
+pub use sessions::{BlacklistRow, OrderFilter, OrderRow, OrderUpdate, RefundRow, SessionRow};
 
 /// A merchant.
 #[derive(Debug, Clone, serde::Serialize)]

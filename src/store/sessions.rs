@@ -3,12 +3,12 @@
 //! concurrent handler changes nothing twice.
 
 use sqlx::any::AnyRow;
-use sqlx::Row;
+use sqlx::{FromRow, Row};
 
 use super::{conflict_or, Change, Result, Store};
 
 /// A purchase or restock session.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct SessionRow {
     /// Id (also the provider's `out_order_no`).
     pub id: String,
@@ -37,7 +37,7 @@ pub struct SessionRow {
 }
 
 /// A session's order.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct OrderRow {
     /// Id.
     pub id: String,
@@ -78,7 +78,7 @@ pub struct OrderRow {
 }
 
 /// A refund of (part of) an order.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct RefundRow {
     /// Id (the provider's `out_refund_no`).
     pub id: String,
@@ -100,58 +100,59 @@ pub struct RefundRow {
     pub updated_at: i64,
 }
 
-fn refund_row(r: &AnyRow) -> Result<RefundRow> {
-    Ok(RefundRow {
-        id: r.try_get("id")?,
-        order_id: r.try_get("order_id")?,
-        idempotency_key: r.try_get("idempotency_key")?,
-        amount_fen: r.try_get("amount_fen")?,
-        reason: r.try_get("reason")?,
-        status: r.try_get("status")?,
-        provider_refund_id: r.try_get("provider_refund_id")?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
-    })
+/// A blacklist entry (黑名单).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct BlacklistRow {
+    /// Merchant.
+    pub merchant_id: String,
+    /// Shopper.
+    pub user_id: String,
+    /// Why.
+    pub reason: String,
+    /// Added by the hub for unpaid orders (and removed by it once they are paid).
+    pub automatic: bool,
+    /// Unix ms.
+    pub created_at: i64,
+    /// A key id, or `system`.
+    pub created_by: String,
+}
+
+/// Which orders to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct OrderFilter<'a> {
+    /// Only this merchant's.
+    pub merchant_id: Option<&'a str>,
+    /// Only this cabinet's.
+    pub cabinet_id: Option<&'a str>,
+    /// Only in this status.
+    pub status: Option<&'a str>,
+    /// Created at or after (Unix ms).
+    pub from: Option<i64>,
+    /// Created before (Unix ms).
+    pub to: Option<i64>,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// What an order's change of status also sets; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct OrderUpdate<'a> {
+    /// Why it is abnormal or cancelled.
+    pub reason: Option<&'a str>,
+    /// Recognised items, JSON.
+    pub items: Option<&'a str>,
+    /// The priced order, JSON.
+    pub priced: Option<&'a str>,
+    /// The final amount.
+    pub total_fen: Option<i64>,
 }
 
 fn session_row(r: &AnyRow) -> Result<SessionRow> {
-    Ok(SessionRow {
-        id: r.try_get("id")?,
-        cabinet_id: r.try_get("cabinet_id")?,
-        merchant_id: r.try_get("merchant_id")?,
-        user_id: r.try_get("user_id")?,
-        channel: r.try_get("channel")?,
-        mode: r.try_get("mode")?,
-        state: r.try_get("state")?,
-        failure: r.try_get("failure")?,
-        idempotency_key: r.try_get("idempotency_key")?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
-        unlocked_at: r.try_get("unlocked_at")?,
-    })
+    Ok(SessionRow::from_row(r)?)
 }
 
 fn order_row(r: &AnyRow) -> Result<OrderRow> {
-    Ok(OrderRow {
-        id: r.try_get("id")?,
-        session_id: r.try_get("session_id")?,
-        cabinet_id: r.try_get("cabinet_id")?,
-        merchant_id: r.try_get("merchant_id")?,
-        user_id: r.try_get("user_id")?,
-        channel: r.try_get("channel")?,
-        status: r.try_get("status")?,
-        abnormal_reason: r.try_get("abnormal_reason")?,
-        items: r.try_get("items")?,
-        priced: r.try_get("priced")?,
-        total_fen: r.try_get("total_fen")?,
-        paid_fen: r.try_get("paid_fen")?,
-        provider_order_no: r.try_get("provider_order_no")?,
-        transaction_id: r.try_get("transaction_id")?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
-        refunded_fen: r.try_get("refunded_fen")?,
-        collect_attempts: r.try_get("collect_attempts")?,
-    })
+    Ok(OrderRow::from_row(r)?)
 }
 
 impl Store {
@@ -343,20 +344,13 @@ impl Store {
     }
 
     /// Orders, newest first, optionally of one merchant, cabinet or status.
-    pub async fn orders(
-        &self,
-        merchant_id: Option<&str>,
-        cabinet_id: Option<&str>,
-        status: Option<&str>,
-        created: (Option<i64>, Option<i64>),
-        limit: i64,
-    ) -> Result<Vec<OrderRow>> {
+    pub async fn orders(&self, f: &OrderFilter<'_>) -> Result<Vec<OrderRow>> {
         let mut sql = String::from("SELECT * FROM orders WHERE 1=1");
         let mut binds: Vec<String> = Vec::new();
         for (col, v) in [
-            ("merchant_id", merchant_id),
-            ("cabinet_id", cabinet_id),
-            ("status", status),
+            ("merchant_id", f.merchant_id),
+            ("cabinet_id", f.cabinet_id),
+            ("status", f.status),
         ] {
             if let Some(v) = v {
                 binds.push(v.to_owned());
@@ -365,7 +359,7 @@ impl Store {
         }
         // Time bounds (Unix ms, `[from, to)`) are numbered after the text binds.
         let mut times: Vec<i64> = Vec::new();
-        for (op, v) in [(">=", created.0), ("<", created.1)] {
+        for (op, v) in [(">=", f.from), ("<", f.to)] {
             if let Some(v) = v {
                 times.push(v);
                 sql.push_str(&format!(
@@ -385,22 +379,18 @@ impl Store {
         for t in times {
             q = q.bind(t);
         }
-        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        let rows = q.bind(f.limit).fetch_all(&self.pool).await?;
         rows.iter().map(order_row).collect()
     }
 
     /// Moves an order from one of `from` to `to` with the given fields; false when it was in
     /// none of them (already moved by a redelivery or a concurrent handler).
-    #[allow(clippy::too_many_arguments)]
     pub async fn transition_order(
         &self,
         id: &str,
         from: &[&str],
         to: &str,
-        abnormal_reason: Option<&str>,
-        items: Option<&str>,
-        priced: Option<&str>,
-        total_fen: Option<i64>,
+        set: &OrderUpdate<'_>,
         now: i64,
     ) -> Result<bool> {
         let mut sql = String::from(
@@ -414,10 +404,10 @@ impl Store {
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id)
             .bind(to)
-            .bind(abnormal_reason)
-            .bind(items)
-            .bind(priced)
-            .bind(total_fen)
+            .bind(set.reason)
+            .bind(set.items)
+            .bind(set.priced)
+            .bind(set.total_fen)
             .bind(now);
         for f in from {
             q = q.bind(*f);
@@ -488,7 +478,7 @@ impl Store {
                     .fetch_optional(&self.pool)
                     .await?;
             if let Some(row) = row {
-                return Ok(Some(refund_row(&row)?));
+                return Ok(Some(RefundRow::from_row(&row)?));
             }
         }
         let mut tx = self.writer.begin().await?;
@@ -551,7 +541,7 @@ impl Store {
             .bind(order_id)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(refund_row).collect()
+        rows.iter().map(|r| Ok(RefundRow::from_row(r)?)).collect()
     }
 
     /// Orders whose deduction failed and whose next collection attempt is due.
@@ -604,24 +594,16 @@ impl Store {
     }
 
     /// Adds a shopper to a merchant's blacklist (no-op when already there).
-    pub async fn blacklist_add(
-        &self,
-        merchant_id: &str,
-        user_id: &str,
-        reason: &str,
-        automatic: bool,
-        by: &str,
-        now: i64,
-    ) -> Result<()> {
+    pub async fn blacklist_add(&self, b: &BlacklistRow) -> Result<()> {
         sqlx::query(
             "INSERT INTO blacklist (merchant_id, user_id, reason, automatic, created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
         )
-        .bind(merchant_id)
-        .bind(user_id)
-        .bind(reason)
-        .bind(i64::from(automatic))
-        .bind(now)
-        .bind(by)
+        .bind(&b.merchant_id)
+        .bind(&b.user_id)
+        .bind(&b.reason)
+        .bind(i64::from(b.automatic))
+        .bind(b.created_at)
+        .bind(&b.created_by)
         .execute(&self.writer)
         .await?;
         Ok(())
@@ -649,7 +631,7 @@ impl Store {
     }
 
     /// A merchant's blacklist (all merchants' for `None`).
-    pub async fn blacklist(&self, merchant_id: Option<&str>) -> Result<Vec<serde_json::Value>> {
+    pub async fn blacklist(&self, merchant_id: Option<&str>) -> Result<Vec<BlacklistRow>> {
         let rows = match merchant_id {
             Some(m) => {
                 sqlx::query(
@@ -667,11 +649,14 @@ impl Store {
         };
         rows.iter()
             .map(|r| {
-                Ok(serde_json::json!({
-                    "merchant_id": r.try_get::<String, _>("merchant_id")?, "user_id": r.try_get::<String, _>("user_id")?,
-                    "reason": r.try_get::<String, _>("reason")?, "automatic": r.try_get::<i64, _>("automatic")? != 0,
-                    "created_at": r.try_get::<i64, _>("created_at")?, "created_by": r.try_get::<String, _>("created_by")?,
-                }))
+                Ok(BlacklistRow {
+                    merchant_id: r.try_get("merchant_id")?,
+                    user_id: r.try_get("user_id")?,
+                    reason: r.try_get("reason")?,
+                    automatic: r.try_get::<i64, _>("automatic")? != 0,
+                    created_at: r.try_get("created_at")?,
+                    created_by: r.try_get("created_by")?,
+                })
             })
             .collect()
     }

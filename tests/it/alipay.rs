@@ -7,8 +7,8 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use tokio::sync::mpsc;
 
 use cabinet_hub::payments::alipay::{AlipayClient, AlipayConfig, AlipayError};
-use cabinet_hub::payments::sim_alipay::{self, AlipaySim, AlipaySimConfig};
-use cabinet_hub::payments::sim_wechat::{Deduction, UserScript};
+use cabinet_hub::simulators::alipay::{self as sim_alipay, AlipaySim, AlipaySimConfig};
+use cabinet_hub::simulators::wechat::{Deduction, UserScript};
 
 const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev-keys");
 

@@ -7,10 +7,12 @@ use std::time::Duration;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use tokio::sync::mpsc;
 
-use cabinet_hub::payments::sim_wechat::{self, Deduction, SimConfig, UserScript, WechatSim};
 use cabinet_hub::payments::wechat::{
     CreateOrder, NotificationError, PostDiscount, PostPayment, RiskFund, SignedHeaders, TimeRange,
     WechatClient, WechatConfig, WechatError,
+};
+use cabinet_hub::simulators::wechat::{
+    self as sim_wechat, Deduction, SimConfig, UserScript, WechatSim,
 };
 
 const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev-keys");

@@ -12,10 +12,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::journal::Tracked;
-use super::wechat::{Collection, CollectionDetail, ServiceOrder};
-use super::wechat_crypto::{
+use crate::payments::crypto::{
     encrypt_resource, request_message, response_message, RsaSigner, Verifier,
 };
+use crate::payments::wechat::{Collection, CollectionDetail, ServiceOrder};
 use crate::secrets::token;
 
 /// The URL prefix the simulator is mounted at.
@@ -591,7 +591,7 @@ impl WechatSim {
             order_id: Some(self.next_id("1000")),
             total_amount: None,
             openid: None,
-            risk_fund: Some(super::wechat::RiskFund {
+            risk_fund: Some(crate::payments::wechat::RiskFund {
                 name: body["risk_fund"]["name"]
                     .as_str()
                     .unwrap_or("ESTIMATE_ORDER_COST")

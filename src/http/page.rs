@@ -1,11 +1,11 @@
 //! The operator web page: three static files compiled into the binary, so the page needs no
 //! build step and always matches the API of the hub that serves it.
 
-use actix_web::{http::header, web, HttpResponse};
+use actix_web::{http::header, HttpResponse};
 
-const INDEX: &str = include_str!("../web/index.html");
-const APP_JS: &str = include_str!("../web/app.js");
-const APP_CSS: &str = include_str!("../web/app.css");
+const INDEX: &str = include_str!("../../web/index.html");
+const APP_JS: &str = include_str!("../../web/app.js");
+const APP_CSS: &str = include_str!("../../web/app.css");
 
 // Scripts and styles only from the hub itself: a cabinet id or alert detail that carries markup
 // cannot run in an operator's browser even if some rendering path forgot to escape it.
@@ -23,21 +23,20 @@ fn file(body: &'static str, content_type: &'static str) -> HttpResponse {
         .body(body)
 }
 
-async fn index() -> HttpResponse {
+/// The operator page.
+#[utoipa::path(get, path = "/", tag = "page", responses((status = 200, content_type = "text/html")))]
+pub async fn index() -> HttpResponse {
     file(INDEX, "text/html; charset=utf-8")
 }
 
-async fn app_js() -> HttpResponse {
+/// The operator page's script.
+#[utoipa::path(get, path = "/ui/app.js", tag = "page", responses((status = 200, content_type = "text/javascript")))]
+pub async fn app_js() -> HttpResponse {
     file(APP_JS, "text/javascript; charset=utf-8")
 }
 
-async fn app_css() -> HttpResponse {
+/// The operator page's styles.
+#[utoipa::path(get, path = "/ui/app.css", tag = "page", responses((status = 200, content_type = "text/css")))]
+pub async fn app_css() -> HttpResponse {
     file(APP_CSS, "text/css; charset=utf-8")
-}
-
-/// Mounts `GET /`, `GET /ui/app.js` and `GET /ui/app.css`.
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/", web::get().to(index))
-        .route("/ui/app.js", web::get().to(app_js))
-        .route("/ui/app.css", web::get().to(app_css));
 }

@@ -12,8 +12,11 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 use cabinet_actors::ids::CabinetId;
 
-use crate::api::{cabinet_view, snapshot_of, ApiError, ApiResult, Caller, Role};
-use crate::app::AppState;
+use super::auth::{Caller, Role};
+use super::cabinets::snapshot_of;
+use super::state::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::views::CabinetView;
 
 const PING_EVERY: Duration = Duration::from_secs(10);
 const PONG_WITHIN: Duration = Duration::from_secs(30);
@@ -21,7 +24,7 @@ const SEND_WITHIN: Duration = Duration::from_secs(5);
 const LAG_CHECK: Duration = Duration::from_millis(50);
 
 #[derive(Deserialize)]
-struct FeedQuery {
+pub struct FeedQuery {
     since: Option<u64>,
     #[allow(dead_code)]
     token: Option<String>,
@@ -34,15 +37,20 @@ struct FeedQuery {
 async fn snapshot(state: &AppState, caller: &Caller, seq: u64) -> ApiResult<String> {
     let rows = state.store.cabinets(caller.merchant.as_deref()).await?;
     let mut out = format!(r#"{{"type":"snapshot","seq":{seq},"data":{{"cabinets":["#);
-    for (i, r) in rows.iter().enumerate() {
+    let mut first = true;
+    for r in &rows {
         let live = match CabinetId::parse(&r.id) {
             Ok(id) => snapshot_of(state, &id).await.ok().flatten(),
             Err(_) => None,
         };
-        if i > 0 {
+        let Some(view) = CabinetView::new(r, live.as_ref()) else {
+            continue;
+        };
+        if !first {
             out.push(',');
         }
-        out.push_str(&cabinet_view(r, live.as_ref()).to_string());
+        first = false;
+        out.push_str(&serde_json::to_string(&view).map_err(ApiError::internal)?);
     }
     out.push_str("]}}");
     Ok(out)
@@ -75,16 +83,22 @@ async fn send_unless_behind(
     }
 }
 
-async fn ws(
+/// The operator feed over WebSocket: a `snapshot` of every cabinet the key may see, then
+/// `cabinet`, `alert`, `session` and `order` events; `?since=` resumes.
+#[utoipa::path(get, path = "/ws", tag = "feed", params(
+    ("since" = Option<u64>, Query, description = "the last seq received: replay from there")),
+    security(("bearer" = [])), responses((status = 101, description = "switching to WebSocket"),
+    (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody)))]
+pub async fn ws(
     state: web::Data<AppState>,
     caller: Caller,
     req: HttpRequest,
     body: web::Payload,
     q: web::Query<FeedQuery>,
-) -> ApiResult {
+) -> ApiResult<actix_web::HttpResponse> {
     caller.require(Role::Viewer)?;
     let (response, mut session, mut stream) = actix_ws::handle(&req, body)
-        .map_err(|e| ApiError::BadRequest(format!("not a WebSocket handshake: {e}")))?;
+        .map_err(|e| ApiError::bad_request(format!("not a WebSocket handshake: {e}")))?;
     let since = q.into_inner().since;
     let state = state.into_inner();
     let metrics = state.metrics.clone();
@@ -157,9 +171,4 @@ async fn ws(
         let _ = session.close(None).await;
     });
     Ok(response)
-}
-
-/// Mounts `GET /ws`.
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/ws", web::get().to(ws));
 }

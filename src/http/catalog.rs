@@ -3,16 +3,19 @@
 use std::collections::BTreeSet;
 
 use actix_web::{web, HttpResponse};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use cabinet_actors::ids::MerchantId;
 use cabinet_actors::pricing::{price_basket, BasketItem, Offer, PriceRule, PricingError, Window};
 
-use crate::api::{rfc3339, visible_cabinet, ApiError, ApiResult, Caller, Role};
-use crate::app::AppState;
-use crate::secrets::token;
+use super::auth::{random_token, Caller, Role};
+use super::cabinets::visible_cabinet;
+use super::state::AppState;
+use super::ErrorBody;
+use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::store::{PromotionRow, PromotionRule, StoreError};
+use crate::views::{List, PromotionView};
 
 fn valid_sku(s: &str) -> bool {
     !s.is_empty()
@@ -21,110 +24,146 @@ fn valid_sku(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// The merchant a request acts for: a scoped key's own, or the one an admin names.
-async fn acting_merchant(
-    state: &AppState,
-    caller: &Caller,
-    named: Option<MerchantId>,
-) -> ApiResult<String> {
-    let m = match (&caller.merchant, named) {
-        (Some(own), None) => own.clone(),
-        (Some(own), Some(n)) if n.as_str() == own => own.clone(),
-        (Some(_), Some(_)) => return Err(ApiError::NotFound("merchant")),
-        (None, Some(n)) => n.to_string(),
-        (None, None) => {
-            return Err(ApiError::BadRequest(
-                "merchant_id is required for a platform key".into(),
-            ))
-        }
-    };
-    if state.store.merchant(&m).await?.is_none() {
-        return Err(ApiError::NotFound("merchant"));
-    }
-    Ok(m)
-}
-
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ProductBody {
+pub struct ProductBody {
+    /// 1 to 100 characters.
     name: String,
+    /// Required for a platform key.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     merchant_id: Option<MerchantId>,
 }
 
-async fn put_product(
+/// A product.
+#[derive(Serialize, ToSchema)]
+pub struct ProductView {
+    /// Its merchant (in the answer to a change).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    merchant_id: Option<String>,
+    /// Product code.
+    sku: String,
+    /// Name.
+    name: String,
+}
+
+/// A product on a cabinet's sellable list.
+#[derive(Serialize, ToSchema)]
+pub struct PriceView {
+    /// Product code.
+    sku: String,
+    /// Name.
+    name: String,
+    /// Price, fen.
+    price_fen: i64,
+}
+
+/// A cabinet's sellable list.
+#[derive(Serialize, ToSchema)]
+pub struct PriceList {
+    /// Cabinet.
+    cabinet_id: String,
+    /// Its products and prices.
+    items: Vec<PriceView>,
+    /// How many.
+    count: usize,
+}
+
+/// Creates or renames a product.
+#[utoipa::path(put, path = "/api/v1/products/{sku}", tag = "catalog", params(("sku" = String, Path)), request_body = ProductBody,
+    security(("bearer" = [])), responses((status = 200, body = ProductView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn put_product(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<String>,
     body: web::Json<ProductBody>,
-) -> ApiResult {
+) -> ApiResult<HttpResponse> {
     caller.require(Role::Operator)?;
     let sku = path.into_inner();
     if !valid_sku(&sku) {
-        return Err(ApiError::BadRequest(
-            "sku must be 1 to 64 of A-Z a-z 0-9 _ -".into(),
+        return Err(ApiError::bad_request(
+            "sku must be 1 to 64 of A-Z a-z 0-9 _ -",
         ));
     }
     let b = body.into_inner();
     if b.name.trim().is_empty() || b.name.chars().count() > 100 {
-        return Err(ApiError::BadRequest(
-            "name must be 1 to 100 characters".into(),
-        ));
+        return Err(ApiError::bad_request("name must be 1 to 100 characters"));
     }
-    let merchant = acting_merchant(&state, &caller, b.merchant_id).await?;
+    let merchant = caller
+        .acting_for_existing(&state, b.merchant_id.as_ref())
+        .await?;
     state
         .store
         .upsert_product(&merchant, &sku, b.name.trim(), state.now())
         .await?;
-    Ok(
-        HttpResponse::Ok()
-            .json(json!({"merchant_id": merchant, "sku": sku, "name": b.name.trim()})),
-    )
+    Ok(HttpResponse::Ok().json(ProductView {
+        merchant_id: Some(merchant),
+        sku,
+        name: b.name.trim().to_owned(),
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct MerchantQuery {
+pub struct MerchantQuery {
+    /// Required for a platform key.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    #[param(value_type = Option<String>)]
     merchant_id: Option<MerchantId>,
 }
 
-async fn list_products(
+/// The merchant's products.
+#[utoipa::path(get, path = "/api/v1/products", tag = "catalog", params(MerchantQuery),
+    security(("bearer" = [])), responses((status = 200, body = List<ProductView>), (status = 404, body = ErrorBody)))]
+pub async fn list_products(
     state: web::Data<AppState>,
     caller: Caller,
     q: web::Query<MerchantQuery>,
-) -> ApiResult {
+) -> ApiResult<HttpResponse> {
     caller.require(Role::Viewer)?;
-    let merchant = acting_merchant(&state, &caller, q.into_inner().merchant_id).await?;
+    let merchant = caller
+        .acting_for_existing(&state, q.into_inner().merchant_id.as_ref())
+        .await?;
     let items: Vec<_> = state
         .store
         .products(&merchant)
         .await?
         .into_iter()
-        .map(|(sku, name)| json!({"sku": sku, "name": name}))
+        .map(|(sku, name)| ProductView {
+            merchant_id: None,
+            sku,
+            name,
+        })
         .collect();
-    Ok(HttpResponse::Ok().json(json!({"items": items, "count": items.len()})))
+    Ok(HttpResponse::Ok().json(List::from(items)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PriceItem {
+pub struct PriceItem {
+    /// One of the merchant's products.
     sku: String,
+    /// 0 to 10,000,000.
     price_fen: i64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PricesBody {
+pub struct PricesBody {
+    /// The whole list: products not in it are no longer sold here.
     items: Vec<PriceItem>,
 }
 
-async fn put_prices(
+/// Replaces a cabinet's sellable list.
+#[utoipa::path(put, path = "/api/v1/cabinets/{id}/prices", tag = "catalog", params(("id" = String, Path)), request_body = PricesBody,
+    security(("bearer" = [])), responses((status = 200, body = PriceList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn put_prices(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<String>,
     body: web::Json<PricesBody>,
-) -> ApiResult {
+) -> ApiResult<HttpResponse> {
     caller.require(Role::Operator)?;
     let (cid, row) = visible_cabinet(&state, &caller, &path).await?;
     let products = state.store.products(&row.merchant_id).await?;
@@ -132,18 +171,18 @@ async fn put_prices(
     let mut items = Vec::new();
     for (i, it) in body.into_inner().items.into_iter().enumerate() {
         if !products.contains_key(&it.sku) {
-            return Err(ApiError::BadRequest(format!(
+            return Err(ApiError::bad_request(format!(
                 "items[{i}].sku: {} is not one of the merchant's products",
                 it.sku
             )));
         }
         if !(0..=10_000_000).contains(&it.price_fen) {
-            return Err(ApiError::BadRequest(format!(
+            return Err(ApiError::bad_request(format!(
                 "items[{i}].price_fen must be 0 to 10000000"
             )));
         }
         if !seen.insert(it.sku.clone()) {
-            return Err(ApiError::BadRequest(format!(
+            return Err(ApiError::bad_request(format!(
                 "items[{i}].sku: {} listed twice",
                 it.sku
             )));
@@ -157,40 +196,58 @@ async fn put_prices(
     get_prices_of(&state, cid.as_str(), &row.merchant_id).await
 }
 
-async fn get_prices_of(state: &AppState, cabinet: &str, merchant: &str) -> ApiResult {
+async fn get_prices_of(state: &AppState, cabinet: &str, merchant: &str) -> ApiResult<HttpResponse> {
     let list = state.store.prices(cabinet, merchant).await?;
     let items: Vec<_> = list
         .iter()
-        .map(|(sku, p)| json!({"sku": sku, "name": p.name, "price_fen": p.price_fen}))
+        .map(|(sku, p)| PriceView {
+            sku: sku.clone(),
+            name: p.name.clone(),
+            price_fen: p.price_fen,
+        })
         .collect();
-    Ok(HttpResponse::Ok()
-        .json(json!({"cabinet_id": cabinet, "items": items, "count": items.len()})))
+    Ok(HttpResponse::Ok().json(PriceList {
+        cabinet_id: cabinet.to_owned(),
+        count: items.len(),
+        items,
+    }))
 }
 
-async fn get_prices(
+/// A cabinet's sellable list.
+#[utoipa::path(get, path = "/api/v1/cabinets/{id}/prices", tag = "catalog", params(("id" = String, Path)),
+    security(("bearer" = [])), responses((status = 200, body = PriceList), (status = 404, body = ErrorBody)))]
+pub async fn get_prices(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<String>,
-) -> ApiResult {
+) -> ApiResult<HttpResponse> {
     caller.require(Role::Viewer)?;
     let (cid, row) = visible_cabinet(&state, &caller, &path).await?;
     get_prices_of(&state, cid.as_str(), &row.merchant_id).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PromotionBody {
+pub struct PromotionBody {
+    /// 1 to 20 characters (shown on the provider's bill).
     name: String,
+    /// `always`, `between` or `daily`.
+    #[schema(value_type = Object)]
     window: Window,
+    /// `product_price` or `spend_save`.
+    #[schema(value_type = Object)]
     offer: Offer,
+    /// Only these cabinets.
     #[serde(default)]
     cabinet_ids: Option<Vec<String>>,
+    /// Required for a platform key.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     merchant_id: Option<MerchantId>,
 }
 
 fn validate_rule(window: &Window, offer: &Offer) -> ApiResult<()> {
-    let bad = |m: &str| Err(ApiError::BadRequest(m.to_owned()));
+    let bad = |m: &str| Err(ApiError::bad_request(m));
     match *window {
         Window::Between { starts_at, ends_at } if starts_at >= ends_at => {
             return bad("window: starts_at must be before ends_at")
@@ -246,43 +303,37 @@ fn validate_rule(window: &Window, offer: &Offer) -> ApiResult<()> {
     Ok(())
 }
 
-fn promotion_view(p: &PromotionRow) -> serde_json::Value {
-    json!({"id": p.id, "merchant_id": p.merchant_id, "name": p.name, "window": p.rule.window, "offer": p.rule.offer,
-           "cabinet_ids": p.cabinet_ids, "created_at": rfc3339(p.created_at), "ended_at": p.ended_at.and_then(rfc3339),
-           "active": p.ended_at.is_none()})
-}
-
-async fn create_promotion(
+/// Creates a promotion (营销活动).
+#[utoipa::path(post, path = "/api/v1/promotions", tag = "catalog", request_body = PromotionBody,
+    security(("bearer" = [])), responses((status = 201, body = PromotionView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn create_promotion(
     state: web::Data<AppState>,
     caller: Caller,
     body: web::Json<PromotionBody>,
-) -> ApiResult {
+) -> ApiResult<HttpResponse> {
     caller.require(Role::Operator)?;
     let b = body.into_inner();
     if b.name.trim().is_empty() || b.name.chars().count() > 20 {
         // WeChat's post_discounts name is short; keep it printable there unchanged.
-        return Err(ApiError::BadRequest(
-            "name must be 1 to 20 characters".into(),
-        ));
+        return Err(ApiError::bad_request("name must be 1 to 20 characters"));
     }
     validate_rule(&b.window, &b.offer)?;
-    let merchant = acting_merchant(&state, &caller, b.merchant_id).await?;
+    let merchant = caller
+        .acting_for_existing(&state, b.merchant_id.as_ref())
+        .await?;
     if let Some(ids) = &b.cabinet_ids {
         for id in ids {
             match state.store.cabinet(id).await? {
                 Some(c) if c.merchant_id == merchant => {}
                 _ => {
-                    return Err(ApiError::BadRequest(format!(
+                    return Err(ApiError::bad_request(format!(
                         "cabinet_ids: {id} is not one of the merchant's cabinets"
                     )))
                 }
             }
         }
     }
-    let id = format!(
-        "p_{}",
-        token(16).map_err(|_| anyhow::anyhow!("no randomness"))?
-    );
+    let id = format!("p_{}", random_token(16)?);
     let row = PromotionRow {
         id,
         merchant_id: merchant,
@@ -296,51 +347,65 @@ async fn create_promotion(
         ended_at: None,
     };
     match state.store.create_promotion(&row).await {
-        Ok(()) => Ok(HttpResponse::Created().json(promotion_view(&row))),
-        Err(StoreError::Conflict) => Err(ApiError::Conflict("promotion_exists", "retry".into())),
+        Ok(()) => Ok(HttpResponse::Created().json(PromotionView::from(&row))),
+        Err(StoreError::Conflict) => Err(ApiError::new(ErrorCode::PromotionExists, "retry")),
         Err(e) => Err(e.into()),
     }
 }
 
-async fn list_promotions(state: web::Data<AppState>, caller: Caller) -> ApiResult {
+/// Promotions, active and ended.
+#[utoipa::path(get, path = "/api/v1/promotions", tag = "catalog",
+    security(("bearer" = [])), responses((status = 200, body = List<PromotionView>)))]
+pub async fn list_promotions(
+    state: web::Data<AppState>,
+    caller: Caller,
+) -> ApiResult<HttpResponse> {
     caller.require(Role::Viewer)?;
     let rows = state.store.promotions(caller.merchant.as_deref()).await?;
-    let items: Vec<_> = rows.iter().map(promotion_view).collect();
-    Ok(HttpResponse::Ok().json(json!({"items": items, "count": items.len()})))
+    let items: Vec<_> = rows.iter().map(PromotionView::from).collect();
+    Ok(HttpResponse::Ok().json(List::from(items)))
 }
 
-async fn end_promotion(
+/// Ends a promotion.
+#[utoipa::path(post, path = "/api/v1/promotions/{id}/end", tag = "catalog", params(("id" = String, Path)),
+    security(("bearer" = [])), responses((status = 200, body = PromotionView), (status = 404, body = ErrorBody)))]
+pub async fn end_promotion(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<String>,
-) -> ApiResult {
+) -> ApiResult<HttpResponse> {
     caller.require(Role::Operator)?;
     let rows = state.store.promotions(caller.merchant.as_deref()).await?;
     let Some(p) = rows.into_iter().find(|p| p.id == *path) else {
-        return Err(ApiError::NotFound("promotion"));
+        return Err(ApiError::not_found("promotion"));
     };
     state.store.end_promotion(&p.id, state.now()).await?;
     let rows = state.store.promotions(Some(&p.merchant_id)).await?;
     let p = rows
         .iter()
         .find(|r| r.id == p.id)
-        .ok_or(ApiError::NotFound("promotion"))?;
-    Ok(HttpResponse::Ok().json(promotion_view(p)))
+        .ok_or_else(|| ApiError::not_found("promotion"))?;
+    Ok(HttpResponse::Ok().json(PromotionView::from(p)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct QuoteBody {
+pub struct QuoteBody {
+    /// The basket.
+    #[schema(value_type = Vec<Object>)]
     items: Vec<BasketItem>,
 }
 
 /// Prices a basket exactly as a session's order would be priced now.
-async fn quote(
+#[utoipa::path(post, path = "/api/v1/cabinets/{id}/quote", tag = "catalog", params(("id" = String, Path)), request_body = QuoteBody,
+    security(("bearer" = [])), responses((status = 200, description = "the priced order", body = Object),
+    (status = 404, body = ErrorBody), (status = 422, body = ErrorBody, description = "unknown_product")))]
+pub async fn quote(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<String>,
     body: web::Json<QuoteBody>,
-) -> ApiResult {
+) -> ApiResult<HttpResponse> {
     caller.require(Role::Viewer)?;
     let (cid, row) = visible_cabinet(&state, &caller, &path).await?;
     let list = state.store.prices(cid.as_str(), &row.merchant_id).await?;
@@ -356,22 +421,9 @@ async fn quote(
         state.settings.pricing.utc_offset_min,
     ) {
         Ok(order) => Ok(HttpResponse::Ok().json(order)),
-        Err(PricingError::UnknownSku(sku)) => Err(ApiError::Unprocessable(
-            "unknown_product",
+        Err(PricingError::UnknownSku(sku)) => Err(ApiError::new(
+            ErrorCode::UnknownProduct,
             format!("{sku} is not on this cabinet's sellable list"),
         )),
     }
-}
-
-/// Mounts the catalog routes under `/api/v1`.
-pub fn configure(scope: actix_web::Scope) -> actix_web::Scope {
-    scope
-        .route("/products", web::get().to(list_products))
-        .route("/products/{sku}", web::put().to(put_product))
-        .route("/cabinets/{id}/prices", web::put().to(put_prices))
-        .route("/cabinets/{id}/prices", web::get().to(get_prices))
-        .route("/cabinets/{id}/quote", web::post().to(quote))
-        .route("/promotions", web::post().to(create_promotion))
-        .route("/promotions", web::get().to(list_promotions))
-        .route("/promotions/{id}/end", web::post().to(end_promotion))
 }

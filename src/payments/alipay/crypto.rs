@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::wechat_crypto::{CryptoError, RsaSigner, Verifier};
+use crate::payments::crypto::{CryptoError, RsaSigner, Verifier};
 
 /// The string a request's parameters are signed as: sorted by key, empty values and `sign`
 /// left out, joined `k=v&k=v` with raw (unencoded) values.
@@ -100,10 +100,10 @@ pub fn fen(yuan: &str) -> Option<i64> {
 mod tests {
     use super::*;
 
-    const KEY: &str = include_str!("testdata/merchant_key.pem");
-    const PUB: &str = include_str!("testdata/merchant_pub.pem");
-    const CONTENT: &str = include_str!("testdata/alipay_sign_content.txt");
-    const OPENSSL_SIG: &str = include_str!("testdata/alipay_signature.b64");
+    const KEY: &str = include_str!("../testdata/merchant_key.pem");
+    const PUB: &str = include_str!("../testdata/merchant_pub.pem");
+    const CONTENT: &str = include_str!("../testdata/alipay_sign_content.txt");
+    const OPENSSL_SIG: &str = include_str!("../testdata/alipay_signature.b64");
 
     fn params() -> BTreeMap<String, String> {
         [

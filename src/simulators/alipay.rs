@@ -13,9 +13,9 @@ use std::time::Duration;
 use actix_web::{web, HttpResponse};
 use serde_json::{json, Value};
 
-use super::alipay_crypto::{fen, notify_sign_content, request_sign_content, yuan};
-use super::sim_wechat::{Deduction, UserScript};
-use super::wechat_crypto::{RsaSigner, Verifier};
+use super::wechat::{Deduction, UserScript};
+use crate::payments::alipay::crypto::{fen, notify_sign_content, request_sign_content, yuan};
+use crate::payments::crypto::{RsaSigner, Verifier};
 
 /// Where the simulator is mounted; the gateway is `{PREFIX}/gateway.do`.
 pub const PREFIX: &str = "/sim/alipay";
@@ -449,18 +449,18 @@ async fn gateway(
         return fail("40002", "isv.invalid-parameter", "biz_content");
     };
     let notify_url = params.get("notify_url").cloned().unwrap_or_default();
-    if method == super::alipay::methods::FINISH {
+    if method == crate::payments::alipay::methods::FINISH {
         tokio::time::sleep(
             sim.close_delay(biz["credit_biz_order_id"].as_str().unwrap_or_default()),
         )
         .await;
     }
     let answer = match method.as_str() {
-        super::alipay::methods::CREATE => sim.create(&biz, &notify_url),
-        super::alipay::methods::QUERY => sim.query(&biz),
-        super::alipay::methods::PAY => sim.pay(&biz),
-        super::alipay::methods::FINISH => sim.finish(&biz),
-        super::alipay::methods::REFUND => sim.refund(&biz),
+        crate::payments::alipay::methods::CREATE => sim.create(&biz, &notify_url),
+        crate::payments::alipay::methods::QUERY => sim.query(&biz),
+        crate::payments::alipay::methods::PAY => sim.pay(&biz),
+        crate::payments::alipay::methods::FINISH => sim.finish(&biz),
+        crate::payments::alipay::methods::REFUND => sim.refund(&biz),
         _ => Err(("40004", "isv.invalid-method", "不存在的方法名".to_owned())),
     };
     match answer {

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::alipay_crypto::{sign_params, verify_notify, verify_response, yuan};
-use super::wechat_crypto::{CryptoError, RsaSigner, Verifier};
+pub mod crypto;
+
+use self::crypto::{sign_params, verify_notify, verify_response, yuan};
+use super::crypto::{CryptoError, RsaSigner, Verifier};
 
 /// Gateway methods used.
 pub mod methods {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::wechat_crypto::{decrypt_resource, CryptoError, RequestToSign, RsaSigner, Verifier};
+use super::crypto::{decrypt_resource, CryptoError, RequestToSign, RsaSigner, Verifier};
 use crate::secrets::token;
 
 /// How to reach and authenticate with WeChat Pay.

@@ -1,0 +1,246 @@
+//! The one error model of the hub's API: every refusal is an [`ErrorCode`] (a stable
+//! snake_case code, API.md) with its HTTP status fixed here, exhaustively, plus a human message.
+//! Storage failures become `internal` (500) or `unavailable` (503) with a generic message: the
+//! database's own text is logged, never sent.
+
+use actix_web::http::StatusCode;
+
+use crate::store::StoreError;
+
+/// Every error code the API answers with.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::EnumIter,
+    serde::Serialize,
+    utoipa::ToSchema,
+)]
+#[strum(serialize_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Bad input; the message names the field.
+    InvalidRequest,
+    /// Missing or unknown API key.
+    Unauthorized,
+    /// The key's role may not do this.
+    Forbidden,
+    /// No such resource, or another merchant's.
+    NotFound,
+    /// No such cabinet (or another merchant's), for a session.
+    CabinetNotFound,
+    /// A merchant with that id exists.
+    MerchantExists,
+    /// A cabinet with that id is registered.
+    CabinetExists,
+    /// Activating a cabinet nobody registered (设备未维护).
+    NotRegistered,
+    /// A promotion id collided; retry.
+    PromotionExists,
+    /// The cabinet is registered but not activated.
+    CabinetNotActive,
+    /// Another session is open on the cabinet.
+    CabinetBusy,
+    /// The cabinet is faulted or locked down.
+    CabinetFaulted,
+    /// An earlier request with this `Idempotency-Key` is still running.
+    RequestInProgress,
+    /// The cabinet refused the unlock.
+    UnlockRejected,
+    /// Resolving an order that is not abnormal.
+    OrderNotAbnormal,
+    /// The cabinet's service time has run out.
+    ServiceExpired,
+    /// The shopper is on the merchant's blacklist.
+    UserBlacklisted,
+    /// The provider or the shopper declined pay-after-use.
+    PaymentDeclined,
+    /// A product is not on the cabinet's sellable list.
+    UnknownProduct,
+    /// A refund would exceed what was paid.
+    RefundExceedsPaid,
+    /// The cabinet is not connected.
+    CabinetOffline,
+    /// The cabinet did not acknowledge the unlock in time.
+    UnlockTimeout,
+    /// The hub restarted while the request was in flight.
+    HubRestarted,
+    /// The cabinet's actor did not answer.
+    ActorUnavailable,
+    /// The cabinet's actor restarted before the command ended.
+    ActorRestarted,
+    /// Storage is not answering (pool exhausted, database down): retry later.
+    Unavailable,
+    /// A fault of the hub's own; logged with its cause.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The stable code.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+
+    /// The HTTP status every answer with this code carries.
+    pub fn status(self) -> StatusCode {
+        use ErrorCode::*;
+        match self {
+            InvalidRequest => StatusCode::BAD_REQUEST,
+            Unauthorized => StatusCode::UNAUTHORIZED,
+            Forbidden => StatusCode::FORBIDDEN,
+            NotFound | CabinetNotFound => StatusCode::NOT_FOUND,
+            MerchantExists | CabinetExists | NotRegistered | PromotionExists | CabinetNotActive
+            | CabinetBusy | CabinetFaulted | RequestInProgress | UnlockRejected
+            | OrderNotAbnormal => StatusCode::CONFLICT,
+            ServiceExpired | UserBlacklisted | PaymentDeclined | UnknownProduct
+            | RefundExceedsPaid => StatusCode::UNPROCESSABLE_ENTITY,
+            CabinetOffline | UnlockTimeout | HubRestarted | ActorUnavailable | ActorRestarted
+            | Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// A refusal or failure, as every endpoint answers it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// What kind.
+    pub code: ErrorCode,
+    /// For people; never a database's or provider's own text.
+    pub message: String,
+}
+
+/// What handlers and the session supervisor return.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    /// An error of `code` saying `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 `invalid_request`; the message names the field.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidRequest, message)
+    }
+
+    /// 404 for `what` (also for another merchant's: ids do not leak).
+    pub fn not_found(what: &str) -> Self {
+        Self::new(ErrorCode::NotFound, format!("{what} not found"))
+    }
+
+    /// 401.
+    pub fn unauthorized() -> Self {
+        Self::new(ErrorCode::Unauthorized, "missing or unknown API key")
+    }
+
+    /// 403: role checks come before any lookup, so a resource's existence is not leaked.
+    pub fn forbidden() -> Self {
+        Self::new(ErrorCode::Forbidden, "the key's role may not do this")
+    }
+
+    /// 500 for a fault of the hub's own: `cause` goes to the log, not to the client.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "request failed");
+        Self::new(ErrorCode::Internal, "internal error")
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.code.status()
+    }
+
+    /// The JSON body every error answer carries.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({"error": {"code": self.code, "message": self.message}})
+    }
+
+    /// An answer stored under an `Idempotency-Key`, read back: the stored code, or `internal`
+    /// for one this version no longer knows.
+    pub fn from_stored(code: &str, message: &str) -> Self {
+        Self::new(code.parse().unwrap_or(ErrorCode::Internal), message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            // Waiting for a connection timed out or the database went away: try again.
+            StoreError::Db(
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
+            ) => {
+                tracing::error!(error = %e, "storage unavailable");
+                Self::new(
+                    ErrorCode::Unavailable,
+                    "storage is unavailable; retry shortly",
+                )
+            }
+            _ => Self::internal(e),
+        }
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::internal(format!("{e:#}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strum::IntoEnumIterator;
+
+    #[test]
+    fn every_code_round_trips_through_its_stored_name() {
+        for code in ErrorCode::iter() {
+            let e = ApiError::from_stored(code.as_str(), "m");
+            assert_eq!(e.code, code);
+            assert_eq!(
+                serde_json::to_value(code).ok(),
+                Some(serde_json::json!(code.as_str())),
+                "the wire name is the stored name"
+            );
+        }
+        assert_eq!(
+            ApiError::from_stored("no_such_code", "m").code,
+            ErrorCode::Internal
+        );
+    }
+
+    #[test]
+    fn storage_failures_are_never_client_errors_and_never_leak_their_text() {
+        let e = ApiError::from(StoreError::Corrupt("secret column text".into()));
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!e.message.contains("secret"));
+        let e = ApiError::from(StoreError::Db(sqlx::Error::PoolTimedOut));
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn session_refusals_have_the_statuses_api_md_gives() {
+        use ErrorCode::*;
+        for (code, status) in [
+            (CabinetNotFound, 404),
+            (CabinetNotActive, 409),
+            (CabinetBusy, 409),
+            (CabinetFaulted, 409),
+            (UnlockRejected, 409),
+            (ServiceExpired, 422),
+            (UserBlacklisted, 422),
+            (PaymentDeclined, 422),
+            (CabinetOffline, 503),
+            (UnlockTimeout, 503),
+        ] {
+            assert_eq!(code.status().as_u16(), status, "{}", code.as_str());
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Who is calling: API keys, their roles and their merchant scope.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use actix_web::{web, FromRequest, HttpRequest};
+
+use cabinet_actors::ids::MerchantId;
+
+use super::state::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::secrets::{sha256_hex, token};
+
+/// Key roles, weakest first.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
+#[strum(serialize_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Read only.
+    Viewer,
+    /// Restocks.
+    Restocker,
+    /// Runs cabinets.
+    Operator,
+    /// Administers one merchant.
+    MerchantAdmin,
+    /// The platform.
+    Admin,
+}
+
+impl Role {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Key id (audit).
+    pub key_id: String,
+    /// Role.
+    pub role: Role,
+    /// Scope; `None` for admin.
+    pub merchant: Option<String>,
+}
+
+impl Caller {
+    /// 403 unless the key's role is at least `min`.
+    pub fn require(&self, min: Role) -> ApiResult<()> {
+        if self.role >= min {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden())
+        }
+    }
+
+    /// Whether the key may see `merchant_id`'s resources.
+    pub fn sees(&self, merchant_id: &str) -> bool {
+        self.merchant.as_deref().is_none_or(|m| m == merchant_id)
+    }
+
+    /// The merchant a request acts for: a scoped key's own, or the one a platform key names.
+    /// Naming another merchant is a 404, as for any resource of theirs.
+    pub fn acting_for(&self, named: Option<&str>) -> ApiResult<String> {
+        match (&self.merchant, named) {
+            (Some(own), None) => Ok(own.clone()),
+            (Some(own), Some(n)) if n == own => Ok(n.to_owned()),
+            (Some(_), Some(_)) => Err(ApiError::not_found("merchant")),
+            (None, Some(n)) => Ok(n.to_owned()),
+            (None, None) => Err(ApiError::bad_request(
+                "merchant_id is required for a platform key",
+            )),
+        }
+    }
+
+    /// [`Caller::acting_for`], and the merchant must exist.
+    pub async fn acting_for_existing(
+        &self,
+        state: &AppState,
+        named: Option<&MerchantId>,
+    ) -> ApiResult<String> {
+        let m = self.acting_for(named.map(MerchantId::as_str))?;
+        if state.store.merchant(&m).await?.is_none() {
+            return Err(ApiError::not_found("merchant"));
+        }
+        Ok(m)
+    }
+}
+
+fn bearer(req: &HttpRequest) -> Option<String> {
+    if let Some(h) = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+    {
+        return h.strip_prefix("Bearer ").map(|s| s.trim().to_owned());
+    }
+    // Browsers cannot set headers on a WebSocket: `?token=` is accepted too.
+    web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+        .ok()
+        .and_then(|q| q.get("token").cloned())
+}
+
+impl FromRequest for Caller {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let key = bearer(req);
+        let state = req.app_data::<web::Data<AppState>>().cloned();
+        Box::pin(async move {
+            let (Some(key), Some(state)) = (key, state) else {
+                return Err(ApiError::unauthorized());
+            };
+            let row = state.store.api_key_by_hash(&sha256_hex(&key)).await?;
+            let row = row.ok_or_else(ApiError::unauthorized)?;
+            let role: Role = row.role.parse().map_err(|_| ApiError::unauthorized())?;
+            Ok(Caller {
+                key_id: row.id,
+                role,
+                merchant: row.merchant_id,
+            })
+        })
+    }
+}
+
+/// A fresh random token, or a 500 when the system has no randomness to give.
+pub fn random_token(len: usize) -> ApiResult<String> {
+    token(len).map_err(|_| ApiError::internal("the system has no randomness"))
+}
+
+/// Creates a key; shared by the API and first start. Answers `(id, key)`.
+pub async fn issue_key(
+    state: &AppState,
+    merchant: Option<&str>,
+    role: Role,
+) -> ApiResult<(String, String)> {
+    let id = format!("k_{}", random_token(12)?);
+    let key = format!("chk_{}_{}", &id[2..], random_token(40)?);
+    state
+        .store
+        .create_api_key(&id, &sha256_hex(&key), merchant, role.as_str(), state.now())
+        .await?;
+    Ok((id, key))
+}

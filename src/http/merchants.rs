@@ -1,0 +1,215 @@
+//! Merchants, API keys, the caller's own identity and merchants' payment settings.
+
+use actix_web::{web, HttpResponse};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use cabinet_actors::ids::MerchantId;
+
+use super::auth::{issue_key, Caller, Role};
+use super::state::AppState;
+use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::store::{MerchantRow, StoreError};
+use crate::views::rfc3339;
+
+/// `POST /api/v1/merchants`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewMerchant {
+    /// Id.
+    #[schema(value_type = String)]
+    id: MerchantId,
+    /// Name.
+    name: String,
+    /// Platform commission in basis points, at most 3000 (30%).
+    #[serde(default)]
+    commission_bps: i64,
+}
+
+/// A merchant.
+#[derive(Serialize, ToSchema)]
+pub struct MerchantView {
+    /// Id.
+    id: String,
+    /// Name.
+    name: String,
+    /// Platform commission in basis points.
+    commission_bps: i64,
+    /// RFC 3339.
+    created_at: Option<String>,
+}
+
+/// Creates a merchant.
+#[utoipa::path(post, path = "/api/v1/merchants", tag = "merchants", request_body = NewMerchant,
+    security(("bearer" = [])), responses((status = 201, body = MerchantView),
+    (status = 400, body = super::ErrorBody), (status = 409, body = super::ErrorBody, description = "merchant_exists")))]
+pub async fn create_merchant(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: web::Json<NewMerchant>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Admin)?;
+    let b = body.into_inner();
+    if !(0..=3000).contains(&b.commission_bps) {
+        return Err(ApiError::bad_request(
+            "commission_bps must be between 0 and 3000 (30%)",
+        ));
+    }
+    if b.name.trim().is_empty() || b.name.len() > 200 {
+        return Err(ApiError::bad_request("name must be 1 to 200 characters"));
+    }
+    let row = MerchantRow {
+        id: b.id.to_string(),
+        name: b.name,
+        commission_bps: b.commission_bps,
+        created_at: state.now(),
+    };
+    match state.store.create_merchant(&row).await {
+        Ok(()) => Ok(HttpResponse::Created().json(MerchantView {
+            created_at: rfc3339(row.created_at),
+            id: row.id,
+            name: row.name,
+            commission_bps: row.commission_bps,
+        })),
+        Err(StoreError::Conflict) => Err(ApiError::new(
+            ErrorCode::MerchantExists,
+            format!("merchant {} exists", row.id),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `POST /api/v1/api-keys`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    /// Required for every role but `admin`.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    merchant_id: Option<MerchantId>,
+    /// `admin`, `merchant_admin`, `operator`, `restocker` or `viewer`.
+    role: String,
+}
+
+/// A key just created: the only time the key itself is shown.
+#[derive(Serialize, ToSchema)]
+pub struct IssuedKey {
+    /// Public id.
+    id: String,
+    /// The key (`chk_…`); store it, it is not shown again.
+    key: String,
+    /// Role.
+    role: Role,
+    /// Scope.
+    merchant_id: Option<String>,
+}
+
+/// Creates an API key, no stronger than the caller's own.
+#[utoipa::path(post, path = "/api/v1/api-keys", tag = "merchants", request_body = NewKey,
+    security(("bearer" = [])), responses((status = 201, body = IssuedKey), (status = 400, body = super::ErrorBody),
+    (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
+pub async fn create_key(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: web::Json<NewKey>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::MerchantAdmin)?;
+    let b = body.into_inner();
+    let role: Role = b.role.parse().map_err(|_| {
+        ApiError::bad_request(
+            "role must be one of admin, merchant_admin, operator, restocker, viewer",
+        )
+    })?;
+    if role > caller.role {
+        return Err(ApiError::forbidden());
+    }
+    let merchant = match (role, b.merchant_id) {
+        (Role::Admin, None) => None,
+        (Role::Admin, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "merchant_id: an admin key is platform-wide",
+            ))
+        }
+        (_, None) => {
+            return Err(ApiError::bad_request(
+                "merchant_id is required for this role",
+            ))
+        }
+        (_, Some(m)) => Some(caller.acting_for_existing(&state, Some(&m)).await?),
+    };
+    let (id, key) = issue_key(&state, merchant.as_deref(), role).await?;
+    Ok(HttpResponse::Created().json(IssuedKey {
+        id,
+        key,
+        role,
+        merchant_id: merchant,
+    }))
+}
+
+/// The caller's key.
+#[derive(Serialize, ToSchema)]
+pub struct Me {
+    /// Key id.
+    key_id: String,
+    /// Role.
+    role: Role,
+    /// Scope; absent for a platform key.
+    merchant_id: Option<String>,
+}
+
+/// Who the key belongs to.
+#[utoipa::path(get, path = "/api/v1/me", tag = "merchants", security(("bearer" = [])),
+    responses((status = 200, body = Me), (status = 401, body = super::ErrorBody)))]
+pub async fn whoami(caller: Caller) -> ApiResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(Me {
+        key_id: caller.key_id,
+        role: caller.role,
+        merchant_id: caller.merchant,
+    }))
+}
+
+/// `PUT /api/v1/merchants/{id}/payment`.
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentSettings {
+    /// The merchant.
+    #[serde(default, skip_deserializing)]
+    merchant_id: String,
+    /// The pay-after-use risk ceiling (`risk_fund.amount`), fen: 100 to 1,000,000.
+    risk_ceiling_fen: i64,
+    /// The merchant's WeChat second-level merchant number.
+    #[serde(default)]
+    wechat_sub_mchid: Option<String>,
+}
+
+/// Sets a merchant's payment settings.
+#[utoipa::path(put, path = "/api/v1/merchants/{id}/payment", tag = "merchants", request_body = PaymentSettings,
+    params(("id" = String, Path, description = "merchant id")), security(("bearer" = [])),
+    responses((status = 200, body = PaymentSettings), (status = 400, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
+pub async fn merchant_payment(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<PaymentSettings>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Admin)?;
+    if state.store.merchant(&path).await?.is_none() {
+        return Err(ApiError::not_found("merchant"));
+    }
+    if !(100..=1_000_000).contains(&body.risk_ceiling_fen) {
+        return Err(ApiError::bad_request(
+            "risk_ceiling_fen must be 100 to 1000000",
+        ));
+    }
+    state
+        .store
+        .set_merchant_payment(
+            &path,
+            body.risk_ceiling_fen,
+            body.wechat_sub_mchid.as_deref(),
+        )
+        .await?;
+    let mut b = body.into_inner();
+    b.merchant_id = path.into_inner();
+    Ok(HttpResponse::Ok().json(b))
+}

@@ -1,0 +1,223 @@
+//! The HTTP API (API.md): one file per resource, the route table here. Every endpoint enforces
+//! role and merchant scope; another merchant's resource is a 404. The OpenAPI document is
+//! generated from the handlers' annotations and the reply structs, and a test holds it to the
+//! route table.
+
+pub mod alerts;
+pub mod auth;
+pub mod cabinets;
+pub mod catalog;
+mod error;
+pub mod feed;
+pub mod health;
+pub mod merchants;
+pub mod notifications;
+pub mod page;
+pub mod sessions;
+#[cfg(feature = "simulators")]
+pub mod simulators;
+pub mod state;
+
+use std::sync::OnceLock;
+
+use actix_web::{web, HttpResponse, ResponseError};
+use utoipa::OpenApi;
+
+pub use error::{ErrorBody, ErrorDetail};
+pub use state::AppState;
+
+use crate::error::ApiError;
+
+/// Declares the route table once: `ROUTES` lists it (for the contract test) and `mount`
+/// registers exactly it, so a route cannot be served without being listed.
+macro_rules! routes {
+    ($( $method:ident $path:literal => $handler:path ),* $(,)?) => {
+        /// Every route the hub serves besides the simulators': (method, path).
+        pub const ROUTES: &[(&str, &str)] = &[ $( (stringify!($method), $path) ),* ];
+
+        pub(crate) fn mount(cfg: &mut web::ServiceConfig) {
+            $( cfg.route($path, web::$method().to($handler)); )*
+        }
+    };
+}
+pub(crate) use routes;
+
+routes! {
+    get "/healthz" => health::healthz,
+    get "/readyz" => health::readyz,
+    get "/metrics" => health::metrics,
+    get "/api/openapi.json" => openapi_json,
+    get "/ws" => feed::ws,
+    get "/" => page::index,
+    get "/ui/app.js" => page::app_js,
+    get "/ui/app.css" => page::app_css,
+    get "/api/v1/me" => merchants::whoami,
+    post "/api/v1/merchants" => merchants::create_merchant,
+    put "/api/v1/merchants/{id}/payment" => merchants::merchant_payment,
+    post "/api/v1/api-keys" => merchants::create_key,
+    post "/api/v1/cabinets" => cabinets::register_cabinet,
+    get "/api/v1/cabinets" => cabinets::list_cabinets,
+    get "/api/v1/cabinets/{id}" => cabinets::get_cabinet,
+    post "/api/v1/cabinets/{id}/activate" => cabinets::activate_cabinet,
+    post "/api/v1/cabinets/{id}/certificate" => cabinets::issue_certificate,
+    patch "/api/v1/cabinets/{id}/config" => cabinets::patch_config,
+    get "/api/v1/cabinets/{id}/config" => cabinets::get_config,
+    post "/api/v1/cabinets/{id}/service" => cabinets::extend_service,
+    post "/api/v1/cabinets/{id}/commands" => cabinets::send_command,
+    get "/api/v1/alerts" => alerts::list_alerts,
+    post "/api/v1/alerts/{id}/ack" => alerts::ack_alert,
+    post "/api/v1/alerts/{id}/clear" => alerts::clear_alert,
+    get "/api/v1/products" => catalog::list_products,
+    put "/api/v1/products/{sku}" => catalog::put_product,
+    put "/api/v1/cabinets/{id}/prices" => catalog::put_prices,
+    get "/api/v1/cabinets/{id}/prices" => catalog::get_prices,
+    post "/api/v1/cabinets/{id}/quote" => catalog::quote,
+    post "/api/v1/promotions" => catalog::create_promotion,
+    get "/api/v1/promotions" => catalog::list_promotions,
+    post "/api/v1/promotions/{id}/end" => catalog::end_promotion,
+    post "/api/v1/sessions" => sessions::start_session,
+    get "/api/v1/sessions/{id}" => sessions::get_session,
+    get "/api/v1/orders" => sessions::list_orders,
+    get "/api/v1/orders/{id}" => sessions::get_order,
+    post "/api/v1/orders/{id}/resolve" => sessions::resolve_order,
+    post "/api/v1/orders/{id}/refund" => sessions::refund_order,
+    get "/api/v1/blacklist" => sessions::list_blacklist,
+    post "/api/v1/blacklist" => sessions::add_blacklist,
+    delete "/api/v1/blacklist/{user_id}" => sessions::remove_blacklist,
+    post "/api/v1/payments/wechat/notify" => notifications::wechat_notify,
+    post "/api/v1/payments/alipay/notify" => notifications::alipay_notify,
+}
+
+/// The generated contract.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "cabinet-hub", description = "The hub's HTTP and WebSocket API (API.md)."),
+    modifiers(&BearerAuth),
+    paths(
+        health::healthz, health::readyz, health::metrics, openapi_json, feed::ws,
+        page::index, page::app_js, page::app_css,
+        merchants::whoami, merchants::create_merchant, merchants::merchant_payment, merchants::create_key,
+        cabinets::register_cabinet, cabinets::list_cabinets, cabinets::get_cabinet,
+        cabinets::activate_cabinet, cabinets::issue_certificate, cabinets::patch_config,
+        cabinets::get_config, cabinets::extend_service, cabinets::send_command,
+        alerts::list_alerts, alerts::ack_alert, alerts::clear_alert,
+        catalog::list_products, catalog::put_product, catalog::put_prices, catalog::get_prices,
+        catalog::quote, catalog::create_promotion, catalog::list_promotions, catalog::end_promotion,
+        sessions::start_session, sessions::get_session, sessions::list_orders, sessions::get_order,
+        sessions::resolve_order, sessions::refund_order, sessions::list_blacklist,
+        sessions::add_blacklist, sessions::remove_blacklist,
+        notifications::wechat_notify, notifications::alipay_notify,
+    ),
+    components(schemas(ErrorBody, ErrorDetail, crate::error::ErrorCode))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The whole document: the API and, in builds with them, the simulators' control routes.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    #[allow(unused_mut)]
+    let mut doc = ApiDoc::openapi();
+    #[cfg(feature = "simulators")]
+    doc.merge(simulators::SimDoc::openapi());
+    doc
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "health",
+    responses((status = 200, description = "OpenAPI 3.1", content_type = "application/json")))]
+pub async fn openapi_json() -> HttpResponse {
+    static DOC: OnceLock<String> = OnceLock::new();
+    let body = DOC.get_or_init(|| openapi().to_json().unwrap_or_else(|_| "{}".into()));
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body.as_str())
+}
+
+/// Mounts every route.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(64 * 1024)
+            .error_handler(error::json_error),
+    )
+    .app_data(web::QueryConfig::default().error_handler(error::query_error))
+    .app_data(web::PathConfig::default().error_handler(error::path_error));
+    mount(cfg);
+    #[cfg(feature = "simulators")]
+    simulators::mount(cfg);
+    cfg.default_service(web::to(|| async {
+        ApiError::not_found("route").error_response()
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn documented(doc: &utoipa::openapi::OpenApi, method: &str, path: &str) -> bool {
+        let Ok(v) = serde_json::to_value(doc) else {
+            return false;
+        };
+        v["paths"][path][method].is_object()
+    }
+
+    #[test]
+    fn every_route_is_in_the_openapi_document() {
+        let doc = openapi();
+        #[allow(unused_mut)]
+        let mut routes: Vec<(&str, &str)> = ROUTES.to_vec();
+        #[cfg(feature = "simulators")]
+        routes.extend_from_slice(simulators::ROUTES);
+        let missing: Vec<_> = routes
+            .iter()
+            .filter(|(m, p)| !documented(&doc, m, p))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "routes missing from the OpenAPI document: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn the_document_describes_no_route_that_is_not_served() {
+        let doc = openapi();
+        #[allow(unused_mut)]
+        let mut routes: Vec<(&str, &str)> = ROUTES.to_vec();
+        #[cfg(feature = "simulators")]
+        routes.extend_from_slice(simulators::ROUTES);
+        for (path, item) in &doc.paths.paths {
+            let Ok(v) = serde_json::to_value(item) else {
+                panic!("path item {path} does not serialise");
+            };
+            for method in ["get", "post", "put", "patch", "delete"] {
+                if v[method].is_object() {
+                    assert!(
+                        routes.contains(&(method, path.as_str())),
+                        "{method} {path} is documented but not served"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_route_left_out_of_the_document_is_caught() {
+        // The check above must be able to fail: a document without one of the routes.
+        let mut doc = openapi();
+        doc.paths.paths.remove("/api/v1/orders");
+        assert!(!documented(&doc, "get", "/api/v1/orders"));
+        assert!(documented(&doc, "post", "/api/v1/sessions"));
+    }
+}

@@ -1,0 +1,313 @@
+//! Sessions, orders (resolve, refund) and the blacklist: the money path's endpoints. The work
+//! is the session supervisor's (`crate::sessions`); these handlers check who may ask.
+
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
+
+use cabinet_actors::pricing::BasketItem;
+use cabinet_actors::protocol::SessionMode;
+
+use super::auth::{Caller, Role};
+use super::state::AppState;
+use super::ErrorBody;
+use crate::error::{ApiError, ApiResult};
+use crate::sessions::{RefundAnswer, StartSession, StartTimings};
+use crate::store::{BlacklistRow, OrderFilter, OrderRow};
+use crate::views::{List, OrderView, SessionView};
+
+/// The `Idempotency-Key` header, when given.
+fn idempotency_key(req: &HttpRequest) -> ApiResult<Option<String>> {
+    match req.headers().get("Idempotency-Key").map(|v| v.to_str()) {
+        None => Ok(None),
+        Some(Ok(k)) if !k.is_empty() && k.len() <= 64 => Ok(Some(k.to_owned())),
+        Some(_) => Err(ApiError::bad_request(
+            "Idempotency-Key must be 1 to 64 visible characters",
+        )),
+    }
+}
+
+/// Starts a session: 201 once the cabinet acked the unlock. Answers `Server-Timing` with where
+/// the time went (checks, provider, confirm, unlock, record).
+#[utoipa::path(post, path = "/api/v1/sessions", tag = "sessions", request_body = StartSession,
+    params(("Idempotency-Key" = Option<String>, Header, description = "a repeat answers the first result")),
+    security(("bearer" = [])), responses((status = 201, body = SessionView),
+    (status = 400, body = ErrorBody), (status = 404, body = ErrorBody, description = "cabinet_not_found"),
+    (status = 409, body = ErrorBody, description = "cabinet_not_active, cabinet_busy, cabinet_faulted, unlock_rejected, request_in_progress"),
+    (status = 422, body = ErrorBody, description = "service_expired, user_blacklisted, payment_declined"),
+    (status = 503, body = ErrorBody, description = "cabinet_offline, unlock_timeout")))]
+pub async fn start_session(
+    state: web::Data<AppState>,
+    caller: Caller,
+    req: HttpRequest,
+    body: web::Json<StartSession>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Restocker)?;
+    let body = body.into_inner();
+    if body.mode == SessionMode::Purchase {
+        caller.require(Role::Operator)?;
+    }
+    let key = idempotency_key(&req)?;
+    let mut timings = StartTimings::default();
+    let answer = state
+        .sessions
+        .start(caller.merchant.as_deref(), body, key, &mut timings)
+        .await;
+    let mut response = match answer {
+        Ok(opened) => HttpResponse::Created()
+            .content_type("application/json")
+            .body(opened.get().to_owned()),
+        Err(e) => actix_web::ResponseError::error_response(&e),
+    };
+    // Refusals before anything was stored have no stages to tell.
+    if let Some(v) = (!timings.stages().is_empty())
+        .then(|| HeaderValue::from_str(&timings.server_timing()).ok())
+        .flatten()
+    {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("server-timing"), v);
+    }
+    Ok(response)
+}
+
+/// A session and its order.
+#[utoipa::path(get, path = "/api/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path)),
+    security(("bearer" = [])), responses((status = 200, body = SessionView), (status = 404, body = ErrorBody)))]
+pub async fn get_session(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Viewer)?;
+    match state.store.session(&path).await? {
+        Some(s) if caller.sees(&s.merchant_id) => {
+            Ok(HttpResponse::Ok().json(state.sessions.view(&s.id).await?))
+        }
+        _ => Err(ApiError::not_found("session")),
+    }
+}
+
+/// `GET /api/v1/orders` filters.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct OrderQuery {
+    /// Only this cabinet's.
+    cabinet_id: Option<String>,
+    /// Only orders in this status.
+    status: Option<String>,
+    /// Created at or after (RFC 3339).
+    from: Option<String>,
+    /// Created before (RFC 3339).
+    to: Option<String>,
+    /// At most this many, newest first (1 to 2000, default 200).
+    limit: Option<i64>,
+}
+
+/// RFC 3339 to Unix ms, naming the parameter when it does not parse.
+fn rfc3339_ms(name: &str, v: Option<&str>) -> ApiResult<Option<i64>> {
+    v.map(|t| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            .map(|d| (d.unix_timestamp_nanos() / 1_000_000) as i64)
+            .map_err(|_| ApiError::bad_request(format!("{name} must be an RFC 3339 time")))
+    })
+    .transpose()
+}
+
+/// Orders, newest first.
+#[utoipa::path(get, path = "/api/v1/orders", tag = "orders", params(OrderQuery),
+    security(("bearer" = [])), responses((status = 200, body = List<OrderView>), (status = 400, body = ErrorBody)))]
+pub async fn list_orders(
+    state: web::Data<AppState>,
+    caller: Caller,
+    q: web::Query<OrderQuery>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Viewer)?;
+    let q = q.into_inner();
+    let rows = state
+        .store
+        .orders(&OrderFilter {
+            merchant_id: caller.merchant.as_deref(),
+            cabinet_id: q.cabinet_id.as_deref(),
+            status: q.status.as_deref(),
+            from: rfc3339_ms("from", q.from.as_deref())?,
+            to: rfc3339_ms("to", q.to.as_deref())?,
+            limit: q.limit.unwrap_or(200).clamp(1, 2000),
+        })
+        .await?;
+    let items: Vec<_> = rows.iter().map(OrderView::from).collect();
+    Ok(HttpResponse::Ok().json(List::from(items)))
+}
+
+async fn visible_order(state: &AppState, caller: &Caller, id: &str) -> ApiResult<OrderRow> {
+    match state.store.order(id).await? {
+        Some(o) if caller.sees(&o.merchant_id) => Ok(o),
+        _ => Err(ApiError::not_found("order")),
+    }
+}
+
+/// An order with its refunds.
+#[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "orders", params(("id" = String, Path)),
+    security(("bearer" = [])), responses((status = 200, body = OrderView), (status = 404, body = ErrorBody)))]
+pub async fn get_order(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Viewer)?;
+    let o = visible_order(&state, &caller, &path).await?;
+    let mut v = OrderView::from(&o);
+    v.refunds = Some(state.store.refunds(&o.id).await?);
+    Ok(HttpResponse::Ok().json(v))
+}
+
+/// `POST /api/v1/orders/{id}/resolve`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveBody {
+    /// What the shopper took, as a person saw it; empty when nothing.
+    #[schema(value_type = Vec<Object>)]
+    items: Vec<BasketItem>,
+}
+
+/// Resolves an abnormal order (异常订单) with the items a person saw: priced and charged as
+/// usual (an empty list closes it at zero).
+#[utoipa::path(post, path = "/api/v1/orders/{id}/resolve", tag = "orders", params(("id" = String, Path)),
+    request_body = ResolveBody, security(("bearer" = [])), responses((status = 200, body = OrderView),
+    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "order_not_abnormal"),
+    (status = 422, body = ErrorBody, description = "unknown_product")))]
+pub async fn resolve_order(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<ResolveBody>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Operator)?;
+    let o = visible_order(&state, &caller, &path).await?;
+    let order = state.sessions.resolve(&o, body.into_inner().items).await?;
+    Ok(HttpResponse::Ok().json(order))
+}
+
+/// `POST /api/v1/orders/{id}/refund`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefundBody {
+    /// Positive, at most what is left to refund.
+    amount_fen: i64,
+    /// 1 to 80 characters (the appeal, 客户申诉).
+    reason: String,
+}
+
+/// Refunds part or all of a paid order.
+#[utoipa::path(post, path = "/api/v1/orders/{id}/refund", tag = "orders", params(("id" = String, Path),
+    ("Idempotency-Key" = Option<String>, Header, description = "a repeat retries the same refund")),
+    request_body = RefundBody, security(("bearer" = [])), responses((status = 200, body = RefundAnswer),
+    (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 422, body = ErrorBody, description = "refund_exceeds_paid")))]
+pub async fn refund_order(
+    state: web::Data<AppState>,
+    caller: Caller,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Json<RefundBody>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Operator)?;
+    let o = visible_order(&state, &caller, &path).await?;
+    let key = idempotency_key(&req)?;
+    let answer = state
+        .sessions
+        .refund(&o, body.amount_fen, &body.reason, key)
+        .await?;
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+/// Whose blacklist.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct BlacklistQuery {
+    /// Required for a platform key's changes; a platform key lists every merchant's without it.
+    merchant_id: Option<String>,
+}
+
+/// `POST /api/v1/blacklist`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BlacklistBody {
+    /// Shopper (openid), 1 to 64 characters.
+    user_id: String,
+    /// 1 to 200 characters.
+    reason: String,
+    /// Required for a platform key.
+    #[serde(default)]
+    merchant_id: Option<String>,
+}
+
+/// The blacklist (黑名单): shoppers refused a session.
+#[utoipa::path(get, path = "/api/v1/blacklist", tag = "blacklist", params(BlacklistQuery),
+    security(("bearer" = [])), responses((status = 200, body = List<BlacklistRow>)))]
+pub async fn list_blacklist(
+    state: web::Data<AppState>,
+    caller: Caller,
+    q: web::Query<BlacklistQuery>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Viewer)?;
+    let named = q.into_inner().merchant_id;
+    let m = match (&caller.merchant, named) {
+        (None, None) => None,
+        (_, n) => Some(caller.acting_for(n.as_deref())?),
+    };
+    let items = state.store.blacklist(m.as_deref()).await?;
+    Ok(HttpResponse::Ok().json(List::from(items)))
+}
+
+/// Adds a shopper to the blacklist by hand.
+#[utoipa::path(post, path = "/api/v1/blacklist", tag = "blacklist", request_body = BlacklistBody,
+    security(("bearer" = [])), responses((status = 201, body = BlacklistRow), (status = 400, body = ErrorBody)))]
+pub async fn add_blacklist(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: web::Json<BlacklistBody>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Operator)?;
+    let b = body.into_inner();
+    if b.user_id.is_empty()
+        || b.user_id.len() > 64
+        || b.reason.trim().is_empty()
+        || b.reason.chars().count() > 200
+    {
+        return Err(ApiError::bad_request(
+            "user_id (1-64) and reason (1-200) are required",
+        ));
+    }
+    let m = caller.acting_for(b.merchant_id.as_deref())?;
+    let row = BlacklistRow {
+        merchant_id: m,
+        user_id: b.user_id,
+        reason: b.reason.trim().to_owned(),
+        automatic: false,
+        created_at: state.now(),
+        created_by: caller.key_id.clone(),
+    };
+    state.store.blacklist_add(&row).await?;
+    Ok(HttpResponse::Created().json(row))
+}
+
+/// Takes a shopper off the blacklist.
+#[utoipa::path(delete, path = "/api/v1/blacklist/{user_id}", tag = "blacklist",
+    params(("user_id" = String, Path), BlacklistQuery), security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn remove_blacklist(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    q: web::Query<BlacklistQuery>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Operator)?;
+    let m = caller.acting_for(q.into_inner().merchant_id.as_deref())?;
+    if state.store.blacklist_remove(&m, &path, false).await? {
+        Ok(HttpResponse::NoContent().finish())
+    } else {
+        Err(ApiError::not_found("blacklist entry"))
+    }
+}

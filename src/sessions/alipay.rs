@@ -1,0 +1,155 @@
+//! The Alipay 芝麻先享 side of a session: the credit order the shopper confirms, the deduction
+//! against it, closing it without charge, refunds and collection. The provider order numbers
+//! are the session id (credit order and trade alike), so retries and recovery address the same
+//! orders.
+
+use std::time::Duration;
+
+use cabinet_actors::session::Event;
+
+use super::Sessions;
+use crate::error::ApiResult;
+use crate::payments::alipay::crypto::fen;
+use crate::payments::alipay::{request_no, AlipayError};
+use crate::store::{OrderRow, RefundRow, SessionRow, StoreError};
+
+impl Sessions {
+    /// Creates the credit order and waits for the shopper's confirmation (notice or query).
+    pub(super) async fn alipay_confirm(&self, s: &SessionRow) -> ApiResult<()> {
+        let Some(a) = self.providers.alipay.clone() else {
+            return Err(self
+                .fail(s, Event::NotConfirmed, "Alipay is not configured")
+                .await);
+        };
+        let ceiling = self.terms(&s.merchant_id).await?.ceiling_fen;
+        let mut rx = self.await_confirmation_of(&s.id);
+        let confirmed = match self.counted(
+            "alipay",
+            "create",
+            a.create(&s.id, &s.user_id, ceiling).await,
+        ) {
+            Err(e) => {
+                tracing::warn!(session_id = %s.id, error = %e, "credit order not created");
+                false
+            }
+            Ok(v) => {
+                if let Some(id) = v["credit_biz_order_id"].as_str() {
+                    if let Ok(Some(o)) = self.store.order_of_session(&s.id).await {
+                        let _ = self.store.set_provider_order(&o.id, id).await;
+                    }
+                }
+                let deadline = tokio::time::Instant::now()
+                    + Duration::from_millis(self.settings.payments.confirm_timeout_ms);
+                loop {
+                    tokio::select! {
+                        r = &mut rx => if r.is_ok() { break true },
+                        _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+                        _ = tokio::time::sleep_until(deadline) => break false,
+                    }
+                    if a.query(&s.id)
+                        .await
+                        .is_ok_and(|q| q["user_confirmed"] == true)
+                    {
+                        break true;
+                    }
+                }
+            }
+        };
+        self.after_confirmation(s, confirmed).await
+    }
+
+    async fn credit_order_id(&self, session_id: &str) -> Option<String> {
+        self.store
+            .order_of_session(session_id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|o| o.provider_order_no)
+            .filter(|p| p != session_id)
+    }
+
+    /// Closes the credit order without charge.
+    pub(super) async fn alipay_close(&self, s: &SessionRow, reason: &str) {
+        let (Some(a), Some(id)) = (
+            self.providers.alipay.clone(),
+            self.credit_order_id(&s.id).await,
+        ) else {
+            return;
+        };
+        if let Err(e) = self.counted("alipay", "close", a.close(&id, &request_no(), reason).await) {
+            tracing::info!(session_id = %s.id, error = %e, "credit order not closed");
+        }
+    }
+
+    /// Deducts the priced total. Paid at once, or pending payment when the deduction fails.
+    pub(super) async fn alipay_pay(
+        &self,
+        s: &SessionRow,
+        order_id: &str,
+        total_fen: i64,
+    ) -> Result<(), StoreError> {
+        let (Some(a), Some(id)) = (
+            self.providers.alipay.clone(),
+            self.credit_order_id(&s.id).await,
+        ) else {
+            return Ok(());
+        };
+        match self.counted("alipay", "pay", a.pay(&s.id, &id, total_fen).await) {
+            Ok(v) => {
+                let paid = v["total_amount"]
+                    .as_str()
+                    .and_then(fen)
+                    .unwrap_or(total_fen);
+                self.payment_outcome(order_id, Event::Paid, Some((paid, v["trade_no"].as_str())))
+                    .await
+            }
+            Err(AlipayError::Api { sub_code, .. }) if sub_code == "ACQ.PAYMENT_FAIL" => {
+                self.payment_outcome(order_id, Event::DeductionFailed, None)
+                    .await
+            }
+            Err(e) => {
+                tracing::error!(session_id = %s.id, error = %e, "Alipay deduction failed");
+                self.payment_outcome(order_id, Event::CompleteFailed, None)
+                    .await
+            }
+        }
+    }
+
+    /// Tries a failed deduction again (the same trade number: a success is never doubled);
+    /// answers whether the order is still owed.
+    pub(super) async fn alipay_collect(&self, o: &OrderRow) -> bool {
+        let Some(s) = self.store.session(&o.session_id).await.ok().flatten() else {
+            return false;
+        };
+        if let Err(e) = self.alipay_pay(&s, &o.id, o.total_fen.unwrap_or(0)).await {
+            tracing::error!(order_id = %o.id, error = %e, "collection not recorded");
+        }
+        self.store
+            .order(&o.id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|x| x.status == "pending_payment")
+    }
+
+    /// Refunds with the refund id as `out_request_no`.
+    pub(super) async fn alipay_refund(&self, o: &OrderRow, r: &RefundRow) {
+        let Some(a) = self.providers.alipay.clone() else {
+            return;
+        };
+        let result = a
+            .refund(&o.session_id, r.amount_fen, &r.id, &r.reason)
+            .await;
+        match self.counted("alipay", "refund", result) {
+            Ok(v) => {
+                let _ = self
+                    .store
+                    .finish_refund(&r.id, "succeeded", v["trade_no"].as_str(), self.now())
+                    .await;
+            }
+            Err(e) => {
+                tracing::error!(order_id = %o.id, refund_id = %r.id, error = %e, "Alipay refund not accepted")
+            }
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Charging: completing the provider's order with the priced amount, checking the deduction,
+//! collecting pending payments (催收), and picking up what a crash interrupted.
+
+use std::time::Duration;
+
+use cabinet_actors::pricing::PricedOrder;
+use cabinet_actors::session::{Channel, Effect, Event, OrderStatus, SessionState};
+
+use super::Sessions;
+use crate::backoff::{self, Backoff};
+use crate::payments::wechat::{PostDiscount, PostPayment, WechatClient, WechatError};
+use crate::store::{OrderFilter, OrderRow, OrderUpdate, SessionRow, StoreError};
+
+/// How often a retryable completion is tried before the order goes to a person.
+const COMPLETE_ATTEMPTS: u32 = 5;
+
+impl Sessions {
+    /// Applies a payment outcome to an order and carries out what follows (a paid shopper
+    /// comes off the automatic blacklist; a completed WeChat order is checked later).
+    pub(super) async fn payment_outcome(
+        &self,
+        order_id: &str,
+        event: Event,
+        paid: Option<(i64, Option<&str>)>,
+    ) -> Result<(), StoreError> {
+        let Some(o) = self.store.order(order_id).await? else {
+            return Ok(());
+        };
+        let Some(s) = self.store.session(&o.session_id).await? else {
+            return Ok(());
+        };
+        let step = match super::lifecycle(&s, &o)?.transition(&event) {
+            Ok(step) => step,
+            Err(refusal) => {
+                tracing::info!(order_id, %refusal, "payment outcome changes nothing");
+                return Ok(());
+            }
+        };
+        match (&event, paid) {
+            // Paid sets the amount and the trade number with the status, in one conditional
+            // write (the same states the machine allows).
+            (Event::Paid, Some((amount, txn))) => {
+                if !self
+                    .store
+                    .mark_order_paid(order_id, amount, txn, self.now())
+                    .await?
+                {
+                    return Ok(());
+                }
+                tracing::info!(order_id, paid = amount, "order paid");
+            }
+            _ => {
+                if self
+                    .apply(&s, &o, &event, OrderUpdate::default())
+                    .await?
+                    .is_none()
+                {
+                    return Ok(());
+                }
+            }
+        }
+        for effect in &step.effects {
+            match effect {
+                Effect::ReleaseShopper => self.paid(&o).await,
+                Effect::CheckDeductionLater => {
+                    let sub = self.sub_mchid(&o.merchant_id).await;
+                    self.schedule_deduction_check(o.clone(), sub);
+                }
+                Effect::SendUnlock
+                | Effect::CancelProviderOrder { .. }
+                | Effect::CompleteWithProvider { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a priced, stored order to the provider: complete (retried while retryable), then
+    /// check the deduction. Safe to repeat: the provider holds one order per session and
+    /// completing it again is refused, not charged twice.
+    pub(super) async fn finish_completion(
+        &self,
+        s: &SessionRow,
+        order_id: &str,
+        priced: &PricedOrder,
+    ) -> Result<(), StoreError> {
+        if s.channel == Channel::Alipay.as_str() {
+            return self.alipay_pay(s, order_id, priced.total_fen).await;
+        }
+        let Some(w) = self.providers.wechat.clone() else {
+            return Ok(());
+        };
+        let sub = self.terms(&s.merchant_id).await?.sub_mchid;
+        let pay: Vec<PostPayment> = priced
+            .lines
+            .iter()
+            .map(|l| PostPayment {
+                name: "商品信息".into(),
+                amount: l.amount_fen,
+                description: l.name.clone(),
+                count: l.qty,
+            })
+            .collect();
+        let disc: Vec<PostDiscount> = priced
+            .discounts
+            .iter()
+            .map(|d| PostDiscount {
+                name: d.name.clone(),
+                description: d.name.clone(),
+                amount: d.amount_fen,
+            })
+            .collect();
+        let mut wait = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        for attempt in 1..=COMPLETE_ATTEMPTS {
+            let r = w
+                .complete_order(&sub, &s.id, &pay, &disc, priced.total_fen)
+                .await;
+            match self.counted("wechat", "complete", r) {
+                Ok(()) => break,
+                Err(e) if e.retryable() && attempt < COMPLETE_ATTEMPTS => {
+                    tracing::warn!(session_id = %s.id, error = %e, attempt, "complete failed; retrying");
+                    tokio::time::sleep(wait.next_delay()).await;
+                }
+                Err(WechatError::Api { code, .. })
+                    if code == "INVALID_REQUEST" && already_completed(&w, &sub, &s.id).await =>
+                {
+                    // Completed before a crash: carry on with the deduction check.
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(session_id = %s.id, error = %e, "complete failed");
+                    return self
+                        .payment_outcome(order_id, Event::CompleteFailed, None)
+                        .await;
+                }
+            }
+        }
+        self.payment_outcome(order_id, Event::Completed, None).await
+    }
+
+    /// A deduction that fails sends no notification: check later, and mark the order pending
+    /// payment (待支付) when it is still owed. An order the notification already settled is not
+    /// asked about: at 100 sessions a second that is 100 provider calls a second saved.
+    fn schedule_deduction_check(&self, o: OrderRow, sub: String) {
+        let Some(w) = self.providers.wechat.clone() else {
+            return;
+        };
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let wait = Duration::from_millis(self.settings.payments.deduction_check_ms);
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            // A store error is no proof of payment: ask the provider then.
+            if let Ok(Some(now)) = me.store.order(&o.id).await {
+                if now.status != OrderStatus::Completing.as_str() {
+                    return;
+                }
+            }
+            let Ok(q) = me.counted("wechat", "query", w.query_order(&sub, &o.session_id).await)
+            else {
+                return;
+            };
+            let Some(c) = q.collection else { return };
+            let r = match c.state.as_str() {
+                "USER_PAID" => {
+                    let txn = c.details.first().map(|d| d.transaction_id.clone());
+                    me.payment_outcome(&o.id, Event::Paid, Some((c.paid_amount, txn.as_deref())))
+                        .await
+                }
+                "USER_PAYING" => {
+                    me.payment_outcome(&o.id, Event::DeductionFailed, None)
+                        .await
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = r {
+                tracing::error!(order_id = %o.id, error = %e, "deduction check not recorded");
+            }
+        });
+    }
+
+    /// Prompts the provider to collect pending payments (催收), with exponential backoff per
+    /// order. Run periodically.
+    pub async fn collect_due(&self) {
+        let now = self.now();
+        let due = match self.store.due_collections(now, 100).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "could not list pending payments");
+                return;
+            }
+        };
+        for o in due {
+            let still_owed = if o.channel == Channel::Alipay.as_str() {
+                self.alipay_collect(&o).await
+            } else {
+                self.wechat_collect(&o).await
+            };
+            if still_owed {
+                let attempts = o.collect_attempts + 1;
+                let next = self.now()
+                    + backoff::scheduled(
+                        self.settings.payments.collect_interval_ms as i64,
+                        attempts,
+                    );
+                if let Err(e) = self.store.schedule_collection(&o.id, attempts, next).await {
+                    tracing::error!(order_id = %o.id, error = %e, "collection not rescheduled");
+                }
+            }
+        }
+    }
+
+    /// One WeChat collection; answers whether the order is still owed.
+    async fn wechat_collect(&self, o: &OrderRow) -> bool {
+        let Some(w) = self.providers.wechat.clone() else {
+            return false;
+        };
+        let sub = self.sub_mchid(&o.merchant_id).await;
+        // The outcome is read back below: a collect that failed may still have been taken.
+        let _ = self.counted("wechat", "collect", w.collect(&sub, &o.session_id).await);
+        if let Ok(q) = w.query_order(&sub, &o.session_id).await {
+            if let Some(c) = q.collection.filter(|c| c.state == "USER_PAID") {
+                let txn = c.details.first().map(|d| d.transaction_id.clone());
+                if let Err(e) = self
+                    .payment_outcome(&o.id, Event::Paid, Some((c.paid_amount, txn.as_deref())))
+                    .await
+                {
+                    tracing::error!(order_id = %o.id, error = %e, "collected payment not recorded");
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Picks up what a crash interrupted. Sessions still waiting for the shopper's confirmation
+    /// fail (the cabinet never opened; the provider order is cancelled). Sessions that were
+    /// unlocking may have opened the door: they are treated as open, so the cabinet's
+    /// recognition still charges them. Orders that were being completed are completed again.
+    pub async fn resume(&self) {
+        for state in [SessionState::Confirming, SessionState::Unlocking] {
+            let Ok(sessions) = self.store.sessions_in_state(state.as_str()).await else {
+                continue;
+            };
+            for s in sessions {
+                if state == SessionState::Confirming {
+                    let _ = self
+                        .fail(&s, Event::HubRestarted, "the hub restarted")
+                        .await;
+                    continue;
+                }
+                let Ok(Some(o)) = self.store.order_of_session(&s.id).await else {
+                    continue;
+                };
+                if let Err(e) = self
+                    .apply(&s, &o, &Event::HubRestarted, Default::default())
+                    .await
+                {
+                    tracing::error!(session_id = %s.id, error = %e, "could not resume the session");
+                }
+                tracing::warn!(session_id = %s.id, "session was unlocking at a crash; awaiting the cabinet's recognition");
+            }
+        }
+        let completing = self
+            .store
+            .orders(&OrderFilter {
+                status: Some(OrderStatus::Completing.as_str()),
+                limit: 1000,
+                ..OrderFilter::default()
+            })
+            .await
+            .unwrap_or_default();
+        for o in completing {
+            let (Ok(Some(s)), Some(priced)) = (
+                self.store.session(&o.session_id).await,
+                o.priced
+                    .as_deref()
+                    .and_then(|p| serde_json::from_str::<PricedOrder>(p).ok()),
+            ) else {
+                continue;
+            };
+            tracing::info!(order_id = %o.id, "completing an order interrupted by a restart");
+            if let Err(e) = self.finish_completion(&s, &o.id, &priced).await {
+                tracing::error!(order_id = %o.id, error = %e, "could not resume the order");
+            }
+        }
+    }
+}
+
+async fn already_completed(w: &WechatClient, sub: &str, id: &str) -> bool {
+    match w.query_order(sub, id).await {
+        Ok(o) => o.state == "DONE" || o.state_description.as_deref() == Some("MCH_COMPLETE"),
+        Err(_) => false,
+    }
+}

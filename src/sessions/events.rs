@@ -1,0 +1,252 @@
+//! The cabinets' session events: recognitions and abnormal endings, applied in order for each
+//! cabinet, cabinets in lanes side by side.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use cabinet_actors::actor::CabinetMeta;
+use cabinet_actors::machine::SessionEvent;
+use cabinet_actors::pricing::{price_basket, BasketItem, PricingError};
+use cabinet_actors::protocol::RecognitionStatus;
+use cabinet_actors::session::{Basket, Effect, Event, RECOGNITION_FAILED};
+
+use super::Sessions;
+use crate::store::{OrderRow, OrderUpdate, SessionRow, StoreError};
+
+/// How many lanes apply session events side by side (see [`Sessions::apply_events`]).
+pub const EVENT_LANES: usize = 64;
+
+/// The lane of a cabinet's session events: the same cabinet, always the same lane.
+pub fn event_lane(cabinet_id: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same lane for the process's life, which is all it needs.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    cabinet_id.hash(&mut h);
+    (h.finish() % EVENT_LANES as u64) as usize
+}
+
+/// A basket with its JSON forms, as the order stores them.
+pub(super) struct PricedBasket {
+    pub basket: Basket,
+    pub items: String,
+    pub priced: Option<(cabinet_actors::pricing::PricedOrder, String)>,
+}
+
+impl Sessions {
+    /// Applies the cabinets' session events: in order for each cabinet, cabinets in
+    /// [`EVENT_LANES`] lanes side by side. Applying an event may wait on a payment provider
+    /// (complete, cancel, close); in one queue a provider answering in 200 ms would cap the node
+    /// at five events a second and hold every other cabinet's orders behind it.
+    pub async fn apply_events(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<(CabinetMeta, SessionEvent)>,
+    ) {
+        let mut lanes = Vec::with_capacity(EVENT_LANES);
+        for _ in 0..EVENT_LANES {
+            let (tx, mut lane) = mpsc::unbounded_channel::<(CabinetMeta, SessionEvent)>();
+            let me = self.clone();
+            tokio::spawn(async move {
+                while let Some((meta, ev)) = lane.recv().await {
+                    me.on_event(&meta, ev).await;
+                }
+            });
+            lanes.push(tx);
+        }
+        while let Some((meta, ev)) = rx.recv().await {
+            if let Some(tx) = lanes.get(event_lane(meta.id.as_str())) {
+                // A lane's task ends only with the runtime.
+                let _ = tx.send((meta, ev));
+            }
+        }
+    }
+
+    /// One cabinet's session event; a storage failure is counted and logged.
+    pub async fn on_event(&self, meta: &CabinetMeta, ev: SessionEvent) {
+        if let Err(e) = self.handle_event(meta, ev).await {
+            tracing::error!(cabinet_id = %meta.id, error = %e, "session event not applied");
+            self.metrics
+                .store_errors
+                .with_label_values(&["session_event"])
+                .inc();
+        }
+    }
+
+    async fn rows(
+        &self,
+        meta: &CabinetMeta,
+        session_id: &str,
+    ) -> Result<Option<(SessionRow, OrderRow)>, StoreError> {
+        let (s, o) = tokio::join!(
+            self.store.session(session_id),
+            self.store.order_of_session(session_id)
+        );
+        let (Some(s), Some(o)) = (s?, o?) else {
+            tracing::warn!(cabinet_id = %meta.id, session_id, "event for an unknown session");
+            return Ok(None);
+        };
+        if s.cabinet_id != meta.id.as_str() {
+            tracing::warn!(cabinet_id = %meta.id, session_id, "event from another cabinet ignored");
+            return Ok(None);
+        }
+        Ok(Some((s, o)))
+    }
+
+    async fn handle_event(&self, meta: &CabinetMeta, ev: SessionEvent) -> Result<(), StoreError> {
+        match ev {
+            SessionEvent::Recognized {
+                session_id,
+                recognition,
+                ..
+            } => {
+                let Some((s, o)) = self.rows(meta, &session_id).await? else {
+                    return Ok(());
+                };
+                if recognition.status == RecognitionStatus::Failed {
+                    return self.abnormal(&s, &o, RECOGNITION_FAILED).await;
+                }
+                if s.mode == "restock" {
+                    let stock = serde_json::to_string(&recognition.stock).unwrap_or_default();
+                    let event = Event::Recognized(Basket::Restocked);
+                    let set = OrderUpdate {
+                        items: Some(&stock),
+                        ..OrderUpdate::default()
+                    };
+                    self.apply(&s, &o, &event, set).await?;
+                    return Ok(());
+                }
+                let basket: Vec<BasketItem> = recognition
+                    .items
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|i| BasketItem {
+                        sku: i.sku,
+                        qty: i.qty,
+                    })
+                    .collect();
+                let priced = self.price(&s, &basket).await?;
+                self.settle(&s, &o, Event::Recognized(priced.basket), &priced)
+                    .await
+            }
+            SessionEvent::Abnormal {
+                session_id, reason, ..
+            } => {
+                let Some((s, o)) = self.rows(meta, &session_id).await? else {
+                    return Ok(());
+                };
+                let reason = serde_json::to_value(reason)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "abnormal".into());
+                self.abnormal(&s, &o, &reason).await
+            }
+        }
+    }
+
+    async fn abnormal(&self, s: &SessionRow, o: &OrderRow, reason: &str) -> Result<(), StoreError> {
+        if self
+            .apply(
+                s,
+                o,
+                &Event::Abnormal(reason.to_owned()),
+                OrderUpdate::default(),
+            )
+            .await?
+            .is_some()
+        {
+            tracing::warn!(order_id = %o.id, session_id = %s.id, reason, "order is abnormal: an operator resolves it");
+        }
+        Ok(())
+    }
+
+    /// Prices a basket now, as the session's order is priced.
+    pub(super) async fn price(
+        &self,
+        s: &SessionRow,
+        basket: &[BasketItem],
+    ) -> Result<PricedBasket, StoreError> {
+        let items = serde_json::to_string(basket).unwrap_or_default();
+        if basket.iter().all(|i| i.qty == 0) {
+            return Ok(PricedBasket {
+                basket: Basket::NothingTaken,
+                items,
+                priced: None,
+            });
+        }
+        let (list, promos) = tokio::join!(
+            self.store.prices(&s.cabinet_id, &s.merchant_id),
+            self.store.promotions_for(&s.merchant_id, &s.cabinet_id)
+        );
+        match price_basket(
+            basket,
+            &list?,
+            &promos?,
+            self.now(),
+            self.settings.pricing.utc_offset_min,
+        ) {
+            Ok(p) => {
+                let json = serde_json::to_string(&p).unwrap_or_default();
+                Ok(PricedBasket {
+                    basket: Basket::Priced {
+                        total_fen: p.total_fen,
+                    },
+                    items,
+                    priced: Some((p, json)),
+                })
+            }
+            Err(PricingError::UnknownSku(sku)) => {
+                tracing::warn!(session_id = %s.id, sku, "recognised product not on the sellable list");
+                Ok(PricedBasket {
+                    basket: Basket::UnknownProduct,
+                    items,
+                    priced: None,
+                })
+            }
+        }
+    }
+
+    /// A priced basket closes the order at zero (nothing taken: the provider order is
+    /// cancelled), hands it to the provider (stored as `completing` first: after a crash it is
+    /// completed again, and the provider's state, not a second charge, decides what that
+    /// means), or leaves it abnormal.
+    pub(super) async fn settle(
+        &self,
+        s: &SessionRow,
+        o: &OrderRow,
+        event: Event,
+        priced: &PricedBasket,
+    ) -> Result<(), StoreError> {
+        let set = match (&priced.basket, &priced.priced) {
+            (Basket::Priced { total_fen }, Some((_, json))) => OrderUpdate {
+                items: Some(&priced.items),
+                priced: Some(json),
+                total_fen: Some(*total_fen),
+                ..OrderUpdate::default()
+            },
+            (Basket::NothingTaken, _) => OrderUpdate {
+                items: Some(&priced.items),
+                ..OrderUpdate::default()
+            },
+            _ => OrderUpdate::default(),
+        };
+        let Some(step) = self.apply(s, o, &event, set).await? else {
+            return Ok(());
+        };
+        for effect in &step.effects {
+            match effect {
+                // The session ended above, before the provider is told: the next shopper at
+                // this cabinet must not meet `cabinet_busy` while a cancel call is in flight.
+                Effect::CancelProviderOrder { reason } => {
+                    self.cancel_provider_order(s, reason).await
+                }
+                Effect::CompleteWithProvider { .. } => {
+                    if let Some((p, _)) = &priced.priced {
+                        self.finish_completion(s, &o.id, p).await?;
+                    }
+                }
+                Effect::SendUnlock | Effect::CheckDeductionLater | Effect::ReleaseShopper => {}
+            }
+        }
+        Ok(())
+    }
+}

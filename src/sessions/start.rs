@@ -1,0 +1,663 @@
+//! Starting a session: the checks, the stored session and order, the provider's pay-after-use
+//! order, the shopper's confirmation (notification or query), the unlock, and the answer once
+//! the cabinet acked.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+
+use cabinet_actors::ids::CabinetId;
+use cabinet_actors::machine::{CommandOutcome, Refusal};
+use cabinet_actors::protocol::{CommandBody, SessionMode};
+use cabinet_actors::session::{Channel, Effect, Event, FailReason, Lifecycle};
+use cabinet_actors::CommandError;
+
+use super::provider::PaymentTerms;
+use super::{storage, Sessions};
+use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::payments::wechat::{CreateOrder, RiskFund, TimeRange, WechatClient};
+use crate::secrets::token;
+use crate::store::{OrderRow, OrderUpdate, SessionRow, StoreError};
+use crate::views::{OrderView, SessionView};
+
+/// Where the time of one session start went, stage by stage: answered as `Server-Timing` and
+/// observed in `session_start_stage_seconds`, so the provider's share (its round trip and the
+/// shopper's confirmation) is told apart from the hub's own.
+#[derive(Debug, Clone)]
+pub struct StartTimings {
+    stages: Vec<(&'static str, Duration)>,
+    mark: Instant,
+}
+
+impl Default for StartTimings {
+    fn default() -> Self {
+        Self {
+            stages: Vec::with_capacity(6),
+            mark: Instant::now(),
+        }
+    }
+}
+
+impl StartTimings {
+    /// Closes the stage that ran since the previous one ended.
+    fn lap(&mut self, stage: &'static str) {
+        let now = Instant::now();
+        self.stages.push((stage, now - self.mark));
+        self.mark = now;
+    }
+
+    /// The stages in order.
+    pub fn stages(&self) -> &[(&'static str, Duration)] {
+        &self.stages
+    }
+
+    /// The `Server-Timing` header value (W3C), durations in milliseconds.
+    pub fn server_timing(&self) -> String {
+        self.stages
+            .iter()
+            .map(|(name, d)| format!("{name};dur={:.3}", d.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// What `POST /api/v1/sessions` takes.
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartSession {
+    /// Cabinet.
+    pub cabinet_id: String,
+    /// Shopper (openid) or restocker, 1 to 64 characters.
+    pub user_id: String,
+    /// `wechat` or `alipay`; ignored for restock.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// `purchase` or `restock`.
+    #[schema(value_type = String)]
+    pub mode: SessionMode,
+}
+
+/// An answer stored under an `Idempotency-Key`: `{"status": 201, "body": …}` or the refusal's
+/// status and error body (the format earlier versions stored, so their answers replay too).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAnswer<'a> {
+    status: u16,
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+#[derive(serde::Deserialize)]
+struct StoredError {
+    error: StoredErrorDetail,
+}
+
+#[derive(serde::Deserialize)]
+struct StoredErrorDetail {
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+fn stored_answer(answer: &ApiResult<Box<RawValue>>) -> Option<String> {
+    let text = match answer {
+        Ok(v) => serde_json::to_string(&StoredAnswer {
+            status: 201,
+            body: v,
+        }),
+        Err(e) => serde_json::to_string(&serde_json::json!({
+            "status": e.status().as_u16(), "body": e.body()
+        })),
+    };
+    text.ok()
+}
+
+fn replay(stored: &str) -> ApiResult<Box<RawValue>> {
+    let answer: StoredAnswer<'_> = serde_json::from_str(stored).map_err(ApiError::internal)?;
+    if answer.status == 201 {
+        return Ok(answer.body.to_owned());
+    }
+    let e: StoredError = serde_json::from_str(answer.body.get()).map_err(ApiError::internal)?;
+    Err(ApiError::from_stored(&e.error.code, &e.error.message))
+}
+
+fn to_raw(view: &SessionView) -> ApiResult<Box<RawValue>> {
+    serde_json::value::to_raw_value(view).map_err(ApiError::internal)
+}
+
+fn cabinet_not_found() -> ApiError {
+    ApiError::new(ErrorCode::CabinetNotFound, "no such cabinet")
+}
+
+fn offline() -> ApiError {
+    ApiError::new(ErrorCode::CabinetOffline, "the cabinet is not connected")
+}
+
+/// The refusal a failed session answers with.
+fn failure_answer(reason: FailReason, detail: &str) -> ApiError {
+    let code = match reason {
+        FailReason::PaymentDeclined => ErrorCode::PaymentDeclined,
+        FailReason::CabinetOffline => ErrorCode::CabinetOffline,
+        FailReason::UnlockTimeout => ErrorCode::UnlockTimeout,
+        FailReason::UnlockRejected => ErrorCode::UnlockRejected,
+        FailReason::HubRestarted => ErrorCode::HubRestarted,
+    };
+    ApiError::new(code, detail)
+}
+
+impl Sessions {
+    /// Starts a session; answers the stored session view (as JSON text, so that a repeat under
+    /// the same `Idempotency-Key` answers byte for byte the same) or a refusal.
+    pub async fn start(
+        self: &Arc<Self>,
+        merchant_scope: Option<&str>,
+        req: StartSession,
+        idempotency_key: Option<String>,
+        timings: &mut StartTimings,
+    ) -> ApiResult<Box<RawValue>> {
+        let cid = CabinetId::parse(&req.cabinet_id).map_err(|_| cabinet_not_found())?;
+        let cabinet = match self.store.cabinet(cid.as_str()).await? {
+            Some(c) if merchant_scope.is_none_or(|m| m == c.merchant_id) => c,
+            _ => return Err(cabinet_not_found()),
+        };
+        if let Some(key) = &idempotency_key {
+            if let Some((s, response)) =
+                self.store.session_by_key(&cabinet.merchant_id, key).await?
+            {
+                return match response {
+                    Some(r) => replay(&r),
+                    None => Err(ApiError::new(
+                        ErrorCode::RequestInProgress,
+                        format!(
+                            "session {} for this Idempotency-Key is still starting",
+                            s.id
+                        ),
+                    )),
+                };
+            }
+        }
+        if req.user_id.is_empty() || req.user_id.len() > 64 {
+            return Err(ApiError::bad_request("user_id must be 1 to 64 characters"));
+        }
+        let channel = match (req.mode, req.channel.as_deref()) {
+            (SessionMode::Restock, _) => Channel::None,
+            (SessionMode::Purchase, Some("wechat")) => Channel::Wechat,
+            (SessionMode::Purchase, Some("alipay")) if self.providers.alipay.is_some() => {
+                Channel::Alipay
+            }
+            (SessionMode::Purchase, Some("alipay")) => {
+                return Err(ApiError::new(
+                    ErrorCode::PaymentDeclined,
+                    "the Alipay channel is not configured on this hub",
+                ))
+            }
+            (SessionMode::Purchase, _) => {
+                return Err(ApiError::bad_request(
+                    "channel must be \"wechat\" or \"alipay\" for a purchase",
+                ))
+            }
+        };
+        if !cabinet.active {
+            return Err(ApiError::new(
+                ErrorCode::CabinetNotActive,
+                "the cabinet is not activated",
+            ));
+        }
+        if cabinet.service_expires_at.is_some_and(|e| e <= self.now()) {
+            return Err(ApiError::new(
+                ErrorCode::ServiceExpired,
+                "the cabinet's service time has expired",
+            ));
+        }
+        let Some(handle) = self.registry.get(&cid) else {
+            return Err(offline());
+        };
+        // The cabinet's own check, the shopper's standing and the merchant's payment terms do
+        // not depend on one another: asked together, they cost one wait instead of three.
+        let purchase = req.mode == SessionMode::Purchase;
+        let (check, standing, terms) = tokio::join!(
+            handle.check_session(req.mode),
+            async {
+                if purchase {
+                    self.check_blacklist(&cabinet.merchant_id, &req.user_id)
+                        .await
+                } else {
+                    Ok(())
+                }
+            },
+            async {
+                if channel == Channel::Wechat {
+                    self.terms(&cabinet.merchant_id).await.map(Some)
+                } else {
+                    Ok(None)
+                }
+            },
+        );
+        match check {
+            Ok(None) => {}
+            Ok(Some(Refusal::CabinetOffline)) | Err(_) => return Err(offline()),
+            Ok(Some(Refusal::CabinetBusy)) => return Err(busy()),
+            Ok(Some(Refusal::CabinetFaulted)) => {
+                return Err(ApiError::new(
+                    ErrorCode::CabinetFaulted,
+                    "the cabinet is faulted or locked down",
+                ))
+            }
+        }
+        standing?;
+        let terms = terms?;
+
+        let now = self.now();
+        let id = format!(
+            "s{}",
+            token(20).map_err(|_| ApiError::internal("the system has no randomness"))?
+        );
+        let life = Lifecycle::start(req.mode, channel);
+        let session = SessionRow {
+            id: id.clone(),
+            cabinet_id: cid.to_string(),
+            merchant_id: cabinet.merchant_id.clone(),
+            user_id: req.user_id.clone(),
+            channel: channel.as_str().to_owned(),
+            mode: mode_str(req.mode).to_owned(),
+            state: life.session.as_str().to_owned(),
+            failure: None,
+            idempotency_key: idempotency_key.clone(),
+            created_at: now,
+            updated_at: now,
+            unlocked_at: None,
+        };
+        let order = OrderRow {
+            id: format!("o{}", &id[1..]),
+            session_id: id.clone(),
+            cabinet_id: cid.to_string(),
+            merchant_id: cabinet.merchant_id.clone(),
+            user_id: req.user_id.clone(),
+            channel: channel.as_str().to_owned(),
+            status: life.order.as_str().to_owned(),
+            abnormal_reason: None,
+            items: None,
+            priced: None,
+            total_fen: None,
+            paid_fen: 0,
+            refunded_fen: 0,
+            collect_attempts: 0,
+            provider_order_no: (channel != Channel::None).then(|| id.clone()),
+            transaction_id: None,
+            created_at: now,
+            updated_at: now,
+        };
+        match self.store.create_session(&session, &order).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict) => return Err(busy()),
+            Err(e) => return Err(e.into()),
+        }
+        timings.lap("checks");
+        let outcome = self
+            .run_start(&session, &order, terms.as_ref(), req.mode, timings)
+            .await;
+        let mode = mode_str(req.mode);
+        let mut answer_stored = false;
+        let answer = match outcome {
+            Ok((opened, stored)) => {
+                answer_stored = stored;
+                self.metrics
+                    .sessions
+                    .with_label_values(&[mode, "unlocked"])
+                    .inc();
+                self.metrics
+                    .session_unlock
+                    .observe((self.now() - now).max(0) as f64 / 1000.0);
+                Ok(opened)
+            }
+            Err(e) => {
+                self.metrics
+                    .sessions
+                    .with_label_values(&[mode, e.code.as_str()])
+                    .inc();
+                Err(e)
+            }
+        };
+        // Kept only where a repeat can ask for it: under an Idempotency-Key. An opened session's
+        // answer was stored with its move to `open`.
+        if idempotency_key.is_some() && !answer_stored {
+            if let Some(stored) = stored_answer(&answer) {
+                if let Err(e) = self.store.set_session_response(&id, &stored).await {
+                    tracing::error!(session_id = %id, error = %e, "could not store the idempotent answer");
+                }
+            }
+        }
+        timings.lap("record");
+        for (stage, d) in timings.stages() {
+            self.metrics
+                .session_stages
+                .with_label_values(&[stage])
+                .observe(d.as_secs_f64());
+        }
+        answer
+    }
+
+    /// The session failed before its door opened: the machine's moves are stored (session
+    /// failed, order cancelled) and the provider order cancelled; answers the refusal.
+    pub(super) async fn fail(&self, s: &SessionRow, event: Event, detail: &str) -> ApiError {
+        let reason = match &event {
+            Event::UnlockFailed(r) => *r,
+            Event::HubRestarted => FailReason::HubRestarted,
+            _ => FailReason::PaymentDeclined,
+        };
+        // Read afresh: the row the start holds predates its own moves (confirmed → unlocking).
+        let (fresh, order) = tokio::join!(
+            self.store.session(&s.id),
+            self.store.order_of_session(&s.id)
+        );
+        let rows = match (fresh, order) {
+            (Ok(Some(s)), Ok(o)) => Ok(o.map(|o| (s, o))),
+            (Ok(None), _) => Ok(None),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        match rows {
+            Ok(Some((s, o))) => match self.apply(&s, &o, &event, OrderUpdate::default()).await {
+                Ok(Some(step)) => self.run_effects(&s, &step.effects).await,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(session_id = %s.id, error = %e, "could not record the failed session")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(session_id = %s.id, error = %e, "could not record the failed session")
+            }
+        }
+        failure_answer(reason, detail)
+    }
+
+    /// Carries out the effects of a step that are not the start's own (the unlock).
+    pub(super) async fn run_effects(&self, s: &SessionRow, effects: &[Effect]) {
+        for effect in effects {
+            match effect {
+                Effect::CancelProviderOrder { reason } => {
+                    self.cancel_provider_order(s, reason).await
+                }
+                // The start sends the unlock itself and waits for its outcome; the others are
+                // carried out where the money moves (`charge`, `exceptions`).
+                Effect::SendUnlock
+                | Effect::CompleteWithProvider { .. }
+                | Effect::CheckDeductionLater
+                | Effect::ReleaseShopper => {}
+            }
+        }
+    }
+
+    /// Ends the wait for the shopper: the session fails (and the provider order is cancelled)
+    /// or moves on to the unlock.
+    pub(super) async fn after_confirmation(
+        &self,
+        s: &SessionRow,
+        confirmed: bool,
+    ) -> ApiResult<()> {
+        self.confirmations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&s.id);
+        if !confirmed {
+            return Err(self
+                .fail(
+                    s,
+                    Event::NotConfirmed,
+                    "the shopper did not confirm pay-after-use",
+                )
+                .await);
+        }
+        let o = self
+            .store
+            .order_of_session(&s.id)
+            .await?
+            .ok_or_else(|| ApiError::internal("the session's order vanished"))?;
+        self.apply(s, &o, &Event::Confirmed, OrderUpdate::default())
+            .await
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    pub(super) async fn cancel_provider_order(&self, s: &SessionRow, reason: &str) {
+        if s.channel == Channel::Alipay.as_str() {
+            return self.alipay_close(s, reason).await;
+        }
+        let Some(w) = &self.providers.wechat else {
+            return;
+        };
+        let sub = self.sub_mchid(&s.merchant_id).await;
+        if let Err(e) = self.counted(
+            "wechat",
+            "cancel",
+            w.cancel_order(&sub, &s.id, reason).await,
+        ) {
+            // Not created, or already terminal: nothing to cancel. Logged for the operator.
+            tracing::info!(session_id = %s.id, error = %e, "provider order not cancelled");
+        }
+    }
+
+    /// Runs a stored session up to the open door. Answers the opened session's view and
+    /// whether the answer to an idempotent request was stored with it.
+    async fn run_start(
+        &self,
+        s: &SessionRow,
+        order: &OrderRow,
+        terms: Option<&PaymentTerms>,
+        mode: SessionMode,
+        timings: &mut StartTimings,
+    ) -> ApiResult<(Box<RawValue>, bool)> {
+        if s.channel == Channel::Alipay.as_str() {
+            self.alipay_confirm(s).await?;
+            timings.lap("provider");
+        }
+        if s.channel == Channel::Wechat.as_str() {
+            self.wechat_confirm(s, terms, timings).await?;
+        }
+        let cid = CabinetId::parse(&s.cabinet_id)
+            .map_err(|_| ApiError::internal("stored cabinet id invalid"))?;
+        let Some(handle) = self.registry.get(&cid) else {
+            return Err(self
+                .fail(
+                    s,
+                    Event::UnlockFailed(FailReason::CabinetOffline),
+                    "the cabinet is not connected",
+                )
+                .await);
+        };
+        let expires_at = self.clock.now_ms() + self.settings.cabinet.unlock_ack_timeout_ms;
+        let result = handle
+            .command(CommandBody::Unlock {
+                session_id: s.id.clone(),
+                mode,
+                expires_at,
+            })
+            .await;
+        timings.lap("unlock");
+        let (reason, detail) = match result {
+            Ok(r) => match r.outcome {
+                CommandOutcome::Ok => return self.open(s, order).await,
+                CommandOutcome::Timeout => (
+                    FailReason::UnlockTimeout,
+                    "the cabinet did not acknowledge the unlock".to_owned(),
+                ),
+                CommandOutcome::Rejected(e) => (
+                    FailReason::UnlockRejected,
+                    format!("the cabinet refused to unlock: {e}"),
+                ),
+                CommandOutcome::NotConnected => (
+                    FailReason::CabinetOffline,
+                    "the cabinet is not connected".to_owned(),
+                ),
+            },
+            Err(CommandError::Restarted | CommandError::Unreachable(_)) => (
+                FailReason::UnlockTimeout,
+                "the cabinet actor restarted during the unlock".to_owned(),
+            ),
+        };
+        Err(self.fail(s, Event::UnlockFailed(reason), &detail).await)
+    }
+
+    /// Creates the Pay Score order and waits for the shopper's confirmation.
+    async fn wechat_confirm(
+        &self,
+        s: &SessionRow,
+        terms: Option<&PaymentTerms>,
+        timings: &mut StartTimings,
+    ) -> ApiResult<()> {
+        let (Some(w), Some(terms)) = (self.providers.wechat.clone(), terms) else {
+            return Err(self
+                .fail(s, Event::NotConfirmed, "WeChat Pay is not configured")
+                .await);
+        };
+        let rx = self.await_confirmation_of(&s.id);
+        let start = time::OffsetDateTime::now_utc().to_offset(
+            time::UtcOffset::from_whole_seconds(self.settings.pricing.utc_offset_min * 60)
+                .unwrap_or(time::UtcOffset::UTC),
+        );
+        let fmt = time::macros::format_description!("[year][month][day][hour][minute][second]");
+        let create = CreateOrder {
+            out_order_no: s.id.clone(),
+            sub_mchid: terms.sub_mchid.clone(),
+            service_introduction: "智能柜购物".into(),
+            risk_fund: RiskFund {
+                name: "ESTIMATE_ORDER_COST".into(),
+                amount: terms.ceiling_fen,
+            },
+            time_range: TimeRange {
+                start_time: start.format(&fmt).unwrap_or_default(),
+                end_time: None,
+            },
+            openid: s.user_id.clone(),
+            attach: s.id.clone(),
+            device: Some(serde_json::json!({"start_device_id": s.cabinet_id})),
+        };
+        if let Err(e) = self.counted("wechat", "create", w.create_order(&create).await) {
+            self.confirmations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&s.id);
+            tracing::warn!(session_id = %s.id, error = %e, "pay-after-use order not created");
+            return Err(self
+                .fail(
+                    s,
+                    Event::NotConfirmed,
+                    "the payment provider refused the order",
+                )
+                .await);
+        }
+        timings.lap("provider");
+        let confirmed = self.wechat_confirmed(&w, &terms.sub_mchid, &s.id, rx).await;
+        timings.lap("confirm");
+        self.after_confirmation(s, confirmed).await?;
+        timings.lap("confirmed");
+        Ok(())
+    }
+
+    /// Registers a wait for the shopper's confirmation of `session_id`.
+    pub(super) fn await_confirmation_of(&self, session_id: &str) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.confirmations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session_id.to_owned(), tx);
+        rx
+    }
+
+    /// Stores the session as open. Under an Idempotency-Key the answer goes into the same
+    /// write, built from the row as the write will leave it; should the committed row differ,
+    /// the answer is left for `start` to store from the real one.
+    async fn open(&self, s: &SessionRow, order: &OrderRow) -> ApiResult<(Box<RawValue>, bool)> {
+        let now = self.now();
+        let expected = SessionRow {
+            state: cabinet_actors::session::SessionState::Open
+                .as_str()
+                .to_owned(),
+            updated_at: now,
+            unlocked_at: Some(now),
+            ..s.clone()
+        };
+        // Both rows as about to be committed: the order is untouched since it was stored.
+        let view = to_raw(&SessionView {
+            session: Some(expected.clone()),
+            order: Some(OrderView::from(order)),
+        })?;
+        let answer = s
+            .idempotency_key
+            .is_some()
+            .then(|| stored_answer(&Ok(view.clone())))
+            .flatten();
+        match self
+            .store
+            .open_session(&s.id, now, answer.as_deref())
+            .await?
+        {
+            Some(row) if row == expected => Ok((view, answer.is_some())),
+            Some(row) => Ok((
+                to_raw(&SessionView {
+                    session: Some(row),
+                    order: Some(OrderView::from(order)),
+                })?,
+                false,
+            )),
+            // Moved on meanwhile: answer with what is stored.
+            None => {
+                let row = self
+                    .store
+                    .session(&s.id)
+                    .await?
+                    .ok_or_else(|| ApiError::internal("the session vanished"))?;
+                Ok((
+                    to_raw(&SessionView {
+                        session: Some(row),
+                        order: Some(OrderView::from(order)),
+                    })?,
+                    false,
+                ))
+            }
+        }
+    }
+
+    /// Waits for USER_CONFIRM by notification, querying as a fallback.
+    async fn wechat_confirmed(
+        &self,
+        w: &WechatClient,
+        sub: &str,
+        id: &str,
+        mut rx: oneshot::Receiver<()>,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(self.settings.payments.confirm_timeout_ms);
+        loop {
+            let poll = tokio::time::sleep(Duration::from_millis(1000));
+            tokio::select! {
+                r = &mut rx => if r.is_ok() { return true },
+                _ = poll => {}
+                _ = tokio::time::sleep_until(deadline) => return false,
+            }
+            if let Ok(o) = w.query_order(sub, id).await {
+                if o.state == "DOING" {
+                    return true;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+}
+
+fn busy() -> ApiError {
+    ApiError::new(
+        ErrorCode::CabinetBusy,
+        "another session is open on this cabinet",
+    )
+}
+
+fn mode_str(m: SessionMode) -> &'static str {
+    match m {
+        SessionMode::Purchase => "purchase",
+        SessionMode::Restock => "restock",
+    }
+}

@@ -1,0 +1,110 @@
+//! The payment providers' simulators, served by the hub itself under `/sim/…` when
+//! `payments.simulator` is on: WeChat Pay Score and Alipay 芝麻先享 as their real services
+//! behave (signed answers, notifications with retries, scripted shoppers). They carry
+//! development keys, so a production build can leave them out (`--no-default-features`).
+
+pub mod alipay;
+mod journal;
+pub mod wechat;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::web;
+
+use crate::config::Settings;
+use crate::payments::alipay::{AlipayClient, AlipayConfig};
+use crate::payments::wechat::{WechatClient, WechatConfig};
+use crate::payments::Providers;
+
+const DEV_MERCHANT_KEY: &str = include_str!("../../config/dev-keys/wechat-merchant.key.pem");
+const DEV_MERCHANT_PUB: &str = include_str!("../../config/dev-keys/wechat-merchant.pub.pem");
+const DEV_PLATFORM_KEY: &str = include_str!("../../config/dev-keys/wechat-platform.key.pem");
+const DEV_PLATFORM_PUB: &str = include_str!("../../config/dev-keys/wechat-platform.pub.pem");
+/// The simulator's APIv3 key (development only).
+pub const DEV_API_V3_KEY: &str = "cabinethubsimulatorapiv3key00001";
+const DEV_ALIPAY_APP_KEY: &str = include_str!("../../config/dev-keys/alipay-app.key.pem");
+const DEV_ALIPAY_APP_PUB: &str = include_str!("../../config/dev-keys/alipay-app.pub.pem");
+const DEV_ALIPAY_KEY: &str = include_str!("../../config/dev-keys/alipay-platform.key.pem");
+const DEV_ALIPAY_PUB: &str = include_str!("../../config/dev-keys/alipay-platform.pub.pem");
+
+/// Both simulators of one hub.
+#[derive(Clone)]
+pub struct Simulators {
+    /// WeChat Pay Score.
+    pub wechat: wechat::WechatSim,
+    /// Alipay.
+    pub alipay: alipay::AlipaySim,
+}
+
+impl Simulators {
+    /// Starts both simulators, to be served by the hub at `http`, and the real clients
+    /// configured to talk to them there.
+    pub fn start(settings: &Settings, http: SocketAddr) -> anyhow::Result<(Providers, Self)> {
+        let p = &settings.payments;
+        let wechat = wechat::WechatSim::new(wechat::SimConfig {
+            mchid: "1900000001".into(),
+            merchant_serial: "DEV_MERCHANT_SERIAL".into(),
+            merchant_public_key_pem: DEV_MERCHANT_PUB.into(),
+            platform_serial: "PUB_KEY_ID_SIMULATOR".into(),
+            platform_key_pem: DEV_PLATFORM_KEY.into(),
+            api_v3_key: DEV_API_V3_KEY.into(),
+            retry_scale: p.simulator_retry_scale,
+            confirm_delay: Duration::from_millis(p.simulator_confirm_ms),
+            cancel_after_complete: false,
+            persist: Some(settings.data_dir.join("wechat-simulator.jsonl")),
+            finished_kept: Duration::from_secs(p.simulator_orders_kept_s),
+        })?;
+        // WeChat retries deductions on its own; a minute, scaled like the notification schedule.
+        wechat.start_deduction_retries(Duration::from_secs_f64(
+            (60.0 * p.simulator_retry_scale).max(0.05),
+        ));
+        let wechat_client = WechatClient::with_keys(
+            WechatConfig {
+                base_url: format!("http://{http}{}", wechat::PREFIX),
+                mchid: "1900000001".into(),
+                merchant_serial: "DEV_MERCHANT_SERIAL".into(),
+                merchant_key_path: String::new(),
+                platform_serial: "PUB_KEY_ID_SIMULATOR".into(),
+                platform_public_key_path: String::new(),
+                api_v3_key: DEV_API_V3_KEY.into(),
+                service_id: "500001".into(),
+                appid: "wxsimulator".into(),
+                notify_url: format!("http://{http}/api/v1/payments/wechat/notify"),
+            },
+            DEV_MERCHANT_KEY,
+            DEV_PLATFORM_PUB,
+        )
+        .map_err(|e| anyhow::anyhow!("simulator client: {e}"))?;
+
+        let alipay = alipay::AlipaySim::new(alipay::AlipaySimConfig {
+            app_id: "2021000000000001".into(),
+            app_public_key_pem: DEV_ALIPAY_APP_PUB.into(),
+            alipay_key_pem: DEV_ALIPAY_KEY.into(),
+            retry_scale: p.simulator_retry_scale,
+            confirm_delay: Duration::from_millis(p.simulator_confirm_ms),
+        })?;
+        let alipay_client = AlipayClient::new(
+            AlipayConfig {
+                gateway: format!("http://{http}{}/gateway.do", alipay::PREFIX),
+                app_id: "2021000000000001".into(),
+                notify_url: format!("http://{http}/api/v1/payments/alipay/notify"),
+            },
+            DEV_ALIPAY_APP_KEY,
+            DEV_ALIPAY_PUB,
+        )
+        .map_err(|e| anyhow::anyhow!("simulator client: {e}"))?;
+        let providers = Providers {
+            wechat: Some(Arc::new(wechat_client)),
+            alipay: Some(Arc::new(alipay_client)),
+        };
+        Ok((providers, Self { wechat, alipay }))
+    }
+
+    /// Mounts both simulators' provider-side endpoints.
+    pub fn configure(&self, cfg: &mut web::ServiceConfig) {
+        wechat::configure(cfg, self.wechat.clone());
+        alipay::configure(cfg, self.alipay.clone());
+    }
+}

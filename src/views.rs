@@ -1,0 +1,394 @@
+//! The JSON views of the API and the operator feed: typed, so that the OpenAPI document is
+//! generated from the same structs that are sent. A leaf: views read rows and actor
+//! snapshots and depend on nothing above them.
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use utoipa::ToSchema;
+
+use cabinet_actors::alert::{ActiveAlert, Severity};
+use cabinet_actors::machine::CabinetSnapshot;
+
+use crate::store::{AlertRow, CabinetRow, OrderRow, PromotionRow};
+
+/// Unix ms as RFC 3339 (UTC), as every time in a response.
+pub fn rfc3339(ms: i64) -> Option<String> {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()?;
+    t.format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
+/// An active alert as a cabinet's live state carries it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActiveAlertView {
+    /// Alert id.
+    pub id: String,
+    /// Alert type (PROTOCOL.md).
+    #[serde(rename = "type")]
+    #[schema(value_type = String)]
+    pub kind: cabinet_actors::alert::AlertType,
+    /// `critical`, `warning` or `info`.
+    #[schema(value_type = String)]
+    pub severity: Severity,
+    /// RFC 3339.
+    pub raised_at: Option<String>,
+    /// An operator acknowledged it.
+    pub acked: bool,
+    /// Context.
+    pub detail: Option<String>,
+}
+
+impl From<&ActiveAlert> for ActiveAlertView {
+    fn from(a: &ActiveAlert) -> Self {
+        Self {
+            id: a.id.clone(),
+            kind: a.kind,
+            severity: a.kind.severity(),
+            raised_at: rfc3339(a.raised_at as i64),
+            acked: a.acked,
+            detail: a.detail.clone(),
+        }
+    }
+}
+
+/// Desired and reported configuration versions.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConfigVersions {
+    /// The version the hub wants the cabinet on.
+    pub desired: Option<u64>,
+    /// The version the cabinet last reported.
+    pub reported: Option<u64>,
+}
+
+/// A cabinet's live state, as the API and the feed's `cabinet` events show it (the same shape
+/// in both, so a screen merges a delta into its snapshot row field by field).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CabinetLive {
+    /// Cabinet id.
+    #[schema(value_type = String)]
+    pub id: cabinet_actors::ids::CabinetId,
+    /// Owner.
+    pub merchant_id: String,
+    /// Connected and heard from recently.
+    pub online: bool,
+    /// `open` or `closed`.
+    #[schema(value_type = Option<String>)]
+    pub door: Option<cabinet_actors::protocol::Door>,
+    /// `locked` or `unlocked`.
+    #[schema(value_type = Option<String>)]
+    pub lock: Option<cabinet_actors::protocol::Lock>,
+    /// Camera health.
+    #[schema(value_type = Vec<Object>)]
+    pub cameras: Vec<cabinet_actors::protocol::CameraStatus>,
+    /// Temperature.
+    pub temp_c: Option<f64>,
+    /// Light strip.
+    #[schema(value_type = Option<String>)]
+    pub light: Option<cabinet_actors::protocol::Light>,
+    /// Firmware.
+    pub fw: Option<String>,
+    /// The model the cabinet reports.
+    pub reported_model: Option<String>,
+    /// The cabinet's current boot.
+    pub boot_id: Option<String>,
+    /// Configuration versions.
+    pub config_version: ConfigVersions,
+    /// A fault (camera, lock) stops sessions.
+    pub faulted: bool,
+    /// Locked down by an operator or the foreign-object rule.
+    pub locked_down: bool,
+    /// Active alerts.
+    pub alerts: Vec<ActiveAlertView>,
+    /// The open session, if any.
+    #[schema(value_type = Option<Object>)]
+    pub session: Option<cabinet_actors::machine::OpenSession>,
+    /// RFC 3339.
+    pub last_seen_at: Option<String>,
+}
+
+impl CabinetLive {
+    /// The live view of a snapshot, for `merchant_id`'s screens.
+    pub fn new(s: &CabinetSnapshot, merchant_id: &str) -> Self {
+        Self {
+            id: s.id.clone(),
+            merchant_id: merchant_id.to_owned(),
+            online: s.online,
+            door: s.door,
+            lock: s.lock,
+            cameras: s.cameras.clone(),
+            temp_c: s.temp_c,
+            light: s.light,
+            fw: s.fw.clone(),
+            reported_model: s.model.clone(),
+            boot_id: s.boot_id.clone(),
+            config_version: ConfigVersions {
+                desired: s.config_version_desired,
+                reported: s.config_version_reported,
+            },
+            faulted: s.faulted,
+            locked_down: s.locked_down,
+            alerts: s.alerts.iter().map(ActiveAlertView::from).collect(),
+            session: s.session.clone(),
+            last_seen_at: s.last_seen_ms.and_then(|m| rfc3339(m as i64)),
+        }
+    }
+}
+
+/// A cabinet as the API shows it: its registration and its live state.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CabinetView {
+    /// Live state (offline and empty when no actor runs for it).
+    #[serde(flatten)]
+    pub live: CabinetLive,
+    /// The registered model.
+    pub model: String,
+    /// Placement (点位).
+    pub point: String,
+    /// `registered` or `active`.
+    pub status: &'static str,
+    /// RFC 3339.
+    pub registered_at: Option<String>,
+    /// RFC 3339.
+    pub activated_at: Option<String>,
+    /// RFC 3339.
+    pub service_expires_at: Option<String>,
+    /// Whether an actor runs for it on this node.
+    pub actor: bool,
+    /// The MQTT secret: only in the answer to the registration, never again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+impl CabinetView {
+    /// The view of a registered cabinet, with its live state when it has an actor. `None` when
+    /// the stored id is not a valid cabinet id (a hand-edited row).
+    pub fn new(row: &CabinetRow, live: Option<&CabinetSnapshot>) -> Option<Self> {
+        let offline;
+        let snapshot = match live {
+            Some(s) => s,
+            None => {
+                offline =
+                    CabinetSnapshot::offline(cabinet_actors::ids::CabinetId::parse(&row.id).ok()?);
+                &offline
+            }
+        };
+        Some(Self {
+            live: CabinetLive::new(snapshot, &row.merchant_id),
+            model: row.model.clone(),
+            point: row.point.clone(),
+            status: if row.active { "active" } else { "registered" },
+            registered_at: rfc3339(row.created_at),
+            activated_at: row.activated_at.and_then(rfc3339),
+            service_expires_at: row.service_expires_at.and_then(rfc3339),
+            actor: live.is_some(),
+            secret: None,
+        })
+    }
+}
+
+/// A stored alert, active or ended.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AlertView {
+    /// Id.
+    pub id: String,
+    /// Cabinet.
+    pub cabinet_id: String,
+    /// Merchant.
+    pub merchant_id: String,
+    /// Alert type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Severity.
+    pub severity: String,
+    /// Context.
+    pub detail: Option<String>,
+    /// RFC 3339.
+    pub raised_at: Option<String>,
+    /// RFC 3339.
+    pub acked_at: Option<String>,
+    /// Key id.
+    pub acked_by: Option<String>,
+    /// RFC 3339.
+    pub cleared_at: Option<String>,
+    /// `condition` or a key id.
+    pub cleared_by: Option<String>,
+    /// Not cleared yet.
+    pub active: bool,
+}
+
+impl From<&AlertRow> for AlertView {
+    fn from(a: &AlertRow) -> Self {
+        Self {
+            id: a.id.clone(),
+            cabinet_id: a.cabinet_id.clone(),
+            merchant_id: a.merchant_id.clone(),
+            kind: a.kind.clone(),
+            severity: a.severity.clone(),
+            detail: a.detail.clone(),
+            raised_at: rfc3339(a.raised_at),
+            acked_at: a.acked_at.and_then(rfc3339),
+            acked_by: a.acked_by.clone(),
+            cleared_at: a.cleared_at.and_then(rfc3339),
+            cleared_by: a.cleared_by.clone(),
+            active: a.cleared_at.is_none(),
+        }
+    }
+}
+
+/// An alert's change as the feed's `alert` events show it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AlertEvent<'a> {
+    /// Cabinet.
+    #[schema(value_type = String)]
+    pub cabinet_id: &'a cabinet_actors::ids::CabinetId,
+    /// Merchant.
+    #[schema(value_type = String)]
+    pub merchant_id: &'a cabinet_actors::ids::MerchantId,
+    /// `raised`, `acked` or `cleared`.
+    pub state: &'static str,
+    /// The alert.
+    pub alert: ActiveAlertView,
+    /// Its severity.
+    #[schema(value_type = String)]
+    pub severity: Severity,
+}
+
+/// A JSON column (items, priced order) sent as stored, without parsing it into a tree.
+fn json_column(s: &Option<String>) -> Option<Box<RawValue>> {
+    s.as_deref()
+        .and_then(|t| RawValue::from_string(t.to_owned()).ok())
+}
+
+/// An order as the API and the feed's `order` events show it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderView {
+    /// Id.
+    pub id: String,
+    /// Its session.
+    pub session_id: String,
+    /// Cabinet.
+    pub cabinet_id: String,
+    /// Merchant.
+    pub merchant_id: String,
+    /// Shopper.
+    pub user_id: String,
+    /// `wechat`, `alipay` or `none`.
+    pub channel: String,
+    /// `open`, `completing`, `pending_payment`, `paid`, `closed`, `abnormal`, `cancelled`.
+    pub status: String,
+    /// Why abnormal.
+    pub abnormal_reason: Option<String>,
+    /// Recognised items.
+    #[schema(value_type = Option<Object>)]
+    pub items: Option<Box<RawValue>>,
+    /// The priced order: lines, discounts, total.
+    #[schema(value_type = Option<Object>)]
+    pub priced: Option<Box<RawValue>>,
+    /// Final amount, fen.
+    pub total_fen: Option<i64>,
+    /// Paid, fen.
+    pub paid_fen: i64,
+    /// Refunded, fen.
+    pub refunded_fen: i64,
+    /// The provider's trade number.
+    pub transaction_id: Option<String>,
+    /// RFC 3339.
+    pub created_at: Option<String>,
+    /// RFC 3339.
+    pub updated_at: Option<String>,
+    /// `GET /api/v1/orders/{id}` only: its refunds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refunds: Option<Vec<crate::store::RefundRow>>,
+}
+
+impl From<&OrderRow> for OrderView {
+    fn from(o: &OrderRow) -> Self {
+        Self {
+            id: o.id.clone(),
+            session_id: o.session_id.clone(),
+            cabinet_id: o.cabinet_id.clone(),
+            merchant_id: o.merchant_id.clone(),
+            user_id: o.user_id.clone(),
+            channel: o.channel.clone(),
+            status: o.status.clone(),
+            abnormal_reason: o.abnormal_reason.clone(),
+            items: json_column(&o.items),
+            priced: json_column(&o.priced),
+            total_fen: o.total_fen,
+            paid_fen: o.paid_fen,
+            refunded_fen: o.refunded_fen,
+            transaction_id: o.transaction_id.clone(),
+            created_at: rfc3339(o.created_at),
+            updated_at: rfc3339(o.updated_at),
+            refunds: None,
+        }
+    }
+}
+
+/// A session and its order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionView {
+    /// The session (times in Unix ms).
+    pub session: Option<crate::store::SessionRow>,
+    /// Its order.
+    pub order: Option<OrderView>,
+}
+
+/// A promotion.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PromotionView {
+    /// Id.
+    pub id: String,
+    /// Merchant.
+    pub merchant_id: String,
+    /// Name (shown on the provider's bill).
+    pub name: String,
+    /// When it applies.
+    #[schema(value_type = Object)]
+    pub window: cabinet_actors::pricing::Window,
+    /// What it takes off.
+    #[schema(value_type = Object)]
+    pub offer: cabinet_actors::pricing::Offer,
+    /// Only these cabinets; all the merchant's when absent.
+    pub cabinet_ids: Option<Vec<String>>,
+    /// RFC 3339.
+    pub created_at: Option<String>,
+    /// RFC 3339.
+    pub ended_at: Option<String>,
+    /// Not ended.
+    pub active: bool,
+}
+
+impl From<&PromotionRow> for PromotionView {
+    fn from(p: &PromotionRow) -> Self {
+        Self {
+            id: p.id.clone(),
+            merchant_id: p.merchant_id.clone(),
+            name: p.name.clone(),
+            window: p.rule.window.clone(),
+            offer: p.rule.offer.clone(),
+            cabinet_ids: p.cabinet_ids.clone(),
+            created_at: rfc3339(p.created_at),
+            ended_at: p.ended_at.and_then(rfc3339),
+            active: p.ended_at.is_none(),
+        }
+    }
+}
+
+/// A list answer: the items and how many.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct List<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// How many.
+    pub count: usize,
+}
+
+impl<T> From<Vec<T>> for List<T> {
+    fn from(items: Vec<T>) -> Self {
+        Self {
+            count: items.len(),
+            items,
+        }
+    }
+}
