@@ -380,15 +380,21 @@ impl WechatSim {
 
     /// Sends a notification about an order, retrying on WeChat's schedule until answered.
     fn notify(&self, order_key: &str, event_type: &'static str) {
-        let (url, resource) = {
-            let st = self.lock();
-            let Some(o) = st.orders.get(order_key) else {
-                return;
-            };
-            let mut resource = serde_json::to_value(&o.order).unwrap_or(Value::Null);
-            resource["sub_mchid"] = json!(o.sub_mchid);
-            (o.notify_url.clone(), resource)
-        };
+        if let Some(notice) = self.notice_of(order_key) {
+            self.send_notice(notice, event_type);
+        }
+    }
+
+    /// Where a notification about the order goes, and its resource as the order stands now.
+    fn notice_of(&self, order_key: &str) -> Option<(String, Value)> {
+        let st = self.lock();
+        let o = st.orders.get(order_key)?;
+        let mut resource = serde_json::to_value(&o.order).unwrap_or(Value::Null);
+        resource["sub_mchid"] = json!(o.sub_mchid);
+        Some((o.notify_url.clone(), resource))
+    }
+
+    fn send_notice(&self, (url, resource): (String, Value), event_type: &'static str) {
         let sim = self.clone();
         let id = self.next_id("EV-");
         tokio::spawn(async move {
@@ -532,8 +538,13 @@ impl WechatSim {
             true
         };
         if paid {
+            // Taken before the save: saving may forget a finished order (`finished_kept`), and
+            // the shopper's payment must still be notified. The journal line still comes first.
+            let notice = self.notice_of(order_key);
             self.save();
-            self.notify(order_key, "PAYSCORE.USER_PAID");
+            if let Some(notice) = notice {
+                self.send_notice(notice, "PAYSCORE.USER_PAID");
+            }
         }
     }
 
