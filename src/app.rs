@@ -197,6 +197,8 @@ impl Application {
         }
 
         let (providers, simulators) = payment_providers(&settings, probe_addr(http))?;
+        #[cfg(not(feature = "simulators"))]
+        let () = simulators;
         let sessions = Sessions::new(
             store.clone(),
             registry.clone(),

@@ -188,6 +188,13 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<ring::error::Unspecified> for ApiError {
+    /// The only failure of `secrets::token`: the system has no randomness to give.
+    fn from(_: ring::error::Unspecified) -> Self {
+        Self::internal("the system has no randomness")
+    }
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         Self::internal(format!("{e:#}"))

@@ -10,13 +10,13 @@ use cabinet_actors::machine::CabinetSnapshot;
 use cabinet_actors::protocol::{CabinetConfig, CommandBody, LightSchedule, SessionMode};
 use cabinet_actors::CommandError;
 
-use super::auth::{random_token, Caller, Role};
+use super::auth::{Caller, Role};
 use super::state::AppState;
 use super::ErrorBody;
 use crate::config::valid_hhmm;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::mqtt::auth::DirectoryEntry;
-use crate::secrets::sha256_hex;
+use crate::secrets::{sha256_hex, token};
 use crate::store::{CabinetRow, StoreError};
 use crate::views::{rfc3339, CabinetView};
 
@@ -91,7 +91,7 @@ pub async fn register_cabinet(
             "model (≤64) or point (≤200) too long",
         ));
     }
-    let secret = random_token(32)?;
+    let secret = token(32)?;
     let row = CabinetRow {
         id: b.id.to_string(),
         merchant_id: b.merchant_id.to_string(),
@@ -512,7 +512,7 @@ pub async fn send_command(
                         "session_id must be 1 to 64 characters",
                     ))
                 }
-                None => format!("r_{}", random_token(20)?),
+                None => format!("r_{}", token(20)?),
             };
             let expires_at = (state.now() as u64) + state.settings.cabinet.unlock_ack_timeout_ms;
             CommandBody::Unlock {

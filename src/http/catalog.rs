@@ -9,11 +9,12 @@ use utoipa::{IntoParams, ToSchema};
 use cabinet_actors::ids::MerchantId;
 use cabinet_actors::pricing::{price_basket, BasketItem, Offer, PriceRule, PricingError, Window};
 
-use super::auth::{random_token, Caller, Role};
+use super::auth::{Caller, Role};
 use super::cabinets::visible_cabinet;
 use super::state::AppState;
 use super::ErrorBody;
 use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::secrets::token;
 use crate::store::{PromotionRow, PromotionRule, StoreError};
 use crate::views::{List, PromotionView};
 
@@ -333,7 +334,7 @@ pub async fn create_promotion(
             }
         }
     }
-    let id = format!("p_{}", random_token(16)?);
+    let id = format!("p_{}", token(16)?);
     let row = PromotionRow {
         id,
         merchant_id: merchant,

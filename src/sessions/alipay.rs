@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use cabinet_actors::session::Event;
 
+use super::provider::PaymentTerms;
 use super::Sessions;
 use crate::error::ApiResult;
 use crate::payments::alipay::crypto::fen;
@@ -15,13 +16,17 @@ use crate::store::{OrderRow, RefundRow, SessionRow, StoreError};
 
 impl Sessions {
     /// Creates the credit order and waits for the shopper's confirmation (notice or query).
-    pub(super) async fn alipay_confirm(&self, s: &SessionRow) -> ApiResult<()> {
-        let Some(a) = self.providers.alipay.clone() else {
+    pub(super) async fn alipay_confirm(
+        &self,
+        s: &SessionRow,
+        terms: Option<&PaymentTerms>,
+    ) -> ApiResult<()> {
+        let (Some(a), Some(terms)) = (self.providers.alipay.clone(), terms) else {
             return Err(self
                 .fail(s, Event::NotConfirmed, "Alipay is not configured")
                 .await);
         };
-        let ceiling = self.terms(&s.merchant_id).await?.ceiling_fen;
+        let ceiling = terms.ceiling_fen;
         let mut rx = self.await_confirmation_of(&s.id);
         let confirmed = match self.counted(
             "alipay",

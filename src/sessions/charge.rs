@@ -23,13 +23,24 @@ impl Sessions {
         event: Event,
         paid: Option<(i64, Option<&str>)>,
     ) -> Result<(), StoreError> {
-        let Some(o) = self.store.order(order_id).await? else {
-            return Ok(());
-        };
+        match self.store.order(order_id).await? {
+            Some(o) => self.apply_payment(&o, event, paid).await,
+            None => Ok(()),
+        }
+    }
+
+    /// [`Sessions::payment_outcome`] for an order just read.
+    pub(super) async fn apply_payment(
+        &self,
+        o: &OrderRow,
+        event: Event,
+        paid: Option<(i64, Option<&str>)>,
+    ) -> Result<(), StoreError> {
+        let order_id = o.id.as_str();
         let Some(s) = self.store.session(&o.session_id).await? else {
             return Ok(());
         };
-        let step = match super::lifecycle(&s, &o)?.transition(&event) {
+        let step = match super::lifecycle(&s, o)?.transition(&event) {
             Ok(step) => step,
             Err(refusal) => {
                 tracing::info!(order_id, %refusal, "payment outcome changes nothing");
@@ -51,7 +62,7 @@ impl Sessions {
             }
             _ => {
                 if self
-                    .apply(&s, &o, &event, OrderUpdate::default())
+                    .apply(&s, o, &event, OrderUpdate::default())
                     .await?
                     .is_none()
                 {
@@ -61,7 +72,7 @@ impl Sessions {
         }
         for effect in &step.effects {
             match effect {
-                Effect::ReleaseShopper => self.paid(&o).await,
+                Effect::ReleaseShopper => self.paid(o).await,
                 Effect::CheckDeductionLater => {
                     let sub = self.sub_mchid(&o.merchant_id).await;
                     self.schedule_deduction_check(o.clone(), sub);

@@ -4,7 +4,7 @@
 use cabinet_actors::pricing::BasketItem;
 use cabinet_actors::session::{Channel, Event, Refusal};
 
-use super::{lifecycle, storage, Sessions};
+use super::{lifecycle, Sessions};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::secrets::token;
 use crate::store::{BlacklistRow, OrderRow, RefundRow};
@@ -107,7 +107,7 @@ impl Sessions {
             }
             Err(r @ Refusal::NotApplicable { .. }) => return Err(ApiError::internal(r)),
         }
-        self.settle(&s, o, event, &priced).await.map_err(storage)?;
+        self.settle(&s, o, event, &priced).await?;
         let o = self
             .store
             .order(&o.id)
@@ -133,10 +133,7 @@ impl Sessions {
         }
         let now = self.now();
         let row = RefundRow {
-            id: format!(
-                "r{}",
-                token(20).map_err(|_| ApiError::internal("the system has no randomness"))?
-            ),
+            id: format!("r{}", token(20)?),
             order_id: o.id.clone(),
             idempotency_key: key,
             amount_fen,

@@ -32,7 +32,7 @@ use cabinet_actors::registry::Registry;
 use cabinet_actors::session::{Channel, Event, Lifecycle, OrderStatus, SessionState, Step};
 
 use crate::config::Settings;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::metrics::Metrics;
 use crate::payments::Providers;
 use crate::store::{OrderRow, OrderUpdate, SessionRow, Store, StoreError};
@@ -129,21 +129,25 @@ impl Sessions {
         };
         let now = self.now();
         let failure = step.failure.map(|f| f.as_str());
+        let order_to = step.order.map(|m| m.to);
+        // A cancelled or closed order owes nothing.
+        let owes_nothing = matches!(order_to, Some(OrderStatus::Cancelled | OrderStatus::Closed));
         let order_set = OrderUpdate {
             reason: step
                 .abnormal_reason
                 .as_deref()
                 .or(failure)
                 .or(order_set.reason),
-            total_fen: order_set.total_fen.or(step.failure.map(|_| 0)).or((step
-                .order
-                .map(|m| m.to)
-                == Some(OrderStatus::Closed))
-            .then_some(0)),
+            total_fen: order_set.total_fen.or(owes_nothing.then_some(0)),
             ..order_set
         };
-        // A failing session is recorded first: the cabinet is free as soon as it is.
-        if let (Some(m), Some(_)) = (step.session, step.failure) {
+        // A failing session is recorded before its order: the cabinet is free as soon as it is.
+        // Otherwise the order moves first and the session follows.
+        let (session_first, session_last) = match step.failure {
+            Some(_) => (step.session, None),
+            None => (None, step.session),
+        };
+        if let Some(m) = session_first {
             self.store
                 .transition_session(&s.id, m.from.as_str(), m.to.as_str(), failure, now)
                 .await?;
@@ -161,7 +165,7 @@ impl Sessions {
                     .inc();
             }
         }
-        if let (Some(m), None) = (step.session, step.failure) {
+        if let Some(m) = session_last {
             let moved = self
                 .store
                 .transition_session(&s.id, m.from.as_str(), m.to.as_str(), None, now)
@@ -196,9 +200,4 @@ fn lifecycle(s: &SessionRow, o: &OrderRow) -> Result<Lifecycle, StoreError> {
             .parse::<OrderStatus>()
             .map_err(|_| corrupt("order status", &o.status))?,
     })
-}
-
-/// A storage failure on the way to an answer.
-fn storage(e: StoreError) -> ApiError {
-    ApiError::from(e)
 }

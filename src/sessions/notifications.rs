@@ -85,7 +85,7 @@ impl Sessions {
                 return Err(NotificationRefusal::Storage);
             }
         };
-        self.payment_outcome(&o.id, Event::Paid, Some((paid, txn)))
+        self.apply_payment(&o, Event::Paid, Some((paid, txn)))
             .await
             .map_err(|e| {
                 tracing::error!(order_id = %o.id, error = %e, "notified payment not applied");

@@ -15,7 +15,7 @@ use cabinet_actors::session::{Channel, Effect, Event, FailReason, Lifecycle};
 use cabinet_actors::CommandError;
 
 use super::provider::PaymentTerms;
-use super::{storage, Sessions};
+use super::Sessions;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::payments::wechat::{CreateOrder, RiskFund, TimeRange, WechatClient};
 use crate::secrets::token;
@@ -227,7 +227,7 @@ impl Sessions {
                 }
             },
             async {
-                if channel == Channel::Wechat {
+                if channel != Channel::None {
                     self.terms(&cabinet.merchant_id).await.map(Some)
                 } else {
                     Ok(None)
@@ -249,10 +249,7 @@ impl Sessions {
         let terms = terms?;
 
         let now = self.now();
-        let id = format!(
-            "s{}",
-            token(20).map_err(|_| ApiError::internal("the system has no randomness"))?
-        );
+        let id = format!("s{}", token(20)?);
         let life = Lifecycle::start(req.mode, channel);
         let session = SessionRow {
             id: id.clone(),
@@ -415,8 +412,7 @@ impl Sessions {
             .await?
             .ok_or_else(|| ApiError::internal("the session's order vanished"))?;
         self.apply(s, &o, &Event::Confirmed, OrderUpdate::default())
-            .await
-            .map_err(storage)?;
+            .await?;
         Ok(())
     }
 
@@ -449,7 +445,7 @@ impl Sessions {
         timings: &mut StartTimings,
     ) -> ApiResult<(Box<RawValue>, bool)> {
         if s.channel == Channel::Alipay.as_str() {
-            self.alipay_confirm(s).await?;
+            self.alipay_confirm(s, terms).await?;
             timings.lap("provider");
         }
         if s.channel == Channel::Wechat.as_str() {

@@ -357,7 +357,9 @@ async fn alipay_nothing_taken_and_failed_deduction(b: Backend) {
 async fn nothing_taken_frees_the_cabinet_before_the_provider_answers(b: Backend) {
     for (channel, first, next) in [("wechat", "w1", "w2"), ("alipay", "a1", "a2")] {
         let (hub, op, mut c) = shop(b).await;
-        script_shopper(&hub, first, json!({"cancel_delay_ms": 5_000})).await;
+        // The cancel takes far longer than the unlock may: on a busy machine the gap still tells
+        // a cabinet freed at once from one freed after the provider's answer.
+        script_shopper(&hub, first, json!({"cancel_delay_ms": CANCEL_DELAY_MS})).await;
         let session = if channel == "wechat" {
             visit(&hub, &op, &mut c, first, json!([])).await
         } else {
@@ -365,20 +367,29 @@ async fn nothing_taken_frees_the_cabinet_before_the_provider_answers(b: Backend)
         };
         order_status(&hub, &op, &session, "closed").await;
         let pending = start_on(&hub, &op, next, None, channel);
-        let unlock = c.expect_command("unlock", 2 * SEC).await;
+        let unlock = c.expect_command("unlock", UNLOCK_WITHIN).await;
         c.ack(&unlock, true, None).await;
         let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s, 201, "{channel}: {v}");
         let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
         // The cabinet's events are applied in order: this visit's order follows the cancel.
         shop_visit(&mut c, &session, json!([])).await;
-        hub.eventually(8 * SEC, "the second visit closed", || async {
-            let (_, v) = hub.get(&format!("/api/v1/sessions/{session}"), &op).await;
-            (v["order"]["status"] == "closed").then_some(())
-        })
+        hub.eventually(
+            Duration::from_millis(CANCEL_DELAY_MS) + 10 * SEC,
+            "the second visit closed",
+            || async {
+                let (_, v) = hub.get(&format!("/api/v1/sessions/{session}"), &op).await;
+                (v["order"]["status"] == "closed").then_some(())
+            },
+        )
         .await;
     }
 }
+
+/// How long the scripted provider takes to answer a cancel in the two tests below, and how soon
+/// the unaffected unlock must come: the gap is what tells the two behaviours apart.
+const CANCEL_DELAY_MS: u64 = 12_000;
+const UNLOCK_WITHIN: Duration = Duration::from_secs(5);
 
 /// Session events wait on the provider (a cancel, a completion); a slow answer for one cabinet
 /// must not hold up another cabinet's order.
@@ -403,13 +414,13 @@ async fn a_slow_provider_holds_up_only_its_own_cabinet(b: Backend) {
     let mut c2 = Cabinet::connect(&hub, &id, &secret).await;
     c2.heartbeat("closed", "locked", true, 1).await;
     hub.wait_online(&op, &id).await;
-    script_shopper(&hub, "slow", json!({"cancel_delay_ms": 5_000})).await;
-    // KM1: nothing taken; its provider order's cancel now takes five seconds.
+    script_shopper(&hub, "slow", json!({"cancel_delay_ms": CANCEL_DELAY_MS})).await;
+    // KM1: nothing taken; its provider order's cancel now takes twelve seconds.
     let first = visit(&hub, &op, &mut c, "slow", json!([])).await;
     order_status(&hub, &op, &first, "closed").await;
-    // The other cabinet's shopper is charged meanwhile, well within those five seconds.
+    // The other cabinet's shopper is charged meanwhile, well within those twelve seconds.
     let pending = start_at(&hub, &op, &id, "u2", None, "wechat");
-    let unlock = c2.expect_command("unlock", 2 * SEC).await;
+    let unlock = c2.expect_command("unlock", UNLOCK_WITHIN).await;
     c2.ack(&unlock, true, None).await;
     let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(s, 201, "{v}");
