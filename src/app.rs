@@ -103,7 +103,11 @@ impl Application {
             format!("http.listen (HUB__HTTP__LISTEN) = {}: cannot listen there (port taken?); choose another address", settings.http.listen)
         })?;
         let http = http_listener.local_addr()?;
-        check_free(settings.mqtt.listen, "mqtt.listen")?;
+        if settings.mqtt.password_enabled {
+            check_free(settings.mqtt.listen, "mqtt.listen")?;
+        } else if settings.mqtt.tls_listen.is_none() {
+            anyhow::bail!("mqtt.password_enabled (HUB__MQTT__PASSWORD_ENABLED) is false and mqtt.tls_listen (HUB__MQTT__TLS_LISTEN) is unset: cabinets could not connect at all; set a certificate-mode address or turn password mode back on");
+        }
         if let Some(tls) = settings.mqtt.tls_listen {
             check_free(tls, "mqtt.tls_listen")?;
         }
@@ -133,10 +137,15 @@ impl Application {
             None => None,
         };
         let listeners = BrokerListeners {
-            plain: settings.mqtt.listen,
+            plain: settings
+                .mqtt
+                .password_enabled
+                .then_some(settings.mqtt.listen),
             tls,
             max_connections: settings.mqtt.max_connections,
             uplink_buffer_mib: settings.mqtt.uplink_buffer_mib,
+            max_topic_len: settings.mqtt.max_topic_len,
+            max_subscriptions: settings.mqtt.max_subscriptions,
         };
         let (publisher, link_rx) = start_broker(&listeners, directory.clone(), metrics.clone())?;
 
@@ -185,13 +194,15 @@ impl Application {
             alive: pump_alive.clone(),
         };
         tokio::spawn(pump.run(link_rx));
-        wait_listening(settings.mqtt.listen, "mqtt.listen").await?;
-        crate::mqtt::tune_listeners(
-            std::iter::once(settings.mqtt.listen)
-                .chain(settings.mqtt.tls_listen)
-                .map(|a| a.port())
-                .collect(),
-        );
+        let mqtt_listening: Vec<SocketAddr> = listeners
+            .plain
+            .into_iter()
+            .chain(settings.mqtt.tls_listen)
+            .collect();
+        if let Some(plain) = listeners.plain {
+            wait_listening(plain, "mqtt.listen").await?;
+        }
+        crate::mqtt::tune_listeners(mqtt_listening.iter().map(|a| a.port()).collect());
         if let Some(tls) = settings.mqtt.tls_listen {
             wait_listening(tls, "mqtt.tls_listen").await?;
         }
@@ -225,7 +236,13 @@ impl Application {
             #[cfg(feature = "simulators")]
             simulators: simulators.clone(),
             feed,
-            mqtt_probe: probe_addr(settings.mqtt.listen),
+            // Readiness probes the listener cabinets use: password mode, else certificate mode.
+            mqtt_probe: probe_addr(
+                mqtt_listening
+                    .first()
+                    .copied()
+                    .unwrap_or(settings.mqtt.listen),
+            ),
             settings: settings.clone(),
             store,
             registry,

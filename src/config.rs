@@ -63,6 +63,13 @@ pub struct HttpSettings {
 pub struct MqttSettings {
     /// `HUB__MQTT__LISTEN`: password mode.
     pub listen: SocketAddr,
+    /// `HUB__MQTT__PASSWORD_ENABLED`: the password-mode listener; off for certificate-only
+    /// deployments (then `tls_listen` is required).
+    pub password_enabled: bool,
+    /// `HUB__MQTT__MAX_TOPIC_LEN`: the longest topic or filter a cabinet may use, bytes.
+    pub max_topic_len: usize,
+    /// `HUB__MQTT__MAX_SUBSCRIPTIONS`: subscriptions one cabinet connection may hold.
+    pub max_subscriptions: usize,
     /// `HUB__MQTT__TLS_LISTEN`: certificate mode, off when unset.
     #[serde(default)]
     pub tls_listen: Option<SocketAddr>,

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub mqtt_out: IntCounterVec,
     pub mqtt_rejected: IntCounterVec,
     pub mqtt_auth_failures: IntCounterVec,
+    pub mqtt_refused: IntCounterVec,
     pub mqtt_duplicates: IntCounter,
     pub uplinks_processed: IntCounter,
     pub mqtt_link_unscheduled: IntCounter,
@@ -128,6 +129,16 @@ impl Metrics {
                     Opts::new(
                         "mqtt_auth_failures_total",
                         "MQTT connections refused, by reason",
+                    ),
+                    &["reason"],
+                )?,
+            ),
+            mqtt_refused: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "mqtt_refused_total",
+                        "Cabinet publishes and subscriptions the broker refused (outside the cabinet's namespace, retained, too long, too many), by reason",
                     ),
                     &["reason"],
                 )?,

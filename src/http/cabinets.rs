@@ -437,6 +437,11 @@ pub async fn issue_certificate(
             issued.not_after_ms,
         )
         .await?;
+    // The new certificate is the only valid one from now on: a lost or leaked earlier one
+    // cannot connect again.
+    state
+        .directory
+        .set_certificates(cid.clone(), &[&issued.serial]);
     Ok(HttpResponse::Created().json(IssuedCertificate {
         cabinet_id: cid,
         serial: issued.serial,
@@ -446,6 +451,28 @@ pub async fn issue_certificate(
         not_after: rfc3339(issued.not_after_ms),
         mqtt_tls_listen: state.settings.mqtt.tls_listen.map(|a| a.to_string()),
     }))
+}
+
+/// Revokes the cabinet's client certificate: it cannot connect again (a connection already
+/// open keeps running until it ends; lock the cabinet down to stop it at once).
+#[utoipa::path(delete, path = "/api/v1/cabinets/{id}/certificate", tag = "cabinets", params(("id" = String, Path)),
+    security(("bearer" = [])), responses((status = 204, description = "revoked"), (status = 404, body = ErrorBody, description = "no such cabinet, or no valid certificate")))]
+pub async fn revoke_certificate(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::MerchantAdmin)?;
+    let (cid, _) = visible_cabinet(&state, &caller, &path).await?;
+    let revoked = state
+        .store
+        .revoke_certificates(cid.as_str(), state.now())
+        .await?;
+    state.directory.set_certificates(cid, &[]);
+    if revoked == 0 {
+        return Err(ApiError::not_found("certificate"));
+    }
+    Ok(HttpResponse::NoContent().finish())
 }
 
 /// `POST /api/v1/cabinets/{id}/commands`.

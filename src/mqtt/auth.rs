@@ -23,6 +23,8 @@ pub enum AuthFailure {
     NotActive,
     /// Wrong secret.
     BadSecret,
+    /// A client certificate that was revoked (or re-issued) or was never issued by this hub.
+    RevokedCertificate,
 }
 
 impl AuthFailure {
@@ -48,6 +50,19 @@ pub struct DirectoryEntry {
 #[derive(Debug, Default)]
 pub struct Directory {
     map: RwLock<HashMap<CabinetId, DirectoryEntry>>,
+    /// Serials (normalised, see [`normal_serial`]) of each cabinet's valid client certificates.
+    certificates: RwLock<HashMap<CabinetId, Vec<String>>>,
+}
+
+/// A serial as lowercase hex without leading zero bytes: how the broker reads it off the
+/// certificate (DER drops them), whatever the issuer stored.
+fn normal_serial(hex: &str) -> String {
+    let hex = hex.to_ascii_lowercase();
+    let mut s = hex.as_str();
+    while s.len() > 2 && s.starts_with("00") {
+        s = &s[2..];
+    }
+    s.to_owned()
 }
 
 impl Directory {
@@ -68,9 +83,50 @@ impl Directory {
             .cloned()
     }
 
-    /// Loads every registered cabinet.
+    /// The cabinet's valid certificates from now on (empty: none; revocation takes effect
+    /// at the next connect).
+    pub fn set_certificates(&self, id: CabinetId, serials: &[&str]) {
+        let serials = serials.iter().map(|s| normal_serial(s)).collect();
+        self.certificates
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, serials);
+    }
+
+    /// Checks a certificate-mode connection: the certificate (its chain and validity already
+    /// verified by TLS) must be one the hub issued to an active cabinet and has not revoked.
+    pub fn check_certificate(&self, tenant: &str, serial: &str) -> Result<CabinetId, AuthFailure> {
+        let id = CabinetId::parse(tenant).map_err(|_| AuthFailure::BadClientId)?;
+        let entry = self.get(&id).ok_or(AuthFailure::UnknownCabinet)?;
+        let serial = normal_serial(serial);
+        let valid = self
+            .certificates
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .is_some_and(|s| s.contains(&serial));
+        if !valid {
+            return Err(AuthFailure::RevokedCertificate);
+        }
+        if !entry.active {
+            return Err(AuthFailure::NotActive);
+        }
+        Ok(id)
+    }
+
+    /// Loads every registered cabinet and its valid certificates.
     pub async fn load(store: &Store) -> anyhow::Result<Self> {
         let d = Self::default();
+        let mut certificates: HashMap<CabinetId, Vec<String>> = HashMap::new();
+        for (cabinet, serial) in store.valid_certificates().await? {
+            if let Ok(id) = CabinetId::parse(&cabinet) {
+                certificates
+                    .entry(id)
+                    .or_default()
+                    .push(normal_serial(&serial));
+            }
+        }
+        *d.certificates.write().unwrap_or_else(|p| p.into_inner()) = certificates;
         for c in store.cabinets(None).await? {
             let (Ok(id), Ok(merchant)) =
                 (CabinetId::parse(&c.id), MerchantId::parse(&c.merchant_id))

@@ -17,6 +17,8 @@ use rumqttd::{
 };
 use strum::IntoEnumIterator;
 
+use cabinet_actors::protocol::UplinkKind;
+
 use crate::metrics::Metrics;
 use auth::{AuthFailure, Directory};
 use publisher::CommandPublisher;
@@ -25,26 +27,97 @@ pub use pump::Pump;
 /// The broker's listeners.
 #[derive(Debug, Clone)]
 pub struct BrokerListeners {
-    /// Password mode.
-    pub plain: SocketAddr,
+    /// Password mode; off for certificate-only deployments.
+    pub plain: Option<SocketAddr>,
     /// Certificate mode: address, CA, server cert, server key.
     pub tls: Option<(SocketAddr, PathBuf, PathBuf, PathBuf)>,
     /// Connection limit.
     pub max_connections: usize,
     /// The hub's uplink buffer, MiB.
     pub uplink_buffer_mib: usize,
+    /// Longest topic or filter a cabinet may use, bytes.
+    pub max_topic_len: usize,
+    /// Most subscriptions one cabinet connection may hold.
+    pub max_subscriptions: usize,
+}
+
+/// Why the broker refused a cabinet's publish or subscription. Stable metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "snake_case")]
+pub enum Refused {
+    /// Another cabinet's topic (or anything outside its own `/tenants/{id}/`).
+    ForeignTopic,
+    /// One of its own topics that is not an uplink (its `cmd`, or an unknown name).
+    NotUplink,
+    /// A subscription other than its own `cmd` (wildcards included).
+    ForbiddenFilter,
+    /// A retained publish.
+    Retain,
+    /// A topic or filter longer than `mqtt.max_topic_len`.
+    TopicTooLong,
+    /// More subscriptions than `mqtt.max_subscriptions`.
+    TooManySubscriptions,
+}
+
+impl From<rumqttd::RefusalReason> for Refused {
+    fn from(r: rumqttd::RefusalReason) -> Self {
+        use rumqttd::RefusalReason as R;
+        match r {
+            R::ForeignTopic => Self::ForeignTopic,
+            R::NotUplink => Self::NotUplink,
+            R::ForbiddenFilter => Self::ForbiddenFilter,
+            R::Retain => Self::Retain,
+            R::TopicTooLong => Self::TopicTooLong,
+            R::TooManySubscriptions => Self::TooManySubscriptions,
+        }
+    }
+}
+
+/// Every cabinet, in both modes, is confined to its own namespace: it publishes its uplinks
+/// and subscribes to its commands, nothing else (PROTOCOL.md). The broker enforces it (our
+/// patch, vendor/rumqttd/PATCHES.md 10); each refusal is counted, and logged once per
+/// connection so that a misbehaving cabinet cannot flood the log.
+fn tenant_policy(listeners: &BrokerListeners, metrics: Metrics) -> rumqttd::TenantPolicy {
+    rumqttd::TenantPolicy {
+        publish: UplinkKind::ALL
+            .iter()
+            .map(|k| k.as_str().to_owned())
+            .collect(),
+        subscribe: vec!["cmd".to_owned()],
+        allow_retain: false,
+        max_topic_len: listeners.max_topic_len,
+        max_subscriptions: listeners.max_subscriptions,
+        on_refusal: Some(Arc::new(move |r: &rumqttd::Refusal<'_>| {
+            let reason = Refused::from(r.reason);
+            let label: &'static str = reason.into();
+            metrics.mqtt_refused.with_label_values(&[label]).inc();
+            if r.first {
+                let topic: String = r.topic.chars().take(160).collect();
+                let client: String = r.client_id.chars().take(80).collect();
+                let action = if r.publish {
+                    "publish refused, connection closed"
+                } else {
+                    "subscription refused"
+                };
+                tracing::warn!(client_id = %client, topic = %topic, reason = label, "{action} (further refusals on this connection are counted, not logged)");
+            }
+        })),
+    }
 }
 
 fn connection_settings() -> ConnectionSettings {
     ConnectionSettings {
         connection_timeout_ms: 10_000,
         // Larger than the protocol's 16 KiB so that an oversize payload reaches the edge
-        // parser and is counted with its reason rather than silently disconnected.
+        // parser and is counted with its reason rather than silently disconnected; beyond it
+        // the broker closes the connection.
         max_payload_size: 256 * 1024,
         max_inflight_count: 100,
         auth: None,
         external_auth: None,
         dynamic_filters: true,
+        bind_tenant_to_client_id: false,
+        certificate_check: None,
     }
 }
 
@@ -61,24 +134,46 @@ pub fn start_broker(
             .mqtt_auth_failures
             .with_label_values(&[reason.as_str()]);
     }
-    let mut plain = ServerSettings {
-        name: "password".to_owned(),
-        listen: listeners.plain,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections: connection_settings(),
-    };
-    plain.set_auth_handler(move |client_id: String, username: String, password: String| {
-        let result = directory.authenticate(&client_id, &username, &password);
-        if let Err(reason) = result {
-            metrics.mqtt_auth_failures.with_label_values(&[reason.as_str()]).inc();
-            tracing::warn!(client_id = %client_id.chars().take(64).collect::<String>(), reason = reason.as_str(), "MQTT connection refused");
-        }
-        std::future::ready(result.is_ok())
-    });
+    for reason in Refused::iter() {
+        let label: &'static str = reason.into();
+        metrics.mqtt_refused.with_label_values(&[label]);
+    }
     let mut v4 = HashMap::new();
-    v4.insert("1".to_owned(), plain);
+    if let Some(listen) = listeners.plain {
+        let mut connections = connection_settings();
+        connections.bind_tenant_to_client_id = true;
+        let mut plain = ServerSettings {
+            name: "password".to_owned(),
+            listen,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections,
+        };
+        let (directory, metrics) = (directory.clone(), metrics.clone());
+        plain.set_auth_handler(move |client_id: String, username: String, password: String| {
+            let result = directory.authenticate(&client_id, &username, &password);
+            if let Err(reason) = result {
+                metrics.mqtt_auth_failures.with_label_values(&[reason.as_str()]).inc();
+                tracing::warn!(client_id = %client_id.chars().take(64).collect::<String>(), reason = reason.as_str(), "MQTT connection refused");
+            }
+            std::future::ready(result.is_ok())
+        });
+        v4.insert("1".to_owned(), plain);
+    }
     if let Some((addr, ca, cert, key)) = &listeners.tls {
+        let mut connections = connection_settings();
+        let (directory, metrics) = (directory.clone(), metrics.clone());
+        connections.certificate_check = Some(Arc::new(move |tenant: &str, serial: &str| {
+            let result = directory.check_certificate(tenant, serial);
+            if let Err(reason) = result {
+                metrics
+                    .mqtt_auth_failures
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                tracing::warn!(cabinet_id = %tenant, serial, reason = reason.as_str(), "MQTT certificate refused");
+            }
+            result.is_ok()
+        }));
         v4.insert(
             "2".to_owned(),
             ServerSettings {
@@ -90,7 +185,7 @@ pub fn start_broker(
                     keypath: key.display().to_string(),
                 }),
                 next_connection_delay_ms: 0,
-                connections: connection_settings(),
+                connections,
             },
         );
     }
@@ -124,6 +219,7 @@ pub fn start_broker(
             // Logs emptied once every reader has read them (our patch, PATCHES.md 9): the caps
             // above then bound a burst the hub has not read yet, not memory kept for good.
             discard_consumed: true,
+            tenant_policy: Some(tenant_policy(listeners, metrics.clone())),
         },
         v4: Some(v4),
         ..Default::default()

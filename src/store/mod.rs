@@ -132,56 +132,28 @@ pub struct AlertFilter {
 }
 
 // The two dialects' files are identical today (portable types only); they stay separate so
-// either can diverge without touching the other.
-#[allow(clippy::if_same_then_else)]
+// either can diverge without touching the other. One line per migration, in order.
 fn migrator(postgres: bool) -> Migrator {
-    let files: [(i64, &str, &'static str); 4] = if postgres {
-        [
-            (
-                1,
-                "core",
-                include_str!("../../migrations/postgres/0001_core.sql"),
-            ),
-            (
-                2,
-                "catalog",
-                include_str!("../../migrations/postgres/0002_catalog.sql"),
-            ),
-            (
-                3,
-                "sessions",
-                include_str!("../../migrations/postgres/0003_sessions.sql"),
-            ),
-            (
-                4,
-                "exceptions",
-                include_str!("../../migrations/postgres/0004_exceptions.sql"),
-            ),
-        ]
-    } else {
-        [
-            (
-                1,
-                "core",
-                include_str!("../../migrations/sqlite/0001_core.sql"),
-            ),
-            (
-                2,
-                "catalog",
-                include_str!("../../migrations/sqlite/0002_catalog.sql"),
-            ),
-            (
-                3,
-                "sessions",
-                include_str!("../../migrations/sqlite/0003_sessions.sql"),
-            ),
-            (
-                4,
-                "exceptions",
-                include_str!("../../migrations/sqlite/0004_exceptions.sql"),
-            ),
-        ]
-    };
+    macro_rules! sql {
+        ($file:literal) => {
+            if postgres {
+                include_str!(concat!("../../migrations/postgres/", $file))
+            } else {
+                include_str!(concat!("../../migrations/sqlite/", $file))
+            }
+        };
+    }
+    let files: Vec<(i64, &str, &'static str)> = vec![
+        (1, "core", sql!("0001_core.sql")),
+        (2, "catalog", sql!("0002_catalog.sql")),
+        (3, "sessions", sql!("0003_sessions.sql")),
+        (4, "exceptions", sql!("0004_exceptions.sql")),
+        (
+            7,
+            "certificate_revocation",
+            sql!("0007_certificate_revocation.sql"),
+        ),
+    ];
     Migrator::with_migrations(
         files
             .into_iter()
@@ -500,7 +472,8 @@ impl Store {
         Err(StoreError::Conflict)
     }
 
-    /// Records an issued certificate.
+    /// Records an issued certificate and revokes the cabinet's earlier ones, in one
+    /// transaction: a cabinet has one valid certificate at a time.
     pub async fn record_certificate(
         &self,
         serial: &str,
@@ -508,15 +481,47 @@ impl Store {
         issued_at: i64,
         expires_at: i64,
     ) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(
+            "UPDATE certificates SET revoked_at = $1 WHERE cabinet_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(issued_at)
+        .bind(cabinet_id)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("INSERT INTO certificates (serial, cabinet_id, issued_at, expires_at) VALUES ($1, $2, $3, $4)")
             .bind(serial)
             .bind(cabinet_id)
             .bind(issued_at)
             .bind(expires_at)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .map_err(conflict_or)?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    /// Revokes every valid certificate of a cabinet; answers how many there were.
+    pub async fn revoke_certificates(&self, cabinet_id: &str, now: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE certificates SET revoked_at = $1 WHERE cabinet_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(cabinet_id)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// `(cabinet id, serial)` of every certificate not revoked (expiry is the TLS layer's).
+    pub async fn valid_certificates(&self) -> Result<Vec<(String, String)>> {
+        let rows =
+            sqlx::query("SELECT cabinet_id, serial FROM certificates WHERE revoked_at IS NULL")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("cabinet_id")?, r.try_get("serial")?)))
+            .collect()
     }
 
     // ---- alerts ----------------------------------------------------------------------------

@@ -292,6 +292,8 @@ impl TestHub {
 pub enum Got {
     ConnAck,
     Command(Value),
+    /// A SUBACK: whether each filter was granted.
+    SubAck(Vec<bool>),
     Closed(String),
 }
 
@@ -342,6 +344,14 @@ fn pump(mut ev: EventLoop, tx: mpsc::UnboundedSender<Got>) -> tokio::task::JoinH
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let v = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
                     let _ = tx.send(Got::Command(v));
+                }
+                Ok(Event::Incoming(Packet::SubAck(a))) => {
+                    let granted = a
+                        .return_codes
+                        .iter()
+                        .map(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)))
+                        .collect();
+                    let _ = tx.send(Got::SubAck(granted));
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -454,7 +464,7 @@ impl Cabinet {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, self.rx.recv()).await {
                 Ok(Some(Got::Command(c))) if c["type"] == kind => return c,
-                Ok(Some(Got::Command(_))) | Ok(Some(Got::ConnAck)) => {}
+                Ok(Some(Got::Command(_) | Got::ConnAck | Got::SubAck(_))) => {}
                 Ok(Some(Got::Closed(e))) => {
                     panic!("connection closed while waiting for {kind}: {e}")
                 }
@@ -475,6 +485,24 @@ impl Cabinet {
     /// the Last Will.
     pub fn cut(self) {
         self.pump.abort();
+    }
+
+    /// Subscribes to `filter` and answers whether the broker granted it.
+    pub async fn try_subscribe(&mut self, filter: &str, within: Duration) -> bool {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.rx.recv()).await {
+                Ok(Some(Got::SubAck(granted))) => return granted.iter().all(|g| *g),
+                Ok(Some(Got::Closed(e))) => panic!("closed while subscribing to {filter}: {e}"),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => panic!("no SUBACK for {filter} within {within:?}"),
+            }
+        }
     }
 
     /// Waits for the broker to close the connection.

@@ -32,6 +32,7 @@ both!(
     command_outcomes,
     every_rejection_reason_is_counted,
     certificate_mode_confines_a_cabinet_to_its_namespace,
+    password_mode_confines_a_cabinet_to_its_namespace,
     merchant_scoping_on_every_endpoint,
     health_readiness_and_alert_ack,
 );
@@ -604,60 +605,167 @@ async fn certificate_mode_confines_a_cabinet_to_its_namespace(b: Backend) {
     ));
     assert!(Cabinet::try_connect(anon).await.is_err());
 
-    // B is an honest password-mode cabinet listening for its commands.
-    let mut cab_b = Cabinet::connect(&hub, "KMB", &secret_b).await;
+    let opts = harness::tls_options(tls, "KMA", ca, crt, key);
+    assert_confined(&hub, &op, &secret_b, opts.clone()).await;
+
+    // Re-issuing revokes the certificate it replaces; revoking leaves none.
+    let (s, again) = hub
+        .post("/api/v1/cabinets/KMA/certificate", &ma, json!({}))
+        .await;
+    assert_eq!(s, 201, "{again}");
+    assert!(
+        Cabinet::try_connect(opts).await.is_err(),
+        "a replaced certificate still connects"
+    );
+    let fresh = harness::tls_options(
+        tls,
+        "KMA",
+        ca,
+        again["cert_pem"].as_str().unwrap_or_default(),
+        again["key_pem"].as_str().unwrap_or_default(),
+    );
+    drop(
+        Cabinet::try_connect(fresh.clone())
+            .await
+            .unwrap_or_else(|e| panic!("the new certificate: {e}")),
+    );
+    let (s, _) = hub
+        .call("DELETE", "/api/v1/cabinets/KMA/certificate", &ma, None)
+        .await;
+    assert_eq!(s, 204);
+    assert!(Cabinet::try_connect(fresh).await.is_err());
+    assert!(
+        hub.metric("mqtt_auth_failures_total{reason=\"revoked_certificate\"}")
+            .await
+            >= 2.0
+    );
+}
+
+async fn password_mode_confines_a_cabinet_to_its_namespace(b: Backend) {
+    let hub = TestHub::start(b).await;
+    let (ma, _) = hub.merchant("m1").await;
+    let (mb, op_b) = hub.merchant("m2").await;
+    let secret_a = hub.cabinet(&ma, "m1", "KMA").await;
+    let secret_b = hub.cabinet(&mb, "m2", "KMB").await;
+    assert_confined(
+        &hub,
+        &op_b,
+        &secret_b,
+        harness::options(hub.mqtt, "KMA", &secret_a),
+    )
+    .await;
+}
+
+/// Cabinet A (connecting with `a`) tries every way into password-mode cabinet KMB's traffic:
+/// each forged publish closes its connection unacknowledged, each foreign subscription is
+/// refused while its own is granted, and B — honest, listening — sees nothing of it.
+async fn assert_confined(hub: &TestHub, op: &str, secret_b: &str, a: rumqttc::MqttOptions) {
+    let mut cab_b = Cabinet::connect(hub, "KMB", secret_b).await;
     cab_b.heartbeat("closed", "locked", true, 1).await;
-    hub.eventually(SEC, "B online", || async {
-        (hub.cabinet_state(&op, "KMB").await["door"] == "closed").then_some(())
+    hub.eventually(5 * SEC, "B online", || async {
+        (hub.cabinet_state(op, "KMB").await["door"] == "closed").then_some(())
     })
     .await;
+    let evil_unlock = json!({"cmd_id": "evil", "type": "unlock", "session_id": "x", "mode": "purchase", "expires_at": 9_999_999_999_999u64});
+    let long = format!("/tenants/KMA/{}", "x".repeat(200));
+    let forgeries: Vec<(&str, Value, bool)> = vec![
+        (
+            "/tenants/KMB/event",
+            json!({"seq": 99, "ts": 1, "type": "door_opened"}),
+            false,
+        ),
+        ("/tenants/KMB/cmd", evil_unlock, false),
+        ("/tenants/KMB/status", json!({"online": false}), false),
+        (
+            "/tenants/KMB/ack",
+            json!({"cmd_id": "c_1", "ok": true}),
+            false,
+        ),
+        (
+            "/tenants/KMB/recognition",
+            json!({"session_id": "s", "status": "ok", "items": []}),
+            false,
+        ),
+        (
+            "/tenants/KMA/cmd",
+            json!({"cmd_id": "self", "type": "reboot"}),
+            false,
+        ),
+        (
+            "/tenants/KMA/heartbeat",
+            json!({"seq": 1, "ts": 1, "door": "closed", "lock": "locked"}),
+            true,
+        ),
+        (long.as_str(), json!({}), false),
+    ];
+    for (topic, payload, retain) in forgeries {
+        let mut forger = Cabinet::try_connect(a.clone())
+            .await
+            .unwrap_or_else(|e| panic!("A connects: {e}"));
+        forger
+            .client
+            .publish(
+                topic,
+                rumqttc::QoS::AtLeastOnce,
+                retain,
+                payload.to_string(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        forger.expect_closed(5 * SEC).await;
+    }
 
-    let mut a = Cabinet::try_connect(harness::tls_options(tls, "KMA", ca, crt, key))
+    let mut spy = Cabinet::try_connect(a.clone())
         .await
-        .unwrap_or_else(|e| panic!("TLS connect: {e}"));
-    a.publish(
-        "status",
-        json!({"online": true, "boot_id": "t1", "config_version": 1}),
-    )
-    .await;
-    a.seq += 1;
-    a.publish(
-        "heartbeat",
-        json!({"seq": a.seq, "ts": 1, "door": "closed", "lock": "locked", "temp_c": 3.3}),
-    )
-    .await;
-    hub.eventually(2 * SEC, "A's own messages processed", || async {
-        (hub.cabinet_state(&op, "KMA").await["temp_c"] == 3.3).then_some(())
+        .unwrap_or_else(|e| panic!("A connects: {e}"));
+    for filter in [
+        "#",
+        "/tenants/KMB/heartbeat",
+        "/tenants/+/heartbeat",
+        "/tenants/KMA/#",
+    ] {
+        assert!(
+            !spy.try_subscribe(filter, 5 * SEC).await,
+            "{filter} was granted"
+        );
+    }
+    assert!(spy.try_subscribe("/tenants/KMA/cmd", 5 * SEC).await);
+
+    // B goes on: its next heartbeat is processed, and nothing A forged took effect.
+    cab_b.seq += 1;
+    cab_b
+        .publish(
+            "heartbeat",
+            json!({"seq": cab_b.seq, "ts": 2, "door": "closed", "lock": "locked", "temp_c": 2.5}),
+        )
+        .await;
+    hub.eventually(5 * SEC, "B's genuine heartbeat", || async {
+        (hub.cabinet_state(op, "KMB").await["temp_c"] == 2.5).then_some(())
     })
     .await;
-
-    // Publishing into B's namespace is refused by the broker and B's state is untouched.
-    a.publish_raw(
-        "/tenants/KMB/event",
-        json!({"seq": 99, "ts": 1, "type": "door_opened"})
-            .to_string()
-            .into_bytes(),
-    )
-    .await;
-    a.publish_raw("/tenants/KMB/cmd", json!({"cmd_id": "evil", "type": "unlock", "session_id": "x", "mode": "purchase", "expires_at": 9}).to_string().into_bytes()).await;
-    actix_rt::time::sleep(Duration::from_millis(500)).await;
-    assert!(hub.active_alert(&op, "KMB", "door_forced").await.is_none());
-    assert_eq!(hub.cabinet_state(&op, "KMB").await["door"], "closed");
+    assert!(hub.active_alert(op, "KMB", "door_forced").await.is_none());
+    assert_eq!(hub.cabinet_state(op, "KMB").await["online"], true);
     while let Ok(got) = cab_b.rx.try_recv() {
         if let harness::Got::Command(c) = got {
             assert_ne!(c["cmd_id"], "evil", "B received a command forged by A");
         }
     }
-
-    // Subscribing outside its namespace is refused too.
-    let mut a2 = Cabinet::try_connect(harness::tls_options(tls, "KMA", ca, crt, key))
-        .await
-        .unwrap_or_else(|e| panic!("TLS reconnect: {e}"));
-    a2.client
-        .subscribe("/tenants/KMB/cmd", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    a2.expect_closed(3 * SEC).await;
+    // A heard none of B's traffic on its one granted subscription.
+    while let Ok(got) = spy.rx.try_recv() {
+        assert!(!matches!(got, harness::Got::Command(_)), "A read {got:?}");
+    }
+    for (reason, at_least) in [
+        ("foreign_topic", 5.0),
+        ("not_uplink", 1.0),
+        ("retain", 1.0),
+        ("topic_too_long", 1.0),
+        ("forbidden_filter", 4.0),
+    ] {
+        let n = hub
+            .metric(&format!("mqtt_refused_total{{reason=\"{reason}\"}}"))
+            .await;
+        assert!(n >= at_least, "{reason}: {n}");
+    }
 }
 
 async fn merchant_scoping_on_every_endpoint(b: Backend) {

@@ -152,6 +152,126 @@ pub struct ConnectionSettings {
     pub external_auth: Option<AuthHandler>,
     #[serde(default)]
     pub dynamic_filters: bool,
+    /// cabinet-hub patch (PATCHES.md 10): once authenticated, the client id is the client's
+    /// tenant, exactly as the certificate's Organization is in certificate mode, so that the
+    /// router confines a password client to `/tenants/{client id}/` too. A client id that is
+    /// not a valid tenant id (alphanumeric, non-empty) is refused.
+    #[serde(default)]
+    pub bind_tenant_to_client_id: bool,
+    /// cabinet-hub patch (PATCHES.md 10): asked after the TLS handshake with the tenant (the
+    /// certificate's Organization) and the certificate's serial (lowercase hex); `false`
+    /// refuses the connection. Lets the embedding application revoke certificates.
+    #[serde(skip)]
+    pub certificate_check: Option<CertificateCheck>,
+}
+
+/// cabinet-hub patch (PATCHES.md 10): `(tenant, serial hex) -> allowed`.
+pub type CertificateCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
+/// cabinet-hub patch (PATCHES.md 10): what a client bound to a tenant may do beyond staying
+/// inside `/tenants/{id}/` (which `validate-tenant-prefix` already enforces).
+#[derive(Clone, Default)]
+pub struct TenantPolicy {
+    /// Topics a tenant client may publish to, spelled after its prefix (`heartbeat`, ...).
+    pub publish: Vec<String>,
+    /// Filters it may subscribe to, spelled after its prefix; matched exactly, so no wildcard
+    /// is ever granted.
+    pub subscribe: Vec<String>,
+    /// Whether a tenant client may publish retained messages (its will included).
+    pub allow_retain: bool,
+    /// Longest topic or filter in bytes; 0 = unlimited.
+    pub max_topic_len: usize,
+    /// Most subscriptions one connection may hold; 0 = unlimited.
+    pub max_subscriptions: usize,
+    /// Told of every refusal.
+    pub on_refusal: Option<Arc<dyn Fn(&Refusal<'_>) + Send + Sync>>,
+}
+
+impl fmt::Debug for TenantPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantPolicy")
+            .field("publish", &self.publish)
+            .field("subscribe", &self.subscribe)
+            .field("allow_retain", &self.allow_retain)
+            .field("max_topic_len", &self.max_topic_len)
+            .field("max_subscriptions", &self.max_subscriptions)
+            .field("on_refusal", &self.on_refusal.is_some())
+            .finish()
+    }
+}
+
+/// cabinet-hub patch (PATCHES.md 10): why a tenant client's publish or subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// A topic outside the client's own `/tenants/{id}/`.
+    ForeignTopic,
+    /// A topic of its own that it may not publish to.
+    NotUplink,
+    /// A filter it may not subscribe to (another tenant's, a wildcard, anything not granted).
+    ForbiddenFilter,
+    /// A retained publish.
+    Retain,
+    /// Longer than `max_topic_len`.
+    TopicTooLong,
+    /// More than `max_subscriptions`.
+    TooManySubscriptions,
+}
+
+/// cabinet-hub patch (PATCHES.md 10): one refusal, as told to [`TenantPolicy::on_refusal`].
+#[derive(Debug)]
+pub struct Refusal<'a> {
+    /// The connection's client id (`tenant.client`).
+    pub client_id: &'a str,
+    /// The topic or filter refused (the will's topic for a will).
+    pub topic: &'a str,
+    /// Why.
+    pub reason: RefusalReason,
+    /// The connection's first refusal: log it; count every one.
+    pub first: bool,
+    /// A publish (the connection is then closed without an ack), not a subscription (answered
+    /// with a failure return code, the connection kept).
+    pub publish: bool,
+}
+
+impl TenantPolicy {
+    /// Why a publish by a client with `prefix` is refused, if it is.
+    pub fn check_publish(&self, prefix: &str, topic: &str, retain: bool) -> Option<RefusalReason> {
+        if self.max_topic_len > 0 && topic.len() > self.max_topic_len {
+            return Some(RefusalReason::TopicTooLong);
+        }
+        let Some(own) = topic.strip_prefix(prefix) else {
+            return Some(RefusalReason::ForeignTopic);
+        };
+        if !self.publish.iter().any(|t| t == own) {
+            return Some(RefusalReason::NotUplink);
+        }
+        if retain && !self.allow_retain {
+            return Some(RefusalReason::Retain);
+        }
+        None
+    }
+
+    /// Why a subscription by a client with `prefix` already holding `held` others is refused.
+    pub fn check_subscribe(
+        &self,
+        prefix: &str,
+        filter: &str,
+        held: usize,
+    ) -> Option<RefusalReason> {
+        if self.max_topic_len > 0 && filter.len() > self.max_topic_len {
+            return Some(RefusalReason::TopicTooLong);
+        }
+        let granted = filter
+            .strip_prefix(prefix)
+            .is_some_and(|own| self.subscribe.iter().any(|t| t == own));
+        if !granted {
+            return Some(RefusalReason::ForbiddenFilter);
+        }
+        if self.max_subscriptions > 0 && held >= self.max_subscriptions {
+            return Some(RefusalReason::TooManySubscriptions);
+        }
+        None
+    }
 }
 
 impl ConnectionSettings {
@@ -177,6 +297,8 @@ impl fmt::Debug for ConnectionSettings {
             .field("auth", &self.auth)
             .field("external_auth", &self.external_auth.is_some())
             .field("dynamic_filters", &self.dynamic_filters)
+            .field("bind_tenant_to_client_id", &self.bind_tenant_to_client_id)
+            .field("certificate_check", &self.certificate_check.is_some())
             .finish()
     }
 }
@@ -208,6 +330,10 @@ pub struct RouterConfig {
     /// Off by default: upstream's behaviour.
     #[serde(default)]
     pub discard_consumed: bool,
+    /// cabinet-hub patch (PATCHES.md 10): what clients bound to a tenant may publish and
+    /// subscribe to. `None`: upstream's behaviour (anything under the tenant's prefix).
+    #[serde(skip)]
+    pub tenant_policy: Option<TenantPolicy>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -259,4 +385,71 @@ pub enum MetricType {
 #[derive(Debug, Serialize, Deserialize, Clone)]
 pub struct MetricSettings {
     push_interval: u64,
+}
+
+/// cabinet-hub patch (PATCHES.md 10).
+#[cfg(test)]
+mod tenant_policy_tests {
+    use super::{RefusalReason as R, TenantPolicy};
+
+    fn policy() -> TenantPolicy {
+        TenantPolicy {
+            publish: vec!["heartbeat".into(), "status".into()],
+            subscribe: vec!["cmd".into()],
+            allow_retain: false,
+            max_topic_len: 40,
+            max_subscriptions: 1,
+            on_refusal: None,
+        }
+    }
+
+    #[test]
+    fn a_tenant_publishes_only_its_granted_topics_without_retain() {
+        let p = policy();
+        let me = "/tenants/A/";
+        assert_eq!(p.check_publish(me, "/tenants/A/heartbeat", false), None);
+        assert_eq!(
+            p.check_publish(me, "/tenants/B/heartbeat", false),
+            Some(R::ForeignTopic)
+        );
+        assert_eq!(
+            p.check_publish(me, "/tenants/AB/heartbeat", false),
+            Some(R::ForeignTopic)
+        );
+        assert_eq!(
+            p.check_publish(me, "/tenants/A/cmd", false),
+            Some(R::NotUplink)
+        );
+        assert_eq!(
+            p.check_publish(me, "/tenants/A/heartbeat/x", false),
+            Some(R::NotUplink)
+        );
+        assert_eq!(
+            p.check_publish(me, "/tenants/A/heartbeat", true),
+            Some(R::Retain)
+        );
+        let long = format!("/tenants/A/{}", "x".repeat(40));
+        assert_eq!(p.check_publish(me, &long, false), Some(R::TopicTooLong));
+    }
+
+    #[test]
+    fn a_tenant_subscribes_only_to_granted_filters_spelled_exactly() {
+        let p = policy();
+        let me = "/tenants/A/";
+        assert_eq!(p.check_subscribe(me, "/tenants/A/cmd", 0), None);
+        for f in [
+            "#",
+            "/tenants/+/cmd",
+            "/tenants/A/#",
+            "/tenants/A/+",
+            "/tenants/B/cmd",
+            "/tenants/A/heartbeat",
+        ] {
+            assert_eq!(p.check_subscribe(me, f, 0), Some(R::ForbiddenFilter), "{f}");
+        }
+        assert_eq!(
+            p.check_subscribe(me, "/tenants/A/cmd", 1),
+            Some(R::TooManySubscriptions)
+        );
+    }
 }

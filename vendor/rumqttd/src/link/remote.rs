@@ -286,6 +286,8 @@ mod tests {
             auth: None,
             external_auth: None,
             dynamic_filters: false,
+            bind_tenant_to_client_id: false,
+            certificate_check: None,
         }
     }
 

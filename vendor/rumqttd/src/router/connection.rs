@@ -33,6 +33,9 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
+    /// cabinet-hub patch (PATCHES.md 10): whether a refusal was already reported as the
+    /// connection's first (refusals are logged once per connection, counted every time).
+    pub(crate) refused: bool,
 }
 
 impl Connection {
@@ -66,6 +69,7 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
+            refused: false,
         }
     }
 

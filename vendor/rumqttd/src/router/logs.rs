@@ -544,6 +544,7 @@ mod test {
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
             discard_consumed: false,
+            tenant_policy: None,
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("topic/a");
@@ -565,6 +566,7 @@ mod test {
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
             discard_consumed: false,
+            tenant_policy: None,
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("+/+");
@@ -584,6 +586,7 @@ mod test {
             initialized_filters: Some(initialized_filters.iter().map(|f| f.to_string()).collect()),
             shared_subscriptions_strategy: Strategy::RoundRobin,
             discard_consumed: false,
+            tenant_policy: None,
         }
     }
 

@@ -560,6 +560,18 @@ impl Router {
                     let span = tracing::error_span!("publish", topic = ?publish.topic, pkid = publish.pkid);
                     let _guard = span.enter();
 
+                    // cabinet-hub patch (PATCHES.md 10): a tenant client publishes only what its
+                    // policy grants. Checked before the ack: a refused publish is never
+                    // acknowledged, and the connection is closed (MQTT 3.1.1 has no negative
+                    // PUBACK; acking and dropping would hide the refusal from the client).
+                    if let Some(reason) = self.refuse_publish(id, &publish) {
+                        warn!(?reason, "publish refused by the tenant policy");
+                        self.router_meters.failed_publishes += 1;
+                        disconnect = true;
+                        disconnect_reason = Some(DisconnectReasonCode::NotAuthorized);
+                        break;
+                    }
+
                     let qos = publish.qos;
                     let pkid = publish.pkid;
 
@@ -655,6 +667,13 @@ impl Router {
                         let _guard = span.enter();
 
                         info!("Adding subscription on topic {}", f.path);
+
+                        // cabinet-hub patch (PATCHES.md 10): a filter the tenant policy does not
+                        // grant gets a failure return code; the connection stays.
+                        if self.refuse_subscription(id, &f.path) {
+                            return_codes.push(SubscribeReasonCode::Failure);
+                            continue;
+                        }
                         let connection = self.connections.get_mut(id).unwrap();
 
                         if let Err(e) = validate_subscription(connection, f) {
@@ -1114,6 +1133,26 @@ impl Router {
         let Some((will, will_props)) = self.last_wills.remove(&client_id) else {
             return;
         };
+
+        // cabinet-hub patch (PATCHES.md 10): a will is a publish by the client, held to the
+        // same policy (else a cabinet could leave another's `status` behind as its will).
+        #[cfg(feature = "validate-tenant-prefix")]
+        if let (Some(policy), Some(prefix)) = (&self.config.tenant_policy, &tenant_prefix) {
+            let topic = String::from_utf8_lossy(&will.topic);
+            if let Some(reason) = policy.check_publish(prefix, &topic, will.retain) {
+                if let Some(tell) = &policy.on_refusal {
+                    tell(&crate::Refusal {
+                        client_id: &client_id,
+                        topic: &topic,
+                        reason,
+                        first: true,
+                        publish: true,
+                    });
+                }
+                warn!(?reason, "last will refused by the tenant policy");
+                return;
+            }
+        }
 
         let publish = Publish {
             dup: false,
@@ -1726,6 +1765,64 @@ fn print_status(router: &mut Router, metrics: Print) {
             println!("{metrics:#?}");
         }
     };
+}
+
+impl Router {
+    /// cabinet-hub patch (PATCHES.md 10): the tenant policy's verdict on a publish, told to
+    /// the application when it refuses.
+    fn refuse_publish(
+        &mut self,
+        id: ConnectionId,
+        publish: &Publish,
+    ) -> Option<crate::RefusalReason> {
+        let policy = self.config.tenant_policy.as_ref()?;
+        let connection = self.connections.get_mut(id)?;
+        let prefix = connection.tenant_prefix.as_deref()?;
+        let topic = String::from_utf8_lossy(&publish.topic);
+        let reason = policy.check_publish(prefix, &topic, publish.retain)?;
+        let first = !std::mem::replace(&mut connection.refused, true);
+        if let Some(tell) = &policy.on_refusal {
+            tell(&crate::Refusal {
+                client_id: &connection.client_id,
+                topic: &topic,
+                reason,
+                first,
+                publish: true,
+            });
+        }
+        Some(reason)
+    }
+
+    /// cabinet-hub patch (PATCHES.md 10): whether the tenant policy refuses a subscription
+    /// (told to the application when it does).
+    fn refuse_subscription(&mut self, id: ConnectionId, filter: &str) -> bool {
+        let Some(policy) = self.config.tenant_policy.as_ref() else {
+            return false;
+        };
+        let Some(connection) = self.connections.get_mut(id) else {
+            return false;
+        };
+        let Some(prefix) = connection.tenant_prefix.as_deref() else {
+            return false;
+        };
+        let held =
+            connection.subscriptions.len() - usize::from(connection.subscriptions.contains(filter));
+        let Some(reason) = policy.check_subscribe(prefix, filter, held) else {
+            return false;
+        };
+        let first = !std::mem::replace(&mut connection.refused, true);
+        if let Some(tell) = &policy.on_refusal {
+            tell(&crate::Refusal {
+                client_id: &connection.client_id,
+                topic: filter,
+                reason,
+                first,
+                publish: false,
+            });
+        }
+        warn!(?reason, filter, "subscription refused by the tenant policy");
+        true
+    }
 }
 
 fn validate_subscription(

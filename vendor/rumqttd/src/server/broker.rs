@@ -454,23 +454,25 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
 }
 
 /// The TLS handshake when the listener has TLS, then the websocket one for a websocket link.
+/// Answers the stream, the tenant and (cabinet-hub patch, PATCHES.md 10) the client
+/// certificate's serial.
 async fn handshake(
     tls: Option<&TlsConfig>,
     stream: TcpStream,
     link_type: LinkType,
-) -> Result<(Box<dyn N>, Option<String>), Error> {
+) -> Result<(Box<dyn N>, Option<String>, Option<String>), Error> {
     #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
-    let (network, tenant_id): (Box<dyn N>, Option<String>) = match tls {
+    let (network, tenant_id, serial): (Box<dyn N>, Option<String>, Option<String>) = match tls {
         Some(c) => {
-            let (tenant_id, network) = TLSAcceptor::new(c)?.accept(stream).await?;
-            (network, tenant_id)
+            let (tenant_id, serial, network) = TLSAcceptor::new(c)?.accept(stream).await?;
+            (network, tenant_id, serial)
         }
-        None => (Box::new(stream), None),
+        None => (Box::new(stream), None, None),
     };
     #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
-    let (network, tenant_id): (Box<dyn N>, Option<String>) = {
+    let (network, tenant_id, serial): (Box<dyn N>, Option<String>, Option<String>) = {
         let _ = tls;
-        (Box::new(stream), None)
+        (Box::new(stream), None, None)
     };
     match link_type {
         #[cfg(feature = "websocket")]
@@ -478,9 +480,9 @@ async fn handshake(
             let stream = accept_hdr_async(network, WSCallback)
                 .await
                 .map_err(|e| Error::Accept(e.to_string()))?;
-            Ok((Box::new(WsStream::new(stream)), tenant_id))
+            Ok((Box::new(WsStream::new(stream)), tenant_id, serial))
         }
-        LinkType::Remote => Ok((network, tenant_id)),
+        LinkType::Remote => Ok((network, tenant_id, serial)),
     }
 }
 
@@ -543,7 +545,7 @@ async fn connect<P: Protocol>(setup: Box<Setup<P>>) -> Option<Connected<P>> {
         handshake(tls_config.as_ref(), stream, link_type),
     )
     .await;
-    let (network, tenant_id) = match handshake {
+    let (network, tenant_id, serial) = match handshake {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => {
             error!(error=?e, ?addr, "Tls accept error");
@@ -556,6 +558,15 @@ async fn connect<P: Protocol>(setup: Box<Setup<P>>) -> Option<Connected<P>> {
     };
     if let Some(tenant_id) = &tenant_id {
         tracing::Span::current().record("tenant_id", tenant_id.as_str());
+    }
+    // cabinet-hub patch (PATCHES.md 10): a revoked certificate is refused before CONNECT.
+    if let (Some(check), Some(tenant_id), Some(serial)) =
+        (&config.certificate_check, &tenant_id, &serial)
+    {
+        if !check(tenant_id, serial) {
+            warn!(?addr, tenant_id, serial, "client certificate refused");
+            return None;
+        }
     }
     remote_connect(
         config,
@@ -589,6 +600,7 @@ async fn remote_connect<P: Protocol>(
     );
 
     let dynamic_filters = config.dynamic_filters;
+    let bind_tenant = config.bind_tenant_to_client_id;
 
     let connect_packet = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
@@ -603,6 +615,22 @@ async fn remote_connect<P: Protocol>(
             (connect.client_id.clone(), connect.clean_session)
         }
         _ => unreachable!(),
+    };
+
+    // cabinet-hub patch (PATCHES.md 10): an authenticated password client is its own tenant,
+    // so the router confines it as it confines a certificate client.
+    let tenant_id = match tenant_id {
+        None if bind_tenant => {
+            if client_id.is_empty() || !client_id.chars().all(|c| c.is_ascii_alphanumeric()) {
+                warn!(
+                    client_id,
+                    "client id is not a tenant id; connection refused"
+                );
+                return None;
+            }
+            Some(client_id.clone())
+        }
+        other => other,
     };
 
     let mut assigned_client_id = None;

@@ -84,6 +84,20 @@ fn extract_tenant_id(der: &[u8]) -> Result<Option<String>, Error> {
     Ok(Some(tenant_id))
 }
 
+#[cfg(feature = "verify-client-cert")]
+/// cabinet-hub patch (PATCHES.md 10): the certificate's serial number, lowercase hex without
+/// leading zero bytes' sign padding, as issued.
+fn certificate_serial(der: &[u8]) -> Result<String, Error> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| Error::CertificateParse)?;
+    Ok(cert
+        .raw_serial()
+        .iter()
+        .skip_while(|b| **b == 0)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 #[allow(dead_code)]
 pub enum TLSAcceptor {
     #[cfg(feature = "use-rustls")]
@@ -115,25 +129,31 @@ impl TLSAcceptor {
         }
     }
 
-    pub async fn accept(&self, stream: TcpStream) -> Result<(Option<String>, Box<dyn N>), Error> {
+    /// The tenant (the client certificate's Organization), the certificate's serial in
+    /// lowercase hex (cabinet-hub patch, PATCHES.md 10: for revocation), and the stream.
+    pub async fn accept(
+        &self,
+        stream: TcpStream,
+    ) -> Result<(Option<String>, Option<String>, Box<dyn N>), Error> {
         match self {
             #[cfg(feature = "use-rustls")]
             TLSAcceptor::Rustls { acceptor } => {
                 let stream = acceptor.accept(stream).await?;
 
                 #[cfg(feature = "verify-client-cert")]
-                let tenant_id = {
+                let (tenant_id, serial) = {
                     let (_, session) = stream.get_ref();
                     let peer_certificates = session
                         .peer_certificates()
                         .ok_or(Error::NoPeerCertificate)?;
-                    extract_tenant_id(&peer_certificates[0])?
+                    let der = peer_certificates.first().ok_or(Error::NoPeerCertificate)?;
+                    (extract_tenant_id(der)?, Some(certificate_serial(der)?))
                 };
                 #[cfg(not(feature = "verify-client-cert"))]
-                let tenant_id: Option<String> = None;
+                let (tenant_id, serial): (Option<String>, Option<String>) = (None, None);
 
                 let network = Box::new(stream);
-                Ok((tenant_id, network))
+                Ok((tenant_id, serial, network))
             }
             #[cfg(feature = "use-native-tls")]
             TLSAcceptor::NativeTLS { acceptor } => {
@@ -146,7 +166,7 @@ impl TLSAcceptor {
                 //     .to_der()?;
                 // let tenant_id = extract_tenant_id(&peer_certificate)?;
                 let network = Box::new(stream);
-                Ok((None, network))
+                Ok((None, None, network))
             }
         }
     }
