@@ -578,7 +578,11 @@ pub async fn ingest(
 /// not the hub's broker: the hub's broker confines every client to its own cabinet's topics (a
 /// cabinet may not publish to another's `cmd`), so no client of it can bounce a message to
 /// another. Both brokers share the loaded machine, which is what makes it a floor.
-async fn floor_probe(broker: SocketAddr, every: Duration, until: Instant) -> Result<Histogram<u64>> {
+async fn floor_probe(
+    broker: SocketAddr,
+    every: Duration,
+    until: Instant,
+) -> Result<Histogram<u64>> {
     let (aid, bid) = ("floorprobea".to_owned(), "floorprobeb".to_owned());
     let mut ca = Conn::connect(
         broker,

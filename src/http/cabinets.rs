@@ -453,6 +453,36 @@ pub async fn issue_certificate(
     }))
 }
 
+/// A new MQTT secret for the cabinet, shown once: the old one stops working at the next
+/// connect (a cabinet connected with it keeps its connection until it ends).
+#[utoipa::path(post, path = "/api/v1/cabinets/{id}/secret", tag = "cabinets", params(("id" = String, Path)),
+    security(("bearer" = [])), responses((status = 200, body = CabinetView, description = "with `secret`, shown once"), (status = 404, body = ErrorBody)))]
+pub async fn rotate_secret(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::MerchantAdmin)?;
+    let (cid, row) = visible_cabinet(&state, &caller, &path).await?;
+    let secret = token(32)?;
+    let hash = sha256_hex(&secret);
+    if !state.store.set_cabinet_secret(cid.as_str(), &hash).await? {
+        return Err(ApiError::not_found("cabinet"));
+    }
+    if let Some(mut entry) = state.directory.get(&cid) {
+        entry.secret_hash = hash.clone();
+        state.directory.put(cid.clone(), entry);
+    }
+    let row = CabinetRow {
+        secret_hash: hash,
+        ..row
+    };
+    let live = snapshot_of(&state, &cid).await?;
+    let mut v = view(&row, live.as_ref())?;
+    v.secret = Some(secret);
+    Ok(HttpResponse::Ok().json(v))
+}
+
 /// Revokes the cabinet's client certificate: it cannot connect again (a connection already
 /// open keeps running until it ends; lock the cabinet down to stop it at once).
 #[utoipa::path(delete, path = "/api/v1/cabinets/{id}/certificate", tag = "cabinets", params(("id" = String, Path)),

@@ -417,6 +417,16 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
+    /// Replaces a cabinet's MQTT secret (its hash).
+    pub async fn set_cabinet_secret(&self, id: &str, secret_hash: &str) -> Result<bool> {
+        let r = sqlx::query("UPDATE cabinets SET secret_hash = $2 WHERE id = $1")
+            .bind(id)
+            .bind(secret_hash)
+            .execute(&self.writer)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
     /// Sets the service expiry.
     pub async fn set_service_expiry(&self, id: &str, expires_at: i64) -> Result<()> {
         sqlx::query("UPDATE cabinets SET service_expires_at = $2 WHERE id = $1")

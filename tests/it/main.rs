@@ -654,6 +654,28 @@ async fn password_mode_confines_a_cabinet_to_its_namespace(b: Backend) {
         harness::options(hub.mqtt, "KMA", &secret_a),
     )
     .await;
+
+    // A leaked secret is replaced: the old one no longer connects, the new one does.
+    let (s, v) = hub
+        .post("/api/v1/cabinets/KMA/secret", &ma, json!({}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let fresh = v["secret"].as_str().unwrap_or_default().to_owned();
+    assert!(!fresh.is_empty() && fresh != secret_a);
+    assert!(
+        Cabinet::try_connect(harness::options(hub.mqtt, "KMA", &secret_a))
+            .await
+            .is_err()
+    );
+    drop(
+        Cabinet::try_connect(harness::options(hub.mqtt, "KMA", &fresh))
+            .await
+            .unwrap_or_else(|e| panic!("the new secret: {e}")),
+    );
+    let (s, _) = hub
+        .post("/api/v1/cabinets/KMA/secret", &mb, json!({}))
+        .await;
+    assert_eq!(s, 404, "another merchant's admin rotated KMA's secret");
 }
 
 /// Cabinet A (connecting with `a`) tries every way into password-mode cabinet KMB's traffic:
