@@ -93,7 +93,7 @@ impl Application {
     /// Binds the listeners, opens storage, starts the broker, the actors and the HTTP server.
     /// Must run inside an actix `System`.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        crate::private::create_dir(&settings.data_dir).with_context(|| {
             format!(
                 "data_dir (HUB__DATA_DIR) = {}: cannot create it",
                 settings.data_dir.display()
@@ -112,6 +112,15 @@ impl Application {
         }
 
         let url = settings.database_url();
+        let sqlite_file = crate::private::sqlite_file(&url);
+        if let Some(db) = &sqlite_file {
+            crate::private::prepare_sqlite(db).with_context(|| {
+                format!(
+                    "database.url (HUB__DATABASE__URL): cannot create {} as a private file",
+                    db.display()
+                )
+            })?;
+        }
         let mut store = Store::connect(&url, settings.database.max_connections)
             .await
             .with_context(|| {
@@ -120,6 +129,11 @@ impl Application {
                     redact(&url)
                 )
             })?;
+        if let Some(db) = &sqlite_file {
+            // -wal and -shm exist now: created with the database file's mode, or left by an
+            // older version.
+            crate::private::prepare_sqlite(db)?;
+        }
         let metrics = Metrics::new()?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let directory = Arc::new(Directory::load(&store).await?);

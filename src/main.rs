@@ -60,6 +60,17 @@ fn raise_fd_limit(max_connections: usize) {
     }
 }
 
+/// Whatever the node writes is its own: the data dir, the database and its journals, keys.
+/// The files that matter get explicit modes too (`cabinet_hub::private`); this covers the rest
+/// (SQLite's temporary files, a file some later version adds).
+fn private_umask() {
+    #[cfg(unix)]
+    // SAFETY: umask only swaps the process's file-mode mask; it takes no pointers.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -84,6 +95,7 @@ fn main() -> ExitCode {
                 }
             };
             telemetry::init(&settings.log);
+            private_umask();
             raise_fd_limit(settings.mqtt.max_connections);
             let result = actix_web::rt::System::new().block_on(async move {
                 let app = Application::build(settings).await?;
