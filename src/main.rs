@@ -37,7 +37,7 @@ enum Cmd {
     /// Print the OpenAPI document of this build's HTTP API and exit (also served at
     /// `GET /api/openapi.json`).
     Openapi,
-    /// Print the effective configuration and exit.
+    /// Print the effective configuration (every secret as "<redacted>") and exit.
     CheckConfig {
         /// As for serve.
         #[arg(long)]
@@ -121,11 +121,17 @@ fn main() -> ExitCode {
             }
         },
         Cmd::CheckConfig { config } => {
-            match Settings::load(config.as_deref(), &Overrides::default()) {
-                Ok(s) => {
-                    println!("{s:#?}");
-                    ExitCode::SUCCESS
-                }
+            match Settings::load_with_view(config.as_deref(), &Overrides::default()) {
+                Ok((_, view)) => match serde_json::to_string_pretty(&view) {
+                    Ok(text) => {
+                        println!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("cabinet-hub: {e}");
+                        ExitCode::from(1)
+                    }
+                },
                 Err(e) => {
                     eprintln!("cabinet-hub: {e:#}");
                     ExitCode::from(2)
