@@ -15,6 +15,7 @@ use cabinet_actors::registry::Registry;
 use crate::ca::DeviceCa;
 use crate::config::Settings;
 use crate::feed::Feed;
+use crate::http::access::KeyAccess;
 use crate::http::auth::{issue_key, Role};
 use crate::http::AppState;
 use crate::metrics::Metrics;
@@ -239,6 +240,9 @@ impl Application {
             #[cfg(feature = "simulators")]
             simulators: simulators.clone(),
             feed,
+            access: Arc::new(KeyAccess::new(Duration::from_millis(
+                settings.auth.feed_ticket_ttl_ms,
+            ))),
             mqtt_probe: probe_addr(settings.mqtt.listen),
             settings: settings.clone(),
             store,
@@ -261,7 +265,7 @@ impl Application {
         let server = actix_web::HttpServer::new(move || {
             actix_web::App::new()
                 .app_data(data.clone())
-                .wrap(actix_web::middleware::Logger::new("%r %s %Dms").log_target("http"))
+                .wrap(crate::http::access::access_log())
                 .configure(|c| {
                     #[cfg(feature = "simulators")]
                     if let Some(sims) = &simulators {
@@ -377,23 +381,33 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// The id of the key configured as `auth.admin_key`: stable, and no part of the secret.
+pub fn configured_admin_key_id(key: &str) -> String {
+    format!("k_admin_{}", &sha256_hex(key)[..8])
+}
+
 /// Makes sure an admin key exists: the configured one, or one generated and printed once.
 async fn ensure_admin_key(state: &AppState) -> anyhow::Result<Option<String>> {
     if let Some(key) = &state.settings.auth.admin_key {
         if key.len() < 16 {
             anyhow::bail!("auth.admin_key (HUB__AUTH__ADMIN_KEY) must be at least 16 characters");
         }
-        if state
-            .store
-            .api_key_by_hash(&sha256_hex(key))
-            .await?
-            .is_none()
-        {
-            let id = format!("k_admin_{}", &sha256_hex(key)[..8]);
-            state
-                .store
-                .create_api_key(&id, &sha256_hex(key), None, "admin", state.now())
-                .await?;
+        let hash = sha256_hex(key);
+        match state.store.api_key_any_by_hash(&hash).await? {
+            None => {
+                // Derived from the key, so the configured key keeps its id across restarts and
+                // can be listed and revoked like any other.
+                let id = configured_admin_key_id(key);
+                state
+                    .store
+                    .create_api_key(&id, &hash, None, "admin", state.now())
+                    .await?;
+            }
+            Some(k) if k.revoked_at.is_some() => {
+                // A revocation through the API stands: configuration does not bring it back.
+                tracing::warn!(key_id = %k.id, "auth.admin_key (HUB__AUTH__ADMIN_KEY) was revoked; it stays revoked: remove it from the configuration");
+            }
+            Some(_) => {}
         }
         return Ok(None);
     }

@@ -97,12 +97,15 @@ pub struct RedisSettings {
 }
 
 /// `[auth]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
     /// `HUB__AUTH__ADMIN_KEY`
     #[serde(default)]
     pub admin_key: Option<String>,
+    /// `HUB__AUTH__FEED_TICKET_TTL_MS`: how long a feed ticket (`POST /api/v1/feed-tickets`)
+    /// may wait for its socket.
+    pub feed_ticket_ttl_ms: u64,
 }
 
 /// `[cabinet]`
@@ -318,6 +321,9 @@ impl Settings {
         }
         if !(-720..=840).contains(&self.pricing.utc_offset_min) {
             bail!("pricing.utc_offset_min (HUB__PRICING__UTC_OFFSET_MIN) must be between -720 and 840");
+        }
+        if !(1..=300_000).contains(&self.auth.feed_ticket_ttl_ms) {
+            bail!("auth.feed_ticket_ttl_ms (HUB__AUTH__FEED_TICKET_TTL_MS) must be between 1 and 300000");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!(

@@ -39,8 +39,10 @@ pub(crate) fn conflict_or(e: sqlx::Error) -> StoreError {
 pub(crate) type Result<T> = std::result::Result<T, StoreError>;
 
 mod catalog;
+mod keys;
 mod sessions;
 pub use catalog::{PromotionRow, PromotionRule};
+pub use keys::{ApiKeyRecord, Revocation};
 pub use sessions::{BlacklistRow, OrderFilter, OrderRow, OrderUpdate, RefundRow, SessionRow};
 
 /// A merchant.
@@ -135,7 +137,7 @@ pub struct AlertFilter {
 // either can diverge without touching the other.
 #[allow(clippy::if_same_then_else)]
 fn migrator(postgres: bool) -> Migrator {
-    let files: [(i64, &str, &'static str); 4] = if postgres {
+    let files: [(i64, &str, &'static str); 5] = if postgres {
         [
             (
                 1,
@@ -156,6 +158,11 @@ fn migrator(postgres: bool) -> Migrator {
                 4,
                 "exceptions",
                 include_str!("../../migrations/postgres/0004_exceptions.sql"),
+            ),
+            (
+                5,
+                "api_keys",
+                include_str!("../../migrations/postgres/0005_api_keys.sql"),
             ),
         ]
     } else {
@@ -179,6 +186,11 @@ fn migrator(postgres: bool) -> Migrator {
                 4,
                 "exceptions",
                 include_str!("../../migrations/sqlite/0004_exceptions.sql"),
+            ),
+            (
+                5,
+                "api_keys",
+                include_str!("../../migrations/sqlite/0005_api_keys.sql"),
             ),
         ]
     };
