@@ -57,6 +57,29 @@ async fn feed_caller(
     }
 }
 
+/// Resolves once key `id` is revoked. Cancel-safe (a broadcast receive), so it can lose a
+/// `select!` and be called again; a burst of revocations that overran the receiver is checked
+/// against the node's record instead.
+async fn revoked(
+    rx: &mut broadcast::Receiver<std::sync::Arc<str>>,
+    access: &super::access::KeyAccess,
+    id: &str,
+) {
+    loop {
+        match rx.recv().await {
+            Ok(r) if *r == *id => return,
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => {
+                if access.is_revoked(id) {
+                    return;
+                }
+            }
+            // The node is going away; the feed's own channel ends the socket.
+            Err(RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}
+
 /// Close code of a socket whose key was revoked (4000–4999: the application's own).
 const KEY_REVOKED: u16 = 4401;
 
@@ -180,7 +203,12 @@ pub async fn ws(
             tokio::select! {
                 ev = rx.recv() => match ev {
                     Ok(e) if e.seq > seq && visible(&e.merchant) => {
-                        match send_unless_behind(&mut session, e.json.clone(), &rx, queue).await {
+                        // A revocation is not held up by a client that is slow to take this.
+                        let sent = tokio::select! {
+                            r = send_unless_behind(&mut session, e.json.clone(), &rx, queue) => r,
+                            () = revoked(&mut revocations, &state.access, &caller.key_id) => Err("revoked"),
+                        };
+                        match sent {
                             Ok(()) => metrics.ws_sent.inc(),
                             Err(r) => { reason = r; break; }
                         }
@@ -189,14 +217,10 @@ pub async fn ws(
                     Err(RecvError::Lagged(_)) => { reason = "lagged"; break; }
                     Err(RecvError::Closed) => { reason = "shutdown"; break; }
                 },
-                r = revocations.recv() => match r {
-                    Ok(id) if *id == *caller.key_id => { reason = "revoked"; break; }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(_)) => {
-                        if state.access.is_revoked(&caller.key_id) { reason = "revoked"; break; }
-                    }
-                    Err(RecvError::Closed) => { reason = "shutdown"; break; }
-                },
+                () = revoked(&mut revocations, &state.access, &caller.key_id) => {
+                    reason = "revoked";
+                    break;
+                }
                 msg = stream.recv() => match msg {
                     Some(Ok(Message::Ping(b))) => { if session.pong(&b).await.is_err() { break; } }
                     Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
