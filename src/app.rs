@@ -15,6 +15,7 @@ use cabinet_actors::registry::Registry;
 use crate::ca::DeviceCa;
 use crate::config::Settings;
 use crate::feed::Feed;
+use crate::http::access::KeyAccess;
 use crate::http::auth::{issue_key, Role};
 use crate::http::AppState;
 use crate::metrics::Metrics;
@@ -93,7 +94,7 @@ impl Application {
     /// Binds the listeners, opens storage, starts the broker, the actors and the HTTP server.
     /// Must run inside an actix `System`.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        crate::private::create_dir(&settings.data_dir).with_context(|| {
             format!(
                 "data_dir (HUB__DATA_DIR) = {}: cannot create it",
                 settings.data_dir.display()
@@ -116,6 +117,15 @@ impl Application {
         }
 
         let url = settings.database_url();
+        let sqlite_file = crate::private::sqlite_file(&url);
+        if let Some(db) = &sqlite_file {
+            crate::private::prepare_sqlite(db).with_context(|| {
+                format!(
+                    "database.url (HUB__DATABASE__URL): cannot create {} as a private file",
+                    db.display()
+                )
+            })?;
+        }
         let mut store = Store::connect(&url, settings.database.max_connections)
             .await
             .with_context(|| {
@@ -124,6 +134,11 @@ impl Application {
                     redact(&url)
                 )
             })?;
+        if let Some(db) = &sqlite_file {
+            // -wal and -shm exist now: created with the database file's mode, or left by an
+            // older version.
+            crate::private::prepare_sqlite(db)?;
+        }
         let metrics = Metrics::new()?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let directory = Arc::new(Directory::load(&store).await?);
@@ -236,6 +251,9 @@ impl Application {
             #[cfg(feature = "simulators")]
             simulators: simulators.clone(),
             feed,
+            access: Arc::new(KeyAccess::new(Duration::from_millis(
+                settings.auth.feed_ticket_ttl_ms,
+            ))),
             // Readiness probes the listener cabinets use: password mode, else certificate mode.
             mqtt_probe: probe_addr(
                 mqtt_listening
@@ -264,7 +282,7 @@ impl Application {
         let server = actix_web::HttpServer::new(move || {
             actix_web::App::new()
                 .app_data(data.clone())
-                .wrap(actix_web::middleware::Logger::new("%r %s %Dms").log_target("http"))
+                .wrap(crate::http::access::access_log())
                 .configure(|c| {
                     #[cfg(feature = "simulators")]
                     if let Some(sims) = &simulators {
@@ -380,23 +398,33 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// The id of the key configured as `auth.admin_key`: stable, and no part of the secret.
+pub fn configured_admin_key_id(key: &str) -> String {
+    format!("k_admin_{}", &sha256_hex(key)[..8])
+}
+
 /// Makes sure an admin key exists: the configured one, or one generated and printed once.
 async fn ensure_admin_key(state: &AppState) -> anyhow::Result<Option<String>> {
     if let Some(key) = &state.settings.auth.admin_key {
         if key.len() < 16 {
             anyhow::bail!("auth.admin_key (HUB__AUTH__ADMIN_KEY) must be at least 16 characters");
         }
-        if state
-            .store
-            .api_key_by_hash(&sha256_hex(key))
-            .await?
-            .is_none()
-        {
-            let id = format!("k_admin_{}", &sha256_hex(key)[..8]);
-            state
-                .store
-                .create_api_key(&id, &sha256_hex(key), None, "admin", state.now())
-                .await?;
+        let hash = sha256_hex(key);
+        match state.store.api_key_any_by_hash(&hash).await? {
+            None => {
+                // Derived from the key, so the configured key keeps its id across restarts and
+                // can be listed and revoked like any other.
+                let id = configured_admin_key_id(key);
+                state
+                    .store
+                    .create_api_key(&id, &hash, None, "admin", state.now())
+                    .await?;
+            }
+            Some(k) if k.revoked_at.is_some() => {
+                // A revocation through the API stands: configuration does not bring it back.
+                tracing::warn!(key_id = %k.id, "auth.admin_key (HUB__AUTH__ADMIN_KEY) was revoked; it stays revoked: remove it from the configuration");
+            }
+            Some(_) => {}
         }
         return Ok(None);
     }

@@ -54,13 +54,8 @@ fn ca_params() -> anyhow::Result<CertificateParams> {
 }
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(())
+    crate::private::write_file(path, contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn serial() -> anyhow::Result<Vec<u8>> {
@@ -76,10 +71,13 @@ fn serial() -> anyhow::Result<Vec<u8>> {
 impl DeviceCa {
     /// Loads the CA from `dir`, creating it on first start.
     pub fn load_or_create(dir: &Path) -> anyhow::Result<Self> {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::private::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
         let key_path = dir.join("device-ca.key.pem");
         let cert_path = dir.join("device-ca.pem");
         if key_path.exists() && cert_path.exists() {
+            // A key written by an older version may be readable by others.
+            crate::private::tighten(&key_path)
+                .with_context(|| format!("chmod 600 {}", key_path.display()))?;
             let key = KeyPair::from_pem(&fs::read_to_string(&key_path)?)
                 .with_context(|| format!("reading {}", key_path.display()))?;
             let ca_pem = fs::read_to_string(&cert_path)?;

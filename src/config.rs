@@ -104,12 +104,15 @@ pub struct RedisSettings {
 }
 
 /// `[auth]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
     /// `HUB__AUTH__ADMIN_KEY`
     #[serde(default)]
     pub admin_key: Option<String>,
+    /// `HUB__AUTH__FEED_TICKET_TTL_MS`: how long a feed ticket (`POST /api/v1/feed-tickets`)
+    /// may wait for its socket.
+    pub feed_ticket_ttl_ms: u64,
 }
 
 /// `[cabinet]`
@@ -235,6 +238,15 @@ impl Settings {
     /// Loads all layers. `file` is `--config`; without it `config/$HUB_ENV.toml` when `HUB_ENV`
     /// is set.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Self> {
+        Self::load_with_view(file, overrides).map(|(s, _)| s)
+    }
+
+    /// [`Settings::load`], and every layered key with its value for people to read, secrets
+    /// shown as `"<redacted>"` (see [`redact_secrets`]).
+    pub fn load_with_view(
+        file: Option<&Path>,
+        overrides: &Overrides,
+    ) -> anyhow::Result<(Self, serde_json::Value)> {
         let mut b = config::Config::builder().add_source(config::File::from_str(
             DEFAULT_TOML,
             config::FileFormat::Toml,
@@ -268,9 +280,13 @@ impl Settings {
                 b = b.set_override(key, v.as_str())?;
             }
         }
-        let settings: Settings = b
-            .build()
-            .context("reading configuration")?
+        let layered = b.build().context("reading configuration")?;
+        let mut view: serde_json::Value = layered
+            .clone()
+            .try_deserialize()
+            .context("reading configuration")?;
+        redact_secrets(&mut view);
+        let settings: Settings = layered
             .try_deserialize()
             .map_err(|e| {
                 anyhow::anyhow!(
@@ -278,7 +294,7 @@ impl Settings {
                 )
             })?;
         settings.validate()?;
-        Ok(settings)
+        Ok((settings, view))
     }
 
     /// Checks what serde cannot: URLs, ranges, formats.
@@ -312,6 +328,9 @@ impl Settings {
         }
         if !(-720..=840).contains(&self.pricing.utc_offset_min) {
             bail!("pricing.utc_offset_min (HUB__PRICING__UTC_OFFSET_MIN) must be between -720 and 840");
+        }
+        if !(1..=300_000).contains(&self.auth.feed_ticket_ttl_ms) {
+            bail!("auth.feed_ticket_ttl_ms (HUB__AUTH__FEED_TICKET_TTL_MS) must be between 1 and 300000");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!(
@@ -396,6 +415,53 @@ impl Settings {
     }
 }
 
+/// Last words of a key name (after `_`) that mark its value a secret: `admin_key`,
+/// `api_v3_key`, `apiv2_key`, `metrics.token`, a cabinet `secret`… Matched by name so that a
+/// key added later is covered without a list to keep up to date; `*_path` keys name files and
+/// are shown.
+const SECRET_WORDS: &[&str] = &[
+    "key",
+    "secret",
+    "token",
+    "password",
+    "passphrase",
+    "sign",
+    "signature",
+];
+
+/// Whether a configuration key's value is a secret.
+pub fn secret_key_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    let last = name.rsplit(['_', '.']).next().unwrap_or(&name);
+    SECRET_WORDS.contains(&last) || last.ends_with("key") || last.ends_with("secret")
+}
+
+/// Replaces, in place, the value of every secret-named key (see [`secret_key_name`]) that is
+/// set with `"<redacted>"`, and the password in any URL (`postgres://user:<redacted>@…`).
+pub fn redact_secrets(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                if secret_key_name(k) && !v.is_null() {
+                    *v = Value::String("<redacted>".into());
+                } else {
+                    redact_secrets(v);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact_secrets),
+        Value::String(s) => {
+            if let Ok(mut u) = url::Url::parse(s) {
+                if u.password().is_some() && u.set_password(Some("<redacted>")).is_ok() {
+                    *s = u.to_string();
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// `HH:MM`, 00:00–23:59.
 pub fn valid_hhmm(s: &str) -> bool {
     let b = s.as_bytes();
@@ -418,6 +484,50 @@ mod tests {
         assert_eq!(s.mqtt.listen.to_string(), "0.0.0.0:1883");
         assert!(s.database_url().starts_with("sqlite:///tmp/x/hub.db"));
         assert_eq!(s.timing(), Timing::default());
+    }
+
+    #[test]
+    fn secrets_are_redacted_by_name_wherever_they_are() {
+        let mut v = serde_json::json!({
+            "auth": {"admin_key": "chk_admin", "feed_ticket_ttl_ms": 30000},
+            "metrics": {"token": "metrics-token", "listen": "127.0.0.1:9100"},
+            "payments": {"wechat": {"api_v3_key": "v3", "apiv2_key": "v2", "mchid": "190",
+                                    "merchant_key_path": "/etc/hub/key.pem"},
+                         "alipay": {"app_secret": "s"}},
+            "database": {"url": "postgres://hub:pw@db:5432/hub", "max_connections": 8},
+            "redis": {"url": null},
+            "mqtt": {"tls_server_names": ["localhost"]},
+        });
+        redact_secrets(&mut v);
+        let text = v.to_string();
+        for secret in [
+            "chk_admin",
+            "metrics-token",
+            "\"v3\"",
+            "\"v2\"",
+            ":pw@",
+            "\"s\"",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert_eq!(v["auth"]["admin_key"], "<redacted>");
+        assert_eq!(v["metrics"]["token"], "<redacted>");
+        assert_eq!(v["payments"]["wechat"]["apiv2_key"], "<redacted>");
+        assert_eq!(v["payments"]["wechat"]["mchid"], "190");
+        assert_eq!(
+            v["payments"]["wechat"]["merchant_key_path"],
+            "/etc/hub/key.pem"
+        );
+        assert_eq!(
+            v["database"]["url"],
+            "postgres://hub:%3Credacted%3E@db:5432/hub"
+        );
+        assert_eq!(
+            v["redis"]["url"],
+            serde_json::Value::Null,
+            "unset stays visible as unset"
+        );
+        assert_eq!(v["auth"]["feed_ticket_ttl_ms"], 30000);
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub enum ErrorCode {
     NotRegistered,
     /// A promotion id collided; retry.
     PromotionExists,
+    /// Revoking the last active admin key would lock the platform out.
+    LastAdminKey,
+    /// The API key is revoked (rotating it, say).
+    KeyRevoked,
     /// The cabinet is registered but not activated.
     CabinetNotActive,
     /// Another session is open on the cabinet.
@@ -95,7 +99,7 @@ impl ErrorCode {
             NotFound | CabinetNotFound => StatusCode::NOT_FOUND,
             MerchantExists | CabinetExists | NotRegistered | PromotionExists | CabinetNotActive
             | CabinetBusy | CabinetFaulted | RequestInProgress | UnlockRejected
-            | OrderNotAbnormal => StatusCode::CONFLICT,
+            | OrderNotAbnormal | LastAdminKey | KeyRevoked => StatusCode::CONFLICT,
             ServiceExpired | UserBlacklisted | PaymentDeclined | UnknownProduct
             | RefundExceedsPaid => StatusCode::UNPROCESSABLE_ENTITY,
             CabinetOffline | UnlockTimeout | HubRestarted | ActorUnavailable | ActorRestarted

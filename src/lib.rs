@@ -10,7 +10,8 @@
 //! - `feed`: the operator feed's fan-out and replay.
 //! - `payments`, `simulators`: provider clients, and the providers' simulators (a feature).
 //! - `views`, `error`: the JSON views and the one error model of the API.
-//! - `store`, `metrics`, `config`, `telemetry`, `secrets`, `ca`, `backoff`: leaves.
+//! - `store`, `metrics`, `config`, `telemetry`, `secrets`, `private`, `ca`,
+//!   `backoff`: leaves.
 
 pub mod app;
 pub mod backoff;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod payments;
 pub mod ports;
+pub mod private;
 pub mod secrets;
 pub mod sessions;
 #[cfg(feature = "simulators")]

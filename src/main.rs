@@ -37,7 +37,7 @@ enum Cmd {
     /// Print the OpenAPI document of this build's HTTP API and exit (also served at
     /// `GET /api/openapi.json`).
     Openapi,
-    /// Print the effective configuration and exit.
+    /// Print the effective configuration (every secret as "<redacted>") and exit.
     CheckConfig {
         /// As for serve.
         #[arg(long)]
@@ -57,6 +57,17 @@ fn raise_fd_limit(max_connections: usize) {
         ),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+}
+
+/// Whatever the node writes is its own: the data dir, the database and its journals, keys.
+/// The files that matter get explicit modes too (`cabinet_hub::private`); this covers the rest
+/// (SQLite's temporary files, a file some later version adds).
+fn private_umask() {
+    #[cfg(unix)]
+    // SAFETY: umask only swaps the process's file-mode mask; it takes no pointers.
+    unsafe {
+        libc::umask(0o077);
     }
 }
 
@@ -84,6 +95,7 @@ fn main() -> ExitCode {
                 }
             };
             telemetry::init(&settings.log);
+            private_umask();
             raise_fd_limit(settings.mqtt.max_connections);
             let result = actix_web::rt::System::new().block_on(async move {
                 let app = Application::build(settings).await?;
@@ -109,11 +121,17 @@ fn main() -> ExitCode {
             }
         },
         Cmd::CheckConfig { config } => {
-            match Settings::load(config.as_deref(), &Overrides::default()) {
-                Ok(s) => {
-                    println!("{s:#?}");
-                    ExitCode::SUCCESS
-                }
+            match Settings::load_with_view(config.as_deref(), &Overrides::default()) {
+                Ok((_, view)) => match serde_json::to_string_pretty(&view) {
+                    Ok(text) => {
+                        println!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("cabinet-hub: {e}");
+                        ExitCode::from(1)
+                    }
+                },
                 Err(e) => {
                     eprintln!("cabinet-hub: {e:#}");
                     ExitCode::from(2)

@@ -143,12 +143,23 @@ function setConn(state, text) {
   c.textContent = text;
 }
 
-function connect() {
+// A browser cannot put the key in the socket's Authorization header, and a key in the URL
+// would land in logs: the page trades it (in a header) for a single-use ticket first.
+async function connect() {
+  if (!S.key) return;
+  setConn('connecting', S.everLive ? 'reconnecting…' : 'connecting…');
+  let ticket;
+  try {
+    ticket = (await api('POST', '/api/v1/feed-tickets')).ticket;
+  } catch (e) {
+    if (e.message === 'unauthorized') return;
+    scheduleReconnect();
+    return;
+  }
   if (!S.key) return;
   const proto = location.protocol === 'https:' ? 'wss' : 'ws';
-  let url = `${proto}://${location.host}/ws?token=${encodeURIComponent(S.key)}`;
+  let url = `${proto}://${location.host}/ws?ticket=${encodeURIComponent(ticket)}`;
   if (S.lastSeq !== null) url += `&since=${S.lastSeq}`;
-  setConn('connecting', S.everLive ? 'reconnecting…' : 'connecting…');
   const ws = new WebSocket(url);
   S.ws = ws;
   ws.onopen = () => {
@@ -161,24 +172,32 @@ function connect() {
     try { ev = JSON.parse(m.data); } catch (_) { return; }
     handle(ev);
   };
-  ws.onclose = () => {
+  ws.onclose = (ev) => {
     if (S.ws !== ws) return;
     S.ws = null;
-    const wait = S.backoff;
-    S.backoff = Math.min(S.backoff * 2, 10000);
-    let left = Math.ceil(wait / 1000);
-    setConn('down', `disconnected — retrying in ${left}s`);
-    const tick = setInterval(() => {
-      left -= 1;
-      if (left > 0 && !S.ws) setConn('down', `disconnected — retrying in ${left}s`);
-    }, 1000);
-    S.retryTimer = setTimeout(async () => {
-      clearInterval(tick);
-      // A refused handshake looks like any other close; ask the API whether the key still works.
-      try { await api('GET', '/api/v1/me'); } catch (e) { if (e.message === 'unauthorized') return; }
-      connect();
-    }, wait);
+    if (ev.code === 4401) {
+      signOut('Your key was revoked. Sign in with another key.');
+      return;
+    }
+    scheduleReconnect();
   };
+}
+
+function scheduleReconnect() {
+  const wait = S.backoff;
+  S.backoff = Math.min(S.backoff * 2, 10000);
+  let left = Math.ceil(wait / 1000);
+  setConn('down', `disconnected — retrying in ${left}s`);
+  const tick = setInterval(() => {
+    left -= 1;
+    if (left > 0 && !S.ws) setConn('down', `disconnected — retrying in ${left}s`);
+  }, 1000);
+  S.retryTimer = setTimeout(async () => {
+    clearInterval(tick);
+    // A refused handshake looks like any other close; ask the API whether the key still works.
+    try { await api('GET', '/api/v1/me'); } catch (e) { if (e.message === 'unauthorized') return; }
+    connect();
+  }, wait);
 }
 
 function logEvent(cabinetId, text) {

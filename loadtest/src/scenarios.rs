@@ -207,8 +207,15 @@ async fn feed(
     hub: &Hub,
     key: &str,
 ) -> Result<tokio::sync::mpsc::UnboundedReceiver<(Instant, Value)>> {
-    let url = format!("ws://{}/ws?token={key}", hub.http);
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{}/ws", hub.http)
+        .into_client_request()
+        .context("feed request")?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().context("feed key")?,
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
         .await
         .context("feed connect")?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

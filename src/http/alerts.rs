@@ -24,10 +24,6 @@ pub struct AlertQuery {
     cabinet_id: Option<String>,
     /// At most this many, newest first (1 to 5000, default 500).
     limit: Option<i64>,
-    /// The feed's browser fallback; ignored here.
-    #[allow(dead_code)]
-    #[param(ignore)]
-    token: Option<String>,
 }
 
 /// Alerts, newest first.

@@ -102,18 +102,45 @@ impl Caller {
     }
 }
 
+/// The key in `Authorization: Bearer`, the only place a key is taken from: a URL ends up in
+/// access logs, proxies' logs and browser history (browsers' feed sockets use a ticket).
 fn bearer(req: &HttpRequest) -> Option<String> {
-    if let Some(h) = req
-        .headers()
+    req.headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-    {
-        return h.strip_prefix("Bearer ").map(|s| s.trim().to_owned());
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(|s| s.trim().to_owned())
+}
+
+impl Caller {
+    /// The caller a request's `Authorization: Bearer` key names; 401 without a live one.
+    pub async fn from_header(state: &AppState, req: &HttpRequest) -> ApiResult<Self> {
+        let key = bearer(req).ok_or_else(ApiError::unauthorized)?;
+        Self::from_key(state, &key).await
     }
-    // Browsers cannot set headers on a WebSocket: `?token=` is accepted too.
-    web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
-        .ok()
-        .and_then(|q| q.get("token").cloned())
+
+    /// The caller `key` names. Looked up in storage every time (no cache that could outlive a
+    /// revocation); its last use is noted in memory and written at most once a minute.
+    pub async fn from_key(state: &AppState, key: &str) -> ApiResult<Self> {
+        let row = state.store.api_key_by_hash(&sha256_hex(key)).await?;
+        let row = row.ok_or_else(ApiError::unauthorized)?;
+        let role: Role = row.role.parse().map_err(|_| ApiError::unauthorized())?;
+        let now = state.now();
+        if state.access.used(&row.id, now) {
+            let store = state.store.clone();
+            let id = row.id.clone();
+            actix_web::rt::spawn(async move {
+                if let Err(e) = store.touch_api_key(&id, now).await {
+                    tracing::warn!(key_id = %id, error = %e, "could not record the key's last use");
+                }
+            });
+        }
+        Ok(Caller {
+            key_id: row.id,
+            role,
+            merchant: row.merchant_id,
+        })
+    }
 }
 
 impl FromRequest for Caller {
@@ -121,22 +148,22 @@ impl FromRequest for Caller {
     type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
 
     fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
-        let key = bearer(req);
-        let state = req.app_data::<web::Data<AppState>>().cloned();
+        let req = req.clone();
         Box::pin(async move {
-            let (Some(key), Some(state)) = (key, state) else {
-                return Err(ApiError::unauthorized());
-            };
-            let row = state.store.api_key_by_hash(&sha256_hex(&key)).await?;
-            let row = row.ok_or_else(ApiError::unauthorized)?;
-            let role: Role = row.role.parse().map_err(|_| ApiError::unauthorized())?;
-            Ok(Caller {
-                key_id: row.id,
-                role,
-                merchant: row.merchant_id,
-            })
+            let state = req
+                .app_data::<web::Data<AppState>>()
+                .cloned()
+                .ok_or_else(ApiError::unauthorized)?;
+            Caller::from_header(&state, &req).await
         })
     }
+}
+
+/// A new key and its id: `chk_<idpart>_<secret>` and `k_<idpart>`, the id being the key's
+/// visible prefix.
+pub fn new_key() -> ApiResult<(String, String)> {
+    let part = token(12)?;
+    Ok((format!("k_{part}"), format!("chk_{part}_{}", token(40)?)))
 }
 
 /// Creates a key; shared by the API and first start. Answers `(id, key)`.
@@ -145,8 +172,7 @@ pub async fn issue_key(
     merchant: Option<&str>,
     role: Role,
 ) -> ApiResult<(String, String)> {
-    let id = format!("k_{}", token(12)?);
-    let key = format!("chk_{}_{}", &id[2..], token(40)?);
+    let (id, key) = new_key()?;
     state
         .store
         .create_api_key(&id, &sha256_hex(&key), merchant, role.as_str(), state.now())

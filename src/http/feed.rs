@@ -15,7 +15,7 @@ use cabinet_actors::ids::CabinetId;
 use super::auth::{Caller, Role};
 use super::cabinets::snapshot_of;
 use super::state::AppState;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::views::CabinetView;
 
 const PING_EVERY: Duration = Duration::from_secs(10);
@@ -26,9 +26,62 @@ const LAG_CHECK: Duration = Duration::from_millis(50);
 #[derive(Deserialize)]
 pub struct FeedQuery {
     since: Option<u64>,
-    #[allow(dead_code)]
-    token: Option<String>,
+    /// A browser's single-use ticket (`POST /api/v1/feed-tickets`) in place of the header.
+    ticket: Option<String>,
 }
+
+/// Who opens the socket: the ticket's key, else the `Authorization` header's. A ticket counts
+/// only while its key stands, checked in storage as for any request.
+async fn feed_caller(
+    state: &AppState,
+    req: &HttpRequest,
+    ticket: Option<&str>,
+) -> ApiResult<Caller> {
+    let Some(ticket) = ticket else {
+        return Caller::from_header(state, req).await;
+    };
+    let refused = || {
+        ApiError::new(
+            ErrorCode::Unauthorized,
+            "feed ticket unknown, used or expired",
+        )
+    };
+    let holder = state.access.redeem_ticket(ticket).ok_or_else(refused)?;
+    match state.store.api_key(&holder.key_id).await? {
+        Some(k) if k.revoked_at.is_none() => Ok(Caller {
+            key_id: holder.key_id,
+            role: holder.role,
+            merchant: holder.merchant,
+        }),
+        _ => Err(refused()),
+    }
+}
+
+/// Resolves once key `id` is revoked. Cancel-safe (a broadcast receive), so it can lose a
+/// `select!` and be called again; a burst of revocations that overran the receiver is checked
+/// against the node's record instead.
+async fn revoked(
+    rx: &mut broadcast::Receiver<std::sync::Arc<str>>,
+    access: &super::access::KeyAccess,
+    id: &str,
+) {
+    loop {
+        match rx.recv().await {
+            Ok(r) if *r == *id => return,
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => {
+                if access.is_revoked(id) {
+                    return;
+                }
+            }
+            // The node is going away; the feed's own channel ends the socket.
+            Err(RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}
+
+/// Close code of a socket whose key was revoked (4000–4999: the application's own).
+const KEY_REVOKED: u16 = 4401;
 
 /// The feed's first message: every visible cabinet. Each cabinet's view is written out as soon as
 /// it is built, so the JSON trees of a whole fleet (several KB of small allocations a cabinet)
@@ -85,21 +138,29 @@ async fn send_unless_behind(
 
 /// The operator feed over WebSocket: a `snapshot` of every cabinet the key may see, then
 /// `cabinet`, `alert`, `session` and `order` events; `?since=` resumes.
+/// The key goes in `Authorization: Bearer`; a browser passes a ticket from
+/// `POST /api/v1/feed-tickets` instead. A socket whose key is revoked is closed with 4401.
 #[utoipa::path(get, path = "/ws", tag = "feed", params(
-    ("since" = Option<u64>, Query, description = "the last seq received: replay from there")),
+    ("since" = Option<u64>, Query, description = "the last seq received: replay from there"),
+    ("ticket" = Option<String>, Query, description = "a single-use feed ticket (browsers)")),
     security(("bearer" = [])), responses((status = 101, description = "switching to WebSocket"),
     (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody)))]
 pub async fn ws(
     state: web::Data<AppState>,
-    caller: Caller,
     req: HttpRequest,
     body: web::Payload,
     q: web::Query<FeedQuery>,
 ) -> ApiResult<actix_web::HttpResponse> {
+    let FeedQuery { since, ticket } = q.into_inner();
+    let caller = feed_caller(&state, &req, ticket.as_deref()).await?;
     caller.require(Role::Viewer)?;
+    // Subscribed before the check, so that a revocation in between is seen by one of them.
+    let mut revocations = state.access.revocations();
+    if state.access.is_revoked(&caller.key_id) {
+        return Err(ApiError::unauthorized());
+    }
     let (response, mut session, mut stream) = actix_ws::handle(&req, body)
         .map_err(|e| ApiError::bad_request(format!("not a WebSocket handshake: {e}")))?;
-    let since = q.into_inner().since;
     let state = state.into_inner();
     let metrics = state.metrics.clone();
     let queue = state.settings.feed.client_queue.max(1);
@@ -142,7 +203,12 @@ pub async fn ws(
             tokio::select! {
                 ev = rx.recv() => match ev {
                     Ok(e) if e.seq > seq && visible(&e.merchant) => {
-                        match send_unless_behind(&mut session, e.json.clone(), &rx, queue).await {
+                        // A revocation is not held up by a client that is slow to take this.
+                        let sent = tokio::select! {
+                            r = send_unless_behind(&mut session, e.json.clone(), &rx, queue) => r,
+                            () = revoked(&mut revocations, &state.access, &caller.key_id) => Err("revoked"),
+                        };
+                        match sent {
                             Ok(()) => metrics.ws_sent.inc(),
                             Err(r) => { reason = r; break; }
                         }
@@ -151,6 +217,10 @@ pub async fn ws(
                     Err(RecvError::Lagged(_)) => { reason = "lagged"; break; }
                     Err(RecvError::Closed) => { reason = "shutdown"; break; }
                 },
+                () = revoked(&mut revocations, &state.access, &caller.key_id) => {
+                    reason = "revoked";
+                    break;
+                }
                 msg = stream.recv() => match msg {
                     Some(Ok(Message::Ping(b))) => { if session.pong(&b).await.is_err() { break; } }
                     Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
@@ -168,7 +238,11 @@ pub async fn ws(
             tracing::info!(reason, "feed client dropped");
         }
         metrics.ws_clients.dec();
-        let _ = session.close(None).await;
+        let close = (reason == "revoked").then(|| actix_ws::CloseReason {
+            code: actix_ws::CloseCode::Other(KEY_REVOKED),
+            description: Some("key revoked".into()),
+        });
+        let _ = session.close(close).await;
     });
     Ok(response)
 }

@@ -104,6 +104,18 @@ pub struct IssuedKey {
     merchant_id: Option<String>,
 }
 
+impl IssuedKey {
+    /// A key as handed out, once.
+    pub(crate) fn new(id: String, key: String, role: Role, merchant_id: Option<String>) -> Self {
+        Self {
+            id,
+            key,
+            role,
+            merchant_id,
+        }
+    }
+}
+
 /// Creates an API key, no stronger than the caller's own.
 #[utoipa::path(post, path = "/api/v1/api-keys", tag = "merchants", request_body = NewKey,
     security(("bearer" = [])), responses((status = 201, body = IssuedKey), (status = 400, body = super::ErrorBody),

@@ -3,6 +3,7 @@
 //! generated from the handlers' annotations and the reply structs, and a test holds it to the
 //! route table.
 
+pub mod access;
 pub mod alerts;
 pub mod auth;
 pub mod cabinets;
@@ -10,6 +11,7 @@ pub mod catalog;
 mod error;
 pub mod feed;
 pub mod health;
+pub mod keys;
 pub mod merchants;
 pub mod notifications;
 pub mod page;
@@ -56,6 +58,10 @@ routes! {
     post "/api/v1/merchants" => merchants::create_merchant,
     put "/api/v1/merchants/{id}/payment" => merchants::merchant_payment,
     post "/api/v1/api-keys" => merchants::create_key,
+    get "/api/v1/api-keys" => keys::list_keys,
+    delete "/api/v1/api-keys/{id}" => keys::revoke_key,
+    post "/api/v1/api-keys/{id}/rotate" => keys::rotate_key,
+    post "/api/v1/feed-tickets" => keys::feed_ticket,
     post "/api/v1/cabinets" => cabinets::register_cabinet,
     get "/api/v1/cabinets" => cabinets::list_cabinets,
     get "/api/v1/cabinets/{id}" => cabinets::get_cabinet,
@@ -100,6 +106,7 @@ routes! {
         health::healthz, health::readyz, health::metrics, openapi_json, feed::ws,
         page::index, page::app_js, page::app_css,
         merchants::whoami, merchants::create_merchant, merchants::merchant_payment, merchants::create_key,
+        keys::list_keys, keys::revoke_key, keys::rotate_key, keys::feed_ticket,
         cabinets::register_cabinet, cabinets::list_cabinets, cabinets::get_cabinet,
         cabinets::activate_cabinet, cabinets::issue_certificate, cabinets::revoke_certificate, cabinets::rotate_secret,
         cabinets::patch_config,

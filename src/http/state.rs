@@ -39,6 +39,8 @@ pub struct AppState {
     pub sessions: Arc<Sessions>,
     /// The operator feed.
     pub feed: Arc<Feed>,
+    /// API keys' last use, feed tickets and revocations.
+    pub access: Arc<super::access::KeyAccess>,
     /// The in-process payment simulators, when on.
     #[cfg(feature = "simulators")]
     pub simulators: Option<crate::simulators::Simulators>,

@@ -39,8 +39,10 @@ pub(crate) fn conflict_or(e: sqlx::Error) -> StoreError {
 pub(crate) type Result<T> = std::result::Result<T, StoreError>;
 
 mod catalog;
+mod keys;
 mod sessions;
 pub use catalog::{PromotionRow, PromotionRule};
+pub use keys::{ApiKeyRecord, Revocation};
 pub use sessions::{BlacklistRow, OrderFilter, OrderRow, OrderUpdate, RefundRow, SessionRow};
 
 /// A merchant.
@@ -148,6 +150,7 @@ fn migrator(postgres: bool) -> Migrator {
         (2, "catalog", sql!("0002_catalog.sql")),
         (3, "sessions", sql!("0003_sessions.sql")),
         (4, "exceptions", sql!("0004_exceptions.sql")),
+        (5, "api_keys", sql!("0005_api_keys.sql")),
         (
             7,
             "certificate_revocation",

@@ -502,3 +502,48 @@ async fn ten_thousand_cabinets_stay_usable() {
     eprintln!("door_forced at the top of 10,000 after {took:?}");
     b.screenshot("operator-fleet-10k.png").await;
 }
+
+/// The page opens its feed with a single-use ticket, never its key in the URL; when its key is
+/// revoked the socket closes (4401) and the page returns to sign-in saying why.
+#[actix_rt::test]
+async fn the_page_keeps_its_key_out_of_urls_and_signs_out_when_revoked() {
+    let hub = TestHub::start_with(Backend::Sqlite, steady_heartbeats).await;
+    let (ma, _) = hub.merchant("m1").await;
+    hub.cabinet(&ma, "m1", "KM1").await;
+    let (s, b) = hub
+        .post(
+            "/api/v1/api-keys",
+            &ma,
+            json!({"merchant_id": "m1", "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let (viewer, viewer_id) = (
+        b["key"].as_str().unwrap_or_default().to_owned(),
+        b["id"].as_str().unwrap_or_default().to_owned(),
+    );
+    let mut b = Browser::launch(1280, 800).await;
+    sign_in(&mut b, &hub, &viewer).await;
+    let url = b.eval("S.ws.url").await;
+    let url = url.as_str().unwrap_or_default();
+    assert!(url.contains("/ws?ticket=ft_"), "{url}");
+    assert!(
+        !url.contains(&viewer),
+        "the key is in the socket's URL: {url}"
+    );
+
+    let (s, _) = hub
+        .call(
+            "DELETE",
+            &format!("/api/v1/api-keys/{viewer_id}"),
+            &ma,
+            None,
+        )
+        .await;
+    assert_eq!(s, 204);
+    b.wait_for(
+        "!document.getElementById('signin').hidden && document.getElementById('signin-error').textContent.includes('revoked')",
+        Duration::from_secs(3),
+    )
+    .await;
+}

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::both;
@@ -12,12 +14,23 @@ use crate::harness::{Backend, Cabinet, TestHub};
 pub(crate) type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// The feed handshake with the key in `Authorization: Bearer`, as a program opens it.
+pub(crate) fn request(hub: &TestHub, key: &str, query: &str) -> Request {
+    let mut req = format!("ws://{}/ws{query}", hub.http)
+        .into_client_request()
+        .unwrap_or_else(|e| panic!("{e}"));
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {key}")
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    req
+}
+
 pub(crate) async fn connect(hub: &TestHub, key: &str, since: Option<u64>) -> Ws {
-    let mut url = format!("ws://{}/ws?token={key}", hub.http);
-    if let Some(s) = since {
-        url.push_str(&format!("&since={s}"));
-    }
-    tokio_tungstenite::connect_async(url)
+    let query = since.map(|s| format!("?since={s}")).unwrap_or_default();
+    tokio_tungstenite::connect_async(request(hub, key, &query))
         .await
         .unwrap_or_else(|e| panic!("ws: {e}"))
         .0
@@ -107,8 +120,8 @@ async fn snapshot_then_deltas_scoped(b: Backend) {
         "merchant 2 receives nothing of merchant 1"
     );
 
-    // A bad token is refused at the handshake.
-    let bad = tokio_tungstenite::connect_async(format!("ws://{}/ws?token=nope", hub.http)).await;
+    // A bad key is refused at the handshake.
+    let bad = tokio_tungstenite::connect_async(request(&hub, "nope", "")).await;
     assert!(bad.is_err());
     assert!(hub.metrics().await.contains("ws_clients 2"));
 }
@@ -190,10 +203,9 @@ async fn slow_client_dropped_fast_client_served(b: Backend) {
         .connect(hub.http)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let (_slow, _) =
-        tokio_tungstenite::client_async(format!("ws://{}/ws?token={op}", hub.http), stream)
-            .await
-            .unwrap_or_else(|e| panic!("slow handshake: {e}"));
+    let (_slow, _) = tokio_tungstenite::client_async(request(&hub, &op, ""), stream)
+        .await
+        .unwrap_or_else(|e| panic!("slow handshake: {e}"));
     hub.eventually(Duration::from_secs(2), "two clients", || async {
         (hub.metric("ws_clients").await == 2.0).then_some(())
     })

@@ -7,6 +7,7 @@ mod catalog;
 mod crash;
 mod feed;
 mod harness;
+mod keys;
 mod purchase;
 mod startup;
 mod store;
