@@ -651,3 +651,61 @@ async fn files_are_private_from_creation() {
         assert_eq!(mode(&data.join(f)), 0o600, "{f}");
     }
 }
+
+fn unix_ms(rfc3339: &Value) -> i64 {
+    let s = rfc3339
+        .as_str()
+        .unwrap_or_else(|| panic!("not a time: {rfc3339}"));
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{s}: {e}"));
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// A key's last use is stored, but not on every request: within a minute the stored time stays
+/// at the first use while the list shows the latest one (kept in memory).
+#[actix_rt::test]
+async fn last_use_is_stored_at_most_once_a_minute() {
+    let mut data = PathBuf::new();
+    let hub = TestHub::start_with(Backend::Sqlite, |s| data = s.data_dir.clone()).await;
+    let (ma, op) = hub.merchant("m1").await;
+    let id = id_of(&op);
+    sqlx::any::install_default_drivers();
+    let url = format!("sqlite://{}", data.join("hub.db").display());
+    let stored = || {
+        let (url, id) = (url.clone(), id.clone());
+        async move {
+            use sqlx::{Connection, Row};
+            let mut conn = sqlx::AnyConnection::connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let v: Option<i64> = sqlx::query("SELECT last_used_at FROM api_keys WHERE id = $1")
+                .bind(&id)
+                .fetch_one(&mut conn)
+                .await
+                .and_then(|r| r.try_get("last_used_at"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            v
+        }
+    };
+    assert_eq!(stored().await, None, "created, never used");
+    assert_eq!(me(&hub, &op).await, 200);
+    let first = hub
+        .eventually(Duration::from_secs(5), "the first use stored", &stored)
+        .await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for _ in 0..5 {
+        assert_eq!(me(&hub, &op).await, 200);
+    }
+    let (_, list) = hub.get("/api/v1/api-keys", &ma).await;
+    let shown = items(&list)
+        .into_iter()
+        .find(|k| k["id"] == id)
+        .map(|k| unix_ms(&k["last_used_at"]))
+        .unwrap_or_default();
+    assert!(
+        shown > first,
+        "the list shows the latest use: {shown} vs {first}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stored().await, Some(first), "no write per request");
+}
