@@ -27,6 +27,9 @@ pub enum StoreError {
     /// Migrations failed.
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// An `Idempotency-Key` stored with another request.
+    #[error("idempotency key reused for another request")]
+    KeyReused,
 }
 
 pub(crate) fn conflict_or(e: sqlx::Error) -> StoreError {
@@ -41,7 +44,9 @@ pub(crate) type Result<T> = std::result::Result<T, StoreError>;
 mod catalog;
 mod sessions;
 pub use catalog::{PromotionRow, PromotionRule};
-pub use sessions::{BlacklistRow, OrderFilter, OrderRow, OrderUpdate, RefundRow, SessionRow};
+pub use sessions::{
+    BlacklistRow, KeyedSession, OrderFilter, OrderRow, OrderUpdate, RefundRow, SessionRow,
+};
 
 /// A merchant.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -135,7 +140,7 @@ pub struct AlertFilter {
 // either can diverge without touching the other.
 #[allow(clippy::if_same_then_else)]
 fn migrator(postgres: bool) -> Migrator {
-    let files: [(i64, &str, &'static str); 4] = if postgres {
+    let files: [(i64, &str, &'static str); 5] = if postgres {
         [
             (
                 1,
@@ -156,6 +161,11 @@ fn migrator(postgres: bool) -> Migrator {
                 4,
                 "exceptions",
                 include_str!("../../migrations/postgres/0004_exceptions.sql"),
+            ),
+            (
+                5,
+                "ops",
+                include_str!("../../migrations/postgres/0005_ops.sql"),
             ),
         ]
     } else {
@@ -179,6 +189,11 @@ fn migrator(postgres: bool) -> Migrator {
                 4,
                 "exceptions",
                 include_str!("../../migrations/sqlite/0004_exceptions.sql"),
+            ),
+            (
+                5,
+                "ops",
+                include_str!("../../migrations/sqlite/0005_ops.sql"),
             ),
         ]
     };
@@ -453,6 +468,25 @@ impl Store {
             .execute(&self.writer)
             .await?;
         Ok(())
+    }
+
+    /// Records that a cabinet came online (`Some(at)`) or went offline (`None`), for the
+    /// start-up sweep after a restart.
+    pub async fn set_cabinet_online(&self, id: &str, online_at: Option<i64>) -> Result<()> {
+        sqlx::query("UPDATE cabinets SET online_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(online_at)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// The cabinets stored as online (the hub stopped while they were connected).
+    pub async fn cabinets_stored_online(&self) -> Result<Vec<CabinetRow>> {
+        let rows = sqlx::query("SELECT * FROM cabinets WHERE online_at IS NOT NULL ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(cabinet_row).collect()
     }
 
     /// The newest desired configuration of a cabinet.
