@@ -271,8 +271,9 @@ impl Application {
                 })
         })
         .on_connect(bound_send_buffer)
-        // A request's head has as long as its body (actix answers 408 itself).
-        .client_request_timeout(body_within)
+        // A request's head: actix's own 5 s, or less when the body gets less (actix answers
+        // 408 itself).
+        .client_request_timeout(body_within.min(Duration::from_secs(5)))
         .workers(workers)
         .shutdown_timeout(10)
         .listen(http_listener)?

@@ -57,8 +57,9 @@ pub struct HttpSettings {
     pub listen: SocketAddr,
     /// 0 = one per core.
     pub workers: usize,
-    /// `HUB__HTTP__BODY_TIMEOUT_MS`: a request whose head or body has not fully arrived by then
-    /// is answered 408 and its connection closed (a slowloris holds nothing for long).
+    /// `HUB__HTTP__BODY_TIMEOUT_MS`: a request whose body has not fully arrived by then is
+    /// answered 408 and its connection closed (a slowloris holds nothing for long). The head
+    /// gets the lesser of this and 5 s.
     pub body_timeout_ms: u64,
 }
 
