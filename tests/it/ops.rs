@@ -425,7 +425,7 @@ async fn a_feed_reader_that_never_reads_is_dropped_during_replay() {
             .parse()
             .unwrap_or_else(|e| panic!("{e}")),
     );
-    let (_stuck, _) = tokio_tungstenite::client_async(req, stream)
+    let (mut stuck, _) = tokio_tungstenite::client_async(req, stream)
         .await
         .unwrap_or_else(|e| panic!("handshake: {e}"));
     // Dropped by the send deadline, counted, its task gone: it does not wait forever.
@@ -437,6 +437,16 @@ async fn a_feed_reader_that_never_reads_is_dropped_during_replay() {
         (hub.metric("ws_clients").await == 0.0).then_some(())
     })
     .await;
+    // And the connection is let go: what the hub had buffered ends, the socket closes.
+    let ended = tokio::time::timeout(30 * SEC, async {
+        use futures_util::StreamExt;
+        while let Some(Ok(_)) = stuck.next().await {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the hub kept the stuck reader's connection open"
+    );
 }
 
 #[actix_rt::test]
