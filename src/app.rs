@@ -33,6 +33,8 @@ pub struct Application {
     mqtt: SocketAddr,
     mqtt_tls: Option<SocketAddr>,
     server: actix_web::dev::Server,
+    /// `metrics.listen`'s own server: its address and a handle to stop it with the main one.
+    metrics_server: Option<(SocketAddr, actix_web::dev::ServerHandle)>,
     state: actix_web::web::Data<AppState>,
     admin_key: Option<String>,
     alerts: mpsc::UnboundedSender<AlertWrite>,
@@ -100,10 +102,17 @@ impl Application {
                 settings.data_dir.display()
             )
         })?;
+        simulators_where_they_belong(&settings)?;
         let http_listener = TcpListener::bind(settings.http.listen).with_context(|| {
             format!("http.listen (HUB__HTTP__LISTEN) = {}: cannot listen there (port taken?); choose another address", settings.http.listen)
         })?;
         let http = http_listener.local_addr()?;
+        let metrics_listener = match settings.metrics.listen {
+            Some(addr) => Some(TcpListener::bind(addr).with_context(|| {
+                format!("metrics.listen (HUB__METRICS__LISTEN) = {addr}: cannot listen there (port taken?); choose another address")
+            })?),
+            None => None,
+        };
         if settings.mqtt.password_enabled {
             check_free(settings.mqtt.listen, "mqtt.listen")?;
         } else if settings.mqtt.tls_listen.is_none() {
@@ -195,7 +204,7 @@ impl Application {
         };
         let registry = Arc::new(Registry::new(
             threads,
-            ports,
+            ports.clone(),
             clock.clone(),
             settings.timing(),
         ));
@@ -279,23 +288,47 @@ impl Application {
             n => n,
         };
         let data = state.clone();
+        let simulators_on = state.simulators_on();
+        let body_within = Duration::from_millis(settings.http.body_timeout_ms);
         let server = actix_web::HttpServer::new(move || {
             actix_web::App::new()
                 .app_data(data.clone())
+                .wrap(actix_web::middleware::from_fn(move |req, next| {
+                    crate::http::deadline::body_deadline(body_within, req, next)
+                }))
                 .wrap(crate::http::access::access_log())
                 .configure(|c| {
                     #[cfg(feature = "simulators")]
                     if let Some(sims) = &simulators {
                         sims.configure(c);
                     }
-                    crate::http::configure(c);
+                    crate::http::configure(c, simulators_on);
                 })
         })
         .on_connect(bound_send_buffer)
+        // A request's head: actix's own 5 s, or less when the body gets less (actix answers
+        // 408 itself).
+        .client_request_timeout(body_within.min(Duration::from_secs(5)))
         .workers(workers)
         .shutdown_timeout(10)
         .listen(http_listener)?
         .run();
+        let metrics_server = match metrics_listener {
+            Some(l) => Some(metrics_server(state.clone(), l)?),
+            None => None,
+        };
+        tokio::spawn(
+            crate::sweep::OfflineSweep {
+                store: state.store.clone(),
+                registry: state.registry.clone(),
+                ports,
+                metrics: state.metrics.clone(),
+                clock: state.clock.clone(),
+                heartbeat_s: settings.cabinet.heartbeat_s,
+                missed_heartbeats: settings.cabinet.missed_heartbeats,
+            }
+            .run(),
+        );
 
         tracing::info!(%http, mqtt = %settings.mqtt.listen, mqtt_tls = ?settings.mqtt.tls_listen, database = %redact(&url), "cabinet-hub started");
         Ok(Self {
@@ -303,10 +336,16 @@ impl Application {
             mqtt: settings.mqtt.listen,
             mqtt_tls: settings.mqtt.tls_listen,
             server,
+            metrics_server,
             state,
             admin_key,
             alerts: alert_tx,
         })
+    }
+
+    /// The address `/metrics` is served on when `metrics.listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref().map(|(a, _)| *a)
     }
 
     /// The HTTP address actually bound.
@@ -338,6 +377,9 @@ impl Application {
     /// flight finish, pending alert writes are flushed, the database is closed.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         self.server.await?;
+        if let Some((_, metrics)) = &self.metrics_server {
+            metrics.stop(true).await;
+        }
         tracing::info!("HTTP stopped; flushing alert history");
         let Application { state, alerts, .. } = self;
         // Every raise and clear queued before this marker lands before the database closes.
@@ -353,6 +395,51 @@ impl Application {
         tracing::info!("cabinet-hub stopped");
         Ok(())
     }
+}
+
+/// `metrics.listen`: a small server of its own answering `/metrics` only, so that the scrape
+/// can live on an internal address while the API faces the world.
+fn metrics_server(
+    state: actix_web::web::Data<AppState>,
+    listener: TcpListener,
+) -> anyhow::Result<(SocketAddr, actix_web::dev::ServerHandle)> {
+    use actix_web::{web, ResponseError};
+    let addr = listener.local_addr()?;
+    let server = actix_web::HttpServer::new(move || {
+        actix_web::App::new()
+            .app_data(state.clone())
+            .app_data(crate::http::health::MetricsListener)
+            .route("/metrics", web::get().to(crate::http::health::metrics))
+            .default_service(web::to(|| async {
+                crate::error::ApiError::not_found("route").error_response()
+            }))
+    })
+    .workers(1)
+    .shutdown_timeout(2)
+    .listen(listener)?
+    .run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    tracing::info!(%addr, "metrics served on their own address");
+    Ok((addr, handle))
+}
+
+/// The simulators carry development keys and an admin control API: on a public address only
+/// when asked for by name (`payments.simulator_public`), and then loudly.
+fn simulators_where_they_belong(settings: &Settings) -> anyhow::Result<()> {
+    let p = &settings.payments;
+    let listen = settings.http.listen;
+    if !p.simulator || listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if !p.simulator_public {
+        anyhow::bail!(
+            "payments.simulator (HUB__PAYMENTS__SIMULATOR) is on and http.listen (HUB__HTTP__LISTEN) = {listen} is not a loopback address: the payment simulators (development keys, /sim control routes) would be reachable from the network. Set HUB__PAYMENTS__SIMULATOR=false and configure payments.wechat / payments.alipay, listen on 127.0.0.1, or set HUB__PAYMENTS__SIMULATOR_PUBLIC=true for a shared test environment"
+        );
+    }
+    tracing::warn!(%listen, "PAYMENT SIMULATORS ARE PUBLIC (payments.simulator_public): anyone who reaches {listen} reaches the simulated providers and their development keys; never do this in production");
+    eprintln!("cabinet-hub: WARNING: payment simulators served on the non-loopback address {listen} (HUB__PAYMENTS__SIMULATOR_PUBLIC=true); never in production");
+    Ok(())
 }
 
 #[cfg(feature = "simulators")]

@@ -45,6 +45,8 @@ pub struct Settings {
     pub memory: MemorySettings,
     /// Logging.
     pub log: LogSettings,
+    /// Who may scrape `/metrics`, and where.
+    pub metrics: MetricsSettings,
 }
 
 /// `[http]`
@@ -55,6 +57,23 @@ pub struct HttpSettings {
     pub listen: SocketAddr,
     /// 0 = one per core.
     pub workers: usize,
+    /// `HUB__HTTP__BODY_TIMEOUT_MS`: a request whose body has not fully arrived by then is
+    /// answered 408 and its connection closed (a slowloris holds nothing for long). The head
+    /// gets the lesser of this and 5 s.
+    pub body_timeout_ms: u64,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// `HUB__METRICS__TOKEN`: when set, `/metrics` needs `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// `HUB__METRICS__LISTEN`: when set, `/metrics` is served on this address only (404 on the
+    /// main listener).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[mqtt]`
@@ -150,6 +169,10 @@ pub struct SessionSettings {
 pub struct PaymentSettings {
     /// Run the WeChat Pay simulator in-process and use it.
     pub simulator: bool,
+    /// `HUB__PAYMENTS__SIMULATOR_PUBLIC`: allow the simulators (development keys, an admin
+    /// control API) on a non-loopback HTTP address. Off: such a start-up is refused.
+    #[serde(default)]
+    pub simulator_public: bool,
     /// `HUB__PAYMENTS__CONFIRM_TIMEOUT_MS`
     pub confirm_timeout_ms: u64,
     /// `HUB__PAYMENTS__DEDUCTION_CHECK_MS`
@@ -185,6 +208,13 @@ pub struct FeedSettings {
     pub replay_s: u64,
     /// `HUB__FEED__CLIENT_QUEUE`
     pub client_queue: usize,
+    /// `HUB__FEED__MAX_SOCKETS`: open feed sockets on this node.
+    pub max_sockets: usize,
+    /// `HUB__FEED__MAX_SOCKETS_PER_KEY`: open feed sockets of one API key.
+    pub max_sockets_per_key: usize,
+    /// `HUB__FEED__SEND_TIMEOUT_MS`: a send (snapshot, replay or event) not taken by the socket
+    /// within this drops the client.
+    pub send_timeout_ms: u64,
 }
 
 /// `[pricing]`
@@ -351,6 +381,17 @@ impl Settings {
         ] {
             if !valid_hhmm(v) {
                 bail!("{key} must be HH:MM, not {v:?}");
+            }
+        }
+        if self.http.body_timeout_ms == 0 || self.feed.send_timeout_ms == 0 {
+            bail!("http.body_timeout_ms (HUB__HTTP__BODY_TIMEOUT_MS) and feed.send_timeout_ms (HUB__FEED__SEND_TIMEOUT_MS) must be at least 1");
+        }
+        if self.metrics.token.as_ref().is_some_and(|t| t.len() < 16) {
+            bail!("metrics.token (HUB__METRICS__TOKEN) must be at least 16 characters");
+        }
+        if let Some(m) = self.metrics.listen {
+            if m == self.http.listen && m.port() != 0 {
+                bail!("metrics.listen (HUB__METRICS__LISTEN) = {m} is http.listen (HUB__HTTP__LISTEN); choose another address or leave it unset");
             }
         }
         if self.mqtt.tls_listen.is_some() && self.mqtt.tls_server_names.is_empty() {

@@ -53,6 +53,12 @@ pub enum ErrorCode {
     CabinetFaulted,
     /// An earlier request with this `Idempotency-Key` is still running.
     RequestInProgress,
+    /// An `Idempotency-Key` used before for a different request (method, path or body).
+    IdempotencyKeyReused,
+    /// Too many operator feed sockets open (on this node, or of this key).
+    TooManyFeeds,
+    /// The request's body did not fully arrive in time (`http.body_timeout_ms`).
+    RequestTimeout,
     /// The cabinet refused the unlock.
     UnlockRejected,
     /// Resolving an order that is not abnormal.
@@ -101,7 +107,9 @@ impl ErrorCode {
             | CabinetBusy | CabinetFaulted | RequestInProgress | UnlockRejected
             | OrderNotAbnormal | LastAdminKey | KeyRevoked => StatusCode::CONFLICT,
             ServiceExpired | UserBlacklisted | PaymentDeclined | UnknownProduct
-            | RefundExceedsPaid => StatusCode::UNPROCESSABLE_ENTITY,
+            | RefundExceedsPaid | IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            TooManyFeeds => StatusCode::TOO_MANY_REQUESTS,
+            RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             CabinetOffline | UnlockTimeout | HubRestarted | ActorUnavailable | ActorRestarted
             | Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -187,6 +195,10 @@ impl From<StoreError> for ApiError {
                     "storage is unavailable; retry shortly",
                 )
             }
+            StoreError::KeyReused => Self::new(
+                ErrorCode::IdempotencyKeyReused,
+                "this Idempotency-Key was used for a different request; use a new key",
+            ),
             _ => Self::internal(e),
         }
     }

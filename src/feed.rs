@@ -5,7 +5,7 @@
 //! by one per event across the node; a client sees only its merchant's events, so its `seq`
 //! values increase but may skip the numbers of other merchants' events.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,42 @@ pub struct Feed {
     tx: broadcast::Sender<Arc<FeedEvent>>,
     replay: usize,
     replay_for: Duration,
+    sockets: Mutex<Sockets>,
+}
+
+/// Open feed sockets, in all and by API key.
+#[derive(Default)]
+struct Sockets {
+    total: usize,
+    by_key: HashMap<String, usize>,
+}
+
+/// Which cap refused a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedCap {
+    /// `feed.max_sockets` on this node.
+    Node,
+    /// `feed.max_sockets_per_key`.
+    Key,
+}
+
+/// One open feed socket, counted against the caps until dropped.
+pub struct FeedSlot {
+    feed: Arc<Feed>,
+    key: String,
+}
+
+impl Drop for FeedSlot {
+    fn drop(&mut self) {
+        let mut s = self.feed.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        s.total = s.total.saturating_sub(1);
+        if let Some(n) = s.by_key.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.by_key.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Feed {
@@ -63,7 +99,33 @@ impl Feed {
             tx,
             replay: replay.max(1),
             replay_for,
+            sockets: Mutex::new(Sockets::default()),
         }
+    }
+
+    /// Takes a socket slot for `key`, or says which cap is reached: at most `max` sockets on
+    /// the node and `per_key` of one key, so that no caller can hold unbounded tasks and
+    /// buffers.
+    pub fn admit(
+        self: &Arc<Self>,
+        key: &str,
+        max: usize,
+        per_key: usize,
+    ) -> Result<FeedSlot, FeedCap> {
+        let mut s = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        if s.total >= max {
+            return Err(FeedCap::Node);
+        }
+        let mine = s.by_key.get(key).copied().unwrap_or(0);
+        if mine >= per_key {
+            return Err(FeedCap::Key);
+        }
+        s.total += 1;
+        s.by_key.insert(key.to_owned(), mine + 1);
+        Ok(FeedSlot {
+            feed: self.clone(),
+            key: key.to_owned(),
+        })
     }
 
     /// Publishes an event of `kind` for a merchant's screens.
@@ -199,6 +261,23 @@ mod tests {
             "the newest is kept whatever its neighbours' age"
         );
         assert!(f.since(2).is_none());
+    }
+
+    #[test]
+    fn socket_caps_per_node_and_per_key_free_on_drop() {
+        let f = Arc::new(Feed::new(3, HOUR, 8));
+        let a1 = f.admit("a", 3, 2);
+        let a2 = f.admit("a", 3, 2);
+        assert!(a1.is_ok() && a2.is_ok());
+        assert_eq!(f.admit("a", 3, 2).err(), Some(FeedCap::Key));
+        let b1 = f.admit("b", 3, 2);
+        assert!(b1.is_ok());
+        assert_eq!(f.admit("c", 3, 2).err(), Some(FeedCap::Node));
+        drop(a1);
+        assert!(f.admit("a", 3, 2).is_ok(), "a closed socket frees its slot");
+        drop((a2, b1));
+        let s = f.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!((s.total, s.by_key.len()), (0, 0));
     }
 
     #[tokio::test]

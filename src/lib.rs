@@ -8,6 +8,7 @@
 //! - `sessions`: the money path's supervisor, the shell of `cabinet_actors::session`.
 //! - `ports`, `mqtt`: the actors' outside world: commands out, uplinks in, alerts to storage.
 //! - `feed`: the operator feed's fan-out and replay.
+//! - `sweep`: after a restart, cabinets that were online and do not come back go offline.
 //! - `payments`, `simulators`: provider clients, and the providers' simulators (a feature).
 //! - `views`, `error`: the JSON views and the one error model of the API.
 //! - `store`, `metrics`, `config`, `telemetry`, `secrets`, `private`, `ca`,
@@ -30,6 +31,7 @@ pub mod sessions;
 #[cfg(feature = "simulators")]
 pub mod simulators;
 pub mod store;
+pub mod sweep;
 pub mod telemetry;
 pub mod views;
 

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub mqtt_link_unscheduled: IntCounter,
     pub mqtt_stray_acks: IntCounter,
     pub actor_restarts: IntCounter,
+    pub offline_after_restart: IntCounter,
     pub store_errors: IntCounterVec,
     pub sessions: IntCounterVec,
     pub session_unlock: prometheus::Histogram,
@@ -173,6 +174,13 @@ impl Metrics {
                 IntCounter::new(
                     "actor_restarts_total",
                     "Cabinet actors restarted after a panic",
+                )?,
+            ),
+            offline_after_restart: reg(
+                &r,
+                IntCounter::new(
+                    "cabinets_offline_after_restart_total",
+                    "Cabinets online before a restart that did not come back (marked offline by the start-up sweep)",
                 )?,
             ),
             store_errors: reg(

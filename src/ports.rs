@@ -1,5 +1,5 @@
 //! The hub's implementation of the actors' ports: commands to the broker, alerts to storage
-//! (through one ordered writer) and to Prometheus, outcomes to metrics.
+//! and online state (through one ordered writer) and to Prometheus, outcomes to metrics.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +31,14 @@ pub enum AlertWrite {
         by: String,
         /// Unix ms.
         at: i64,
+    },
+    /// A cabinet came online (`Some(at)`) or went offline (`None`): kept so that a restart
+    /// knows which cabinets to wait for (`crate::sweep`).
+    Online {
+        /// Cabinet id.
+        cabinet: String,
+        /// Unix ms, or `None` for offline.
+        at: Option<i64>,
     },
     /// Answered once every write queued before it has landed (shutdown).
     Flush(tokio::sync::oneshot::Sender<()>),
@@ -114,8 +122,23 @@ impl CabinetPorts for HubPorts {
                 });
             }
             Effect::AlertAcked(_) => {}
-            Effect::OnlineChanged(true) => m.cabinets_online.inc(),
-            Effect::OnlineChanged(false) => m.cabinets_online.dec(),
+            Effect::OnlineChanged(online) => {
+                if *online {
+                    m.cabinets_online.inc();
+                } else {
+                    m.cabinets_online.dec();
+                }
+                let at = online.then(|| {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(1)
+                });
+                let _ = self.alerts.send(AlertWrite::Online {
+                    cabinet: cabinet.id.to_string(),
+                    at,
+                });
+            }
             Effect::CommandDone {
                 cmd_id,
                 kind,
@@ -181,6 +204,7 @@ pub async fn alert_writer(
                 AlertWrite::Cleared { id, by, at } => {
                     store.clear_alert(id, by, *at).await.map(|_| ())
                 }
+                AlertWrite::Online { cabinet, at } => store.set_cabinet_online(cabinet, *at).await,
                 AlertWrite::Flush(_) => Ok(()),
             };
             match r {

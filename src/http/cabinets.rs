@@ -1,7 +1,7 @@
 //! Cabinets: registration, activation, live state, configuration, service time, client
 //! certificates and commands.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -11,14 +11,16 @@ use cabinet_actors::protocol::{CabinetConfig, CommandBody, LightSchedule, Sessio
 use cabinet_actors::CommandError;
 
 use super::auth::{Caller, Role};
+use super::sessions::{idempotency, start_answer};
 use super::state::AppState;
 use super::ErrorBody;
 use crate::config::valid_hhmm;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::mqtt::auth::DirectoryEntry;
 use crate::secrets::{sha256_hex, token};
+use crate::sessions::StartSession;
 use crate::store::{CabinetRow, StoreError};
-use crate::views::{rfc3339, CabinetView};
+use crate::views::{rfc3339, CabinetView, SessionView};
 
 /// Loads a cabinet the caller may see, or 404.
 pub(super) async fn visible_cabinet(
@@ -509,12 +511,13 @@ pub async fn revoke_certificate(
 #[derive(Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CommandRequest {
-    /// Unlock for restocking (purchases go through sessions).
+    /// Unlock for restocking (purchases go through sessions): a restock session started as
+    /// `POST /api/v1/sessions` starts one, with the same checks, answered the same way.
     Unlock {
         /// Must be `restock`.
         #[schema(value_type = String)]
         mode: SessionMode,
-        /// 1 to 64 characters; generated when absent.
+        /// Not accepted: the hub names the session, and the answer carries it.
         #[serde(default)]
         session_id: Option<String>,
     },
@@ -543,14 +546,22 @@ pub struct CommandAnswer {
     result: serde_json::Value,
 }
 
-/// Sends a command and answers its truthful outcome.
-#[utoipa::path(post, path = "/api/v1/cabinets/{id}/commands", tag = "cabinets", params(("id" = String, Path)),
+/// Sends a command and answers its truthful outcome. An `unlock` (restock) is a restock
+/// session: the same checks and answers as `POST /api/v1/sessions`, recorded under the
+/// restocker's key id as its `user_id`.
+#[utoipa::path(post, path = "/api/v1/cabinets/{id}/commands", tag = "cabinets", params(("id" = String, Path),
+    ("Idempotency-Key" = Option<String>, Header, description = "unlock: a repeat answers the first result")),
     request_body = CommandRequest, security(("bearer" = [])),
-    responses((status = 200, body = CommandAnswer), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-    (status = 409, body = ErrorBody, description = "cabinet_not_active"), (status = 503, body = ErrorBody)))]
+    responses((status = 200, body = CommandAnswer, description = "lockdown, reboot"),
+    (status = 201, body = SessionView, description = "unlock: the restock session, once the cabinet acked"),
+    (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "cabinet_not_active, cabinet_busy, cabinet_faulted (also locked down), unlock_rejected, request_in_progress"),
+    (status = 422, body = ErrorBody, description = "service_expired, idempotency_key_reused"),
+    (status = 503, body = ErrorBody, description = "cabinet_offline, unlock_timeout")))]
 pub async fn send_command(
     state: web::Data<AppState>,
     caller: Caller,
+    req: HttpRequest,
     path: web::Path<String>,
     body: web::Json<CommandRequest>,
 ) -> ApiResult<HttpResponse> {
@@ -562,21 +573,24 @@ pub async fn send_command(
                 return Err(ApiError::bad_request("type: unlock by command is for mode \"restock\"; purchases go through /api/v1/sessions"));
             }
             caller.require(Role::Restocker)?;
-            let session_id = match session_id {
-                Some(s) if !s.is_empty() && s.len() <= 64 => s,
-                Some(_) => {
-                    return Err(ApiError::bad_request(
-                        "session_id must be 1 to 64 characters",
-                    ))
-                }
-                None => format!("r_{}", token(20)?),
-            };
-            let expires_at = (state.now() as u64) + state.settings.cabinet.unlock_ack_timeout_ms;
-            CommandBody::Unlock {
-                session_id,
-                mode,
-                expires_at,
+            if session_id.is_some() {
+                return Err(ApiError::bad_request(
+                    "session_id: the hub names the session; the answer carries it",
+                ));
             }
+            // Every door opened by hand goes through the session checks (faulted, locked down,
+            // busy, expired, offline) and is recorded: no unlock bypasses them.
+            let start = StartSession {
+                cabinet_id: cid.to_string(),
+                user_id: caller.key_id.clone(),
+                channel: None,
+                mode,
+            };
+            let idem = idempotency(
+                &req,
+                &serde_json::json!({"type": "unlock", "mode": "restock"}),
+            )?;
+            return Ok(start_answer(&state, &caller, start, idem).await);
         }
         CommandRequest::Lockdown { on, reason } => {
             caller.require(Role::Operator)?;

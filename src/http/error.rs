@@ -12,7 +12,11 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut b = HttpResponse::build(self.status());
-        if self.status() == actix_web::http::StatusCode::SERVICE_UNAVAILABLE {
+        if matches!(
+            self.status(),
+            actix_web::http::StatusCode::SERVICE_UNAVAILABLE
+                | actix_web::http::StatusCode::TOO_MANY_REQUESTS
+        ) {
             b.insert_header(("Retry-After", "5"));
         }
         if self.code == ErrorCode::Unauthorized {

@@ -16,11 +16,11 @@ use super::auth::{Caller, Role};
 use super::cabinets::snapshot_of;
 use super::state::AppState;
 use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::feed::FeedCap;
 use crate::views::CabinetView;
 
 const PING_EVERY: Duration = Duration::from_secs(10);
 const PONG_WITHIN: Duration = Duration::from_secs(30);
-const SEND_WITHIN: Duration = Duration::from_secs(5);
 const LAG_CHECK: Duration = Duration::from_millis(50);
 
 #[derive(Deserialize)]
@@ -109,7 +109,7 @@ async fn snapshot(state: &AppState, caller: &Caller, seq: u64) -> ApiResult<Stri
     Ok(out)
 }
 
-/// Sends one event, giving up when the socket has not taken it within `SEND_WITHIN` (`slow`)
+/// Sends one event, giving up when the socket has not taken it within `within` (`slow`)
 /// or when, meanwhile, the client's queue of events not yet sent is full (`lagged`): a blocked
 /// socket is noticed as soon as the client is a queue behind, not only after the timeout.
 async fn send_unless_behind(
@@ -117,8 +117,9 @@ async fn send_unless_behind(
     text: String,
     rx: &broadcast::Receiver<std::sync::Arc<crate::feed::FeedEvent>>,
     queue: usize,
+    within: Duration,
 ) -> Result<(), &'static str> {
-    let deadline = tokio::time::Instant::now() + SEND_WITHIN;
+    let deadline = tokio::time::Instant::now() + within;
     let send = session.text(text);
     tokio::pin!(send);
     loop {
@@ -144,7 +145,8 @@ async fn send_unless_behind(
     ("since" = Option<u64>, Query, description = "the last seq received: replay from there"),
     ("ticket" = Option<String>, Query, description = "a single-use feed ticket (browsers)")),
     security(("bearer" = [])), responses((status = 101, description = "switching to WebSocket"),
-    (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody)))]
+    (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody),
+    (status = 429, body = super::ErrorBody, description = "too_many_feeds: feed.max_sockets or feed.max_sockets_per_key reached")))]
 pub async fn ws(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -159,24 +161,51 @@ pub async fn ws(
     if state.access.is_revoked(&caller.key_id) {
         return Err(ApiError::unauthorized());
     }
+    let f = &state.settings.feed;
+    // Capped before the upgrade: a refused client costs no task and no buffer.
+    let slot = match state
+        .feed
+        .admit(&caller.key_id, f.max_sockets, f.max_sockets_per_key)
+    {
+        Ok(slot) => slot,
+        Err(cap) => {
+            let (reason, what) = match cap {
+                FeedCap::Node => ("too_many_feeds", "this node has feed.max_sockets open"),
+                FeedCap::Key => (
+                    "too_many_feeds_key",
+                    "this key has feed.max_sockets_per_key open",
+                ),
+            };
+            state.metrics.ws_dropped.with_label_values(&[reason]).inc();
+            return Err(ApiError::new(
+                ErrorCode::TooManyFeeds,
+                format!("too many feed sockets: {what}; close one or retry later"),
+            ));
+        }
+    };
     let (response, mut session, mut stream) = actix_ws::handle(&req, body)
         .map_err(|e| ApiError::bad_request(format!("not a WebSocket handshake: {e}")))?;
     let state = state.into_inner();
     let metrics = state.metrics.clone();
     let queue = state.settings.feed.client_queue.max(1);
+    // Every send has this deadline, the first ones (snapshot, replay) included: a client that
+    // never reads is dropped, not kept with its task and its buffers.
+    let within = Duration::from_millis(state.settings.feed.send_timeout_ms);
     actix_web::rt::spawn(async move {
+        let _slot = slot;
         metrics.ws_clients.inc();
         let visible = |m: &str| caller.merchant.as_deref().is_none_or(|own| own == m);
         let (mut rx, seq) = state.feed.subscribe();
         // Replay when every missed event is still kept; otherwise start over from a snapshot.
-        let first: Vec<String> = match since.and_then(|s| state.feed.since(s).map(|evs| (s, evs))) {
+        // The replayed events are shared with the ring, copied only as each is sent.
+        let first: Vec<First> = match since.and_then(|s| state.feed.since(s).map(|evs| (s, evs))) {
             Some((_, evs)) => evs
-                .iter()
+                .into_iter()
                 .filter(|e| e.seq <= seq && visible(&e.merchant))
-                .map(|e| e.json.clone())
+                .map(First::Event)
                 .collect(),
             None => match snapshot(&state, &caller, seq).await {
-                Ok(s) => vec![s],
+                Ok(s) => vec![First::Snapshot(s)],
                 Err(e) => {
                     tracing::error!(error = %e, "feed snapshot failed");
                     metrics
@@ -184,28 +213,43 @@ pub async fn ws(
                         .with_label_values(&["snapshot_failed"])
                         .inc();
                     metrics.ws_clients.dec();
-                    let _ = session.close(None).await;
+                    let _ = tokio::time::timeout(within, session.close(None)).await;
                     return;
                 }
             },
         };
         let mut reason = "closed";
-        for text in first {
-            if session.text(text).await.is_err() {
-                reason = "closed";
-                break;
+        let mut live = true;
+        for item in first {
+            let text = match item {
+                First::Snapshot(s) => s,
+                First::Event(e) => e.json.clone(),
+            };
+            match tokio::time::timeout(within, session.text(text)).await {
+                Ok(Ok(())) => metrics.ws_sent.inc(),
+                Ok(Err(_)) => {
+                    live = false;
+                    break;
+                }
+                Err(_) => {
+                    reason = "slow";
+                    live = false;
+                    break;
+                }
             }
-            metrics.ws_sent.inc();
         }
         let mut ping = tokio::time::interval(PING_EVERY);
         let mut last_pong = Instant::now();
         loop {
+            if !live {
+                break;
+            }
             tokio::select! {
                 ev = rx.recv() => match ev {
                     Ok(e) if e.seq > seq && visible(&e.merchant) => {
                         // A revocation is not held up by a client that is slow to take this.
                         let sent = tokio::select! {
-                            r = send_unless_behind(&mut session, e.json.clone(), &rx, queue) => r,
+                            r = send_unless_behind(&mut session, e.json.clone(), &rx, queue, within) => r,
                             () = revoked(&mut revocations, &state.access, &caller.key_id) => Err("revoked"),
                         };
                         match sent {
@@ -222,14 +266,22 @@ pub async fn ws(
                     break;
                 }
                 msg = stream.recv() => match msg {
-                    Some(Ok(Message::Ping(b))) => { if session.pong(&b).await.is_err() { break; } }
+                    Some(Ok(Message::Ping(b))) => match tokio::time::timeout(within, session.pong(&b)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break,
+                        Err(_) => { reason = "slow"; break; }
+                    },
                     Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => { reason = "closed"; break; }
                     Some(Ok(_)) => {}
                 },
                 _ = ping.tick() => {
                     if last_pong.elapsed() > PONG_WITHIN { reason = "heartbeat_timeout"; break; }
-                    if session.ping(b"feed").await.is_err() { reason = "closed"; break; }
+                    match tokio::time::timeout(within, session.ping(b"feed")).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => { reason = "closed"; break; }
+                        Err(_) => { reason = "slow"; break; }
+                    }
                 }
             }
         }
@@ -242,7 +294,14 @@ pub async fn ws(
             code: actix_ws::CloseCode::Other(KEY_REVOKED),
             description: Some("key revoked".into()),
         });
-        let _ = session.close(close).await;
+        // The close frame waits behind whatever the socket has not taken: bounded like a send.
+        let _ = tokio::time::timeout(within, session.close(close)).await;
     });
     Ok(response)
+}
+
+/// What a feed client gets before live events: a snapshot, or the replayed events.
+enum First {
+    Snapshot(String),
+    Event(std::sync::Arc<crate::feed::FeedEvent>),
 }

@@ -1,13 +1,17 @@
-//! Liveness, readiness and Prometheus metrics: no key needed, as probes and scrapers have none.
+//! Liveness, readiness and Prometheus metrics: no API key needed, as probes and scrapers have
+//! none; `/metrics` may need its own token (`metrics.token`) or live on its own address.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use serde::Serialize;
+use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
 use super::state::AppState;
+use crate::error::{ApiError, ErrorCode};
+use crate::secrets::sha256_hex;
 
 /// Liveness.
 #[derive(Serialize, ToSchema)]
@@ -62,10 +66,42 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-/// Prometheus text exposition.
+/// Marks the server of `metrics.listen`, the only one that serves `/metrics` when it is set.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricsListener;
+
+/// Whether the request carries `Authorization: Bearer <token>`, compared in constant time.
+fn bearer_is(req: &HttpRequest, token: &str) -> bool {
+    let given = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Hashed first so that the comparison takes as long whatever the lengths.
+    sha256_hex(given)
+        .as_bytes()
+        .ct_eq(sha256_hex(token).as_bytes())
+        .into()
+}
+
+/// Prometheus text exposition. With `metrics.token` set it needs that bearer token; with
+/// `metrics.listen` set it is served only there.
 #[utoipa::path(get, path = "/metrics", tag = "health", responses(
-    (status = 200, content_type = "text/plain; version=0.0.4", body = String)))]
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    (status = 200, content_type = "text/plain; version=0.0.4", body = String),
+    (status = 401, body = super::ErrorBody, description = "metrics.token is set and was not given"),
+    (status = 404, body = super::ErrorBody, description = "metrics.listen is set: served there only")))]
+pub async fn metrics(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
+    let m = &state.settings.metrics;
+    if m.listen.is_some() && req.app_data::<MetricsListener>().is_none() {
+        return ApiError::not_found("route").error_response();
+    }
+    if let Some(token) = &m.token {
+        if !bearer_is(&req, token) {
+            return ApiError::new(ErrorCode::Unauthorized, "/metrics needs the metrics token")
+                .error_response();
+        }
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render())

@@ -8,6 +8,7 @@ pub mod alerts;
 pub mod auth;
 pub mod cabinets;
 pub mod catalog;
+pub mod deadline;
 mod error;
 pub mod feed;
 pub mod health;
@@ -138,20 +139,34 @@ impl utoipa::Modify for BearerAuth {
 
 /// The whole document: the API and, in builds with them, the simulators' control routes.
 pub fn openapi() -> utoipa::openapi::OpenApi {
+    openapi_for(true)
+}
+
+/// The document of a hub whose simulators are on (`payments.simulator`) or off: the
+/// simulators' control routes are described only where they are served.
+pub fn openapi_for(simulators_on: bool) -> utoipa::openapi::OpenApi {
     #[allow(unused_mut)]
     let mut doc = ApiDoc::openapi();
     #[cfg(feature = "simulators")]
-    doc.merge(simulators::SimDoc::openapi());
+    if simulators_on {
+        doc.merge(simulators::SimDoc::openapi());
+    }
+    #[cfg(not(feature = "simulators"))]
+    let _ = simulators_on;
     doc
 }
 
 /// This document.
 #[utoipa::path(get, path = "/api/openapi.json", tag = "health",
     responses((status = 200, description = "OpenAPI 3.1", content_type = "application/json")))]
-pub async fn openapi_json() -> Result<HttpResponse, ApiError> {
-    // Built once: the document is a function of the build, not of the request.
-    static DOC: OnceLock<Result<String, String>> = OnceLock::new();
-    let doc = DOC.get_or_init(|| openapi().to_json().map_err(|e| e.to_string()));
+pub async fn openapi_json(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    // Built once per variant: the document is a function of the build and of whether the
+    // simulators run, not of the request.
+    static WITH_SIMS: OnceLock<Result<String, String>> = OnceLock::new();
+    static WITHOUT_SIMS: OnceLock<Result<String, String>> = OnceLock::new();
+    let on = state.simulators_on();
+    let cell = if on { &WITH_SIMS } else { &WITHOUT_SIMS };
+    let doc = cell.get_or_init(|| openapi_for(on).to_json().map_err(|e| e.to_string()));
     match doc {
         Ok(body) => Ok(HttpResponse::Ok()
             .content_type("application/json")
@@ -160,8 +175,8 @@ pub async fn openapi_json() -> Result<HttpResponse, ApiError> {
     }
 }
 
-/// Mounts every route.
-pub fn configure(cfg: &mut web::ServiceConfig) {
+/// Mounts every route; the simulators' control routes only when they run.
+pub fn configure(cfg: &mut web::ServiceConfig, simulators_on: bool) {
     cfg.app_data(
         web::JsonConfig::default()
             .limit(64 * 1024)
@@ -171,7 +186,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .app_data(web::PathConfig::default().error_handler(error::path_error));
     mount(cfg);
     #[cfg(feature = "simulators")]
-    simulators::mount(cfg);
+    if simulators_on {
+        simulators::mount(cfg);
+    }
+    #[cfg(not(feature = "simulators"))]
+    let _ = simulators_on;
     cfg.default_service(web::to(|| async {
         ApiError::not_found("route").error_response()
     }));
@@ -229,6 +248,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn without_simulators_the_document_has_no_sim_route() {
+        let v = serde_json::to_value(openapi_for(false)).unwrap_or_default();
+        let paths = v["paths"].as_object().cloned().unwrap_or_default();
+        assert!(paths.contains_key("/api/v1/sessions"));
+        assert!(
+            !paths.keys().any(|p| p.starts_with("/sim")),
+            "{:?}",
+            paths.keys()
+        );
     }
 
     #[test]

@@ -13,46 +13,40 @@ use super::auth::{Caller, Role};
 use super::state::AppState;
 use super::ErrorBody;
 use crate::error::{ApiError, ApiResult};
-use crate::sessions::{RefundAnswer, StartSession, StartTimings};
+use crate::sessions::{request_hash, Idempotency, RefundAnswer, StartSession, StartTimings};
 use crate::store::{BlacklistRow, OrderFilter, OrderRow};
 use crate::views::{List, OrderView, SessionView};
 
-/// The `Idempotency-Key` header, when given.
-fn idempotency_key(req: &HttpRequest) -> ApiResult<Option<String>> {
+/// The `Idempotency-Key` header, when given, bound to this request: its method, path and
+/// `body` (the parsed body, so that spacing or field order do not make it another request).
+pub(super) fn idempotency(
+    req: &HttpRequest,
+    body: &serde_json::Value,
+) -> ApiResult<Option<Idempotency>> {
     match req.headers().get("Idempotency-Key").map(|v| v.to_str()) {
         None => Ok(None),
-        Some(Ok(k)) if !k.is_empty() && k.len() <= 64 => Ok(Some(k.to_owned())),
+        Some(Ok(k)) if !k.is_empty() && k.len() <= 64 => Ok(Some(Idempotency {
+            key: k.to_owned(),
+            request_hash: request_hash(req.method().as_str(), req.path(), body),
+        })),
         Some(_) => Err(ApiError::bad_request(
             "Idempotency-Key must be 1 to 64 visible characters",
         )),
     }
 }
 
-/// Starts a session: 201 once the cabinet acked the unlock. Answers `Server-Timing` with where
-/// the time went (checks, provider, confirm, unlock, record).
-#[utoipa::path(post, path = "/api/v1/sessions", tag = "sessions", request_body = StartSession,
-    params(("Idempotency-Key" = Option<String>, Header, description = "a repeat answers the first result")),
-    security(("bearer" = [])), responses((status = 201, body = SessionView),
-    (status = 400, body = ErrorBody), (status = 404, body = ErrorBody, description = "cabinet_not_found"),
-    (status = 409, body = ErrorBody, description = "cabinet_not_active, cabinet_busy, cabinet_faulted, unlock_rejected, request_in_progress"),
-    (status = 422, body = ErrorBody, description = "service_expired, user_blacklisted, payment_declined"),
-    (status = 503, body = ErrorBody, description = "cabinet_offline, unlock_timeout")))]
-pub async fn start_session(
-    state: web::Data<AppState>,
-    caller: Caller,
-    req: HttpRequest,
-    body: web::Json<StartSession>,
-) -> ApiResult<HttpResponse> {
-    caller.require(Role::Restocker)?;
-    let body = body.into_inner();
-    if body.mode == SessionMode::Purchase {
-        caller.require(Role::Operator)?;
-    }
-    let key = idempotency_key(&req)?;
+/// Starts a session and answers as `POST /api/v1/sessions` does: 201 with the session once the
+/// cabinet acked the unlock, or the refusal; `Server-Timing` tells where the time went.
+pub(super) async fn start_answer(
+    state: &AppState,
+    caller: &Caller,
+    body: StartSession,
+    idempotency: Option<Idempotency>,
+) -> HttpResponse {
     let mut timings = StartTimings::default();
     let answer = state
         .sessions
-        .start(caller.merchant.as_deref(), body, key, &mut timings)
+        .start(caller.merchant.as_deref(), body, idempotency, &mut timings)
         .await;
     let mut response = match answer {
         Ok(opened) => HttpResponse::Created()
@@ -69,7 +63,34 @@ pub async fn start_session(
             .headers_mut()
             .insert(HeaderName::from_static("server-timing"), v);
     }
-    Ok(response)
+    response
+}
+
+/// Starts a session: 201 once the cabinet acked the unlock. Answers `Server-Timing` with where
+/// the time went (checks, provider, confirm, unlock, record).
+#[utoipa::path(post, path = "/api/v1/sessions", tag = "sessions", request_body = StartSession,
+    params(("Idempotency-Key" = Option<String>, Header, description = "a repeat answers the first result")),
+    security(("bearer" = [])), responses((status = 201, body = SessionView),
+    (status = 400, body = ErrorBody), (status = 404, body = ErrorBody, description = "cabinet_not_found"),
+    (status = 409, body = ErrorBody, description = "cabinet_not_active, cabinet_busy, cabinet_faulted, unlock_rejected, request_in_progress"),
+    (status = 422, body = ErrorBody, description = "service_expired, user_blacklisted, payment_declined, idempotency_key_reused"),
+    (status = 503, body = ErrorBody, description = "cabinet_offline, unlock_timeout")))]
+pub async fn start_session(
+    state: web::Data<AppState>,
+    caller: Caller,
+    req: HttpRequest,
+    body: web::Json<StartSession>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Restocker)?;
+    let body = body.into_inner();
+    if body.mode == SessionMode::Purchase {
+        caller.require(Role::Operator)?;
+    }
+    let idem = idempotency(
+        &req,
+        &serde_json::to_value(&body).map_err(ApiError::internal)?,
+    )?;
+    Ok(start_answer(&state, &caller, body, idem).await)
 }
 
 /// A session and its order.
@@ -204,7 +225,7 @@ pub struct RefundBody {
     ("Idempotency-Key" = Option<String>, Header, description = "a repeat retries the same refund")),
     request_body = RefundBody, security(("bearer" = [])), responses((status = 200, body = RefundAnswer),
     (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-    (status = 422, body = ErrorBody, description = "refund_exceeds_paid")))]
+    (status = 422, body = ErrorBody, description = "refund_exceeds_paid, idempotency_key_reused")))]
 pub async fn refund_order(
     state: web::Data<AppState>,
     caller: Caller,
@@ -214,10 +235,13 @@ pub async fn refund_order(
 ) -> ApiResult<HttpResponse> {
     caller.require(Role::Operator)?;
     let o = visible_order(&state, &caller, &path).await?;
-    let key = idempotency_key(&req)?;
+    let idem = idempotency(
+        &req,
+        &serde_json::json!({"amount_fen": body.amount_fen, "reason": body.reason}),
+    )?;
     let answer = state
         .sessions
-        .refund(&o, body.amount_fen, &body.reason, key)
+        .refund(&o, body.amount_fen, &body.reason, idem)
         .await?;
     Ok(HttpResponse::Ok().json(answer))
 }

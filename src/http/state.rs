@@ -51,4 +51,12 @@ impl AppState {
     pub fn now(&self) -> i64 {
         self.clock.now_ms() as i64
     }
+
+    /// Whether this hub runs the payment simulators (and serves their routes).
+    pub fn simulators_on(&self) -> bool {
+        #[cfg(feature = "simulators")]
+        return self.simulators.is_some();
+        #[cfg(not(feature = "simulators"))]
+        return false;
+    }
 }

@@ -123,7 +123,7 @@ impl Sessions {
         o: &OrderRow,
         amount_fen: i64,
         reason: &str,
-        key: Option<String>,
+        idempotency: Option<super::Idempotency>,
     ) -> ApiResult<RefundAnswer> {
         if amount_fen <= 0 {
             return Err(ApiError::bad_request("amount_fen must be positive"));
@@ -135,7 +135,7 @@ impl Sessions {
         let row = RefundRow {
             id: format!("r{}", token(20)?),
             order_id: o.id.clone(),
-            idempotency_key: key,
+            idempotency_key: idempotency.as_ref().map(|i| i.key.clone()),
             amount_fen,
             reason: reason.to_owned(),
             status: "requested".into(),
@@ -143,7 +143,11 @@ impl Sessions {
             created_at: now,
             updated_at: now,
         };
-        let Some(r) = self.store.reserve_refund(&row).await? else {
+        let Some(r) = self
+            .store
+            .reserve_refund(&row, idempotency.as_ref().map(|i| i.request_hash.as_str()))
+            .await?
+        else {
             return Err(ApiError::new(
                 ErrorCode::RefundExceedsPaid,
                 format!(

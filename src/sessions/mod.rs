@@ -41,7 +41,7 @@ use crate::views::{OrderView, SessionView};
 pub use events::{event_lane, EVENT_LANES};
 pub use exceptions::RefundAnswer;
 pub use notifications::NotificationRefusal;
-pub use start::{StartSession, StartTimings};
+pub use start::{request_hash, Idempotency, StartSession, StartTimings};
 
 /// The supervisor.
 pub struct Sessions {
@@ -55,6 +55,9 @@ pub struct Sessions {
     confirmations: Mutex<HashMap<String, oneshot::Sender<()>>>,
     /// Itself, for the checks it schedules to run later.
     me: Weak<Sessions>,
+    /// This process, in the Idempotency-Keys it takes: a key taken by another boot whose
+    /// request never answered died with that process and is reclaimed.
+    boot_id: String,
 }
 
 impl Sessions {
@@ -76,6 +79,7 @@ impl Sessions {
             providers,
             confirmations: Mutex::new(HashMap::new()),
             me: me.clone(),
+            boot_id: boot_id(),
         })
     }
 
@@ -176,6 +180,18 @@ impl Sessions {
         }
         Ok(took.then_some(step))
     }
+}
+
+/// A fresh id for this process: random, or (should the system have no randomness) the
+/// process id and start time, which differ between boots all the same.
+fn boot_id() -> String {
+    crate::secrets::token(12).unwrap_or_else(|_| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        format!("p{}-{nanos}", std::process::id())
+    })
 }
 
 /// The typed lifecycle of stored rows; a state this version does not know is a corrupt row.

@@ -18,8 +18,8 @@ use super::provider::PaymentTerms;
 use super::Sessions;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::payments::wechat::{CreateOrder, RiskFund, TimeRange, WechatClient};
-use crate::secrets::token;
-use crate::store::{OrderRow, OrderUpdate, SessionRow, StoreError};
+use crate::secrets::{sha256_hex, token};
+use crate::store::{KeyedSession, OrderRow, OrderUpdate, SessionRow, StoreError};
 use crate::views::{OrderView, SessionView};
 
 /// Where the time of one session start went, stage by stage: answered as `Server-Timing` and
@@ -64,7 +64,7 @@ impl StartTimings {
 }
 
 /// What `POST /api/v1/sessions` takes.
-#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartSession {
     /// Cabinet.
@@ -78,6 +78,24 @@ pub struct StartSession {
     #[schema(value_type = String)]
     pub mode: SessionMode,
 }
+
+/// A request's `Idempotency-Key` and what it is bound to.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    /// The caller's key.
+    pub key: String,
+    /// [`request_hash`] of the request that carries it.
+    pub request_hash: String,
+}
+
+/// What binds an `Idempotency-Key` to one request: its method, path and (canonical JSON) body.
+pub fn request_hash(method: &str, path: &str, body: &serde_json::Value) -> String {
+    sha256_hex(&format!("{method} {path}\n{body}"))
+}
+
+/// An unanswered key older than this is reclaimed even from this process: no start runs
+/// that long (confirmation and unlock have their own, shorter deadlines).
+const RECLAIM_AFTER_MS: i64 = 60_000;
 
 /// An answer stored under an `Idempotency-Key`: `{"status": 201, "body": …}` or the refusal's
 /// status and error body (the format earlier versions stored, so their answers replay too).
@@ -153,7 +171,7 @@ impl Sessions {
         self: &Arc<Self>,
         merchant_scope: Option<&str>,
         req: StartSession,
-        idempotency_key: Option<String>,
+        idempotency: Option<Idempotency>,
         timings: &mut StartTimings,
     ) -> ApiResult<Box<RawValue>> {
         let cid = CabinetId::parse(&req.cabinet_id).map_err(|_| cabinet_not_found())?;
@@ -161,22 +179,18 @@ impl Sessions {
             Some(c) if merchant_scope.is_none_or(|m| m == c.merchant_id) => c,
             _ => return Err(cabinet_not_found()),
         };
-        if let Some(key) = &idempotency_key {
-            if let Some((s, response)) =
-                self.store.session_by_key(&cabinet.merchant_id, key).await?
+        if let Some(idem) = &idempotency {
+            if let Some(found) = self
+                .store
+                .session_by_key(&cabinet.merchant_id, &idem.key)
+                .await?
             {
-                return match response {
-                    Some(r) => replay(&r),
-                    None => Err(ApiError::new(
-                        ErrorCode::RequestInProgress,
-                        format!(
-                            "session {} for this Idempotency-Key is still starting",
-                            s.id
-                        ),
-                    )),
-                };
+                if let Some(first) = self.replay_or_reclaim(found, idem).await? {
+                    return Ok(first);
+                }
             }
         }
+        let idempotency_key = idempotency.as_ref().map(|i| i.key.clone());
         if req.user_id.is_empty() || req.user_id.len() > 64 {
             return Err(ApiError::bad_request("user_id must be 1 to 64 characters"));
         }
@@ -285,7 +299,10 @@ impl Sessions {
             created_at: now,
             updated_at: now,
         };
-        match self.store.create_session(&session, &order).await {
+        let claim = idempotency
+            .as_ref()
+            .map(|i| (i.request_hash.as_str(), self.boot_id.as_str()));
+        match self.store.create_session(&session, &order, claim).await {
             Ok(()) => {}
             Err(StoreError::Conflict) => return Err(busy()),
             Err(e) => return Err(e.into()),
@@ -333,6 +350,57 @@ impl Sessions {
                 .observe(d.as_secs_f64());
         }
         answer
+    }
+
+    /// A repeat of a keyed request: the first answer (`Some`), a refusal (another request's
+    /// key; the first still running), or `None` when the key was reclaimed from a first request
+    /// that died with its process or has been running longer than `RECLAIM_AFTER_MS`.
+    async fn replay_or_reclaim(
+        &self,
+        found: KeyedSession,
+        idem: &Idempotency,
+    ) -> ApiResult<Option<Box<RawValue>>> {
+        // Rows stored before requests were hashed match any request.
+        if found
+            .request_hash
+            .as_deref()
+            .is_some_and(|h| h != idem.request_hash)
+        {
+            return Err(StoreError::KeyReused.into());
+        }
+        if let Some(r) = found.response {
+            return replay(&r).map(Some);
+        }
+        let s = found.session;
+        let ours = found.claimed_by.as_deref() == Some(self.boot_id.as_str());
+        if ours && self.now() - s.created_at < RECLAIM_AFTER_MS {
+            return Err(ApiError::new(
+                ErrorCode::RequestInProgress,
+                format!(
+                    "session {} for this Idempotency-Key is still starting",
+                    s.id
+                ),
+            ));
+        }
+        if s.unlocked_at.is_some() {
+            // The first request got the door open before it died: that is its answer.
+            let view = to_raw(&self.view(&s.id).await?)?;
+            if let Some(stored) = stored_answer(&Ok(view.clone())) {
+                if let Err(e) = self.store.set_session_response(&s.id, &stored).await {
+                    tracing::error!(session_id = %s.id, error = %e, "could not store the idempotent answer");
+                }
+            }
+            return Ok(Some(view));
+        }
+        if !self.store.release_session_key(&s.id, &idem.key).await? {
+            return Err(ApiError::new(
+                ErrorCode::RequestInProgress,
+                "another request is reclaiming this Idempotency-Key",
+            ));
+        }
+        tracing::warn!(session_id = %s.id, state = %s.state, first_by_this_process = ours,
+            "Idempotency-Key reclaimed from a request that never answered");
+        Ok(None)
     }
 
     /// The session failed before its door opened: the machine's moves are stored (session

@@ -27,6 +27,9 @@ pub enum StoreError {
     /// Migrations failed.
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// An `Idempotency-Key` stored with another request.
+    #[error("idempotency key reused for another request")]
+    KeyReused,
 }
 
 pub(crate) fn conflict_or(e: sqlx::Error) -> StoreError {
@@ -43,7 +46,9 @@ mod keys;
 mod sessions;
 pub use catalog::{PromotionRow, PromotionRule};
 pub use keys::{ApiKeyRecord, Revocation};
-pub use sessions::{BlacklistRow, OrderFilter, OrderRow, OrderUpdate, RefundRow, SessionRow};
+pub use sessions::{
+    BlacklistRow, KeyedSession, OrderFilter, OrderRow, OrderUpdate, RefundRow, SessionRow,
+};
 
 /// A merchant.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -151,6 +156,7 @@ fn migrator(postgres: bool) -> Migrator {
         (3, "sessions", sql!("0003_sessions.sql")),
         (4, "exceptions", sql!("0004_exceptions.sql")),
         (5, "api_keys", sql!("0005_api_keys.sql")),
+        (6, "ops", sql!("0006_ops.sql")),
         (
             7,
             "certificate_revocation",
@@ -438,6 +444,25 @@ impl Store {
             .execute(&self.writer)
             .await?;
         Ok(())
+    }
+
+    /// Records that a cabinet came online (`Some(at)`) or went offline (`None`), for the
+    /// start-up sweep after a restart.
+    pub async fn set_cabinet_online(&self, id: &str, online_at: Option<i64>) -> Result<()> {
+        sqlx::query("UPDATE cabinets SET online_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(online_at)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// The cabinets stored as online (the hub stopped while they were connected).
+    pub async fn cabinets_stored_online(&self) -> Result<Vec<CabinetRow>> {
+        let rows = sqlx::query("SELECT * FROM cabinets WHERE online_at IS NOT NULL ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(cabinet_row).collect()
     }
 
     /// The newest desired configuration of a cabinet.

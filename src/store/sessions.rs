@@ -36,6 +36,19 @@ pub struct SessionRow {
     pub unlocked_at: Option<i64>,
 }
 
+/// A session found by its idempotency key.
+#[derive(Debug, Clone)]
+pub struct KeyedSession {
+    /// The session.
+    pub session: SessionRow,
+    /// The answer given, once there is one.
+    pub response: Option<String>,
+    /// The hash of the request that took the key (`None` for rows stored before hashing).
+    pub request_hash: Option<String>,
+    /// The boot id of the process that took the key.
+    pub claimed_by: Option<String>,
+}
+
 /// A session's order.
 #[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct OrderRow {
@@ -195,11 +208,17 @@ impl Store {
 
     /// Stores a new session and its order together, before anything is acknowledged.
     /// A repeated idempotency key is a `Conflict`.
-    pub async fn create_session(&self, s: &SessionRow, o: &OrderRow) -> Result<()> {
+    /// `claim` is the request's hash and the process's boot id, stored with the key.
+    pub async fn create_session(
+        &self,
+        s: &SessionRow,
+        o: &OrderRow,
+        claim: Option<(&str, &str)>,
+    ) -> Result<()> {
         let mut tx = self.writer.begin().await?;
         sqlx::query(
-            "INSERT INTO sessions (id, cabinet_id, merchant_id, user_id, channel, mode, state, idempotency_key, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO sessions (id, cabinet_id, merchant_id, user_id, channel, mode, state, idempotency_key, created_at, updated_at, request_hash, claimed_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(&s.id)
         .bind(&s.cabinet_id)
@@ -211,6 +230,8 @@ impl Store {
         .bind(s.idempotency_key.as_deref())
         .bind(s.created_at)
         .bind(s.updated_at)
+        .bind(claim.map(|c| c.0))
+        .bind(claim.map(|c| c.1))
         .execute(&mut *tx)
         .await
         .map_err(conflict_or)?;
@@ -246,20 +267,41 @@ impl Store {
         row.map(|r| session_row(&r)).transpose()
     }
 
-    /// A session by the caller's idempotency key, with the answer given the first time.
+    /// A session by the caller's idempotency key, with the answer given the first time and
+    /// the request and process the key is bound to.
     pub async fn session_by_key(
         &self,
         merchant_id: &str,
         key: &str,
-    ) -> Result<Option<(SessionRow, Option<String>)>> {
+    ) -> Result<Option<KeyedSession>> {
         let row =
             sqlx::query("SELECT * FROM sessions WHERE merchant_id = $1 AND idempotency_key = $2")
                 .bind(merchant_id)
                 .bind(key)
                 .fetch_optional(&self.pool)
                 .await?;
-        row.map(|r| Ok((session_row(&r)?, r.try_get("response")?)))
-            .transpose()
+        row.map(|r| {
+            Ok(KeyedSession {
+                session: session_row(&r)?,
+                response: r.try_get("response")?,
+                request_hash: r.try_get("request_hash")?,
+                claimed_by: r.try_get("claimed_by")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Takes an unanswered idempotency key off the session that holds it, so that a new
+    /// request may claim it; false when it was answered or reclaimed meanwhile.
+    pub async fn release_session_key(&self, id: &str, key: &str) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE sessions SET idempotency_key = NULL WHERE id = $1 AND idempotency_key = $2 AND response IS NULL",
+        )
+        .bind(id)
+        .bind(key)
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected() == 1)
     }
 
     /// Moves a session from `from` to `to`, answering the session as committed; `None` when it
@@ -469,7 +511,12 @@ impl Store {
     /// Stores a refund request before the provider hears of it, if the order's paid amount
     /// still covers it (checked and reserved atomically). `Ok(None)`: it would exceed what was
     /// paid. A repeated idempotency key returns the first refund.
-    pub async fn reserve_refund(&self, r: &RefundRow) -> Result<Option<RefundRow>> {
+    /// The same key with another request (`request_hash`) is `KeyReused`.
+    pub async fn reserve_refund(
+        &self,
+        r: &RefundRow,
+        request_hash: Option<&str>,
+    ) -> Result<Option<RefundRow>> {
         if let Some(key) = &r.idempotency_key {
             let row =
                 sqlx::query("SELECT * FROM refunds WHERE order_id = $1 AND idempotency_key = $2")
@@ -478,6 +525,11 @@ impl Store {
                     .fetch_optional(&self.pool)
                     .await?;
             if let Some(row) = row {
+                // A refund stored before requests were hashed matches any.
+                let stored: Option<String> = row.try_get("request_hash")?;
+                if stored.is_some_and(|h| Some(h.as_str()) != request_hash) {
+                    return Err(super::StoreError::KeyReused);
+                }
                 return Ok(Some(RefundRow::from_row(&row)?));
             }
         }
@@ -495,8 +547,8 @@ impl Store {
             return Ok(None);
         }
         sqlx::query(
-            "INSERT INTO refunds (id, order_id, idempotency_key, amount_fen, reason, status, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, 'requested', $6, $6)",
+            "INSERT INTO refunds (id, order_id, idempotency_key, amount_fen, reason, status, created_at, updated_at, request_hash) \
+             VALUES ($1, $2, $3, $4, $5, 'requested', $6, $6, $7)",
         )
         .bind(&r.id)
         .bind(&r.order_id)
@@ -504,6 +556,7 @@ impl Store {
         .bind(r.amount_fen)
         .bind(&r.reason)
         .bind(r.created_at)
+        .bind(request_hash)
         .execute(&mut *tx)
         .await
         .map_err(conflict_or)?;
