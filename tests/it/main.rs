@@ -2,11 +2,13 @@
 //! MQTT clients, the real PostgreSQL. One binary (faster linking).
 
 mod alipay;
+mod attacks;
 mod browser;
 mod catalog;
 mod crash;
 mod feed;
 mod harness;
+mod node;
 mod purchase;
 mod startup;
 mod store;
