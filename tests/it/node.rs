@@ -215,6 +215,11 @@ impl Node {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// Its data directory (database, device CA, the simulators' journals).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.data.path()
+    }
+
     pub fn tls_addr(&self) -> SocketAddr {
         self.tls
             .unwrap_or_else(|| panic!("started without Spec::tls"))
