@@ -1,125 +1,41 @@
 //! `kill -9` of the real binary in the middle of a purchase, restart on the same data: the
 //! shopper is charged exactly once.
 
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{free_port, fresh_postgres, Cabinet, ADMIN_KEY};
+use crate::harness::{fresh_postgres, Cabinet, ADMIN_KEY};
+use crate::node::Spec;
 
-struct Node {
-    child: Child,
-    http: u16,
-    mqtt: u16,
-    data: std::path::PathBuf,
-    db: Option<String>,
-}
-
-fn spawn(data: &std::path::Path, http: u16, mqtt: u16, db: Option<&str>) -> Child {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cabinet-hub"));
-    c.arg("serve")
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--http-listen")
-        .arg(format!("127.0.0.1:{http}"))
-        .arg("--mqtt-listen")
-        .arg(format!("127.0.0.1:{mqtt}"))
-        .env_remove("HUB_ENV")
-        .env("HUB__AUTH__ADMIN_KEY", ADMIN_KEY)
-        .env("HUB__LOG__LEVEL", "warn")
-        .env("HUB__PAYMENTS__DEDUCTION_CHECK_MS", "300")
-        .env("HUB__PAYMENTS__SIMULATOR_RETRY_SCALE", "0.01")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    if let Some(url) = db {
-        c.env("HUB__DATABASE__URL", url);
-    }
-    c.spawn().unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// A failed assertion must not leave the hub running after the test.
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// The binary (tests/it/node.rs) with this file's calls, all made with the admin key.
+struct Node(crate::node::Node);
 
 impl Node {
     async fn start(db: Option<String>) -> Self {
-        let data = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")).keep();
-        let (http, mqtt) = (free_port(), free_port());
-        let child = spawn(&data, http, mqtt, db.as_deref());
-        let mut n = Node {
-            child,
-            http,
-            mqtt,
-            data,
-            db,
-        };
-        n.wait_ready().await;
-        n
-    }
-
-    async fn wait_ready(&mut self) {
-        let start = Instant::now();
-        let url = format!("http://127.0.0.1:{}/readyz", self.http);
-        loop {
-            if reqwest::get(&url)
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                panic!("hub exited ({status}): {err}");
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "hub not ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut spec = Spec::new()
+            .env("HUB__PAYMENTS__DEDUCTION_CHECK_MS", 300)
+            .env("HUB__PAYMENTS__SIMULATOR_RETRY_SCALE", 0.01);
+        if let Some(url) = db {
+            spec = spec.env("HUB__DATABASE__URL", url);
         }
+        Node(spec.start().await)
     }
 
     fn kill9(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-9")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
+        self.0.kill9();
     }
 
     async fn restart(&mut self) {
-        self.child = spawn(&self.data, self.http, self.mqtt, self.db.as_deref());
-        self.wait_ready().await;
+        self.0.restart().await;
     }
 
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
-        let mut rb = reqwest::Client::new()
-            .request(m, format!("http://127.0.0.1:{}{path}", self.http))
-            .bearer_auth(ADMIN_KEY);
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        let r = rb
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
-    }
-
-    fn hub_mqtt(&self) -> std::net::SocketAddr {
-        std::net::SocketAddr::from(([127, 0, 0, 1], self.mqtt))
+        self.0.call(method, path, ADMIN_KEY, body).await
     }
 
     async fn cabinet(&self, secret: &str) -> Cabinet {
-        let mut c = Cabinet::try_connect(crate::harness::options(self.hub_mqtt(), "KM1", secret))
+        let mut c = Cabinet::try_connect(crate::harness::options(self.0.mqtt, "KM1", secret))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         c.subscribe_commands().await;
@@ -160,8 +76,8 @@ impl Node {
     /// The simulator's own record of the deductions: one entry per charge. Its journal holds
     /// one partial state per line; the last line naming an order has its latest state.
     fn charges(&self) -> usize {
-        let text =
-            std::fs::read_to_string(self.data.join("wechat-simulator.jsonl")).unwrap_or_default();
+        let text = std::fs::read_to_string(self.0.data_dir().join("wechat-simulator.jsonl"))
+            .unwrap_or_default();
         let mut orders = serde_json::Map::new();
         for line in text.lines() {
             let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
@@ -211,7 +127,7 @@ async fn setup(n: &Node) -> String {
 }
 
 async fn open_session(n: &Node, c: &mut Cabinet) -> String {
-    let url = format!("http://127.0.0.1:{}/api/v1/sessions", n.http);
+    let url = n.0.url("/api/v1/sessions");
     let pending = tokio::spawn(async move {
         let r = reqwest::Client::new()
             .post(url)

@@ -80,7 +80,8 @@ pub struct TestHub {
     pub mqtt: SocketAddr,
     pub mqtt_tls: Option<SocketAddr>,
     pub client: reqwest::Client,
-    _dir: tempfile::TempDir,
+    /// None when the hub is another process that owns its data directory (tests/it/node.rs).
+    _dir: Option<tempfile::TempDir>,
 }
 
 pub fn test_settings(dir: &std::path::Path) -> Settings {
@@ -120,12 +121,23 @@ impl TestHub {
             mqtt: app.mqtt_addr(),
             mqtt_tls: app.mqtt_tls_addr(),
             client: reqwest::Client::new(),
-            _dir: dir,
+            _dir: Some(dir),
         };
         actix_rt::spawn(async move {
             let _ = app.run_until_stopped().await;
         });
         hub
+    }
+
+    /// The API of a hub running elsewhere (the real binary), for the same helpers.
+    pub fn attach(http: SocketAddr, mqtt: SocketAddr, mqtt_tls: Option<SocketAddr>) -> Self {
+        TestHub {
+            http,
+            mqtt,
+            mqtt_tls,
+            client: reqwest::Client::new(),
+            _dir: None,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -292,8 +304,10 @@ impl TestHub {
 pub enum Got {
     ConnAck,
     Command(Value),
-    /// A SUBACK: whether each filter was granted.
-    SubAck(Vec<bool>),
+    /// The broker's answer to a subscription: one code per filter.
+    SubAck(Vec<rumqttc::SubscribeReasonCode>),
+    /// The broker took a QoS 1 publish.
+    PubAck,
     Closed(String),
 }
 
@@ -346,12 +360,10 @@ fn pump(mut ev: EventLoop, tx: mpsc::UnboundedSender<Got>) -> tokio::task::JoinH
                     let _ = tx.send(Got::Command(v));
                 }
                 Ok(Event::Incoming(Packet::SubAck(a))) => {
-                    let granted = a
-                        .return_codes
-                        .iter()
-                        .map(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)))
-                        .collect();
-                    let _ = tx.send(Got::SubAck(granted));
+                    let _ = tx.send(Got::SubAck(a.return_codes));
+                }
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    let _ = tx.send(Got::PubAck);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -403,7 +415,13 @@ impl Cabinet {
         boot_id: &str,
         config_version: u64,
     ) -> Self {
-        let mut c = Self::try_connect(options(hub.mqtt, id, secret))
+        Self::connect_with(options(hub.mqtt, id, secret), boot_id, config_version).await
+    }
+
+    /// Connects with `opts` (either mode), subscribes to commands and says it is online.
+    pub async fn connect_with(opts: MqttOptions, boot_id: &str, config_version: u64) -> Self {
+        let id = opts.client_id();
+        let mut c = Self::try_connect(opts)
             .await
             .unwrap_or_else(|e| panic!("connect {id}: {e}"));
         c.subscribe_commands().await;
@@ -464,7 +482,7 @@ impl Cabinet {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, self.rx.recv()).await {
                 Ok(Some(Got::Command(c))) if c["type"] == kind => return c,
-                Ok(Some(Got::Command(_) | Got::ConnAck | Got::SubAck(_))) => {}
+                Ok(Some(Got::Command(_) | Got::ConnAck | Got::SubAck(_) | Got::PubAck)) => {}
                 Ok(Some(Got::Closed(e))) => {
                     panic!("connection closed while waiting for {kind}: {e}")
                 }
@@ -497,7 +515,11 @@ impl Cabinet {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, self.rx.recv()).await {
-                Ok(Some(Got::SubAck(granted))) => return granted.iter().all(|g| *g),
+                Ok(Some(Got::SubAck(codes))) => {
+                    return codes
+                        .iter()
+                        .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)))
+                }
                 Ok(Some(Got::Closed(e))) => panic!("closed while subscribing to {filter}: {e}"),
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => panic!("no SUBACK for {filter} within {within:?}"),

@@ -2,12 +2,14 @@
 //! MQTT clients, the real PostgreSQL. One binary (faster linking).
 
 mod alipay;
+mod attacks;
 mod browser;
 mod catalog;
 mod crash;
 mod feed;
 mod harness;
 mod keys;
+mod node;
 mod ops;
 mod purchase;
 mod startup;
