@@ -131,6 +131,10 @@ impl CabinetPorts for HubPorts {
                 m.mqtt_duplicates.inc();
                 tracing::debug!(cabinet_id = %cabinet.id, seq, "duplicate dropped");
             }
+            Effect::SeqReset { from, to } => {
+                m.mqtt_seq_resets.inc();
+                tracing::info!(cabinet_id = %cabinet.id, from, to, "seq jumped outside the duplicate window: accepted as a reset");
+            }
             Effect::StrayAck { cmd_id } => {
                 m.mqtt_stray_acks.inc();
                 tracing::info!(cabinet_id = %cabinet.id, cmd_id = %cmd_id, "ack for no pending command");

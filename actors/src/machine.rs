@@ -15,6 +15,7 @@ use crate::protocol::{
     Ack, CabinetConfig, CameraStatus, Command, CommandBody, CommandKind, Door, Event, EventType,
     Heartbeat, Light, Lock, Recognition, RecognitionStatus, SessionMode, Status, UplinkBody,
 };
+use crate::seq::{SeqVerdict, SeqWindow};
 
 /// The durations the machine enforces (all configurable; defaults from PROTOCOL.md).
 #[derive(Debug, Clone, PartialEq)]
@@ -179,6 +180,14 @@ pub enum Effect {
         /// Its seq.
         seq: u64,
     },
+    /// A heartbeat or event's seq was far outside the duplicate window: taken as the cabinet's
+    /// counter having jumped, processed, and the window restarted there.
+    SeqReset {
+        /// The highest seq before.
+        from: u64,
+        /// The seq that restarted the window.
+        to: u64,
+    },
     /// An ack for no pending command (late, after a timeout, or unknown).
     StrayAck {
         /// Its cmd id.
@@ -297,7 +306,8 @@ pub struct CabinetMachine {
     online: bool,
     last_seen: Option<u64>,
     boot_id: Option<String>,
-    last_seq: Option<u64>,
+    /// Duplicate detection for the current boot; `None` until the first seq.
+    seqs: Option<SeqWindow>,
     fw: Option<String>,
     model: Option<String>,
 
@@ -365,7 +375,7 @@ impl CabinetMachine {
             online: false,
             last_seen: None,
             boot_id: None,
-            last_seq: None,
+            seqs: None,
             fw: None,
             model: None,
             door: None,
@@ -677,11 +687,16 @@ impl CabinetMachine {
         if let UplinkBody::Heartbeat(Heartbeat { seq, .. }) | UplinkBody::Event(Event { seq, .. }) =
             &body
         {
-            if self.last_seq.is_some_and(|last| *seq <= last) {
-                fx.push(Effect::Duplicate { seq: *seq });
-                return;
+            let seq = *seq;
+            match self.seqs.as_mut().map(|w| w.check(seq)) {
+                None => self.seqs = Some(SeqWindow::starting_at(seq)),
+                Some(SeqVerdict::Fresh) => {}
+                Some(SeqVerdict::Duplicate) => {
+                    fx.push(Effect::Duplicate { seq });
+                    return;
+                }
+                Some(SeqVerdict::Reset { from }) => fx.push(Effect::SeqReset { from, to: seq }),
             }
-            self.last_seq = Some(*seq);
         }
         self.last_seen = Some(now);
         if !self.online {
@@ -722,7 +737,7 @@ impl CabinetMachine {
         }
         if new_boot {
             self.boot_id = s.boot_id;
-            self.last_seq = None;
+            self.seqs = None;
             // A reboot ends whatever the controller was doing: the door state, a pending
             // latch wait and the lock-down are re-learned from the next heartbeat.
             self.locked_down = false;

@@ -629,6 +629,107 @@ fn duplicates_are_dropped() {
     );
 }
 
+/// A heartbeat with this exact seq and temperature.
+fn heartbeat_at(r: &mut Rig, seq: u64, temp: f64) -> Vec<Effect> {
+    let json = format!(
+        r#"{{"seq":{seq},"ts":{},"door":"closed","lock":"locked","temp_c":{temp},"cameras":[{{"id":0,"ok":true}},{{"id":1,"ok":true}}],"config_version":1}}"#,
+        r.now
+    );
+    r.up(UplinkKind::Heartbeat, &json)
+}
+
+fn resets(fx: &[Effect]) -> Vec<(u64, u64)> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::SeqReset { from, to } => Some((*from, *to)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn is_duplicate(fx: &[Effect]) -> bool {
+    fx.iter().any(|e| matches!(e, Effect::Duplicate { .. }))
+}
+
+#[test]
+fn a_huge_seq_cannot_silence_the_cabinet() {
+    let mut r = Rig::online();
+    for seq in 2..=42 {
+        heartbeat_at(&mut r, seq, 4.0);
+    }
+    let fx = heartbeat_at(&mut r, u64::MAX, 4.5);
+    assert_eq!(resets(&fx), vec![(42, u64::MAX)], "counted as a reset");
+    assert_eq!(r.m.snapshot().temp_c, Some(4.5), "and processed");
+
+    let fx = heartbeat_at(&mut r, 43, 6.0);
+    assert!(!is_duplicate(&fx), "{fx:?}");
+    assert_eq!(resets(&fx), vec![(u64::MAX, 43)]);
+    assert_eq!(
+        r.m.snapshot().temp_c,
+        Some(6.0),
+        "the genuine 43 is processed"
+    );
+    let fx = heartbeat_at(&mut r, 44, 7.0);
+    assert!(!is_duplicate(&fx) && resets(&fx).is_empty(), "{fx:?}");
+    assert_eq!(r.m.snapshot().temp_c, Some(7.0), "and so is 44");
+}
+
+#[test]
+fn qos1_redelivery_is_still_a_duplicate() {
+    let mut r = Rig::online();
+    heartbeat_at(&mut r, 100, 4.0);
+    heartbeat_at(&mut r, 101, 5.0);
+    // Redelivered (with a payload that would change state, to see that it is dropped).
+    let fx = heartbeat_at(&mut r, 100, 9.0);
+    assert_eq!(fx, vec![Effect::Duplicate { seq: 100 }]);
+    let fx = heartbeat_at(&mut r, 101, 9.0);
+    assert_eq!(fx, vec![Effect::Duplicate { seq: 101 }]);
+    assert_eq!(r.m.snapshot().temp_c, Some(5.0));
+    // An event redelivered after later messages, still within the window.
+    let json = r#"{"seq":102,"ts":1,"type":"tamper"}"#;
+    assert_eq!(
+        raised(&r.up(UplinkKind::Event, json)),
+        vec![AlertType::Tamper]
+    );
+    for seq in 103..600 {
+        heartbeat_at(&mut r, seq, 5.0);
+    }
+    assert_eq!(
+        r.up(UplinkKind::Event, json),
+        vec![Effect::Duplicate { seq: 102 }]
+    );
+}
+
+#[test]
+fn out_of_order_within_the_window_is_accepted_once() {
+    let mut r = Rig::online();
+    heartbeat_at(&mut r, 10, 4.0);
+    heartbeat_at(&mut r, 13, 4.0);
+    let fx = heartbeat_at(&mut r, 11, 6.5);
+    assert!(!is_duplicate(&fx) && resets(&fx).is_empty(), "{fx:?}");
+    assert_eq!(r.m.snapshot().temp_c, Some(6.5), "late but new: processed");
+    assert!(is_duplicate(&heartbeat_at(&mut r, 11, 3.0)), "only once");
+    assert!(!is_duplicate(&heartbeat_at(&mut r, 12, 3.0)));
+    // Far below the window: a reset, not a duplicate.
+    heartbeat_at(&mut r, 5000, 4.0);
+    let fx = heartbeat_at(&mut r, 11, 3.5);
+    assert_eq!(resets(&fx), vec![(5000, 11)]);
+    assert_eq!(r.m.snapshot().temp_c, Some(3.5));
+}
+
+#[test]
+fn a_new_boot_forgets_the_window() {
+    let mut r = Rig::online();
+    heartbeat_at(&mut r, 500, 4.0);
+    r.up(
+        UplinkKind::Status,
+        r#"{"online":true,"boot_id":"b2","config_version":1}"#,
+    );
+    let fx = heartbeat_at(&mut r, 500, 5.0);
+    assert!(!is_duplicate(&fx) && resets(&fx).is_empty(), "{fx:?}");
+    assert_eq!(r.m.snapshot().temp_c, Some(5.0));
+}
+
 #[test]
 fn command_outcomes_ok_rejected_timeout_not_connected() {
     let mut r = Rig::online();
