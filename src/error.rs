@@ -61,6 +61,11 @@ pub enum ErrorCode {
     PaymentDeclined,
     /// A product is not on the cabinet's sellable list.
     UnknownProduct,
+    /// A basket line's quantity, the basket's total quantity or its line count is above the
+    /// `[limits]`; the message names the line.
+    BasketOutOfRange,
+    /// A list price is above `limits.max_price_fen` (or negative).
+    PriceOutOfRange,
     /// A refund would exceed what was paid.
     RefundExceedsPaid,
     /// The cabinet is not connected.
@@ -97,7 +102,9 @@ impl ErrorCode {
             | CabinetBusy | CabinetFaulted | RequestInProgress | UnlockRejected
             | OrderNotAbnormal => StatusCode::CONFLICT,
             ServiceExpired | UserBlacklisted | PaymentDeclined | UnknownProduct
-            | RefundExceedsPaid => StatusCode::UNPROCESSABLE_ENTITY,
+            | BasketOutOfRange | PriceOutOfRange | RefundExceedsPaid => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             CabinetOffline | UnlockTimeout | HubRestarted | ActorUnavailable | ActorRestarted
             | Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -188,6 +195,18 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<cabinet_actors::pricing::PricingError> for ApiError {
+    fn from(e: cabinet_actors::pricing::PricingError) -> Self {
+        use cabinet_actors::pricing::PricingError as P;
+        let code = match &e {
+            P::UnknownSku(_) => ErrorCode::UnknownProduct,
+            P::BasketOutOfRange { .. } => ErrorCode::BasketOutOfRange,
+            P::PriceOutOfRange { .. } => ErrorCode::PriceOutOfRange,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
 impl From<ring::error::Unspecified> for ApiError {
     /// The only failure of `secrets::token`: the system has no randomness to give.
     fn from(_: ring::error::Unspecified) -> Self {
@@ -244,6 +263,8 @@ mod tests {
             (ServiceExpired, 422),
             (UserBlacklisted, 422),
             (PaymentDeclined, 422),
+            (BasketOutOfRange, 422),
+            (PriceOutOfRange, 422),
             (CabinetOffline, 503),
             (UnlockTimeout, 503),
         ] {

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::CabinetId;
+use crate::pricing::Limits;
 
 /// Largest payload a cabinet may send (PROTOCOL.md: "at most 16 KiB").
 pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024;
@@ -11,6 +12,11 @@ pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024;
 pub const MAX_TOKEN_LEN: usize = 64;
 /// Longest free-text `detail` or `reason`.
 pub const MAX_TEXT_LEN: usize = 1024;
+/// Largest quantity of one line of a purchase recognition's `items` (the default
+/// `limits.max_line_qty`).
+pub const MAX_RECOGNITION_QTY: u32 = Limits::DEFAULT.max_line_qty;
+/// Most lines in a purchase recognition's `items` (the default `limits.max_basket_lines`).
+pub const MAX_RECOGNITION_LINES: usize = Limits::DEFAULT.max_basket_lines;
 
 /// Why an uplink message was refused. The label values are stable: they are metric labels
 /// (`mqtt_rejected_total{reason}`) and log fields.
@@ -30,11 +36,14 @@ pub enum RejectReason {
     InvalidPayload,
     /// A well-formed message from a cabinet that is not registered and active.
     UnknownCabinet,
+    /// A recognition whose `items` has more than [`MAX_RECOGNITION_LINES`] lines or a line
+    /// above [`MAX_RECOGNITION_QTY`].
+    OutOfRange,
 }
 
 impl RejectReason {
     /// Every reason, for pre-registering metric series.
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::BadTopic,
         RejectReason::UnknownTopic,
         RejectReason::BadCabinetId,
@@ -42,6 +51,7 @@ impl RejectReason {
         RejectReason::MalformedJson,
         RejectReason::InvalidPayload,
         RejectReason::UnknownCabinet,
+        RejectReason::OutOfRange,
     ];
 
     /// The stable label value.
@@ -54,6 +64,7 @@ impl RejectReason {
             RejectReason::MalformedJson => "malformed_json",
             RejectReason::InvalidPayload => "invalid_payload",
             RejectReason::UnknownCabinet => "unknown_cabinet",
+            RejectReason::OutOfRange => "out_of_range",
         }
     }
 }
@@ -503,6 +514,31 @@ pub fn parse_uplink(
                     return Err(invalid(&cabinet, format!("sku {:?} invalid", item.sku)));
                 }
             }
+            // A purchase basket beyond the caps cannot be priced: refuse it here, counted,
+            // rather than let a wrapped or absurd quantity reach pricing. (`stock` is a count,
+            // not a sale; the payload size bounds it.)
+            let items = r.items.as_deref().unwrap_or_default();
+            let out_of_range = |detail: String| Rejection {
+                reason: RejectReason::OutOfRange,
+                detail,
+                cabinet: Some(cabinet.clone()),
+            };
+            if items.len() > MAX_RECOGNITION_LINES {
+                return Err(out_of_range(format!(
+                    "{} item lines, at most {MAX_RECOGNITION_LINES}",
+                    items.len()
+                )));
+            }
+            if let Some((i, item)) = items
+                .iter()
+                .enumerate()
+                .find(|(_, it)| it.qty > MAX_RECOGNITION_QTY)
+            {
+                return Err(out_of_range(format!(
+                    "items[{i}] ({}): qty {} above {MAX_RECOGNITION_QTY}",
+                    item.sku, item.qty
+                )));
+            }
             UplinkBody::Recognition(r)
         }
     };
@@ -730,6 +766,53 @@ mod tests {
                 &format!(r#"{{"cmd_id":"{}","ok":true}}"#, "c".repeat(65))
             ),
             Some(RejectReason::InvalidPayload)
+        );
+    }
+
+    #[test]
+    fn recognitions_beyond_the_caps_are_out_of_range() {
+        let basket = |lines: &[(&str, u64)]| {
+            let items: Vec<String> = lines
+                .iter()
+                .map(|(sku, q)| format!(r#"{{"sku":"{sku}","qty":{q}}}"#))
+                .collect();
+            format!(
+                r#"{{"session_id":"s1","status":"ok","items":[{}]}}"#,
+                items.join(",")
+            )
+        };
+        let r = |lines: &[(&str, u64)]| reason(UplinkKind::Recognition, &basket(lines));
+        assert_eq!(r(&[("a", 99), ("b", 99)]), None, "at the cap");
+        assert_eq!(r(&[("a", 1), ("b", 100)]), Some(RejectReason::OutOfRange));
+        assert_eq!(
+            r(&[("a", 4_294_967_295), ("a", 1)]),
+            Some(RejectReason::OutOfRange)
+        );
+        assert_eq!(
+            r(&[("a", 4_294_967_296)]),
+            Some(RejectReason::InvalidPayload),
+            "not a u32 at all"
+        );
+        let many: Vec<(&str, u64)> = vec![("a", 1); MAX_RECOGNITION_LINES + 1];
+        assert_eq!(r(&many), Some(RejectReason::OutOfRange));
+        assert_eq!(r(&many[1..]), None);
+        // A restock count is not a sale: not capped per line.
+        assert_eq!(
+            reason(
+                UplinkKind::Recognition,
+                r#"{"session_id":"s1","status":"ok","stock":[{"sku":"a","qty":500}]}"#
+            ),
+            None
+        );
+        let e = parse_uplink(
+            id(),
+            UplinkKind::Recognition,
+            basket(&[("a", 100)]).as_bytes(),
+        );
+        assert_eq!(
+            e.err().and_then(|r| r.cabinet),
+            Some(id()),
+            "logged with the cabinet id"
         );
     }
 

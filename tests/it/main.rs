@@ -536,6 +536,11 @@ async fn every_rejection_reason_is_counted(b: Backend) {
             br#"{"seq":1,"ts":1,"door":"closed","lock":"locked"}"#.to_vec(),
             "unknown_cabinet",
         ),
+        (
+            "/tenants/KM1/recognition",
+            br#"{"session_id":"s1","status":"ok","items":[{"sku":"cola","qty":4294967295},{"sku":"cola","qty":1}]}"#.to_vec(),
+            "out_of_range",
+        ),
     ];
     for (topic, payload, _) in &cases {
         c.publish_raw(topic, payload.clone()).await;
