@@ -32,6 +32,13 @@ pub enum AlertWrite {
         /// Unix ms.
         at: i64,
     },
+    /// A flapping alert's new count.
+    Flaps {
+        /// Alert id.
+        id: String,
+        /// Raises so far.
+        flaps: u32,
+    },
     /// Answered once every write queued before it has landed (shutdown).
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -114,6 +121,13 @@ impl CabinetPorts for HubPorts {
                 });
             }
             Effect::AlertAcked(_) => {}
+            Effect::AlertFlapped(a) => {
+                tracing::debug!(cabinet_id = %cabinet.id, alert = a.kind.as_str(), flaps = a.flaps, "alert flapping");
+                let _ = self.alerts.send(AlertWrite::Flaps {
+                    id: a.id.clone(),
+                    flaps: a.flaps,
+                });
+            }
             Effect::OnlineChanged(true) => m.cabinets_online.inc(),
             Effect::OnlineChanged(false) => m.cabinets_online.dec(),
             Effect::CommandDone {
@@ -184,6 +198,9 @@ pub async fn alert_writer(
                     .map(|_| ()),
                 AlertWrite::Cleared { id, by, at } => {
                     store.clear_alert(id, by, *at).await.map(|_| ())
+                }
+                AlertWrite::Flaps { id, flaps } => {
+                    store.set_alert_flaps(id, *flaps).await.map(|_| ())
                 }
                 AlertWrite::Flush(_) => Ok(()),
             };
