@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use cabinet_actors::machine::Timing;
+use cabinet_actors::pricing::Limits;
 use cabinet_actors::protocol::{CabinetConfig, LightSchedule};
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -39,6 +40,8 @@ pub struct Settings {
     pub feed: FeedSettings,
     /// Promotion clock.
     pub pricing: PricingSettings,
+    /// Bounds on baskets and prices.
+    pub limits: LimitsSettings,
     /// Actor threads.
     pub actors: ActorSettings,
     /// Heap upkeep.
@@ -225,6 +228,35 @@ pub struct PricingSettings {
     pub utc_offset_min: i32,
 }
 
+/// `[limits]`: bounds on baskets (quote, resolve, recognition) and list prices. The MQTT edge
+/// rejects a recognition beyond the defaults (99 per line, 64 lines) whatever these say; a
+/// recognition within those but beyond tighter limits here makes the order abnormal
+/// (`out_of_range`) for a person to resolve.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// `HUB__LIMITS__MAX_LINE_QTY`: largest quantity of one basket line.
+    pub max_line_qty: u32,
+    /// `HUB__LIMITS__MAX_BASKET_LINES`: most lines in one basket.
+    pub max_basket_lines: usize,
+    /// `HUB__LIMITS__MAX_BASKET_QTY`: most items in one basket, all lines together.
+    pub max_basket_qty: u32,
+    /// `HUB__LIMITS__MAX_PRICE_FEN`: largest list (unit) price, fen.
+    pub max_price_fen: i64,
+}
+
+impl LimitsSettings {
+    /// As the pricing function takes them.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_line_qty: self.max_line_qty,
+            max_basket_lines: self.max_basket_lines,
+            max_basket_qty: self.max_basket_qty,
+            max_price_fen: self.max_price_fen,
+        }
+    }
+}
+
 /// `[actors]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -367,6 +399,17 @@ impl Settings {
                 "log.format (HUB__LOG__FORMAT) must be \"text\" or \"json\", not {:?}",
                 self.log.format
             );
+        }
+        let l = &self.limits;
+        if l.max_line_qty == 0 || l.max_basket_lines == 0 || l.max_basket_qty == 0 {
+            bail!("limits.max_line_qty, limits.max_basket_lines and limits.max_basket_qty (HUB__LIMITS__…) must be at least 1");
+        }
+        // Every amount then fits an i64 with room to spare (and a provider's amount field).
+        if !(1..=1_000_000_000).contains(&l.max_price_fen) {
+            bail!("limits.max_price_fen (HUB__LIMITS__MAX_PRICE_FEN) must be 1 to 1000000000");
+        }
+        if l.max_basket_qty > 100_000 || l.max_basket_lines > 10_000 {
+            bail!("limits.max_basket_qty (HUB__LIMITS__MAX_BASKET_QTY) must be at most 100000 and limits.max_basket_lines at most 10000");
         }
         let c = &self.cabinet;
         if c.heartbeat_s == 0 || c.missed_heartbeats == 0 {
@@ -525,6 +568,11 @@ mod tests {
         assert_eq!(s.mqtt.listen.to_string(), "0.0.0.0:1883");
         assert!(s.database_url().starts_with("sqlite:///tmp/x/hub.db"));
         assert_eq!(s.timing(), Timing::default());
+        assert_eq!(
+            s.limits.limits(),
+            Limits::DEFAULT,
+            "the edge's caps are the defaults"
+        );
     }
 
     #[test]

@@ -71,6 +71,11 @@ pub enum ErrorCode {
     PaymentDeclined,
     /// A product is not on the cabinet's sellable list.
     UnknownProduct,
+    /// A basket line's quantity, the basket's total quantity or its line count is above the
+    /// `[limits]`; the message names the line.
+    BasketOutOfRange,
+    /// A list price is above `limits.max_price_fen` (or negative).
+    PriceOutOfRange,
     /// A refund would exceed what was paid.
     RefundExceedsPaid,
     /// The cabinet is not connected.
@@ -107,7 +112,9 @@ impl ErrorCode {
             | CabinetBusy | CabinetFaulted | RequestInProgress | UnlockRejected
             | OrderNotAbnormal | LastAdminKey | KeyRevoked => StatusCode::CONFLICT,
             ServiceExpired | UserBlacklisted | PaymentDeclined | UnknownProduct
-            | RefundExceedsPaid | IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            | RefundExceedsPaid | IdempotencyKeyReused | BasketOutOfRange | PriceOutOfRange => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             TooManyFeeds => StatusCode::TOO_MANY_REQUESTS,
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             CabinetOffline | UnlockTimeout | HubRestarted | ActorUnavailable | ActorRestarted
@@ -204,6 +211,18 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<cabinet_actors::pricing::PricingError> for ApiError {
+    fn from(e: cabinet_actors::pricing::PricingError) -> Self {
+        use cabinet_actors::pricing::PricingError as P;
+        let code = match &e {
+            P::UnknownSku(_) => ErrorCode::UnknownProduct,
+            P::BasketOutOfRange { .. } => ErrorCode::BasketOutOfRange,
+            P::PriceOutOfRange { .. } => ErrorCode::PriceOutOfRange,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
 impl From<ring::error::Unspecified> for ApiError {
     /// The only failure of `secrets::token`: the system has no randomness to give.
     fn from(_: ring::error::Unspecified) -> Self {
@@ -260,6 +279,8 @@ mod tests {
             (ServiceExpired, 422),
             (UserBlacklisted, 422),
             (PaymentDeclined, 422),
+            (BasketOutOfRange, 422),
+            (PriceOutOfRange, 422),
             (CabinetOffline, 503),
             (UnlockTimeout, 503),
         ] {

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub mqtt_auth_failures: IntCounterVec,
     pub mqtt_refused: IntCounterVec,
     pub mqtt_duplicates: IntCounter,
+    pub mqtt_seq_resets: IntCounter,
     pub uplinks_processed: IntCounter,
     pub mqtt_link_unscheduled: IntCounter,
     pub mqtt_stray_acks: IntCounter,
@@ -163,6 +164,13 @@ impl Metrics {
                 IntCounter::new(
                     "mqtt_duplicates_total",
                     "Redelivered heartbeats and events dropped",
+                )?,
+            ),
+            mqtt_seq_resets: reg(
+                &r,
+                IntCounter::new(
+                    "mqtt_seq_resets_total",
+                    "Heartbeats and events whose seq jumped outside the duplicate window (accepted)",
                 )?,
             ),
             mqtt_stray_acks: reg(

@@ -40,6 +40,13 @@ pub enum AlertWrite {
         /// Unix ms, or `None` for offline.
         at: Option<i64>,
     },
+    /// A flapping alert's new count.
+    Flaps {
+        /// Alert id.
+        id: String,
+        /// Raises so far.
+        flaps: u32,
+    },
     /// Answered once every write queued before it has landed (shutdown).
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -139,6 +146,13 @@ impl CabinetPorts for HubPorts {
                     at,
                 });
             }
+            Effect::AlertFlapped(a) => {
+                tracing::debug!(cabinet_id = %cabinet.id, alert = a.kind.as_str(), flaps = a.flaps, "alert flapping");
+                let _ = self.alerts.send(AlertWrite::Flaps {
+                    id: a.id.clone(),
+                    flaps: a.flaps,
+                });
+            }
             Effect::CommandDone {
                 cmd_id,
                 kind,
@@ -153,6 +167,10 @@ impl CabinetPorts for HubPorts {
             Effect::Duplicate { seq } => {
                 m.mqtt_duplicates.inc();
                 tracing::debug!(cabinet_id = %cabinet.id, seq, "duplicate dropped");
+            }
+            Effect::SeqReset { from, to } => {
+                m.mqtt_seq_resets.inc();
+                tracing::info!(cabinet_id = %cabinet.id, from, to, "seq jumped outside the duplicate window: accepted as a reset");
             }
             Effect::StrayAck { cmd_id } => {
                 m.mqtt_stray_acks.inc();
@@ -205,6 +223,9 @@ pub async fn alert_writer(
                     store.clear_alert(id, by, *at).await.map(|_| ())
                 }
                 AlertWrite::Online { cabinet, at } => store.set_cabinet_online(cabinet, *at).await,
+                AlertWrite::Flaps { id, flaps } => {
+                    store.set_alert_flaps(id, *flaps).await.map(|_| ())
+                }
                 AlertWrite::Flush(_) => Ok(()),
             };
             match r {

@@ -102,6 +102,8 @@ impl OfflineSweep {
             raised_at: now,
             acked: false,
             detail: Some("not back after the hub restarted".into()),
+            flapping: false,
+            flaps: 0,
         };
         // The alert is stored before the actor reads its seed, so the actor holds it and
         // clears it when the cabinet comes back. Only when this sweep starts the actor: should

@@ -36,6 +36,10 @@ pub struct ActiveAlertView {
     pub acked: bool,
     /// Context.
     pub detail: Option<String>,
+    /// Raised more than 5 times within 10 minutes: kept as this one alert until quiet.
+    pub flapping: bool,
+    /// While flapping, how many times its condition was raised; 0 otherwise.
+    pub flaps: u32,
 }
 
 impl From<&ActiveAlert> for ActiveAlertView {
@@ -47,6 +51,8 @@ impl From<&ActiveAlert> for ActiveAlertView {
             raised_at: rfc3339(a.raised_at as i64),
             acked: a.acked,
             detail: a.detail.clone(),
+            flapping: a.flapping,
+            flaps: a.flaps,
         }
     }
 }
@@ -214,6 +220,10 @@ pub struct AlertView {
     pub cleared_by: Option<String>,
     /// Not cleared yet.
     pub active: bool,
+    /// It flapped (raised more than 5 times within 10 minutes): one row for all of it.
+    pub flapping: bool,
+    /// How many times its condition was raised while it flapped; 0 if it never did.
+    pub flaps: i64,
 }
 
 impl From<&AlertRow> for AlertView {
@@ -231,6 +241,8 @@ impl From<&AlertRow> for AlertView {
             cleared_at: a.cleared_at.and_then(rfc3339),
             cleared_by: a.cleared_by.clone(),
             active: a.cleared_at.is_none(),
+            flapping: a.flaps > 0,
+            flaps: a.flaps,
         }
     }
 }

@@ -11,7 +11,7 @@ use std::hint::black_box;
 use cabinet_actors::ids::CabinetId;
 use cabinet_actors::machine::{CabinetMachine, Input, Timing};
 use cabinet_actors::pricing::{
-    price_basket, BasketItem, ListPrice, Offer, PriceRule, Promotion, Tier, Window,
+    price_basket, BasketItem, Limits, ListPrice, Offer, PriceRule, Promotion, Tier, Window,
 };
 use cabinet_actors::protocol::{parse_uplink, CabinetConfig, LightSchedule, UplinkKind};
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -155,11 +155,21 @@ fn pricing(c: &mut Criterion) {
                 &promotions,
                 1_763_700_000_000,
                 480,
+                &Limits::DEFAULT,
             )
         })
     });
     g.bench_function("baseline_basket_6_lines_no_promotions", |b| {
-        b.iter(|| price_basket(black_box(&basket), &list, &[], 1_763_700_000_000, 480))
+        b.iter(|| {
+            price_basket(
+                black_box(&basket),
+                &list,
+                &[],
+                1_763_700_000_000,
+                480,
+                &Limits::DEFAULT,
+            )
+        })
     });
     g.finish();
 }

@@ -2,6 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// An alert raised more than this many times within [`FLAP_WINDOW_MS`] is flapping.
+pub const FLAP_RAISES: usize = 5;
+/// The flapping window, and how long a flapping alert must be quiet (no toggle) to end.
+pub const FLAP_WINDOW_MS: u64 = 600_000;
+
 /// The anomalies the hub raises. One is active at most once per (cabinet, type).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -118,6 +123,14 @@ pub struct ActiveAlert {
     pub acked: bool,
     /// Context (camera ids, temperature, event detail).
     pub detail: Option<String>,
+    /// Raised more than [`FLAP_RAISES`] times within [`FLAP_WINDOW_MS`]: it stays this one
+    /// active alert while its condition toggles, and ends once quiet for the window.
+    #[serde(default)]
+    pub flapping: bool,
+    /// While flapping: how many times its condition was raised, this alert's own raise and the
+    /// ones before it in the window included; 0 otherwise.
+    #[serde(default)]
+    pub flaps: u32,
 }
 
 /// Who cleared an alert.

@@ -12,6 +12,7 @@ pub mod machine;
 pub mod pricing;
 pub mod protocol;
 pub mod registry;
+pub mod seq;
 pub mod session;
 
 pub use actor::{

@@ -9,12 +9,13 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use crate::alert::{ActiveAlert, AlertType, ClearedBy};
+use crate::alert::{ActiveAlert, AlertType, ClearedBy, FLAP_RAISES, FLAP_WINDOW_MS};
 use crate::ids::CabinetId;
 use crate::protocol::{
     Ack, CabinetConfig, CameraStatus, Command, CommandBody, CommandKind, Door, Event, EventType,
     Heartbeat, Light, Lock, Recognition, RecognitionStatus, SessionMode, Status, UplinkBody,
 };
+use crate::seq::{SeqVerdict, SeqWindow};
 
 /// The durations the machine enforces (all configurable; defaults from PROTOCOL.md).
 #[derive(Debug, Clone, PartialEq)]
@@ -161,6 +162,8 @@ pub enum Effect {
     AlertRaised(ActiveAlert),
     /// An operator acknowledged an alert.
     AlertAcked(ActiveAlert),
+    /// A flapping alert's condition came back: no new alert, only its count went up.
+    AlertFlapped(ActiveAlert),
     /// An alert was cleared.
     AlertCleared {
         /// The alert as it was.
@@ -178,6 +181,14 @@ pub enum Effect {
     Duplicate {
         /// Its seq.
         seq: u64,
+    },
+    /// A heartbeat or event's seq was far outside the duplicate window: taken as the cabinet's
+    /// counter having jumped, processed, and the window restarted there.
+    SeqReset {
+        /// The highest seq before.
+        from: u64,
+        /// The seq that restarted the window.
+        to: u64,
     },
     /// An ack for no pending command (late, after a timeout, or unknown).
     StrayAck {
@@ -209,6 +220,17 @@ impl Refusal {
             Refusal::CabinetFaulted => "cabinet_faulted",
         }
     }
+}
+
+/// Recent raises of one alert type, to tell flapping from a fault that comes and goes.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct FlapTrack {
+    /// Raise times within the last [`FLAP_WINDOW_MS`] (at most `FLAP_RAISES + 1`).
+    raises: Vec<u64>,
+    /// The condition ended while the alert was flapping: the alert is kept active.
+    held: bool,
+    /// The last raise or end of the condition while flapping.
+    last_toggle: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -297,7 +319,8 @@ pub struct CabinetMachine {
     online: bool,
     last_seen: Option<u64>,
     boot_id: Option<String>,
-    last_seq: Option<u64>,
+    /// Duplicate detection for the current boot; `None` until the first seq.
+    seqs: Option<SeqWindow>,
     fw: Option<String>,
     model: Option<String>,
 
@@ -316,6 +339,11 @@ pub struct CabinetMachine {
     temp_out_since: Option<u64>,
 
     alerts: BTreeMap<AlertType, ActiveAlert>,
+    /// Only for types raised within the flapping window; empty for a quiet cabinet.
+    flaps: BTreeMap<AlertType, FlapTrack>,
+    /// The last raise's time and how many raises came before it in that millisecond: alert
+    /// ids are `{cabinet}-{type}-{ms}`, suffixed when a condition toggles within one ms.
+    last_raise: (u64, u32),
     locked_down: bool,
     session: Option<OpenSession>,
     pending: HashMap<String, Pending>,
@@ -365,7 +393,7 @@ impl CabinetMachine {
             online: false,
             last_seen: None,
             boot_id: None,
-            last_seq: None,
+            seqs: None,
             fw: None,
             model: None,
             door: None,
@@ -380,6 +408,8 @@ impl CabinetMachine {
             latch_wait_since: None,
             temp_out_since: None,
             alerts: alerts.into_iter().map(|a| (a.kind, a)).collect(),
+            flaps: BTreeMap::new(),
+            last_raise: (0, 0),
             locked_down: false,
             session: None,
             pending: HashMap::new(),
@@ -498,7 +528,14 @@ impl CabinetMachine {
             .and_then(|s| s.closed_at)
             .map(|c| c + t.recognition_timeout_ms);
         let pending = self.pending.values().map(|p| p.deadline).min();
+        let flap_end = self
+            .flaps
+            .values()
+            .filter(|f| f.held)
+            .map(|f| f.last_toggle + FLAP_WINDOW_MS)
+            .min();
         [
+            flap_end,
             latch,
             door,
             temp,
@@ -584,24 +621,113 @@ impl CabinetMachine {
     }
 
     fn raise(&mut self, kind: AlertType, detail: Option<String>, now: u64, fx: &mut Vec<Effect>) {
-        if self.alerts.contains_key(&kind) {
+        let track = self.flaps.entry(kind).or_default();
+        if let Some(a) = self.alerts.get_mut(&kind) {
+            // Active: a condition that persists is not raised again. A flapping alert whose
+            // condition had ended (held) and is back counts one more flap, quietly.
+            if a.flapping && track.held {
+                track.held = false;
+                track.last_toggle = now;
+                a.flaps = a.flaps.saturating_add(1);
+                fx.push(Effect::AlertFlapped(a.clone()));
+            }
             return;
         }
+        track
+            .raises
+            .retain(|t| now.saturating_sub(*t) < FLAP_WINDOW_MS);
+        track.raises.push(now);
+        if track.raises.len() > FLAP_RAISES + 1 {
+            track.raises.remove(0);
+        }
+        let flapping = track.raises.len() > FLAP_RAISES;
+        if flapping {
+            track.held = false;
+            track.last_toggle = now;
+        }
+        self.last_raise = match self.last_raise {
+            (at, n) if at == now => (now, n.saturating_add(1)),
+            _ => (now, 0),
+        };
+        let id = match self.last_raise.1 {
+            0 => format!("{}-{}-{}", self.id, kind.as_str(), now),
+            n => format!("{}-{}-{}-{n}", self.id, kind.as_str(), now),
+        };
         let alert = ActiveAlert {
-            id: format!("{}-{}-{}", self.id, kind.as_str(), now),
+            id,
             kind,
             raised_at: now,
             acked: false,
             detail,
+            flapping,
+            flaps: if flapping {
+                u32::try_from(track.raises.len()).unwrap_or(u32::MAX)
+            } else {
+                0
+            },
         };
         self.alerts.insert(kind, alert.clone());
         fx.push(Effect::AlertRaised(alert));
     }
 
     fn clear(&mut self, kind: AlertType, by: ClearedBy, now: u64, fx: &mut Vec<Effect>) {
+        let Some(alert) = self.alerts.get(&kind) else {
+            return;
+        };
+        if alert.flapping && by == ClearedBy::Condition {
+            // A flapping alert from storage (the hub restarted): its history is gone, so its
+            // quiet window starts now.
+            let track = self.flaps.entry(kind).or_insert_with(|| FlapTrack {
+                raises: Vec::new(),
+                held: false,
+                last_toggle: now,
+            });
+            let quiet = now.saturating_sub(track.last_toggle) >= FLAP_WINDOW_MS;
+            if !quiet {
+                // Kept active: no clear (and so no next raise) per toggle. It ends once the
+                // condition has stayed away for the window (`tick`).
+                if !track.held {
+                    track.held = true;
+                    track.last_toggle = now;
+                }
+                return;
+            }
+        }
         if let Some(alert) = self.alerts.remove(&kind) {
+            if let Some(track) = self.flaps.get_mut(&kind) {
+                track.held = false;
+            }
             fx.push(Effect::AlertCleared { alert, by, at: now });
         }
+    }
+
+    /// Ends flapping alerts whose condition has stayed away for the window, and forgets
+    /// raise history older than the window.
+    fn settle_flaps(&mut self, now: u64, fx: &mut Vec<Effect>) {
+        let done: Vec<AlertType> = self
+            .flaps
+            .iter()
+            .filter(|(_, f)| f.held && now >= f.last_toggle + FLAP_WINDOW_MS)
+            .map(|(k, _)| *k)
+            .collect();
+        for kind in done {
+            if let Some(alert) = self.alerts.remove(&kind) {
+                fx.push(Effect::AlertCleared {
+                    alert,
+                    by: ClearedBy::Condition,
+                    at: now,
+                });
+                fx.push(Effect::StateChanged);
+            }
+            if let Some(track) = self.flaps.get_mut(&kind) {
+                track.held = false;
+            }
+        }
+        let alerts = &self.alerts;
+        self.flaps.retain(|kind, f| {
+            f.raises.retain(|t| now.saturating_sub(*t) < FLAP_WINDOW_MS);
+            f.held || !f.raises.is_empty() || alerts.get(kind).is_some_and(|a| a.flapping)
+        });
     }
 
     /// Removes a pending command. The map is let go once empty: a cabinet is nearly always
@@ -677,11 +803,16 @@ impl CabinetMachine {
         if let UplinkBody::Heartbeat(Heartbeat { seq, .. }) | UplinkBody::Event(Event { seq, .. }) =
             &body
         {
-            if self.last_seq.is_some_and(|last| *seq <= last) {
-                fx.push(Effect::Duplicate { seq: *seq });
-                return;
+            let seq = *seq;
+            match self.seqs.as_mut().map(|w| w.check(seq)) {
+                None => self.seqs = Some(SeqWindow::starting_at(seq)),
+                Some(SeqVerdict::Fresh) => {}
+                Some(SeqVerdict::Duplicate) => {
+                    fx.push(Effect::Duplicate { seq });
+                    return;
+                }
+                Some(SeqVerdict::Reset { from }) => fx.push(Effect::SeqReset { from, to: seq }),
             }
-            self.last_seq = Some(*seq);
         }
         self.last_seen = Some(now);
         if !self.online {
@@ -722,7 +853,7 @@ impl CabinetMachine {
         }
         if new_boot {
             self.boot_id = s.boot_id;
-            self.last_seq = None;
+            self.seqs = None;
             // A reboot ends whatever the controller was doing: the door state, a pending
             // latch wait and the lock-down are re-learned from the next heartbeat.
             self.locked_down = false;
@@ -1009,6 +1140,7 @@ impl CabinetMachine {
     }
 
     fn tick(&mut self, now: u64, fx: &mut Vec<Effect>) {
+        self.settle_flaps(now, fx);
         let t = self.timing.clone();
         let mut expired: Vec<(String, Pending)> = self
             .pending

@@ -2,6 +2,7 @@
 //! duplicates and command outcomes, driven with a fake clock (plain numbers).
 
 use super::*;
+use crate::alert::FLAP_WINDOW_MS;
 use crate::protocol::{parse_uplink, LightSchedule, UplinkKind};
 
 const T0: u64 = 1_763_700_000_000;
@@ -629,6 +630,107 @@ fn duplicates_are_dropped() {
     );
 }
 
+/// A heartbeat with this exact seq and temperature.
+fn heartbeat_at(r: &mut Rig, seq: u64, temp: f64) -> Vec<Effect> {
+    let json = format!(
+        r#"{{"seq":{seq},"ts":{},"door":"closed","lock":"locked","temp_c":{temp},"cameras":[{{"id":0,"ok":true}},{{"id":1,"ok":true}}],"config_version":1}}"#,
+        r.now
+    );
+    r.up(UplinkKind::Heartbeat, &json)
+}
+
+fn resets(fx: &[Effect]) -> Vec<(u64, u64)> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::SeqReset { from, to } => Some((*from, *to)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn is_duplicate(fx: &[Effect]) -> bool {
+    fx.iter().any(|e| matches!(e, Effect::Duplicate { .. }))
+}
+
+#[test]
+fn a_huge_seq_cannot_silence_the_cabinet() {
+    let mut r = Rig::online();
+    for seq in 2..=42 {
+        heartbeat_at(&mut r, seq, 4.0);
+    }
+    let fx = heartbeat_at(&mut r, u64::MAX, 4.5);
+    assert_eq!(resets(&fx), vec![(42, u64::MAX)], "counted as a reset");
+    assert_eq!(r.m.snapshot().temp_c, Some(4.5), "and processed");
+
+    let fx = heartbeat_at(&mut r, 43, 6.0);
+    assert!(!is_duplicate(&fx), "{fx:?}");
+    assert_eq!(resets(&fx), vec![(u64::MAX, 43)]);
+    assert_eq!(
+        r.m.snapshot().temp_c,
+        Some(6.0),
+        "the genuine 43 is processed"
+    );
+    let fx = heartbeat_at(&mut r, 44, 7.0);
+    assert!(!is_duplicate(&fx) && resets(&fx).is_empty(), "{fx:?}");
+    assert_eq!(r.m.snapshot().temp_c, Some(7.0), "and so is 44");
+}
+
+#[test]
+fn qos1_redelivery_is_still_a_duplicate() {
+    let mut r = Rig::online();
+    heartbeat_at(&mut r, 100, 4.0);
+    heartbeat_at(&mut r, 101, 5.0);
+    // Redelivered (with a payload that would change state, to see that it is dropped).
+    let fx = heartbeat_at(&mut r, 100, 9.0);
+    assert_eq!(fx, vec![Effect::Duplicate { seq: 100 }]);
+    let fx = heartbeat_at(&mut r, 101, 9.0);
+    assert_eq!(fx, vec![Effect::Duplicate { seq: 101 }]);
+    assert_eq!(r.m.snapshot().temp_c, Some(5.0));
+    // An event redelivered after later messages, still within the window.
+    let json = r#"{"seq":102,"ts":1,"type":"tamper"}"#;
+    assert_eq!(
+        raised(&r.up(UplinkKind::Event, json)),
+        vec![AlertType::Tamper]
+    );
+    for seq in 103..600 {
+        heartbeat_at(&mut r, seq, 5.0);
+    }
+    assert_eq!(
+        r.up(UplinkKind::Event, json),
+        vec![Effect::Duplicate { seq: 102 }]
+    );
+}
+
+#[test]
+fn out_of_order_within_the_window_is_accepted_once() {
+    let mut r = Rig::online();
+    heartbeat_at(&mut r, 10, 4.0);
+    heartbeat_at(&mut r, 13, 4.0);
+    let fx = heartbeat_at(&mut r, 11, 6.5);
+    assert!(!is_duplicate(&fx) && resets(&fx).is_empty(), "{fx:?}");
+    assert_eq!(r.m.snapshot().temp_c, Some(6.5), "late but new: processed");
+    assert!(is_duplicate(&heartbeat_at(&mut r, 11, 3.0)), "only once");
+    assert!(!is_duplicate(&heartbeat_at(&mut r, 12, 3.0)));
+    // Far below the window: a reset, not a duplicate.
+    heartbeat_at(&mut r, 5000, 4.0);
+    let fx = heartbeat_at(&mut r, 11, 3.5);
+    assert_eq!(resets(&fx), vec![(5000, 11)]);
+    assert_eq!(r.m.snapshot().temp_c, Some(3.5));
+}
+
+#[test]
+fn a_new_boot_forgets_the_window() {
+    let mut r = Rig::online();
+    heartbeat_at(&mut r, 500, 4.0);
+    r.up(
+        UplinkKind::Status,
+        r#"{"online":true,"boot_id":"b2","config_version":1}"#,
+    );
+    let fx = heartbeat_at(&mut r, 500, 5.0);
+    assert!(!is_duplicate(&fx) && resets(&fx).is_empty(), "{fx:?}");
+    assert_eq!(r.m.snapshot().temp_c, Some(5.0));
+}
+
 #[test]
 fn command_outcomes_ok_rejected_timeout_not_connected() {
     let mut r = Rig::online();
@@ -699,6 +801,8 @@ fn alerts_from_storage_are_not_raised_twice() {
         raised_at: T0,
         acked: false,
         detail: None,
+        flapping: false,
+        flaps: 0,
     };
     let mut m = CabinetMachine::new(
         id,
@@ -715,6 +819,170 @@ fn alerts_from_storage_are_not_raised_twice() {
     .unwrap_or_else(|e| panic!("{e}"));
     let fx = m.handle(Input::Uplink(u.body), T0);
     assert!(raised(&fx).is_empty());
+}
+
+fn flapped(fx: &[Effect]) -> Vec<u32> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::AlertFlapped(a) => Some(a.flaps),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Healthy heartbeats every 30 s for `ms`, then a tick at exactly `ms` later.
+fn healthy_for(r: &mut Rig, ms: u64) -> Vec<Effect> {
+    let end = r.now + ms;
+    let mut fx = Vec::new();
+    while r.now + 30_000 < end {
+        r.now += 30_000;
+        fx.extend(r.heartbeat("closed", "locked", 4.0, true));
+        fx.extend(r.m.handle(Input::Tick, r.now));
+    }
+    r.now = end;
+    fx.extend(r.m.handle(Input::Tick, r.now));
+    fx
+}
+
+#[test]
+fn a_flapping_camera_is_one_alert_with_a_count() {
+    let mut r = Rig::online();
+    let (mut rows, mut clears) = (0, 0);
+    // Camera 1 toggles fault/ok every heartbeat (30 s): 40 toggles in 10 minutes.
+    for i in 0..20 {
+        r.now += 30_000;
+        let fx = r.heartbeat("closed", "locked", 4.0, false);
+        rows += raised(&fx).len();
+        clears += cleared(&fx).len();
+        if i >= 6 {
+            assert!(raised(&fx).is_empty(), "no new alert per toggle: {fx:?}");
+            assert_eq!(flapped(&fx).len(), 1, "but its count goes up");
+        }
+        r.now += 30_000;
+        let fx = r.heartbeat("closed", "locked", 4.0, true);
+        clears += cleared(&fx).len();
+        assert!(flapped(&fx).is_empty() && raised(&fx).is_empty(), "{fx:?}");
+    }
+    assert_eq!(rows, 6, "five ordinary raises, then the one flapping alert");
+    assert_eq!(clears, 5, "the flapping alert is not cleared per toggle");
+    let a =
+        r.m.alerts()
+            .find(|a| a.kind == AlertType::CameraFault)
+            .cloned()
+            .unwrap_or_else(|| panic!("still active"));
+    assert!(a.flapping);
+    assert_eq!(a.flaps, 20, "every raise counted");
+    assert_eq!(
+        r.m.snapshot().alerts,
+        vec![a.clone()],
+        "the live view shows it"
+    );
+
+    // Quiet (camera ok) for the window: it ends, once, by itself.
+    let fx = healthy_for(&mut r, FLAP_WINDOW_MS - 1);
+    assert!(cleared(&fx).is_empty(), "{fx:?}");
+    let fx = r.advance(1);
+    assert_eq!(cleared(&fx), vec![AlertType::CameraFault]);
+    assert!(active(&r).is_empty());
+    // After the quiet window a new fault is an ordinary alert again.
+    let fx = r.heartbeat("closed", "locked", 4.0, false);
+    assert!(
+        matches!(
+            fx.iter().find_map(|e| match e {
+                Effect::AlertRaised(a) => Some(a.flapping),
+                _ => None,
+            }),
+            Some(false)
+        ),
+        "{fx:?}"
+    );
+}
+
+#[test]
+fn alerts_raised_within_one_millisecond_have_distinct_ids() {
+    let mut r = Rig::online();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        for e in r.event("camera_fault") {
+            if let Effect::AlertRaised(a) = e {
+                ids.push(a.id);
+            }
+        }
+        r.event("camera_ok");
+    }
+    assert_eq!(ids.len(), 3);
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "stored rows must not collide: {ids:?}");
+}
+
+#[test]
+fn a_fault_that_persists_after_flapping_clears_normally_once_quiet() {
+    let mut r = Rig::online();
+    for _ in 0..6 {
+        r.now += 10_000;
+        r.event("camera_fault");
+        r.now += 10_000;
+        r.event("camera_ok");
+    }
+    r.now += 10_000;
+    r.event("camera_fault");
+    assert!(r.m.alerts().any(|a| a.flapping));
+    // Broken for longer than the window, then repaired: cleared at once.
+    r.now += FLAP_WINDOW_MS;
+    let fx = r.event("camera_ok");
+    assert_eq!(cleared(&fx), vec![AlertType::CameraFault]);
+    // An operator may clear a flapping alert at any time.
+    let mut r = Rig::online();
+    for _ in 0..7 {
+        r.event("camera_fault");
+        r.event("camera_ok");
+    }
+    assert!(r.m.alerts().any(|a| a.flapping), "held while flapping");
+    let fx = r.m.handle(
+        Input::ClearAlert {
+            kind: AlertType::CameraFault,
+            by: "k1".into(),
+        },
+        r.now,
+    );
+    assert_eq!(cleared(&fx), vec![AlertType::CameraFault]);
+    assert_eq!(r.m.next_deadline(), Some(r.now + 90_000), "nothing held");
+}
+
+#[test]
+fn a_flapping_lock_does_not_toggle_the_lock_down() {
+    let mut r = Rig::online();
+    let mut lockdowns = 0;
+    for _ in 0..15 {
+        let fx = r.event("lock_fault");
+        lockdowns += published(&fx)
+            .iter()
+            .filter(|c| matches!(c.body, CommandBody::Lockdown { .. }))
+            .count();
+        for c in published(&fx) {
+            r.ack(&c.cmd_id, true, None);
+        }
+        let fx = r.event("lock_locked");
+        lockdowns += published(&fx)
+            .iter()
+            .filter(|c| matches!(c.body, CommandBody::Lockdown { .. }))
+            .count();
+        for c in published(&fx) {
+            r.ack(&c.cmd_id, true, None);
+        }
+    }
+    // Five on/off pairs, then one "on" held while it flaps.
+    assert_eq!(lockdowns, 11);
+    assert!(
+        r.m.faulted(),
+        "a flapping lock keeps the cabinet faulted until quiet"
+    );
+    let fx = healthy_for(&mut r, FLAP_WINDOW_MS);
+    assert_eq!(cleared(&fx), vec![AlertType::LockFault]);
+    assert!(published(&fx)
+        .iter()
+        .any(|c| matches!(c.body, CommandBody::Lockdown { on: false, .. })));
 }
 
 #[test]

@@ -13,6 +13,11 @@
 //! 4. Every applied promotion becomes one discount line (amount in fen, summed over the products
 //!    it touched); discounts never take the total below zero.
 //!
+//! Bounds ([`Limits`], the hub's `[limits]` section): at most `max_basket_lines` lines, each
+//! of at most `max_line_qty`, at most `max_basket_qty` items in all, and list prices of at most
+//! `max_price_fen`; a basket or price outside them is an error, never a wrapped or saturated
+//! amount. Every amount is computed with checked arithmetic besides.
+//!
 //! Windows are half-open: a time-limited window `[starts_at, ends_at)` in Unix ms; a daily slot
 //! `[from, to)` in minutes after local midnight (the merchant's UTC offset), and a slot whose `to`
 //! is not after `from` runs over midnight (22:00–02:00).
@@ -33,12 +38,17 @@ pub enum PriceRule {
 }
 
 impl PriceRule {
+    /// The discounted unit price: never negative, never above `list` (itself not negative).
     fn unit_price(self, list: i64) -> i64 {
         let p = match self {
-            PriceRule::PercentBps(bps) => (list * i64::from(bps.min(10_000)) + 5_000) / 10_000,
-            PriceRule::FixedFen(f) => f.max(0),
+            // In i128, which cannot overflow for any i64 × 10_000; the result is at most `list`.
+            PriceRule::PercentBps(bps) => {
+                let p = (i128::from(list) * i128::from(bps.min(10_000)) + 5_000) / 10_000;
+                i64::try_from(p).unwrap_or(list)
+            }
+            PriceRule::FixedFen(f) => f,
         };
-        p.min(list)
+        p.clamp(0, list.max(0))
     }
 }
 
@@ -193,12 +203,106 @@ pub struct ListPrice {
     pub price_fen: i64,
 }
 
+/// Bounds on a basket and on list prices (the hub's `[limits]` section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest quantity of one line.
+    pub max_line_qty: u32,
+    /// Most lines in one basket (before repeated products are merged).
+    pub max_basket_lines: usize,
+    /// Most items in one basket, all lines together.
+    pub max_basket_qty: u32,
+    /// Largest list (unit) price, fen.
+    pub max_price_fen: i64,
+}
+
+impl Limits {
+    /// The defaults, also the hard caps the MQTT edge applies to recognitions.
+    pub const DEFAULT: Limits = Limits {
+        max_line_qty: 99,
+        max_basket_lines: 64,
+        max_basket_qty: 200,
+        max_price_fen: 10_000_000,
+    };
+
+    /// Checks a basket's shape (not its products): line count, line quantities, total quantity.
+    pub fn check_basket(&self, basket: &[BasketItem]) -> Result<(), PricingError> {
+        if basket.len() > self.max_basket_lines {
+            return Err(PricingError::BasketOutOfRange {
+                line: None,
+                detail: format!("{} lines, at most {}", basket.len(), self.max_basket_lines),
+            });
+        }
+        let mut total: u64 = 0;
+        for (i, item) in basket.iter().enumerate() {
+            if item.qty > self.max_line_qty {
+                return Err(PricingError::BasketOutOfRange {
+                    line: Some(i),
+                    detail: format!(
+                        "items[{i}] ({}): qty {} is above {}",
+                        item.sku, item.qty, self.max_line_qty
+                    ),
+                });
+            }
+            total += u64::from(item.qty);
+            if total > u64::from(self.max_basket_qty) {
+                return Err(PricingError::BasketOutOfRange {
+                    line: Some(i),
+                    detail: format!(
+                        "items[{i}] ({}): the basket reaches {total} items, at most {}",
+                        item.sku, self.max_basket_qty
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
 /// Why a basket could not be priced automatically.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PricingError {
     /// A recognised product is not on the cabinet's sellable list.
     #[error("product {0} is not on the cabinet's sellable list")]
     UnknownSku(String),
+    /// Too many lines, a line's quantity or the basket's total quantity above the limits, or an
+    /// amount that does not fit.
+    #[error("basket out of range: {detail}")]
+    BasketOutOfRange {
+        /// The offending line (index in the basket as given), when one is to blame.
+        line: Option<usize>,
+        /// What exactly.
+        detail: String,
+    },
+    /// A product's list price is negative or above the maximum.
+    #[error("the price of {sku} ({price_fen} fen) is out of range (0 to {max_fen} fen)")]
+    PriceOutOfRange {
+        /// The product.
+        sku: String,
+        /// Its list price.
+        price_fen: i64,
+        /// The maximum.
+        max_fen: i64,
+    },
+}
+
+fn overflow(what: &str) -> PricingError {
+    PricingError::BasketOutOfRange {
+        line: None,
+        detail: format!("{what} does not fit in an amount"),
+    }
+}
+
+fn sum(mut amounts: impl Iterator<Item = i64>, what: &str) -> Result<i64, PricingError> {
+    amounts.try_fold(0i64, |acc, a| {
+        acc.checked_add(a).ok_or_else(|| overflow(what))
+    })
 }
 
 /// Prices a basket. See the module docs for the rules.
@@ -208,26 +312,41 @@ pub fn price_basket(
     promotions: &[Promotion],
     now_ms: i64,
     utc_offset_min: i32,
+    limits: &Limits,
 ) -> Result<PricedOrder, PricingError> {
+    limits.check_basket(basket)?;
     // Merge repeated skus so a product is one line.
     let mut qty: BTreeMap<&str, u32> = BTreeMap::new();
     for item in basket.iter().filter(|i| i.qty > 0) {
-        *qty.entry(item.sku.as_str()).or_default() += item.qty;
+        let q = qty.entry(item.sku.as_str()).or_default();
+        *q = q
+            .checked_add(item.qty)
+            .ok_or_else(|| overflow("a product's quantity"))?;
     }
     let mut lines = Vec::with_capacity(qty.len());
     for (sku, &q) in &qty {
         let p = list
             .get(*sku)
             .ok_or_else(|| PricingError::UnknownSku((*sku).to_owned()))?;
+        if !(0..=limits.max_price_fen).contains(&p.price_fen) {
+            return Err(PricingError::PriceOutOfRange {
+                sku: (*sku).to_owned(),
+                price_fen: p.price_fen,
+                max_fen: limits.max_price_fen,
+            });
+        }
         lines.push(PricedLine {
             sku: (*sku).to_owned(),
             name: p.name.clone(),
             qty: q,
             unit_fen: p.price_fen,
-            amount_fen: p.price_fen * i64::from(q),
+            amount_fen: p
+                .price_fen
+                .checked_mul(i64::from(q))
+                .ok_or_else(|| overflow(&format!("{sku}: price × quantity")))?,
         });
     }
-    let gross: i64 = lines.iter().map(|l| l.amount_fen).sum();
+    let gross = sum(lines.iter().map(|l| l.amount_fen), "the gross amount")?;
 
     let mut in_force: Vec<&Promotion> = promotions
         .iter()
@@ -253,7 +372,12 @@ pub fn price_basket(
             let e = saved
                 .entry(p.id.as_str())
                 .or_insert_with(|| (p.name.clone(), 0));
-            e.1 += (line.unit_fen - unit) * i64::from(line.qty);
+            // 0 ≤ unit < unit_fen, so the saving is positive and at most the line's amount.
+            let off = (line.unit_fen - unit)
+                .checked_mul(i64::from(line.qty))
+                .and_then(|o| o.checked_add(e.1))
+                .ok_or_else(|| overflow("a discount"))?;
+            e.1 = off;
         }
     }
     let mut discounts: Vec<DiscountLine> = in_force
@@ -266,7 +390,12 @@ pub fn price_basket(
             })
         })
         .collect();
-    let after_products = gross - discounts.iter().map(|d| d.amount_fen).sum::<i64>();
+    let after_products = gross
+        .checked_sub(sum(
+            discounts.iter().map(|d| d.amount_fen),
+            "the discounts",
+        )?)
+        .ok_or_else(|| overflow("the discounted subtotal"))?;
 
     // Step 3: the single best 满减 tier.
     let best_spend = in_force
@@ -276,6 +405,9 @@ pub fn price_basket(
                 .iter()
                 .filter(|t| t.threshold_fen <= after_products && t.off_fen > 0)
                 .map(|t| t.off_fen.min(after_products))
+                // A tier that saves nothing (an empty basket under a threshold ≤ 0) is no
+                // discount line: providers refuse zero-amount discounts.
+                .filter(|off| *off > 0)
                 .max()
                 .map(|off| (p, off)),
             Offer::ProductPrice { .. } => None,
@@ -291,7 +423,13 @@ pub fn price_basket(
             amount_fen: off,
         });
     }
-    let total = (gross - discounts.iter().map(|d| d.amount_fen).sum::<i64>()).max(0);
+    let total = gross
+        .checked_sub(sum(
+            discounts.iter().map(|d| d.amount_fen),
+            "the discounts",
+        )?)
+        .ok_or_else(|| overflow("the total"))?
+        .max(0);
     Ok(PricedOrder {
         lines,
         discounts,
@@ -367,7 +505,8 @@ mod tests {
     }
 
     fn price(items: &[(&str, u32)], promos: &[Promotion], now: i64) -> PricedOrder {
-        price_basket(&basket(items), &list(), promos, now, CN).unwrap_or_else(|e| panic!("{e}"))
+        price_basket(&basket(items), &list(), promos, now, CN, &Limits::DEFAULT)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
@@ -381,7 +520,14 @@ mod tests {
 
     #[test]
     fn unknown_sku_goes_to_a_person() {
-        let r = price_basket(&basket(&[("caviar", 1)]), &list(), &[], 0, CN);
+        let r = price_basket(
+            &basket(&[("caviar", 1)]),
+            &list(),
+            &[],
+            0,
+            CN,
+            &Limits::DEFAULT,
+        );
         assert_eq!(r, Err(PricingError::UnknownSku("caviar".into())));
     }
 
@@ -584,5 +730,245 @@ mod tests {
         let pay: i64 = o.lines.iter().map(|l| l.amount_fen).sum();
         let off: i64 = o.discounts.iter().map(|d| d.amount_fen).sum();
         assert_eq!(o.total_fen, pay - off);
+    }
+
+    #[test]
+    fn a_wrapping_basket_is_refused_not_priced_at_zero() {
+        // u32::MAX + 1 wrapped to 0 before: a 200 with qty 0, total 0.
+        let r = price_basket(
+            &basket(&[("cola", u32::MAX), ("cola", 1)]),
+            &list(),
+            &[],
+            0,
+            CN,
+            &Limits::DEFAULT,
+        );
+        assert!(
+            matches!(r, Err(PricingError::BasketOutOfRange { line: Some(0), .. })),
+            "{r:?}"
+        );
+        // Even with limits that allow it, the merged quantity is checked, not wrapped.
+        let open = Limits {
+            max_line_qty: u32::MAX,
+            max_basket_lines: 10,
+            max_basket_qty: u32::MAX,
+            max_price_fen: i64::MAX,
+        };
+        let r = price_basket(
+            &basket(&[("cola", u32::MAX), ("cola", 1)]),
+            &list(),
+            &[],
+            0,
+            CN,
+            &open,
+        );
+        assert!(
+            matches!(r, Err(PricingError::BasketOutOfRange { .. })),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn limits_name_the_line() {
+        let l = Limits::DEFAULT;
+        let err =
+            |items: &[(&str, u32)]| price_basket(&basket(items), &list(), &[], 0, CN, &l).err();
+        assert!(matches!(
+            err(&[("cola", 1), ("chips", 100)]),
+            Some(PricingError::BasketOutOfRange { line: Some(1), .. })
+        ));
+        assert_eq!(err(&[("cola", 99), ("chips", 99)]), None, "at the limits");
+        assert!(
+            matches!(
+                err(&[("cola", 99), ("chips", 99), ("water", 3)]),
+                Some(PricingError::BasketOutOfRange { line: Some(2), .. })
+            ),
+            "over 200 in all at the third line"
+        );
+        let many: Vec<(&str, u32)> = vec![("cola", 1); 65];
+        assert!(matches!(
+            err(&many),
+            Some(PricingError::BasketOutOfRange { line: None, .. })
+        ));
+        assert_eq!(err(&many[..64]), None, "64 lines of one are fine");
+    }
+
+    #[test]
+    fn a_price_above_the_maximum_is_refused() {
+        let mut l = list();
+        if let Some(p) = l.get_mut("chips") {
+            p.price_fen = 10_000_001;
+        }
+        let r = price_basket(&basket(&[("chips", 1)]), &l, &[], 0, CN, &Limits::DEFAULT);
+        assert_eq!(
+            r,
+            Err(PricingError::PriceOutOfRange {
+                sku: "chips".into(),
+                price_fen: 10_000_001,
+                max_fen: 10_000_000
+            })
+        );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const SKUS: [&str; 5] = ["cola", "chips", "water", "gum", "caviar"];
+
+        fn qty() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                0u32..5,
+                95u32..105,
+                Just(u32::MAX),
+                Just(u32::MAX - 1),
+                Just(1u32 << 31),
+                any::<u32>(),
+            ]
+        }
+
+        fn amount() -> impl Strategy<Value = i64> {
+            prop_oneof![
+                0i64..2_000,
+                9_999_990i64..10_000_010,
+                Just(i64::MAX),
+                Just(i64::MIN),
+                any::<i64>(),
+            ]
+        }
+
+        fn basket_s() -> impl Strategy<Value = Vec<BasketItem>> {
+            proptest::collection::vec(
+                (0usize..SKUS.len(), qty()).prop_map(|(s, qty)| BasketItem {
+                    sku: SKUS[s].to_owned(),
+                    qty,
+                }),
+                0..80,
+            )
+        }
+
+        fn list_s() -> impl Strategy<Value = BTreeMap<String, ListPrice>> {
+            // "caviar" is never listed.
+            proptest::collection::vec(amount(), 4).prop_map(|prices| {
+                SKUS[..4]
+                    .iter()
+                    .zip(prices)
+                    .map(|(s, price_fen)| {
+                        (
+                            (*s).to_owned(),
+                            ListPrice {
+                                name: (*s).to_owned(),
+                                price_fen,
+                            },
+                        )
+                    })
+                    .collect()
+            })
+        }
+
+        fn rule() -> impl Strategy<Value = PriceRule> {
+            prop_oneof![
+                any::<u32>().prop_map(PriceRule::PercentBps),
+                (0u32..10_000).prop_map(PriceRule::PercentBps),
+                amount().prop_map(PriceRule::FixedFen),
+            ]
+        }
+
+        fn promotion() -> impl Strategy<Value = Promotion> {
+            let offer = prop_oneof![
+                proptest::collection::btree_map(
+                    (0usize..SKUS.len()).prop_map(|s| SKUS[s].to_owned()),
+                    rule(),
+                    0..5
+                )
+                .prop_map(|rules| Offer::ProductPrice { rules }),
+                proptest::collection::vec(
+                    (amount(), amount()).prop_map(|(threshold_fen, off_fen)| Tier {
+                        threshold_fen,
+                        off_fen
+                    }),
+                    0..5
+                )
+                .prop_map(|tiers| Offer::SpendSave { tiers }),
+            ];
+            ("[a-c]", offer).prop_map(|(id, offer)| Promotion {
+                name: format!("p{id}"),
+                id,
+                window: Window::Always,
+                offer,
+            })
+        }
+
+        fn limits() -> impl Strategy<Value = Limits> {
+            prop_oneof![
+                Just(Limits::DEFAULT),
+                (any::<u32>(), 0usize..100, any::<u32>(), amount()).prop_map(
+                    |(max_line_qty, max_basket_lines, max_basket_qty, max_price_fen)| Limits {
+                        max_line_qty,
+                        max_basket_lines,
+                        max_basket_qty,
+                        max_price_fen,
+                    }
+                ),
+                Just(Limits {
+                    max_line_qty: u32::MAX,
+                    max_basket_lines: usize::MAX,
+                    max_basket_qty: u32::MAX,
+                    max_price_fen: i64::MAX,
+                }),
+            ]
+        }
+
+        proptest! {
+            /// Adversarial baskets, prices, promotions and limits: pricing never panics and
+            /// never wraps; a priced order adds up exactly (checked in i128), within the limits.
+            #[test]
+            fn pricing_adds_up_or_refuses(
+                basket in basket_s(),
+                list in list_s(),
+                promos in proptest::collection::vec(promotion(), 0..4),
+                limits in limits(),
+            ) {
+                let r = price_basket(&basket, &list, &promos, 0, CN, &limits);
+                let Ok(o) = r else { return Ok(()); };
+                prop_assert!(basket.len() <= limits.max_basket_lines);
+                prop_assert!(basket.iter().all(|i| i.qty <= limits.max_line_qty));
+                let items: u128 = basket.iter().map(|i| u128::from(i.qty)).sum();
+                prop_assert!(items <= u128::from(limits.max_basket_qty));
+                let mut gross: i128 = 0;
+                for line in &o.lines {
+                    let q: u128 = basket.iter().filter(|i| i.sku == line.sku).map(|i| u128::from(i.qty)).sum();
+                    prop_assert_eq!(u128::from(line.qty), q, "merged quantity of {}", &line.sku);
+                    prop_assert!(line.qty > 0);
+                    prop_assert!((0..=limits.max_price_fen).contains(&line.unit_fen));
+                    prop_assert_eq!(i128::from(line.amount_fen), i128::from(line.unit_fen) * i128::from(line.qty));
+                    gross += i128::from(line.amount_fen);
+                }
+                prop_assert_eq!(i128::from(o.gross_fen), gross);
+                let off: i128 = o.discounts.iter().map(|d| i128::from(d.amount_fen)).sum();
+                prop_assert!(o.discounts.iter().all(|d| d.amount_fen > 0));
+                prop_assert_eq!(i128::from(o.total_fen), gross - off, "total = lines − discounts");
+                prop_assert!(o.total_fen >= 0 && o.total_fen <= o.gross_fen);
+            }
+
+            /// With the default limits the arithmetic has room to spare: every basket within
+            /// them over listed, in-range products is priced.
+            #[test]
+            fn within_the_default_limits_every_basket_is_priced(
+                lines in proptest::collection::vec((0usize..4, 0u32..=99), 0..=64),
+                prices in proptest::collection::vec(0i64..=10_000_000, 4),
+                promos in proptest::collection::vec(promotion(), 0..4),
+            ) {
+                let mut budget = 200u32;
+                let basket: Vec<BasketItem> = lines.into_iter().map(|(s, q)| {
+                    let qty = q.min(budget);
+                    budget -= qty;
+                    BasketItem { sku: SKUS[s].to_owned(), qty }
+                }).collect();
+                let list: BTreeMap<String, ListPrice> = SKUS[..4].iter().zip(prices).map(|(s, price_fen)| ((*s).to_owned(), ListPrice { name: (*s).to_owned(), price_fen })).collect();
+                let r = price_basket(&basket, &list, &promos, 0, CN, &Limits::DEFAULT);
+                prop_assert!(r.is_ok(), "{:?}", r);
+            }
+        }
     }
 }

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::CabinetId;
+use crate::pricing::Limits;
 
 /// Largest payload a cabinet may send (PROTOCOL.md: "at most 16 KiB").
 pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024;
@@ -11,6 +12,11 @@ pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024;
 pub const MAX_TOKEN_LEN: usize = 64;
 /// Longest free-text `detail` or `reason`.
 pub const MAX_TEXT_LEN: usize = 1024;
+/// Largest quantity of one line of a purchase recognition's `items` (the default
+/// `limits.max_line_qty`).
+pub const MAX_RECOGNITION_QTY: u32 = Limits::DEFAULT.max_line_qty;
+/// Most lines in a purchase recognition's `items` (the default `limits.max_basket_lines`).
+pub const MAX_RECOGNITION_LINES: usize = Limits::DEFAULT.max_basket_lines;
 
 /// Why an uplink message was refused. The label values are stable: they are metric labels
 /// (`mqtt_rejected_total{reason}`) and log fields.
@@ -30,11 +36,14 @@ pub enum RejectReason {
     InvalidPayload,
     /// A well-formed message from a cabinet that is not registered and active.
     UnknownCabinet,
+    /// A recognition whose `items` has more than [`MAX_RECOGNITION_LINES`] lines or a line
+    /// above [`MAX_RECOGNITION_QTY`].
+    OutOfRange,
 }
 
 impl RejectReason {
     /// Every reason, for pre-registering metric series.
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::BadTopic,
         RejectReason::UnknownTopic,
         RejectReason::BadCabinetId,
@@ -42,6 +51,7 @@ impl RejectReason {
         RejectReason::MalformedJson,
         RejectReason::InvalidPayload,
         RejectReason::UnknownCabinet,
+        RejectReason::OutOfRange,
     ];
 
     /// The stable label value.
@@ -54,6 +64,7 @@ impl RejectReason {
             RejectReason::MalformedJson => "malformed_json",
             RejectReason::InvalidPayload => "invalid_payload",
             RejectReason::UnknownCabinet => "unknown_cabinet",
+            RejectReason::OutOfRange => "out_of_range",
         }
     }
 }
@@ -503,6 +514,31 @@ pub fn parse_uplink(
                     return Err(invalid(&cabinet, format!("sku {:?} invalid", item.sku)));
                 }
             }
+            // A purchase basket beyond the caps cannot be priced: refuse it here, counted,
+            // rather than let a wrapped or absurd quantity reach pricing. (`stock` is a count,
+            // not a sale; the payload size bounds it.)
+            let items = r.items.as_deref().unwrap_or_default();
+            let out_of_range = |detail: String| Rejection {
+                reason: RejectReason::OutOfRange,
+                detail,
+                cabinet: Some(cabinet.clone()),
+            };
+            if items.len() > MAX_RECOGNITION_LINES {
+                return Err(out_of_range(format!(
+                    "{} item lines, at most {MAX_RECOGNITION_LINES}",
+                    items.len()
+                )));
+            }
+            if let Some((i, item)) = items
+                .iter()
+                .enumerate()
+                .find(|(_, it)| it.qty > MAX_RECOGNITION_QTY)
+            {
+                return Err(out_of_range(format!(
+                    "items[{i}] ({}): qty {} above {MAX_RECOGNITION_QTY}",
+                    item.sku, item.qty
+                )));
+            }
             UplinkBody::Recognition(r)
         }
     };
@@ -734,6 +770,53 @@ mod tests {
     }
 
     #[test]
+    fn recognitions_beyond_the_caps_are_out_of_range() {
+        let basket = |lines: &[(&str, u64)]| {
+            let items: Vec<String> = lines
+                .iter()
+                .map(|(sku, q)| format!(r#"{{"sku":"{sku}","qty":{q}}}"#))
+                .collect();
+            format!(
+                r#"{{"session_id":"s1","status":"ok","items":[{}]}}"#,
+                items.join(",")
+            )
+        };
+        let r = |lines: &[(&str, u64)]| reason(UplinkKind::Recognition, &basket(lines));
+        assert_eq!(r(&[("a", 99), ("b", 99)]), None, "at the cap");
+        assert_eq!(r(&[("a", 1), ("b", 100)]), Some(RejectReason::OutOfRange));
+        assert_eq!(
+            r(&[("a", 4_294_967_295), ("a", 1)]),
+            Some(RejectReason::OutOfRange)
+        );
+        assert_eq!(
+            r(&[("a", 4_294_967_296)]),
+            Some(RejectReason::InvalidPayload),
+            "not a u32 at all"
+        );
+        let many: Vec<(&str, u64)> = vec![("a", 1); MAX_RECOGNITION_LINES + 1];
+        assert_eq!(r(&many), Some(RejectReason::OutOfRange));
+        assert_eq!(r(&many[1..]), None);
+        // A restock count is not a sale: not capped per line.
+        assert_eq!(
+            reason(
+                UplinkKind::Recognition,
+                r#"{"session_id":"s1","status":"ok","stock":[{"sku":"a","qty":500}]}"#
+            ),
+            None
+        );
+        let e = parse_uplink(
+            id(),
+            UplinkKind::Recognition,
+            basket(&[("a", 100)]).as_bytes(),
+        );
+        assert_eq!(
+            e.err().and_then(|r| r.cabinet),
+            Some(id()),
+            "logged with the cabinet id"
+        );
+    }
+
+    #[test]
     fn topics() {
         assert_eq!(
             parse_topic("/tenants/A1/heartbeat"),
@@ -796,5 +879,245 @@ mod tests {
         fn topic_parser_never_panics(topic in "\\PC{0,80}") {
             let _ = parse_topic(&topic);
         }
+
+        /// Topics built from the real shape with arbitrary parts: a cabinet's own uplink
+        /// topics parse to it, anything else is refused with a reason.
+        #[test]
+        fn structured_topics(
+            prefix in prop_oneof![Just("/tenants/".to_owned()), "\\PC{0,12}"],
+            cabinet in prop_oneof!["[A-Za-z0-9]{1,32}", "\\PC{0,40}"],
+            kind in prop_oneof![
+                Just("status".to_owned()), Just("heartbeat".to_owned()), Just("event".to_owned()),
+                Just("ack".to_owned()), Just("recognition".to_owned()), Just("cmd".to_owned()),
+                "\\PC{0,12}",
+            ],
+            tail in prop_oneof![Just(String::new()), "/\\PC{0,8}"],
+        ) {
+            let topic = format!("{prefix}{cabinet}/{kind}{tail}");
+            match parse_topic(&topic) {
+                Ok(TopicTarget::Uplink(c, k)) => {
+                    prop_assert_eq!(format!("/tenants/{}/{}", c, k.as_str()), topic);
+                }
+                Ok(TopicTarget::Command(c)) => prop_assert_eq!(command_topic(&c), topic),
+                Err(r) => prop_assert!(RejectReason::ALL.contains(&r.reason)),
+            }
+        }
+
+        /// The protocol's examples with fields replaced by values of other types, extreme
+        /// numbers, long strings and deep nesting, fields removed and unknown ones added:
+        /// parsed or refused with a reason, never a panic; what parses respects the bounds.
+        #[test]
+        fn mutated_valid_payloads(
+            kind in 0usize..5,
+            edits in proptest::collection::vec((0usize..12, json_value(), any::<bool>()), 0..5),
+        ) {
+            let kind = UplinkKind::ALL[kind];
+            let mut v = example(kind);
+            let keys: Vec<String> = v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+            for (i, value, remove) in edits {
+                let key = keys.get(i).cloned().unwrap_or_else(|| format!("extra{i}"));
+                if let Some(o) = v.as_object_mut() {
+                    if remove { o.remove(&key); } else { o.insert(key, value); }
+                }
+            }
+            let payload = serde_json::to_vec(&v).unwrap_or_default();
+            match parse_uplink(id(), kind, &payload) {
+                Ok(u) => {
+                    prop_assert_eq!(u.body.kind(), kind);
+                    prop_assert!(payload.len() <= MAX_PAYLOAD_BYTES);
+                    check_bounds(&u.body)?;
+                }
+                Err(r) => {
+                    prop_assert!(RejectReason::ALL.contains(&r.reason));
+                    prop_assert_eq!(r.cabinet, Some(id()));
+                }
+            }
+        }
+
+        /// Commands under arbitrary ids, sessions, reasons and (finite) configurations encode
+        /// to a JSON object that decodes back to the same command.
+        #[test]
+        fn command_encoding_round_trips(cmd in command()) {
+            let bytes = serde_json::to_vec(&cmd).unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            prop_assert!(v.is_object(), "{}", v);
+            prop_assert_eq!(v["cmd_id"].as_str(), Some(cmd.cmd_id.as_str()));
+            prop_assert_eq!(v["type"].as_str(), Some(cmd.body.kind().as_str()));
+            let back: Command = serde_json::from_slice(&bytes)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(back.cmd_id, cmd.cmd_id);
+            match (back.body, cmd.body) {
+                (CommandBody::Configure { config: a }, CommandBody::Configure { config: b }) => {
+                    let close = |x: f64, y: f64| x == y || (x - y).abs() <= y.abs() * 1e-15;
+                    prop_assert!(close(a.temp_target_c, b.temp_target_c));
+                    prop_assert!(close(a.temp_range_c[0], b.temp_range_c[0]));
+                    prop_assert!(close(a.temp_range_c[1], b.temp_range_c[1]));
+                    prop_assert_eq!(
+                        (a.version, a.light, a.heartbeat_s, a.foreign_object_lock),
+                        (b.version, b.light, b.heartbeat_s, b.foreign_object_lock)
+                    );
+                }
+                (a, b) => prop_assert_eq!(a, b),
+            }
+        }
+
+        /// Even a configuration with non-finite temperatures (the API refuses them) encodes to
+        /// valid JSON rather than failing or panicking.
+        #[test]
+        fn command_encoding_is_json_for_any_float(t in any::<f64>(), lo in any::<f64>(), hi in any::<f64>()) {
+            let cmd = Command {
+                cmd_id: "c_1".into(),
+                body: CommandBody::Configure { config: CabinetConfig {
+                    version: 1, temp_target_c: t, temp_range_c: [lo, hi],
+                    light: LightSchedule { on: "07:00".into(), off: "23:00".into() },
+                    heartbeat_s: 30, foreign_object_lock: true,
+                } },
+            };
+            let bytes = serde_json::to_vec(&cmd).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(serde_json::from_slice::<serde_json::Value>(&bytes).is_ok_and(|v| v.is_object()));
+        }
+    }
+
+    fn example(kind: UplinkKind) -> serde_json::Value {
+        let text = match kind {
+            UplinkKind::Status => {
+                r#"{"online":true,"boot_id":"b7f3","fw":"2.4.1","model":"KM-400","config_version":3,"boot":"power_on"}"#
+            }
+            UplinkKind::Heartbeat => {
+                r#"{"seq":42,"ts":1763700000000,"door":"closed","lock":"locked","temp_c":4.6,"light":"on","cameras":[{"id":0,"ok":true}],"config_version":3}"#
+            }
+            UplinkKind::Event => {
+                r#"{"seq":43,"ts":1763700001000,"type":"door_opened","session_id":"s_01J","detail":"x"}"#
+            }
+            UplinkKind::Ack => r#"{"cmd_id":"c_01J","ok":false,"error":"lock_jammed"}"#,
+            UplinkKind::Recognition => {
+                r#"{"session_id":"s_01J","status":"ok","items":[{"sku":"6901234567890","qty":2}],"stock":[{"sku":"a","qty":1}],"reason":"r"}"#
+            }
+        };
+        serde_json::from_str(text).unwrap_or_default()
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::{json, Value};
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            Just(json!(u64::MAX)),
+            Just(json!(-1)),
+            any::<f64>().prop_map(Value::from),
+            Just(json!(1e308)),
+            "\\PC{0,70}".prop_map(Value::from),
+            (0usize..20_000).prop_map(|n| Value::from("x".repeat(n))),
+            prop_oneof![
+                Just("open"),
+                Just("closed"),
+                Just("locked"),
+                Just("fault"),
+                Just("ok"),
+                Just("failed"),
+                Just("door_opened"),
+                Just("tamper")
+            ]
+            .prop_map(Value::from),
+            (0usize..100, 0u64..200)
+                .prop_map(|(n, q)| json!(vec![json!({"sku": "a", "qty": q}); n])),
+            (0usize..80).prop_map(|n| json!(vec![json!({"id": 0, "ok": false}); n])),
+        ];
+        leaf.prop_recursive(3, 32, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// What the parser promises about anything it lets through.
+    fn check_bounds(body: &UplinkBody) -> Result<(), TestCaseError> {
+        let token = |t: &str| !t.is_empty() && t.len() <= MAX_TOKEN_LEN;
+        match body {
+            UplinkBody::Status(s) => {
+                prop_assert!(!s.online || s.boot_id.is_some());
+                prop_assert!(s.boot_id.as_deref().is_none_or(token));
+                prop_assert!(s.fw.as_deref().is_none_or(|f| f.len() <= MAX_TEXT_LEN));
+            }
+            UplinkBody::Heartbeat(h) => {
+                prop_assert!(h
+                    .temp_c
+                    .is_none_or(|t| t.is_finite() && (-100.0..=150.0).contains(&t)));
+                prop_assert!(h.cameras.as_ref().is_none_or(|c| c.len() <= 64));
+            }
+            UplinkBody::Event(e) => {
+                prop_assert!(e.session_id.as_deref().is_none_or(token));
+                prop_assert!(e.detail.as_deref().is_none_or(|d| d.len() <= MAX_TEXT_LEN));
+            }
+            UplinkBody::Ack(a) => {
+                prop_assert!(token(&a.cmd_id));
+                prop_assert!(a.error.as_deref().is_none_or(|d| d.len() <= MAX_TEXT_LEN));
+            }
+            UplinkBody::Recognition(r) => {
+                prop_assert!(token(&r.session_id));
+                let items = r.items.as_deref().unwrap_or_default();
+                prop_assert!(items.len() <= MAX_RECOGNITION_LINES);
+                prop_assert!(items
+                    .iter()
+                    .all(|i| i.qty <= MAX_RECOGNITION_QTY && token(&i.sku)));
+            }
+        }
+        Ok(())
+    }
+
+    fn command() -> impl Strategy<Value = Command> {
+        let text = "\\PC{0,80}";
+        let finite = prop_oneof![
+            -1e6f64..1e6,
+            Just(0.0),
+            Just(-0.0),
+            Just(f64::MAX),
+            Just(f64::MIN_POSITIVE)
+        ];
+        let body = prop_oneof![
+            (text, any::<bool>(), any::<u64>()).prop_map(|(session_id, restock, expires_at)| {
+                CommandBody::Unlock {
+                    session_id,
+                    mode: if restock {
+                        SessionMode::Restock
+                    } else {
+                        SessionMode::Purchase
+                    },
+                    expires_at,
+                }
+            }),
+            (
+                any::<u64>(),
+                finite.clone(),
+                finite.clone(),
+                finite,
+                text,
+                text,
+                any::<u32>(),
+                any::<bool>()
+            )
+                .prop_map(
+                    |(version, t, lo, hi, on, off, heartbeat_s, foreign_object_lock)| {
+                        CommandBody::Configure {
+                            config: CabinetConfig {
+                                version,
+                                temp_target_c: t,
+                                temp_range_c: [lo, hi],
+                                light: LightSchedule { on, off },
+                                heartbeat_s,
+                                foreign_object_lock,
+                            },
+                        }
+                    }
+                ),
+            (any::<bool>(), proptest::option::of(text))
+                .prop_map(|(on, reason)| CommandBody::Lockdown { on, reason }),
+            Just(CommandBody::Reboot),
+        ];
+        (text, body).prop_map(|(cmd_id, body)| Command { cmd_id, body })
     }
 }

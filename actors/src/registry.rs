@@ -200,6 +200,8 @@ mod tests {
             raised_at: 1,
             acked: true,
             detail: None,
+            flapping: false,
+            flaps: 0,
         };
         tx.send(ActorSeed {
             desired: None,

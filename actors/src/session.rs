@@ -19,6 +19,8 @@ use crate::protocol::SessionMode;
 pub const RECOGNITION_FAILED: &str = "recognition_failed";
 /// The abnormal reason the hub gives when an item is not on the cabinet's sellable list.
 pub const UNKNOWN_PRODUCT: &str = "unknown_product";
+/// The abnormal reason the hub gives when the basket or a price is outside the `[limits]`.
+pub const OUT_OF_RANGE: &str = "out_of_range";
 /// The abnormal reason the hub gives when the provider refused the completion for good.
 pub const PAYMENT_COMPLETE_FAILED: &str = "payment_complete_failed";
 /// The cancel reason the provider is given when the shopper took nothing ("nothing taken").
@@ -199,6 +201,9 @@ pub enum Basket {
     },
     /// An item is not on the cabinet's sellable list: it cannot be priced.
     UnknownProduct,
+    /// The basket (quantities, lines) or a list price is outside the limits: it cannot be
+    /// priced.
+    OutOfRange,
     /// A restock's recognition (the shell sends this for every restock).
     Restocked,
 }
@@ -329,6 +334,9 @@ pub enum Refusal {
     /// An operator cannot resolve with an unpriceable basket.
     #[error("an item is not on the cabinet's sellable list")]
     UnknownProduct,
+    /// An operator cannot resolve with a basket or price outside the limits.
+    #[error("the basket or a price is out of range")]
+    OutOfRange,
 }
 
 impl Lifecycle {
@@ -391,8 +399,12 @@ impl Lifecycle {
                 if order != O::Abnormal {
                     return Err(Refusal::OrderNotAbnormal(order));
                 }
-                if self.mode == SessionMode::Purchase && *basket == Basket::UnknownProduct {
-                    return Err(Refusal::UnknownProduct);
+                if self.mode == SessionMode::Purchase {
+                    match basket {
+                        Basket::UnknownProduct => return Err(Refusal::UnknownProduct),
+                        Basket::OutOfRange => return Err(Refusal::OutOfRange),
+                        Basket::NothingTaken | Basket::Priced { .. } | Basket::Restocked => {}
+                    }
                 }
                 self.settle(*basket).ok_or_else(refuse)
             }
@@ -459,6 +471,9 @@ impl Lifecycle {
                 vec![],
                 Some(UNKNOWN_PRODUCT.to_owned()),
             ),
+            (SessionMode::Purchase, Basket::OutOfRange) => {
+                (OrderStatus::Abnormal, vec![], Some(OUT_OF_RANGE.to_owned()))
+            }
             (SessionMode::Purchase, Basket::Restocked) => return None,
         };
         Some(Step {

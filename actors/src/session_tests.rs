@@ -566,6 +566,27 @@ fn resolve_with_an_unknown_product_is_refused() {
 }
 
 #[test]
+fn an_out_of_range_basket_is_abnormal_and_cannot_resolve() {
+    let l = purchase(Channel::Wechat, S::Open, O::Open);
+    assert_eq!(
+        step(l, Event::Recognized(Basket::OutOfRange)),
+        Step {
+            session: smove(S::Open, S::Closed),
+            order: omove(O::Open, O::Abnormal),
+            abnormal_reason: Some(OUT_OF_RANGE.to_owned()),
+            ..Step::default()
+        }
+    );
+    assert_eq!(
+        refusal(
+            purchase(Channel::Wechat, S::Closed, O::Abnormal),
+            Event::Resolve(Basket::OutOfRange)
+        ),
+        Refusal::OutOfRange
+    );
+}
+
+#[test]
 fn resolve_restocked_on_a_purchase_is_refused() {
     not_applicable(
         purchase(Channel::Wechat, S::Closed, O::Abnormal),
@@ -675,6 +696,7 @@ fn events() -> Vec<Event> {
         Basket::Priced { total_fen: 0 },
         Basket::Priced { total_fen: 1234 },
         Basket::UnknownProduct,
+        Basket::OutOfRange,
         Basket::Restocked,
     ];
     let mut events = vec![
@@ -792,6 +814,9 @@ fn every_combination_keeps_the_invariants() {
                             }
                             Err(Refusal::UnknownProduct) => {
                                 assert_eq!(event, &Event::Resolve(Basket::UnknownProduct));
+                            }
+                            Err(Refusal::OutOfRange) => {
+                                assert_eq!(event, &Event::Resolve(Basket::OutOfRange));
                             }
                         }
                     }

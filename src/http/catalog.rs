@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use cabinet_actors::ids::MerchantId;
-use cabinet_actors::pricing::{price_basket, BasketItem, Offer, PriceRule, PricingError, Window};
+use cabinet_actors::pricing::{price_basket, BasketItem, Offer, PriceRule, Window};
 
 use super::auth::{Caller, Role};
 use super::cabinets::visible_cabinet;
@@ -145,7 +145,7 @@ pub async fn list_products(
 pub struct PriceItem {
     /// One of the merchant's products.
     sku: String,
-    /// 0 to 10,000,000.
+    /// 0 to `limits.max_price_fen` (default 10,000,000); above it → 422 `price_out_of_range`.
     price_fen: i64,
 }
 
@@ -158,7 +158,8 @@ pub struct PricesBody {
 
 /// Replaces a cabinet's sellable list.
 #[utoipa::path(put, path = "/api/v1/cabinets/{id}/prices", tag = "catalog", params(("id" = String, Path)), request_body = PricesBody,
-    security(("bearer" = [])), responses((status = 200, body = PriceList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    security(("bearer" = [])), responses((status = 200, body = PriceList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 422, body = ErrorBody, description = "price_out_of_range")))]
 pub async fn put_prices(
     state: web::Data<AppState>,
     caller: Caller,
@@ -177,10 +178,20 @@ pub async fn put_prices(
                 it.sku
             )));
         }
-        if !(0..=10_000_000).contains(&it.price_fen) {
+        if it.price_fen < 0 {
             return Err(ApiError::bad_request(format!(
-                "items[{i}].price_fen must be 0 to 10000000"
+                "items[{i}].price_fen must not be negative"
             )));
+        }
+        let max = state.settings.limits.max_price_fen;
+        if it.price_fen > max {
+            return Err(ApiError::new(
+                ErrorCode::PriceOutOfRange,
+                format!(
+                    "items[{i}].price_fen: {} ({}) is above the maximum {max}",
+                    it.price_fen, it.sku
+                ),
+            ));
         }
         if !seen.insert(it.sku.clone()) {
             return Err(ApiError::bad_request(format!(
@@ -400,7 +411,7 @@ pub struct QuoteBody {
 /// Prices a basket exactly as a session's order would be priced now.
 #[utoipa::path(post, path = "/api/v1/cabinets/{id}/quote", tag = "catalog", params(("id" = String, Path)), request_body = QuoteBody,
     security(("bearer" = [])), responses((status = 200, description = "the priced order", body = Object),
-    (status = 404, body = ErrorBody), (status = 422, body = ErrorBody, description = "unknown_product")))]
+    (status = 404, body = ErrorBody), (status = 422, body = ErrorBody, description = "unknown_product, basket_out_of_range (naming the line) or price_out_of_range")))]
 pub async fn quote(
     state: web::Data<AppState>,
     caller: Caller,
@@ -414,17 +425,13 @@ pub async fn quote(
         .store
         .promotions_for(&row.merchant_id, cid.as_str())
         .await?;
-    match price_basket(
+    let order = price_basket(
         &body.items,
         &list,
         &promos,
         state.now(),
         state.settings.pricing.utc_offset_min,
-    ) {
-        Ok(order) => Ok(HttpResponse::Ok().json(order)),
-        Err(PricingError::UnknownSku(sku)) => Err(ApiError::new(
-            ErrorCode::UnknownProduct,
-            format!("{sku} is not on this cabinet's sellable list"),
-        )),
-    }
+        &state.settings.limits.limits(),
+    )?;
+    Ok(HttpResponse::Ok().json(order))
 }

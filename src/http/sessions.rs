@@ -197,7 +197,7 @@ pub struct ResolveBody {
 #[utoipa::path(post, path = "/api/v1/orders/{id}/resolve", tag = "orders", params(("id" = String, Path)),
     request_body = ResolveBody, security(("bearer" = [])), responses((status = 200, body = OrderView),
     (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "order_not_abnormal"),
-    (status = 422, body = ErrorBody, description = "unknown_product")))]
+    (status = 422, body = ErrorBody, description = "unknown_product, basket_out_of_range (naming the line) or price_out_of_range")))]
 pub async fn resolve_order(
     state: web::Data<AppState>,
     caller: Caller,

@@ -225,7 +225,9 @@ impl Verifier {
         signature_b64: &str,
         now_s: i64,
     ) -> Result<(), CryptoError> {
-        if (now_s - timestamp).abs() > self.max_skew_s {
+        // Checked: a forged timestamp near i64::MIN/MAX must be stale, not an overflow.
+        let skew = now_s.checked_sub(timestamp).map(i64::unsigned_abs);
+        if skew.is_none_or(|s| s > self.max_skew_s.unsigned_abs()) {
             return Err(CryptoError::Stale(timestamp));
         }
         self.verify_message(

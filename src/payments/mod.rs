@@ -7,6 +7,9 @@ pub mod alipay;
 pub mod crypto;
 pub mod wechat;
 
+#[cfg(test)]
+mod fuzz;
+
 use std::sync::Arc;
 
 use alipay::{AlipayClient, AlipaySettings};

@@ -31,6 +31,8 @@ pub(super) struct PricedBasket {
     pub basket: Basket,
     pub items: String,
     pub priced: Option<(cabinet_actors::pricing::PricedOrder, String)>,
+    /// Why the basket could not be priced, when it was out of range (the operator is told).
+    pub error: Option<PricingError>,
 }
 
 impl Sessions {
@@ -166,11 +168,17 @@ impl Sessions {
         basket: &[BasketItem],
     ) -> Result<PricedBasket, StoreError> {
         let items = serde_json::to_string(basket).unwrap_or_default();
+        let limits = self.settings.limits.limits();
+        // The shape first: a basket of a million empty lines is not "nothing taken".
+        if let Err(e) = limits.check_basket(basket) {
+            return Ok(self.out_of_range(s, items, e));
+        }
         if basket.iter().all(|i| i.qty == 0) {
             return Ok(PricedBasket {
                 basket: Basket::NothingTaken,
                 items,
                 priced: None,
+                error: None,
             });
         }
         let (list, promos) = tokio::join!(
@@ -183,6 +191,7 @@ impl Sessions {
             &promos?,
             self.now(),
             self.settings.pricing.utc_offset_min,
+            &limits,
         ) {
             Ok(p) => {
                 let json = serde_json::to_string(&p).unwrap_or_default();
@@ -192,6 +201,7 @@ impl Sessions {
                     },
                     items,
                     priced: Some((p, json)),
+                    error: None,
                 })
             }
             Err(PricingError::UnknownSku(sku)) => {
@@ -200,8 +210,22 @@ impl Sessions {
                     basket: Basket::UnknownProduct,
                     items,
                     priced: None,
+                    error: None,
                 })
             }
+            Err(
+                e @ (PricingError::BasketOutOfRange { .. } | PricingError::PriceOutOfRange { .. }),
+            ) => Ok(self.out_of_range(s, items, e)),
+        }
+    }
+
+    fn out_of_range(&self, s: &SessionRow, items: String, e: PricingError) -> PricedBasket {
+        tracing::warn!(session_id = %s.id, cabinet_id = %s.cabinet_id, error = %e, "basket cannot be priced: out of range");
+        PricedBasket {
+            basket: Basket::OutOfRange,
+            items,
+            priced: None,
+            error: Some(e),
         }
     }
 

@@ -105,6 +105,12 @@ impl Sessions {
                     "an item is not on the cabinet's sellable list",
                 ))
             }
+            Err(r @ Refusal::OutOfRange) => {
+                return Err(match priced.error {
+                    Some(e) => e.into(),
+                    None => ApiError::internal(r),
+                })
+            }
             Err(r @ Refusal::NotApplicable { .. }) => return Err(ApiError::internal(r)),
         }
         self.settle(&s, o, event, &priced).await?;

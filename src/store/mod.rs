@@ -123,6 +123,9 @@ pub struct AlertRow {
     pub cleared_at: Option<i64>,
     /// `condition` or a key id.
     pub cleared_by: Option<String>,
+    /// While flapping (or once it flapped): how many times its condition was raised; 0 for an
+    /// alert that never flapped.
+    pub flaps: i64,
 }
 
 /// Filters for listing alerts.
@@ -162,6 +165,7 @@ fn migrator(postgres: bool) -> Migrator {
             "certificate_revocation",
             sql!("0007_certificate_revocation.sql"),
         ),
+        (8, "alert_flaps", sql!("0008_alert_flaps.sql")),
     ];
     Migrator::with_migrations(
         files
@@ -571,7 +575,7 @@ impl Store {
         merchant_id: &str,
         a: &ActiveAlert,
     ) -> Result<bool> {
-        let r = sqlx::query("INSERT INTO alerts (id, cabinet_id, merchant_id, type, severity, detail, raised_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING")
+        let r = sqlx::query("INSERT INTO alerts (id, cabinet_id, merchant_id, type, severity, detail, raised_at, flaps) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING")
             .bind(&a.id)
             .bind(cabinet_id)
             .bind(merchant_id)
@@ -579,6 +583,17 @@ impl Store {
             .bind(a.kind.severity().as_str())
             .bind(a.detail.as_deref())
             .bind(a.raised_at as i64)
+            .bind(i64::from(if a.flapping { a.flaps.max(1) } else { 0 }))
+            .execute(&self.writer)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Updates a flapping alert's count (the alert is not raised again per toggle).
+    pub async fn set_alert_flaps(&self, id: &str, flaps: u32) -> Result<bool> {
+        let r = sqlx::query("UPDATE alerts SET flaps = $2 WHERE id = $1")
+            .bind(id)
+            .bind(i64::from(flaps))
             .execute(&self.writer)
             .await?;
         Ok(r.rows_affected() == 1)
@@ -667,6 +682,8 @@ impl Store {
                     raised_at: r.raised_at.max(0) as u64,
                     acked: r.acked_at.is_some(),
                     detail: r.detail,
+                    flapping: r.flaps > 0,
+                    flaps: u32::try_from(r.flaps).unwrap_or(0),
                 })
             })
             .collect())
@@ -720,5 +737,6 @@ fn alert_row(r: &AnyRow) -> Result<AlertRow> {
         acked_by: r.try_get("acked_by")?,
         cleared_at: r.try_get("cleared_at")?,
         cleared_by: r.try_get("cleared_by")?,
+        flaps: r.try_get("flaps")?,
     })
 }

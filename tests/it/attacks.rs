@@ -485,6 +485,8 @@ async fn retained_long_topics_and_subscription_floods_are_refused() {
     let mut a = Cabinet::connect(hub, "KMA", &t.secret_a).await;
     beat(&mut a, 4.1).await;
     processed(hub, &t.op_a, "KMA", 4.1).await;
+    // The acks of what came before are not the answer to what comes next.
+    while a.rx.try_recv().is_ok() {}
     a.seq += 1;
     a.client
         .publish(
@@ -694,14 +696,10 @@ fn check_config_prints_no_secret() {
         assert!(text.contains("<redacted>"), "{text}");
     };
     run(&env, &[admin, v3]);
-    // The secrets added by issue 17 too.
-    let (metrics, v2) = (
-        "SECRETmetricstoken0123456789",
-        "SECRETv2key0123456789abcdefghijk",
-    );
+    // The secret added by issue 17 too.
+    let metrics = "SECRETmetricstoken0123456789";
     env.push(("HUB__METRICS__TOKEN".into(), metrics.into()));
-    env.push(("HUB__PAYMENTS__WECHAT__APIV2_KEY".into(), v2.into()));
-    run(&env, &[admin, v3, metrics, v2]);
+    run(&env, &[admin, v3, metrics]);
 }
 
 /// Two lines of one sku whose quantities overflow a u32 together are refused, not priced 0.

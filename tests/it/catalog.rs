@@ -92,6 +92,51 @@ async fn catalog_prices_and_promotions(b: Backend) {
     let (_, list) = hub.get("/api/v1/promotions", &op).await;
     assert_eq!(list["count"], 2);
 
+    // Quantities are bounded and checked: this basket used to wrap to qty 0, total 0, 200.
+    let (s, r) = hub
+        .post(
+            "/api/v1/cabinets/KM1/quote",
+            &op,
+            json!({"items": [{"sku": "cola", "qty": 4294967295u32}, {"sku": "cola", "qty": 1}]}),
+        )
+        .await;
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (422, json!("basket_out_of_range")),
+        "{r}"
+    );
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("items[0]")),
+        "names the line: {r}"
+    );
+    let (s, r) = hub
+        .post(
+            "/api/v1/cabinets/KM1/quote",
+            &op,
+            json!({"items": [{"sku": "cola", "qty": 99}, {"sku": "chips", "qty": 99}, {"sku": "cola", "qty": 3}]}),
+        )
+        .await;
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (422, json!("basket_out_of_range")),
+        "over 200 items in all: {r}"
+    );
+    let (s, r) = hub
+        .call(
+            "PUT",
+            "/api/v1/cabinets/KM1/prices",
+            &op,
+            Some(json!({"items": [{"sku": "cola", "price_fen": 10_000_001}]})),
+        )
+        .await;
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (422, json!("price_out_of_range")),
+        "{r}"
+    );
+
     // A product not on the list cannot be priced automatically.
     let (s, r) = hub
         .post(

@@ -292,6 +292,41 @@ async fn camera_fault_cleared_by_camera_ok(b: Backend) {
             .then_some(())
     })
     .await;
+
+    // A camera toggling fault/ok: raised twice above; the 6th raise within 10 minutes is
+    // flapping, after which it stays one active alert whose count goes up, with no new rows.
+    for _ in 0..8 {
+        c.event("camera_fault").await;
+        c.event("camera_ok").await;
+    }
+    let (alerts, active) = hub
+        .eventually(5 * SEC, "one flapping alert with its count", || async {
+            let (_, all) = hub.get("/api/v1/alerts?cabinet_id=KM1", &op).await;
+            let active = all["items"]
+                .as_array()?
+                .iter()
+                .find(|a| a["active"] == true)?
+                .clone();
+            (active["flaps"] == 10).then_some((all, active))
+        })
+        .await;
+    assert_eq!(alerts["count"], 6, "five ordinary rows, then one: {alerts}");
+    assert_eq!(active["flapping"], true, "{active}");
+    let state = hub.cabinet_state(&op, "KM1").await;
+    assert_eq!(
+        (
+            state["alerts"][0]["type"].clone(),
+            state["alerts"][0]["flapping"].clone(),
+            state["alerts"][0]["flaps"].clone()
+        ),
+        (json!("camera_fault"), json!(true), json!(10)),
+        "{state}"
+    );
+    assert_eq!(
+        hub.metric(r#"cabinet_alerts_raised_total{type="camera_fault"}"#)
+            .await,
+        6.0
+    );
 }
 
 async fn offline_by_last_will(b: Backend) {
@@ -541,6 +576,11 @@ async fn every_rejection_reason_is_counted(b: Backend) {
             "/tenants/GHOST/heartbeat",
             br#"{"seq":1,"ts":1,"door":"closed","lock":"locked"}"#.to_vec(),
             "unknown_cabinet",
+        ),
+        (
+            "/tenants/KM1/recognition",
+            br#"{"session_id":"s1","status":"ok","items":[{"sku":"cola","qty":4294967295},{"sku":"cola","qty":1}]}"#.to_vec(),
+            "out_of_range",
         ),
     ];
     for (topic, payload, _) in &cases {

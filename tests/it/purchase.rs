@@ -460,6 +460,25 @@ async fn abnormal_order_resolved_then_charged(b: Backend) {
     let order = v["order"]["id"].as_str().unwrap_or_default().to_owned();
     let (_, list) = hub.get("/api/v1/orders?status=abnormal", &op).await;
     assert_eq!(list["count"], 1, "listed for operators");
+    // A basket that used to wrap to zero is refused, naming the line; the order stays abnormal.
+    let (s, r) = hub
+        .post(
+            &format!("/api/v1/orders/{order}/resolve"),
+            &op,
+            json!({"items": [{"sku": "cola", "qty": 4294967295u32}, {"sku": "cola", "qty": 1}]}),
+        )
+        .await;
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (422, json!("basket_out_of_range")),
+        "{r}"
+    );
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("items[0]")),
+        "{r}"
+    );
     let (s, r) = hub
         .post(
             &format!("/api/v1/orders/{order}/resolve"),

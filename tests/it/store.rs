@@ -203,6 +203,8 @@ async fn alerts_one_active_per_type_with_history(b: Backend) {
         raised_at: 100,
         acked: false,
         detail: None,
+        flapping: false,
+        flaps: 0,
     };
     assert!(store
         .insert_alert("KM1", "m1", &a)
@@ -223,6 +225,8 @@ async fn alerts_one_active_per_type_with_history(b: Backend) {
         raised_at: 102,
         acked: false,
         detail: Some("lid".into()),
+        flapping: false,
+        flaps: 0,
     };
     assert!(store
         .insert_alert("KM1", "m1", &other)
@@ -236,6 +240,57 @@ async fn alerts_one_active_per_type_with_history(b: Backend) {
             .len(),
         2
     );
+
+    // A flapping alert is stored once, its count updated in place, and read back as flapping.
+    let flapping = ActiveAlert {
+        id: "KM1-camera_fault-1".into(),
+        kind: AlertType::CameraFault,
+        raised_at: 103,
+        acked: false,
+        detail: None,
+        flapping: true,
+        flaps: 6,
+    };
+    assert!(store
+        .insert_alert("KM1", "m1", &flapping)
+        .await
+        .unwrap_or(false));
+    assert!(store
+        .set_alert_flaps(&flapping.id, 9)
+        .await
+        .unwrap_or(false));
+    let back = store
+        .active_alerts("KM1")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        back.iter()
+            .find(|x| x.id == flapping.id)
+            .map(|x| (x.flapping, x.flaps)),
+        Some((true, 9))
+    );
+    let rows = store
+        .alerts(&AlertFilter {
+            cabinet_id: Some("KM1".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.id.as_str(), r.flaps))
+            .collect::<Vec<_>>(),
+        vec![
+            ("KM1-camera_fault-1", 9),
+            ("KM1-tamper-1", 0),
+            ("KM1-door_forced-1", 0)
+        ]
+    );
+    assert!(store
+        .clear_alert(&flapping.id, "condition", 104)
+        .await
+        .unwrap_or(false));
 
     assert!(store.ack_alert(&a.id, "k", 110).await.unwrap_or(false));
     assert!(!store.ack_alert(&a.id, "k", 111).await.unwrap_or(true));
@@ -260,7 +315,12 @@ async fn alerts_one_active_per_type_with_history(b: Backend) {
         .unwrap_or_default();
     assert_eq!(
         all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-        vec!["KM1-tamper-1", "KM1-door_forced-2", "KM1-door_forced-1"]
+        vec![
+            "KM1-camera_fault-1",
+            "KM1-tamper-1",
+            "KM1-door_forced-2",
+            "KM1-door_forced-1"
+        ]
     );
     let ended = store
         .alerts(&AlertFilter {
@@ -270,9 +330,9 @@ async fn alerts_one_active_per_type_with_history(b: Backend) {
         })
         .await
         .unwrap_or_default();
-    assert_eq!(ended.len(), 1);
+    assert_eq!(ended.len(), 2, "the flapping alert, then the door alert");
     assert_eq!(
-        (ended[0].acked_by.as_deref(), ended[0].cleared_at),
+        (ended[1].acked_by.as_deref(), ended[1].cleared_at),
         (Some("k"), Some(120))
     );
     let other_merchant = store

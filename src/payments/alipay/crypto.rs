@@ -75,7 +75,9 @@ pub fn verify_notify(
 /// Fen as Alipay's yuan string (`1250` → `"12.50"`).
 pub fn yuan(fen: i64) -> String {
     let sign = if fen < 0 { "-" } else { "" };
-    format!("{sign}{}.{:02}", fen.abs() / 100, fen.abs() % 100)
+    // unsigned_abs: i64::MIN has no positive i64.
+    let abs = fen.unsigned_abs();
+    format!("{sign}{}.{:02}", abs / 100, abs % 100)
 }
 
 /// Alipay's yuan string as fen; `None` for anything but a plain amount with ≤ 2 decimals.
