@@ -453,6 +453,13 @@ fn payment_providers(
     settings: &Settings,
     http: SocketAddr,
 ) -> anyhow::Result<(Providers, Simulators)> {
+    if settings.payments.simulator
+        && (settings.payments.wechat.is_some() || settings.payments.alipay.is_some())
+    {
+        // Simulators beside real credentials would take real shoppers' sessions and trust the
+        // simulators' development keys: never a silent choice.
+        anyhow::bail!("payments.simulator (HUB__PAYMENTS__SIMULATOR) is on while real provider credentials are configured (payments.wechat / payments.alipay): the simulators would stand in for the real providers; set HUB__PAYMENTS__SIMULATOR=false to use the real ones, or remove the credentials to simulate");
+    }
     if !settings.payments.simulator {
         let real = Providers::real(
             settings.payments.wechat.as_ref(),

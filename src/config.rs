@@ -361,6 +361,15 @@ impl Settings {
 
     /// Checks what serde cannot: URLs, ranges, formats.
     pub fn validate(&self) -> anyhow::Result<()> {
+        // The longest topic a cabinet must be able to use: `/tenants/` + a 32-character id +
+        // `/recognition`.
+        const LONGEST_UPLINK: usize = 9 + 32 + 12;
+        if !(LONGEST_UPLINK..=65_535).contains(&self.mqtt.max_topic_len) {
+            bail!("mqtt.max_topic_len (HUB__MQTT__MAX_TOPIC_LEN) = {}: must be {LONGEST_UPLINK} to 65535 bytes (the longest uplink topic of a 32-character cabinet id is {LONGEST_UPLINK})", self.mqtt.max_topic_len);
+        }
+        if self.mqtt.max_subscriptions == 0 {
+            bail!("mqtt.max_subscriptions (HUB__MQTT__MAX_SUBSCRIPTIONS) = 0: a cabinet must be able to subscribe to its commands; use at least 1");
+        }
         if let Some(url) = &self.database.url {
             let parsed = url::Url::parse(url).map_err(|e| {
                 anyhow::anyhow!("database.url (HUB__DATABASE__URL) {url:?} is not a URL: {e}; use sqlite://PATH or postgres://USER@HOST:PORT/DB")

@@ -170,7 +170,7 @@ impl CabinetPorts for HubPorts {
             }
             Effect::SeqReset { from, to } => {
                 m.mqtt_seq_resets.inc();
-                tracing::info!(cabinet_id = %cabinet.id, from, to, "seq jumped outside the duplicate window: accepted as a reset");
+                tracing::debug!(cabinet_id = %cabinet.id, from, to, "seq jumped outside the duplicate window: accepted as a reset");
             }
             Effect::StrayAck { cmd_id } => {
                 m.mqtt_stray_acks.inc();

@@ -231,7 +231,14 @@ struct FlapTrack {
     held: bool,
     /// The last raise or end of the condition while flapping.
     last_toggle: u64,
+    /// The flap count last handed out to be stored, and when: a count is stored at most once
+    /// per [`FLAP_WRITE_EVERY_MS`] (and once more when the alert ends), so a cabinet toggling
+    /// as fast as it can send costs the database writer one update per interval.
+    written: (u32, u64),
 }
+
+/// How often a flapping alert's growing count is stored at most.
+pub const FLAP_WRITE_EVERY_MS: u64 = 10_000;
 
 #[derive(Debug, Clone, PartialEq)]
 struct Pending {
@@ -629,7 +636,10 @@ impl CabinetMachine {
                 track.held = false;
                 track.last_toggle = now;
                 a.flaps = a.flaps.saturating_add(1);
-                fx.push(Effect::AlertFlapped(a.clone()));
+                if now.saturating_sub(track.written.1) >= FLAP_WRITE_EVERY_MS {
+                    track.written = (a.flaps, now);
+                    fx.push(Effect::AlertFlapped(a.clone()));
+                }
             }
             return;
         }
@@ -644,6 +654,7 @@ impl CabinetMachine {
         if flapping {
             track.held = false;
             track.last_toggle = now;
+            track.written = (u32::try_from(track.raises.len()).unwrap_or(u32::MAX), now);
         }
         self.last_raise = match self.last_raise {
             (at, n) if at == now => (now, n.saturating_add(1)),
@@ -681,6 +692,7 @@ impl CabinetMachine {
                 raises: Vec::new(),
                 held: false,
                 last_toggle: now,
+                written: (alert.flaps, now),
             });
             let quiet = now.saturating_sub(track.last_toggle) >= FLAP_WINDOW_MS;
             if !quiet {
@@ -696,6 +708,11 @@ impl CabinetMachine {
         if let Some(alert) = self.alerts.remove(&kind) {
             if let Some(track) = self.flaps.get_mut(&kind) {
                 track.held = false;
+                // The count toggles added since it was last stored, before the alert ends.
+                if alert.flapping && track.written.0 != alert.flaps {
+                    track.written = (alert.flaps, now);
+                    fx.push(Effect::AlertFlapped(alert.clone()));
+                }
             }
             fx.push(Effect::AlertCleared { alert, by, at: now });
         }
@@ -711,7 +728,12 @@ impl CabinetMachine {
             .map(|(k, _)| *k)
             .collect();
         for kind in done {
+            let written = self.flaps.get(&kind).map(|t| t.written.0);
             if let Some(alert) = self.alerts.remove(&kind) {
+                // The count toggles added since it was last stored, before the alert ends.
+                if written.is_some_and(|w| w != alert.flaps) {
+                    fx.push(Effect::AlertFlapped(alert.clone()));
+                }
                 fx.push(Effect::AlertCleared {
                     alert,
                     by: ClearedBy::Condition,

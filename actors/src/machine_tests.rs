@@ -845,6 +845,33 @@ fn healthy_for(r: &mut Rig, ms: u64) -> Vec<Effect> {
 }
 
 #[test]
+fn a_camera_toggling_as_fast_as_it_can_costs_one_count_write_per_interval() {
+    let mut r = Rig::online();
+    let mut writes = Vec::new();
+    // 200 toggles, one every 100 ms: 20 s.
+    for _ in 0..100 {
+        r.now += 50;
+        writes.extend(flapped(&r.heartbeat("closed", "locked", 4.0, false)));
+        r.now += 50;
+        writes.extend(flapped(&r.heartbeat("closed", "locked", 4.0, true)));
+    }
+    assert!(
+        writes.len() <= 3,
+        "at most one count written per {FLAP_WRITE_EVERY_MS} ms: {writes:?}"
+    );
+    let a =
+        r.m.alerts()
+            .find(|a| a.kind == AlertType::CameraFault)
+            .cloned()
+            .unwrap_or_else(|| panic!("still active"));
+    assert!(a.flapping);
+    // Quiet for the window: the final count is written before the alert ends.
+    let fx = healthy_for(&mut r, FLAP_WINDOW_MS);
+    assert_eq!(flapped(&fx), vec![a.flaps], "{fx:?}");
+    assert_eq!(cleared(&fx), vec![AlertType::CameraFault]);
+}
+
+#[test]
 fn a_flapping_camera_is_one_alert_with_a_count() {
     let mut r = Rig::online();
     let (mut rows, mut clears) = (0, 0);

@@ -430,6 +430,7 @@ pub async fn issue_certificate(
     caller.require(Role::MerchantAdmin)?;
     let (cid, _) = visible_cabinet(&state, &caller, &path).await?;
     let issued = state.ca.issue_client(&cid, 825)?;
+    let _one_at_a_time = CERTIFICATE_CHANGES.lock().await;
     state
         .store
         .record_certificate(
@@ -441,9 +442,7 @@ pub async fn issue_certificate(
         .await?;
     // The new certificate is the only valid one from now on: a lost or leaked earlier one
     // cannot connect again.
-    state
-        .directory
-        .set_certificates(cid.clone(), &[&issued.serial]);
+    sync_certificates(&state, &cid).await?;
     Ok(HttpResponse::Created().json(IssuedCertificate {
         cabinet_id: cid,
         serial: issued.serial,
@@ -453,6 +452,19 @@ pub async fn issue_certificate(
         not_after: rfc3339(issued.not_after_ms),
         mqtt_tls_listen: state.settings.mqtt.tls_listen.map(|a| a.to_string()),
     }))
+}
+
+/// Certificate issues and revocations one at a time, so that the broker's list is written in
+/// the order the database was (two overlapping requests could otherwise leave it trusting a
+/// serial the database has revoked). Rare operations: one lock for the node is enough.
+static CERTIFICATE_CHANGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Hands the broker the cabinet's valid serials as the database now has them.
+async fn sync_certificates(state: &AppState, cid: &CabinetId) -> ApiResult<()> {
+    let serials = state.store.valid_certificates_of(cid.as_str()).await?;
+    let serials: Vec<&str> = serials.iter().map(String::as_str).collect();
+    state.directory.set_certificates(cid.clone(), &serials);
+    Ok(())
 }
 
 /// A new MQTT secret for the cabinet, shown once: the old one stops working at the next
@@ -496,11 +508,12 @@ pub async fn revoke_certificate(
 ) -> ApiResult<HttpResponse> {
     caller.require(Role::MerchantAdmin)?;
     let (cid, _) = visible_cabinet(&state, &caller, &path).await?;
+    let _one_at_a_time = CERTIFICATE_CHANGES.lock().await;
     let revoked = state
         .store
         .revoke_certificates(cid.as_str(), state.now())
         .await?;
-    state.directory.set_certificates(cid, &[]);
+    sync_certificates(&state, &cid).await?;
     if revoked == 0 {
         return Err(ApiError::not_found("certificate"));
     }
@@ -586,9 +599,11 @@ pub async fn send_command(
                 channel: None,
                 mode,
             };
+            // The caller is part of the request: two restockers' keys reusing one
+            // Idempotency-Key must not get each other's session.
             let idem = idempotency(
                 &req,
-                &serde_json::json!({"type": "unlock", "mode": "restock"}),
+                &serde_json::json!({"type": "unlock", "mode": "restock", "by": caller.key_id}),
             )?;
             return Ok(start_answer(&state, &caller, start, idem).await);
         }

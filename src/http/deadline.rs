@@ -59,10 +59,15 @@ where
     }
 }
 
-/// Whether the request announces a body (a WebSocket upgrade's stream is not one).
+/// Whether the request announces a body. The feed's WebSocket stream is not one (it is the
+/// socket's life, read as frames); only that route is exempt, so an `Upgrade` header on any
+/// other request cannot buy its body unlimited time.
 fn has_body(req: &ServiceRequest) -> bool {
     let h = req.headers();
-    if h.contains_key(header::UPGRADE) {
+    if h.contains_key(header::UPGRADE)
+        && req.method() == actix_web::http::Method::GET
+        && req.path() == "/ws"
+    {
         return false;
     }
     h.contains_key(header::TRANSFER_ENCODING)

@@ -93,9 +93,10 @@ pub fn request_hash(method: &str, path: &str, body: &serde_json::Value) -> Strin
     sha256_hex(&format!("{method} {path}\n{body}"))
 }
 
-/// An unanswered key older than this is reclaimed even from this process: no start runs
-/// that long (confirmation and unlock have their own, shorter deadlines).
-const RECLAIM_AFTER_MS: i64 = 60_000;
+/// An unanswered key is reclaimed even from this process once its start has run longer than
+/// any start can: the shopper's confirmation and the unlock ack have their own deadlines
+/// (both configurable), and this margin covers the provider calls around them.
+const RECLAIM_MARGIN_MS: u64 = 60_000;
 
 /// An answer stored under an `Idempotency-Key`: `{"status": 201, "body": …}` or the refusal's
 /// status and error body (the format earlier versions stored, so their answers replay too).
@@ -354,7 +355,8 @@ impl Sessions {
 
     /// A repeat of a keyed request: the first answer (`Some`), a refusal (another request's
     /// key; the first still running), or `None` when the key was reclaimed from a first request
-    /// that died with its process or has been running longer than `RECLAIM_AFTER_MS`.
+    /// that died with its process or has been running longer than any start can (see
+    /// `RECLAIM_MARGIN_MS`).
     async fn replay_or_reclaim(
         &self,
         found: KeyedSession,
@@ -373,7 +375,11 @@ impl Sessions {
         }
         let s = found.session;
         let ours = found.claimed_by.as_deref() == Some(self.boot_id.as_str());
-        if ours && self.now() - s.created_at < RECLAIM_AFTER_MS {
+        let longest = self.settings.payments.confirm_timeout_ms
+            + self.settings.cabinet.unlock_ack_timeout_ms
+            + RECLAIM_MARGIN_MS;
+        let longest = i64::try_from(longest).unwrap_or(i64::MAX);
+        if ours && self.now() - s.created_at < longest {
             return Err(ApiError::new(
                 ErrorCode::RequestInProgress,
                 format!(

@@ -555,6 +555,17 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    /// Serials of one cabinet's certificates not revoked.
+    pub async fn valid_certificates_of(&self, cabinet_id: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT serial FROM certificates WHERE cabinet_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(cabinet_id)
+        .fetch_all(&self.writer)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get("serial")?)).collect()
+    }
+
     /// `(cabinet id, serial)` of every certificate not revoked (expiry is the TLS layer's).
     pub async fn valid_certificates(&self) -> Result<Vec<(String, String)>> {
         let rows =

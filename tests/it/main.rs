@@ -557,10 +557,10 @@ async fn every_rejection_reason_is_counted(b: Backend) {
         r#"{{"cmd_id":"c1","ok":true,"error":"{}"}}"#,
         "x".repeat(17 * 1024)
     );
+    // Topics outside the cabinet's own uplinks (`bad_topic`, `unknown_topic`, `bad_cabinet_id`,
+    // `unknown_cabinet` at the edge) never get past the broker any more: the confinement tests
+    // count them as `mqtt_refused_total`. What reaches the edge is judged on its payload.
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("tenants/KM1/heartbeat", b"{}".to_vec(), "bad_topic"),
-        ("/tenants/KM1/telemetry", b"{}".to_vec(), "unknown_topic"),
-        ("/tenants/KM-1/heartbeat", b"{}".to_vec(), "bad_cabinet_id"),
         ("/tenants/KM1/ack", big.into_bytes(), "oversize"),
         (
             "/tenants/KM1/heartbeat",
@@ -573,11 +573,6 @@ async fn every_rejection_reason_is_counted(b: Backend) {
             "invalid_payload",
         ),
         (
-            "/tenants/GHOST/heartbeat",
-            br#"{"seq":1,"ts":1,"door":"closed","lock":"locked"}"#.to_vec(),
-            "unknown_cabinet",
-        ),
-        (
             "/tenants/KM1/recognition",
             br#"{"session_id":"s1","status":"ok","items":[{"sku":"cola","qty":4294967295},{"sku":"cola","qty":1}]}"#.to_vec(),
             "out_of_range",
@@ -588,7 +583,7 @@ async fn every_rejection_reason_is_counted(b: Backend) {
     }
     for (_, _, reason) in &cases {
         let series = format!(r#"mqtt_rejected_total{{reason="{reason}"}}"#);
-        hub.eventually(SEC, reason, || async {
+        hub.eventually(5 * SEC, reason, || async {
             (hub.metric(&series).await == 1.0).then_some(())
         })
         .await;

@@ -449,21 +449,20 @@ async fn a_feed_reader_that_never_reads_is_dropped_during_replay() {
     );
 }
 
-#[actix_rt::test]
-async fn a_trickled_body_is_cut_with_408() {
-    let hub = TestHub::start_with(Backend::Sqlite, |s| s.http.body_timeout_ms = 1_000).await;
+/// Sends a request head announcing 4,000 bytes of body, then one byte every 200 ms: never idle
+/// long, never done. Answers what came back before the connection closed.
+async fn trickle(hub: &TestHub, extra_headers: &str) -> String {
     let mut conn = tokio::net::TcpStream::connect(hub.http)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let head = format!(
         "POST /api/v1/merchants HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n{{"
+         {extra_headers}Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n{{"
     );
     conn.write_all(head.as_bytes())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let (mut rd, mut wr) = conn.into_split();
-    // A byte every 200 ms: never idle long, never done.
     let trickle = actix_rt::spawn(async move {
         for _ in 0..200 {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -476,11 +475,21 @@ async fn a_trickled_body_is_cut_with_408() {
     let mut answer = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut answer)).await;
     trickle.abort();
-    let text = String::from_utf8_lossy(&answer);
+    let text = String::from_utf8_lossy(&answer).into_owned();
     assert!(read.is_ok(), "the connection was not closed; got {text:?}");
-    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    assert!(text.contains("request_timeout"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(15));
+    text
+}
+
+#[actix_rt::test]
+async fn a_trickled_body_is_cut_with_408() {
+    let hub = TestHub::start_with(Backend::Sqlite, |s| s.http.body_timeout_ms = 1_000).await;
+    // Plainly, and dressed as an upgrade (only the feed's WebSocket route is exempt).
+    for extra in ["", "Connection: Upgrade\r\nUpgrade: websocket\r\n"] {
+        let text = trickle(&hub, extra).await;
+        assert!(text.starts_with("HTTP/1.1 408"), "{extra:?}: {text}");
+        assert!(text.contains("request_timeout"), "{text}");
+    }
     // A body that arrives in time is served as before.
     let (s, v) = hub
         .post(
@@ -592,10 +601,28 @@ async fn simulators_only_where_they_belong() {
         .unwrap_or_else(|| panic!("a public simulator started"));
     assert!(err.contains("HUB__PAYMENTS__SIMULATOR"), "{err}");
     s.payments.simulator_public = true;
-    let app = cabinet_hub::Application::build(s)
+    let app = cabinet_hub::Application::build(s.clone())
         .await
         .unwrap_or_else(|e| panic!("with simulator_public: {e:#}"));
     assert!(app.http_addr().ip().is_unspecified());
+    drop(app);
+
+    // Simulators left on beside real credentials: refused, not a silent stand-in.
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut s = crate::harness::test_settings(dir.path());
+    s.payments.alipay = Some(cabinet_hub::payments::alipay::AlipaySettings {
+        gateway: "http://127.0.0.1:9/gateway.do".into(),
+        app_id: "2021000000000001".into(),
+        app_private_key_path: dev_keys("alipay-app.key.pem"),
+        alipay_public_key_path: format!("{testdata}/merchant_pub.pem"),
+        notify_url: "http://127.0.0.1:9/notify".into(),
+    });
+    let err = cabinet_hub::Application::build(s)
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_else(|| panic!("simulators started beside real credentials"));
+    assert!(err.contains("real provider credentials"), "{err}");
 }
 
 /// The real binary, for restarts on the same data.
