@@ -353,6 +353,9 @@ pub fn price_basket(
         .filter(|p| p.window.contains(now_ms, utc_offset_min))
         .collect();
     in_force.sort_by(|a, b| a.id.cmp(&b.id));
+    // Discounts are keyed by promotion id: two promotions under one id (storage keeps ids
+    // unique, a caller might not) would each claim the other's saving. The first one counts.
+    in_force.dedup_by(|a, b| a.id == b.id);
 
     // Step 2: the best per-product rule for each line.
     let mut saved: BTreeMap<&str, (String, i64)> = BTreeMap::new();
@@ -516,6 +519,18 @@ mod tests {
         assert_eq!(o.gross_fen, 3 * 300 + 650);
         assert_eq!(o.total_fen, o.gross_fen);
         assert!(o.discounts.is_empty());
+    }
+
+    /// Found by the property test: two promotions under one id each claimed the other's
+    /// saving, so the discounts exceeded the basket.
+    #[test]
+    fn promotions_sharing_an_id_discount_once() {
+        let free = product("b", Window::Always, &[("chips", PriceRule::FixedFen(0))]);
+        let empty = product("b", Window::Always, &[]);
+        let o = price(&[("chips", 1)], &[empty, free], MIDNIGHT_CN);
+        let off: i64 = o.discounts.iter().map(|d| d.amount_fen).sum();
+        assert!(off <= o.gross_fen, "{o:?}");
+        assert_eq!(o.total_fen, o.gross_fen - off);
     }
 
     #[test]
