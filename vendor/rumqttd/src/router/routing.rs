@@ -564,11 +564,15 @@ impl Router {
                     // policy grants. Checked before the ack: a refused publish is never
                     // acknowledged, and the connection is closed (MQTT 3.1.1 has no negative
                     // PUBACK; acking and dropping would hide the refusal from the client).
+                    // No reason code: with one, the link is handed a DISCONNECT to write and
+                    // then reports its own end as a disconnection of its connection id, which
+                    // by then may belong to the client's next connection (slab ids are reused),
+                    // and that one would be dropped. Without, the link ends on the closed
+                    // channel and reports nothing.
                     if let Some(reason) = self.refuse_publish(id, &publish) {
                         warn!(?reason, "publish refused by the tenant policy");
                         self.router_meters.failed_publishes += 1;
                         disconnect = true;
-                        disconnect_reason = Some(DisconnectReasonCode::NotAuthorized);
                         break;
                     }
 
