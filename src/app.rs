@@ -483,13 +483,7 @@ fn payment_providers(
 }
 
 fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_owned(),
-    }
+    crate::config::redact_url(url, "***").unwrap_or_else(|| url.to_owned())
 }
 
 /// The id of the key configured as `auth.admin_key`: stable, and no part of the secret.

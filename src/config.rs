@@ -545,14 +545,42 @@ pub fn redact_secrets(v: &mut serde_json::Value) {
         }
         Value::Array(items) => items.iter_mut().for_each(redact_secrets),
         Value::String(s) => {
-            if let Ok(mut u) = url::Url::parse(s) {
-                if u.password().is_some() && u.set_password(Some("<redacted>")).is_ok() {
-                    *s = u.to_string();
-                }
+            if let Some(r) = redact_url(s, "<redacted>") {
+                *s = r;
             }
         }
         _ => {}
     }
+}
+
+/// A URL with its secrets masked: the password in its user info, and query parameters that
+/// carry one (`postgres://h/db?password=…`, `sslpassword`, `token`, …). `None` when `s` is not
+/// a URL or has nothing to mask.
+pub fn redact_url(s: &str, mask: &str) -> Option<String> {
+    let mut u = url::Url::parse(s).ok()?;
+    let mut changed = u.password().is_some() && u.set_password(Some(mask)).is_ok();
+    let secret = |name: &str| {
+        let n = name.to_ascii_lowercase();
+        ["password", "passwd", "pwd", "secret", "token", "key"]
+            .iter()
+            .any(|w| n == *w || n.ends_with(w))
+    };
+    if u.query_pairs().any(|(k, _)| secret(&k)) {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if secret(&k) {
+                    mask.to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+        changed = true;
+    }
+    changed.then(|| u.to_string())
 }
 
 /// `HH:MM`, 00:00–23:59.
@@ -568,6 +596,28 @@ pub fn valid_hhmm(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_loses_its_secrets_and_keeps_the_rest() {
+        let r = redact_url(
+            "postgres://hub:pw1@db:5432/hub?sslmode=require&sslpassword=pw2&password=pw3",
+            "***",
+        )
+        .unwrap_or_default();
+        assert!(
+            !r.contains("pw1") && !r.contains("pw2") && !r.contains("pw3"),
+            "{r}"
+        );
+        assert!(
+            r.contains("sslmode=require") && r.contains("db:5432/hub"),
+            "{r}"
+        );
+        assert_eq!(
+            redact_url("postgres://hub@db/hub?sslmode=require", "***"),
+            None
+        );
+        assert_eq!(redact_url("not a url", "***"), None);
+    }
 
     #[test]
     fn defaults_load_and_validate() {

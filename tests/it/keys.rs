@@ -566,7 +566,7 @@ fn check_config_prints_no_secret() {
         .env("HUB__AUTH__ADMIN_KEY", "ADMINKEYVALUE-0123456789")
         .env(
             "HUB__DATABASE__URL",
-            "postgres://hub:DBPASSWORD@127.0.0.1:5432/hub",
+            "postgres://hub:DBPASSWORD@127.0.0.1:5432/hub?sslpassword=DBSSLPASSWORD&sslmode=prefer",
         )
         .env(
             "HUB__PAYMENTS__WECHAT__BASE_URL",
@@ -608,7 +608,12 @@ fn check_config_prints_no_secret() {
         "the rest is shown"
     );
     assert_eq!(v["auth"]["feed_ticket_ttl_ms"], 30000);
-    for secret in ["ADMINKEYVALUE", "APIV3KEYVALUE", "DBPASSWORD"] {
+    for secret in [
+        "ADMINKEYVALUE",
+        "APIV3KEYVALUE",
+        "DBPASSWORD",
+        "DBSSLPASSWORD",
+    ] {
         assert!(!text.contains(secret), "{secret} printed: {text}");
     }
 }
