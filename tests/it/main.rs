@@ -692,6 +692,57 @@ async fn certificate_mode_confines_a_cabinet_to_its_namespace(b: Backend) {
     );
 }
 
+/// A certificate-only deployment: no password listener at all, certificate mode as usual; and
+/// neither listener is refused at start-up.
+#[actix_rt::test]
+async fn the_password_listener_can_be_switched_off() {
+    let tls_port = harness::free_port();
+    let hub = TestHub::start_with(Backend::Sqlite, |s| {
+        s.mqtt.password_enabled = false;
+        s.mqtt.tls_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], tls_port)));
+    })
+    .await;
+    let (ma, _) = hub.merchant("m1").await;
+    let secret = hub.cabinet(&ma, "m1", "KMA").await;
+    assert!(
+        tokio::net::TcpStream::connect(hub.mqtt).await.is_err(),
+        "something listens on the password port"
+    );
+    assert!(
+        Cabinet::try_connect(harness::options(hub.mqtt, "KMA", &secret))
+            .await
+            .is_err()
+    );
+    let (s, cert) = hub
+        .post("/api/v1/cabinets/KMA/certificate", &ma, json!({}))
+        .await;
+    assert_eq!(s, 201, "{cert}");
+    let tls = hub.mqtt_tls.unwrap_or_else(|| panic!("no TLS listener"));
+    drop(
+        Cabinet::try_connect(harness::tls_options(
+            tls,
+            "KMA",
+            cert["ca_pem"].as_str().unwrap_or_default(),
+            cert["cert_pem"].as_str().unwrap_or_default(),
+            cert["key_pem"].as_str().unwrap_or_default(),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("certificate mode: {e}")),
+    );
+    let (s, ready) = hub.get("/readyz", ADMIN_KEY).await;
+    assert_eq!(s, 200, "ready on the certificate listener alone: {ready}");
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut none = harness::test_settings(dir.path());
+    none.mqtt.password_enabled = false;
+    let err = cabinet_hub::Application::build(none)
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_else(|| panic!("a hub with no MQTT listener started"));
+    assert!(err.contains("HUB__MQTT__PASSWORD_ENABLED"), "{err}");
+}
+
 async fn password_mode_confines_a_cabinet_to_its_namespace(b: Backend) {
     let hub = TestHub::start(b).await;
     let (ma, _) = hub.merchant("m1").await;
