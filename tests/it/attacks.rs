@@ -895,16 +895,7 @@ async fn a_manual_unlock_is_a_session_with_its_refusals() {
         (hub.cabinet_state(&op, "KMF").await["faulted"] == true).then_some(())
     })
     .await;
-    let ((s, r), seen) = call_answering(
-        hub,
-        f,
-        "/api/v1/cabinets/KMF/commands",
-        &restocker,
-        unlock.clone(),
-    )
-    .await;
-    refused(s, &r, "cabinet_faulted");
-    assert!(!seen.iter().any(|c| c["type"] == "unlock"), "{seen:?}");
+    unlock_refused(hub, f, "KMF", &restocker, "cabinet_faulted").await;
 
     // Locked down by an operator.
     let ((s, r), _) = call_answering(
@@ -920,16 +911,7 @@ async fn a_manual_unlock_is_a_session_with_its_refusals() {
         (hub.cabinet_state(&op, "KML").await["locked_down"] == true).then_some(())
     })
     .await;
-    let ((s, r), seen) = call_answering(
-        hub,
-        l,
-        "/api/v1/cabinets/KML/commands",
-        &restocker,
-        unlock.clone(),
-    )
-    .await;
-    refused(s, &r, "cabinet_faulted");
-    assert!(!seen.iter().any(|c| c["type"] == "unlock"), "{seen:?}");
+    unlock_refused(hub, l, "KML", &restocker, "cabinet_faulted").await;
 
     // Busy: a shopper's session is open.
     let ((s, r), _) = call_answering(
@@ -942,16 +924,7 @@ async fn a_manual_unlock_is_a_session_with_its_refusals() {
     .await;
     assert_eq!(s, 201, "{r}");
     y.event("door_opened").await;
-    let ((s, r), seen) = call_answering(
-        hub,
-        y,
-        "/api/v1/cabinets/KMY/commands",
-        &restocker,
-        unlock.clone(),
-    )
-    .await;
-    refused(s, &r, "cabinet_busy");
-    assert!(!seen.iter().any(|c| c["type"] == "unlock"), "{seen:?}");
+    unlock_refused(hub, y, "KMY", &restocker, "cabinet_busy").await;
 
     // Healthy: unlocked, and recorded as a restock session.
     let ((s, r), seen) = call_answering(
@@ -980,6 +953,24 @@ async fn a_manual_unlock_is_a_session_with_its_refusals() {
         .or(session["mode"].as_str())
         .unwrap_or_default();
     assert_eq!(mode, "restock", "{session}");
+}
+
+/// A restocker's manual unlock of cabinet `id` is refused with `code`, and the cabinet saw no
+/// unlock.
+async fn unlock_refused(hub: &TestHub, c: &mut Cabinet, id: &str, restocker: &str, code: &str) {
+    let ((s, r), seen) = call_answering(
+        hub,
+        c,
+        &format!("/api/v1/cabinets/{id}/commands"),
+        restocker,
+        json!({"type": "unlock", "mode": "restock"}),
+    )
+    .await;
+    refused(s, &r, code);
+    assert!(
+        !seen.iter().any(|c| c["type"] == "unlock"),
+        "{id}: {seen:?}"
+    );
 }
 
 /// The same Idempotency-Key with another body is refused, not answered with the first result.
