@@ -870,14 +870,7 @@ async fn a_manual_unlock_is_a_session_with_its_refusals() {
     let node = Spec::new().start().await;
     let hub = &*node;
     let (ma, op) = hub.merchant("m1").await;
-    let (s, r) = hub
-        .post(
-            "/api/v1/api-keys",
-            &ma,
-            json!({"merchant_id": "m1", "role": "restocker"}),
-        )
-        .await;
-    assert_eq!(s, 201, "{r}");
+    let r = hub.new_key(&ma, "m1", "restocker").await;
     let restocker = r["key"].as_str().unwrap_or_default().to_owned();
     let unlock = json!({"type": "unlock", "mode": "restock"});
     let mut cabs = Vec::new();
@@ -1021,14 +1014,7 @@ async fn a_revoked_key_is_refused_and_its_feed_closed() {
     let node = Spec::new().start().await;
     let hub = &*node;
     let (ma, _) = hub.merchant("m1").await;
-    let (s, k) = hub
-        .post(
-            "/api/v1/api-keys",
-            &ma,
-            json!({"merchant_id": "m1", "role": "operator"}),
-        )
-        .await;
-    assert_eq!(s, 201, "{k}");
+    let k = hub.new_key(&ma, "m1", "operator").await;
     let (id, key) = (
         k["id"].as_str().unwrap_or_default().to_owned(),
         k["key"].as_str().unwrap_or_default().to_owned(),

@@ -200,6 +200,19 @@ impl TestHub {
             .unwrap_or(0.0)
     }
 
+    /// A new API key of `role` for `merchant`, minted with `by`: the whole answer (`id`, `key`, …).
+    pub async fn new_key(&self, by: &str, merchant: &str, role: &str) -> Value {
+        let (s, b) = self
+            .post(
+                "/api/v1/api-keys",
+                by,
+                json!({"merchant_id": merchant, "role": role}),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+        b
+    }
+
     /// A merchant with a merchant_admin key and an operator key: (merchant_admin, operator).
     pub async fn merchant(&self, id: &str) -> (String, String) {
         let (s, b) = self
@@ -210,23 +223,9 @@ impl TestHub {
             )
             .await;
         assert_eq!(s, 201, "{b}");
-        let (s, b) = self
-            .post(
-                "/api/v1/api-keys",
-                ADMIN_KEY,
-                json!({"merchant_id": id, "role": "merchant_admin"}),
-            )
-            .await;
-        assert_eq!(s, 201, "{b}");
+        let b = self.new_key(ADMIN_KEY, id, "merchant_admin").await;
         let admin = b["key"].as_str().unwrap_or_default().to_owned();
-        let (s, b) = self
-            .post(
-                "/api/v1/api-keys",
-                &admin,
-                json!({"merchant_id": id, "role": "operator"}),
-            )
-            .await;
-        assert_eq!(s, 201, "{b}");
+        let b = self.new_key(&admin, id, "operator").await;
         (admin, b["key"].as_str().unwrap_or_default().to_owned())
     }
 
