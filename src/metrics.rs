@@ -6,6 +6,9 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
 use cabinet_actors::alert::AlertType;
 use cabinet_actors::protocol::{CommandKind, RejectReason, UplinkKind};
 
@@ -43,6 +46,37 @@ pub struct Metrics {
     pub ws_dropped: IntCounterVec,
     /// Read at each scrape (`render`).
     memory: MemoryGauges,
+    /// The broker's flow control, counted by the broker (vendored rumqttd, PATCHES.md 11) and
+    /// copied into the series below at each scrape.
+    pub flow: Arc<rumqttd::FlowMeter>,
+    flow_series: FlowSeries,
+}
+
+#[derive(Clone)]
+struct FlowSeries {
+    holds: IntCounter,
+    held: IntGauge,
+    evicted: IntCounter,
+    /// Scrapes may run side by side; a counter is advanced by one of them at a time.
+    sync: Arc<Mutex<()>>,
+}
+
+impl FlowSeries {
+    fn update(&self, flow: &rumqttd::FlowMeter) {
+        let Ok(_one_at_a_time) = self.sync.lock() else {
+            return;
+        };
+        let advance = |c: &IntCounter, to: u64| {
+            let now = c.get();
+            if to > now {
+                c.inc_by(to - now);
+            }
+        };
+        advance(&self.holds, flow.holds.load(Ordering::Relaxed));
+        advance(&self.evicted, flow.skipped.load(Ordering::Relaxed));
+        self.held
+            .set(i64::try_from(flow.held.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+    }
 }
 
 #[derive(Clone)]
@@ -292,6 +326,31 @@ impl Metrics {
                     )?,
                 ),
             },
+            flow: Arc::new(rumqttd::FlowMeter::default()),
+            flow_series: FlowSeries {
+                holds: reg(
+                    &r,
+                    IntCounter::new(
+                        "mqtt_backpressure_holds_total",
+                        "Times the broker held a cabinet connection (no reads, no acks) until the hub had read the uplinks before its next one",
+                    )?,
+                ),
+                held: reg(
+                    &r,
+                    IntGauge::new(
+                        "mqtt_backpressure_held",
+                        "Cabinet connections held by the broker right now, waiting for the hub to read",
+                    )?,
+                ),
+                evicted: reg(
+                    &r,
+                    IntCounter::new(
+                        "mqtt_uplinks_evicted_total",
+                        "Acknowledged uplinks the broker dropped before the hub read them (the hub's filter is lossless: any increase is a bug)",
+                    )?,
+                ),
+                sync: Arc::new(Mutex::new(())),
+            },
             registry: r,
         };
         // Pre-create the label sets so dashboards see zeros rather than gaps.
@@ -321,6 +380,7 @@ impl Metrics {
         set(&self.memory.resident, m.resident);
         set(&self.memory.heap_in_use, m.heap_in_use);
         set(&self.memory.heap_free, m.heap_free);
+        self.flow_series.update(&self.flow);
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");

@@ -198,7 +198,8 @@ pub fn start_broker(
             // hub reads everything through one `#` filter: its log must hold any burst the pump
             // has not read yet, or the reader jumps ahead and messages are lost (at 16 KiB × 2
             // the ingest scenario lost thousands); `uplink_buffer_mib` sizes it. Read logs are
-            // emptied (`discard_consumed`), so the cap is a ceiling, not a resting size.
+            // emptied (`discard_consumed`), so the cap is a ceiling, not a resting size. When it
+            // is full the broker holds the publishers (`lossless_filters` below).
             max_segment_size: (listeners.uplink_buffer_mib.max(1) * 1024 * 1024) / 4,
             max_segment_count: 4,
             // A cabinet's commands are read within milliseconds and expire anyway: a few
@@ -220,6 +221,13 @@ pub fn start_broker(
             // above then bound a burst the hub has not read yet, not memory kept for good.
             discard_consumed: true,
             tenant_policy: Some(tenant_policy(listeners, metrics.clone())),
+            // The hub reads every uplink through `#`: a full log of it holds the cabinets'
+            // connections (no reads, no acks; MQTT's in-flight window and TCP hold the senders)
+            // instead of evicting what the hub has not read (our patch, PATCHES.md 11). Before,
+            // a burst the pump could not keep up with lost up to a third of what the broker
+            // had acknowledged, silently.
+            lossless_filters: vec!["#".to_owned()],
+            flow_meter: Some(metrics.flow.clone()),
         },
         v4: Some(v4),
         ..Default::default()

@@ -7,6 +7,7 @@ mod browser;
 mod catalog;
 mod crash;
 mod feed;
+mod flow;
 mod harness;
 mod keys;
 mod node;

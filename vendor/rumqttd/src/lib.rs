@@ -334,6 +334,33 @@ pub struct RouterConfig {
     /// subscribe to. `None`: upstream's behaviour (anything under the tenant's prefix).
     #[serde(skip)]
     pub tenant_policy: Option<TenantPolicy>,
+    /// cabinet-hub patch (PATCHES.md 11): filters whose readers never lose a message to the
+    /// log's retention. A full log of such a filter does not evict what a reader has not read
+    /// yet; instead the router stops taking publishes from network connections (no acks; their
+    /// links stop reading the socket, so MQTT's in-flight window and TCP hold the senders back)
+    /// until the reader has moved out of the oldest segment. A connection that reads one of
+    /// these filters is never held, and its own publishes grow the log past its cap instead.
+    /// Empty: upstream's behaviour (the oldest segment is evicted, read or not).
+    #[serde(default)]
+    pub lossless_filters: Vec<Filter>,
+    /// cabinet-hub patch (PATCHES.md 11): counts of the flow control above, for the embedder.
+    #[serde(skip)]
+    pub flow_meter: Option<Arc<FlowMeter>>,
+}
+
+/// cabinet-hub patch (PATCHES.md 11): what the router's flow control did, readable at any time
+/// from any thread.
+#[derive(Debug, Default)]
+pub struct FlowMeter {
+    /// Times a network connection was held because a lossless filter's log was full.
+    pub holds: std::sync::atomic::AtomicU64,
+    /// Network connections held right now.
+    pub held: std::sync::atomic::AtomicU64,
+    /// Times a reader's cursor jumped over messages evicted before it read them (any filter).
+    /// Zero on lossless filters; elsewhere the messages a slow subscriber lost.
+    pub cursor_jumps: std::sync::atomic::AtomicU64,
+    /// Messages skipped by those jumps, where the log could tell.
+    pub skipped: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -451,5 +478,122 @@ mod tenant_policy_tests {
             p.check_subscribe(me, "/tenants/A/cmd", 1),
             Some(R::TooManySubscriptions)
         );
+    }
+}
+
+/// cabinet-hub patch (PATCHES.md 11): a lossless filter's reader loses nothing; the publisher
+/// waits instead.
+#[cfg(test)]
+mod flow_control_tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::{Broker, Config, FlowMeter, Notification, RouterConfig};
+    use crate::local::{LinkRx, LinkTx};
+
+    const N: usize = 2_000;
+
+    fn broker(lossless: bool, meter: &Arc<FlowMeter>) -> Broker {
+        Broker::new(Config {
+            id: 0,
+            router: RouterConfig {
+                max_connections: 10,
+                max_outgoing_packet_count: 200,
+                // Two segments of 1 KiB: a log of some twenty messages, so that a reader that
+                // waits is overrun many times over.
+                max_segment_size: 1024,
+                max_segment_count: 2,
+                lossless_filters: if lossless { vec!["#".into()] } else { vec![] },
+                flow_meter: Some(meter.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+    }
+
+    fn payload(i: usize) -> String {
+        format!("{i:08}:{}", "x".repeat(40))
+    }
+
+    /// Reads what the `#` reader is sent until nothing arrives for a second.
+    fn read_all(rx: &mut LinkRx) -> Vec<usize> {
+        let mut got = Vec::new();
+        loop {
+            match rx.recv_deadline(Instant::now() + Duration::from_secs(1)) {
+                Ok(Some(Notification::Forward(f))) => {
+                    let text = std::str::from_utf8(&f.publish.payload).unwrap();
+                    got.push(text[..8].parse().unwrap());
+                }
+                Ok(Some(Notification::Unschedule)) => rx.ready().unwrap(),
+                Ok(Some(_)) | Ok(None) => {}
+                Err(_) => return got,
+            }
+        }
+    }
+
+    /// Publishes `N` numbered messages from a second link while the `#` reader reads nothing,
+    /// waits until the router has taken them all or holds the publisher, then reads.
+    fn burst_past_a_waiting_reader(lossless: bool) -> (Vec<usize>, Arc<FlowMeter>, LinkTx) {
+        let meter = Arc::new(FlowMeter::default());
+        let broker = broker(lossless, &meter);
+        let (mut reader_tx, mut reader) = broker.link("reader").unwrap();
+        reader_tx.subscribe("#").unwrap();
+        let (mut publisher, _publisher_rx) = broker.link("publisher").unwrap();
+        for i in 0..N {
+            publisher.publish("/t/x", payload(i)).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !publisher.buffer().is_empty() && meter.held.load(Ordering::Relaxed) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the router took nothing for a minute"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let got = read_all(&mut reader);
+        (got, meter, publisher)
+    }
+
+    #[test]
+    fn a_lossless_reader_gets_every_message_and_the_publisher_waits_for_it() {
+        let (got, meter, publisher) = burst_past_a_waiting_reader(true);
+        assert_eq!(got, (0..N).collect::<Vec<_>>());
+        assert!(meter.holds.load(Ordering::Relaxed) >= 1, "never held");
+        assert_eq!(meter.held.load(Ordering::Relaxed), 0, "still held");
+        assert_eq!(meter.cursor_jumps.load(Ordering::Relaxed), 0);
+        assert!(publisher.buffer().is_empty());
+    }
+
+    /// The same burst without the patch's setting: upstream's eviction, which the test above
+    /// would see if the flow control did nothing.
+    #[test]
+    fn without_a_lossless_filter_the_same_burst_evicts_and_the_meter_counts_it() {
+        let (got, meter, _publisher) = burst_past_a_waiting_reader(false);
+        assert!(got.len() < N, "nothing was lost: {}", got.len());
+        assert!(meter.cursor_jumps.load(Ordering::Relaxed) >= 1);
+        assert_eq!(
+            meter.skipped.load(Ordering::Relaxed) as usize,
+            N - got.len(),
+            "every lost message counted"
+        );
+        assert_eq!(meter.holds.load(Ordering::Relaxed), 0);
+    }
+
+    /// The reader's own publishes are never held (that could not help it read): its log grows
+    /// past the cap instead of evicting.
+    #[test]
+    fn the_readers_own_publishes_grow_the_log_rather_than_wait_or_evict() {
+        let meter = Arc::new(FlowMeter::default());
+        let broker = broker(true, &meter);
+        let (mut tx, mut rx) = broker.link("reader").unwrap();
+        tx.subscribe("#").unwrap();
+        for i in 0..N {
+            tx.publish("/t/x", payload(i)).unwrap();
+        }
+        let got = read_all(&mut rx);
+        assert_eq!(got, (0..N).collect::<Vec<_>>());
+        assert_eq!(meter.holds.load(Ordering::Relaxed), 0);
+        assert_eq!(meter.cursor_jumps.load(Ordering::Relaxed), 0);
     }
 }

@@ -115,6 +115,7 @@ impl<'a> LinkBuilder<'a> {
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
+        let drained = incoming.drained();
 
         let event = Event::Connect {
             connection,
@@ -134,7 +135,8 @@ impl<'a> LinkBuilder<'a> {
             _message => return Err(LinkError::NotConnectionAck),
         };
 
-        let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
+        let mut tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
+        tx.drained = drained;
         let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
         Ok((tx, rx, notification))
     }
@@ -144,6 +146,8 @@ pub struct LinkTx {
     pub(crate) connection_id: ConnectionId,
     router_tx: Sender<(ConnectionId, Event)>,
     recv_buffer: Arc<Mutex<VecDeque<Packet>>>,
+    /// cabinet-hub patch (PATCHES.md 11): told when the router takes `recv_buffer`'s packets.
+    pub(crate) drained: Arc<tokio::sync::Notify>,
 }
 
 impl LinkTx {
@@ -156,6 +160,7 @@ impl LinkTx {
             connection_id,
             router_tx,
             recv_buffer,
+            drained: Arc::new(tokio::sync::Notify::new()),
         }
     }
 

@@ -75,6 +75,11 @@ impl<P: Protocol> Network<P> {
         }
     }
 
+    /// How many packets a link buffers for the router before it stops reading.
+    pub fn max_connection_buffer_len(&self) -> usize {
+        self.max_connection_buffer_len
+    }
+
     pub fn set_keepalive(&mut self, keepalive: u16) {
         let keepalive = Duration::from_secs(keepalive as u64);
         self.keepalive = keepalive + keepalive.mul_f32(0.5);

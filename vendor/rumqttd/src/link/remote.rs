@@ -129,11 +129,19 @@ impl<P: Protocol> RemoteLink<P> {
     pub async fn start(&mut self) -> Result<(), Error> {
         self.network.set_keepalive(self.connect.keep_alive);
 
+        let drained = self.link_tx.drained.clone();
+        let most_buffered = self.network.max_connection_buffer_len().max(1);
         // Note:
         // Shouldn't result in bounded queue deadlocks because of blocking n/w send
         loop {
+            // cabinet-hub patch (PATCHES.md 11): while the router has not taken what this link
+            // buffered (it holds publishers while a lossless reader catches up), the link stops
+            // reading its socket: the client's in-flight window fills without acks and TCP
+            // pushes back. It reads again when the router takes the buffer.
+            let throttled = self.link_tx.buffer().len() >= most_buffered;
             select! {
-                o = self.network.read() => {
+                _ = drained.notified(), if throttled => {}
+                o = self.network.read(), if !throttled => {
                     let packet = o?;
                     let len = {
                         let mut buffer = self.link_tx.buffer();

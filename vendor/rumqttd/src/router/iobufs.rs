@@ -26,6 +26,11 @@ pub struct Incoming {
     pub(crate) buffer: Arc<Mutex<VecDeque<Packet>>>,
     /// incoming metrics
     pub(crate) meter: IncomingMeter,
+    /// cabinet-hub patch (PATCHES.md 11): told whenever the router takes the buffered packets,
+    /// so that a link that stopped reading its socket (buffer full) reads again.
+    pub(crate) drained: Arc<tokio::sync::Notify>,
+    /// cabinet-hub patch (PATCHES.md 11): waiting in the router's `held` queue.
+    pub(crate) held: bool,
 }
 
 impl Incoming {
@@ -37,7 +42,22 @@ impl Incoming {
             buffer: Arc::new(Mutex::new(VecDeque::new())),
             meter: Default::default(),
             client_id,
+            drained: Arc::new(tokio::sync::Notify::new()),
+            held: false,
         }
+    }
+
+    #[inline]
+    pub(crate) fn drained(&self) -> Arc<tokio::sync::Notify> {
+        self.drained.clone()
+    }
+
+    /// Puts packets the router took but did not process back in front of what the link has
+    /// buffered since. cabinet-hub patch (PATCHES.md 11).
+    pub(crate) fn put_back(&mut self, rest: &mut VecDeque<Packet>) {
+        let mut buffer = self.buffer.lock();
+        rest.append(&mut *buffer);
+        std::mem::swap(rest, &mut *buffer);
     }
 
     #[inline]
@@ -48,6 +68,7 @@ impl Incoming {
     #[inline]
     pub(crate) fn exchange(&mut self, mut v: VecDeque<Packet>) -> VecDeque<Packet> {
         std::mem::swap(&mut v, &mut self.buffer.lock());
+        self.drained.notify_one();
         v
     }
 }

@@ -68,6 +68,8 @@ pub struct DataLog {
     retained_publishes: HashMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// cabinet-hub patch (PATCHES.md 11): the logs of `RouterConfig::lossless_filters`.
+    lossless: Vec<FilterIdx>,
 }
 
 impl DataLog {
@@ -77,6 +79,7 @@ impl DataLog {
         let mut wildcard_filters = Vec::new();
         let retained_publishes = HashMap::new();
         let publish_filters = HashMap::new();
+        let mut lossless = Vec::new();
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
@@ -85,6 +88,9 @@ impl DataLog {
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
+                if config.lossless_filters.contains(&filter) {
+                    lossless.push(idx);
+                }
                 if has_wildcards(&filter) {
                     wildcard_filters.push((filter.clone(), idx));
                 }
@@ -99,7 +105,42 @@ impl DataLog {
             filter_indexes,
             wildcard_filters,
             retained_publishes,
+            lossless,
         })
+    }
+
+    /// Whether a lossless filter's log is full with a reader still in its oldest segment: the
+    /// next publish appended to it would have to be held or grow it. cabinet-hub patch
+    /// (PATCHES.md 11).
+    #[inline]
+    pub fn lossless_full(&self) -> bool {
+        self.lossless.iter().any(|idx| {
+            self.native
+                .get(*idx)
+                .is_some_and(|d| d.holds_unread_at_risk())
+        })
+    }
+
+    /// Whether any filter is lossless (else no connection is ever held).
+    #[inline]
+    pub fn has_lossless(&self) -> bool {
+        !self.lossless.is_empty()
+    }
+
+    /// Whether `id` reads a lossless filter (and so is never held: holding the reader cannot
+    /// help it catch up).
+    pub fn is_lossless_reader(&self, id: ConnectionId) -> bool {
+        self.lossless
+            .iter()
+            .any(|idx| self.native.get(*idx).is_some_and(|d| d.is_reader(id)))
+    }
+
+    /// Records a reader's position in a filter's log (kept for lossless filters only).
+    #[inline]
+    pub fn note_read(&mut self, filter_idx: FilterIdx, id: ConnectionId, cursor: Offset) {
+        if let Some(data) = self.native.get_mut(filter_idx) {
+            data.note_read(id, cursor);
+        }
     }
 
     pub fn meter(&mut self, filter: &str) -> Option<&mut SubscriptionMeter> {
@@ -122,6 +163,7 @@ impl DataLog {
             .native
             .get_mut(*self.filter_indexes.get(filter)?)
             .unwrap();
+        data.forget_reader(id);
         let waiters = data.waiters.get_mut();
 
         waiters
@@ -186,6 +228,9 @@ impl DataLog {
                 // datalog index map
                 let idx = self.native.insert(data);
                 self.filter_indexes.insert(filter.to_owned(), idx);
+                if self.config.lossless_filters.iter().any(|f| f == filter) {
+                    self.lossless.push(idx);
+                }
 
                 // Match new filter to existing topics and add to publish_filters if it matches.
                 // Without wildcards it can only match the topic spelled like it.
@@ -296,6 +341,7 @@ impl DataLog {
         let mut inflight = Vec::new();
         for (_, data) in self.native.iter_mut() {
             inflight.append(&mut data.waiters.remove(id));
+            data.forget_reader(id);
         }
 
         inflight
@@ -359,6 +405,11 @@ pub struct Data<T> {
     pub log: CommitLog<T>,
     pub waiters: Waiters<DataRequest>,
     meter: SubscriptionMeter,
+    /// cabinet-hub patch (PATCHES.md 11): a filter of `RouterConfig::lossless_filters`.
+    lossless: bool,
+    /// cabinet-hub patch (PATCHES.md 11): where each reader of a lossless filter is, as of its
+    /// last read (tracked for lossless filters only).
+    readers: Vec<(ConnectionId, Offset)>,
 }
 
 impl<T> Data<T>
@@ -386,12 +437,43 @@ where
         // cabinet-hub patch (PATCHES.md): empty until a reader parks (room for 10 before).
         let waiters = Waiters::with_capacity(0);
         let metrics = SubscriptionMeter::default();
+        let lossless = router_config.lossless_filters.iter().any(|f| f == filter);
         Data {
             filter: filter.to_owned(),
             log,
             waiters,
             meter: metrics,
+            lossless,
+            readers: Vec::new(),
         }
+    }
+
+    /// Whether the next append would evict what a reader has not read yet: the log is full
+    /// and a reader is still in its oldest segment. Only lossless filters track their readers.
+    /// cabinet-hub patch (PATCHES.md 11).
+    pub fn holds_unread_at_risk(&self) -> bool {
+        self.lossless && self.log.full() && self.readers.iter().any(|(_, c)| c.0 <= self.log.head())
+    }
+
+    /// Records where a reader of a lossless filter is. cabinet-hub patch (PATCHES.md 11).
+    pub fn note_read(&mut self, id: ConnectionId, cursor: Offset) {
+        if !self.lossless {
+            return;
+        }
+        match self.readers.iter_mut().find(|(r, _)| *r == id) {
+            Some((_, c)) => *c = cursor,
+            None => self.readers.push((id, cursor)),
+        }
+    }
+
+    /// Whether `id` reads this (lossless) filter.
+    pub fn is_reader(&self, id: ConnectionId) -> bool {
+        self.readers.iter().any(|(r, _)| *r == id)
+    }
+
+    /// Forgets a reader that unsubscribed or went away.
+    pub fn forget_reader(&mut self, id: ConnectionId) {
+        self.readers.retain(|(r, _)| *r != id);
     }
 
     /// Writes to all the filters that are mapped to this publish topic
@@ -402,7 +484,14 @@ where
         notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     ) -> (Offset, &Filter) {
         let size = item.size();
-        let offset = self.log.append(item);
+        // cabinet-hub patch (PATCHES.md 11): a lossless log keeps what its readers have not
+        // read. The router holds network publishers before this happens; what still arrives
+        // (the readers' own publishes) grows the log past its cap rather than be lost.
+        let offset = if self.holds_unread_at_risk() {
+            self.log.append_keeping(item)
+        } else {
+            self.log.append(item)
+        };
         if let Some(mut parked) = self.waiters.take() {
             notifications.append(&mut parked);
         }
@@ -545,6 +634,8 @@ mod test {
             shared_subscriptions_strategy: Strategy::RoundRobin,
             discard_consumed: false,
             tenant_policy: None,
+            lossless_filters: Vec::new(),
+            flow_meter: None,
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("topic/a");
@@ -567,6 +658,8 @@ mod test {
             shared_subscriptions_strategy: Strategy::RoundRobin,
             discard_consumed: false,
             tenant_policy: None,
+            lossless_filters: Vec::new(),
+            flow_meter: None,
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("+/+");
@@ -587,6 +680,8 @@ mod test {
             shared_subscriptions_strategy: Strategy::RoundRobin,
             discard_consumed: false,
             tenant_policy: None,
+            lossless_filters: Vec::new(),
+            flow_meter: None,
         }
     }
 

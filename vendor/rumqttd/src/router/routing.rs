@@ -13,6 +13,7 @@ use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::Utf8Error;
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::SystemTime;
 use thiserror::Error;
@@ -100,6 +101,9 @@ pub struct Router {
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
+    /// cabinet-hub patch (PATCHES.md 11): network connections whose publishes wait for a
+    /// lossless filter's reader, in the order they were held.
+    held: VecDeque<ConnectionId>,
 }
 
 impl Router {
@@ -140,6 +144,7 @@ impl Router {
             router_meters: router_metrics,
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
+            held: VecDeque::new(),
         }
     }
 
@@ -223,6 +228,10 @@ impl Router {
         for _ in 0..100 {
             self.consume();
         }
+
+        // cabinet-hub patch (PATCHES.md 11): readers have read; publishers held for them go on
+        // while there is room.
+        self.release_held();
 
         // self.send_all_alerts();
         Ok(())
@@ -545,16 +554,36 @@ impl Router {
         // cabinet-hub patch (PATCHES.md): the connection gets an unallocated buffer back, not
         // the router's cache. The cache went round the connections, so each one kept a buffer
         // (4 packets of 392 bytes at least) while it sent nothing.
+        // cabinet-hub patch (PATCHES.md 11): a held connection is taken up again, in order,
+        // by `release_held`; its link has stopped reading meanwhile.
+        if incoming.held {
+            return;
+        }
         let mut packets = incoming.exchange(VecDeque::new());
 
         let mut force_ack = false;
         let mut new_data = false;
         let mut disconnect = false;
         let mut disconnect_reason: Option<DisconnectReasonCode> = None;
+        // Never the reader of a lossless filter (the embedder's own link): holding it could not
+        // help it read.
+        let holdable = self.datalog.has_lossless() && !self.datalog.is_lossless_reader(id);
 
         // info!("{:15.15}[I] {:20} count = {}", client_id, "packets", packets.len());
 
-        for packet in packets.drain(0..) {
+        while let Some(packet) = packets.pop_front() {
+            // cabinet-hub patch (PATCHES.md 11): back-pressure instead of eviction. While a
+            // lossless filter's reader has yet to read the oldest segment of its full log, a
+            // publish is neither appended nor acked: it goes back to the connection's buffer,
+            // with everything after it, and the connection waits in `held`.
+            if holdable
+                && matches!(packet, Packet::Publish(..) | Packet::PubRel(..))
+                && self.datalog.lossless_full()
+            {
+                packets.push_front(packet);
+                self.hold(id, std::mem::take(&mut packets));
+                break;
+            }
             match packet {
                 Packet::Publish(publish, properties) => {
                     let span = tracing::error_span!("publish", topic = ?publish.topic, pkid = publish.pkid);
@@ -927,6 +956,43 @@ impl Router {
         }
     }
 
+    /// Puts a connection's unprocessed packets back in front of what its link has buffered
+    /// since, and queues the connection until a lossless reader has made room. cabinet-hub
+    /// patch (PATCHES.md 11).
+    fn hold(&mut self, id: ConnectionId, mut rest: VecDeque<Packet>) {
+        let Some(incoming) = self.ibufs.get_mut(id) else {
+            return;
+        };
+        incoming.put_back(&mut rest);
+        incoming.held = true;
+        self.held.push_back(id);
+        if let Some(meter) = &self.config.flow_meter {
+            meter.holds.fetch_add(1, Ordering::Relaxed);
+            meter.held.store(self.held.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes up held connections, oldest first, while no lossless log is full. One that fills
+    /// it again is held again, at the back. cabinet-hub patch (PATCHES.md 11).
+    fn release_held(&mut self) {
+        while !self.held.is_empty() && !self.datalog.lossless_full() {
+            let Some(id) = self.held.pop_front() else {
+                break;
+            };
+            if let Some(meter) = &self.config.flow_meter {
+                meter.held.store(self.held.len() as u64, Ordering::Relaxed);
+            }
+            // The slab id may have gone, or gone to a new connection that was never held.
+            let held = self
+                .ibufs
+                .get_mut(id)
+                .is_some_and(|i| std::mem::take(&mut i.held));
+            if held {
+                self.handle_device_payload(id);
+            }
+        }
+    }
+
     /// Apply filter and prepare this connection to receive subscription data
     /// Handle retained messages as per subscription options!
     fn prepare_filter(
@@ -985,6 +1051,9 @@ impl Router {
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
         // i.e. its a new subscription
         if connection.subscriptions.insert(filter_path.clone()) {
+            // cabinet-hub patch (PATCHES.md 11): a lossless filter knows its readers from the
+            // moment they subscribe.
+            self.datalog.note_read(filter_idx, id, cursor);
             let request = DataRequest {
                 filter: filter_path.clone(),
                 filter_idx,
@@ -1070,14 +1139,17 @@ impl Router {
                 .as_ref()
                 .and_then(|name| self.shared_subscriptions.get_mut(name));
 
-            match forward_device_data(
+            let status = forward_device_data(
                 &mut request,
                 datalog,
                 outgoing,
                 alertlog,
                 connection,
                 shared_group,
-            ) {
+            );
+            // cabinet-hub patch (PATCHES.md 11): where the reader is now, for lossless filters.
+            datalog.note_read(request.filter_idx, id, request.cursor);
+            match status {
                 ConsumeStatus::BufferFull => {
                     requests.push_back(request);
                     self.scheduler.pause(id, PauseReason::Busy);
@@ -1576,6 +1648,14 @@ fn forward_device_data(
 
         let alert = alert::cursorjump(&outgoing.client_id, &request.filter, 0);
         alertlog.log(alert);
+        // cabinet-hub patch (PATCHES.md 11): loss a subscriber suffered is counted, so the
+        // embedder can see it (before, only a log line and an alert nobody subscribed to).
+        if let Some(meter) = &datalog.config.flow_meter {
+            meter.cursor_jumps.fetch_add(1, Ordering::Relaxed);
+            meter
+                .skipped
+                .fetch_add(start.1.saturating_sub(request.cursor.1), Ordering::Relaxed);
+        }
     }
 
     trace!(

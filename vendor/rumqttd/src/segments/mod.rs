@@ -133,6 +133,35 @@ where
         self.segments.back_mut().unwrap()
     }
 
+    /// The id of the oldest segment, the one the next rollover of a full log evicts.
+    /// cabinet-hub patch (PATCHES.md 11).
+    #[inline]
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// Whether the next append evicts the oldest segment: the active segment is full and so is
+    /// the log. cabinet-hub patch (PATCHES.md 11).
+    #[inline]
+    pub fn full(&self) -> bool {
+        self.active_segment().size() >= self.max_segment_size as u64
+            && self.memory_segments_count() >= self.max_mem_segments
+    }
+
+    /// Appends like [`Self::append`] but never evicts: a full log grows by a segment instead.
+    /// For when the oldest segment still holds what a reader must not lose. cabinet-hub patch
+    /// (PATCHES.md 11).
+    pub fn append_keeping(&mut self, message: T) -> (u64, u64) {
+        if self.active_segment().size() >= self.max_segment_size as u64 {
+            let absolute_offset = self.active_segment().next_offset();
+            self.segments
+                .push_back(Segment::with_offset(absolute_offset));
+            self.tail += 1;
+        }
+        self.active_segment_mut().push(message);
+        (self.tail, self.active_segment().next_offset())
+    }
+
     /// Append a new [`T`] to the active segment.
     #[inline]
     pub fn append(&mut self, message: T) -> (u64, u64) {
@@ -297,6 +326,35 @@ mod tests {
         let expected = Bytes::from(vec![expected_id as u8; expected_size as usize]);
         // dbg!(expected_id, &expected);
         assert_eq!(out.0, expected);
+    }
+
+    // cabinet-hub patch (PATCHES.md 11)
+    #[test]
+    fn a_full_log_says_so_and_appending_while_keeping_evicts_nothing() {
+        // 600-byte entries in 1 KiB segments: two per segment, two segments kept.
+        let mut log: CommitLog<Bytes> = CommitLog::new(1024, 2).unwrap();
+        for i in 0..3 {
+            log.append(random_payload(i, 600));
+            assert!(!log.full(), "full after {}", i + 1);
+        }
+        log.append(random_payload(3, 600));
+        assert!(log.full());
+        assert_eq!(log.head(), 0);
+
+        log.append_keeping(random_payload(4, 600));
+        assert_eq!(log.head(), 0, "nothing evicted");
+        assert_eq!(log.len(), 3);
+        let mut out = Vec::new();
+        log.readv((0, 0), 100, &mut out).unwrap();
+        assert_eq!(out.len(), 5);
+        for (i, o) in out.into_iter().enumerate() {
+            verify(i, 600, o);
+        }
+
+        // An ordinary append after that evicts the oldest segment, as before.
+        log.append(random_payload(5, 600));
+        log.append(random_payload(6, 600));
+        assert_eq!(log.head(), 1);
     }
 
     // cabinet-hub patch (PATCHES.md)
