@@ -4,6 +4,7 @@
 
 mod fleet;
 mod hub;
+mod ingest;
 mod mqtt;
 mod report;
 mod scenarios;
@@ -94,13 +95,29 @@ enum Scenario {
         #[command(flatten)]
         common: Common,
     },
-    /// Uplinks as fast as the hub processes them, then through Mosquitto: both rates.
+    /// Uplinks into the hub, then the same into Mosquitto: rates, and loss counted from the
+    /// publishers' side (acknowledged against processed).
     Ingest {
+        /// `burst`: each publisher sends `--messages` as fast as its window allows; `open-loop`:
+        /// `--rate` messages a second in all on a fixed schedule for `--duration-s`; `gated`:
+        /// publishers wait on the hub's processed count (cannot see loss; the first benchmarks).
+        #[arg(long, value_enum, default_value_t = ingest::Mode::Burst)]
+        mode: ingest::Mode,
+        /// The publishing client (`mosquitto-pub`: burst only).
+        #[arg(long, value_enum, default_value_t = ingest::Client::Own)]
+        client: ingest::Client,
         #[arg(long, default_value_t = 200)]
         publishers: usize,
         /// Unacknowledged publishes each publisher keeps in flight.
         #[arg(long, default_value_t = 16)]
         window: usize,
+        /// Messages per publisher (burst).
+        #[arg(long, default_value_t = 5_000)]
+        messages: u64,
+        /// Offered messages a second, all publishers together (open loop).
+        #[arg(long, default_value_t = 50_000.0)]
+        rate: f64,
+        /// How long to offer (open loop, gated).
         #[arg(long, default_value_t = 20)]
         duration_s: u64,
         /// A Mosquitto to use instead of starting one.
@@ -117,6 +134,20 @@ enum Scenario {
         rate: f64,
         #[arg(long, default_value_t = 60)]
         duration_s: u64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// The fleet online, every connection cut at once, every cabinet reconnecting at once and
+    /// flushing the uplinks it queued meanwhile: acknowledged against processed.
+    ReconnectFlush {
+        #[arg(long, default_value_t = 2_000)]
+        cabinets: usize,
+        /// Uplinks each cabinet flushes on reconnect (a status, a `power_restored`, heartbeats).
+        #[arg(long, default_value_t = 50)]
+        queued: u64,
+        /// Unacknowledged publishes each cabinet keeps in flight.
+        #[arg(long, default_value_t = 20)]
+        window: usize,
         #[command(flatten)]
         common: Common,
     },
@@ -248,25 +279,58 @@ async fn run(s: Scenario) -> Result<Option<(Report, Common)>> {
             common,
         ),
         Scenario::Ingest {
+            mode,
+            client,
             publishers,
             window,
+            messages,
+            rate,
             duration_s,
             mosquitto,
             common,
         } => {
             let m = mosquitto.map(|a| loopback(a, "--mosquitto")).transpose()?;
-            (
-                scenarios::ingest(
-                    &ctx(&common)?,
-                    bounded(publishers, "--publishers")?,
-                    window.clamp(1, 1000),
-                    secs(duration_s)?,
-                    m,
-                )
-                .await?,
-                common,
-            )
+            let (c, publishers, window) = (
+                ctx(&common)?,
+                bounded(publishers, "--publishers")?,
+                window.clamp(1, 1000),
+            );
+            let report = match mode {
+                ingest::Mode::Gated => {
+                    scenarios::ingest(&c, publishers, window, secs(duration_s)?, m).await?
+                }
+                mode => {
+                    ingest::ungated(
+                        &c,
+                        mode,
+                        client,
+                        publishers,
+                        window,
+                        messages.clamp(1, 10_000_000),
+                        rate.clamp(1.0, 10_000_000.0),
+                        secs(duration_s)?,
+                        m,
+                    )
+                    .await?
+                }
+            };
+            (report, common)
         }
+        Scenario::ReconnectFlush {
+            cabinets,
+            queued,
+            window,
+            common,
+        } => (
+            ingest::reconnect_flush(
+                &ctx(&common)?,
+                bounded(cabinets, "--cabinets")?,
+                queued.clamp(3, 1_000_000),
+                window.clamp(1, 1000),
+            )
+            .await?,
+            common,
+        ),
         Scenario::ShoppingRush {
             cabinets,
             rate,

@@ -156,6 +156,14 @@ impl Report {
 /// report holds the same scenario more than once (the suite's short soak beside a long one).
 fn label(r: &Report, all: &[Report]) -> String {
     let same = all.iter().filter(|o| o.scenario == r.scenario).count();
+    // Ingest runs differ by how they send (issue 18): mode and client name them.
+    if let Some(mode) = r.params.get("mode").and_then(Value::as_str) {
+        let client = r.params.get("client").and_then(Value::as_str).unwrap_or("Own");
+        return match r.params.get("publishers").and_then(Value::as_f64) {
+            Some(p) => format!("{} ({mode}, {client}, {} publishers)", r.scenario, fmt_value(p)),
+            None => format!("{} ({mode}, {client})", r.scenario),
+        };
+    }
     match r.params.get("duration_s").and_then(Value::as_f64) {
         Some(d) if same > 1 && d >= 60.0 => format!("{} ({} min)", r.scenario, fmt_value(d / 60.0)),
         Some(d) if same > 1 => format!("{} ({} s)", r.scenario, fmt_value(d)),

@@ -38,7 +38,7 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    async fn hub(&self) -> Result<Hub> {
+    pub(crate) async fn hub(&self) -> Result<Hub> {
         match &self.external {
             Some((http, mqtt, key)) => Hub::external(*http, *mqtt, key.clone()),
             None => {
@@ -114,7 +114,7 @@ impl Fleet {
     }
 }
 
-async fn wait_online(hub: &Hub, n: usize, within: Duration) -> Result<Duration> {
+pub(crate) async fn wait_online(hub: &Hub, n: usize, within: Duration) -> Result<Duration> {
     let t = Instant::now();
     loop {
         let online = hub.metric_sum("cabinets_online").await?;
@@ -128,7 +128,11 @@ async fn wait_online(hub: &Hub, n: usize, within: Duration) -> Result<Duration> 
     }
 }
 
-async fn setup(hub: &Hub, n: usize, report: &mut Report) -> Result<(String, Vec<FleetCabinet>)> {
+pub(crate) async fn setup(
+    hub: &Hub,
+    n: usize,
+    report: &mut Report,
+) -> Result<(String, Vec<FleetCabinet>)> {
     let t = Instant::now();
     let (admin, op) = hub.merchant("lt").await?;
     let cabs = hub.register_fleet("lt", &admin, "LT", n).await?;
@@ -376,13 +380,13 @@ async fn blast(
 }
 
 /// A Mosquitto for the baseline: the machine's binary on a free port, anonymous, loopback.
-struct Mosquitto {
-    addr: SocketAddr,
+pub(crate) struct Mosquitto {
+    pub(crate) addr: SocketAddr,
     _child: Option<tokio::process::Child>,
     _dir: Option<tempfile::TempDir>,
 }
 
-async fn mosquitto(given: Option<SocketAddr>) -> Result<Mosquitto> {
+pub(crate) async fn mosquitto(given: Option<SocketAddr>) -> Result<Mosquitto> {
     if let Some(addr) = given {
         return Ok(Mosquitto {
             addr,
@@ -426,11 +430,11 @@ async fn mosquitto(given: Option<SocketAddr>) -> Result<Mosquitto> {
 }
 
 /// Let the kernel choose the source address and port.
-const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+pub(crate) const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 
 /// Connects one publisher per cabinet to `broker` (with the cabinets' credentials when
 /// `credentials`), each with its heartbeat topic.
-async fn connect_publishers(
+pub(crate) async fn connect_publishers(
     broker: SocketAddr,
     cabs: &[FleetCabinet],
     credentials: bool,
@@ -840,7 +844,11 @@ async fn shop(
                     }
                 }
                 Ok((_, v, _)) => {
-                    let code = v["code"].as_str().unwrap_or("unknown").to_owned();
+                    let code = v["error"]["code"]
+                        .as_str()
+                        .or_else(|| v["code"].as_str())
+                        .unwrap_or("unknown")
+                        .to_owned();
                     *o.refused.entry(code).or_default() += 1;
                 }
                 Err(_) => o.errors += 1,
