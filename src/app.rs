@@ -429,6 +429,9 @@ fn metrics_server(
 fn simulators_where_they_belong(settings: &Settings) -> anyhow::Result<()> {
     let p = &settings.payments;
     let listen = settings.http.listen;
+    if !p.simulator && p.simulator_url.is_some() {
+        anyhow::bail!("payments.simulator_url (HUB__PAYMENTS__SIMULATOR_URL) is set while payments.simulator is off: either use the simulators (HUB__PAYMENTS__SIMULATOR=true) or remove the address");
+    }
     if !p.simulator || listen.ip().is_loopback() {
         return Ok(());
     }
@@ -472,6 +475,11 @@ fn payment_providers(
     }
     #[cfg(feature = "simulators")]
     {
+        if let Some(url) = &settings.payments.simulator_url {
+            // Served by a `cabinet-hub simulate` process: this hub serves none of its own.
+            let providers = crate::simulators::dev_providers(url, &format!("http://{http}"))?;
+            return Ok((providers, None));
+        }
         let (providers, sims) = crate::simulators::Simulators::start(settings, http)?;
         Ok((providers, Some(sims)))
     }

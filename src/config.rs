@@ -193,6 +193,12 @@ pub struct PaymentSettings {
     /// `HUB__PAYMENTS__SIMULATOR_ORDERS_KEPT_S`: how long the WeChat Pay simulator remembers a
     /// finished order after its creation (a refund needs it).
     pub simulator_orders_kept_s: u64,
+    /// `HUB__PAYMENTS__SIMULATOR_URL`: with `simulator` on, use the simulators served by a
+    /// `cabinet-hub simulate` process at this address (`http://127.0.0.1:8090`) instead of
+    /// serving them here, as the providers' own servers are in the field (the load tests use it
+    /// so that the simulators' signing is not counted as the hub's).
+    #[serde(default)]
+    pub simulator_url: Option<String>,
     /// The real WeChat Pay service (when `simulator` is false).
     #[serde(default)]
     pub wechat: Option<crate::payments::wechat::WechatConfig>,

@@ -37,6 +37,21 @@ enum Cmd {
     /// Print the OpenAPI document of this build's HTTP API and exit (also served at
     /// `GET /api/openapi.json`).
     Openapi,
+    /// Serve the payment providers' simulators (WeChat Pay Score, Alipay) in a process of their
+    /// own, for hubs started with `HUB__PAYMENTS__SIMULATOR_URL`: the providers' side only (no
+    /// control routes), with the development keys and the `[payments]` simulator settings.
+    #[cfg(feature = "simulators")]
+    Simulate {
+        /// As for serve.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// HTTP address; loopback unless `payments.simulator_public`.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: std::net::SocketAddr,
+        /// Where the simulators keep their journal (data_dir).
+        #[arg(long)]
+        data_dir: Option<String>,
+    },
     /// Print the effective configuration (every secret as "<redacted>") and exit.
     CheckConfig {
         /// As for serve.
@@ -106,6 +121,35 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("cabinet-hub: {e:#}");
                     tracing::error!(error = %format!("{e:#}"), "start-up failed");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        #[cfg(feature = "simulators")]
+        Cmd::Simulate {
+            config,
+            listen,
+            data_dir,
+        } => {
+            let overrides = Overrides {
+                data_dir,
+                ..Overrides::default()
+            };
+            let settings = match Settings::load(config.as_deref(), &overrides) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("cabinet-hub: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            telemetry::init(&settings.log);
+            private_umask();
+            match actix_web::rt::System::new()
+                .block_on(cabinet_hub::simulators::serve(settings, listen))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cabinet-hub: {e:#}");
                     ExitCode::from(1)
                 }
             }

@@ -19,6 +19,64 @@ pub struct Hub {
     client: reqwest::Client,
     child: Option<tokio::process::Child>,
     _data: Option<tempfile::TempDir>,
+    /// The payment simulators' own process (`cabinet-hub simulate`), when they run apart.
+    sim: Option<(tokio::process::Child, tempfile::TempDir)>,
+}
+
+/// Runs in the child between fork and exec: it must not outlive this tool, however it ends (a
+/// panic, a kill, Ctrl-C).
+fn die_with_parent(cmd: &mut tokio::process::Command) {
+    // SAFETY: prctl with PR_SET_PDEATHSIG is async-signal-safe and touches no memory of the
+    // parent; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// `bin simulate` on a free loopback port with `env` (the `[payments]` simulator settings);
+/// returns once it answers `/healthz`.
+async fn spawn_simulator(
+    bin: &Path,
+    env: &[(String, String)],
+) -> Result<(tokio::process::Child, tempfile::TempDir, SocketAddr)> {
+    let data = tempfile::tempdir()?;
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.arg("simulate")
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("HUB__LOG__LEVEL", "warn")
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    die_with_parent(&mut cmd);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {} simulate", bin.display()))?;
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(format!("http://{addr}/healthz")).send().await {
+            if r.status().is_success() {
+                return Ok((child, data, addr));
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the payment simulators did not answer within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Where the hub binary is: beside this one (both are built into the same target directory).
@@ -64,14 +122,21 @@ pub struct FleetCabinet {
 
 impl Hub {
     /// Starts `bin` on free ports with a fresh SQLite data dir; `env` adds settings
-    /// (`HUB__…`). Returns once `/readyz` answers 200.
-    pub async fn spawn(bin: &Path, env: &[(String, String)]) -> Result<Self> {
+    /// (`HUB__…`). With `sim_apart` the payment simulators run in a process of their own (as the
+    /// providers' servers do in the field), else inside the hub. Returns once `/readyz` answers
+    /// 200.
+    pub async fn spawn(bin: &Path, env: &[(String, String)], sim_apart: bool) -> Result<Self> {
         if !bin.exists() {
             bail!(
                 "{}: no hub binary there; build it (cargo build --release) or pass --hub-bin",
                 bin.display()
             );
         }
+        let sim = if sim_apart {
+            Some(spawn_simulator(bin, env).await?)
+        } else {
+            None
+        };
         let data = tempfile::tempdir()?;
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         // The broker listens on every loopback address so the fleet can spread its
@@ -92,18 +157,10 @@ impl Hub {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        // The hub must not outlive this tool, however it ends (a panic, a kill, Ctrl-C).
-        // SAFETY: prctl with PR_SET_PDEATHSIG is async-signal-safe and touches no memory of
-        // the parent; it runs in the child between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
+        if let Some((_, _, addr)) = &sim {
+            cmd.env("HUB__PAYMENTS__SIMULATOR_URL", format!("http://{addr}"));
         }
+        die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
@@ -117,6 +174,7 @@ impl Hub {
                 .build()?,
             child: Some(child),
             _data: Some(data),
+            sim: sim.map(|(c, d, _)| (c, d)),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -144,6 +202,7 @@ impl Hub {
                 .build()?,
             child: None,
             _data: None,
+            sim: None,
         })
     }
 
@@ -318,14 +377,24 @@ impl Hub {
 
     /// CPU time used by the hub process so far, in seconds (Linux).
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()?)).ok()?;
-        // Fields after the command name (which may contain spaces) start after the last ')'.
-        let rest = stat.rsplit_once(')')?.1;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let utime: f64 = f.get(11)?.parse().ok()?;
-        let stime: f64 = f.get(12)?.parse().ok()?;
-        Some((utime + stime) / clock_ticks())
+        cpu_seconds_of(self.pid()?)
     }
+
+    /// CPU time used by the simulators' own process so far, when they run apart.
+    pub fn simulator_cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds_of(self.sim.as_ref()?.0.id()?)
+    }
+}
+
+/// CPU time a process used so far, in seconds (Linux).
+fn cpu_seconds_of(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
 }
 
 fn clock_ticks() -> f64 {

@@ -2,6 +2,7 @@
 //! docs/benchmarks.md. Loopback only, bounded in count and time; prints a report, writes JSON
 //! with `--json`, and exits 1 when a `--target` is missed.
 
+mod capacity;
 mod fleet;
 mod hub;
 mod ingest;
@@ -63,6 +64,11 @@ struct Common {
     /// A target, `figure<=value` or `figure>=value` (repeatable); missing one exits 1.
     #[arg(long = "target")]
     targets: Vec<Target>,
+    /// Where the payment simulators run: `apart` in a process of their own (`cabinet-hub
+    /// simulate`, as the providers' servers are in the field, so their signing is not counted as
+    /// the hub's), or `in-hub` (served by the hub, as on its embedded defaults).
+    #[arg(long, value_enum, default_value_t = SimulatorAt::Apart)]
+    simulator: SimulatorAt,
     /// Fault: share of unlocks ignored (0–1).
     #[arg(long, default_value_t = 0.0)]
     fault_unlock_ignored: f64,
@@ -75,6 +81,12 @@ struct Common {
     /// Fault: chance per heartbeat of an abrupt disconnect and reconnect (0–1).
     #[arg(long, default_value_t = 0.0)]
     fault_abrupt_disconnect: f64,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum SimulatorAt {
+    Apart,
+    InHub,
 }
 
 #[derive(Subcommand)]
@@ -148,6 +160,27 @@ enum Scenario {
         /// Unacknowledged publishes each cabinet keeps in flight.
         #[arg(long, default_value_t = 20)]
         window: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// The shopping rush at rising offered rates until unlock p99 passes 50 ms or anything is
+    /// refused or lost: the curve (table, SVG) and the CPU per session.
+    Capacity {
+        #[arg(long, default_value_t = 4_000)]
+        cabinets: usize,
+        /// Offered sessions a second, one step each, in order.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "25,50,100,150,200,300,400,600,800"
+        )]
+        rates: Vec<f64>,
+        /// Seconds per step.
+        #[arg(long, default_value_t = 15)]
+        step_s: u64,
+        /// Write the plot here (SVG).
+        #[arg(long)]
+        svg: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
     },
@@ -226,6 +259,7 @@ fn ctx(c: &Common) -> Result<scenarios::Ctx> {
         hub_env,
         heartbeat_s: c.heartbeat_s.max(1),
         ramp_per_s: c.ramp_per_s.filter(|r| *r > 0.0),
+        simulator_apart: c.simulator == SimulatorAt::Apart,
         faults: fleet::Faults {
             unlock_ignored: c.fault_unlock_ignored,
             lock_not_latching: c.fault_lock_not_latching,
@@ -346,6 +380,26 @@ async fn run(s: Scenario) -> Result<Option<(Report, Common)>> {
             .await?,
             common,
         ),
+        Scenario::Capacity {
+            cabinets,
+            rates,
+            step_s,
+            svg,
+            common,
+        } => {
+            let rates: Vec<f64> = rates.into_iter().map(|r| r.clamp(0.01, 10_000.0)).collect();
+            (
+                capacity::capacity(
+                    &ctx(&common)?,
+                    bounded(cabinets, "--cabinets")?,
+                    &rates,
+                    secs(step_s)?,
+                    svg.as_deref(),
+                )
+                .await?,
+                common,
+            )
+        }
         Scenario::AlertStorm { cabinets, common } => (
             scenarios::alert_storm(&ctx(&common)?, bounded(cabinets, "--cabinets")?).await?,
             common,

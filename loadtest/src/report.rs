@@ -65,6 +65,30 @@ pub struct Report {
     pub targets: Vec<(Target, Option<bool>)>,
     /// What a reader should know.
     pub notes: Vec<String>,
+    /// A curve measured step by step (capacity), shown as a table and plotted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curve: Vec<CurvePoint>,
+}
+
+/// One step of a capacity curve: an offered session rate and what came of it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CurvePoint {
+    /// Sessions a second offered (open loop).
+    pub offered_per_s: f64,
+    /// Sessions a second unlocked.
+    pub unlocked_per_s: f64,
+    /// Unlock latency, ms.
+    pub p50_ms: f64,
+    /// Unlock latency, ms.
+    pub p99_ms: f64,
+    /// Sessions refused or failed.
+    pub refused: u64,
+    /// Orders not paid.
+    pub orders_missing: u64,
+    /// The hub's CPU per unlocked session, ms.
+    pub hub_cpu_ms: Option<f64>,
+    /// The simulators' CPU per unlocked session, ms (when they run apart).
+    pub simulator_cpu_ms: Option<f64>,
 }
 
 impl Report {
@@ -80,6 +104,7 @@ impl Report {
             figures: Vec::new(),
             targets: Vec::new(),
             notes: Vec::new(),
+            curve: Vec::new(),
         }
     }
 
@@ -158,9 +183,17 @@ fn label(r: &Report, all: &[Report]) -> String {
     let same = all.iter().filter(|o| o.scenario == r.scenario).count();
     // Ingest runs differ by how they send (issue 18): mode and client name them.
     if let Some(mode) = r.params.get("mode").and_then(Value::as_str) {
-        let client = r.params.get("client").and_then(Value::as_str).unwrap_or("Own");
+        let client = r
+            .params
+            .get("client")
+            .and_then(Value::as_str)
+            .unwrap_or("Own");
         return match r.params.get("publishers").and_then(Value::as_f64) {
-            Some(p) => format!("{} ({mode}, {client}, {} publishers)", r.scenario, fmt_value(p)),
+            Some(p) => format!(
+                "{} ({mode}, {client}, {} publishers)",
+                r.scenario,
+                fmt_value(p)
+            ),
             None => format!("{} ({mode}, {client})", r.scenario),
         };
     }
@@ -365,9 +398,153 @@ pub fn markdown(
                 let _ = writeln!(s, "- {n}");
             }
         }
+        if !r.curve.is_empty() {
+            let _ = writeln!(s, "\n{}", curve_table(&r.curve));
+            if let Some(svg) = r.params.get("svg").and_then(Value::as_str) {
+                let name = std::path::Path::new(svg)
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or(svg);
+                let _ = writeln!(s, "![unlock latency against offered sessions]({name})");
+            }
+        }
         let _ = writeln!(s);
     }
     Ok(s)
+}
+
+/// The curve as a Markdown table.
+pub fn curve_table(curve: &[CurvePoint]) -> String {
+    let opt = |v: Option<f64>| v.map(fmt_value).unwrap_or_else(|| "–".into());
+    let mut s = String::from(
+        "| offered sessions/s | unlocked/s | unlock p50 ms | unlock p99 ms | refused | orders missing | hub CPU ms/session | simulator CPU ms/session |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for p in curve {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            fmt_value(p.offered_per_s),
+            fmt_value(p.unlocked_per_s),
+            fmt_value(p.p50_ms),
+            fmt_value(p.p99_ms),
+            p.refused,
+            p.orders_missing,
+            opt(p.hub_cpu_ms),
+            opt(p.simulator_cpu_ms)
+        );
+    }
+    s
+}
+
+/// The curve as an SVG plot: unlock p50 and p99 (log scale) against offered sessions a second,
+/// with the 50 ms target drawn across.
+pub fn curve_svg(curve: &[CurvePoint], title: &str) -> String {
+    let (w, h, left, right, top, bottom) = (720.0, 420.0, 70.0, 20.0, 40.0, 50.0);
+    let max_x = curve
+        .iter()
+        .map(|p| p.offered_per_s)
+        .fold(1.0_f64, f64::max)
+        * 1.05;
+    let (min_ms, max_ms) = (
+        1.0_f64,
+        curve.iter().map(|p| p.p99_ms).fold(100.0_f64, f64::max) * 1.5,
+    );
+    let x = |v: f64| left + (w - left - right) * v / max_x;
+    let y = |ms: f64| {
+        let t = (ms.max(min_ms).ln() - min_ms.ln()) / (max_ms.ln() - min_ms.ln());
+        top + (h - top - bottom) * (1.0 - t)
+    };
+    let line = |f: &dyn Fn(&CurvePoint) -> f64| {
+        curve
+            .iter()
+            .map(|p| format!("{:.1},{:.1}", x(p.offered_per_s), y(f(p))))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"22\" font-size=\"14\">{title}</text>\n"
+    );
+    // Axes, ticks and the target.
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>",
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom
+    );
+    let mut ms = 1.0;
+    while ms <= max_ms {
+        let _ = writeln!(
+            s,
+            "<line x1=\"{}\" y1=\"{:.1}\" x2=\"{left}\" y2=\"{:.1}\" stroke=\"black\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            left - 5.0,
+            y(ms),
+            y(ms),
+            left - 8.0,
+            y(ms) + 4.0,
+            fmt_value(ms)
+        );
+        ms *= 10.0;
+    }
+    for p in curve {
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            x(p.offered_per_s),
+            h - bottom + 18.0,
+            fmt_value(p.offered_per_s)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">offered sessions per second</text><text x=\"16\" y=\"{:.1}\" transform=\"rotate(-90 16 {:.1})\" text-anchor=\"middle\">unlock latency, ms (log)</text>",
+        (left + w - right) / 2.0,
+        h - 12.0,
+        (top + h - bottom) / 2.0,
+        (top + h - bottom) / 2.0
+    );
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{}\" y2=\"{:.1}\" stroke=\"#c00\" stroke-dasharray=\"6 4\"/><text x=\"{}\" y=\"{:.1}\" fill=\"#c00\" text-anchor=\"end\">p99 target 50 ms</text>",
+        y(50.0),
+        w - right,
+        y(50.0),
+        w - right,
+        y(50.0) - 5.0
+    );
+    for (name, colour, f) in [
+        (
+            "p50",
+            "#1f77b4",
+            (&|p: &CurvePoint| p.p50_ms) as &dyn Fn(&CurvePoint) -> f64,
+        ),
+        ("p99", "#ff7f0e", &|p: &CurvePoint| p.p99_ms),
+    ] {
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
+            line(f)
+        );
+        for p in curve {
+            let _ = writeln!(
+                s,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"/>",
+                x(p.offered_per_s),
+                y(f(p))
+            );
+        }
+        if let Some(last) = curve.last() {
+            let _ = writeln!(
+                s,
+                "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\">{name}</text>",
+                x(last.offered_per_s) - 24.0,
+                y(f(last)) - 8.0
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
 }
 
 #[cfg(test)]

@@ -35,6 +35,8 @@ pub struct Ctx {
     pub ramp_per_s: Option<f64>,
     /// Injected faults.
     pub faults: Faults,
+    /// The payment simulators in a process of their own (`cabinet-hub simulate`), not the hub's.
+    pub simulator_apart: bool,
 }
 
 impl Ctx {
@@ -59,12 +61,12 @@ impl Ctx {
                     "HUB__PAYMENTS__SIMULATOR_ORDERS_KEPT_S".into(),
                     "300".into(),
                 ));
-                Hub::spawn(&self.hub_bin, &env).await
+                Hub::spawn(&self.hub_bin, &env, self.simulator_apart).await
             }
         }
     }
 
-    fn behaviour(&self, items: Value, door_open: Duration) -> Arc<Behaviour> {
+    pub(crate) fn behaviour(&self, items: Value, door_open: Duration) -> Arc<Behaviour> {
         Arc::new(Behaviour {
             heartbeat_s: self.heartbeat_s,
             door_open,
@@ -78,25 +80,25 @@ impl Ctx {
     /// after it connects: a cabinet's first messages (its actor starting and reading its stored
     /// state, the broker learning its topics) belong to the connect phase, not to the steady
     /// state being measured.
-    async fn settle(&self) {
+    pub(crate) async fn settle(&self) {
         tokio::time::sleep(Duration::from_secs(u64::from(self.heartbeat_s) + 1)).await;
     }
 
     /// How long `n` cabinets may take to come online: the ramp plus two minutes.
-    fn online_within(&self, n: usize) -> Duration {
+    pub(crate) fn online_within(&self, n: usize) -> Duration {
         let ramp = self.ramp_per_s.map_or(0.0, |r| n as f64 / r);
         Duration::from_secs_f64(120.0 + ramp)
     }
 }
 
-struct Fleet {
+pub(crate) struct Fleet {
     handles: Vec<Handle>,
     stats: Arc<Stats>,
     stop: watch::Sender<bool>,
 }
 
 impl Fleet {
-    fn start(hub: &Hub, cabs: &[FleetCabinet], behaviour: Arc<Behaviour>) -> Self {
+    pub(crate) fn start(hub: &Hub, cabs: &[FleetCabinet], behaviour: Arc<Behaviour>) -> Self {
         let stats = Arc::new(Stats::default());
         let (stop, rx) = watch::channel(false);
         let handles = fleet::start(hub.mqtt, cabs, behaviour, stats.clone(), rx);
@@ -107,7 +109,7 @@ impl Fleet {
         }
     }
 
-    async fn shutdown(self) {
+    pub(crate) async fn shutdown(self) {
         let _ = self.stop.send(true);
         // Give the tasks a moment to send DISCONNECT so the hub sees clean goodbyes.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -672,7 +674,7 @@ async fn http_floor_probe(hub: &Hub, every: Duration, until: Instant) -> Result<
     Ok(h)
 }
 
-async fn price_fleet(hub: &Hub, op: &str, cabs: &[FleetCabinet]) -> Result<()> {
+pub(crate) async fn price_fleet(hub: &Hub, op: &str, cabs: &[FleetCabinet]) -> Result<()> {
     use futures_util::stream::{self, TryStreamExt};
     for sku in ["6901234567890", "6907992100012"] {
         let (s, v) = hub
@@ -710,17 +712,17 @@ async fn price_fleet(hub: &Hub, op: &str, cabs: &[FleetCabinet]) -> Result<()> {
 
 /// Outcome of the shoppers.
 #[derive(Default)]
-struct Shopping {
-    started: u64,
-    ok: u64,
-    refused: HashMap<String, u64>,
-    errors: u64,
+pub(crate) struct Shopping {
+    pub(crate) started: u64,
+    pub(crate) ok: u64,
+    pub(crate) refused: HashMap<String, u64>,
+    pub(crate) errors: u64,
 }
 
 /// Latencies of the unlocked sessions: the whole request, and the part of it the payment
 /// provider took (its create round trip and the confirmation), read from `Server-Timing`.
-struct Unlocks {
-    total: Histogram<u64>,
+pub(crate) struct Unlocks {
+    pub(crate) total: Histogram<u64>,
     provider: Histogram<u64>,
     hub_own: Histogram<u64>,
     stages: std::collections::BTreeMap<String, Histogram<u64>>,
@@ -772,7 +774,7 @@ fn provider_share_us(server_timing: &str) -> Option<u64> {
 
 /// Starts sessions at `rate` per second over the fleet until `until`, round robin so that a
 /// cabinet is not asked again while its last shopper may still be inside.
-async fn shop(
+pub(crate) async fn shop(
     hub: Arc<Hub>,
     op: String,
     cabs: Vec<FleetCabinet>,
@@ -866,7 +868,7 @@ async fn shop(
     Ok((h, o))
 }
 
-async fn wait_orders(hub: &Hub, want: u64, within: Duration) -> Result<f64> {
+pub(crate) async fn wait_orders(hub: &Hub, want: u64, within: Duration) -> Result<f64> {
     let t = Instant::now();
     loop {
         let m = hub.metrics().await?;
@@ -907,6 +909,7 @@ pub async fn shopping_rush(ctx: &Ctx, n: usize, rate: f64, duration: Duration) -
         let hub = hub.clone();
         tokio::spawn(async move { http_floor_probe(&hub, Duration::from_millis(20), until).await })
     };
+    let cpu0 = (hub.cpu_seconds(), hub.simulator_cpu_seconds());
     let (h, s) = shop(hub.clone(), op, cabs.clone(), rate, until).await?;
     let floor = floor.await??;
     let http_floor = http_floor.await??;
@@ -948,6 +951,18 @@ pub async fn shopping_rush(ctx: &Ctx, n: usize, rate: f64, duration: Duration) -
     let paid = wait_orders(&hub, s.ok, Duration::from_secs(60)).await?;
     r.fig("orders_paid", paid, "");
     r.fig("orders_missing", (s.ok as f64 - paid).max(0.0), "");
+    // CPU per session, from the processes themselves, once every order is paid: the session's
+    // whole path (start, unlock, door, recognition, order, payment). The hub's includes the
+    // fleet's heartbeats meanwhile (a few µs each).
+    let per_session = |a: Option<f64>, b: Option<f64>| {
+        a.zip(b).map(|(a, b)| (b - a) * 1000.0 / s.ok.max(1) as f64)
+    };
+    if let Some(ms) = per_session(cpu0.0, hub.cpu_seconds()) {
+        r.fig("hub_cpu_ms_per_session", ms, "ms");
+    }
+    if let Some(ms) = per_session(cpu0.1, hub.simulator_cpu_seconds()) {
+        r.fig("simulator_cpu_ms_per_session", ms, "ms");
+    }
     r.fig(
         "dropped_connections",
         Stats::get(&fleet.stats.dropped) as f64,

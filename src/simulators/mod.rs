@@ -2,6 +2,8 @@
 //! `payments.simulator` is on: WeChat Pay Score and Alipay 芝麻先享 as their real services
 //! behave (signed answers, notifications with retries, scripted shoppers). They carry
 //! development keys, so a production build can leave them out (`--no-default-features`).
+//! `cabinet-hub simulate` serves them in a process of their own (as the providers' servers are
+//! in the field), for a hub started with `payments.simulator_url`.
 
 pub mod alipay;
 mod journal;
@@ -42,6 +44,14 @@ impl Simulators {
     /// Starts both simulators, to be served by the hub at `http`, and the real clients
     /// configured to talk to them there.
     pub fn start(settings: &Settings, http: SocketAddr) -> anyhow::Result<(Providers, Self)> {
+        let sims = Self::new(settings)?;
+        let base = format!("http://{http}");
+        Ok((dev_providers(&base, &base)?, sims))
+    }
+
+    /// Both simulators with the development keys and the `[payments]` simulator settings; they
+    /// keep their state under `data_dir`.
+    pub fn new(settings: &Settings) -> anyhow::Result<Self> {
         let p = &settings.payments;
         let wechat = wechat::WechatSim::new(wechat::SimConfig {
             mchid: "1900000001".into(),
@@ -60,24 +70,6 @@ impl Simulators {
         wechat.start_deduction_retries(Duration::from_secs_f64(
             (60.0 * p.simulator_retry_scale).max(0.05),
         ));
-        let wechat_client = WechatClient::with_keys(
-            WechatConfig {
-                base_url: format!("http://{http}{}", wechat::PREFIX),
-                mchid: "1900000001".into(),
-                merchant_serial: "DEV_MERCHANT_SERIAL".into(),
-                merchant_key_path: String::new(),
-                platform_serial: "PUB_KEY_ID_SIMULATOR".into(),
-                platform_public_key_path: String::new(),
-                api_v3_key: DEV_API_V3_KEY.into(),
-                service_id: "500001".into(),
-                appid: "wxsimulator".into(),
-                notify_url: format!("http://{http}/api/v1/payments/wechat/notify"),
-            },
-            DEV_MERCHANT_KEY,
-            DEV_PLATFORM_PUB,
-        )
-        .map_err(|e| anyhow::anyhow!("simulator client: {e}"))?;
-
         let alipay = alipay::AlipaySim::new(alipay::AlipaySimConfig {
             app_id: "2021000000000001".into(),
             app_public_key_pem: DEV_ALIPAY_APP_PUB.into(),
@@ -85,21 +77,7 @@ impl Simulators {
             retry_scale: p.simulator_retry_scale,
             confirm_delay: Duration::from_millis(p.simulator_confirm_ms),
         })?;
-        let alipay_client = AlipayClient::new(
-            AlipayConfig {
-                gateway: format!("http://{http}{}/gateway.do", alipay::PREFIX),
-                app_id: "2021000000000001".into(),
-                notify_url: format!("http://{http}/api/v1/payments/alipay/notify"),
-            },
-            DEV_ALIPAY_APP_KEY,
-            DEV_ALIPAY_PUB,
-        )
-        .map_err(|e| anyhow::anyhow!("simulator client: {e}"))?;
-        let providers = Providers {
-            wechat: Some(Arc::new(wechat_client)),
-            alipay: Some(Arc::new(alipay_client)),
-        };
-        Ok((providers, Self { wechat, alipay }))
+        Ok(Self { wechat, alipay })
     }
 
     /// Mounts both simulators' provider-side endpoints.
@@ -107,4 +85,68 @@ impl Simulators {
         wechat::configure(cfg, self.wechat.clone());
         alipay::configure(cfg, self.alipay.clone());
     }
+}
+
+/// The real clients, with the development keys, talking to simulators served at `sim_base`
+/// (`http://host:port`: this hub, or a `cabinet-hub simulate` process of its own), with
+/// notifications addressed to the hub at `hub_base`.
+pub fn dev_providers(sim_base: &str, hub_base: &str) -> anyhow::Result<Providers> {
+    let sim_base = sim_base.trim_end_matches('/');
+    let hub_base = hub_base.trim_end_matches('/');
+    let wechat_client = WechatClient::with_keys(
+        WechatConfig {
+            base_url: format!("{sim_base}{}", wechat::PREFIX),
+            mchid: "1900000001".into(),
+            merchant_serial: "DEV_MERCHANT_SERIAL".into(),
+            merchant_key_path: String::new(),
+            platform_serial: "PUB_KEY_ID_SIMULATOR".into(),
+            platform_public_key_path: String::new(),
+            api_v3_key: DEV_API_V3_KEY.into(),
+            service_id: "500001".into(),
+            appid: "wxsimulator".into(),
+            notify_url: format!("{hub_base}/api/v1/payments/wechat/notify"),
+        },
+        DEV_MERCHANT_KEY,
+        DEV_PLATFORM_PUB,
+    )
+    .map_err(|e| anyhow::anyhow!("simulator client: {e}"))?;
+    let alipay_client = AlipayClient::new(
+        AlipayConfig {
+            gateway: format!("{sim_base}{}/gateway.do", alipay::PREFIX),
+            app_id: "2021000000000001".into(),
+            notify_url: format!("{hub_base}/api/v1/payments/alipay/notify"),
+        },
+        DEV_ALIPAY_APP_KEY,
+        DEV_ALIPAY_PUB,
+    )
+    .map_err(|e| anyhow::anyhow!("simulator client: {e}"))?;
+    Ok(Providers {
+        wechat: Some(Arc::new(wechat_client)),
+        alipay: Some(Arc::new(alipay_client)),
+    })
+}
+
+/// `cabinet-hub simulate`: both simulators' provider-side endpoints, and `/healthz`, on `listen`
+/// until the process is stopped. Loopback only unless `payments.simulator_public`: they carry
+/// development keys.
+pub async fn serve(settings: Settings, listen: SocketAddr) -> anyhow::Result<()> {
+    if !listen.ip().is_loopback() && !settings.payments.simulator_public {
+        anyhow::bail!("simulate --listen {listen}: not a loopback address; the simulators carry development keys (set HUB__PAYMENTS__SIMULATOR_PUBLIC=true for a shared test environment)");
+    }
+    std::fs::create_dir_all(&settings.data_dir)?;
+    let sims = Simulators::new(&settings)?;
+    tracing::info!(%listen, "payment simulators serving");
+    actix_web::HttpServer::new(move || {
+        let sims = sims.clone();
+        actix_web::App::new()
+            .route(
+                "/healthz",
+                web::get().to(|| async { actix_web::HttpResponse::Ok().body("ok") }),
+            )
+            .configure(move |c| sims.configure(c))
+    })
+    .bind(listen)?
+    .run()
+    .await?;
+    Ok(())
 }
