@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{fresh_postgres, Cabinet, ADMIN_KEY};
+use crate::harness::{fresh_postgres, Cabinet, ADMIN_KEY, PATIENCE};
 use crate::node::Spec;
 
 /// The binary (tests/it/node.rs) with this file's calls, all made with the admin key.
@@ -13,7 +13,11 @@ struct Node(crate::node::Node);
 
 impl Node {
     async fn start(db: Option<String>) -> Self {
-        let mut spec = Spec::new()
+        Self::start_with(db, Spec::new()).await
+    }
+
+    async fn start_with(db: Option<String>, spec: Spec) -> Self {
+        let mut spec = spec
             .env("HUB__PAYMENTS__DEDUCTION_CHECK_MS", 300)
             .env("HUB__PAYMENTS__SIMULATOR_RETRY_SCALE", 0.01);
         if let Some(url) = db {
@@ -47,10 +51,7 @@ impl Node {
         c.heartbeat("closed", "locked", true, 1).await;
         let start = Instant::now();
         while self.call("GET", "/api/v1/cabinets/KM1", None).await.1["online"] != true {
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "cabinet not online"
-            );
+            assert!(start.elapsed() < PATIENCE, "cabinet not online");
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         c
@@ -66,7 +67,7 @@ impl Node {
                 return v["order"].clone();
             }
             assert!(
-                start.elapsed() < Duration::from_secs(10),
+                start.elapsed() < PATIENCE,
                 "order never reached {want:?}: {v}"
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -76,24 +77,28 @@ impl Node {
     /// The simulator's own record of the deductions: one entry per charge. Its journal holds
     /// one partial state per line; the last line naming an order has its latest state.
     fn charges(&self) -> usize {
-        let text = std::fs::read_to_string(self.0.data_dir().join("wechat-simulator.jsonl"))
-            .unwrap_or_default();
-        let mut orders = serde_json::Map::new();
-        for line in text.lines() {
-            let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
-            if let Some(o) = v["orders"].as_object() {
-                orders.extend(o.clone());
-            }
-        }
-        orders
-            .values()
-            .map(|x| {
-                x["order"]["collection"]["details"]
-                    .as_array()
-                    .map_or(0, Vec::len)
-            })
-            .sum()
+        charges_in(self.0.data_dir())
     }
+}
+
+/// The deductions recorded in the WeChat Pay simulator's journal under `dir`.
+fn charges_in(dir: &std::path::Path) -> usize {
+    let text = std::fs::read_to_string(dir.join("wechat-simulator.jsonl")).unwrap_or_default();
+    let mut orders = serde_json::Map::new();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
+        if let Some(o) = v["orders"].as_object() {
+            orders.extend(o.clone());
+        }
+    }
+    orders
+        .values()
+        .map(|x| {
+            x["order"]["collection"]["details"]
+                .as_array()
+                .map_or(0, Vec::len)
+        })
+        .sum()
 }
 
 async fn setup(n: &Node) -> String {
@@ -261,4 +266,81 @@ async fn kill9_with_completion_unsettled_sqlite() {
 #[actix_rt::test]
 async fn kill9_with_completion_unsettled_postgres() {
     killed_with_completion_unsettled(Some(fresh_postgres().await)).await;
+}
+
+/// `cabinet-hub simulate` on a free port, killed with the test.
+struct Simulators {
+    child: std::process::Child,
+    data: tempfile::TempDir,
+    addr: std::net::SocketAddr,
+}
+
+impl Drop for Simulators {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Simulators {
+    async fn start() -> Self {
+        let data = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], crate::harness::free_port()));
+        let child = crate::node::command(&[
+            ("HUB__PAYMENTS__SIMULATOR_RETRY_SCALE".into(), "0.01".into()),
+            ("HUB__PAYMENTS__SIMULATOR_CONFIRM_MS".into(), "0".into()),
+        ])
+        .arg("simulate")
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data-dir")
+        .arg(data.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+        let sims = Simulators { child, data, addr };
+        let start = Instant::now();
+        while !reqwest::get(format!("http://{addr}/healthz"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            assert!(start.elapsed() < PATIENCE, "simulate never answered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sims
+    }
+}
+
+/// The providers' side in a process of its own (`cabinet-hub simulate`, what the load tests use
+/// so that the simulators' signing is not counted as the hub's): a purchase is charged there,
+/// once, and the hub serves no simulator of its own.
+#[actix_rt::test]
+async fn a_purchase_is_paid_through_simulators_in_their_own_process() {
+    let sims = Simulators::start().await;
+    let n = Node::start_with(
+        None,
+        Spec::new().env(
+            "HUB__PAYMENTS__SIMULATOR_URL",
+            format!("http://{}", sims.addr),
+        ),
+    )
+    .await;
+    let secret = setup(&n).await;
+    let mut c = n.cabinet(&secret).await;
+    let session = open_session(&n, &mut c).await;
+    c.publish(
+        "recognition",
+        json!({"session_id": session, "status": "ok", "items": [{"sku": "cola", "qty": 2}]}),
+    )
+    .await;
+    let o = n.order_of(&session, &["paid"]).await;
+    assert_eq!(o["paid_fen"], 600);
+    // Charged once, by the simulators' process, in its own journal; none kept by the hub.
+    assert_eq!(charges_in(sims.data.path()), 1);
+    assert_eq!(charges_in(n.0.data_dir()), 0);
+    let (s, _) = n
+        .call("GET", "/sim/wechatpay/v3/payscore/serviceorder", None)
+        .await;
+    assert_eq!(s, 404, "the hub served a simulator of its own");
 }

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::both;
 use crate::feed::{connect, next, request, Ws};
-use crate::harness::{free_port, Backend, Cabinet, TestHub, ADMIN_KEY};
+use crate::harness::{free_port, Backend, Cabinet, TestHub, ADMIN_KEY, PATIENCE};
 
 both!(
     list_revoke_rotate_within_scope,
@@ -325,7 +325,7 @@ async fn revocation_closes_the_keys_feed_sockets(b: Backend) {
         .await
         .unwrap_or_else(|s| panic!("ticket refused: {s}"));
     for ws in [&mut by_header, &mut by_ticket] {
-        let snap = next(ws, Duration::from_secs(2))
+        let snap = next(ws, PATIENCE)
             .await
             .unwrap_or_else(|| panic!("no snapshot"));
         assert_eq!(snap["data"]["cabinets"][0]["id"], "KM1");
@@ -340,15 +340,15 @@ async fn revocation_closes_the_keys_feed_sockets(b: Backend) {
         )
         .await;
     assert_eq!(s, 204);
-    let revoked_at = Instant::now();
-    let closed = closed_with(&mut by_header, Duration::from_secs(2)).await;
+    // Closed because of the revocation, which the hub pushes to the socket (no polling): how
+    // soon is a latency for the benchmarks; the deadline only tells a socket left open.
+    let closed = closed_with(&mut by_header, PATIENCE).await;
     assert_eq!(closed, Some((4401, "key revoked".to_owned())));
-    assert!(revoked_at.elapsed() <= Duration::from_secs(2));
 
     // The viewer's socket is not touched: it still gets the next change.
     c.heartbeat("open", "unlocked", true, 1).await;
     let mut saw_door = false;
-    while let Some(v) = next(&mut by_ticket, Duration::from_secs(2)).await {
+    while let Some(v) = next(&mut by_ticket, PATIENCE).await {
         if v["type"] == "cabinet" && v["data"]["door"] == "open" {
             saw_door = true;
             break;
@@ -367,7 +367,7 @@ async fn revocation_closes_the_keys_feed_sockets(b: Backend) {
         .await;
     assert_eq!(s, 204);
     assert_eq!(
-        closed_with(&mut by_ticket, Duration::from_secs(2)).await,
+        closed_with(&mut by_ticket, PATIENCE).await,
         Some((4401, "key revoked".to_owned()))
     );
     hub.eventually(Duration::from_secs(5), "both counted", || async {
@@ -382,8 +382,26 @@ async fn revocation_closes_the_keys_feed_sockets(b: Backend) {
     );
 }
 
+/// Opens the feed with a fresh ticket of `key`, whose lifetime is `ttl`: the ticket and the
+/// socket. On a starved machine that lifetime can pass between asking for the ticket and using
+/// it; a refusal then proves nothing and a fresh ticket is tried. A refusal of a ticket surely
+/// used within its lifetime (timed from before it was asked for) fails the test.
+async fn ws_with_fresh_ticket(hub: &TestHub, key: &str, ttl: Duration) -> (String, Ws) {
+    for _ in 0..5 {
+        let asked = Instant::now();
+        let t = ticket(hub, key).await;
+        match ws_with_ticket(hub, &t).await {
+            Ok(ws) => return (t, ws),
+            Err(401) if asked.elapsed() >= ttl => {}
+            Err(s) => panic!("a ticket used within its lifetime was refused: {s}"),
+        }
+    }
+    panic!("the machine was too slow to use a ticket within its {ttl:?}, five times")
+}
+
 async fn feed_tickets_are_single_use_short_lived_and_die_with_their_key(b: Backend) {
-    let hub = TestHub::start_with(b, |s| s.auth.feed_ticket_ttl_ms = 1_000).await;
+    const TTL: Duration = Duration::from_secs(1);
+    let hub = TestHub::start_with(b, |s| s.auth.feed_ticket_ttl_ms = TTL.as_millis() as u64).await;
     let (ma, op) = hub.merchant("m1").await;
     let (_, op2) = hub.merchant("m2").await;
     hub.cabinet(&ma, "m1", "KM1").await;
@@ -391,12 +409,12 @@ async fn feed_tickets_are_single_use_short_lived_and_die_with_their_key(b: Backe
     let (s, t) = hub.post("/api/v1/feed-tickets", &op, json!({})).await;
     assert_eq!(s, 201, "{t}");
     assert_eq!(t["expires_in_s"], 1);
-    let first = t["ticket"].as_str().unwrap_or_default().to_owned();
-    assert!(first.starts_with("ft_"), "{first}");
-    let mut ws = ws_with_ticket(&hub, &first)
-        .await
-        .unwrap_or_else(|s| panic!("ticket refused: {s}"));
-    let snap = next(&mut ws, Duration::from_secs(2))
+    assert!(
+        t["ticket"].as_str().is_some_and(|t| t.starts_with("ft_")),
+        "{t}"
+    );
+    let (first, mut ws) = ws_with_fresh_ticket(&hub, &op, TTL).await;
+    let snap = next(&mut ws, PATIENCE)
         .await
         .unwrap_or_else(|| panic!("no snapshot"));
     assert_eq!(snap["data"]["cabinets"][0]["id"], "KM1");
@@ -407,17 +425,15 @@ async fn feed_tickets_are_single_use_short_lived_and_die_with_their_key(b: Backe
     );
 
     // Bound to its key's scope: merchant 2's ticket shows none of merchant 1's cabinets.
-    let mut other = ws_with_ticket(&hub, &ticket(&hub, &op2).await)
-        .await
-        .unwrap_or_else(|s| panic!("ticket refused: {s}"));
-    let snap = next(&mut other, Duration::from_secs(2))
+    let (_, mut other) = ws_with_fresh_ticket(&hub, &op2, TTL).await;
+    let snap = next(&mut other, PATIENCE)
         .await
         .unwrap_or_else(|| panic!("no snapshot"));
     assert_eq!(snap["data"]["cabinets"], json!([]));
 
     // Expired: waited out well past its lifetime.
     let late = ticket(&hub, &op).await;
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tokio::time::sleep(TTL + Duration::from_millis(500)).await;
     assert_eq!(
         ws_with_ticket(&hub, &late).await.err(),
         Some(401),
@@ -483,7 +499,7 @@ fn raw_get(port: u16, path: &str, headers: &str) -> u16 {
     let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return 0;
     };
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = conn.set_read_timeout(Some(PATIENCE));
     let _ = write!(
         conn,
         "GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n"
@@ -518,7 +534,7 @@ fn the_log_carries_no_secret_from_a_url() {
             panic!("hub exited early: {status}");
         }
         assert!(
-            start.elapsed() < Duration::from_secs(20),
+            start.elapsed() < Duration::from_secs(60),
             "hub did not come up"
         );
         std::thread::sleep(Duration::from_millis(50));

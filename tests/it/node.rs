@@ -45,11 +45,21 @@ impl Spec {
         self
     }
 
-    /// Starts the hub and waits until it is ready; panics with its stderr when it exits.
+    /// Starts the hub and waits until it is ready; panics with its stderr when it exits. The
+    /// ports `launch` picks are free when picked, but another process (a second copy of the
+    /// suite, or any outgoing connection's local port) may take one before the hub binds it, or
+    /// a starved broker thread may not listen within the hub's start-up wait: such a start is
+    /// made again with fresh ports and a fresh directory, at most twice.
     pub async fn start(self) -> Node {
-        match self.launch().await {
-            Launched::Ready(n) => *n,
-            Launched::Exited { code, stderr } => panic!("hub exited ({code}): {stderr}"),
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.clone().launch().await {
+                Launched::Ready(n) => return *n,
+                Launched::Exited { stderr, .. }
+                    if tries < 3 && self.http_listen.is_none() && listen_failed(&stderr) => {}
+                Launched::Exited { code, stderr } => panic!("hub exited ({code}): {stderr}"),
+            }
         }
     }
 
@@ -91,6 +101,22 @@ impl Spec {
             },
         }
     }
+}
+
+/// Whether a refused start was about one of the listen addresses `Spec::launch` picks.
+fn listen_failed(stderr: &str) -> bool {
+    [
+        "HUB__HTTP__LISTEN",
+        "HUB__MQTT__LISTEN",
+        "HUB__MQTT__TLS_LISTEN",
+    ]
+    .iter()
+    .any(|key| {
+        stderr.lines().any(|l| {
+            l.contains(&format!("({key})"))
+                && (l.contains("cannot listen there") || l.contains("did not start listening"))
+        })
+    })
 }
 
 pub enum Launched {
@@ -137,7 +163,12 @@ pub fn command(env: &[(String, String)]) -> Command {
         .env("HUB__AUTH__ADMIN_KEY", ADMIN_KEY)
         .env("HUB__LOG__LEVEL", "warn")
         .env("HUB__HTTP__WORKERS", "1")
-        .env("HUB__ACTORS__THREADS", "2");
+        .env("HUB__ACTORS__THREADS", "2")
+        // As in the in-process hub (harness::test_settings): a test's cabinet that acks or
+        // latches on a loaded machine is never taken for a silent one.
+        .env("HUB__CABINET__UNLOCK_ACK_TIMEOUT_MS", "60000")
+        .env("HUB__CABINET__COMMAND_ACK_TIMEOUT_MS", "60000")
+        .env("HUB__CABINET__LATCH_TIMEOUT_MS", "60000");
     for (k, v) in env {
         c.env(k, v);
     }

@@ -13,7 +13,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::both;
-use crate::harness::{free_port, fresh_postgres, Backend, Cabinet, TestHub, ADMIN_KEY};
+use crate::harness::{
+    free_port, fresh_postgres, sqlite_url, stored_online, Backend, Cabinet, TestHub, ADMIN_KEY,
+    PATIENCE,
+};
 
 const SEC: Duration = Duration::from_secs(1);
 
@@ -449,8 +452,8 @@ async fn a_feed_reader_that_never_reads_is_dropped_during_replay() {
     );
 }
 
-/// Sends a request head announcing 4,000 bytes of body, then one byte every 200 ms: never idle
-/// long, never done. Answers what came back before the connection closed.
+/// Sends a request head announcing 4,000 bytes of body, then one byte every 200 ms (200 times):
+/// never idle long, never done. Answers what came back before the connection closed.
 async fn trickle(hub: &TestHub, extra_headers: &str) -> String {
     let mut conn = tokio::net::TcpStream::connect(hub.http)
         .await
@@ -471,13 +474,13 @@ async fn trickle(hub: &TestHub, extra_headers: &str) -> String {
             }
         }
     });
-    let started = Instant::now();
     let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut answer)).await;
+    // The trickle goes on for 40 s at least: a close well before that is the body deadline's,
+    // however slow the machine.
+    let read = tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut answer)).await;
     trickle.abort();
     let text = String::from_utf8_lossy(&answer).into_owned();
     assert!(read.is_ok(), "the connection was not closed; got {text:?}");
-    assert!(started.elapsed() < Duration::from_secs(15));
     text
 }
 
@@ -655,8 +658,9 @@ fn spawn(data: &std::path::Path, http: u16, mqtt: u16, db: Option<&str>) -> Chil
         .env("HUB__LOG__LEVEL", "warn")
         .env("HUB__CABINET__HEARTBEAT_S", "2")
         .env("HUB__CABINET__MISSED_HEARTBEATS", "2")
-        // An unlock nobody acks stays in flight long enough to kill the hub under it.
-        .env("HUB__CABINET__UNLOCK_ACK_TIMEOUT_MS", "30000")
+        // An unlock nobody acks stays in flight long enough to kill the hub under it, however
+        // slowly the test gets there.
+        .env("HUB__CABINET__UNLOCK_ACK_TIMEOUT_MS", "120000")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     if let Some(url) = db {
@@ -714,6 +718,16 @@ impl Node {
     async fn restart(&mut self) {
         self.child = spawn(&self.data, self.http, self.mqtt, self.db.as_deref());
         self.wait_ready().await;
+    }
+
+    /// Waits until the database holds cabinet `id` as online.
+    async fn stored_online(&self, id: &str) {
+        let url = self.db.clone().unwrap_or_else(|| sqlite_url(&self.data));
+        let deadline = Instant::now() + PATIENCE;
+        while !stored_online(&url, id).await {
+            assert!(Instant::now() < deadline, "{id} not stored as online");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn hub_mqtt(&self) -> SocketAddr {
@@ -779,7 +793,7 @@ both!(offline_is_true_after_a_restart);
 
 /// The hub is killed while two cabinets are online and a keyed unlock is in flight. After the
 /// restart, the cabinet that does not come back is offline with its `cabinet_offline` alert
-/// within heartbeat × missed (4 s here); the one that comes back is online with none; and the
+/// (after heartbeat × missed, 4 s here); the one that comes back is online with none; and the
 /// key whose request died with the first process is reclaimed, not "in progress" for ever.
 async fn offline_is_true_after_a_restart(b: Backend) {
     let db = match b {
@@ -813,8 +827,10 @@ async fn offline_is_true_after_a_restart(b: Backend) {
     }
     let mut gone = cabinet_on(&node, "KMA", &secrets["KMA"]).await;
     let back = cabinet_on(&node, "KMB", &secrets["KMB"]).await;
+    // Both stay online, however long the steps up to the kill take on a busy machine.
+    let beating = [gone.keep_beating(), back.keep_beating()];
     for id in ["KMA", "KMB"] {
-        let deadline = Instant::now() + 10 * SEC;
+        let deadline = Instant::now() + PATIENCE;
         while node
             .call("GET", &format!("/api/v1/cabinets/{id}"), None)
             .await
@@ -829,35 +845,38 @@ async fn offline_is_true_after_a_restart(b: Backend) {
     let body = json!({"cabinet_id": "KMA", "user_id": "r1", "mode": "restock"});
     let pending = node.post_later("/api/v1/sessions", body.clone(), "k-crash");
     gone.expect_command("unlock", 5 * SEC).await;
-    // Let the online state land in storage (written behind the alerts, in order).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The online state is written to storage behind the live state: the restart starts from it.
+    for id in ["KMA", "KMB"] {
+        node.stored_online(id).await;
+    }
     node.kill9();
     let _ = pending.await;
+    for b in beating {
+        b.abort();
+    }
     gone.cut();
     back.cut();
 
     node.restart().await;
     let restarted = Instant::now();
-    // KMB comes back; KMA does not.
+    // KMB comes back (and stays, beating); KMA does not.
     let back = cabinet_on(&node, "KMB", &secrets["KMB"]).await;
-    let deadline = Instant::now() + 30 * SEC;
-    let alert = loop {
+    let beating = back.keep_beating();
+    // The 4 s window, and room for a busy machine: the deadline only tells "never".
+    let deadline = restarted + 4 * SEC + PATIENCE;
+    loop {
         let (_, v) = node
             .call("GET", "/api/v1/alerts?active=true&cabinet_id=KMA", None)
             .await;
-        if let Some(a) = v["items"]
+        if v["items"]
             .as_array()
-            .and_then(|a| a.iter().find(|a| a["type"] == "cabinet_offline").cloned())
+            .is_some_and(|a| a.iter().any(|a| a["type"] == "cabinet_offline"))
         {
-            break a;
+            break;
         }
         assert!(Instant::now() < deadline, "no cabinet_offline for KMA: {v}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(
-        restarted.elapsed() < 30 * SEC,
-        "raised long after the window: {alert}"
-    );
+    }
     let (_, kma) = node.call("GET", "/api/v1/cabinets/KMA", None).await;
     assert_eq!(kma["online"], false, "{kma}");
     assert!(
@@ -885,7 +904,7 @@ async fn offline_is_true_after_a_restart(b: Backend) {
 
     // When KMA comes back, its alert clears as any cabinet_offline does.
     let _kma = cabinet_on(&node, "KMA", &secrets["KMA"]).await;
-    let deadline = Instant::now() + 10 * SEC;
+    let deadline = Instant::now() + PATIENCE;
     loop {
         let (_, v) = node
             .call("GET", "/api/v1/alerts?active=true&cabinet_id=KMA", None)
@@ -902,5 +921,6 @@ async fn offline_is_true_after_a_restart(b: Backend) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    beating.abort();
     drop(back);
 }

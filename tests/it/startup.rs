@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 
 use crate::harness::free_port;
 
+/// How long a start (or a graceful stop) may take on a busy 2-core machine, as for the other
+/// tests of the binary (tests/it/node.rs).
+const STARTS_WITHIN: Duration = Duration::from_secs(60);
+
 fn hub(data: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_cabinet-hub"));
     c.arg("serve")
@@ -132,10 +136,7 @@ fn wait_healthy(child: &mut Child, http: u16) {
             }
             panic!("hub exited early ({status}): {err}");
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "hub did not come up"
-        );
+        assert!(start.elapsed() < STARTS_WITHIN, "hub did not come up");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -149,7 +150,7 @@ fn terminate(child: &mut Child) -> i32 {
             return status.code().unwrap_or(-1);
         }
         assert!(
-            start.elapsed() < Duration::from_secs(15),
+            start.elapsed() < STARTS_WITHIN,
             "hub did not stop after SIGTERM"
         );
         std::thread::sleep(Duration::from_millis(50));

@@ -1,5 +1,6 @@
 //! The WeChat Pay Score client against the simulator, over HTTP.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,8 @@ use cabinet_hub::simulators::wechat::{
     self as sim_wechat, Deduction, SimConfig, UserScript, WechatSim,
 };
 
+use crate::harness::PATIENCE;
+
 const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev-keys");
 const API_V3_KEY: &str = "0123456789abcdefghijklmnopqrstuv";
 
@@ -24,6 +27,8 @@ struct Rig {
     notes: mpsc::UnboundedReceiver<(SignedHeaders, String)>,
     refuse_first: Arc<AtomicUsize>,
     base: String,
+    /// The ids of the notifications taken so far.
+    seen: HashSet<String>,
 }
 
 fn read(name: &str) -> String {
@@ -118,6 +123,7 @@ async fn rig_keeping(finished_kept: Duration) -> Rig {
         notes,
         refuse_first,
         base,
+        seen: HashSet::new(),
     }
 }
 
@@ -141,15 +147,25 @@ fn order(no: &str, user: &str) -> CreateOrder {
 }
 
 impl Rig {
+    /// The next notification not seen before. The simulator delivers each as WeChat does: in a
+    /// task of its own, retried (with its id unchanged) when the answer does not come within its
+    /// client's 5 s. On a starved machine a delivery can take longer than that, or be answered
+    /// too late and come again; the test takes it as a receiver must, once.
     async fn next_note(&mut self) -> cabinet_hub::payments::wechat::Notification {
-        let (h, body) = tokio::time::timeout(Duration::from_secs(5), self.notes.recv())
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| panic!("no notification"));
-        self.client
-            .parse_notification(&h, &body)
-            .unwrap_or_else(|e| panic!("notification refused: {e}"))
+        loop {
+            let (h, body) = tokio::time::timeout(PATIENCE, self.notes.recv())
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| panic!("no notification within {PATIENCE:?}"));
+            let n = self
+                .client
+                .parse_notification(&h, &body)
+                .unwrap_or_else(|e| panic!("notification refused: {e}"));
+            if self.seen.insert(n.id.clone()) {
+                return n;
+            }
+        }
     }
 }
 
@@ -473,7 +489,7 @@ async fn forged_requests_responses_and_notifications_are_refused() {
         .create_order(&order("o_6", "u6"))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let (h, body) = tokio::time::timeout(Duration::from_secs(5), r.notes.recv())
+    let (h, body) = tokio::time::timeout(PATIENCE, r.notes.recv())
         .await
         .ok()
         .flatten()
