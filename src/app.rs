@@ -184,11 +184,6 @@ impl Application {
         store.announce_changes(change_tx);
         tokio::spawn(crate::feed::relay_store_changes(feed.clone(), change_rx));
         tokio::spawn(alert_writer(store.clone(), metrics.clone(), alert_rx));
-        if settings.memory.trim_interval_s > 0 {
-            tokio::spawn(crate::telemetry::trim_heap_every(Duration::from_secs(
-                settings.memory.trim_interval_s,
-            )));
-        }
         let ports = Arc::new(HubPorts {
             publisher: Arc::new(publisher),
             metrics: metrics.clone(),

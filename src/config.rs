@@ -44,8 +44,6 @@ pub struct Settings {
     pub limits: LimitsSettings,
     /// Actor threads.
     pub actors: ActorSettings,
-    /// Heap upkeep.
-    pub memory: MemorySettings,
     /// Logging.
     pub log: LogSettings,
     /// Who may scrape `/metrics`, and where.
@@ -269,14 +267,6 @@ impl LimitsSettings {
 pub struct ActorSettings {
     /// 0 = one arbiter per core.
     pub threads: usize,
-}
-
-/// `[memory]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MemorySettings {
-    /// `HUB__MEMORY__TRIM_INTERVAL_S`: hand freed heap back to the OS this often; 0 = never.
-    pub trim_interval_s: u64,
 }
 
 /// `[log]`

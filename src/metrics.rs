@@ -315,14 +315,14 @@ impl Metrics {
                     &r,
                     IntGauge::new(
                         "process_heap_in_use_bytes",
-                        "Heap allocated and not freed (glibc mallinfo2)",
+                        "Heap allocated and not freed (jemalloc stats.allocated)",
                     )?,
                 ),
                 heap_free: reg(
                     &r,
                     IntGauge::new(
                         "process_heap_free_bytes",
-                        "Heap freed but kept by the allocator for reuse (glibc mallinfo2)",
+                        "Memory the allocator holds beyond what is allocated: freed pages not yet returned, and its metadata (jemalloc stats.resident - stats.allocated)",
                     )?,
                 ),
             },
