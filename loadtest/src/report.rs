@@ -513,13 +513,15 @@ pub fn curve_svg(curve: &[CurvePoint], title: &str) -> String {
         w - right,
         y(50.0) - 5.0
     );
-    for (name, colour, f) in [
+    // p99 labelled above its line, p50 below, so that close lines keep legible labels.
+    for (name, colour, dy, f) in [
         (
             "p50",
             "#1f77b4",
+            16.0,
             (&|p: &CurvePoint| p.p50_ms) as &dyn Fn(&CurvePoint) -> f64,
         ),
-        ("p99", "#ff7f0e", &|p: &CurvePoint| p.p99_ms),
+        ("p99", "#ff7f0e", -8.0, &|p: &CurvePoint| p.p99_ms),
     ] {
         let _ = writeln!(
             s,
@@ -539,7 +541,7 @@ pub fn curve_svg(curve: &[CurvePoint], title: &str) -> String {
                 s,
                 "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\">{name}</text>",
                 x(last.offered_per_s) - 24.0,
-                y(f(last)) - 8.0
+                y(f(last)) + dy
             );
         }
     }
