@@ -86,6 +86,17 @@ fn private_umask() {
     }
 }
 
+/// Settings loaded (a bad one is exit code 2, said on stderr), logging on, files private.
+fn start(config: Option<&std::path::Path>, overrides: &Overrides) -> Result<Settings, ExitCode> {
+    let settings = Settings::load(config, overrides).map_err(|e| {
+        eprintln!("cabinet-hub: {e:#}");
+        ExitCode::from(2)
+    })?;
+    telemetry::init(&settings.log);
+    private_umask();
+    Ok(settings)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -102,15 +113,10 @@ fn main() -> ExitCode {
                 data_dir,
                 database_url,
             };
-            let settings = match Settings::load(config.as_deref(), &overrides) {
+            let settings = match start(config.as_deref(), &overrides) {
                 Ok(s) => s,
-                Err(e) => {
-                    eprintln!("cabinet-hub: {e:#}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
-            telemetry::init(&settings.log);
-            private_umask();
             raise_fd_limit(settings.mqtt.max_connections);
             let result = actix_web::rt::System::new().block_on(async move {
                 let app = Application::build(settings).await?;
@@ -135,15 +141,10 @@ fn main() -> ExitCode {
                 data_dir,
                 ..Overrides::default()
             };
-            let settings = match Settings::load(config.as_deref(), &overrides) {
+            let settings = match start(config.as_deref(), &overrides) {
                 Ok(s) => s,
-                Err(e) => {
-                    eprintln!("cabinet-hub: {e:#}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
-            telemetry::init(&settings.log);
-            private_umask();
             match actix_web::rt::System::new()
                 .block_on(cabinet_hub::simulators::serve(settings, listen))
             {

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::report::{curve_svg, CurvePoint, Report};
-use crate::scenarios::{price_fleet, setup, shop, wait_online, wait_orders, Ctx, Fleet};
+use crate::scenarios::{shop, shopping_fleet, wait_orders, Ctx};
 
 /// Unlock p99 at or below this, nothing refused, nothing lost: the step is within capacity.
 const P99_TARGET_MS: f64 = 50.0;
@@ -31,16 +31,7 @@ pub async fn capacity(
                "svg": svg.map(|p| p.display().to_string())}),
     );
     let hub = Arc::new(ctx.hub().await?);
-    let (op, cabs) = setup(&hub, cabinets, &mut r).await?;
-    price_fleet(&hub, &op, &cabs).await?;
-    let items = json!([{"sku": "6901234567890", "qty": 1}, {"sku": "6907992100012", "qty": 1}]);
-    let fleet = Fleet::start(
-        &hub,
-        &cabs,
-        ctx.behaviour(items, Duration::from_millis(1500)),
-    );
-    wait_online(&hub, cabinets, ctx.online_within(cabinets)).await?;
-    ctx.settle().await;
+    let (op, cabs, fleet) = shopping_fleet(ctx, &hub, cabinets, &mut r).await?;
 
     let mut paid_before = 0u64;
     let mut knee: Option<CurvePoint> = None;

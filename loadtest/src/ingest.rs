@@ -18,7 +18,9 @@ use tokio::time::Instant;
 use crate::hub::{FleetCabinet, Hub};
 use crate::mqtt::{Conn, Login};
 use crate::report::{histogram, Report};
-use crate::scenarios::{connect_publishers, mosquitto, setup, wait_online, Ctx, LOOPBACK};
+use crate::scenarios::{
+    connect_publishers, count_heartbeats_at, mosquitto, setup, wait_online, Ctx,
+};
 
 /// How long a publisher waits for its next PUBACK with messages in flight before calling the
 /// broker stuck. Held by back-pressure, a publisher waits as long as the hub takes to read the
@@ -347,6 +349,16 @@ pub async fn ungated(
     if client == Client::MosquittoPub && mode != Mode::Burst {
         bail!("--client mosquitto-pub sends bursts only (--mode burst)");
     }
+    // This tool's own publishers, the same for the hub and for Mosquitto.
+    let own = |conns| {
+        run_publishers(
+            conns,
+            window,
+            plan(mode, messages, rate, publishers, duration),
+            0,
+            Arc::new(AtomicU64::new(0)),
+        )
+    };
     let hub = Arc::new(ctx.hub().await?);
     let (_, cabs) = setup(&hub, publishers, &mut r).await?;
     let conns = online_publishers(&hub, &cabs).await?;
@@ -357,16 +369,7 @@ pub async fn ungated(
     let cpu0 = hub.cpu_seconds();
     let t0 = Instant::now();
     let run = match client {
-        Client::Own => {
-            run_publishers(
-                conns,
-                window,
-                plan(mode, messages, rate, publishers, duration),
-                0,
-                Arc::new(AtomicU64::new(0)),
-            )
-            .await?
-        }
+        Client::Own => own(conns).await?,
         Client::MosquittoPub => {
             // Each cabinet's own connection goes; mosquitto_pub connects as the cabinet.
             drop(conns);
@@ -415,47 +418,14 @@ pub async fn ungated(
     }
     drop(hub);
 
-    // Mosquitto: the same publishers, plan and payloads; one subscriber, QoS 0 like the hub's
-    // own link (it acknowledges nothing, so its PUBACKs do not pace the relay).
+    // Mosquitto: the same publishers, plan and payloads; one subscriber.
     let m = mosquitto(mosquitto_addr).await?;
-    let mut sub = Conn::connect(
-        m.addr,
-        LOOPBACK,
-        Login {
-            client_id: "lt-subscriber",
-            credentials: None,
-            keep_alive: 60,
-            will: None,
-        },
-    )
-    .await?;
-    sub.subscribe_qos("/tenants/+/heartbeat", rumqttc::mqttbytes::QoS::AtMostOnce)
-        .await?;
-    let received = Arc::new(AtomicU64::new(0));
-    let rcv = received.clone();
-    let sub_task = tokio::spawn(async move {
-        while let Ok(p) = sub.read().await {
-            if let Packet::Publish(p) = p {
-                rcv.fetch_add(1, Ordering::Relaxed);
-                if p.pkid != 0 && sub.puback(p.pkid).await.is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (received, sub_task) = count_heartbeats_at(m.addr).await?;
     let t0 = Instant::now();
     let run = match client {
         Client::Own => {
             let conns = connect_publishers(m.addr, &cabs, false).await?;
-            run_publishers(
-                conns,
-                window,
-                plan(mode, messages, rate, publishers, duration),
-                0,
-                Arc::new(AtomicU64::new(0)),
-            )
-            .await?
+            own(conns).await?
         }
         Client::MosquittoPub => mosquitto_pub_burst(m.addr, &cabs, false, messages, window).await?,
     };

@@ -544,30 +544,7 @@ pub async fn ingest(
 
     // Mosquitto: the same publishers and payloads, one subscriber.
     let m = mosquitto(mosquitto_addr).await?;
-    let sub_login = Login {
-        client_id: "lt-subscriber",
-        credentials: None,
-        keep_alive: 60,
-        will: None,
-    };
-    let mut sub = Conn::connect(m.addr, LOOPBACK, sub_login).await?;
-    // QoS 0 to the subscriber: like the hub's internal link, it acknowledges nothing, so the
-    // subscriber's own PUBACKs do not limit the relay.
-    sub.subscribe_qos("/tenants/+/heartbeat", rumqttc::mqttbytes::QoS::AtMostOnce)
-        .await?;
-    let received = Arc::new(AtomicU64::new(0));
-    let rcv = received.clone();
-    let sub_task = tokio::spawn(async move {
-        while let Ok(p) = sub.read().await {
-            if let Packet::Publish(p) = p {
-                rcv.fetch_add(1, Ordering::Relaxed);
-                if p.pkid != 0 && sub.puback(p.pkid).await.is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (received, sub_task) = count_heartbeats_at(m.addr).await?;
     let conns = connect_publishers(m.addr, &cabs, false).await?;
     let r0 = received.load(Ordering::Relaxed);
     let (_, elapsed) = run_gated(conns, window, per_publisher, duration, |gate, until| {
@@ -586,6 +563,38 @@ pub async fn ingest(
     r.fig("mosquitto_delivered_per_s", mrate, "msg/s");
     r.fig("hub_vs_mosquitto", hub_rate / mrate.max(1.0), "×");
     Ok(r)
+}
+
+/// One subscriber to every cabinet's heartbeats on the baseline broker at `addr`, counting what
+/// it receives; returns the count and the task (abort it when done). QoS 0, like the hub's
+/// internal link: it acknowledges nothing, so its own PUBACKs do not limit the relay.
+pub(crate) async fn count_heartbeats_at(
+    addr: SocketAddr,
+) -> Result<(Arc<AtomicU64>, tokio::task::JoinHandle<()>)> {
+    let sub_login = Login {
+        client_id: "lt-subscriber",
+        credentials: None,
+        keep_alive: 60,
+        will: None,
+    };
+    let mut sub = Conn::connect(addr, LOOPBACK, sub_login).await?;
+    sub.subscribe_qos("/tenants/+/heartbeat", rumqttc::mqttbytes::QoS::AtMostOnce)
+        .await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let rcv = received.clone();
+    let task = tokio::spawn(async move {
+        while let Ok(p) = sub.read().await {
+            if let Packet::Publish(p) = p {
+                rcv.fetch_add(1, Ordering::Relaxed);
+                if p.pkid != 0 && sub.puback(p.pkid).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    // The subscription is in place before anything is published.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok((received, task))
 }
 
 /// Two probe clients bouncing a message through a broker on the same machine: the bare MQTT
@@ -880,6 +889,27 @@ pub(crate) async fn wait_orders(hub: &Hub, want: u64, within: Duration) -> Resul
     }
 }
 
+/// `n` priced cabinets online, each taking two items a visit with the door open 1.5 s, settled:
+/// the rush's fleet. Returns the operator key, the cabinets and the running fleet.
+pub(crate) async fn shopping_fleet(
+    ctx: &Ctx,
+    hub: &Hub,
+    n: usize,
+    r: &mut Report,
+) -> Result<(String, Vec<FleetCabinet>, Fleet)> {
+    let (op, cabs) = setup(hub, n, r).await?;
+    price_fleet(hub, &op, &cabs).await?;
+    let items = json!([{"sku": "6901234567890", "qty": 1}, {"sku": "6907992100012", "qty": 1}]);
+    let fleet = Fleet::start(
+        hub,
+        &cabs,
+        ctx.behaviour(items, Duration::from_millis(1500)),
+    );
+    wait_online(hub, n, ctx.online_within(n)).await?;
+    ctx.settle().await;
+    Ok((op, cabs, fleet))
+}
+
 /// `shopping-rush`: sessions at `rate`/s across the fleet; request → unlock-ack latency beside
 /// the bare MQTT round trip measured on the same broker at the same time.
 pub async fn shopping_rush(ctx: &Ctx, n: usize, rate: f64, duration: Duration) -> Result<Report> {
@@ -888,17 +918,8 @@ pub async fn shopping_rush(ctx: &Ctx, n: usize, rate: f64, duration: Duration) -
         json!({"cabinets": n, "rate_per_s": rate, "duration_s": duration.as_secs()}),
     );
     let hub = Arc::new(ctx.hub().await?);
-    let (op, cabs) = setup(&hub, n, &mut r).await?;
     let floor_broker = mosquitto(None).await?;
-    price_fleet(&hub, &op, &cabs).await?;
-    let items = json!([{"sku": "6901234567890", "qty": 1}, {"sku": "6907992100012", "qty": 1}]);
-    let fleet = Fleet::start(
-        &hub,
-        &cabs,
-        ctx.behaviour(items, Duration::from_millis(1500)),
-    );
-    wait_online(&hub, n, ctx.online_within(n)).await?;
-    ctx.settle().await;
+    let (op, cabs, fleet) = shopping_fleet(ctx, &hub, n, &mut r).await?;
 
     let until = Instant::now() + duration;
     let floor = {
