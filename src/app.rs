@@ -142,7 +142,8 @@ impl Application {
                     "database.url (HUB__DATABASE__URL): cannot open {}",
                     redact(&url)
                 )
-            })?;
+            })?
+            .with_cache_ttl(Duration::from_millis(settings.database.cache_ttl_ms));
         if let Some(db) = &sqlite_file {
             // -wal and -shm exist now: created with the database file's mode, or left by an
             // older version.

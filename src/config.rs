@@ -98,8 +98,9 @@ pub struct MqttSettings {
     /// Connection limit of the broker.
     pub max_connections: usize,
     /// `HUB__MQTT__UPLINK_BUFFER_MIB`: how much uplink (topic + payload bytes) the broker
-    /// holds for the hub while it has not read it yet; a burst beyond it is lost. Real memory
-    /// is about twice this once full.
+    /// holds for the hub while it has not read it yet; a burst beyond it is held back at the
+    /// publishing cabinets (no PUBACK until there is room). Real memory is about twice this
+    /// once full.
     pub uplink_buffer_mib: usize,
 }
 
@@ -112,6 +113,15 @@ pub struct DatabaseSettings {
     pub url: Option<String>,
     /// Pool size.
     pub max_connections: u32,
+    /// `HUB__DATABASE__CACHE_TTL_MS`: how long a cabinet, its sellable list and its merchant's
+    /// promotions and payment terms may be served from memory after another node (or a hand
+    /// edit) changed them; this node's own writes apply at once. 0: read every time.
+    #[serde(default = "default_cache_ttl_ms")]
+    pub cache_ttl_ms: u64,
+}
+
+fn default_cache_ttl_ms() -> u64 {
+    2_000
 }
 
 /// `[redis]`

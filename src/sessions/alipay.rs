@@ -19,6 +19,7 @@ impl Sessions {
     pub(super) async fn alipay_confirm(
         &self,
         s: &SessionRow,
+        order: &OrderRow,
         terms: Option<&PaymentTerms>,
     ) -> ApiResult<()> {
         let (Some(a), Some(terms)) = (self.providers.alipay.clone(), terms) else {
@@ -39,9 +40,7 @@ impl Sessions {
             }
             Ok(v) => {
                 if let Some(id) = v["credit_biz_order_id"].as_str() {
-                    if let Ok(Some(o)) = self.store.order_of_session(&s.id).await {
-                        let _ = self.store.set_provider_order(&o.id, id).await;
-                    }
+                    let _ = self.store.set_provider_order(&order.id, id).await;
                 }
                 let deadline = tokio::time::Instant::now()
                     + Duration::from_millis(self.settings.payments.confirm_timeout_ms);
@@ -60,7 +59,7 @@ impl Sessions {
                 }
             }
         };
-        self.after_confirmation(s, confirmed).await
+        self.after_confirmation(s, order, confirmed).await
     }
 
     async fn credit_order_id(&self, session_id: &str) -> Option<String> {

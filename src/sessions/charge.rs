@@ -37,10 +37,8 @@ impl Sessions {
         paid: Option<(i64, Option<&str>)>,
     ) -> Result<(), StoreError> {
         let order_id = o.id.as_str();
-        let Some(s) = self.store.session(&o.session_id).await? else {
-            return Ok(());
-        };
-        let step = match super::lifecycle(&s, o)?.transition(&event) {
+        let life = super::payment_lifecycle(o)?;
+        let step = match life.transition(&event) {
             Ok(step) => step,
             Err(refusal) => {
                 tracing::info!(order_id, %refusal, "payment outcome changes nothing");
@@ -62,7 +60,7 @@ impl Sessions {
             }
             _ => {
                 if self
-                    .apply(&s, o, &event, OrderUpdate::default())
+                    .apply_to(&o.session_id, life, o, &event, OrderUpdate::default())
                     .await?
                     .is_none()
                 {

@@ -32,14 +32,10 @@ impl Sessions {
     /// Refuses a shopper on the blacklist, and adds one whose unpaid orders are too many or
     /// too old.
     pub(super) async fn check_blacklist(&self, merchant_id: &str, user_id: &str) -> ApiResult<()> {
-        let (listed, unpaid) = tokio::join!(
-            self.store.blacklisted(merchant_id, user_id),
-            self.store.unpaid(merchant_id, user_id)
-        );
-        if let Some(reason) = listed? {
+        let (listed, n, oldest) = self.store.standing(merchant_id, user_id).await?;
+        if let Some(reason) = listed {
             return Err(blacklisted(&reason));
         }
-        let (n, oldest) = unpaid?;
         let p = &self.settings.payments;
         let too_old = oldest.is_some_and(|t| self.now() - t >= p.blacklist_after_ms as i64);
         if n > 0 && (n >= i64::from(p.blacklist_unpaid_orders) || too_old) {
@@ -68,14 +64,15 @@ impl Sessions {
     /// An order was paid: a shopper with nothing left unpaid comes off the automatic blacklist.
     pub(super) async fn paid(&self, o: &OrderRow) {
         self.metrics.orders.with_label_values(&["paid"]).inc();
-        if let Ok((0, _)) = self.store.unpaid(&o.merchant_id, &o.user_id).await {
-            if self
-                .store
-                .blacklist_remove(&o.merchant_id, &o.user_id, true)
-                .await
-                .unwrap_or(false)
-            {
-                tracing::info!(user_id = %o.user_id, "shopper paid; removed from the blacklist");
+        match self.store.release_paid_up(&o.merchant_id, &o.user_id).await {
+            Ok(true) => {
+                tracing::info!(user_id = %o.user_id, "shopper paid; removed from the blacklist")
+            }
+            Ok(false) => {}
+            // The next start's check finds nothing unpaid either way; the entry is the
+            // operator's to remove until then.
+            Err(e) => {
+                tracing::warn!(user_id = %o.user_id, error = %e, "paid shopper not released")
             }
         }
     }

@@ -123,11 +123,23 @@ impl Sessions {
         event: &Event,
         order_set: OrderUpdate<'_>,
     ) -> Result<Option<Step>, StoreError> {
-        let life = lifecycle(s, o)?;
+        self.apply_to(&s.id, lifecycle(s, o)?, o, event, order_set)
+            .await
+    }
+
+    /// [`Sessions::apply`] to the session `session_id` in lifecycle `life`.
+    async fn apply_to(
+        &self,
+        session_id: &str,
+        life: Lifecycle,
+        o: &OrderRow,
+        event: &Event,
+        order_set: OrderUpdate<'_>,
+    ) -> Result<Option<Step>, StoreError> {
         let step = match life.transition(event) {
             Ok(step) => step,
             Err(refusal) => {
-                tracing::info!(session_id = %s.id, order_id = %o.id, %refusal, "event changes nothing");
+                tracing::info!(session_id, order_id = %o.id, %refusal, "event changes nothing");
                 return Ok(None);
             }
         };
@@ -153,7 +165,7 @@ impl Sessions {
         };
         if let Some(m) = session_first {
             self.store
-                .transition_session(&s.id, m.from.as_str(), m.to.as_str(), failure, now)
+                .transition_session(session_id, m.from.as_str(), m.to.as_str(), failure, now)
                 .await?;
         }
         let mut took = true;
@@ -172,7 +184,7 @@ impl Sessions {
         if let Some(m) = session_last {
             let moved = self
                 .store
-                .transition_session(&s.id, m.from.as_str(), m.to.as_str(), None, now)
+                .transition_session(session_id, m.from.as_str(), m.to.as_str(), None, now)
                 .await?;
             if step.order.is_none() {
                 took = moved.is_some();
@@ -191,6 +203,29 @@ fn boot_id() -> String {
             .map(|d| d.as_nanos())
             .unwrap_or_default();
         format!("p{}-{nanos}", std::process::id())
+    })
+}
+
+/// The lifecycle a payment outcome (completed, paid, deduction or completion failed) meets:
+/// the order's alone. Those events never read or move the session (see
+/// `cabinet_actors::session`), so the session's row is not read for them; `Closed` stands in.
+fn payment_lifecycle(o: &OrderRow) -> Result<Lifecycle, StoreError> {
+    let corrupt = |what: &str, v: &str| StoreError::Corrupt(format!("{what} {v:?} of {}", o.id));
+    let channel = o
+        .channel
+        .parse::<Channel>()
+        .map_err(|_| corrupt("channel", &o.channel))?;
+    Ok(Lifecycle {
+        mode: match channel {
+            Channel::None => SessionMode::Restock,
+            Channel::Wechat | Channel::Alipay => SessionMode::Purchase,
+        },
+        channel,
+        session: SessionState::Closed,
+        order: o
+            .status
+            .parse::<OrderStatus>()
+            .map_err(|_| corrupt("order status", &o.status))?,
     })
 }
 

@@ -465,6 +465,7 @@ impl Sessions {
     pub(super) async fn after_confirmation(
         &self,
         s: &SessionRow,
+        o: &OrderRow,
         confirmed: bool,
     ) -> ApiResult<()> {
         self.confirmations
@@ -480,12 +481,9 @@ impl Sessions {
                 )
                 .await);
         }
-        let o = self
-            .store
-            .order_of_session(&s.id)
-            .await?
-            .ok_or_else(|| ApiError::internal("the session's order vanished"))?;
-        self.apply(s, &o, &Event::Confirmed, OrderUpdate::default())
+        // The order as the start stored it: nothing moves an order before its door opened, and
+        // the confirmation moves only the session (conditionally on its state).
+        self.apply(s, o, &Event::Confirmed, OrderUpdate::default())
             .await?;
         Ok(())
     }
@@ -519,11 +517,11 @@ impl Sessions {
         timings: &mut StartTimings,
     ) -> ApiResult<(Box<RawValue>, bool)> {
         if s.channel == Channel::Alipay.as_str() {
-            self.alipay_confirm(s, terms).await?;
+            self.alipay_confirm(s, order, terms).await?;
             timings.lap("provider");
         }
         if s.channel == Channel::Wechat.as_str() {
-            self.wechat_confirm(s, terms, timings).await?;
+            self.wechat_confirm(s, order, terms, timings).await?;
         }
         let cid = CabinetId::parse(&s.cabinet_id)
             .map_err(|_| ApiError::internal("stored cabinet id invalid"))?;
@@ -573,6 +571,7 @@ impl Sessions {
     async fn wechat_confirm(
         &self,
         s: &SessionRow,
+        order: &OrderRow,
         terms: Option<&PaymentTerms>,
         timings: &mut StartTimings,
     ) -> ApiResult<()> {
@@ -620,7 +619,7 @@ impl Sessions {
         timings.lap("provider");
         let confirmed = self.wechat_confirmed(&w, &terms.sub_mchid, &s.id, rx).await;
         timings.lap("confirm");
-        self.after_confirmation(s, confirmed).await?;
+        self.after_confirmation(s, order, confirmed).await?;
         timings.lap("confirmed");
         Ok(())
     }

@@ -68,6 +68,8 @@ impl Store {
         name: &str,
         now: i64,
     ) -> Result<()> {
+        // Product names are part of every cabinet's cached list.
+        let _fresh = self.caches.prices.clearing();
         sqlx::query(
             "INSERT INTO products (merchant_id, sku, name, updated_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (merchant_id, sku) DO UPDATE SET name = excluded.name, updated_at = excluded.updated_at",
@@ -100,6 +102,7 @@ impl Store {
         items: &[(String, i64)],
         now: i64,
     ) -> Result<()> {
+        let _fresh = self.caches.prices.clearing();
         let mut tx = self.writer.begin().await?;
         sqlx::query("DELETE FROM cabinet_prices WHERE cabinet_id = $1")
             .bind(cabinet_id)
@@ -121,6 +124,18 @@ impl Store {
 
     /// A cabinet's sellable list with product names.
     pub async fn prices(
+        &self,
+        cabinet_id: &str,
+        merchant_id: &str,
+    ) -> Result<BTreeMap<String, ListPrice>> {
+        let key = (cabinet_id.to_owned(), merchant_id.to_owned());
+        self.caches
+            .prices
+            .get_or_load(&key, || self.prices_stored(cabinet_id, merchant_id))
+            .await
+    }
+
+    async fn prices_stored(
         &self,
         cabinet_id: &str,
         merchant_id: &str,
@@ -149,6 +164,7 @@ impl Store {
 
     /// Publishes a promotion.
     pub async fn create_promotion(&self, p: &PromotionRow) -> Result<()> {
+        let _fresh = self.caches.promotions.invalidating(p.merchant_id.clone());
         let rule = serde_json::to_string(&p.rule).map_err(corrupt)?;
         let cabinets = p
             .cabinet_ids
@@ -171,6 +187,7 @@ impl Store {
 
     /// Ends a promotion now; returns false when it had already ended.
     pub async fn end_promotion(&self, id: &str, now: i64) -> Result<bool> {
+        let _fresh = self.caches.promotions.clearing();
         let r =
             sqlx::query("UPDATE promotions SET ended_at = $2 WHERE id = $1 AND ended_at IS NULL")
                 .bind(id)
@@ -217,18 +234,29 @@ impl Store {
     }
 
     /// The merchant's promotions that are published, not ended, and apply to this cabinet.
-    /// Read fresh for every pricing, so a promotion applies from the next basket on.
+    /// A promotion published or ended on this node applies from the next basket on.
     pub async fn promotions_for(
         &self,
         merchant_id: &str,
         cabinet_id: &str,
     ) -> Result<Vec<Promotion>> {
-        Ok(self
-            .promotions(Some(merchant_id))
-            .await?
-            .into_iter()
-            .filter(|p| p.ended_at.is_none() && p.applies_to(cabinet_id))
-            .map(|p| p.promotion())
+        let live = self
+            .caches
+            .promotions
+            .get_or_load(&merchant_id.to_owned(), || async {
+                Ok::<_, StoreError>(
+                    self.promotions(Some(merchant_id))
+                        .await?
+                        .into_iter()
+                        .filter(|p| p.ended_at.is_none())
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .await?;
+        Ok(live
+            .iter()
+            .filter(|p| p.applies_to(cabinet_id))
+            .map(PromotionRow::promotion)
             .collect())
     }
 }

@@ -2,6 +2,7 @@
 //! column types only (BIGINT, TEXT, DOUBLE PRECISION; money in fen, times in Unix ms, flags 0/1).
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Row, SqlSafeStr};
 
 use cabinet_actors::alert::{ActiveAlert, AlertType};
+use cabinet_actors::pricing::ListPrice;
 use cabinet_actors::protocol::CabinetConfig;
 
 /// A storage failure.
@@ -41,6 +43,7 @@ pub(crate) fn conflict_or(e: sqlx::Error) -> StoreError {
 
 pub(crate) type Result<T> = std::result::Result<T, StoreError>;
 
+mod cache;
 mod catalog;
 mod keys;
 mod sessions;
@@ -196,7 +199,35 @@ pub struct Store {
     pub(crate) writer: AnyPool,
     postgres: bool,
     changes: Option<tokio::sync::mpsc::UnboundedSender<Change>>,
+    caches: std::sync::Arc<Caches>,
 }
+
+/// What a purchase reads and people rarely change (see [`cache`]).
+#[derive(Debug)]
+struct Caches {
+    cabinets: cache::Cached<String, Option<CabinetRow>>,
+    /// By cabinet and merchant (the merchant names the products).
+    prices: cache::Cached<(String, String), BTreeMap<String, ListPrice>>,
+    /// A merchant's promotions that have not ended.
+    promotions: cache::Cached<String, Vec<PromotionRow>>,
+    /// A merchant's payment settings.
+    terms: cache::Cached<String, Option<(i64, Option<String>)>>,
+}
+
+impl Caches {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            cabinets: cache::Cached::new(ttl),
+            prices: cache::Cached::new(ttl),
+            promotions: cache::Cached::new(ttl),
+            terms: cache::Cached::new(ttl),
+        }
+    }
+}
+
+/// How long a cached row may be served after another node (or a hand edit) changed it; this
+/// node's own writes apply at once.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(2);
 
 /// A committed change to a session or an order with the row as committed, announced after the
 /// commit so that the operator feed shows only what is durable.
@@ -212,6 +243,9 @@ fn pool_options(postgres: bool, max_connections: u32) -> AnyPoolOptions {
     AnyPoolOptions::new()
         .max_connections(max_connections.max(1))
         .acquire_timeout(Duration::from_secs(10))
+        // A SQLite connection is a file handle in this process and cannot go stale; pinging it
+        // before every statement was a second round trip to its worker thread per query.
+        .test_before_acquire(postgres)
         .after_connect(move |conn, _| {
             Box::pin(async move {
                 if !postgres {
@@ -247,7 +281,15 @@ impl Store {
             writer,
             postgres,
             changes: None,
+            caches: std::sync::Arc::new(Caches::new(DEFAULT_CACHE_TTL)),
         })
+    }
+
+    /// Serves the cached rows (see [`cache`]) for at most `ttl` after another node changed
+    /// them; zero reads storage every time. Call before the store is cloned.
+    pub fn with_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.caches = std::sync::Arc::new(Caches::new(ttl));
+        self
     }
 
     /// Announces every later committed session and order change on `tx`. Call before the
@@ -284,6 +326,7 @@ impl Store {
 
     /// Creates a merchant.
     pub async fn create_merchant(&self, m: &MerchantRow) -> Result<()> {
+        let _fresh = self.caches.terms.invalidating(m.id.clone());
         sqlx::query(
             "INSERT INTO merchants (id, name, commission_bps, created_at) VALUES ($1, $2, $3, $4)",
         )
@@ -388,17 +431,23 @@ impl Store {
             .await
             .map_err(conflict_or)?;
         insert_config(&mut tx, &c.id, config, c.created_at, by).await?;
+        let _fresh = self.caches.cabinets.invalidating(c.id.clone());
         tx.commit().await?;
         Ok(())
     }
 
     /// A cabinet by id.
     pub async fn cabinet(&self, id: &str) -> Result<Option<CabinetRow>> {
-        let row = sqlx::query("SELECT * FROM cabinets WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| cabinet_row(&r)).transpose()
+        self.caches
+            .cabinets
+            .get_or_load(&id.to_owned(), || async {
+                let row = sqlx::query("SELECT * FROM cabinets WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(|r| cabinet_row(&r)).transpose()
+            })
+            .await
     }
 
     /// Cabinets, optionally of one merchant, by id.
@@ -421,6 +470,7 @@ impl Store {
 
     /// Activates a registered cabinet; returns false when it was already active.
     pub async fn activate_cabinet(&self, id: &str, now: i64, expires_at: i64) -> Result<bool> {
+        let _fresh = self.caches.cabinets.invalidating(id.to_owned());
         let r = sqlx::query("UPDATE cabinets SET active = 1, activated_at = $2, service_expires_at = COALESCE(service_expires_at, $3) WHERE id = $1 AND active = 0")
             .bind(id)
             .bind(now)
@@ -432,6 +482,7 @@ impl Store {
 
     /// Replaces a cabinet's MQTT secret (its hash).
     pub async fn set_cabinet_secret(&self, id: &str, secret_hash: &str) -> Result<bool> {
+        let _fresh = self.caches.cabinets.invalidating(id.to_owned());
         let r = sqlx::query("UPDATE cabinets SET secret_hash = $2 WHERE id = $1")
             .bind(id)
             .bind(secret_hash)
@@ -442,6 +493,7 @@ impl Store {
 
     /// Sets the service expiry.
     pub async fn set_service_expiry(&self, id: &str, expires_at: i64) -> Result<()> {
+        let _fresh = self.caches.cabinets.invalidating(id.to_owned());
         sqlx::query("UPDATE cabinets SET service_expires_at = $2 WHERE id = $1")
             .bind(id)
             .bind(expires_at)
@@ -453,6 +505,7 @@ impl Store {
     /// Records that a cabinet came online (`Some(at)`) or went offline (`None`), for the
     /// start-up sweep after a restart.
     pub async fn set_cabinet_online(&self, id: &str, online_at: Option<i64>) -> Result<()> {
+        let _fresh = self.caches.cabinets.invalidating(id.to_owned());
         sqlx::query("UPDATE cabinets SET online_at = $2 WHERE id = $1")
             .bind(id)
             .bind(online_at)

@@ -174,18 +174,24 @@ impl Store {
         &self,
         merchant_id: &str,
     ) -> Result<Option<(i64, Option<String>)>> {
-        let row =
-            sqlx::query("SELECT risk_ceiling_fen, wechat_sub_mchid FROM merchants WHERE id = $1")
+        self.caches
+            .terms
+            .get_or_load(&merchant_id.to_owned(), || async {
+                let row = sqlx::query(
+                    "SELECT risk_ceiling_fen, wechat_sub_mchid FROM merchants WHERE id = $1",
+                )
                 .bind(merchant_id)
                 .fetch_optional(&self.pool)
                 .await?;
-        row.map(|r| {
-            Ok((
-                r.try_get("risk_ceiling_fen")?,
-                r.try_get("wechat_sub_mchid")?,
-            ))
-        })
-        .transpose()
+                row.map(|r| {
+                    Ok((
+                        r.try_get("risk_ceiling_fen")?,
+                        r.try_get("wechat_sub_mchid")?,
+                    ))
+                })
+                .transpose()
+            })
+            .await
     }
 
     /// Sets a merchant's payment settings.
@@ -195,6 +201,7 @@ impl Store {
         risk_ceiling_fen: i64,
         sub_mchid: Option<&str>,
     ) -> Result<()> {
+        let _fresh = self.caches.terms.invalidating(merchant_id.to_owned());
         sqlx::query(
             "UPDATE merchants SET risk_ceiling_fen = $2, wechat_sub_mchid = $3 WHERE id = $1",
         )
@@ -625,25 +632,42 @@ impl Store {
         Ok(())
     }
 
-    /// A shopper's unpaid orders at a merchant: (how many, the oldest's creation time).
-    pub async fn unpaid(&self, merchant_id: &str, user_id: &str) -> Result<(i64, Option<i64>)> {
-        let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM orders WHERE merchant_id = $1 AND user_id = $2 AND status = 'pending_payment'")
-            .bind(merchant_id)
-            .bind(user_id)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok((row.try_get("n")?, row.try_get("oldest")?))
+    /// A shopper's standing at a merchant, in one read: the blacklist entry's reason, if any,
+    /// and the unpaid orders (how many, the oldest's creation time).
+    pub async fn standing(
+        &self,
+        merchant_id: &str,
+        user_id: &str,
+    ) -> Result<(Option<String>, i64, Option<i64>)> {
+        let row = sqlx::query(
+            "SELECT (SELECT reason FROM blacklist WHERE merchant_id = $1 AND user_id = $2) AS reason, \
+             COUNT(*) AS n, MIN(created_at) AS oldest FROM orders \
+             WHERE merchant_id = $1 AND user_id = $2 AND status = 'pending_payment'",
+        )
+        .bind(merchant_id)
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((
+            row.try_get("reason")?,
+            row.try_get("n")?,
+            row.try_get("oldest")?,
+        ))
     }
 
-    /// Whether a shopper is on a merchant's blacklist.
-    pub async fn blacklisted(&self, merchant_id: &str, user_id: &str) -> Result<Option<String>> {
-        let row =
-            sqlx::query("SELECT reason FROM blacklist WHERE merchant_id = $1 AND user_id = $2")
-                .bind(merchant_id)
-                .bind(user_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(|r| Ok(r.try_get("reason")?)).transpose()
+    /// Takes a shopper with nothing left unpaid off the automatic blacklist (an operator's own
+    /// entry stays), in one conditional write; true when an entry went.
+    pub async fn release_paid_up(&self, merchant_id: &str, user_id: &str) -> Result<bool> {
+        let r = sqlx::query(
+            "DELETE FROM blacklist WHERE merchant_id = $1 AND user_id = $2 AND automatic = 1 \
+             AND NOT EXISTS (SELECT 1 FROM orders WHERE merchant_id = $1 AND user_id = $2 \
+             AND status = 'pending_payment')",
+        )
+        .bind(merchant_id)
+        .bind(user_id)
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected() == 1)
     }
 
     /// Adds a shopper to a merchant's blacklist (no-op when already there).

@@ -1,0 +1,209 @@
+//! Read-through caches of the rows every purchase reads and people rarely change: a cabinet,
+//! its sellable list, its merchant's promotions and payment terms.
+//!
+//! Every write to those rows goes through this store, which drops what it changed before it
+//! answers, so on one node a change applies from the next read on. A second node's write (or a
+//! hand edit of the database) is seen within the time-to-live. A load that raced a write is not
+//! kept: each cache has a generation, bumped by every invalidation, and a loaded value is kept
+//! only when the generation it was read under is still current. API keys are never cached
+//! (a revocation must not be outlived).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// More entries than this and the cache starts over: a bound, not an eviction policy, as the
+/// working set (cabinets and merchants in use) is far smaller on any real fleet.
+const MAX_ENTRIES: usize = 200_000;
+
+/// One cache.
+#[derive(Debug)]
+pub(crate) struct Cached<K, V> {
+    inner: Mutex<Inner<K, V>>,
+    ttl: Duration,
+}
+
+#[derive(Debug)]
+struct Inner<K, V> {
+    map: HashMap<K, (Instant, V)>,
+    generation: u64,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Cached<K, V> {
+    /// A cache whose entries live `ttl`; zero turns it off.
+    pub(crate) fn new(ttl: Duration) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                map: HashMap::new(),
+                generation: 0,
+            }),
+            ttl,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<K, V>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The value for `key`: kept when fresh, else loaded and kept.
+    pub(crate) async fn get_or_load<E, F, Fut>(&self, key: &K, load: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
+        if self.ttl.is_zero() {
+            return load().await;
+        }
+        let generation = {
+            let inner = self.lock();
+            if let Some((at, v)) = inner.map.get(key) {
+                if at.elapsed() < self.ttl {
+                    return Ok(v.clone());
+                }
+            }
+            inner.generation
+        };
+        let loaded_at = Instant::now();
+        let v = load().await?;
+        let mut inner = self.lock();
+        if inner.generation == generation {
+            if inner.map.len() >= MAX_ENTRIES {
+                inner.map.clear();
+            }
+            inner.map.insert(key.clone(), (loaded_at, v.clone()));
+        }
+        Ok(v)
+    }
+
+    /// Drops `key`, and any load in flight.
+    pub(crate) fn invalidate(&self, key: &K) {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        inner.map.remove(key);
+    }
+
+    /// Drops everything, and any load in flight.
+    pub(crate) fn clear(&self) {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        inner.map.clear();
+    }
+
+    /// Drops `key` when the returned guard goes, at the end of the write that holds it: after
+    /// the commit, so that no load that read the old row is kept (see [`Cached::invalidate`]),
+    /// and on every early return alike.
+    pub(crate) fn invalidating(&self, key: K) -> Invalidate<'_, K, V> {
+        Invalidate {
+            cache: self,
+            key: Some(key),
+        }
+    }
+
+    /// [`Cached::invalidating`] for every key.
+    pub(crate) fn clearing(&self) -> Invalidate<'_, K, V> {
+        Invalidate {
+            cache: self,
+            key: None,
+        }
+    }
+}
+
+/// See [`Cached::invalidating`].
+pub(crate) struct Invalidate<'a, K: Hash + Eq + Clone, V: Clone> {
+    cache: &'a Cached<K, V>,
+    /// `None`: every key.
+    key: Option<K>,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Drop for Invalidate<'_, K, V> {
+    fn drop(&mut self) {
+        match &self.key {
+            Some(k) => self.cache.invalidate(k),
+            None => self.cache.clear(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    async fn load(n: &AtomicU32, v: u32) -> Result<u32, ()> {
+        n.fetch_add(1, Ordering::SeqCst);
+        Ok(v)
+    }
+
+    #[tokio::test]
+    async fn a_fresh_value_is_read_once_and_an_invalidated_one_again() {
+        let c: Cached<&str, u32> = Cached::new(Duration::from_secs(60));
+        let n = AtomicU32::new(0);
+        assert_eq!(c.get_or_load(&"a", || load(&n, 1)).await, Ok(1));
+        assert_eq!(c.get_or_load(&"a", || load(&n, 2)).await, Ok(1));
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+        c.invalidate(&"a");
+        assert_eq!(c.get_or_load(&"a", || load(&n, 3)).await, Ok(3));
+        c.clear();
+        assert_eq!(c.get_or_load(&"a", || load(&n, 4)).await, Ok(4));
+        assert_eq!(n.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_load_that_raced_a_write_is_not_kept() {
+        let c: Cached<&str, u32> = Cached::new(Duration::from_secs(60));
+        let stale = c
+            .get_or_load(&"a", || async {
+                // The write lands while the old value is on its way back.
+                c.invalidate(&"a");
+                Ok::<_, ()>(1)
+            })
+            .await;
+        assert_eq!(stale, Ok(1));
+        let n = AtomicU32::new(0);
+        assert_eq!(c.get_or_load(&"a", || load(&n, 2)).await, Ok(2));
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_write_drops_the_row_when_it_ends_not_when_it_starts() {
+        let c: Cached<&str, u32> = Cached::new(Duration::from_secs(60));
+        let n = AtomicU32::new(0);
+        {
+            let _w = c.invalidating("a");
+            // A read during the write loads the old row; it must not outlive the write.
+            assert_eq!(c.get_or_load(&"a", || load(&n, 1)).await, Ok(1));
+        }
+        assert_eq!(c.get_or_load(&"a", || load(&n, 2)).await, Ok(2));
+        {
+            let _w = c.clearing();
+        }
+        assert_eq!(c.get_or_load(&"a", || load(&n, 3)).await, Ok(3));
+        assert_eq!(n.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_expired_value_and_a_zero_ttl_read_storage() {
+        let c: Cached<&str, u32> = Cached::new(Duration::from_millis(1));
+        let n = AtomicU32::new(0);
+        assert_eq!(c.get_or_load(&"a", || load(&n, 1)).await, Ok(1));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(c.get_or_load(&"a", || load(&n, 2)).await, Ok(2));
+        let off: Cached<&str, u32> = Cached::new(Duration::ZERO);
+        assert_eq!(off.get_or_load(&"a", || load(&n, 3)).await, Ok(3));
+        assert_eq!(off.get_or_load(&"a", || load(&n, 4)).await, Ok(4));
+        assert_eq!(n.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn errors_are_not_kept() {
+        let c: Cached<&str, u32> = Cached::new(Duration::from_secs(60));
+        assert_eq!(
+            c.get_or_load(&"a", || async { Err("down") }).await,
+            Err("down")
+        );
+        let n = AtomicU32::new(0);
+        assert_eq!(c.get_or_load(&"a", || load(&n, 1)).await, Ok(1));
+    }
+}
