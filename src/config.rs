@@ -114,14 +114,14 @@ pub struct DatabaseSettings {
     /// Pool size.
     pub max_connections: u32,
     /// `HUB__DATABASE__CACHE_TTL_MS`: how long a cabinet, its sellable list and its merchant's
-    /// promotions and payment terms may be served from memory after another node (or a hand
-    /// edit) changed them; this node's own writes apply at once. 0: read every time.
+    /// promotions and payment terms may be served from memory after a hand edit of the
+    /// database changed them; the hub's own writes apply at once. 0: read every time.
     #[serde(default = "default_cache_ttl_ms")]
     pub cache_ttl_ms: u64,
 }
 
 fn default_cache_ttl_ms() -> u64 {
-    2_000
+    60_000
 }
 
 /// `[redis]`

@@ -78,7 +78,7 @@ impl Store {
         .bind(sku)
         .bind(name)
         .bind(now)
-        .execute(&self.writer)
+        .execute(&mut *self.write().await?)
         .await?;
         Ok(())
     }
@@ -103,7 +103,8 @@ impl Store {
         now: i64,
     ) -> Result<()> {
         let _fresh = self.caches.prices.clearing();
-        let mut tx = self.writer.begin().await?;
+        let mut w = self.write().await?;
+        let mut tx = sqlx::Connection::begin(&mut *w).await?;
         sqlx::query("DELETE FROM cabinet_prices WHERE cabinet_id = $1")
             .bind(cabinet_id)
             .execute(&mut *tx)
@@ -179,7 +180,7 @@ impl Store {
             .bind(rule)
             .bind(cabinets)
             .bind(p.created_at)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await
             .map_err(conflict_or)?;
         Ok(())
@@ -192,7 +193,7 @@ impl Store {
             sqlx::query("UPDATE promotions SET ended_at = $2 WHERE id = $1 AND ended_at IS NULL")
                 .bind(id)
                 .bind(now)
-                .execute(&self.writer)
+                .execute(&mut *self.write().await?)
                 .await?;
         Ok(r.rows_affected() == 1)
     }

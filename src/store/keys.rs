@@ -104,14 +104,15 @@ impl Store {
         )
         .bind(id)
         .bind(at)
-        .execute(&self.writer)
+        .execute(&mut *self.write().await?)
         .await?;
         Ok(())
     }
 
     /// Revokes a key, never the last active admin key.
     pub async fn revoke_api_key(&self, id: &str, now: i64) -> Result<Revocation> {
-        let mut tx = self.writer.begin().await?;
+        let mut w = self.write().await?;
+        let mut tx = sqlx::Connection::begin(&mut *w).await?;
         self.lock_admin_keys(&mut tx).await?;
         let row = sqlx::query("SELECT role, revoked_at FROM api_keys WHERE id = $1")
             .bind(id)
@@ -144,7 +145,8 @@ impl Store {
         new_hash: &str,
         now: i64,
     ) -> Result<Option<ApiKeyRecord>> {
-        let mut tx = self.writer.begin().await?;
+        let mut w = self.write().await?;
+        let mut tx = sqlx::Connection::begin(&mut *w).await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM api_keys WHERE id = $1 AND revoked_at IS NULL"
         )))

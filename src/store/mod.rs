@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{AnyPool, Row, SqlSafeStr};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool, Connection, Row, SqlSafeStr};
 
 use cabinet_actors::alert::{ActiveAlert, AlertType};
 use cabinet_actors::pricing::ListPrice;
@@ -190,13 +191,8 @@ fn migrator(postgres: bool) -> Migrator {
 #[derive(Clone, Debug)]
 pub struct Store {
     pub(crate) pool: AnyPool,
-    /// Where every write goes. On SQLite a pool of one connection: SQLite takes one writer at a
-    /// time, so writes wait their turn in the pool's queue, in order, rather than each retrying
-    /// in SQLite's busy handler, and a transaction never meets SQLITE_BUSY from a sibling
-    /// connection of the same hub. (Measured on the 10,000-cabinet rush, the latency change was
-    /// within run-to-run noise; the point is the ordering and the absence of busy retries.) On
-    /// PostgreSQL the same pool as reads.
-    pub(crate) writer: AnyPool,
+    /// Where every write goes (see [`Writes`]).
+    writes: Writes,
     postgres: bool,
     changes: Option<tokio::sync::mpsc::UnboundedSender<Change>>,
     caches: std::sync::Arc<Caches>,
@@ -225,9 +221,48 @@ impl Caches {
     }
 }
 
-/// How long a cached row may be served after another node (or a hand edit) changed it; this
-/// node's own writes apply at once.
-pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(2);
+/// How long a cached row may be served after a hand edit of the database changed it; the
+/// hub's own writes apply at once. (Nodes that share a database must tell one another of their
+/// writes before they can share it: see docs/architecture.md.)
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// Where every write goes. On SQLite one connection, held for the life of the store: SQLite
+/// takes one writer at a time, so writes wait their turn on its lock, in order, rather than
+/// each retrying in SQLite's busy handler, and a transaction never meets SQLITE_BUSY from a
+/// sibling connection of the same hub. Held rather than pooled because a pool tests every
+/// connection it gets back (a ping: one more round trip to the connection's worker thread per
+/// statement, half the statement's cost on the purchase path). On PostgreSQL the pool of reads.
+#[derive(Clone, Debug)]
+enum Writes {
+    Held(std::sync::Arc<tokio::sync::Mutex<Option<AnyConnection>>>),
+    Pooled(AnyPool),
+}
+
+/// The connection one write uses (see [`Writes`]).
+pub(crate) enum WriteConn<'a> {
+    Held(tokio::sync::MappedMutexGuard<'a, AnyConnection>),
+    Pooled(PoolConnection<Any>),
+}
+
+impl std::ops::Deref for WriteConn<'_> {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        match self {
+            WriteConn::Held(c) => c,
+            WriteConn::Pooled(c) => c,
+        }
+    }
+}
+
+impl std::ops::DerefMut for WriteConn<'_> {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        match self {
+            WriteConn::Held(c) => c,
+            WriteConn::Pooled(c) => c,
+        }
+    }
+}
 
 /// A committed change to a session or an order with the row as committed, announced after the
 /// commit so that the operator feed shows only what is durable.
@@ -271,14 +306,18 @@ impl Store {
             .connect_with(options.clone())
             .await?;
         migrator(postgres).run(&pool).await?;
-        let writer = if postgres {
-            pool.clone()
+        let writes = if postgres {
+            Writes::Pooled(pool.clone())
         } else {
-            pool_options(postgres, 1).connect_with(options).await?
+            // The pool only opens it (with the pragmas every connection gets).
+            let opener = pool_options(postgres, 1).connect_with(options).await?;
+            let conn = opener.acquire().await?.detach();
+            opener.close().await;
+            Writes::Held(std::sync::Arc::new(tokio::sync::Mutex::new(Some(conn))))
         };
         Ok(Self {
             pool,
-            writer,
+            writes,
             postgres,
             changes: None,
             caches: std::sync::Arc::new(Caches::new(DEFAULT_CACHE_TTL)),
@@ -310,6 +349,19 @@ impl Store {
         self.postgres
     }
 
+    /// The connection for one write: waits for the SQLite writer's turn, or takes one of the
+    /// PostgreSQL pool's. After [`Store::close`], `PoolClosed`.
+    pub(crate) async fn write(&self) -> Result<WriteConn<'_>> {
+        match &self.writes {
+            Writes::Held(conn) => {
+                tokio::sync::MutexGuard::try_map(conn.lock().await, |c| c.as_mut())
+                    .map(WriteConn::Held)
+                    .map_err(|_| StoreError::Db(sqlx::Error::PoolClosed))
+            }
+            Writes::Pooled(pool) => Ok(WriteConn::Pooled(pool.acquire().await?)),
+        }
+    }
+
     /// Readiness probe.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -318,7 +370,16 @@ impl Store {
 
     /// Closes the pool, waiting for queries in flight.
     pub async fn close(&self) {
-        self.writer.close().await;
+        match &self.writes {
+            Writes::Held(conn) => {
+                if let Some(c) = conn.lock().await.take() {
+                    if let Err(e) = c.close().await {
+                        tracing::warn!(error = %e, "the write connection did not close cleanly");
+                    }
+                }
+            }
+            Writes::Pooled(pool) => pool.close().await,
+        }
         self.pool.close().await;
     }
 
@@ -334,7 +395,7 @@ impl Store {
         .bind(&m.name)
         .bind(m.commission_bps)
         .bind(m.created_at)
-        .execute(&self.writer)
+        .execute(&mut *self.write().await?)
         .await
         .map_err(conflict_or)?;
         Ok(())
@@ -375,7 +436,7 @@ impl Store {
             .bind(merchant_id)
             .bind(role)
             .bind(now)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await
             .map_err(conflict_or)?;
         Ok(())
@@ -419,7 +480,8 @@ impl Store {
         config: &CabinetConfig,
         by: &str,
     ) -> Result<()> {
-        let mut tx = self.writer.begin().await?;
+        let mut w = self.write().await?;
+        let mut tx = sqlx::Connection::begin(&mut *w).await?;
         sqlx::query("INSERT INTO cabinets (id, merchant_id, model, point, secret_hash, active, created_at) VALUES ($1, $2, $3, $4, $5, 0, $6)")
             .bind(&c.id)
             .bind(&c.merchant_id)
@@ -475,7 +537,7 @@ impl Store {
             .bind(id)
             .bind(now)
             .bind(expires_at)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -486,7 +548,7 @@ impl Store {
         let r = sqlx::query("UPDATE cabinets SET secret_hash = $2 WHERE id = $1")
             .bind(id)
             .bind(secret_hash)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -497,7 +559,7 @@ impl Store {
         sqlx::query("UPDATE cabinets SET service_expires_at = $2 WHERE id = $1")
             .bind(id)
             .bind(expires_at)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?;
         Ok(())
     }
@@ -509,7 +571,7 @@ impl Store {
         sqlx::query("UPDATE cabinets SET online_at = $2 WHERE id = $1")
             .bind(id)
             .bind(online_at)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?;
         Ok(())
     }
@@ -554,7 +616,8 @@ impl Store {
             };
             let mut next = edit(&current);
             next.version = current.version + 1;
-            let mut tx = self.writer.begin().await?;
+            let mut w = self.write().await?;
+            let mut tx = sqlx::Connection::begin(&mut *w).await?;
             match insert_config(&mut tx, cabinet_id, &next, now, by).await {
                 Ok(()) => {
                     tx.commit().await?;
@@ -576,7 +639,8 @@ impl Store {
         issued_at: i64,
         expires_at: i64,
     ) -> Result<()> {
-        let mut tx = self.writer.begin().await?;
+        let mut w = self.write().await?;
+        let mut tx = sqlx::Connection::begin(&mut *w).await?;
         sqlx::query(
             "UPDATE certificates SET revoked_at = $1 WHERE cabinet_id = $2 AND revoked_at IS NULL",
         )
@@ -603,7 +667,7 @@ impl Store {
         )
         .bind(now)
         .bind(cabinet_id)
-        .execute(&self.writer)
+        .execute(&mut *self.write().await?)
         .await?;
         Ok(done.rows_affected())
     }
@@ -614,7 +678,7 @@ impl Store {
             "SELECT serial FROM certificates WHERE cabinet_id = $1 AND revoked_at IS NULL",
         )
         .bind(cabinet_id)
-        .fetch_all(&self.writer)
+        .fetch_all(&mut *self.write().await?)
         .await?;
         rows.iter().map(|r| Ok(r.try_get("serial")?)).collect()
     }
@@ -648,7 +712,7 @@ impl Store {
             .bind(a.detail.as_deref())
             .bind(a.raised_at as i64)
             .bind(i64::from(if a.flapping { a.flaps.max(1) } else { 0 }))
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -658,7 +722,7 @@ impl Store {
         let r = sqlx::query("UPDATE alerts SET flaps = $2 WHERE id = $1")
             .bind(id)
             .bind(i64::from(flaps))
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -671,7 +735,7 @@ impl Store {
         .bind(id)
         .bind(at)
         .bind(by)
-        .execute(&self.writer)
+        .execute(&mut *self.write().await?)
         .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -682,7 +746,7 @@ impl Store {
             .bind(id)
             .bind(at)
             .bind(by)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?;
         Ok(r.rows_affected() == 1)
     }

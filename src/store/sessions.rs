@@ -208,7 +208,7 @@ impl Store {
         .bind(merchant_id)
         .bind(risk_ceiling_fen)
         .bind(sub_mchid)
-        .execute(&self.writer)
+        .execute(&mut *self.write().await?)
         .await?;
         Ok(())
     }
@@ -222,7 +222,8 @@ impl Store {
         o: &OrderRow,
         claim: Option<(&str, &str)>,
     ) -> Result<()> {
-        let mut tx = self.writer.begin().await?;
+        let mut w = self.write().await?;
+        let mut tx = sqlx::Connection::begin(&mut *w).await?;
         sqlx::query(
             "INSERT INTO sessions (id, cabinet_id, merchant_id, user_id, channel, mode, state, idempotency_key, created_at, updated_at, request_hash, claimed_by) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
@@ -306,7 +307,7 @@ impl Store {
         )
         .bind(id)
         .bind(key)
-        .execute(&self.writer)
+        .execute(&mut *self.write().await?)
         .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -330,7 +331,7 @@ impl Store {
         .bind(to)
         .bind(failure)
         .bind(now)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&mut *self.write().await?)
         .await?;
         self.announce_session(r)
     }
@@ -351,7 +352,7 @@ impl Store {
         .bind(id)
         .bind(now)
         .bind(response)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&mut *self.write().await?)
         .await?;
         self.announce_session(r)
     }
@@ -369,7 +370,7 @@ impl Store {
         sqlx::query("UPDATE sessions SET response = $2 WHERE id = $1")
             .bind(id)
             .bind(response)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?;
         Ok(())
     }
@@ -461,7 +462,7 @@ impl Store {
         for f in from {
             q = q.bind(*f);
         }
-        match q.fetch_optional(&self.writer).await? {
+        match q.fetch_optional(&mut *self.write().await?).await? {
             Some(row) => {
                 self.changed(Change::Order(order_row(&row)?));
                 Ok(true)
@@ -486,7 +487,7 @@ impl Store {
         .bind(paid_fen)
         .bind(transaction_id)
         .bind(now)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&mut *self.write().await?)
         .await?;
         match r {
             Some(row) => {
@@ -510,7 +511,7 @@ impl Store {
             .bind(provider)
             .bind(event_type)
             .bind(now)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -540,7 +541,8 @@ impl Store {
                 return Ok(Some(RefundRow::from_row(&row)?));
             }
         }
-        let mut tx = self.writer.begin().await?;
+        let mut w = self.write().await?;
+        let mut tx = sqlx::Connection::begin(&mut *w).await?;
         let reserved = sqlx::query(
             "UPDATE orders SET refunded_fen = refunded_fen + $2, updated_at = $3 \
              WHERE id = $1 AND status IN ('paid', 'refunded') AND refunded_fen + $2 <= paid_fen",
@@ -590,7 +592,7 @@ impl Store {
             .bind(status)
             .bind(provider_refund_id)
             .bind(now)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?;
         Ok(())
     }
@@ -627,7 +629,7 @@ impl Store {
             .bind(order_id)
             .bind(attempts)
             .bind(next_at)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?;
         Ok(())
     }
@@ -665,7 +667,7 @@ impl Store {
         )
         .bind(merchant_id)
         .bind(user_id)
-        .execute(&self.writer)
+        .execute(&mut *self.write().await?)
         .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -681,7 +683,7 @@ impl Store {
         .bind(i64::from(b.automatic))
         .bind(b.created_at)
         .bind(&b.created_by)
-        .execute(&self.writer)
+        .execute(&mut *self.write().await?)
         .await?;
         Ok(())
     }
@@ -701,7 +703,7 @@ impl Store {
         Ok(sqlx::query(sql)
             .bind(merchant_id)
             .bind(user_id)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?
             .rows_affected()
             == 1)
@@ -752,7 +754,7 @@ impl Store {
         sqlx::query("UPDATE orders SET provider_order_no = $2 WHERE id = $1")
             .bind(order_id)
             .bind(provider_order_no)
-            .execute(&self.writer)
+            .execute(&mut *self.write().await?)
             .await?;
         Ok(())
     }
