@@ -88,7 +88,7 @@ impl Store {
         let rows =
             sqlx::query("SELECT sku, name FROM products WHERE merchant_id = $1 ORDER BY sku")
                 .bind(merchant_id)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.read().await?)
                 .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("sku")?, r.try_get("name")?)))
@@ -148,7 +148,7 @@ impl Store {
         )
         .bind(cabinet_id)
         .bind(merchant_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.read().await?)
         .await?;
         rows.iter()
             .map(|r| {
@@ -206,11 +206,11 @@ impl Store {
                     "SELECT * FROM promotions WHERE merchant_id = $1 ORDER BY created_at DESC, id",
                 )
                 .bind(m)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.read().await?)
                 .await?,
                 None => {
                     sqlx::query("SELECT * FROM promotions ORDER BY created_at DESC, id")
-                        .fetch_all(&self.pool)
+                        .fetch_all(&mut *self.read().await?)
                         .await?
                 }
             };

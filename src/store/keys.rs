@@ -58,7 +58,7 @@ impl Store {
             "SELECT {COLUMNS} FROM api_keys WHERE id = $1"
         )))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.read().await?)
         .await?;
         row.as_ref().map(record).transpose()
     }
@@ -69,7 +69,7 @@ impl Store {
             "SELECT {COLUMNS} FROM api_keys WHERE key_hash = $1"
         )))
         .bind(key_hash)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.read().await?)
         .await?;
         row.as_ref().map(record).transpose()
     }
@@ -82,14 +82,14 @@ impl Store {
                     "SELECT {COLUMNS} FROM api_keys WHERE merchant_id = $1 ORDER BY created_at, id"
                 )))
                 .bind(m)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.read().await?)
                 .await?
             }
             None => {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "SELECT {COLUMNS} FROM api_keys ORDER BY created_at, id"
                 )))
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.read().await?)
                 .await?
             }
         };

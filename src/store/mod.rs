@@ -190,9 +190,13 @@ fn migrator(postgres: bool) -> Migrator {
 /// The hub's database.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pub(crate) pool: AnyPool,
-    /// Where every write goes (see [`Writes`]).
-    writes: Writes,
+    /// Where reads go (see [`Conns`]).
+    reads: Conns,
+    /// Where every write goes. On SQLite one connection: SQLite takes one writer at a time, so
+    /// writes wait their turn on its lock, in order, rather than each retrying in SQLite's busy
+    /// handler, and a transaction never meets SQLITE_BUSY from a sibling connection of the
+    /// same hub. On PostgreSQL the pool of reads.
+    writes: Conns,
     postgres: bool,
     changes: Option<tokio::sync::mpsc::UnboundedSender<Change>>,
     caches: std::sync::Arc<Caches>,
@@ -226,40 +230,101 @@ impl Caches {
 /// writes before they can share it: see docs/architecture.md.)
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
 
-/// Where every write goes. On SQLite one connection, held for the life of the store: SQLite
-/// takes one writer at a time, so writes wait their turn on its lock, in order, rather than
-/// each retrying in SQLite's busy handler, and a transaction never meets SQLITE_BUSY from a
-/// sibling connection of the same hub. Held rather than pooled because a pool tests every
-/// connection it gets back (a ping: one more round trip to the connection's worker thread per
-/// statement, half the statement's cost on the purchase path). On PostgreSQL the pool of reads.
+/// Connections. On SQLite they are held for the life of the store, each behind a lock, rather
+/// than pooled: a pool tests every connection it gets back (a ping, one more round trip to the
+/// connection's worker thread per statement, half a statement's cost on the purchase path),
+/// and a SQLite connection is a file handle in this process that cannot go stale. On
+/// PostgreSQL the pool, whose test finds a connection the server or the network dropped.
 #[derive(Clone, Debug)]
-enum Writes {
-    Held(std::sync::Arc<tokio::sync::Mutex<Option<AnyConnection>>>),
+enum Conns {
+    Held(std::sync::Arc<Held>),
     Pooled(AnyPool),
 }
 
-/// The connection one write uses (see [`Writes`]).
-pub(crate) enum WriteConn<'a> {
-    Held(tokio::sync::MappedMutexGuard<'a, AnyConnection>),
-    Pooled(PoolConnection<Any>),
+#[derive(Debug)]
+struct Held {
+    conns: Vec<tokio::sync::Mutex<Option<AnyConnection>>>,
+    /// Where the next statement starts looking for a free connection.
+    next: std::sync::atomic::AtomicUsize,
 }
 
-impl std::ops::Deref for WriteConn<'_> {
-    type Target = AnyConnection;
+impl Conns {
+    /// Opens `n` (at least one) SQLite connections through a pool that applies the pragmas
+    /// every connection gets, and keeps them.
+    async fn held(options: &AnyConnectOptions, n: u32) -> Result<Self> {
+        let opener = pool_options(false, n).connect_with(options.clone()).await?;
+        let mut conns = Vec::with_capacity(n.max(1) as usize);
+        for _ in 0..n.max(1) {
+            conns.push(tokio::sync::Mutex::new(Some(
+                opener.acquire().await?.detach(),
+            )));
+        }
+        opener.close().await;
+        Ok(Conns::Held(std::sync::Arc::new(Held {
+            conns,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })))
+    }
 
-    fn deref(&self) -> &AnyConnection {
+    /// A connection for one statement or transaction: a free one, else the next in line's
+    /// turn. After [`Conns::close`], `PoolClosed`.
+    async fn get(&self) -> Result<Conn<'_>> {
         match self {
-            WriteConn::Held(c) => c,
-            WriteConn::Pooled(c) => c,
+            Conns::Held(h) => {
+                let n = h.conns.len();
+                let start = h.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+                let free = (0..n).find_map(|i| h.conns[(start + i) % n].try_lock().ok());
+                let guard = match free {
+                    Some(g) => g,
+                    None => h.conns[start].lock().await,
+                };
+                tokio::sync::MutexGuard::try_map(guard, Option::as_mut)
+                    .map(Conn::Held)
+                    .map_err(|_| StoreError::Db(sqlx::Error::PoolClosed))
+            }
+            Conns::Pooled(pool) => Ok(Conn::Pooled(pool.acquire().await?)),
+        }
+    }
+
+    /// Closes every connection, waiting for statements in flight.
+    async fn close(&self) {
+        match self {
+            Conns::Held(h) => {
+                for c in &h.conns {
+                    if let Some(c) = c.lock().await.take() {
+                        if let Err(e) = c.close().await {
+                            tracing::warn!(error = %e, "a database connection did not close cleanly");
+                        }
+                    }
+                }
+            }
+            Conns::Pooled(pool) => pool.close().await,
         }
     }
 }
 
-impl std::ops::DerefMut for WriteConn<'_> {
+/// The connection one statement or transaction uses (see [`Conns`]).
+pub(crate) enum Conn<'a> {
+    Held(tokio::sync::MappedMutexGuard<'a, AnyConnection>),
+    Pooled(PoolConnection<Any>),
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        match self {
+            Conn::Held(c) => c,
+            Conn::Pooled(c) => c,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
     fn deref_mut(&mut self) -> &mut AnyConnection {
         match self {
-            WriteConn::Held(c) => c,
-            WriteConn::Pooled(c) => c,
+            Conn::Held(c) => c,
+            Conn::Pooled(c) => c,
         }
     }
 }
@@ -306,17 +371,17 @@ impl Store {
             .connect_with(options.clone())
             .await?;
         migrator(postgres).run(&pool).await?;
-        let writes = if postgres {
-            Writes::Pooled(pool.clone())
+        let (reads, writes) = if postgres {
+            (Conns::Pooled(pool.clone()), Conns::Pooled(pool))
         } else {
-            // The pool only opens it (with the pragmas every connection gets).
-            let opener = pool_options(postgres, 1).connect_with(options).await?;
-            let conn = opener.acquire().await?.detach();
-            opener.close().await;
-            Writes::Held(std::sync::Arc::new(tokio::sync::Mutex::new(Some(conn))))
+            pool.close().await;
+            (
+                Conns::held(&options, max_connections).await?,
+                Conns::held(&options, 1).await?,
+            )
         };
         Ok(Self {
-            pool,
+            reads,
             writes,
             postgres,
             changes: None,
@@ -349,38 +414,29 @@ impl Store {
         self.postgres
     }
 
-    /// The connection for one write: waits for the SQLite writer's turn, or takes one of the
-    /// PostgreSQL pool's. After [`Store::close`], `PoolClosed`.
-    pub(crate) async fn write(&self) -> Result<WriteConn<'_>> {
-        match &self.writes {
-            Writes::Held(conn) => {
-                tokio::sync::MutexGuard::try_map(conn.lock().await, |c| c.as_mut())
-                    .map(WriteConn::Held)
-                    .map_err(|_| StoreError::Db(sqlx::Error::PoolClosed))
-            }
-            Writes::Pooled(pool) => Ok(WriteConn::Pooled(pool.acquire().await?)),
-        }
+    /// The connection for one write: the SQLite writer's turn, or one of the PostgreSQL
+    /// pool's.
+    pub(crate) async fn write(&self) -> Result<Conn<'_>> {
+        self.writes.get().await
+    }
+
+    /// A connection for one read.
+    pub(crate) async fn read(&self) -> Result<Conn<'_>> {
+        self.reads.get().await
     }
 
     /// Readiness probe.
     pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1")
+            .execute(&mut *self.read().await?)
+            .await?;
         Ok(())
     }
 
     /// Closes the pool, waiting for queries in flight.
     pub async fn close(&self) {
-        match &self.writes {
-            Writes::Held(conn) => {
-                if let Some(c) = conn.lock().await.take() {
-                    if let Err(e) = c.close().await {
-                        tracing::warn!(error = %e, "the write connection did not close cleanly");
-                    }
-                }
-            }
-            Writes::Pooled(pool) => pool.close().await,
-        }
-        self.pool.close().await;
+        self.writes.close().await;
+        self.reads.close().await;
     }
 
     // ---- merchants -------------------------------------------------------------------------
@@ -406,7 +462,7 @@ impl Store {
         let row =
             sqlx::query("SELECT id, name, commission_bps, created_at FROM merchants WHERE id = $1")
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.read().await?)
                 .await?;
         row.map(|r| {
             Ok(MerchantRow {
@@ -448,7 +504,7 @@ impl Store {
             "SELECT id, merchant_id, role FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
         )
         .bind(key_hash)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.read().await?)
         .await?;
         row.map(|r| {
             Ok(ApiKeyRow {
@@ -465,7 +521,7 @@ impl Store {
         let n: i64 = sqlx::query(
             "SELECT COUNT(*) AS n FROM api_keys WHERE role = 'admin' AND revoked_at IS NULL",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *self.read().await?)
         .await?
         .try_get("n")?;
         Ok(n > 0)
@@ -505,7 +561,7 @@ impl Store {
             .get_or_load(&id.to_owned(), || async {
                 let row = sqlx::query("SELECT * FROM cabinets WHERE id = $1")
                     .bind(id)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&mut *self.read().await?)
                     .await?;
                 row.map(|r| cabinet_row(&r)).transpose()
             })
@@ -518,12 +574,12 @@ impl Store {
             Some(m) => {
                 sqlx::query("SELECT * FROM cabinets WHERE merchant_id = $1 ORDER BY id")
                     .bind(m)
-                    .fetch_all(&self.pool)
+                    .fetch_all(&mut *self.read().await?)
                     .await?
             }
             None => {
                 sqlx::query("SELECT * FROM cabinets ORDER BY id")
-                    .fetch_all(&self.pool)
+                    .fetch_all(&mut *self.read().await?)
                     .await?
             }
         };
@@ -579,7 +635,7 @@ impl Store {
     /// The cabinets stored as online (the hub stopped while they were connected).
     pub async fn cabinets_stored_online(&self) -> Result<Vec<CabinetRow>> {
         let rows = sqlx::query("SELECT * FROM cabinets WHERE online_at IS NOT NULL ORDER BY id")
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.read().await?)
             .await?;
         rows.iter().map(cabinet_row).collect()
     }
@@ -588,7 +644,7 @@ impl Store {
     pub async fn latest_config(&self, cabinet_id: &str) -> Result<Option<CabinetConfig>> {
         let row = sqlx::query("SELECT config FROM cabinet_configs WHERE cabinet_id = $1 ORDER BY version DESC LIMIT 1")
             .bind(cabinet_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.read().await?)
             .await?;
         row.map(|r| {
             let text: String = r.try_get("config")?;
@@ -687,7 +743,7 @@ impl Store {
     pub async fn valid_certificates(&self) -> Result<Vec<(String, String)>> {
         let rows =
             sqlx::query("SELECT cabinet_id, serial FROM certificates WHERE revoked_at IS NULL")
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.read().await?)
                 .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("cabinet_id")?, r.try_get("serial")?)))
@@ -755,7 +811,7 @@ impl Store {
     pub async fn alert(&self, id: &str) -> Result<Option<AlertRow>> {
         let row = sqlx::query("SELECT * FROM alerts WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.read().await?)
             .await?;
         row.map(|r| alert_row(&r)).transpose()
     }
@@ -787,7 +843,7 @@ impl Store {
         for b in binds {
             q = q.bind(b);
         }
-        let rows = q.bind(f.limit).fetch_all(&self.pool).await?;
+        let rows = q.bind(f.limit).fetch_all(&mut *self.read().await?).await?;
         rows.iter().map(alert_row).collect()
     }
 

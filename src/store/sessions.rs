@@ -181,7 +181,7 @@ impl Store {
                     "SELECT risk_ceiling_fen, wechat_sub_mchid FROM merchants WHERE id = $1",
                 )
                 .bind(merchant_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.read().await?)
                 .await?;
                 row.map(|r| {
                     Ok((
@@ -270,7 +270,7 @@ impl Store {
     pub async fn session(&self, id: &str) -> Result<Option<SessionRow>> {
         let row = sqlx::query("SELECT * FROM sessions WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.read().await?)
             .await?;
         row.map(|r| session_row(&r)).transpose()
     }
@@ -286,7 +286,7 @@ impl Store {
             sqlx::query("SELECT * FROM sessions WHERE merchant_id = $1 AND idempotency_key = $2")
                 .bind(merchant_id)
                 .bind(key)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.read().await?)
                 .await?;
         row.map(|r| {
             Ok(KeyedSession {
@@ -379,7 +379,7 @@ impl Store {
     pub async fn order_of_session(&self, session_id: &str) -> Result<Option<OrderRow>> {
         let row = sqlx::query("SELECT * FROM orders WHERE session_id = $1")
             .bind(session_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.read().await?)
             .await?;
         row.map(|r| order_row(&r)).transpose()
     }
@@ -388,7 +388,7 @@ impl Store {
     pub async fn order(&self, id: &str) -> Result<Option<OrderRow>> {
         let row = sqlx::query("SELECT * FROM orders WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.read().await?)
             .await?;
         row.map(|r| order_row(&r)).transpose()
     }
@@ -429,7 +429,7 @@ impl Store {
         for t in times {
             q = q.bind(t);
         }
-        let rows = q.bind(f.limit).fetch_all(&self.pool).await?;
+        let rows = q.bind(f.limit).fetch_all(&mut *self.read().await?).await?;
         rows.iter().map(order_row).collect()
     }
 
@@ -530,7 +530,7 @@ impl Store {
                 sqlx::query("SELECT * FROM refunds WHERE order_id = $1 AND idempotency_key = $2")
                     .bind(&r.order_id)
                     .bind(key)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&mut *self.read().await?)
                     .await?;
             if let Some(row) = row {
                 // A refund stored before requests were hashed matches any.
@@ -601,7 +601,7 @@ impl Store {
     pub async fn refunds(&self, order_id: &str) -> Result<Vec<RefundRow>> {
         let rows = sqlx::query("SELECT * FROM refunds WHERE order_id = $1 ORDER BY created_at, id")
             .bind(order_id)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.read().await?)
             .await?;
         rows.iter().map(|r| Ok(RefundRow::from_row(r)?)).collect()
     }
@@ -613,7 +613,7 @@ impl Store {
         )
         .bind(now)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.read().await?)
         .await?;
         rows.iter().map(order_row).collect()
     }
@@ -648,7 +648,7 @@ impl Store {
         )
         .bind(merchant_id)
         .bind(user_id)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *self.read().await?)
         .await?;
         Ok((
             row.try_get("reason")?,
@@ -717,12 +717,12 @@ impl Store {
                     "SELECT * FROM blacklist WHERE merchant_id = $1 ORDER BY created_at DESC",
                 )
                 .bind(m)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.read().await?)
                 .await?
             }
             None => {
                 sqlx::query("SELECT * FROM blacklist ORDER BY created_at DESC")
-                    .fetch_all(&self.pool)
+                    .fetch_all(&mut *self.read().await?)
                     .await?
             }
         };
@@ -744,7 +744,7 @@ impl Store {
     pub async fn sessions_in_state(&self, state: &str) -> Result<Vec<SessionRow>> {
         let rows = sqlx::query("SELECT * FROM sessions WHERE state = $1 ORDER BY created_at")
             .bind(state)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.read().await?)
             .await?;
         rows.iter().map(session_row).collect()
     }
