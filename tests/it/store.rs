@@ -56,8 +56,114 @@ both!(
     merchants_keys_and_cabinets,
     configs_version_up,
     alerts_one_active_per_type_with_history,
-    notifications_are_recorded_once
+    notifications_are_recorded_once,
+    cached_rows_follow_every_write_and_reads_outnumber_connections
 );
+
+fn ok<T>(e: StoreError) -> T {
+    panic!("{e}")
+}
+
+/// The rows a purchase reads from memory (a cabinet, its sellable list, its merchant's payment
+/// terms) are read afresh after each write that changes them; more reads at once than the
+/// store has connections all complete; a closed store refuses instead of hanging.
+async fn cached_rows_follow_every_write_and_reads_outnumber_connections(b: Backend) {
+    let (store, _d) = open(b).await;
+    seed(&store).await;
+    let active = |c: Option<CabinetRow>| c.map(|c| (c.active, c.service_expires_at));
+    assert_eq!(
+        active(store.cabinet("KM1").await.unwrap_or_else(ok)),
+        Some((false, None))
+    );
+    assert!(store
+        .activate_cabinet("KM1", 10, 1000)
+        .await
+        .unwrap_or_else(ok));
+    assert_eq!(
+        active(store.cabinet("KM1").await.unwrap_or_else(ok)),
+        Some((true, Some(1000)))
+    );
+    store
+        .set_service_expiry("KM1", 5000)
+        .await
+        .unwrap_or_else(ok);
+    assert_eq!(
+        active(store.cabinet("KM1").await.unwrap_or_else(ok)),
+        Some((true, Some(5000)))
+    );
+
+    assert_eq!(
+        store.merchant_payment("m1").await.unwrap_or_else(ok),
+        Some((20_000, None))
+    );
+    store
+        .set_merchant_payment("m1", 9_900, Some("1900000109"))
+        .await
+        .unwrap_or_else(ok);
+    assert_eq!(
+        store.merchant_payment("m1").await.unwrap_or_else(ok),
+        Some((9_900, Some("1900000109".to_owned())))
+    );
+
+    let names = |p: std::collections::BTreeMap<String, cabinet_actors::pricing::ListPrice>| {
+        p.into_iter()
+            .map(|(sku, l)| (sku, l.name, l.price_fen))
+            .collect::<Vec<_>>()
+    };
+    store
+        .set_prices("KM1", &[("cola".into(), 350)], 20)
+        .await
+        .unwrap_or_else(ok);
+    assert_eq!(
+        names(store.prices("KM1", "m1").await.unwrap_or_else(ok)),
+        vec![("cola".to_owned(), "cola".to_owned(), 350)]
+    );
+    store
+        .upsert_product("m1", "cola", "可口可乐", 21)
+        .await
+        .unwrap_or_else(ok);
+    assert_eq!(
+        names(store.prices("KM1", "m1").await.unwrap_or_else(ok)),
+        vec![("cola".to_owned(), "可口可乐".to_owned(), 350)],
+        "a product's new name is on every list at once"
+    );
+    store
+        .set_prices("KM1", &[("cola".into(), 300)], 22)
+        .await
+        .unwrap_or_else(ok);
+    assert_eq!(
+        names(store.prices("KM1", "m1").await.unwrap_or_else(ok)),
+        vec![("cola".to_owned(), "可口可乐".to_owned(), 300)]
+    );
+
+    // Far more reads at once than the four connections: each waits its turn.
+    let reads = (0..64).map(|i| {
+        let store = store.clone();
+        async move {
+            if i % 2 == 0 {
+                store.cabinets(Some("m1")).await.map(|v| v.len())
+            } else {
+                store.alerts(&AlertFilter::default()).await.map(|_| 1)
+            }
+        }
+    });
+    let done = tokio::time::timeout(
+        crate::harness::PATIENCE,
+        futures_util::future::join_all(reads),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("64 reads on 4 connections did not finish"));
+    assert!(done.iter().all(|r| matches!(r, Ok(1))), "{done:?}");
+
+    store.close().await;
+    let after = tokio::time::timeout(
+        crate::harness::PATIENCE,
+        store.set_service_expiry("KM1", 6000),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("a write after close hung"));
+    assert!(after.is_err(), "a closed store refuses writes");
+}
 
 async fn merchants_keys_and_cabinets(b: Backend) {
     let (store, _d) = open(b).await;
