@@ -86,6 +86,18 @@ fn private_umask() {
     }
 }
 
+/// glibc's malloc serves only C code here (SQLite; Rust allocates through jemalloc). Left to
+/// itself it gives each SQLite worker thread an arena of its own, and each arena keeps what a
+/// connection's page cache once held: over a 30-minute soak nine arenas of ~2.4 MB each held
+/// 0.3 MB in use (issue 18). One arena shares the freed memory between the connections.
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Settings loaded (a bad one is exit code 2, said on stderr), logging on, files private.
 fn start(config: Option<&std::path::Path>, overrides: &Overrides) -> Result<Settings, ExitCode> {
     let settings = Settings::load(config, overrides).map_err(|e| {
@@ -98,6 +110,7 @@ fn start(config: Option<&std::path::Path>, overrides: &Overrides) -> Result<Sett
 }
 
 fn main() -> ExitCode {
+    one_malloc_arena();
     let cli = Cli::parse();
     match cli.command {
         Cmd::Serve {

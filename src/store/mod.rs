@@ -170,6 +170,7 @@ fn migrator(postgres: bool) -> Migrator {
             sql!("0007_certificate_revocation.sql"),
         ),
         (8, "alert_flaps", sql!("0008_alert_flaps.sql")),
+        (9, "pending_collect", sql!("0009_pending_collect.sql")),
     ];
     Migrator::with_migrations(
         files

@@ -470,3 +470,31 @@ async fn notifications_are_recorded_once(b: Backend) {
         .await
         .unwrap_or(false));
 }
+
+/// The collector asks for pending orders every minute; it must not read the whole orders table
+/// to find them (it did: a full scan and a sort, and a reader's page cache full of the table).
+#[actix_rt::test]
+async fn pending_collections_are_found_without_reading_every_order() {
+    use sqlx::{Connection, Row};
+    let (store, dir) = open(Backend::Sqlite).await;
+    store.close().await;
+    let url = test_settings(dir.path()).database_url();
+    let mut c = sqlx::SqliteConnection::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let plan: Vec<String> = sqlx::query(
+        "EXPLAIN QUERY PLAN SELECT * FROM orders WHERE status = 'pending_payment' \
+         AND (next_collect_at IS NULL OR next_collect_at <= 1) ORDER BY created_at LIMIT 100",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+    .iter()
+    .map(|r| r.get::<String, _>("detail"))
+    .collect();
+    assert!(
+        plan.iter().any(|d| d.contains("orders_pending_collect"))
+            && !plan.iter().any(|d| d.contains("TEMP B-TREE")),
+        "{plan:?}"
+    );
+}
