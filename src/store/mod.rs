@@ -245,6 +245,9 @@ enum Conns {
 #[derive(Debug)]
 struct Held {
     conns: Vec<tokio::sync::Mutex<Option<AnyConnection>>>,
+    /// One permit per connection: who holds one finds a connection free, and who waits for one
+    /// waits in turn (fair), not behind one slow statement while another connection is idle.
+    permits: tokio::sync::Semaphore,
     /// Where the next statement starts looking for a free connection.
     next: std::sync::atomic::AtomicUsize,
 }
@@ -262,26 +265,36 @@ impl Conns {
         }
         opener.close().await;
         Ok(Conns::Held(std::sync::Arc::new(Held {
+            permits: tokio::sync::Semaphore::new(conns.len()),
             conns,
             next: std::sync::atomic::AtomicUsize::new(0),
         })))
     }
 
-    /// A connection for one statement or transaction: a free one, else the next in line's
-    /// turn. After [`Conns::close`], `PoolClosed`.
+    /// A connection for one statement or transaction: a free one, waiting in turn when all
+    /// are busy. After [`Conns::close`], `PoolClosed`.
     async fn get(&self) -> Result<Conn<'_>> {
+        let closed = || StoreError::Db(sqlx::Error::PoolClosed);
         match self {
             Conns::Held(h) => {
+                let permit = h.permits.acquire().await.map_err(|_| closed())?;
                 let n = h.conns.len();
-                let start = h.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
-                let free = (0..n).find_map(|i| h.conns[(start + i) % n].try_lock().ok());
-                let guard = match free {
-                    Some(g) => g,
-                    None => h.conns[start].lock().await,
-                };
-                tokio::sync::MutexGuard::try_map(guard, Option::as_mut)
-                    .map(Conn::Held)
-                    .map_err(|_| StoreError::Db(sqlx::Error::PoolClosed))
+                loop {
+                    let start = h.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+                    // With a permit a connection is free, or is being given back by a holder
+                    // that let its permit go first: look again after letting it finish.
+                    if let Some(guard) =
+                        (0..n).find_map(|i| h.conns[(start + i) % n].try_lock().ok())
+                    {
+                        return tokio::sync::MutexGuard::try_map(guard, Option::as_mut)
+                            .map(|conn| Conn::Held {
+                                conn,
+                                _permit: permit,
+                            })
+                            .map_err(|_| closed());
+                    }
+                    tokio::task::yield_now().await;
+                }
             }
             Conns::Pooled(pool) => Ok(Conn::Pooled(pool.acquire().await?)),
         }
@@ -291,6 +304,7 @@ impl Conns {
     async fn close(&self) {
         match self {
             Conns::Held(h) => {
+                h.permits.close();
                 for c in &h.conns {
                     if let Some(c) = c.lock().await.take() {
                         if let Err(e) = c.close().await {
@@ -306,7 +320,12 @@ impl Conns {
 
 /// The connection one statement or transaction uses (see [`Conns`]).
 pub(crate) enum Conn<'a> {
-    Held(tokio::sync::MappedMutexGuard<'a, AnyConnection>),
+    /// The connection, then its permit (fields drop in order: the connection is free before
+    /// the permit lets the next one in).
+    Held {
+        conn: tokio::sync::MappedMutexGuard<'a, AnyConnection>,
+        _permit: tokio::sync::SemaphorePermit<'a>,
+    },
     Pooled(PoolConnection<Any>),
 }
 
@@ -315,7 +334,7 @@ impl std::ops::Deref for Conn<'_> {
 
     fn deref(&self) -> &AnyConnection {
         match self {
-            Conn::Held(c) => c,
+            Conn::Held { conn, .. } => conn,
             Conn::Pooled(c) => c,
         }
     }
@@ -324,7 +343,7 @@ impl std::ops::Deref for Conn<'_> {
 impl std::ops::DerefMut for Conn<'_> {
     fn deref_mut(&mut self) -> &mut AnyConnection {
         match self {
-            Conn::Held(c) => c,
+            Conn::Held { conn, .. } => conn,
             Conn::Pooled(c) => c,
         }
     }
