@@ -251,6 +251,16 @@ impl Application {
             }
         });
         tokio::spawn(sessions.clone().apply_events(session_rx));
+        // A broken database connection is replaced here even when nobody probes readiness.
+        let checked = store.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::store::HEALTH_CHECK).await;
+                if let Err(e) = checked.ping().await {
+                    tracing::error!(error = %e, "database health check failed");
+                }
+            }
+        });
         let state = actix_web::web::Data::new(AppState {
             sessions,
             #[cfg(feature = "simulators")]

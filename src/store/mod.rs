@@ -244,6 +244,8 @@ enum Conns {
 
 #[derive(Debug)]
 struct Held {
+    /// To open a connection again in the slot of one that broke.
+    options: AnyConnectOptions,
     conns: Vec<tokio::sync::Mutex<Option<AnyConnection>>>,
     /// One permit per connection: who holds one finds a connection free, and who waits for one
     /// waits in turn (fair), not behind one slow statement while another connection is idle.
@@ -256,19 +258,41 @@ impl Conns {
     /// Opens `n` (at least one) SQLite connections through a pool that applies the pragmas
     /// every connection gets, and keeps them.
     async fn held(options: &AnyConnectOptions, n: u32) -> Result<Self> {
-        let opener = pool_options(false, n).connect_with(options.clone()).await?;
         let mut conns = Vec::with_capacity(n.max(1) as usize);
         for _ in 0..n.max(1) {
-            conns.push(tokio::sync::Mutex::new(Some(
-                opener.acquire().await?.detach(),
-            )));
+            conns.push(tokio::sync::Mutex::new(Some(open_sqlite(options).await?)));
         }
-        opener.close().await;
         Ok(Conns::Held(std::sync::Arc::new(Held {
+            options: options.clone(),
             permits: tokio::sync::Semaphore::new(conns.len()),
             conns,
             next: std::sync::atomic::AtomicUsize::new(0),
         })))
+    }
+
+    /// Tests every connection and opens a new one in the slot of any that broke (its worker
+    /// thread gone: every statement on it would fail until a restart). Run by the readiness
+    /// probe and every `HEALTH_CHECK` by the node.
+    async fn check(&self) -> Result<()> {
+        match self {
+            Conns::Held(h) => {
+                for slot in &h.conns {
+                    let mut c = slot.lock().await;
+                    let Some(conn) = c.as_mut() else {
+                        return Err(StoreError::Db(sqlx::Error::PoolClosed));
+                    };
+                    if let Err(e) = conn.ping().await {
+                        tracing::error!(error = %e, "a database connection broke; opening a new one");
+                        *c = Some(open_sqlite(&h.options).await?);
+                    }
+                }
+                Ok(())
+            }
+            Conns::Pooled(pool) => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+                Ok(())
+            }
+        }
     }
 
     /// A connection for one statement or transaction: a free one, waiting in turn when all
@@ -277,7 +301,12 @@ impl Conns {
         let closed = || StoreError::Db(sqlx::Error::PoolClosed);
         match self {
             Conns::Held(h) => {
-                let permit = h.permits.acquire().await.map_err(|_| closed())?;
+                // As long as a pool would have waited: then 503 rather than an endless queue
+                // (another process holding the file's lock, or more writes than the disk takes).
+                let permit = tokio::time::timeout(ACQUIRE_TIMEOUT, h.permits.acquire())
+                    .await
+                    .map_err(|_| StoreError::Db(sqlx::Error::PoolTimedOut))?
+                    .map_err(|_| closed())?;
                 let n = h.conns.len();
                 loop {
                     let start = h.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
@@ -316,6 +345,21 @@ impl Conns {
             Conns::Pooled(pool) => pool.close().await,
         }
     }
+}
+
+/// How long a statement waits for a connection before the request is refused (503).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the node tests its database connections (see [`Store::ping`]).
+pub const HEALTH_CHECK: Duration = Duration::from_secs(30);
+
+/// One SQLite connection with the pragmas every connection gets (applied by a pool of one that
+/// only opens it).
+async fn open_sqlite(options: &AnyConnectOptions) -> Result<AnyConnection> {
+    let opener = pool_options(false, 1).connect_with(options.clone()).await?;
+    let conn = opener.acquire().await?.detach();
+    opener.close().await;
+    Ok(conn)
 }
 
 /// The connection one statement or transaction uses (see [`Conns`]).
@@ -362,7 +406,7 @@ pub enum Change {
 fn pool_options(postgres: bool, max_connections: u32) -> AnyPoolOptions {
     AnyPoolOptions::new()
         .max_connections(max_connections.max(1))
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
         // A SQLite connection is a file handle in this process and cannot go stale; pinging it
         // before every statement was a second round trip to its worker thread per query.
         .test_before_acquire(postgres)
@@ -445,12 +489,11 @@ impl Store {
         self.reads.get().await
     }
 
-    /// Readiness probe.
+    /// Tests the writer and every reader, opening a new SQLite connection in place of a broken
+    /// one: the readiness probe, and the node every [`HEALTH_CHECK`].
     pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&mut *self.read().await?)
-            .await?;
-        Ok(())
+        self.writes.check().await?;
+        self.reads.check().await
     }
 
     /// Closes the pool, waiting for queries in flight.
@@ -643,7 +686,7 @@ impl Store {
     /// Records that a cabinet came online (`Some(at)`) or went offline (`None`), for the
     /// start-up sweep after a restart.
     pub async fn set_cabinet_online(&self, id: &str, online_at: Option<i64>) -> Result<()> {
-        let _fresh = self.caches.cabinets.invalidating(id.to_owned());
+        // Not in the cached row: a connect storm must not drop every cabinet read in flight.
         sqlx::query("UPDATE cabinets SET online_at = $2 WHERE id = $1")
             .bind(id)
             .bind(online_at)

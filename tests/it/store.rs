@@ -155,7 +155,12 @@ async fn cached_rows_follow_every_write_and_reads_outnumber_connections(b: Backe
     .unwrap_or_else(|_| panic!("64 reads on 4 connections did not finish"));
     assert!(done.iter().all(|r| matches!(r, Ok(1))), "{done:?}");
 
+    store
+        .ping()
+        .await
+        .unwrap_or_else(|e| panic!("every connection answers: {e}"));
     store.close().await;
+    assert!(store.ping().await.is_err(), "a closed store is not ready");
     let after = tokio::time::timeout(
         crate::harness::PATIENCE,
         store.set_service_expiry("KM1", 6000),
