@@ -246,9 +246,6 @@ fn lifecycle(s: &SessionRow, o: &OrderRow) -> Result<Lifecycle, StoreError> {
             .state
             .parse::<SessionState>()
             .map_err(|_| corrupt("session state", &s.state))?,
-        order: o
-            .status
-            .parse::<OrderStatus>()
-            .map_err(|_| corrupt("order status", &o.status))?,
+        ..payment_lifecycle(o)?
     })
 }
