@@ -64,12 +64,13 @@ impl<V> Tracked<V> {
         Some(v)
     }
 
-    /// The changed entries (cleared).
+    /// The changed entries (cleared). Looks up the changed keys rather than filtering the whole
+    /// map: this runs on every request, and the map holds thousands of orders.
     pub fn take_changed(&mut self) -> HashMap<&String, &V> {
         let dirty = std::mem::take(&mut self.dirty);
-        self.map
+        dirty
             .iter()
-            .filter(|(k, _)| dirty.contains(*k))
+            .filter_map(|k| self.map.get_key_value(k))
             .collect()
     }
 
