@@ -251,6 +251,18 @@ impl Application {
             }
         });
         tokio::spawn(sessions.clone().apply_events(session_rx));
+        // The backstop for sessions no cabinet actor will end (docs/architecture.md, "No
+        // session outlives its purpose").
+        let sweeper = sessions.clone();
+        let every = Duration::from_millis(settings.session.sweep_interval_ms.max(100));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = sweeper.sweep_stale().await {
+                    tracing::error!(error = %e, "stale-session sweep failed");
+                }
+            }
+        });
         // A broken database connection is replaced here even when nobody probes readiness.
         let checked = store.clone();
         tokio::spawn(async move {

@@ -172,6 +172,15 @@ pub struct CabinetSettings {
 pub struct SessionSettings {
     /// `HUB__SESSION__RECOGNITION_TIMEOUT_MS`
     pub recognition_timeout_ms: u64,
+    /// `HUB__SESSION__DOOR_OPEN_TIMEOUT_MS`: unlock acked, door not opened → the session fails
+    /// `door_never_opened`.
+    pub door_open_timeout_ms: u64,
+    /// `HUB__SESSION__OPEN_TIMEOUT_MS`: unlock acked, door not closed → abnormal
+    /// `session_timeout`.
+    pub open_timeout_ms: u64,
+    /// `HUB__SESSION__SWEEP_INTERVAL_MS`: how often the supervisor looks for sessions no
+    /// cabinet actor holds that outlived their time.
+    pub sweep_interval_ms: u64,
 }
 
 /// `[payments]`
@@ -481,6 +490,8 @@ impl Settings {
             missed_heartbeats: c.missed_heartbeats,
             temp_out_of_range_ms: c.temp_out_of_range_ms,
             recognition_timeout_ms: self.session.recognition_timeout_ms,
+            door_open_timeout_ms: self.session.door_open_timeout_ms,
+            session_open_timeout_ms: self.session.open_timeout_ms,
         }
     }
 

@@ -63,6 +63,11 @@ pub enum ErrorCode {
     UnlockRejected,
     /// Resolving an order that is not abnormal.
     OrderNotAbnormal,
+    /// Closing a session that is already over.
+    SessionNotOpen,
+    /// The session was closed (by an operator or the session supervisor) before its door
+    /// opened.
+    SessionClosed,
     /// The cabinet's service time has run out.
     ServiceExpired,
     /// The shopper is on the merchant's blacklist.
@@ -110,7 +115,9 @@ impl ErrorCode {
             NotFound | CabinetNotFound => StatusCode::NOT_FOUND,
             MerchantExists | CabinetExists | NotRegistered | PromotionExists | CabinetNotActive
             | CabinetBusy | CabinetFaulted | RequestInProgress | UnlockRejected
-            | OrderNotAbnormal | LastAdminKey | KeyRevoked => StatusCode::CONFLICT,
+            | OrderNotAbnormal | LastAdminKey | KeyRevoked | SessionNotOpen | SessionClosed => {
+                StatusCode::CONFLICT
+            }
             ServiceExpired | UserBlacklisted | PaymentDeclined | UnknownProduct
             | RefundExceedsPaid | IdempotencyKeyReused | BasketOutOfRange | PriceOutOfRange => {
                 StatusCode::UNPROCESSABLE_ENTITY

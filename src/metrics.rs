@@ -35,6 +35,7 @@ pub struct Metrics {
     pub actor_restarts: IntCounter,
     pub offline_after_restart: IntCounter,
     pub store_errors: IntCounterVec,
+    pub sessions_closed: IntCounterVec,
     pub sessions: IntCounterVec,
     pub session_unlock: prometheus::Histogram,
     pub session_stages: HistogramVec,
@@ -223,6 +224,16 @@ impl Metrics {
                 IntCounter::new(
                     "cabinets_offline_after_restart_total",
                     "Cabinets online before a restart that did not come back (marked offline by the start-up sweep)",
+                )?,
+            ),
+            sessions_closed: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "sessions_closed_total",
+                        "Sessions ended from outside, by who: an operator, or the supervisor's sweep of sessions that outlived their timeouts",
+                    ),
+                    &["by"],
                 )?,
             ),
             store_errors: reg(

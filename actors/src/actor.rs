@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use crate::alert::{ActiveAlert, AlertType};
 use crate::ids::{CabinetId, MerchantId};
 use crate::machine::{
-    CabinetMachine, CabinetSnapshot, CommandOutcome, Effect, Input, Refusal, Timing,
+    CabinetMachine, CabinetSnapshot, CommandOutcome, Effect, Input, Refusal, SessionPhase, Timing,
 };
 use crate::protocol::{CabinetConfig, Command, CommandBody, CommandKind, SessionMode, UplinkBody};
 
@@ -127,6 +127,12 @@ pub(crate) struct GetSnapshot;
 #[derive(Debug, Message)]
 #[rtype(result = "Option<Refusal>")]
 pub(crate) struct CheckSession(pub SessionMode);
+
+/// An operator or the session supervisor ends a session. Returns the phase the actor held it
+/// in, or `None` when it does not hold that session.
+#[derive(Debug, Message)]
+#[rtype(result = "Option<SessionPhase>")]
+pub(crate) struct CloseSession(pub String);
 
 /// A new desired configuration.
 #[derive(Debug, Message)]
@@ -383,6 +389,17 @@ impl Handler<CheckSession> for CabinetActor {
     type Result = Option<Refusal>;
     fn handle(&mut self, msg: CheckSession, _: &mut Self::Context) -> Self::Result {
         self.machine.session_refusal(msg.0)
+    }
+}
+
+impl Handler<CloseSession> for CabinetActor {
+    type Result = Option<SessionPhase>;
+    fn handle(&mut self, msg: CloseSession, ctx: &mut Self::Context) -> Self::Result {
+        let phase = self.machine.session_phase(&msg.0);
+        if phase.is_some() {
+            self.feed(Input::CloseSession { session_id: msg.0 }, ctx);
+        }
+        phase
     }
 }
 

@@ -5,11 +5,11 @@
 use actix::Addr;
 
 use crate::actor::{
-    AckAlert, CabinetActor, CheckSession, ClearAlert, CommandResult, Deliver, GetSnapshot,
-    InjectPanic, SendCommand, SetDesired,
+    AckAlert, CabinetActor, CheckSession, ClearAlert, CloseSession, CommandResult, Deliver,
+    GetSnapshot, InjectPanic, SendCommand, SetDesired,
 };
 use crate::alert::AlertType;
-use crate::machine::{CabinetSnapshot, Refusal};
+use crate::machine::{CabinetSnapshot, Refusal, SessionPhase};
 use crate::protocol::{CabinetConfig, CommandBody, SessionMode, UplinkBody};
 
 /// The cabinet's actor did not answer: its mailbox is closed (stopped) or full.
@@ -69,6 +69,18 @@ impl CabinetHandle {
             .await
             .map_err(unreachable)?
             .map_err(|_| CommandError::Restarted)
+    }
+
+    /// Ends the session `session_id` on the cabinet's side (the cabinet takes new sessions
+    /// again); answers the phase it was in, or `None` when the actor does not hold it.
+    pub async fn close_session(
+        &self,
+        session_id: &str,
+    ) -> Result<Option<SessionPhase>, Unreachable> {
+        self.addr
+            .send(CloseSession(session_id.to_owned()))
+            .await
+            .map_err(unreachable)
     }
 
     /// A new desired configuration, pushed when the cabinet is online. Does not wait.

@@ -36,6 +36,12 @@ pub struct Timing {
     pub temp_out_of_range_ms: u64,
     /// Purchase door closed, no recognition → abnormal.
     pub recognition_timeout_ms: u64,
+    /// Unlock acked, the door not opened this long → the session fails `door_never_opened`
+    /// (nothing can have been taken; the provider order is cancelled).
+    pub door_open_timeout_ms: u64,
+    /// Unlock acked, the door not closed this long → the order is abnormal `session_timeout`
+    /// and the cabinet is free again.
+    pub session_open_timeout_ms: u64,
 }
 
 impl Default for Timing {
@@ -49,6 +55,8 @@ impl Default for Timing {
             missed_heartbeats: 3,
             temp_out_of_range_ms: 600_000,
             recognition_timeout_ms: 60_000,
+            door_open_timeout_ms: 60_000,
+            session_open_timeout_ms: 600_000,
         }
     }
 }
@@ -75,6 +83,12 @@ pub enum Input {
         kind: AlertType,
         /// The operator's key id.
         by: String,
+    },
+    /// An operator or the session supervisor ends this session (a session the actor does
+    /// not hold changes nothing). See [`CabinetMachine::session_phase`] for what it was.
+    CloseSession {
+        /// Which.
+        session_id: String,
     },
     /// A deadline may have passed.
     Tick,
@@ -116,6 +130,8 @@ pub enum AbnormalReason {
     RecognitionFailed,
     /// The cabinet rebooted with the session open.
     Rebooted,
+    /// The door stayed open (or never closed) past `session_open_timeout_ms`.
+    SessionTimeout,
 }
 
 /// Session progress the session supervisor needs.
@@ -130,6 +146,14 @@ pub enum SessionEvent {
         mode: SessionMode,
         /// What the cabinet recognised.
         recognition: Recognition,
+    },
+    /// The cabinet acked the unlock and the door did not open within
+    /// `door_open_timeout_ms`: the session is over, nothing was taken.
+    DoorNeverOpened {
+        /// Session.
+        session_id: String,
+        /// Mode.
+        mode: SessionMode,
     },
     /// The session cannot be priced automatically.
     Abnormal {
@@ -274,6 +298,23 @@ pub struct OpenSession {
     /// When the door closed (Unix ms).
     #[serde(skip)]
     closed_at: Option<u64>,
+    /// When the cabinet acked the unlock (Unix ms).
+    #[serde(skip)]
+    acked_at: Option<u64>,
+}
+
+impl OpenSession {
+    /// When the door phase runs out of time: acked and never opened by
+    /// `door_open_timeout_ms`, or open (never closed) by `session_open_timeout_ms`. A closed
+    /// door waits for the recognition instead.
+    fn door_deadline(&self, t: &Timing) -> Option<u64> {
+        let acked = self.acked_at?;
+        match self.phase {
+            SessionPhase::Unlocked => Some(acked + t.door_open_timeout_ms),
+            SessionPhase::DoorOpen => Some(acked + t.session_open_timeout_ms),
+            SessionPhase::Unlocking | SessionPhase::DoorClosed => None,
+        }
+    }
 }
 
 /// The live state of a cabinet, as the API and screens show it.
@@ -534,6 +575,7 @@ impl CabinetMachine {
             .as_ref()
             .and_then(|s| s.closed_at)
             .map(|c| c + t.recognition_timeout_ms);
+        let session_end = self.session.as_ref().and_then(|s| s.door_deadline(t));
         let pending = self.pending.values().map(|p| p.deadline).min();
         let flap_end = self
             .flaps
@@ -547,6 +589,7 @@ impl CabinetMachine {
             door,
             temp,
             recognition,
+            session_end,
             pending,
             self.offline_deadline(),
         ]
@@ -584,6 +627,15 @@ impl CabinetMachine {
                 if self.alerts.contains_key(&kind) {
                     self.reset_condition(kind, now);
                     self.clear(kind, ClearedBy::Operator(by), now, &mut fx);
+                    fx.push(Effect::StateChanged);
+                }
+            }
+            Input::CloseSession { session_id } => {
+                if self.session.as_ref().is_some_and(|s| s.id == session_id) {
+                    self.session = None;
+                    self.pending.retain(|_, p| {
+                        !matches!(&p.body, CommandBody::Unlock { session_id: id, .. } if *id == session_id)
+                    });
                     fx.push(Effect::StateChanged);
                 }
             }
@@ -788,6 +840,7 @@ impl CabinetMachine {
                 mode: *mode,
                 phase: SessionPhase::Unlocking,
                 closed_at: None,
+                acked_at: None,
             });
             fx.push(Effect::StateChanged);
         }
@@ -1097,6 +1150,8 @@ impl CabinetMachine {
                     if s.phase == SessionPhase::Unlocking {
                         s.phase = SessionPhase::Unlocked;
                     }
+                    // Also when the door-opened event overtook the ack.
+                    s.acked_at.get_or_insert(now);
                 }
             }
             (CommandBody::Unlock { session_id, .. }, _) => {
@@ -1120,6 +1175,14 @@ impl CabinetMachine {
             elapsed_ms: now.saturating_sub(p.sent_at),
         });
         fx.push(Effect::StateChanged);
+    }
+
+    /// Where this actor's session stands, if it holds `session_id`.
+    pub fn session_phase(&self, session_id: &str) -> Option<SessionPhase> {
+        self.session
+            .as_ref()
+            .filter(|s| s.id == session_id)
+            .map(|s| s.phase)
     }
 
     fn end_session(&mut self, session_id: &str) {
@@ -1228,6 +1291,27 @@ impl CabinetMachine {
                     session_id: s.id,
                     mode: s.mode,
                     reason: AbnormalReason::RecognitionTimeout,
+                }));
+                fx.push(Effect::StateChanged);
+            }
+        }
+        let door_late = self
+            .session
+            .as_ref()
+            .and_then(|s| s.door_deadline(&t))
+            .is_some_and(|d| now >= d);
+        if door_late {
+            if let Some(s) = self.session.take() {
+                fx.push(Effect::Session(match s.phase {
+                    SessionPhase::Unlocked => SessionEvent::DoorNeverOpened {
+                        session_id: s.id,
+                        mode: s.mode,
+                    },
+                    _ => SessionEvent::Abnormal {
+                        session_id: s.id,
+                        mode: s.mode,
+                        reason: AbnormalReason::SessionTimeout,
+                    },
                 }));
                 fx.push(Effect::StateChanged);
             }

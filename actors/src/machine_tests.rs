@@ -480,6 +480,113 @@ fn recognition_timeout_makes_the_order_abnormal() {
     assert_eq!(r.m.session_refusal(SessionMode::Purchase), None);
 }
 
+// Row: unlock acked, door not opened within 60 s → the session fails `door_never_opened`.
+#[test]
+fn a_door_never_opened_ends_the_session_and_frees_the_cabinet() {
+    let mut r = Rig::online();
+    let (id, _) = r.unlock("s1");
+    // The ack comes 2 s later: the door's minute counts from the ack, not the command.
+    r.advance(2_000);
+    r.ack(&id, true, None);
+    assert_eq!(r.m.next_deadline(), Some(r.now + 60_000));
+    assert!(sessions(&r.advance(59_999)).is_empty());
+    assert_eq!(
+        r.m.session_refusal(SessionMode::Purchase),
+        Some(Refusal::CabinetBusy)
+    );
+    assert_eq!(
+        sessions(&r.advance(1)),
+        vec![SessionEvent::DoorNeverOpened {
+            session_id: "s1".into(),
+            mode: SessionMode::Purchase,
+        }]
+    );
+    assert_eq!(r.m.session_refusal(SessionMode::Purchase), None);
+    // Opening the door now is not the shopper's: the lock re-latched long ago.
+    assert!(raised(&r.event("door_opened")).contains(&AlertType::DoorForced));
+}
+
+// Row: unlock acked, door not closed within 10 min → abnormal `session_timeout`.
+#[test]
+fn a_door_left_open_ends_the_session_after_the_open_timeout() {
+    let mut r = Rig::online();
+    r.session_open("s1");
+    let mut ended = vec![];
+    for _ in 0..19 {
+        ended.extend(sessions(&r.advance(30_000)));
+        r.heartbeat("open", "unlocked", 4.0, true);
+    }
+    assert!(ended.is_empty(), "{ended:?}");
+    assert_eq!(
+        r.m.session_refusal(SessionMode::Purchase),
+        Some(Refusal::CabinetBusy)
+    );
+    assert_eq!(
+        sessions(&r.advance(30_000)),
+        vec![SessionEvent::Abnormal {
+            session_id: "s1".into(),
+            mode: SessionMode::Purchase,
+            reason: AbnormalReason::SessionTimeout
+        }]
+    );
+    assert_eq!(r.m.session_refusal(SessionMode::Purchase), None);
+}
+
+#[test]
+fn a_door_opened_before_the_ack_still_times_out() {
+    let mut r = Rig::online();
+    let (id, _) = r.unlock("s1");
+    r.seq += 1;
+    let json = format!(
+        r#"{{"seq":{},"ts":{},"type":"door_opened","session_id":"s1"}}"#,
+        r.seq, r.now
+    );
+    assert!(raised(&r.up(UplinkKind::Event, &json)).is_empty());
+    r.ack(&id, true, None);
+    assert_eq!(
+        r.m.session_phase("s1"),
+        Some(SessionPhase::DoorOpen),
+        "the ack does not send the phase back"
+    );
+    assert!(sessions(&r.advance(599_999)).is_empty());
+    assert!(matches!(
+        sessions(&r.advance(1)).as_slice(),
+        [SessionEvent::Abnormal {
+            reason: AbnormalReason::SessionTimeout,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn closing_a_session_frees_the_cabinet_and_forgets_its_unlock() {
+    let mut r = Rig::online();
+    let (id, _) = r.unlock("s1");
+    assert_eq!(r.m.session_phase("s1"), Some(SessionPhase::Unlocking));
+    assert_eq!(r.m.session_phase("s2"), None);
+    // Another session's close changes nothing.
+    assert!(r
+        .m
+        .handle(
+            Input::CloseSession {
+                session_id: "s2".into()
+            },
+            r.now
+        )
+        .is_empty());
+    r.m.handle(
+        Input::CloseSession {
+            session_id: "s1".into(),
+        },
+        r.now,
+    );
+    assert_eq!(r.m.session_phase("s1"), None);
+    assert_eq!(r.m.session_refusal(SessionMode::Purchase), None);
+    // Its unlock no longer times out into a session outcome.
+    assert!(sessions(&r.advance(5_000)).is_empty());
+    let _ = id;
+}
+
 // Row: recognition `failed` → abnormal `recognition_failed`.
 #[test]
 fn recognition_failed_makes_the_order_abnormal() {

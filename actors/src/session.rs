@@ -25,6 +25,11 @@ pub const OUT_OF_RANGE: &str = "out_of_range";
 pub const PAYMENT_COMPLETE_FAILED: &str = "payment_complete_failed";
 /// The cancel reason the provider is given when the shopper took nothing ("nothing taken").
 pub const NOTHING_TAKEN: &str = "未取商品";
+/// The abnormal reason when the door stayed open (no recognition) past
+/// `session.open_timeout_ms`, or the supervisor closed a session whose door may have opened.
+pub const SESSION_TIMEOUT: &str = "session_timeout";
+/// The abnormal reason when an operator closed a session whose door may have opened.
+pub const CLOSED_BY_OPERATOR: &str = "closed_by_operator";
 
 /// Where a session stands. Stored as text; strum gives the stable names.
 #[derive(
@@ -145,6 +150,14 @@ pub enum FailReason {
     UnlockRejected,
     /// The hub restarted while the shopper was confirming.
     HubRestarted,
+    /// The cabinet acked the unlock but the door did not open within
+    /// `session.door_open_timeout_ms`.
+    DoorNeverOpened,
+    /// An operator closed the session before its door opened.
+    ClosedByOperator,
+    /// The session supervisor closed a session left open past its time (one the cabinet's
+    /// actor no longer holds, e.g. from before a restart) before its door opened.
+    Expired,
 }
 
 impl SessionState {
@@ -236,6 +249,18 @@ pub enum Event {
     DeductionFailed,
     /// The provider refused the completion for good.
     CompleteFailed,
+    /// The cabinet acked the unlock and the door never opened in time.
+    DoorNeverOpened,
+    /// An operator (`by_operator`) or the session supervisor ends a session that is still
+    /// under way. `door_may_have_opened` is what the cabinet's actor knows (or, when it does
+    /// not hold the session, what cannot be ruled out): if it did, the shopper may have taken
+    /// something, so the order waits for a person; if not, it is cancelled.
+    Close {
+        /// An operator, not the supervisor.
+        by_operator: bool,
+        /// Whether the door may have opened.
+        door_may_have_opened: bool,
+    },
 }
 
 impl Event {
@@ -254,6 +279,8 @@ impl Event {
             Event::Paid => "paid",
             Event::DeductionFailed => "deduction_failed",
             Event::CompleteFailed => "complete_failed",
+            Event::DoorNeverOpened => "door_never_opened",
+            Event::Close { .. } => "close",
         }
     }
 }
@@ -382,6 +409,36 @@ impl Lifecycle {
                 })
             }
             (Event::UnlockFailed(reason), S::Unlocking, _) => Ok(self.fail(*reason)),
+            (Event::DoorNeverOpened, S::Open, O::Open) => {
+                Ok(self.fail(FailReason::DoorNeverOpened))
+            }
+            (
+                Event::Close {
+                    by_operator,
+                    door_may_have_opened,
+                },
+                S::Confirming | S::Unlocking | S::Open,
+                O::Open,
+            ) => {
+                let opened = *door_may_have_opened && self.session != S::Confirming;
+                Ok(match (opened, by_operator) {
+                    (false, true) => self.fail(FailReason::ClosedByOperator),
+                    (false, false) => self.fail(FailReason::Expired),
+                    (true, by_operator) => Step {
+                        session: Some(self.session_to(S::Closed)),
+                        order: Some(self.order_to(O::Abnormal)),
+                        abnormal_reason: Some(
+                            if *by_operator {
+                                CLOSED_BY_OPERATOR
+                            } else {
+                                SESSION_TIMEOUT
+                            }
+                            .to_owned(),
+                        ),
+                        ..Step::default()
+                    },
+                })
+            }
             (Event::Recognized(basket), S::Open, O::Open) => {
                 let step = self.settle(*basket).ok_or_else(refuse)?;
                 Ok(Step {

@@ -688,6 +688,79 @@ fn a_restock_walks_from_unlock_to_closed_without_a_provider() {
     assert_eq!(effects, vec![]);
 }
 
+// ---- ended from outside: the door never opened, an operator, the supervisor ----
+
+#[test]
+fn a_door_that_never_opened_fails_the_session_and_cancels_the_order() {
+    for channel in [Channel::Wechat, Channel::Alipay] {
+        let s = step(purchase(channel, S::Open, O::Open), Event::DoorNeverOpened);
+        assert_eq!(s.session, smove(S::Open, S::Failed));
+        assert_eq!(s.order, omove(O::Open, O::Cancelled));
+        assert_eq!(s.failure, Some(FailReason::DoorNeverOpened));
+        assert_eq!(s.effects, vec![cancel("door_never_opened")]);
+    }
+    // A restock has no provider order to cancel.
+    let s = step(restock(S::Open, O::Open), Event::DoorNeverOpened);
+    assert_eq!(s.order, omove(O::Open, O::Cancelled));
+    assert!(s.effects.is_empty());
+    // Once the recognition settled the order, a late timeout changes nothing.
+    not_applicable(
+        purchase(Channel::Wechat, S::Closed, O::Completing),
+        Event::DoorNeverOpened,
+    );
+}
+
+fn close(by_operator: bool, door_may_have_opened: bool) -> Event {
+    Event::Close {
+        by_operator,
+        door_may_have_opened,
+    }
+}
+
+#[test]
+fn closing_before_the_door_can_have_opened_cancels() {
+    for from in [S::Confirming, S::Unlocking, S::Open] {
+        let s = step(purchase(Channel::Wechat, from, O::Open), close(true, false));
+        assert_eq!(s.session, smove(from, S::Failed));
+        assert_eq!(s.order, omove(O::Open, O::Cancelled));
+        assert_eq!(s.failure, Some(FailReason::ClosedByOperator));
+        assert_eq!(s.effects, vec![cancel("closed_by_operator")]);
+        let s = step(
+            purchase(Channel::Alipay, from, O::Open),
+            close(false, false),
+        );
+        assert_eq!(s.failure, Some(FailReason::Expired));
+        assert_eq!(s.effects, vec![cancel("expired")]);
+    }
+    // A confirming session never sent its unlock, whatever is claimed about the door.
+    let s = step(
+        purchase(Channel::Wechat, S::Confirming, O::Open),
+        close(true, true),
+    );
+    assert_eq!(s.failure, Some(FailReason::ClosedByOperator));
+}
+
+#[test]
+fn closing_after_the_door_may_have_opened_leaves_the_order_to_a_person() {
+    for from in [S::Unlocking, S::Open] {
+        let s = step(purchase(Channel::Wechat, from, O::Open), close(true, true));
+        assert_eq!(s.session, smove(from, S::Closed));
+        assert_eq!(s.order, omove(O::Open, O::Abnormal));
+        assert_eq!(s.abnormal_reason.as_deref(), Some(CLOSED_BY_OPERATOR));
+        assert!(s.effects.is_empty(), "nothing is cancelled or charged yet");
+        let s = step(purchase(Channel::Wechat, from, O::Open), close(false, true));
+        assert_eq!(s.abnormal_reason.as_deref(), Some(SESSION_TIMEOUT));
+    }
+    // A session already over is not closed again.
+    for (session, order) in [
+        (S::Closed, O::Completing),
+        (S::Closed, O::Abnormal),
+        (S::Failed, O::Cancelled),
+    ] {
+        not_applicable(purchase(Channel::Wechat, session, order), close(true, true));
+    }
+}
+
 // ---- exhaustive invariants ----
 
 fn events() -> Vec<Event> {
@@ -710,7 +783,16 @@ fn events() -> Vec<Event> {
         Event::Paid,
         Event::DeductionFailed,
         Event::CompleteFailed,
+        Event::DoorNeverOpened,
     ];
+    for by_operator in [false, true] {
+        for door_may_have_opened in [false, true] {
+            events.push(Event::Close {
+                by_operator,
+                door_may_have_opened,
+            });
+        }
+    }
     events.extend(FailReason::iter().map(Event::UnlockFailed));
     events.extend(baskets.iter().map(|b| Event::Recognized(*b)));
     events.extend(baskets.iter().map(|b| Event::Resolve(*b)));
@@ -833,7 +915,7 @@ fn event_names_are_distinct() {
     let mut names: Vec<_> = events().iter().map(Event::name).collect();
     names.sort_unstable();
     names.dedup();
-    assert_eq!(names.len(), 12);
+    assert_eq!(names.len(), 14);
 }
 
 // ---- stored names ----

@@ -13,7 +13,9 @@ use super::auth::{Caller, Role};
 use super::state::AppState;
 use super::ErrorBody;
 use crate::error::{ApiError, ApiResult};
-use crate::sessions::{request_hash, Idempotency, RefundAnswer, StartSession, StartTimings};
+use crate::sessions::{
+    request_hash, Closer, Idempotency, RefundAnswer, StartSession, StartTimings,
+};
 use crate::store::{BlacklistRow, OrderFilter, OrderRow};
 use crate::views::{List, OrderView, SessionView};
 
@@ -105,6 +107,45 @@ pub async fn get_session(
     match state.store.session(&path).await? {
         Some(s) if caller.sees(&s.merchant_id) => {
             Ok(HttpResponse::Ok().json(state.sessions.view(&s.id).await?))
+        }
+        _ => Err(ApiError::not_found("session")),
+    }
+}
+
+/// `POST /api/v1/sessions/{id}/close`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloseBody {
+    /// Why, 1 to 200 characters; recorded on the session with the operator's key id.
+    reason: String,
+}
+
+/// Ends a session that is still under way (a shopper gone, a cabinet stuck busy) and frees its
+/// cabinet. If the door cannot have opened the session fails `closed_by_operator` and the
+/// provider order is cancelled; if it may have opened the order becomes abnormal
+/// `closed_by_operator`, for a person to price what was taken.
+#[utoipa::path(post, path = "/api/v1/sessions/{id}/close", tag = "sessions", params(("id" = String, Path)),
+    request_body = CloseBody, security(("bearer" = [])), responses((status = 200, body = SessionView),
+    (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "session_not_open")))]
+pub async fn close_session(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<CloseBody>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Operator)?;
+    let reason = body.into_inner().reason;
+    if reason.trim().is_empty() || reason.chars().count() > 200 {
+        return Err(ApiError::bad_request("reason must be 1 to 200 characters"));
+    }
+    match state.store.session(&path).await? {
+        Some(s) if caller.sees(&s.merchant_id) => {
+            let view = state
+                .sessions
+                .close(&s.id, Closer::Operator(&caller.key_id), reason.trim())
+                .await?;
+            Ok(HttpResponse::Ok().json(view))
         }
         _ => Err(ApiError::not_found("session")),
     }

@@ -6,13 +6,13 @@
 
 use std::collections::HashMap;
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine;
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{
     ParsedPublicKey, RsaKeyPair, RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_SHA256,
 };
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 
 /// A crypto failure. Every variant is a rejection reason, never a panic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -130,6 +130,19 @@ impl Sessions {
                 self.settle(&s, &o, Event::Recognized(priced.basket), &priced)
                     .await
             }
+            SessionEvent::DoorNeverOpened { session_id, .. } => {
+                let Some((s, o)) = self.rows(meta, &session_id).await? else {
+                    return Ok(());
+                };
+                if let Some(step) = self
+                    .apply(&s, &o, &Event::DoorNeverOpened, OrderUpdate::default())
+                    .await?
+                {
+                    tracing::info!(session_id = %s.id, "the door never opened: session over, provider order cancelled");
+                    self.run_effects(&s, &step.effects).await;
+                }
+                Ok(())
+            }
             SessionEvent::Abnormal {
                 session_id, reason, ..
             } => {

@@ -15,6 +15,7 @@
 
 mod alipay;
 mod charge;
+mod close;
 mod events;
 mod exceptions;
 mod notifications;
@@ -38,6 +39,7 @@ use crate::payments::Providers;
 use crate::store::{OrderRow, OrderUpdate, SessionRow, Store, StoreError};
 use crate::views::{OrderView, SessionView};
 
+pub use close::Closer;
 pub use events::{event_lane, EVENT_LANES};
 pub use exceptions::RefundAnswer;
 pub use notifications::NotificationRefusal;

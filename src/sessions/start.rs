@@ -161,6 +161,10 @@ fn failure_answer(reason: FailReason, detail: &str) -> ApiError {
         FailReason::UnlockTimeout => ErrorCode::UnlockTimeout,
         FailReason::UnlockRejected => ErrorCode::UnlockRejected,
         FailReason::HubRestarted => ErrorCode::HubRestarted,
+        // Reached only by a start whose session was ended from outside while it waited.
+        FailReason::DoorNeverOpened | FailReason::ClosedByOperator | FailReason::Expired => {
+            ErrorCode::SessionClosed
+        }
     };
     ApiError::new(code, detail)
 }
@@ -279,6 +283,8 @@ impl Sessions {
             created_at: now,
             updated_at: now,
             unlocked_at: None,
+            closed_by: None,
+            close_note: None,
         };
         let order = OrderRow {
             id: format!("o{}", &id[1..]),

@@ -171,6 +171,7 @@ fn migrator(postgres: bool) -> Migrator {
         ),
         (8, "alert_flaps", sql!("0008_alert_flaps.sql")),
         (9, "pending_collect", sql!("0009_pending_collect.sql")),
+        (10, "session_close", sql!("0010_session_close.sql")),
     ];
     Migrator::with_migrations(
         files

@@ -34,6 +34,10 @@ pub struct SessionRow {
     pub updated_at: i64,
     /// Unix ms.
     pub unlocked_at: Option<i64>,
+    /// Who ended it from outside: an operator's key id, or `supervisor`.
+    pub closed_by: Option<String>,
+    /// Why they did.
+    pub close_note: Option<String>,
 }
 
 /// A session found by its idempotency key.
@@ -738,6 +742,36 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Records who ended a session from outside and why.
+    pub async fn record_close(&self, id: &str, by: &str, note: &str) -> Result<()> {
+        sqlx::query("UPDATE sessions SET closed_by = $2, close_note = $3 WHERE id = $1")
+            .bind(id)
+            .bind(by)
+            .bind(note)
+            .execute(&mut *self.write().await?)
+            .await?;
+        Ok(())
+    }
+
+    /// Sessions still under way (confirming, unlocking or open) since before `before` (Unix
+    /// ms: the unlock, or the creation when not unlocked), oldest first. Reads through the
+    /// partial index of open sessions, which holds at most one row a cabinet.
+    pub async fn sessions_under_way_since(
+        &self,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<SessionRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM sessions WHERE state IN ('confirming', 'unlocking', 'open') \
+             AND COALESCE(unlocked_at, created_at) < $1 ORDER BY created_at LIMIT $2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&mut *self.read().await?)
+        .await?;
+        rows.iter().map(session_row).collect()
     }
 
     /// Sessions in a state (for recovery after a restart).

@@ -268,6 +268,51 @@ async fn kill9_with_completion_unsettled_postgres() {
     killed_with_completion_unsettled(Some(fresh_postgres().await)).await;
 }
 
+/// Killed with a session open and its recognition never coming: after the restart no actor
+/// holds the session, so no cabinet timer will end it. The supervisor's sweep does (timeouts
+/// short here: they are what is tested), leaving the order for a person, since the door had
+/// opened; the cabinet takes the next shopper.
+async fn killed_with_a_session_nobody_will_end(db: Option<String>) {
+    let spec = Spec::new()
+        .env("HUB__SESSION__OPEN_TIMEOUT_MS", 500)
+        .env("HUB__SESSION__RECOGNITION_TIMEOUT_MS", 3_000)
+        .env("HUB__CABINET__UNLOCK_ACK_TIMEOUT_MS", 2_000)
+        .env("HUB__SESSION__SWEEP_INTERVAL_MS", 200);
+    let mut n = Node::start_with(db, spec).await;
+    let secret = setup(&n).await;
+    let mut c = n.cabinet(&secret).await;
+    let session = open_session(&n, &mut c).await;
+    n.kill9();
+    n.restart().await;
+    let mut c = n.cabinet(&secret).await;
+    let o = n.order_of(&session, &["abnormal"]).await;
+    assert_eq!(o["abnormal_reason"], "session_timeout", "{o}");
+    let (_, v) = n
+        .call("GET", &format!("/api/v1/sessions/{session}"), None)
+        .await;
+    assert_eq!(
+        (
+            v["session"]["state"].clone(),
+            v["session"]["closed_by"].clone()
+        ),
+        (json!("closed"), json!("supervisor")),
+        "{v}"
+    );
+    let next = open_session(&n, &mut c).await;
+    assert_ne!(next, session);
+    n.kill9();
+}
+
+#[actix_rt::test]
+async fn kill9_with_a_session_nobody_will_end_sqlite() {
+    killed_with_a_session_nobody_will_end(None).await;
+}
+
+#[actix_rt::test]
+async fn kill9_with_a_session_nobody_will_end_postgres() {
+    killed_with_a_session_nobody_will_end(Some(fresh_postgres().await)).await;
+}
+
 /// `cabinet-hub simulate` on a free port, killed with the test.
 struct Simulators {
     child: std::process::Child,

@@ -15,6 +15,7 @@ mod ops;
 mod purchase;
 mod startup;
 mod store;
+mod stuck;
 mod wechat;
 
 use std::time::Duration;

@@ -1,0 +1,142 @@
+//! No session outlives its purpose (issue 19): a door that never opens, an operator closing a
+//! stuck session; each frees the cabinet with a defined outcome. (A session left over from
+//! before a restart: `crash.rs`.)
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::both;
+use crate::harness::{Backend, Cabinet, TestHub, PATIENCE};
+use crate::purchase::{shop_with, start};
+
+const SEC: Duration = Duration::from_secs(1);
+
+both!(
+    a_door_never_opened_cancels_and_frees_the_cabinet,
+    an_operator_closes_a_stuck_session,
+    an_operator_closes_a_session_whose_door_never_opened,
+);
+
+/// A session up to the acked unlock; answers its id.
+async fn unlocked(hub: &TestHub, op: &str, c: &mut Cabinet, user: &str) -> String {
+    let pending = start(hub, op, user, None);
+    let unlock = c.expect_command("unlock", 5 * SEC).await;
+    c.ack(&unlock, true, None).await;
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s, 201, "{v}");
+    v["session"]["id"].as_str().unwrap_or_default().to_owned()
+}
+
+async fn session(hub: &TestHub, key: &str, id: &str, want: &str) -> Value {
+    hub.eventually(PATIENCE, want, || async {
+        let (_, v) = hub.get(&format!("/api/v1/sessions/{id}"), key).await;
+        (v["session"]["state"] == want).then_some(v)
+    })
+    .await
+}
+
+/// Today a cabinet whose shopper walked away after the unlock answered `cabinet_busy` for
+/// ever. Now the door's deadline (short here: the deadline is what is tested) ends it.
+async fn a_door_never_opened_cancels_and_frees_the_cabinet(b: Backend) {
+    let (hub, op, mut c) = shop_with(b, |s| s.session.door_open_timeout_ms = 1_500).await;
+    let id = unlocked(&hub, &op, &mut c, "u1").await;
+    let v = session(&hub, &op, &id, "failed").await;
+    assert_eq!(v["session"]["failure"], "door_never_opened", "{v}");
+    assert_eq!(v["order"]["status"], "cancelled", "{v}");
+    assert_eq!(v["order"]["paid_fen"], 0);
+    // The cabinet takes the next shopper.
+    let next = unlocked(&hub, &op, &mut c, "u2").await;
+    assert_ne!(next, id);
+}
+
+/// The shopper opened the door and the cabinet never reported it closed: an operator ends the
+/// session; the order waits for a person to price what was taken; the cabinet is free.
+async fn an_operator_closes_a_stuck_session(b: Backend) {
+    let (hub, op, mut c) = shop_with(b, |_| {}).await;
+    let id = unlocked(&hub, &op, &mut c, "u1").await;
+    c.event("door_opened").await;
+    hub.eventually(PATIENCE, "door open in the actor", || async {
+        let v = hub.cabinet_state(&op, "KM1").await;
+        (v["session"]["phase"] == "door_open").then_some(())
+    })
+    .await;
+    // The cabinet is busy meanwhile.
+    let (s, v) = start(&hub, &op, "u2", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (s, v["error"]["code"].clone()),
+        (409, json!("cabinet_busy"))
+    );
+
+    let path = format!("/api/v1/sessions/{id}/close");
+    // A viewer may not; another merchant's operator does not see it; a reason is required.
+    let viewer = hub.new_key(crate::harness::ADMIN_KEY, "m1", "viewer").await;
+    let viewer = viewer["key"].as_str().unwrap_or_default().to_owned();
+    let (s, _) = hub.post(&path, &viewer, json!({"reason": "stuck"})).await;
+    assert_eq!(s, 403);
+    let (_, other) = hub.merchant("m2").await;
+    let (s, _) = hub.post(&path, &other, json!({"reason": "stuck"})).await;
+    assert_eq!(s, 404);
+    let (s, v) = hub.post(&path, &op, json!({"reason": "  "})).await;
+    assert_eq!(
+        (s, v["error"]["code"].clone()),
+        (400, json!("invalid_request"))
+    );
+
+    let (s, v) = hub
+        .post(
+            &path,
+            &op,
+            json!({"reason": "door sensor broken, shopper left"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["session"]["state"], "closed", "{v}");
+    assert_eq!(
+        v["session"]["close_note"],
+        "door sensor broken, shopper left"
+    );
+    assert!(
+        v["session"]["closed_by"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty()),
+        "{v}"
+    );
+    assert_eq!(v["order"]["status"], "abnormal", "{v}");
+    assert_eq!(v["order"]["abnormal_reason"], "closed_by_operator");
+    // Once over, it stays over.
+    let (s, v) = hub.post(&path, &op, json!({"reason": "again"})).await;
+    assert_eq!(
+        (s, v["error"]["code"].clone()),
+        (409, json!("session_not_open"))
+    );
+    // The cabinet takes the next shopper.
+    c.event("door_closed").await;
+    c.event("lock_locked").await;
+    unlocked(&hub, &op, &mut c, "u2").await;
+    assert_eq!(
+        hub.metric("sessions_closed_total{by=\"operator\"}").await,
+        1.0
+    );
+}
+
+/// Closed before the door opened: nothing can have been taken, so the provider order is
+/// cancelled rather than left for a person.
+async fn an_operator_closes_a_session_whose_door_never_opened(b: Backend) {
+    let (hub, op, mut c) = shop_with(b, |_| {}).await;
+    let id = unlocked(&hub, &op, &mut c, "u1").await;
+    let (s, v) = hub
+        .post(
+            &format!("/api/v1/sessions/{id}/close"),
+            &op,
+            json!({"reason": "shopper walked away"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["session"]["state"], "failed", "{v}");
+    assert_eq!(v["session"]["failure"], "closed_by_operator");
+    assert_eq!(v["order"]["status"], "cancelled");
+    unlocked(&hub, &op, &mut c, "u2").await;
+}
