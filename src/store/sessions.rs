@@ -744,14 +744,18 @@ impl Store {
             .collect()
     }
 
-    /// Records who ended a session from outside and why.
+    /// Records who ended a session from outside and why; the feed hears of it as of any
+    /// change to the session.
     pub async fn record_close(&self, id: &str, by: &str, note: &str) -> Result<()> {
-        sqlx::query("UPDATE sessions SET closed_by = $2, close_note = $3 WHERE id = $1")
-            .bind(id)
-            .bind(by)
-            .bind(note)
-            .execute(&mut *self.write().await?)
-            .await?;
+        let r = sqlx::query(
+            "UPDATE sessions SET closed_by = $2, close_note = $3 WHERE id = $1 RETURNING *",
+        )
+        .bind(id)
+        .bind(by)
+        .bind(note)
+        .fetch_optional(&mut *self.write().await?)
+        .await?;
+        self.announce_session(r)?;
         Ok(())
     }
 

@@ -85,6 +85,9 @@ async fn an_operator_closes_a_stuck_session(b: Backend) {
         (400, json!("invalid_request"))
     );
 
+    let mut ws = crate::feed::connect(&hub, &op, None).await;
+    let snap = crate::feed::next(&mut ws, PATIENCE).await;
+    assert_eq!(snap.map(|v| v["type"].clone()), Some(json!("snapshot")));
     let (s, v) = hub
         .post(
             &path,
@@ -93,6 +96,16 @@ async fn an_operator_closes_a_stuck_session(b: Backend) {
         )
         .await;
     assert_eq!(s, 200, "{v}");
+    // Operators watching see who closed it and why.
+    loop {
+        let e = crate::feed::next(&mut ws, PATIENCE)
+            .await
+            .unwrap_or_else(|| panic!("the feed never told of the close"));
+        if e["type"] == "session" && e["data"]["close_note"] == "door sensor broken, shopper left" {
+            assert_eq!(e["data"]["state"], "closed", "{e}");
+            break;
+        }
+    }
     assert_eq!(v["session"]["state"], "closed", "{v}");
     assert_eq!(
         v["session"]["close_note"],
