@@ -287,9 +287,18 @@ async fn killed_with_a_session_nobody_will_end(db: Option<String>) {
     let mut c = n.cabinet(&secret).await;
     let o = n.order_of(&session, &["abnormal"]).await;
     assert_eq!(o["abnormal_reason"], "session_timeout", "{o}");
-    let (_, v) = n
-        .call("GET", &format!("/api/v1/sessions/{session}"), None)
-        .await;
+    // The order moves first, the session just after.
+    let start = Instant::now();
+    let v = loop {
+        let (_, v) = n
+            .call("GET", &format!("/api/v1/sessions/{session}"), None)
+            .await;
+        if v["session"]["state"] != "open" {
+            break v;
+        }
+        assert!(start.elapsed() < PATIENCE, "session never closed: {v}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
     assert_eq!(
         (
             v["session"]["state"].clone(),

@@ -28,10 +28,12 @@ async fn unlocked(hub: &TestHub, op: &str, c: &mut Cabinet, user: &str) -> Strin
     v["session"]["id"].as_str().unwrap_or_default().to_owned()
 }
 
+/// Waits for the session to reach `want` and its order to be settled (a failing session moves
+/// before its order).
 async fn session(hub: &TestHub, key: &str, id: &str, want: &str) -> Value {
     hub.eventually(PATIENCE, want, || async {
         let (_, v) = hub.get(&format!("/api/v1/sessions/{id}"), key).await;
-        (v["session"]["state"] == want).then_some(v)
+        (v["session"]["state"] == want && v["order"]["status"] != "open").then_some(v)
     })
     .await
 }
