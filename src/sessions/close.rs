@@ -66,6 +66,10 @@ impl Sessions {
                     }])
                     .inc();
                 self.run_effects(&s, &step.effects).await;
+                // A start still waiting for the shopper's confirmation looks again now: its
+                // move finds the session over and it answers `session_closed` at once, not at
+                // the confirmation timeout.
+                self.confirmed(&s.id);
             }
             // Something else ended it meanwhile (the recognition, the shopper's answer): that
             // outcome stands.

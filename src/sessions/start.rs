@@ -488,10 +488,19 @@ impl Sessions {
                 .await);
         }
         // The order as the start stored it: nothing moves an order before its door opened, and
-        // the confirmation moves only the session (conditionally on its state).
-        self.apply(s, o, &Event::Confirmed, OrderUpdate::default())
-            .await?;
-        Ok(())
+        // the confirmation moves only the session (conditionally on its state). A move that did
+        // not take means the session was ended meanwhile (an operator's close, the sweep): the
+        // door must not open for it.
+        match self
+            .apply(s, o, &Event::Confirmed, OrderUpdate::default())
+            .await?
+        {
+            Some(_) => Ok(()),
+            None => Err(ApiError::new(
+                ErrorCode::SessionClosed,
+                "the session was closed before the shopper confirmed",
+            )),
+        }
     }
 
     pub(super) async fn cancel_provider_order(&self, s: &SessionRow, reason: &str) {

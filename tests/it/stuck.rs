@@ -16,6 +16,7 @@ both!(
     a_door_never_opened_cancels_and_frees_the_cabinet,
     an_operator_closes_a_stuck_session,
     an_operator_closes_a_session_whose_door_never_opened,
+    a_session_closed_while_confirming_never_unlocks,
 );
 
 /// A session up to the acked unlock; answers its id.
@@ -154,4 +155,46 @@ async fn an_operator_closes_a_session_whose_door_never_opened(b: Backend) {
     assert_eq!(v["session"]["failure"], "closed_by_operator");
     assert_eq!(v["order"]["status"], "cancelled");
     unlocked(&hub, &op, &mut c, "u2").await;
+}
+
+/// Closed while the shopper is still confirming: the confirmation that arrives afterwards must
+/// not open the door (the session is over and its provider order cancelled).
+async fn a_session_closed_while_confirming_never_unlocks(b: Backend) {
+    // The simulated shopper would confirm 8 s after the create: long enough, on any machine,
+    // for the close below to land first.
+    let (hub, op, mut c) = shop_with(b, |s| s.payments.simulator_confirm_ms = 8_000).await;
+    let pending = start(&hub, &op, "u1", None);
+    let id = hub
+        .eventually(PATIENCE, "the session confirming", || async {
+            let (_, v) = hub.get("/api/v1/orders", &op).await;
+            v["items"][0]["session_id"].as_str().map(str::to_owned)
+        })
+        .await;
+    let (s, v) = hub
+        .post(
+            &format!("/api/v1/sessions/{id}/close"),
+            &op,
+            json!({"reason": "shopper left before confirming"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["session"]["failure"], "closed_by_operator", "{v}");
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (s, v["error"]["code"].clone()),
+        (409, json!("session_closed")),
+        "{v}"
+    );
+    // The answer comes after the confirmation was handled: an unlock would be queued by now.
+    assert!(tokio::time::timeout(Duration::from_millis(300), async {
+        loop {
+            if let Some(crate::harness::Got::Command(cmd)) = c.rx.recv().await {
+                if cmd["type"] == "unlock" {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .is_err());
 }
