@@ -316,11 +316,13 @@ impl Application {
                 }))
                 .wrap(crate::http::access::access_log())
                 .configure(|c| {
+                    // The hub's routes first: the mini-program hand-offs it serves under the
+                    // simulators' prefixes (`/sim/wechatpay/confirm`) come before their scopes.
+                    crate::http::configure(c, simulators_on);
                     #[cfg(feature = "simulators")]
                     if let Some(sims) = &simulators {
                         sims.configure(c);
                     }
-                    crate::http::configure(c, simulators_on);
                 })
         })
         .on_connect(bound_send_buffer)

@@ -49,6 +49,8 @@ pub struct Feed {
     replay: usize,
     replay_for: Duration,
     sockets: Mutex<Sockets>,
+    /// Long polls waiting for a session's next change (`GET /api/v1/sessions/{id}?wait_s=`).
+    session_waiters: Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<()>>>>,
 }
 
 /// Open feed sockets, in all and by API key.
@@ -100,6 +102,45 @@ impl Feed {
             replay: replay.max(1),
             replay_for,
             sockets: Mutex::new(Sockets::default()),
+            session_waiters: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A wait for the next committed change of session `id`.
+    pub fn session_change(&self, id: &str) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.session_waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_owned())
+            .or_default()
+            .push(tx);
+        rx
+    }
+
+    /// Drops the waits for session `id` that nobody holds any more (long polls that timed out),
+    /// so that a session that never changes again keeps no memory.
+    pub fn session_wait_over(&self, id: &str) {
+        let mut w = self
+            .session_waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = w.get_mut(id) {
+            v.retain(|tx| !tx.is_closed());
+            if v.is_empty() {
+                w.remove(id);
+            }
+        }
+    }
+
+    fn session_changed(&self, id: &str) {
+        let waiting = self
+            .session_waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        for tx in waiting.into_iter().flatten() {
+            let _ = tx.send(());
         }
     }
 
@@ -205,7 +246,10 @@ pub async fn relay_store_changes(
 ) {
     while let Some(change) = rx.recv().await {
         match change {
-            Change::Session(s) => feed.publish(&s.merchant_id, "session", &s),
+            Change::Session(s) => {
+                feed.session_changed(&s.id);
+                feed.publish(&s.merchant_id, "session", &s)
+            }
             Change::Order(o) => feed.publish(&o.merchant_id, "order", &OrderView::from(&o)),
         }
     }

@@ -346,6 +346,22 @@ pub struct SessionView {
     pub order: Option<OrderView>,
 }
 
+/// A purchase session waiting for the shopper's confirmation (需确认模式), as
+/// `POST /api/v1/sessions` answers it (202): the merchant's front end passes `confirmation` on
+/// unchanged to the shopper's WeChat or Alipay.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConfirmingView {
+    /// The session, `confirming`.
+    pub session: Option<crate::store::SessionRow>,
+    /// Its order.
+    pub order: Option<OrderView>,
+    /// WeChat: `{"channel":"wechat","business_type":"wxpayScoreUse","extra_data":{"mch_id",
+    /// "package","timestamp","nonce_str","sign_type":"HMAC-SHA256","sign"}}`; Alipay:
+    /// `{"channel":"alipay","order_str"}`.
+    #[schema(value_type = Object)]
+    pub confirmation: crate::payments::Confirmation,
+}
+
 /// A promotion.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PromotionView {

@@ -266,6 +266,33 @@ impl Hub {
         Ok((s, r.json().await.unwrap_or(Value::Null), timing))
     }
 
+    /// Follows a session answered 202 with `?wait_s=` long polls until it is neither
+    /// confirming nor unlocking; answers its state then and its view.
+    pub async fn follow_session(&self, key: &str, answer: &Value) -> Result<(String, Value)> {
+        let id = answer["session"]["id"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("202 without a session: {answer}"))?;
+        let mut state = answer["session"]["state"]
+            .as_str()
+            .unwrap_or("confirming")
+            .to_owned();
+        for _ in 0..20 {
+            let path = format!("/api/v1/sessions/{id}?wait_s=30&from={state}");
+            let (s, v) = self.call(reqwest::Method::GET, &path, key, None).await?;
+            if s != 200 {
+                bail!("GET {path}: {s} {v}");
+            }
+            state = v["session"]["state"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if !matches!(state.as_str(), "confirming" | "unlocking") {
+                return Ok((state, v));
+            }
+        }
+        bail!("session {id} still {state} after 20 long polls")
+    }
+
     async fn expect(&self, path: &str, key: &str, body: Value, want: u16) -> Result<Value> {
         let (s, v) = self
             .call(reqwest::Method::POST, path, key, Some(body))

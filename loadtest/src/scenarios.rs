@@ -824,6 +824,20 @@ pub(crate) async fn shop(
                     Some(json!({"cabinet_id": cab, "user_id": format!("shopper{i}"), "channel": "wechat", "mode": "purchase"})),
                 )
                 .await;
+            // A purchase answers 202 with the shopper's confirmation; the simulator's shoppers
+            // confirm at once, and the door opens without the caller: followed as a shop's
+            // backend follows it, with long polls, so that the time measured ends at the open
+            // door (or the failure), as the shopper sees it.
+            let r = match r {
+                Ok((202, v, timing)) => hub
+                    .follow_session(&op, &v)
+                    .await
+                    .map(|(state, v)| match state.as_str() {
+                        "open" => (201, v, timing),
+                        _ => (409, json!({"error": {"code": v["session"]["failure"]}}), timing),
+                    }),
+                other => other,
+            };
             let us = t.elapsed().as_micros() as u64;
             let Ok(mut o) = out.lock() else { return };
             o.started += 1;

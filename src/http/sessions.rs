@@ -1,6 +1,8 @@
 //! Sessions, orders (resolve, refund) and the blacklist: the money path's endpoints. The work
 //! is the session supervisor's (`crate::sessions`); these handlers check who may ask.
 
+use std::time::Duration;
+
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -17,7 +19,7 @@ use crate::sessions::{
     request_hash, Closer, Idempotency, RefundAnswer, StartSession, StartTimings,
 };
 use crate::store::{BlacklistRow, OrderFilter, OrderRow};
-use crate::views::{List, OrderView, SessionView};
+use crate::views::{ConfirmingView, List, OrderView, SessionView};
 
 /// The `Idempotency-Key` header, when given, bound to this request: its method, path and
 /// `body` (the parsed body, so that spacing or field order do not make it another request).
@@ -38,7 +40,8 @@ pub(super) fn idempotency(
 }
 
 /// Starts a session and answers as `POST /api/v1/sessions` does: 201 with the session once the
-/// cabinet acked the unlock, or the refusal; `Server-Timing` tells where the time went.
+/// cabinet acked the unlock, 202 with the session and the shopper's confirmation while it
+/// waits for them, or the refusal; `Server-Timing` tells where the time went.
 pub(super) async fn start_answer(
     state: &AppState,
     caller: &Caller,
@@ -51,9 +54,12 @@ pub(super) async fn start_answer(
         .start(caller.merchant.as_deref(), body, idempotency, &mut timings)
         .await;
     let mut response = match answer {
-        Ok(opened) => HttpResponse::Created()
-            .content_type("application/json")
-            .body(opened.get().to_owned()),
+        Ok((status, body)) => HttpResponse::build(
+            actix_web::http::StatusCode::from_u16(status)
+                .unwrap_or(actix_web::http::StatusCode::CREATED),
+        )
+        .content_type("application/json")
+        .body(body.get().to_owned()),
         Err(e) => actix_web::ResponseError::error_response(&e),
     };
     // Refusals before anything was stored have no stages to tell.
@@ -68,11 +74,16 @@ pub(super) async fn start_answer(
     response
 }
 
-/// Starts a session: 201 once the cabinet acked the unlock. Answers `Server-Timing` with where
-/// the time went (checks, provider, confirm, unlock, record).
+/// Starts a session. A purchase answers 202 once the provider's pay-after-use order exists:
+/// the session (`confirming`) and the `confirmation` the merchant's front end passes on
+/// unchanged to the shopper (需确认模式); the session then goes on by itself (follow it with
+/// `GET /api/v1/sessions/{id}?wait_s=` or the feed). A restock answers 201 once the cabinet
+/// acked the unlock. `Server-Timing` tells where the time went (checks, provider, unlock,
+/// record).
 #[utoipa::path(post, path = "/api/v1/sessions", tag = "sessions", request_body = StartSession,
     params(("Idempotency-Key" = Option<String>, Header, description = "a repeat answers the first result")),
-    security(("bearer" = [])), responses((status = 201, body = SessionView),
+    security(("bearer" = [])), responses((status = 201, body = SessionView, description = "restock: the door is open"),
+    (status = 202, body = ConfirmingView, description = "purchase: the shopper confirms with `confirmation`"),
     (status = 400, body = ErrorBody), (status = 404, body = ErrorBody, description = "cabinet_not_found"),
     (status = 409, body = ErrorBody, description = "cabinet_not_active, cabinet_busy, cabinet_faulted, unlock_rejected, request_in_progress"),
     (status = 422, body = ErrorBody, description = "service_expired, user_blacklisted, payment_declined, idempotency_key_reused"),
@@ -95,16 +106,56 @@ pub async fn start_session(
     Ok(start_answer(&state, &caller, body, idem).await)
 }
 
-/// A session and its order.
-#[utoipa::path(get, path = "/api/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path)),
-    security(("bearer" = [])), responses((status = 200, body = SessionView), (status = 404, body = ErrorBody)))]
+/// `GET /api/v1/sessions/{id}` as a long poll.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct SessionWait {
+    /// Wait up to this many seconds (at most 30) for the session's state to change.
+    wait_s: Option<u64>,
+    /// The state the caller last saw (default: the state when the request came in): the
+    /// answer comes at once when the session is no longer in it.
+    from: Option<String>,
+}
+
+/// The longest long poll: under common proxies' idle timeouts.
+const MAX_WAIT_S: u64 = 30;
+
+/// A session and its order. With `?wait_s=N` (N ≤ 30) the answer comes as soon as the
+/// session's state changes (from `from`, or from its state when asked), or after N seconds
+/// with the state unchanged.
+#[utoipa::path(get, path = "/api/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path), SessionWait),
+    security(("bearer" = [])), responses((status = 200, body = SessionView), (status = 400, body = ErrorBody),
+    (status = 404, body = ErrorBody)))]
 pub async fn get_session(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<String>,
+    wait: web::Query<SessionWait>,
 ) -> ApiResult<HttpResponse> {
     caller.require(Role::Viewer)?;
-    match state.store.session(&path).await? {
+    let wait_s = match wait.wait_s {
+        Some(n) if n > MAX_WAIT_S => {
+            return Err(ApiError::bad_request(format!(
+                "wait_s must be at most {MAX_WAIT_S}"
+            )))
+        }
+        n => n.unwrap_or(0),
+    };
+    // Registered before the read: a change committed between the two still wakes it.
+    let changed = (wait_s > 0).then(|| state.feed.session_change(&path));
+    let found = state.store.session(&path).await;
+    if let Some(changed) = changed {
+        let unchanged = matches!(&found, Ok(Some(s)) if caller.sees(&s.merchant_id)
+            && s.state == wait.from.as_deref().unwrap_or(&s.state));
+        if unchanged {
+            let _ = tokio::time::timeout(Duration::from_secs(wait_s), changed).await;
+        } else {
+            drop(changed);
+        }
+        // The wait is over (or was never needed): its registration goes with it.
+        state.feed.session_wait_over(&path);
+    }
+    match found? {
         Some(s) if caller.sees(&s.merchant_id) => {
             Ok(HttpResponse::Ok().json(state.sessions.view(&s.id).await?))
         }

@@ -9,18 +9,26 @@ use super::auth::{Caller, Role};
 use super::state::AppState;
 use super::ErrorBody;
 use crate::error::{ApiError, ApiResult};
-use crate::simulators::wechat::{Deduction, UserScript};
+use crate::simulators::wechat::{Confirm, Deduction, UserScript};
 use crate::simulators::Simulators;
 
 super::routes! {
     put "/sim/users/{user_id}" => sim_user,
     post "/sim/users/{user_id}/pay" => sim_user_pays,
     post "/sim/wechatpay-redeliver" => sim_redeliver,
+    post "/sim/wechatpay/confirm" => sim_wechat_confirm,
+    post "/sim/alipay/confirm" => sim_alipay_confirm,
 }
 
 /// The control routes' part of the contract.
 #[derive(OpenApi)]
-#[openapi(paths(sim_user, sim_user_pays, sim_redeliver))]
+#[openapi(paths(
+    sim_user,
+    sim_user_pays,
+    sim_redeliver,
+    sim_wechat_confirm,
+    sim_alipay_confirm
+))]
 pub struct SimDoc;
 
 fn simulators(state: &AppState) -> ApiResult<&Simulators> {
@@ -34,9 +42,11 @@ fn simulators(state: &AppState) -> ApiResult<&Simulators> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SimUserBody {
-    /// Confirms pay-after-use (default true).
+    /// Confirms pay-after-use: `true` (at once, the default), `false` (never) or `"manual"`
+    /// (only through `POST /sim/wechatpay/confirm` or `POST /sim/alipay/confirm`).
     #[serde(default = "yes")]
-    confirm: bool,
+    #[schema(value_type = Object)]
+    confirm: Confirm,
     /// `succeed`, `fail` (pending payment) or `fail_then_pay`.
     #[serde(default = "succeed")]
     #[schema(value_type = String)]
@@ -46,8 +56,8 @@ pub struct SimUserBody {
     cancel_delay_ms: u64,
 }
 
-fn yes() -> bool {
-    true
+fn yes() -> Confirm {
+    Confirm::Yes
 }
 
 fn succeed() -> Deduction {
@@ -132,4 +142,63 @@ pub async fn sim_redeliver(state: web::Data<AppState>, caller: Caller) -> ApiRes
     Ok(HttpResponse::Ok().json(Redelivered {
         redelivered: sims.wechat.redeliver_all().await,
     }))
+}
+
+/// `POST /sim/wechatpay/confirm`: what the shopper's `wx.openBusinessView` hands to WeChat.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WechatHandOff {
+    /// The `extra_data` of the session's `confirmation`, unchanged.
+    #[schema(value_type = Object)]
+    extra_data: serde_json::Value,
+}
+
+/// `POST /sim/alipay/confirm`: what the shopper's mini-program hands to Alipay.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AlipayHandOff {
+    /// The `order_str` of the session's `confirmation`, unchanged.
+    order_str: String,
+}
+
+/// A hand-off the provider refuses: every such refusal is the caller's (400), as the
+/// provider's own pages refuse it.
+fn refused(code: &str, message: String) -> ApiError {
+    ApiError::bad_request(format!("{code}: {message}"))
+}
+
+/// The shopper confirms a Pay Score order in WeChat with the `extraData` the hub handed out:
+/// verified as WeChat verifies it (a bad signature is 400), then WeChat notifies the hub.
+#[utoipa::path(post, path = "/sim/wechatpay/confirm", tag = "simulators", request_body = WechatHandOff,
+    security(("bearer" = [])), responses((status = 200, description = "the service order, confirmed"),
+    (status = 400, body = ErrorBody, description = "not WeChat's extraData, a bad signature, an unknown or finished order")))]
+pub async fn sim_wechat_confirm(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: web::Json<WechatHandOff>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Admin)?;
+    let sims = simulators(&state)?;
+    match sims.wechat.confirm_by_hand(&body.extra_data) {
+        Ok(order) => Ok(HttpResponse::Ok().json(order)),
+        Err(e) => Err(refused(e.1, e.2)),
+    }
+}
+
+/// The shopper confirms an Alipay credit order with the `order_str` the hub handed out:
+/// verified as Alipay verifies it (a bad signature is 400), then Alipay notifies the hub.
+#[utoipa::path(post, path = "/sim/alipay/confirm", tag = "simulators", request_body = AlipayHandOff,
+    security(("bearer" = [])), responses((status = 200, description = "the credit order, confirmed"),
+    (status = 400, body = ErrorBody, description = "a bad signature, an unknown or closed order")))]
+pub async fn sim_alipay_confirm(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: web::Json<AlipayHandOff>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Admin)?;
+    let sims = simulators(&state)?;
+    match sims.alipay.confirm_by_hand(&body.order_str) {
+        Ok(order) => Ok(HttpResponse::Ok().json(order)),
+        Err((_, message)) => Err(refused("INVALID_REQUEST", message)),
+    }
 }

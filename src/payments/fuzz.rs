@@ -34,6 +34,7 @@ fn client() -> WechatClient {
         platform_serial: SERIAL.into(),
         platform_public_key_path: String::new(),
         api_v3_key: API_V3_KEY.into(),
+        apiv2_key: "fuzzapiv2key".into(),
         service_id: "S1".into(),
         appid: "wx1".into(),
         notify_url: "http://127.0.0.1:9/n".into(),

@@ -12,8 +12,28 @@ mod fuzz;
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use alipay::{AlipayClient, AlipaySettings};
 use wechat::{WechatClient, WechatConfig};
+
+/// What a shopper's front end needs to confirm a pay-after-use order, passed on unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "channel", rename_all = "snake_case")]
+pub enum Confirmation {
+    /// WeChat Pay Score: `wx.openBusinessView({businessType, extraData})`.
+    Wechat {
+        /// `wxpayScoreUse`.
+        business_type: String,
+        /// Signed with the APIv2 key.
+        extra_data: wechat::ExtraData,
+    },
+    /// Alipay 芝麻先享: the create answer's `order_str`, for the mini-program's payment call.
+    Alipay {
+        /// As Alipay answered it.
+        order_str: String,
+    },
+}
 
 /// The provider clients a hub talks to; a provider not configured is `None`.
 #[derive(Clone, Default)]

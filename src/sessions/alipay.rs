@@ -3,8 +3,6 @@
 //! are the session id (credit order and trade alike), so retries and recovery address the same
 //! orders.
 
-use std::time::Duration;
-
 use cabinet_actors::session::Event;
 
 use super::provider::PaymentTerms;
@@ -12,54 +10,65 @@ use super::Sessions;
 use crate::error::ApiResult;
 use crate::payments::alipay::crypto::fen;
 use crate::payments::alipay::{request_no, AlipayError};
+use crate::payments::Confirmation;
 use crate::store::{OrderRow, RefundRow, SessionRow, StoreError};
 
 impl Sessions {
-    /// Creates the credit order and waits for the shopper's confirmation (notice or query).
-    pub(super) async fn alipay_confirm(
+    /// Creates the credit order; answers the `order_str` the shopper's mini-program confirms
+    /// it with. The credit order's id is stored before the answer: every later step needs it.
+    pub(super) async fn alipay_create(
         &self,
         s: &SessionRow,
         order: &OrderRow,
         terms: Option<&PaymentTerms>,
-    ) -> ApiResult<()> {
+    ) -> ApiResult<Confirmation> {
         let (Some(a), Some(terms)) = (self.providers.alipay.clone(), terms) else {
             return Err(self
                 .fail(s, Event::NotConfirmed, "Alipay is not configured")
                 .await);
         };
-        let ceiling = terms.ceiling_fen;
-        let mut rx = self.await_confirmation_of(&s.id);
-        let confirmed = match self.counted(
+        let v = match self.counted(
             "alipay",
             "create",
-            a.create(&s.id, &s.user_id, ceiling).await,
+            a.create(&s.id, &s.user_id, terms.ceiling_fen).await,
         ) {
+            Ok(v) => v,
             Err(e) => {
                 tracing::warn!(session_id = %s.id, error = %e, "credit order not created");
-                false
-            }
-            Ok(v) => {
-                if let Some(id) = v["credit_biz_order_id"].as_str() {
-                    let _ = self.store.set_provider_order(&order.id, id).await;
-                }
-                let deadline = tokio::time::Instant::now()
-                    + Duration::from_millis(self.settings.payments.confirm_timeout_ms);
-                loop {
-                    tokio::select! {
-                        r = &mut rx => if r.is_ok() { break true },
-                        _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
-                        _ = tokio::time::sleep_until(deadline) => break false,
-                    }
-                    if a.query(&s.id)
-                        .await
-                        .is_ok_and(|q| q["user_confirmed"] == true)
-                    {
-                        break true;
-                    }
-                }
+                return Err(self
+                    .fail(
+                        s,
+                        Event::NotConfirmed,
+                        "the payment provider refused the order",
+                    )
+                    .await);
             }
         };
-        self.after_confirmation(s, order, confirmed).await
+        let (Some(id), Some(order_str)) = (
+            v["credit_biz_order_id"].as_str(),
+            v["order_str"].as_str().filter(|o| !o.is_empty()),
+        ) else {
+            return Err(self
+                .fail(
+                    s,
+                    Event::NotConfirmed,
+                    "the payment provider's answer carried no order to confirm",
+                )
+                .await);
+        };
+        if let Err(e) = self.store.set_provider_order(&order.id, id).await {
+            tracing::error!(session_id = %s.id, error = %e, "credit order not recorded");
+            return Err(self
+                .fail(
+                    s,
+                    Event::NotConfirmed,
+                    "the credit order could not be recorded",
+                )
+                .await);
+        }
+        Ok(Confirmation::Alipay {
+            order_str: order_str.to_owned(),
+        })
     }
 
     async fn credit_order_id(&self, session_id: &str) -> Option<String> {

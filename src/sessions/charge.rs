@@ -243,9 +243,11 @@ impl Sessions {
     }
 
     /// Picks up what a crash interrupted. Sessions still waiting for the shopper's confirmation
-    /// fail (the cabinet never opened; the provider order is cancelled). Sessions that were
-    /// unlocking may have opened the door: they are treated as open, so the cabinet's
-    /// recognition still charges them. Orders that were being completed are completed again.
+    /// wait on for what is left of their confirmation time: the shopper holds a confirmation
+    /// that is still good (the provider is asked at once, in case they confirmed meanwhile).
+    /// Sessions that were unlocking may have opened the door: they are treated as open, so the
+    /// cabinet's recognition still charges them. Orders that were being completed are
+    /// completed again.
     pub async fn resume(&self) {
         for state in [SessionState::Confirming, SessionState::Unlocking] {
             let Ok(sessions) = self.store.sessions_in_state(state.as_str()).await else {
@@ -253,9 +255,7 @@ impl Sessions {
             };
             for s in sessions {
                 if state == SessionState::Confirming {
-                    let _ = self
-                        .fail(&s, Event::HubRestarted, "the hub restarted")
-                        .await;
+                    self.wait_on(s).await;
                     continue;
                 }
                 let Ok(Some(o)) = self.store.order_of_session(&s.id).await else {
@@ -293,6 +293,25 @@ impl Sessions {
                 tracing::error!(order_id = %o.id, error = %e, "could not resume the order");
             }
         }
+    }
+}
+
+impl Sessions {
+    /// Waits again for the shopper of a session a restart left confirming, until its
+    /// confirmation time (from its creation) is over; a session whose time is already over is
+    /// asked about once and then ends.
+    async fn wait_on(&self, s: SessionRow) {
+        let (Some(me), Ok(Some(o))) = (self.me.upgrade(), self.store.order_of_session(&s.id).await)
+        else {
+            tracing::error!(session_id = %s.id, "a confirming session without its order");
+            return;
+        };
+        let left = (s.created_at + self.settings.payments.confirm_timeout_ms as i64 - self.now())
+            .max(0) as u64;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(left);
+        let rx = self.await_confirmation_of(&s.id);
+        tracing::warn!(session_id = %s.id, left_ms = left, "session was confirming at a restart; waiting on for the shopper");
+        tokio::spawn(async move { me.proceed(s, o, rx, deadline).await });
     }
 }
 

@@ -17,10 +17,11 @@ use cabinet_actors::CommandError;
 use super::provider::PaymentTerms;
 use super::Sessions;
 use crate::error::{ApiError, ApiResult, ErrorCode};
-use crate::payments::wechat::{CreateOrder, RiskFund, TimeRange, WechatClient};
+use crate::payments::wechat::{CreateOrder, RiskFund, TimeRange};
+use crate::payments::Confirmation;
 use crate::secrets::{sha256_hex, token};
 use crate::store::{KeyedSession, OrderRow, OrderUpdate, SessionRow, StoreError};
-use crate::views::{OrderView, SessionView};
+use crate::views::{ConfirmingView, OrderView, SessionView};
 
 /// Where the time of one session start went, stage by stage: answered as `Server-Timing` and
 /// observed in `session_start_stage_seconds`, so the provider's share (its round trip and the
@@ -98,8 +99,9 @@ pub fn request_hash(method: &str, path: &str, body: &serde_json::Value) -> Strin
 /// (both configurable), and this margin covers the provider calls around them.
 const RECLAIM_MARGIN_MS: u64 = 60_000;
 
-/// An answer stored under an `Idempotency-Key`: `{"status": 201, "body": …}` or the refusal's
-/// status and error body (the format earlier versions stored, so their answers replay too).
+/// An answer stored under an `Idempotency-Key`: `{"status": 201 | 202, "body": …}` or the
+/// refusal's status and error body (the format earlier versions stored, so their answers replay
+/// too).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredAnswer<'a> {
     status: u16,
@@ -119,10 +121,13 @@ struct StoredErrorDetail {
     message: String,
 }
 
-fn stored_answer(answer: &ApiResult<Box<RawValue>>) -> Option<String> {
+/// A start's answer: its status (201 opened, 202 waiting for the shopper) and body.
+pub type StartAnswer = (u16, Box<RawValue>);
+
+fn stored_answer(answer: &ApiResult<StartAnswer>) -> Option<String> {
     let text = match answer {
-        Ok(v) => serde_json::to_string(&StoredAnswer {
-            status: 201,
+        Ok((status, v)) => serde_json::to_string(&StoredAnswer {
+            status: *status,
             body: v,
         }),
         Err(e) => serde_json::to_string(&serde_json::json!({
@@ -132,10 +137,10 @@ fn stored_answer(answer: &ApiResult<Box<RawValue>>) -> Option<String> {
     text.ok()
 }
 
-fn replay(stored: &str) -> ApiResult<Box<RawValue>> {
+fn replay(stored: &str) -> ApiResult<StartAnswer> {
     let answer: StoredAnswer<'_> = serde_json::from_str(stored).map_err(ApiError::internal)?;
-    if answer.status == 201 {
-        return Ok(answer.body.to_owned());
+    if answer.status == 201 || answer.status == 202 {
+        return Ok((answer.status, answer.body.to_owned()));
     }
     let e: StoredError = serde_json::from_str(answer.body.get()).map_err(ApiError::internal)?;
     Err(ApiError::from_stored(&e.error.code, &e.error.message))
@@ -169,16 +174,27 @@ fn failure_answer(reason: FailReason, detail: &str) -> ApiError {
     ApiError::new(code, detail)
 }
 
+/// How a start ended.
+enum Started {
+    /// The door is open (restock): the session's view, and whether the answer to an idempotent
+    /// request was stored with it.
+    Opened(Box<RawValue>, bool),
+    /// The shopper must confirm (需确认模式): the session, its order and the confirmation their
+    /// front end needs. The session goes on by itself once the provider says they confirmed.
+    Confirming(Box<RawValue>),
+}
+
 impl Sessions {
     /// Starts a session; answers the stored session view (as JSON text, so that a repeat under
-    /// the same `Idempotency-Key` answers byte for byte the same) or a refusal.
+    /// the same `Idempotency-Key` answers byte for byte the same) with 201 once the door is
+    /// open, or with 202 and the shopper's confirmation while it waits for them; or a refusal.
     pub async fn start(
         self: &Arc<Self>,
         merchant_scope: Option<&str>,
         req: StartSession,
         idempotency: Option<Idempotency>,
         timings: &mut StartTimings,
-    ) -> ApiResult<Box<RawValue>> {
+    ) -> ApiResult<StartAnswer> {
         let cid = CabinetId::parse(&req.cabinet_id).map_err(|_| cabinet_not_found())?;
         let cabinet = match self.store.cabinet(cid.as_str()).await? {
             Some(c) if merchant_scope.is_none_or(|m| m == c.merchant_id) => c,
@@ -321,22 +337,15 @@ impl Sessions {
         let mode = mode_str(req.mode);
         let mut answer_stored = false;
         let answer = match outcome {
-            Ok((opened, stored)) => {
+            Ok(Started::Opened(opened, stored)) => {
                 answer_stored = stored;
-                self.metrics
-                    .sessions
-                    .with_label_values(&[mode, "unlocked"])
-                    .inc();
-                self.metrics
-                    .session_unlock
-                    .observe((self.now() - now).max(0) as f64 / 1000.0);
-                Ok(opened)
+                self.count_outcome(mode, now, &Ok(()));
+                Ok((201, opened))
             }
+            // Counted when the shopper's answer and the unlock are in (`proceed`).
+            Ok(Started::Confirming(body)) => Ok((202, body)),
             Err(e) => {
-                self.metrics
-                    .sessions
-                    .with_label_values(&[mode, e.code.as_str()])
-                    .inc();
+                self.count_outcome(mode, now, &Err(e.clone()));
                 Err(e)
             }
         };
@@ -350,13 +359,38 @@ impl Sessions {
             }
         }
         timings.lap("record");
+        self.observe_stages(timings);
+        answer
+    }
+
+    fn observe_stages(&self, timings: &StartTimings) {
         for (stage, d) in timings.stages() {
             self.metrics
                 .session_stages
                 .with_label_values(&[stage])
                 .observe(d.as_secs_f64());
         }
-        answer
+    }
+
+    /// Counts a start's outcome: unlocked (with the time from its creation to the open door,
+    /// the shopper's confirmation included) or the refusal's code.
+    fn count_outcome(&self, mode: &str, created_at: i64, outcome: &ApiResult<()>) {
+        match outcome {
+            Ok(()) => {
+                self.metrics
+                    .sessions
+                    .with_label_values(&[mode, "unlocked"])
+                    .inc();
+                self.metrics
+                    .session_unlock
+                    .observe((self.now() - created_at).max(0) as f64 / 1000.0);
+            }
+            Err(e) => self
+                .metrics
+                .sessions
+                .with_label_values(&[mode, e.code.as_str()])
+                .inc(),
+        }
     }
 
     /// A repeat of a keyed request: the first answer (`Some`), a refusal (another request's
@@ -367,7 +401,7 @@ impl Sessions {
         &self,
         found: KeyedSession,
         idem: &Idempotency,
-    ) -> ApiResult<Option<Box<RawValue>>> {
+    ) -> ApiResult<Option<StartAnswer>> {
         // Rows stored before requests were hashed match any request.
         if found
             .request_hash
@@ -396,13 +430,13 @@ impl Sessions {
         }
         if s.unlocked_at.is_some() {
             // The first request got the door open before it died: that is its answer.
-            let view = to_raw(&self.view(&s.id).await?)?;
-            if let Some(stored) = stored_answer(&Ok(view.clone())) {
+            let answer = Ok((201, to_raw(&self.view(&s.id).await?)?));
+            if let Some(stored) = stored_answer(&answer) {
                 if let Err(e) = self.store.set_session_response(&s.id, &stored).await {
                     tracing::error!(session_id = %s.id, error = %e, "could not store the idempotent answer");
                 }
             }
-            return Ok(Some(view));
+            return answer.map(Some);
         }
         if !self.store.release_session_key(&s.id, &idem.key).await? {
             return Err(ApiError::new(
@@ -474,10 +508,7 @@ impl Sessions {
         o: &OrderRow,
         confirmed: bool,
     ) -> ApiResult<()> {
-        self.confirmations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&s.id);
+        self.forget_confirmation(&s.id);
         if !confirmed {
             return Err(self
                 .fail(
@@ -521,8 +552,8 @@ impl Sessions {
         }
     }
 
-    /// Runs a stored session up to the open door. Answers the opened session's view and
-    /// whether the answer to an idempotent request was stored with it.
+    /// Runs a stored session: a restock's up to the open door; a purchase's up to the
+    /// provider's order, after which it waits for the shopper in the background (`proceed`).
     async fn run_start(
         &self,
         s: &SessionRow,
@@ -530,14 +561,144 @@ impl Sessions {
         terms: Option<&PaymentTerms>,
         mode: SessionMode,
         timings: &mut StartTimings,
-    ) -> ApiResult<(Box<RawValue>, bool)> {
+    ) -> ApiResult<Started> {
+        let channel = s.channel.parse::<Channel>().unwrap_or(Channel::None);
+        if channel == Channel::None {
+            let (view, stored) = self.unlock(s, order, mode, timings, true).await?;
+            return Ok(Started::Opened(view, stored));
+        }
+        // Registered before the provider's order exists: its notification may come first.
+        let rx = self.await_confirmation_of(&s.id);
+        let created = match channel {
+            Channel::Alipay => self.alipay_create(s, order, terms).await,
+            _ => self.wechat_create(s, terms).await,
+        };
+        timings.lap("provider");
+        let confirmation = match created {
+            Ok(c) => c,
+            Err(e) => {
+                self.forget_confirmation(&s.id);
+                return Err(e);
+            }
+        };
+        let body = serde_json::value::to_raw_value(&ConfirmingView {
+            session: Some(s.clone()),
+            order: Some(OrderView::from(order)),
+            confirmation,
+        })
+        .map_err(ApiError::internal)?;
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| ApiError::internal("the supervisor is shutting down"))?;
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(self.settings.payments.confirm_timeout_ms);
+        let (s, order) = (s.clone(), order.clone());
+        tokio::spawn(async move { me.proceed(s, order, rx, deadline).await });
+        Ok(Started::Confirming(body))
+    }
+
+    /// The rest of a purchase's start, after its 202: waits for the shopper's confirmation
+    /// (the provider's notification, or its answer to a query) until `deadline`, then unlocks;
+    /// or fails the session and cancels the provider's order. Every step is stored, so the
+    /// session's state, its feed events and `GET /api/v1/sessions/{id}?wait_s=` tell the
+    /// outcome.
+    pub(super) async fn proceed(
+        self: Arc<Self>,
+        s: SessionRow,
+        order: OrderRow,
+        rx: oneshot::Receiver<()>,
+        deadline: tokio::time::Instant,
+    ) {
+        let mut timings = StartTimings::default();
+        let confirmed = self.wait_for_shopper(&s, rx, deadline).await;
+        timings.lap("confirm");
+        let outcome = match self.after_confirmation(&s, &order, confirmed).await {
+            Ok(()) => {
+                timings.lap("confirmed");
+                self.unlock(&s, &order, SessionMode::Purchase, &mut timings, false)
+                    .await
+                    .map(|_| ())
+            }
+            Err(e) => Err(e),
+        };
+        self.observe_stages(&timings);
+        if let Err(e) = &outcome {
+            tracing::info!(session_id = %s.id, code = %e.code.as_str(), "session did not open");
+        }
+        self.count_outcome(mode_str(SessionMode::Purchase), s.created_at, &outcome);
+    }
+
+    /// Waits for the shopper: the notification wakes the wait; the provider is also asked,
+    /// at growing intervals (1 s to 5 s), in case a notification is late or lost; and once
+    /// more at the deadline.
+    async fn wait_for_shopper(
+        &self,
+        s: &SessionRow,
+        rx: oneshot::Receiver<()>,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let mut rx = Some(rx);
+        let mut poll = Duration::from_secs(1);
+        loop {
+            let now = tokio::time::Instant::now();
+            if now < deadline {
+                let wait = tokio::time::sleep(poll.min(deadline - now));
+                match rx.as_mut() {
+                    Some(r) => tokio::select! {
+                        got = r => {
+                            if got.is_ok() {
+                                return true;
+                            }
+                            // The sender went without a word: ask the provider from now on.
+                            rx = None;
+                        }
+                        _ = wait => {}
+                    },
+                    None => wait.await,
+                }
+                poll = (poll * 2).min(Duration::from_secs(5));
+            }
+            if self.provider_says_confirmed(s).await {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
+    /// Whether the provider's order says the shopper confirmed.
+    async fn provider_says_confirmed(&self, s: &SessionRow) -> bool {
         if s.channel == Channel::Alipay.as_str() {
-            self.alipay_confirm(s, order, terms).await?;
-            timings.lap("provider");
+            let Some(a) = &self.providers.alipay else {
+                return false;
+            };
+            return a
+                .query(&s.id)
+                .await
+                .is_ok_and(|q| q["user_confirmed"] == true);
         }
-        if s.channel == Channel::Wechat.as_str() {
-            self.wechat_confirm(s, order, terms, timings).await?;
-        }
+        let Some(w) = &self.providers.wechat else {
+            return false;
+        };
+        let sub = self.sub_mchid(&s.merchant_id).await;
+        w.query_order(&sub, &s.id)
+            .await
+            .is_ok_and(|o| o.state == "DOING")
+    }
+
+    /// Sends the unlock and waits for the cabinet's ack: the session opens, or fails (and the
+    /// provider's order is cancelled). `answer_with_open`: under an Idempotency-Key, store the
+    /// answer in the same write as the open (a start that already answered 202 does not).
+    async fn unlock(
+        &self,
+        s: &SessionRow,
+        order: &OrderRow,
+        mode: SessionMode,
+        timings: &mut StartTimings,
+        answer_with_open: bool,
+    ) -> ApiResult<(Box<RawValue>, bool)> {
         let cid = CabinetId::parse(&s.cabinet_id)
             .map_err(|_| ApiError::internal("stored cabinet id invalid"))?;
         let Some(handle) = self.registry.get(&cid) else {
@@ -560,7 +721,7 @@ impl Sessions {
         timings.lap("unlock");
         let (reason, detail) = match result {
             Ok(r) => match r.outcome {
-                CommandOutcome::Ok => return self.open(s, order).await,
+                CommandOutcome::Ok => return self.open(s, order, answer_with_open).await,
                 CommandOutcome::Timeout => (
                     FailReason::UnlockTimeout,
                     "the cabinet did not acknowledge the unlock".to_owned(),
@@ -582,20 +743,17 @@ impl Sessions {
         Err(self.fail(s, Event::UnlockFailed(reason), &detail).await)
     }
 
-    /// Creates the Pay Score order and waits for the shopper's confirmation.
-    async fn wechat_confirm(
+    /// Creates the Pay Score order; answers what the shopper's mini-program confirms it with.
+    async fn wechat_create(
         &self,
         s: &SessionRow,
-        order: &OrderRow,
         terms: Option<&PaymentTerms>,
-        timings: &mut StartTimings,
-    ) -> ApiResult<()> {
+    ) -> ApiResult<Confirmation> {
         let (Some(w), Some(terms)) = (self.providers.wechat.clone(), terms) else {
             return Err(self
                 .fail(s, Event::NotConfirmed, "WeChat Pay is not configured")
                 .await);
         };
-        let rx = self.await_confirmation_of(&s.id);
         let start = time::OffsetDateTime::now_utc().to_offset(
             time::UtcOffset::from_whole_seconds(self.settings.pricing.utc_offset_min * 60)
                 .unwrap_or(time::UtcOffset::UTC),
@@ -617,26 +775,40 @@ impl Sessions {
             attach: s.id.clone(),
             device: Some(serde_json::json!({"start_device_id": s.cabinet_id})),
         };
-        if let Err(e) = self.counted("wechat", "create", w.create_order(&create).await) {
-            self.confirmations
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&s.id);
-            tracing::warn!(session_id = %s.id, error = %e, "pay-after-use order not created");
-            return Err(self
+        let created = match self.counted("wechat", "create", w.create_order(&create).await) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(session_id = %s.id, error = %e, "pay-after-use order not created");
+                return Err(self
+                    .fail(
+                        s,
+                        Event::NotConfirmed,
+                        "the payment provider refused the order",
+                    )
+                    .await);
+            }
+        };
+        let package = created.package.filter(|p| !p.is_empty());
+        match package.map(|p| w.confirmation(&p)) {
+            Some(Ok(c)) => Ok(c),
+            Some(Err(e)) => {
+                tracing::error!(session_id = %s.id, error = %e, "confirmation not signed");
+                Err(self
+                    .fail(
+                        s,
+                        Event::NotConfirmed,
+                        "the shopper's confirmation could not be signed",
+                    )
+                    .await)
+            }
+            None => Err(self
                 .fail(
                     s,
                     Event::NotConfirmed,
-                    "the payment provider refused the order",
+                    "the payment provider's answer carried no package to confirm",
                 )
-                .await);
+                .await),
         }
-        timings.lap("provider");
-        let confirmed = self.wechat_confirmed(&w, &terms.sub_mchid, &s.id, rx).await;
-        timings.lap("confirm");
-        self.after_confirmation(s, order, confirmed).await?;
-        timings.lap("confirmed");
-        Ok(())
     }
 
     /// Registers a wait for the shopper's confirmation of `session_id`.
@@ -649,10 +821,23 @@ impl Sessions {
         rx
     }
 
-    /// Stores the session as open. Under an Idempotency-Key the answer goes into the same
-    /// write, built from the row as the write will leave it; should the committed row differ,
-    /// the answer is left for `start` to store from the real one.
-    async fn open(&self, s: &SessionRow, order: &OrderRow) -> ApiResult<(Box<RawValue>, bool)> {
+    /// Nobody waits for `session_id`'s confirmation any more.
+    fn forget_confirmation(&self, session_id: &str) {
+        self.confirmations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session_id);
+    }
+
+    /// Stores the session as open. Under an Idempotency-Key (and `answer_with`) the answer goes
+    /// into the same write, built from the row as the write will leave it; should the committed
+    /// row differ, the answer is left for `start` to store from the real one.
+    async fn open(
+        &self,
+        s: &SessionRow,
+        order: &OrderRow,
+        answer_with: bool,
+    ) -> ApiResult<(Box<RawValue>, bool)> {
         let now = self.now();
         let expected = SessionRow {
             state: cabinet_actors::session::SessionState::Open
@@ -667,10 +852,8 @@ impl Sessions {
             session: Some(expected.clone()),
             order: Some(OrderView::from(order)),
         })?;
-        let answer = s
-            .idempotency_key
-            .is_some()
-            .then(|| stored_answer(&Ok(view.clone())))
+        let answer = (answer_with && s.idempotency_key.is_some())
+            .then(|| stored_answer(&Ok((201, view.clone()))))
             .flatten();
         match self
             .store
@@ -699,34 +882,6 @@ impl Sessions {
                     })?,
                     false,
                 ))
-            }
-        }
-    }
-
-    /// Waits for USER_CONFIRM by notification, querying as a fallback.
-    async fn wechat_confirmed(
-        &self,
-        w: &WechatClient,
-        sub: &str,
-        id: &str,
-        mut rx: oneshot::Receiver<()>,
-    ) -> bool {
-        let deadline = tokio::time::Instant::now()
-            + Duration::from_millis(self.settings.payments.confirm_timeout_ms);
-        loop {
-            let poll = tokio::time::sleep(Duration::from_millis(1000));
-            tokio::select! {
-                r = &mut rx => if r.is_ok() { return true },
-                _ = poll => {}
-                _ = tokio::time::sleep_until(deadline) => return false,
-            }
-            if let Ok(o) = w.query_order(sub, id).await {
-                if o.state == "DOING" {
-                    return true;
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
             }
         }
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use actix_web::{web, HttpResponse};
 use serde_json::{json, Value};
 
-use super::wechat::{Deduction, UserScript};
+use super::wechat::{Confirm, Deduction, UserScript};
 use crate::payments::alipay::crypto::{fen, notify_sign_content, request_sign_content, yuan};
 use crate::payments::crypto::{RsaSigner, Verifier};
 
@@ -218,7 +218,7 @@ impl AlipaySim {
             if let Some(o) = st.orders.get(&no) {
                 return if o.buyer == buyer && o.ceiling == ceiling {
                     Ok(
-                        json!({"code": "10000", "msg": "Success", "credit_biz_order_id": o.credit_biz_order_id, "order_str": format!("sim:{no}")}),
+                        json!({"code": "10000", "msg": "Success", "credit_biz_order_id": o.credit_biz_order_id, "order_str": self.order_str(&no, &o.credit_biz_order_id)}),
                     )
                 } else {
                     Err(biz_error("ORDER_ALREADY_EXIST", "订单已存在"))
@@ -244,7 +244,7 @@ impl AlipaySim {
             .copied()
             .unwrap_or_default()
             .confirm;
-        if confirm {
+        if confirm == Confirm::Yes {
             let sim = self.clone();
             let (no2, id2, url) = (no.clone(), id.clone(), notify_url.to_owned());
             tokio::spawn(async move {
@@ -268,8 +268,100 @@ impl AlipaySim {
             });
         }
         Ok(
-            json!({"code": "10000", "msg": "Success", "credit_biz_order_id": id, "order_str": format!("sim:{no}")}),
+            json!({"code": "10000", "msg": "Success", "credit_biz_order_id": id, "order_str": self.order_str(&no, &id)}),
         )
+    }
+
+    /// The `order_str` the shopper's mini-program confirms with: form-encoded, signed with the
+    /// simulator's key over its sorted fields (RSA PKCS#1 v1.5 is deterministic, so the same
+    /// fields always give the same string, and a repeat of the create answers the same).
+    fn order_str(&self, out_order_no: &str, credit_biz_order_id: &str) -> String {
+        let params = self.order_str_fields(out_order_no, credit_biz_order_id);
+        let sign = self
+            .signer
+            .sign(request_sign_content(&params).as_bytes())
+            .unwrap_or_default();
+        let mut form = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &params {
+            form.append_pair(k, v);
+        }
+        form.append_pair("sign", &sign);
+        form.finish()
+    }
+
+    fn order_str_fields(
+        &self,
+        out_order_no: &str,
+        credit_biz_order_id: &str,
+    ) -> BTreeMap<String, String> {
+        [
+            ("app_id", self.cfg.app_id.as_str()),
+            ("credit_biz_order_id", credit_biz_order_id),
+            ("out_order_no", out_order_no),
+            ("product_code", "CREDIT_PAY_AFTER_USE"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    /// The shopper confirms through the mini-program with the `order_str` the hub handed out,
+    /// verified as Alipay would (its own signature over the fields, a known order): the credit
+    /// order is confirmed and the merchant notified. A repeat changes nothing; a closed order
+    /// cannot be confirmed. Answers `(status, message)` on refusal.
+    pub fn confirm_by_hand(&self, order_str: &str) -> Result<Value, (u16, String)> {
+        let mut params: BTreeMap<String, String> =
+            url::form_urlencoded::parse(order_str.as_bytes())
+                .into_owned()
+                .collect();
+        let sign = params
+            .remove("sign")
+            .ok_or((400, "order_str is not signed".to_owned()))?;
+        let (no, id) = match (
+            params.get("out_order_no"),
+            params.get("credit_biz_order_id"),
+        ) {
+            (Some(no), Some(id)) => (no.clone(), id.clone()),
+            _ => return Err((400, "order_str names no credit order".to_owned())),
+        };
+        let want = self.order_str_fields(&no, &id);
+        let expected = self
+            .signer
+            .sign(request_sign_content(&want).as_bytes())
+            .unwrap_or_default();
+        if params != want || !crate::secrets::constant_time_eq(&expected, &sign) {
+            return Err((400, "order_str signature invalid".to_owned()));
+        }
+        let url = {
+            let mut st = self.lock();
+            let o = st
+                .orders
+                .get_mut(&no)
+                .filter(|o| o.credit_biz_order_id == id)
+                .ok_or((400, "no such credit order".to_owned()))?;
+            if o.status == "TRADE_CLOSED" {
+                return Err((400, "the credit order is closed".to_owned()));
+            }
+            let first = !o.confirmed;
+            o.confirmed = true;
+            first.then(|| o.notify_url.clone())
+        };
+        if let Some(url) = url {
+            self.notify(
+                &url,
+                &[
+                    (
+                        "notify_type",
+                        "zhima_credit_payafteruse_creditbizorder_changed",
+                    ),
+                    ("out_order_no", &no),
+                    ("credit_biz_order_id", &id),
+                    ("order_status", "INIT"),
+                    ("user_confirmed", "true"),
+                ],
+            );
+        }
+        Ok(json!({"out_order_no": no, "credit_biz_order_id": id, "user_confirmed": true}))
     }
 
     fn query(&self, biz: &Value) -> Answer {

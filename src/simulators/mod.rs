@@ -26,6 +26,8 @@ const DEV_PLATFORM_KEY: &str = include_str!("../../config/dev-keys/wechat-platfo
 const DEV_PLATFORM_PUB: &str = include_str!("../../config/dev-keys/wechat-platform.pub.pem");
 /// The simulator's APIv3 key (development only).
 pub const DEV_API_V3_KEY: &str = "cabinethubsimulatorapiv3key00001";
+/// The simulator's APIv2 key, which signs the mini-program's `extraData` (development only).
+pub const DEV_API_V2_KEY: &str = "cabinethubsimulatorapiv2key00001";
 const DEV_ALIPAY_APP_KEY: &str = include_str!("../../config/dev-keys/alipay-app.key.pem");
 const DEV_ALIPAY_APP_PUB: &str = include_str!("../../config/dev-keys/alipay-app.pub.pem");
 const DEV_ALIPAY_KEY: &str = include_str!("../../config/dev-keys/alipay-platform.key.pem");
@@ -60,6 +62,7 @@ impl Simulators {
             platform_serial: "PUB_KEY_ID_SIMULATOR".into(),
             platform_key_pem: DEV_PLATFORM_KEY.into(),
             api_v3_key: DEV_API_V3_KEY.into(),
+            api_v2_key: DEV_API_V2_KEY.into(),
             retry_scale: p.simulator_retry_scale,
             confirm_delay: Duration::from_millis(p.simulator_confirm_ms),
             cancel_after_complete: false,
@@ -102,6 +105,7 @@ pub fn dev_providers(sim_base: &str, hub_base: &str) -> anyhow::Result<Providers
             platform_serial: "PUB_KEY_ID_SIMULATOR".into(),
             platform_public_key_path: String::new(),
             api_v3_key: DEV_API_V3_KEY.into(),
+            apiv2_key: DEV_API_V2_KEY.into(),
             service_id: "500001".into(),
             appid: "wxsimulator".into(),
             notify_url: format!("{hub_base}/api/v1/payments/wechat/notify"),

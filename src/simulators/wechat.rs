@@ -39,6 +39,8 @@ pub struct SimConfig {
     pub platform_key_pem: String,
     /// The APIv3 key notifications are encrypted with.
     pub api_v3_key: String,
+    /// The APIv2 key the mini-program's `extraData` is signed with.
+    pub api_v2_key: String,
     /// Multiplies [`RETRY_SCHEDULE_S`] (1.0 = real time; tests use a small factor).
     pub retry_scale: f64,
     /// How long a scripted shopper takes to confirm.
@@ -54,14 +56,56 @@ pub struct SimConfig {
 /// How a simulated shopper behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct UserScript {
-    /// Confirms the pay-after-use order.
-    pub confirm: bool,
+    /// Whether and how the shopper confirms the pay-after-use order.
+    pub confirm: Confirm,
     /// Deductions succeed.
     pub deduction: Deduction,
     /// How long the provider takes to answer a cancel (WeChat) or close (Alipay) of this
     /// shopper's order: a slow provider, for what must not wait on one.
     #[serde(default)]
     pub cancel_delay_ms: u64,
+}
+
+/// How a simulated shopper answers the confirmation of a pay-after-use order; in JSON `true`,
+/// `false` or `"manual"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirm {
+    /// At once (after the simulator's confirm delay), as if their phone did it unprompted.
+    Yes,
+    /// Never: the order stays unconfirmed.
+    No,
+    /// Only through the mini-program's hand-off: `POST /sim/wechatpay/confirm` with the
+    /// `extraData`, or `POST /sim/alipay/confirm` with the `order_str`, the hub handed out.
+    Manual,
+}
+
+impl serde::Serialize for Confirm {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Confirm::Yes => s.serialize_bool(true),
+            Confirm::No => s.serialize_bool(false),
+            Confirm::Manual => s.serialize_str("manual"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Confirm {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Flag(bool),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Flag(true) => Ok(Confirm::Yes),
+            Raw::Flag(false) => Ok(Confirm::No),
+            Raw::Word(w) if w == "manual" => Ok(Confirm::Manual),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "confirm must be true, false or \"manual\", not {w:?}"
+            ))),
+        }
+    }
 }
 
 /// Deduction outcome.
@@ -77,7 +121,7 @@ pub enum Deduction {
 impl Default for UserScript {
     fn default() -> Self {
         Self {
-            confirm: true,
+            confirm: Confirm::Yes,
             deduction: Deduction::Succeed,
             cancel_delay_ms: 0,
         }
@@ -198,8 +242,9 @@ fn rfc3339_now() -> String {
         .unwrap_or_default()
 }
 
-/// Why a simulator request was refused, as WeChat answers.
-struct SimError(u16, &'static str, String);
+/// Why a simulator request was refused, as WeChat answers: HTTP status, code, message.
+#[derive(Debug)]
+pub struct SimError(pub u16, pub &'static str, pub String);
 
 impl WechatSim {
     /// Builds the simulator.
@@ -626,7 +671,7 @@ impl WechatSim {
                 created_s: now_s(),
             },
         );
-        if self.user(&openid).confirm {
+        if self.user(&openid).confirm == Confirm::Yes {
             let sim = self.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(sim.cfg.confirm_delay).await;
@@ -649,6 +694,64 @@ impl WechatSim {
             });
         }
         Ok(v)
+    }
+
+    /// The shopper confirms through the mini-program: `extra_data` exactly as the merchant's
+    /// front end passed it to `wx.openBusinessView`. Verified as WeChat would (sign type, the
+    /// APIv2 signature, the merchant, a known `package`); the order moves to DOING
+    /// (USER_CONFIRM) and the merchant is notified. A repeat of a confirmed order changes
+    /// nothing. Answers the order.
+    pub fn confirm_by_hand(&self, extra_data: &Value) -> Result<Value, SimError> {
+        let bad = |m: &str| SimError(400, "PARAM_ERROR", m.to_owned());
+        let extra: crate::payments::wechat::ExtraData = serde_json::from_value(extra_data.clone())
+            .map_err(|e| bad(&format!("extraData: {e}")))?;
+        if extra.sign_type != "HMAC-SHA256" {
+            return Err(bad("sign_type必须为HMAC-SHA256"));
+        }
+        let want = crate::payments::crypto::apiv2_sign(extra.fields(), &self.cfg.api_v2_key);
+        if !crate::secrets::constant_time_eq(&want, &extra.sign) {
+            return Err(SimError(400, "SIGN_ERROR", "签名错误".into()));
+        }
+        if extra.mch_id != self.cfg.mchid {
+            return Err(bad("mch_id与package不匹配"));
+        }
+        let (k, confirmed) = {
+            let mut st = self.lock();
+            let k = st
+                .orders
+                .iter()
+                .find(|(_, o)| o.order.package.as_deref() == Some(extra.package.as_str()))
+                .map(|(k, _)| k.clone())
+                .ok_or_else(|| bad("package无效"))?;
+            let o = st.orders.get_mut(&k).ok_or_else(|| bad("package无效"))?;
+            let confirmed = match o.order.state.as_str() {
+                "CREATED" => {
+                    o.order.state = "DOING".into();
+                    o.order.state_description = Some("USER_CONFIRM".into());
+                    o.order.openid = Some(o.openid.clone());
+                    true
+                }
+                "DOING" => false,
+                _ => {
+                    return Err(SimError(
+                        400,
+                        "INVALID_REQUEST",
+                        "当前订单状态不合法".into(),
+                    ))
+                }
+            };
+            (k, confirmed)
+        };
+        if confirmed {
+            self.save();
+            self.notify(&k, "PAYSCORE.USER_CONFIRM");
+        }
+        let st = self.lock();
+        Ok(st
+            .orders
+            .get(&k)
+            .map(|o| serde_json::to_value(&o.order).unwrap_or(Value::Null))
+            .unwrap_or(Value::Null))
     }
 
     fn find(&self, sub_mchid: &str, out_order_no: &str) -> Result<Value, SimError> {

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use cabinet_hub::payments::alipay::{AlipayClient, AlipayConfig, AlipayError};
 use cabinet_hub::simulators::alipay::{self as sim_alipay, AlipaySim, AlipaySimConfig};
-use cabinet_hub::simulators::wechat::{Deduction, UserScript};
+use cabinet_hub::simulators::wechat::{Confirm, Deduction, UserScript};
 
 use crate::harness::PATIENCE;
 
@@ -125,7 +125,7 @@ async fn confirm_pay_refund() {
     r.sim.set_user(
         "u0",
         UserScript {
-            confirm: false,
+            confirm: Confirm::No,
             ..UserScript::default()
         },
     );
@@ -251,7 +251,7 @@ async fn failed_deduction_paid_later_is_notified() {
     r.sim.set_user(
         "u3",
         UserScript {
-            confirm: true,
+            confirm: Confirm::Yes,
             deduction: Deduction::Fail,
             ..UserScript::default()
         },

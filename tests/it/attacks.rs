@@ -130,6 +130,30 @@ async fn forge(hub: &TestHub, id: &str, secret: &str, topic: &str, payload: Valu
 
 /// Sends `body` with `key` while the cabinet acks every command it receives ok: the answer and
 /// the commands the cabinet saw.
+/// A purchase started with [`call_answering`] followed to its open door: answered 202 (the
+/// simulator's shopper confirms at once), the unlock acked (by `call_answering` if it came
+/// before the answer), the session open. Answers the 202's body.
+async fn purchase_opened(
+    hub: &TestHub,
+    c: &mut Cabinet,
+    key: &str,
+    ((s, r), seen): ((u16, Value), Vec<Value>),
+) -> Value {
+    assert_eq!(s, 202, "{r}");
+    let id = r["session"]["id"].as_str().unwrap_or_default().to_owned();
+    if !seen.iter().any(|c| c["type"] == "unlock") {
+        let unlock = c.expect_command("unlock", SOON).await;
+        assert_eq!(unlock["session_id"], id.as_str());
+        c.ack(&unlock, true, None).await;
+    }
+    hub.eventually(SOON, "session open", || async {
+        let (_, v) = hub.get(&format!("/api/v1/sessions/{id}"), key).await;
+        (v["session"]["state"] == "open").then_some(())
+    })
+    .await;
+    r
+}
+
 async fn call_answering(
     hub: &TestHub,
     c: &mut Cabinet,
@@ -401,7 +425,7 @@ async fn a_cabinet_cannot_forge_another_cabinets_uplinks() {
         )
         .await;
     assert_eq!(s, 200);
-    let ((s, started), _) = call_answering(
+    let answered = call_answering(
         hub,
         &mut b,
         "/api/v1/sessions",
@@ -409,7 +433,7 @@ async fn a_cabinet_cannot_forge_another_cabinets_uplinks() {
         json!({"cabinet_id": "KMB", "user_id": "u1", "channel": "wechat", "mode": "purchase"}),
     )
     .await;
-    assert_eq!(s, 201, "{started}");
+    let started = purchase_opened(hub, &mut b, &t.op_b, answered).await;
     let session = started["session"]["id"]
         .as_str()
         .unwrap_or_else(|| panic!("no session: {started}"))
@@ -656,6 +680,7 @@ fn check_config_prints_no_secret() {
     let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev-keys");
     let admin = "chk_admin_SECRETadminkey0123456789abcdef";
     let v3 = "SECRETv3key0123456789abcdefghijk";
+    let v2 = "SECRETv2key0123456789";
     let mut env: Vec<(String, String)> = [
         ("HUB__AUTH__ADMIN_KEY", admin),
         ("HUB__PAYMENTS__SIMULATOR", "false"),
@@ -672,6 +697,7 @@ fn check_config_prints_no_secret() {
             &format!("{keys}/wechat-platform.pub.pem"),
         ),
         ("HUB__PAYMENTS__WECHAT__API_V3_KEY", v3),
+        ("HUB__PAYMENTS__WECHAT__APIV2_KEY", v2),
         ("HUB__PAYMENTS__WECHAT__SERVICE_ID", "svc500001"),
         ("HUB__PAYMENTS__WECHAT__APPID", "wxapp"),
         (
@@ -698,11 +724,11 @@ fn check_config_prints_no_secret() {
         }
         assert!(text.contains("<redacted>"), "{text}");
     };
-    run(&env, &[admin, v3]);
+    run(&env, &[admin, v3, v2]);
     // The secret added by issue 17 too.
     let metrics = "SECRETmetricstoken0123456789";
     env.push(("HUB__METRICS__TOKEN".into(), metrics.into()));
-    run(&env, &[admin, v3, metrics]);
+    run(&env, &[admin, v3, v2, metrics]);
 }
 
 /// Two lines of one sku whose quantities overflow a u32 together are refused, not priced 0.
@@ -910,7 +936,7 @@ async fn a_manual_unlock_is_a_session_with_its_refusals() {
     unlock_refused(hub, l, "KML", &restocker, "cabinet_faulted").await;
 
     // Busy: a shopper's session is open.
-    let ((s, r), _) = call_answering(
+    let answered = call_answering(
         hub,
         y,
         "/api/v1/sessions",
@@ -918,7 +944,7 @@ async fn a_manual_unlock_is_a_session_with_its_refusals() {
         json!({"cabinet_id": "KMY", "user_id": "u1", "channel": "wechat", "mode": "purchase"}),
     )
     .await;
-    assert_eq!(s, 201, "{r}");
+    purchase_opened(hub, y, &op, answered).await;
     y.event("door_opened").await;
     unlock_refused(hub, y, "KMY", &restocker, "cabinet_busy").await;
 
@@ -995,13 +1021,13 @@ async fn an_idempotency_key_is_bound_to_its_body() {
         })
     };
     let first = start("u1");
+    let (s, v) = first.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s, 202, "{v}");
     let unlock = c.expect_command("unlock", SOON).await;
     c.ack(&unlock, true, None).await;
-    let (s, v) = first.await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(s, 201, "{v}");
-    // The same request again: the first answer.
+    // The same request again: the first answer, byte for byte (the confirmation too).
     let (s, again) = start("u1").await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((s, &again["session"]["id"]), (201, &v["session"]["id"]));
+    assert_eq!((s, &again), (202, &v));
     // Another shopper under the same key.
     let (s, r) = start("u2").await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(

@@ -359,7 +359,11 @@ async fn operator_resolves_an_abnormal_order_in_the_page() {
     let unlock = c.expect_command("unlock", Duration::from_secs(3)).await;
     c.ack(&unlock, true, None).await;
     let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(s, 201, "{v}");
+    assert_eq!(
+        (s, v["session"]["state"].as_str()),
+        (202, Some("open")),
+        "{v}"
+    );
     let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
     b.wait_for(
         &format!("document.querySelector('#sessions tr[data-session=\"{session}\"]')?.textContent.includes('open')"),

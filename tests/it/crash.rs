@@ -141,11 +141,31 @@ async fn open_session(n: &Node, c: &mut Cabinet) -> String {
             .send()
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        r.json::<Value>().await.unwrap_or(Value::Null)
+        (
+            r.status().as_u16(),
+            r.json::<Value>().await.unwrap_or(Value::Null),
+        )
     });
+    // A purchase is answered 202 with the shopper's confirmation; the simulator's shopper
+    // confirms, and the unlock follows.
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s, 202, "{v}");
     let unlock = c.expect_command("unlock", Duration::from_secs(5)).await;
     c.ack(&unlock, true, None).await;
-    let v = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    let id = v["session"]["id"].as_str().unwrap_or_default().to_owned();
+    let (start, mut state) = (Instant::now(), "confirming".to_owned());
+    while state != "open" {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "session {id} never opened: {state}"
+        );
+        let path = format!("/api/v1/sessions/{id}?wait_s=5&from={state}");
+        let (_, v) = n.call("GET", &path, None).await;
+        state = v["session"]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+    }
     c.event("door_opened").await;
     c.event("door_closed").await;
     c.event("lock_locked").await;
@@ -320,6 +340,85 @@ async fn kill9_with_a_session_nobody_will_end_sqlite() {
 #[actix_rt::test]
 async fn kill9_with_a_session_nobody_will_end_postgres() {
     killed_with_a_session_nobody_will_end(Some(fresh_postgres().await)).await;
+}
+
+/// `kill -9` while the shopper is still confirming (their mini-program holds the 202's
+/// confirmation): after the restart the hub waits on for them, and their confirmation through
+/// the mini-program still opens the door; the purchase is charged once.
+async fn killed_while_the_shopper_confirms(db: Option<String>) {
+    let mut n = Node::start(db).await;
+    let secret = setup(&n).await;
+    let c = n.cabinet(&secret).await;
+    let (s, _) = n
+        .call("PUT", "/sim/users/u1", Some(json!({"confirm": "manual"})))
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = n
+        .call(
+            "POST",
+            "/api/v1/sessions",
+            Some(json!({"cabinet_id": "KM1", "user_id": "u1", "channel": "wechat", "mode": "purchase"})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["session"]["state"].as_str()),
+        (202, Some("confirming")),
+        "{v}"
+    );
+    let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
+    n.kill9();
+    n.restart().await;
+    let mut c2 = n.cabinet(&secret).await;
+    drop(c);
+    let (_, still) = n
+        .call("GET", &format!("/api/v1/sessions/{session}"), None)
+        .await;
+    assert_eq!(still["session"]["state"], "confirming", "{still}");
+    let (s, r) = n
+        .call(
+            "POST",
+            "/sim/wechatpay/confirm",
+            Some(json!({"extra_data": v["confirmation"]["extra_data"]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    let unlock = c2.expect_command("unlock", PATIENCE).await;
+    assert_eq!(unlock["session_id"], session.as_str());
+    c2.ack(&unlock, true, None).await;
+    let (start, mut state) = (Instant::now(), "confirming".to_owned());
+    while state != "open" {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "session {session} never opened: {state}"
+        );
+        let path = format!("/api/v1/sessions/{session}?wait_s=5&from={state}");
+        state = n.call("GET", &path, None).await.1["session"]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+    }
+    for e in ["door_opened", "door_closed", "lock_locked"] {
+        c2.event(e).await;
+    }
+    c2.publish(
+        "recognition",
+        json!({"session_id": session, "status": "ok", "items": [{"sku": "cola", "qty": 1}]}),
+    )
+    .await;
+    let o = n.order_of(&session, &["paid"]).await;
+    assert_eq!(o["paid_fen"], 300);
+    assert_eq!(n.charges(), 1);
+    n.kill9();
+}
+
+#[actix_rt::test]
+async fn kill9_while_the_shopper_confirms_sqlite() {
+    killed_while_the_shopper_confirms(None).await;
+}
+
+#[actix_rt::test]
+async fn kill9_while_the_shopper_confirms_postgres() {
+    killed_while_the_shopper_confirms(Some(fresh_postgres().await)).await;
 }
 
 /// `cabinet-hub simulate` on a free port, killed with the test.

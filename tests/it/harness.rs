@@ -576,6 +576,22 @@ impl Cabinet {
         }
     }
 
+    /// The next command of `kind` within exactly `within`, or `None`: for what must not come.
+    pub async fn try_command(&mut self, kind: &str, within: Duration) -> Option<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.rx.recv()).await {
+                Ok(Some(Got::Command(c))) if c["type"] == kind => return Some(c),
+                Ok(Some(Got::Command(_) | Got::ConnAck | Got::SubAck(_) | Got::PubAck)) => {}
+                Ok(Some(Got::Closed(e))) => {
+                    panic!("connection closed while watching for {kind}: {e}")
+                }
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
     pub async fn ack(&self, cmd: &Value, ok: bool, error: Option<&str>) {
         let mut a = json!({"cmd_id": cmd["cmd_id"], "ok": ok});
         if let Some(e) = error {

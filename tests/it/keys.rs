@@ -603,6 +603,7 @@ fn check_config_prints_no_secret() {
             "HUB__PAYMENTS__WECHAT__API_V3_KEY",
             "APIV3KEYVALUE0123456789abcdefghij",
         )
+        .env("HUB__PAYMENTS__WECHAT__APIV2_KEY", "APIV2KEYVALUE0123")
         .env("HUB__PAYMENTS__WECHAT__SERVICE_ID", "SERVICE")
         .env("HUB__PAYMENTS__WECHAT__APPID", "wx123")
         .env(
@@ -619,6 +620,7 @@ fn check_config_prints_no_secret() {
     let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     assert_eq!(v["auth"]["admin_key"], "<redacted>");
     assert_eq!(v["payments"]["wechat"]["api_v3_key"], "<redacted>");
+    assert_eq!(v["payments"]["wechat"]["apiv2_key"], "<redacted>");
     assert_eq!(
         v["payments"]["wechat"]["service_id"], "SERVICE",
         "the rest is shown"
@@ -627,6 +629,7 @@ fn check_config_prints_no_secret() {
     for secret in [
         "ADMINKEYVALUE",
         "APIV3KEYVALUE",
+        "APIV2KEYVALUE",
         "DBPASSWORD",
         "DBSSLPASSWORD",
     ] {

@@ -5,6 +5,7 @@ mod alipay;
 mod attacks;
 mod browser;
 mod catalog;
+mod confirm;
 mod crash;
 mod feed;
 mod flow;

@@ -25,7 +25,11 @@ async fn unlocked(hub: &TestHub, op: &str, c: &mut Cabinet, user: &str) -> Strin
     let unlock = c.expect_command("unlock", 5 * SEC).await;
     c.ack(&unlock, true, None).await;
     let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(s, 201, "{v}");
+    assert_eq!(
+        (s, v["session"]["state"].as_str()),
+        (202, Some("open")),
+        "{v}"
+    );
     v["session"]["id"].as_str().unwrap_or_default().to_owned()
 }
 
@@ -179,13 +183,18 @@ async fn a_session_closed_while_confirming_never_unlocks(b: Backend) {
         .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["session"]["failure"], "closed_by_operator", "{v}");
+    // The start was answered 202; followed, it ends failed by the close.
     let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
-        (s, v["error"]["code"].clone()),
-        (409, json!("session_closed")),
+        (
+            s,
+            v["session"]["state"].as_str(),
+            v["session"]["failure"].as_str()
+        ),
+        (202, Some("failed"), Some("closed_by_operator")),
         "{v}"
     );
-    // The answer comes after the confirmation was handled: an unlock would be queued by now.
+    // The confirmation that the close woke was handled: an unlock would be queued by now.
     assert!(tokio::time::timeout(Duration::from_millis(300), async {
         loop {
             if let Some(crate::harness::Got::Command(cmd)) = c.rx.recv().await {

@@ -13,13 +13,14 @@ use cabinet_hub::payments::wechat::{
     WechatClient, WechatConfig, WechatError,
 };
 use cabinet_hub::simulators::wechat::{
-    self as sim_wechat, Deduction, SimConfig, UserScript, WechatSim,
+    self as sim_wechat, Confirm, Deduction, SimConfig, UserScript, WechatSim,
 };
 
 use crate::harness::PATIENCE;
 
 const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev-keys");
 const API_V3_KEY: &str = "0123456789abcdefghijklmnopqrstuv";
+const API_V2_KEY: &str = "apiv2keyofthewechattestrig000001";
 
 struct Rig {
     client: WechatClient,
@@ -44,6 +45,7 @@ fn client_config(base: &str) -> WechatConfig {
         platform_serial: "PUB_KEY_ID_SIM".into(),
         platform_public_key_path: format!("{KEYS}/wechat-platform.pub.pem"),
         api_v3_key: API_V3_KEY.into(),
+        apiv2_key: API_V2_KEY.into(),
         service_id: "500001".into(),
         appid: "wx_sim_app".into(),
         notify_url: format!("{base}/notify"),
@@ -63,6 +65,7 @@ async fn rig_keeping(finished_kept: Duration) -> Rig {
         platform_serial: "PUB_KEY_ID_SIM".into(),
         platform_key_pem: read("wechat-platform.key.pem"),
         api_v3_key: API_V3_KEY.into(),
+        api_v2_key: API_V2_KEY.into(),
         retry_scale: 0.002,
         confirm_delay: Duration::from_millis(20),
         cancel_after_complete: false,
@@ -316,7 +319,7 @@ async fn declined_confirmation_and_cancel() {
     r.sim.set_user(
         "u2",
         UserScript {
-            confirm: false,
+            confirm: Confirm::No,
             deduction: Deduction::Succeed,
             ..UserScript::default()
         },
@@ -373,7 +376,7 @@ async fn failed_deduction_stays_paying_until_the_shopper_pays() {
     r.sim.set_user(
         "u3",
         UserScript {
-            confirm: true,
+            confirm: Confirm::Yes,
             deduction: Deduction::Fail,
             ..UserScript::default()
         },

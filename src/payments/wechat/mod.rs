@@ -7,7 +7,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::crypto::{decrypt_resource, CryptoError, RequestToSign, RsaSigner, Verifier};
+use super::crypto::{
+    apiv2_sign, decrypt_resource, CryptoError, RequestToSign, RsaSigner, Verifier,
+};
 use crate::secrets::token;
 
 /// How to reach and authenticate with WeChat Pay.
@@ -28,6 +30,9 @@ pub struct WechatConfig {
     pub platform_public_key_path: String,
     /// The 32-byte APIv3 key.
     pub api_v3_key: String,
+    /// The APIv2 key: it signs the `extraData` the shopper's mini-program hands to WeChat to
+    /// confirm a Pay Score order (需确认模式).
+    pub apiv2_key: String,
     /// The Pay Score service id.
     pub service_id: String,
     /// The mini-program app id.
@@ -187,6 +192,37 @@ pub struct ServiceOrder {
     pub attach: Option<String>,
 }
 
+/// The `extraData` of `wx.openBusinessView` for a Pay Score order (需确认模式).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraData {
+    /// The platform's (服务商) merchant id.
+    pub mch_id: String,
+    /// The create answer's `package`.
+    pub package: String,
+    /// Unix seconds, as text.
+    pub timestamp: String,
+    /// Random, at most 32 characters.
+    pub nonce_str: String,
+    /// `HMAC-SHA256`.
+    pub sign_type: String,
+    /// [`apiv2_sign`] of the other fields.
+    pub sign: String,
+}
+
+impl ExtraData {
+    /// The signed fields (all but `sign`), by name.
+    pub fn fields(&self) -> [(&str, &str); 5] {
+        [
+            ("mch_id", self.mch_id.as_str()),
+            ("package", self.package.as_str()),
+            ("timestamp", self.timestamp.as_str()),
+            ("nonce_str", self.nonce_str.as_str()),
+            ("sign_type", self.sign_type.as_str()),
+        ]
+    }
+}
+
 /// What `create` takes.
 #[derive(Debug, Clone, Serialize)]
 pub struct CreateOrder {
@@ -325,6 +361,27 @@ impl WechatClient {
     /// The configuration.
     pub fn config(&self) -> &WechatConfig {
         &self.cfg
+    }
+
+    /// What the merchant's mini-program passes to `wx.openBusinessView({businessType:
+    /// 'wxpayScoreUse', extraData})` so that the shopper can confirm the order whose `package`
+    /// the create answered: signed with the APIv2 key (HMAC-SHA256), as WeChat verifies it.
+    pub fn confirmation(&self, package: &str) -> Result<super::Confirmation, WechatError> {
+        let nonce_str = token(32).map_err(|e| WechatError::Config(e.to_string()))?;
+        let timestamp = Self::now_s().to_string();
+        let mut extra = ExtraData {
+            mch_id: self.cfg.mchid.clone(),
+            package: package.to_owned(),
+            timestamp,
+            nonce_str,
+            sign_type: "HMAC-SHA256".into(),
+            sign: String::new(),
+        };
+        extra.sign = apiv2_sign(extra.fields(), &self.cfg.apiv2_key);
+        Ok(super::Confirmation::Wechat {
+            business_type: "wxpayScoreUse".into(),
+            extra_data: extra,
+        })
     }
 
     fn now_s() -> i64 {
