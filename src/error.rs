@@ -74,6 +74,9 @@ pub enum ErrorCode {
     UserBlacklisted,
     /// The provider or the shopper declined pay-after-use.
     PaymentDeclined,
+    /// The merchant cannot take payments through this channel yet: its sub-merchant number,
+    /// authorisation or customer-service phone is missing (the message names what).
+    MerchantPaymentNotReady,
     /// A product is not on the cabinet's sellable list.
     UnknownProduct,
     /// A basket line's quantity, the basket's total quantity or its line count is above the
@@ -118,10 +121,15 @@ impl ErrorCode {
             | OrderNotAbnormal | LastAdminKey | KeyRevoked | SessionNotOpen | SessionClosed => {
                 StatusCode::CONFLICT
             }
-            ServiceExpired | UserBlacklisted | PaymentDeclined | UnknownProduct
-            | RefundExceedsPaid | IdempotencyKeyReused | BasketOutOfRange | PriceOutOfRange => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            ServiceExpired
+            | UserBlacklisted
+            | PaymentDeclined
+            | MerchantPaymentNotReady
+            | UnknownProduct
+            | RefundExceedsPaid
+            | IdempotencyKeyReused
+            | BasketOutOfRange
+            | PriceOutOfRange => StatusCode::UNPROCESSABLE_ENTITY,
             TooManyFeeds => StatusCode::TOO_MANY_REQUESTS,
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             CabinetOffline | UnlockTimeout | HubRestarted | ActorUnavailable | ActorRestarted

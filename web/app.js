@@ -120,6 +120,34 @@ async function signIn(key, remember) {
   $('who').textContent = `${me.role}${me.merchant_id ? ' · ' + me.merchant_id : ' · platform'}`;
   connect();
   loadOrders();
+  loadReadiness();
+}
+
+// A merchant's key sees whether its shoppers can pay: each channel ready, or what the platform
+// still has to set up with the provider (sub-merchant number, authorisation, service phone).
+const NEEDS = {
+  provider: 'no provider credentials on this hub',
+  wechat_sub_mchid: 'WeChat sub-merchant number',
+  service_phone: 'customer-service phone',
+  alipay_smid: 'Alipay sub-merchant id',
+  alipay_app_auth_token: 'Alipay authorisation',
+};
+
+async function loadReadiness() {
+  const box = $('payready');
+  if (!S.me || !S.me.merchant_id) { box.hidden = true; return; }
+  let v;
+  try { v = await api('GET', `/api/v1/merchants/${encodeURIComponent(S.me.merchant_id)}/payment`); } catch (e) { box.hidden = true; return; }
+  box.textContent = '';
+  for (const [name, label] of [['wechat', 'WeChat Pay'], ['alipay', 'Alipay']]) {
+    const r = v.readiness[name];
+    const missing = r.missing.map((m) => NEEDS[m] || m).join(', ');
+    let text = `${label}: ${r.ready ? 'ready' : 'not ready'}`;
+    if (r.simulated) text += ' (simulator)';
+    if (missing) text += ` — ${r.ready ? 'a real provider needs' : 'missing'}: ${missing}`;
+    box.append(el('span', { class: r.ready ? 'ready' : 'notready', 'data-channel': name, text }));
+  }
+  box.hidden = false;
 }
 
 function signOut(reason) {

@@ -9,7 +9,8 @@ use cabinet_actors::ids::MerchantId;
 use super::auth::{issue_key, Caller, Role};
 use super::state::AppState;
 use crate::error::{ApiError, ApiResult, ErrorCode};
-use crate::store::{MerchantRow, StoreError};
+use crate::sessions::PaymentReadiness;
+use crate::store::{MerchantPayment, MerchantRow, StoreError};
 use crate::views::rfc3339;
 
 /// `POST /api/v1/merchants`.
@@ -180,24 +181,82 @@ pub async fn whoami(caller: Caller) -> ApiResult<HttpResponse> {
     }))
 }
 
-/// `PUT /api/v1/merchants/{id}/payment`.
-#[derive(Deserialize, Serialize, ToSchema)]
+/// `PUT /api/v1/merchants/{id}/payment`: every setting (a field left out is cleared).
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PaymentSettings {
-    /// The merchant.
-    #[serde(default, skip_deserializing)]
-    merchant_id: String,
     /// The pay-after-use risk ceiling (`risk_fund.amount`), fen: 100 to 1,000,000.
     risk_ceiling_fen: i64,
-    /// The merchant's WeChat second-level merchant number.
+    /// The merchant's WeChat second-level merchant number (digits, at most 32).
     #[serde(default)]
     wechat_sub_mchid: Option<String>,
+    /// The customer-service phone shoppers see with the order (digits, `+`, `-`, space; at
+    /// most 20).
+    #[serde(default)]
+    service_phone: Option<String>,
+    /// The merchant's Alipay sub-merchant id (smid; letters and digits, at most 32).
+    #[serde(default)]
+    alipay_smid: Option<String>,
+    /// The `app_auth_token` the merchant granted the platform's Alipay app (secret: never shown
+    /// again, only whether it is set).
+    #[serde(default)]
+    alipay_app_auth_token: Option<String>,
 }
 
-/// Sets a merchant's payment settings.
+/// A merchant's payment settings as shown (no secret) and whether each channel is ready.
+#[derive(Serialize, ToSchema)]
+pub struct PaymentView {
+    /// The merchant.
+    merchant_id: String,
+    /// Fen.
+    risk_ceiling_fen: i64,
+    /// WeChat second-level merchant number.
+    wechat_sub_mchid: Option<String>,
+    /// Customer-service phone.
+    service_phone: Option<String>,
+    /// Alipay sub-merchant id.
+    alipay_smid: Option<String>,
+    /// Whether the merchant's Alipay authorisation (`app_auth_token`) is set.
+    alipay_authorized: bool,
+    /// Per channel: ready, what is missing, whether the simulator stands in.
+    readiness: PaymentReadiness,
+}
+
+fn payment_view(state: &AppState, merchant_id: String, p: &MerchantPayment) -> PaymentView {
+    PaymentView {
+        merchant_id,
+        risk_ceiling_fen: p.risk_ceiling_fen,
+        wechat_sub_mchid: p.wechat_sub_mchid.clone(),
+        service_phone: p.service_phone.clone(),
+        alipay_smid: p.alipay_smid.clone(),
+        alipay_authorized: p.alipay_app_auth_token.is_some(),
+        readiness: state.sessions.readiness(p),
+    }
+}
+
+/// An optional setting: trimmed, empty is unset, else within `max` characters of `allowed`.
+fn setting(
+    field: &str,
+    v: Option<&str>,
+    max: usize,
+    allowed: impl Fn(char) -> bool,
+) -> ApiResult<Option<String>> {
+    let Some(v) = v.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    if v.chars().count() > max || !v.chars().all(allowed) {
+        return Err(ApiError::bad_request(format!(
+            "{field} must be at most {max} allowed characters"
+        )));
+    }
+    Ok(Some(v.to_owned()))
+}
+
+/// Sets a merchant's payment settings (platform admin: the platform onboards its merchants
+/// with the providers).
 #[utoipa::path(put, path = "/api/v1/merchants/{id}/payment", tag = "merchants", request_body = PaymentSettings,
     params(("id" = String, Path, description = "merchant id")), security(("bearer" = [])),
-    responses((status = 200, body = PaymentSettings), (status = 400, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
+    responses((status = 200, body = PaymentView), (status = 400, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
 pub async fn merchant_payment(
     state: web::Data<AppState>,
     caller: Caller,
@@ -213,15 +272,49 @@ pub async fn merchant_payment(
             "risk_ceiling_fen must be 100 to 1000000",
         ));
     }
-    state
-        .store
-        .set_merchant_payment(
-            &path,
-            body.risk_ceiling_fen,
+    let p = MerchantPayment {
+        risk_ceiling_fen: body.risk_ceiling_fen,
+        wechat_sub_mchid: setting(
+            "wechat_sub_mchid",
             body.wechat_sub_mchid.as_deref(),
-        )
-        .await?;
-    let mut b = body.into_inner();
-    b.merchant_id = path.into_inner();
-    Ok(HttpResponse::Ok().json(b))
+            32,
+            |c| c.is_ascii_digit(),
+        )?,
+        service_phone: setting("service_phone", body.service_phone.as_deref(), 20, |c| {
+            c.is_ascii_digit() || "+- ".contains(c)
+        })?,
+        alipay_smid: setting("alipay_smid", body.alipay_smid.as_deref(), 32, |c| {
+            c.is_ascii_alphanumeric()
+        })?,
+        alipay_app_auth_token: setting(
+            "alipay_app_auth_token",
+            body.alipay_app_auth_token.as_deref(),
+            128,
+            |c| c.is_ascii_graphic(),
+        )?,
+    };
+    state.store.set_merchant_payment(&path, &p).await?;
+    Ok(HttpResponse::Ok().json(payment_view(&state, path.into_inner(), &p)))
+}
+
+/// A merchant's payment settings (no secret) and readiness per channel: the platform's and
+/// the merchant's own keys.
+#[utoipa::path(get, path = "/api/v1/merchants/{id}/payment", tag = "merchants",
+    params(("id" = String, Path, description = "merchant id")), security(("bearer" = [])),
+    responses((status = 200, body = PaymentView), (status = 404, body = super::ErrorBody)))]
+pub async fn merchant_payment_view(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Viewer)?;
+    if !caller.sees(&path) {
+        return Err(ApiError::not_found("merchant"));
+    }
+    let p = state
+        .store
+        .merchant_payment(&path)
+        .await?
+        .ok_or_else(|| ApiError::not_found("merchant"))?;
+    Ok(HttpResponse::Ok().json(payment_view(&state, path.into_inner(), &p)))
 }

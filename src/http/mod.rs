@@ -58,6 +58,7 @@ routes! {
     get "/api/v1/me" => merchants::whoami,
     post "/api/v1/merchants" => merchants::create_merchant,
     put "/api/v1/merchants/{id}/payment" => merchants::merchant_payment,
+    get "/api/v1/merchants/{id}/payment" => merchants::merchant_payment_view,
     post "/api/v1/api-keys" => merchants::create_key,
     get "/api/v1/api-keys" => keys::list_keys,
     delete "/api/v1/api-keys/{id}" => keys::revoke_key,
@@ -107,7 +108,7 @@ routes! {
     paths(
         health::healthz, health::readyz, health::metrics, openapi_json, feed::ws,
         page::index, page::app_js, page::app_css,
-        merchants::whoami, merchants::create_merchant, merchants::merchant_payment, merchants::create_key,
+        merchants::whoami, merchants::create_merchant, merchants::merchant_payment, merchants::merchant_payment_view, merchants::create_key,
         keys::list_keys, keys::revoke_key, keys::rotate_key, keys::feed_ticket,
         cabinets::register_cabinet, cabinets::list_cabinets, cabinets::get_cabinet,
         cabinets::activate_cabinet, cabinets::issue_certificate, cabinets::revoke_certificate, cabinets::rotate_secret,

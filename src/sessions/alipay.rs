@@ -30,7 +30,8 @@ impl Sessions {
         let v = match self.counted(
             "alipay",
             "create",
-            a.create(&s.id, &s.user_id, terms.ceiling_fen).await,
+            a.create(&s.id, &s.user_id, terms.ceiling_fen, terms.alipay.as_ref())
+                .await,
         ) {
             Ok(v) => v,
             Err(e) => {
@@ -89,7 +90,9 @@ impl Sessions {
         ) else {
             return;
         };
-        if let Err(e) = self.counted("alipay", "close", a.close(&id, &request_no(), reason).await) {
+        let m = self.order_terms(&s.merchant_id).await.alipay;
+        let closed = a.close(&id, &request_no(), reason, m.as_ref()).await;
+        if let Err(e) = self.counted("alipay", "close", closed) {
             tracing::info!(session_id = %s.id, error = %e, "credit order not closed");
         }
     }
@@ -107,7 +110,9 @@ impl Sessions {
         ) else {
             return Ok(());
         };
-        match self.counted("alipay", "pay", a.pay(&s.id, &id, total_fen).await) {
+        let m = self.order_terms(&s.merchant_id).await.alipay;
+        let paid = a.pay(&s.id, &id, total_fen, m.as_ref()).await;
+        match self.counted("alipay", "pay", paid) {
             Ok(v) => {
                 let paid = v["total_amount"]
                     .as_str()
@@ -150,8 +155,9 @@ impl Sessions {
         let Some(a) = self.providers.alipay.clone() else {
             return;
         };
+        let m = self.order_terms(&o.merchant_id).await.alipay;
         let result = a
-            .refund(&o.session_id, r.amount_fen, &r.id, &r.reason)
+            .refund(&o.session_id, r.amount_fen, &r.id, &r.reason, m.as_ref())
             .await;
         match self.counted("alipay", "refund", result) {
             Ok(v) => {

@@ -98,7 +98,7 @@ impl Sessions {
         let Some(w) = self.providers.wechat.clone() else {
             return Ok(());
         };
-        let sub = self.terms(&s.merchant_id).await?.sub_mchid;
+        let sub = self.sub_mchid(&s.merchant_id).await;
         let pay: Vec<PostPayment> = priced
             .lines
             .iter()

@@ -43,6 +43,7 @@ pub use close::Closer;
 pub use events::{event_lane, EVENT_LANES};
 pub use exceptions::RefundAnswer;
 pub use notifications::NotificationRefusal;
+pub use provider::{ChannelReadiness, PaymentReadiness};
 pub use start::{request_hash, Idempotency, StartSession, StartTimings};
 
 /// The supervisor.

@@ -263,7 +263,7 @@ impl Sessions {
             },
             async {
                 if channel != Channel::None {
-                    self.terms(&cabinet.merchant_id).await.map(Some)
+                    self.terms(&cabinet.merchant_id, channel).await.map(Some)
                 } else {
                     Ok(None)
                 }
@@ -674,8 +674,9 @@ impl Sessions {
             let Some(a) = &self.providers.alipay else {
                 return false;
             };
+            let m = self.order_terms(&s.merchant_id).await.alipay;
             return a
-                .query(&s.id)
+                .query(&s.id, m.as_ref())
                 .await
                 .is_ok_and(|q| q["user_confirmed"] == true);
         }

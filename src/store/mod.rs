@@ -67,6 +67,21 @@ pub struct MerchantRow {
     pub created_at: i64,
 }
 
+/// A merchant's payment settings: what its pay-after-use orders are created with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MerchantPayment {
+    /// The risk ceiling (`risk_fund.amount`), fen.
+    pub risk_ceiling_fen: i64,
+    /// Its WeChat second-level merchant number (平台收付通 `sub_mchid`).
+    pub wechat_sub_mchid: Option<String>,
+    /// The customer-service phone its shoppers see with the order.
+    pub service_phone: Option<String>,
+    /// Its Alipay sub-merchant id (`smid`).
+    pub alipay_smid: Option<String>,
+    /// The `app_auth_token` it granted the platform's Alipay app (secret).
+    pub alipay_app_auth_token: Option<String>,
+}
+
 /// An API key (its hash; the key itself is shown once).
 #[derive(Debug, Clone)]
 pub struct ApiKeyRow {
@@ -172,6 +187,11 @@ fn migrator(postgres: bool) -> Migrator {
         (8, "alert_flaps", sql!("0008_alert_flaps.sql")),
         (9, "pending_collect", sql!("0009_pending_collect.sql")),
         (10, "session_close", sql!("0010_session_close.sql")),
+        (
+            11,
+            "merchant_payment_readiness",
+            sql!("0011_merchant_payment_readiness.sql"),
+        ),
     ];
     Migrator::with_migrations(
         files
@@ -213,7 +233,7 @@ struct Caches {
     /// A merchant's promotions that have not ended.
     promotions: cache::Cached<String, Vec<PromotionRow>>,
     /// A merchant's payment settings.
-    terms: cache::Cached<String, Option<(i64, Option<String>)>>,
+    terms: cache::Cached<String, Option<MerchantPayment>>,
 }
 
 impl Caches {

@@ -5,7 +5,7 @@
 use sqlx::any::AnyRow;
 use sqlx::{FromRow, Row};
 
-use super::{conflict_or, Change, Result, Store};
+use super::{conflict_or, Change, MerchantPayment, Result, Store};
 
 /// A purchase or restock session.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -173,25 +173,26 @@ fn order_row(r: &AnyRow) -> Result<OrderRow> {
 }
 
 impl Store {
-    /// A merchant's payment settings: (risk ceiling in fen, WeChat sub-merchant id).
-    pub async fn merchant_payment(
-        &self,
-        merchant_id: &str,
-    ) -> Result<Option<(i64, Option<String>)>> {
+    /// A merchant's payment settings; `None` for an unknown merchant.
+    pub async fn merchant_payment(&self, merchant_id: &str) -> Result<Option<MerchantPayment>> {
         self.caches
             .terms
             .get_or_load(&merchant_id.to_owned(), || async {
                 let row = sqlx::query(
-                    "SELECT risk_ceiling_fen, wechat_sub_mchid FROM merchants WHERE id = $1",
+                    "SELECT risk_ceiling_fen, wechat_sub_mchid, service_phone, alipay_smid, \
+                     alipay_app_auth_token FROM merchants WHERE id = $1",
                 )
                 .bind(merchant_id)
                 .fetch_optional(&mut *self.read().await?)
                 .await?;
                 row.map(|r| {
-                    Ok((
-                        r.try_get("risk_ceiling_fen")?,
-                        r.try_get("wechat_sub_mchid")?,
-                    ))
+                    Ok(MerchantPayment {
+                        risk_ceiling_fen: r.try_get("risk_ceiling_fen")?,
+                        wechat_sub_mchid: r.try_get("wechat_sub_mchid")?,
+                        service_phone: r.try_get("service_phone")?,
+                        alipay_smid: r.try_get("alipay_smid")?,
+                        alipay_app_auth_token: r.try_get("alipay_app_auth_token")?,
+                    })
                 })
                 .transpose()
             })
@@ -199,19 +200,18 @@ impl Store {
     }
 
     /// Sets a merchant's payment settings.
-    pub async fn set_merchant_payment(
-        &self,
-        merchant_id: &str,
-        risk_ceiling_fen: i64,
-        sub_mchid: Option<&str>,
-    ) -> Result<()> {
+    pub async fn set_merchant_payment(&self, merchant_id: &str, p: &MerchantPayment) -> Result<()> {
         let _fresh = self.caches.terms.invalidating(merchant_id.to_owned());
         sqlx::query(
-            "UPDATE merchants SET risk_ceiling_fen = $2, wechat_sub_mchid = $3 WHERE id = $1",
+            "UPDATE merchants SET risk_ceiling_fen = $2, wechat_sub_mchid = $3, service_phone = $4, \
+             alipay_smid = $5, alipay_app_auth_token = $6 WHERE id = $1",
         )
         .bind(merchant_id)
-        .bind(risk_ceiling_fen)
-        .bind(sub_mchid)
+        .bind(p.risk_ceiling_fen)
+        .bind(p.wechat_sub_mchid.as_deref())
+        .bind(p.service_phone.as_deref())
+        .bind(p.alipay_smid.as_deref())
+        .bind(p.alipay_app_auth_token.as_deref())
         .execute(&mut *self.write().await?)
         .await?;
         Ok(())

@@ -131,7 +131,7 @@ async fn confirm_pay_refund() {
     );
     let unconfirmed = r
         .client
-        .create("s_0", "u0", 20_000)
+        .create("s_0", "u0", 20_000, None)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -142,7 +142,8 @@ async fn confirm_pay_refund() {
                     unconfirmed["credit_biz_order_id"]
                         .as_str()
                         .unwrap_or_default(),
-                    100
+                    100,
+                    None
                 )
                 .await
         ),
@@ -150,7 +151,7 @@ async fn confirm_pay_refund() {
     );
     let created = r
         .client
-        .create("s_1", "u1", 20_000)
+        .create("s_1", "u1", 20_000, None)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let id = created["credit_biz_order_id"]
@@ -164,25 +165,25 @@ async fn confirm_pay_refund() {
     );
     assert_eq!(
         r.client
-            .query("s_1")
+            .query("s_1", None)
             .await
             .map(|v| v["user_confirmed"].clone())
             .ok(),
         Some(serde_json::json!(true))
     );
     assert_eq!(
-        api_sub_code(r.client.pay("t_1", &id, 20_001).await),
+        api_sub_code(r.client.pay("t_1", &id, 20_001, None).await),
         "ACQ.TOTAL_FEE_EXCEED"
     );
     let paid = r
         .client
-        .pay("t_1", &id, 1250)
+        .pay("t_1", &id, 1250, None)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(paid["total_amount"], "12.50");
     assert_eq!(
         r.client
-            .query("s_1")
+            .query("s_1", None)
             .await
             .map(|v| v["order_status"].clone())
             .ok(),
@@ -190,13 +191,13 @@ async fn confirm_pay_refund() {
     );
     let refund = r
         .client
-        .refund("t_1", 300, "rq_1", "少拿一瓶")
+        .refund("t_1", 300, "rq_1", "少拿一瓶", None)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(refund["refund_fee"], "3.00");
     let again = r
         .client
-        .refund("t_1", 300, "rq_1", "少拿一瓶")
+        .refund("t_1", 300, "rq_1", "少拿一瓶", None)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -205,7 +206,7 @@ async fn confirm_pay_refund() {
         "same request, same refund"
     );
     assert_eq!(
-        api_sub_code(r.client.refund("t_1", 1000, "rq_2", "too much").await),
+        api_sub_code(r.client.refund("t_1", 1000, "rq_2", "too much", None).await),
         "ACQ.REFUND_AMT_NOT_EQUAL_TOTAL"
     );
 }
@@ -215,7 +216,7 @@ async fn nothing_taken_closes_without_charge() {
     let mut r = rig().await;
     let created = r
         .client
-        .create("s_2", "u2", 20_000)
+        .create("s_2", "u2", 20_000, None)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let id = created["credit_biz_order_id"]
@@ -228,19 +229,20 @@ async fn nothing_taken_closes_without_charge() {
             &id,
             &cabinet_hub::payments::alipay::request_no(),
             "未取商品",
+            None,
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         r.client
-            .query("s_2")
+            .query("s_2", None)
             .await
             .map(|v| v["order_status"].clone())
             .ok(),
         Some(serde_json::json!("TRADE_CLOSED"))
     );
     assert_eq!(
-        api_sub_code(r.client.pay("t_2", &id, 100).await),
+        api_sub_code(r.client.pay("t_2", &id, 100, None).await),
         "ACQ.TRADE_STATUS_ERROR"
     );
 }
@@ -258,7 +260,7 @@ async fn failed_deduction_paid_later_is_notified() {
     );
     let created = r
         .client
-        .create("s_3", "u3", 20_000)
+        .create("s_3", "u3", 20_000, None)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let id = created["credit_biz_order_id"]
@@ -267,7 +269,7 @@ async fn failed_deduction_paid_later_is_notified() {
         .to_owned();
     r.note().await;
     assert_eq!(
-        api_sub_code(r.client.pay("t_3", &id, 650).await),
+        api_sub_code(r.client.pay("t_3", &id, 650, None).await),
         "ACQ.PAYMENT_FAIL"
     );
     assert_eq!(r.sim.user_pays("u3"), 1);
@@ -288,7 +290,7 @@ async fn forgeries_are_refused() {
         &read("alipay-platform.pub.pem"),
     );
     assert_eq!(
-        api_sub_code(wrong.query("s_x").await),
+        api_sub_code(wrong.query("s_x", None).await),
         "isv.invalid-signature"
     );
     // Answers not signed by Alipay's key are not believed.
@@ -298,12 +300,12 @@ async fn forgeries_are_refused() {
         &read("alipay-app.pub.pem"),
     );
     assert!(matches!(
-        distrustful.query("s_x").await,
+        distrustful.query("s_x", None).await,
         Err(AlipayError::BadSignature(_))
     ));
     // A tampered notification fails verification.
     r.client
-        .create("s_4", "u4", 20_000)
+        .create("s_4", "u4", 20_000, None)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let mut n = r.note().await;

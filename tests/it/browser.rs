@@ -16,7 +16,7 @@ use crate::harness::{Backend, Cabinet, TestHub, PATIENCE};
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-struct Browser {
+pub(crate) struct Browser {
     child: Child,
     ws: Ws,
     next_id: u64,
@@ -52,7 +52,7 @@ pub fn artifacts() -> PathBuf {
 }
 
 impl Browser {
-    async fn launch(width: u32, height: u32) -> Self {
+    pub(crate) async fn launch(width: u32, height: u32) -> Self {
         let profile = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let child = Command::new(chromium())
             .args([
@@ -141,7 +141,7 @@ impl Browser {
     }
 
     /// Evaluates JavaScript in the page and returns its value; a thrown error fails the test.
-    async fn eval(&mut self, expr: &str) -> Value {
+    pub(crate) async fn eval(&mut self, expr: &str) -> Value {
         let r = self
             .call(
                 "Runtime.evaluate",
@@ -159,7 +159,7 @@ impl Browser {
     /// Polls `expr` until it is true; returns how long that took. Waits `within`, and never less
     /// than [`PATIENCE`]: the times the page takes are reported (and measured by the
     /// benchmarks), not asserted, as a browser beside a second copy of the suite can be slow.
-    async fn wait_for(&mut self, expr: &str, within: Duration) -> Duration {
+    pub(crate) async fn wait_for(&mut self, expr: &str, within: Duration) -> Duration {
         let within = within.max(PATIENCE);
         let start = Instant::now();
         loop {
@@ -332,7 +332,7 @@ async fn operator_page_shows_and_acknowledges_a_forced_door() {
 }
 
 /// Types the key into the sign-in form as a person would.
-async fn sign_in(b: &mut Browser, hub: &TestHub, key: &str) {
+pub(crate) async fn sign_in(b: &mut Browser, hub: &TestHub, key: &str) {
     b.goto(&hub.url("/")).await;
     b.eval("document.getElementById('key').focus()").await;
     b.call("Input.insertText", json!({"text": key})).await;

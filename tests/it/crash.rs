@@ -422,10 +422,10 @@ async fn kill9_while_the_shopper_confirms_postgres() {
 }
 
 /// `cabinet-hub simulate` on a free port, killed with the test.
-struct Simulators {
+pub(crate) struct Simulators {
     child: std::process::Child,
     data: tempfile::TempDir,
-    addr: std::net::SocketAddr,
+    pub(crate) addr: std::net::SocketAddr,
 }
 
 impl Drop for Simulators {
@@ -436,7 +436,7 @@ impl Drop for Simulators {
 }
 
 impl Simulators {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let data = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], crate::harness::free_port()));
         let child = crate::node::command(&[

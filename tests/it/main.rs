@@ -14,6 +14,7 @@ mod keys;
 mod node;
 mod ops;
 mod purchase;
+mod readiness;
 mod startup;
 mod store;
 mod stuck;

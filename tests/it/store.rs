@@ -1,7 +1,9 @@
 //! The storage layer on SQLite and on the machine's PostgreSQL.
 
 use cabinet_actors::alert::{ActiveAlert, AlertType};
-use cabinet_hub::store::{AlertFilter, CabinetRow, MerchantRow, Store, StoreError};
+use cabinet_hub::store::{
+    AlertFilter, CabinetRow, MerchantPayment, MerchantRow, Store, StoreError,
+};
 
 use crate::both;
 use crate::harness::{fresh_postgres, test_settings, Backend};
@@ -94,15 +96,25 @@ async fn cached_rows_follow_every_write_and_reads_outnumber_connections(b: Backe
 
     assert_eq!(
         store.merchant_payment("m1").await.unwrap_or_else(ok),
-        Some((20_000, None))
+        Some(MerchantPayment {
+            risk_ceiling_fen: 20_000,
+            ..MerchantPayment::default()
+        })
     );
+    let set = MerchantPayment {
+        risk_ceiling_fen: 9_900,
+        wechat_sub_mchid: Some("1900000109".into()),
+        service_phone: Some("400-800-1234".into()),
+        alipay_smid: Some("2088000000000001".into()),
+        alipay_app_auth_token: Some("token".into()),
+    };
     store
-        .set_merchant_payment("m1", 9_900, Some("1900000109"))
+        .set_merchant_payment("m1", &set)
         .await
         .unwrap_or_else(ok);
     assert_eq!(
         store.merchant_payment("m1").await.unwrap_or_else(ok),
-        Some((9_900, Some("1900000109".to_owned())))
+        Some(set)
     );
 
     let names = |p: std::collections::BTreeMap<String, cabinet_actors::pricing::ListPrice>| {

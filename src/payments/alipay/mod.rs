@@ -61,6 +61,17 @@ impl AlipaySettings {
     }
 }
 
+/// The merchant an Alipay call is made for (service-provider mode): its sub-merchant id, put
+/// in the order's `sub_merchant`, and the `app_auth_token` it granted the platform's app, sent
+/// with every call made on its behalf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlipayMerchant {
+    /// `sub_merchant.merchant_id` (smid).
+    pub smid: String,
+    /// The merchant's authorisation of the platform's app.
+    pub app_auth_token: String,
+}
+
 /// How to reach Alipay.
 #[derive(Debug, Clone)]
 pub struct AlipayConfig {
@@ -132,7 +143,13 @@ impl AlipayClient {
     }
 
     /// One gateway call: signed form in, verified JSON out; `code != 10000` is an error.
-    pub async fn call(&self, method: &str, biz: &Value) -> Result<Value, AlipayError> {
+    /// `merchant`: the merchant the call is made for (its `app_auth_token` goes with it).
+    pub async fn call(
+        &self,
+        method: &str,
+        biz: &Value,
+        merchant: Option<&AlipayMerchant>,
+    ) -> Result<Value, AlipayError> {
         let now = time::OffsetDateTime::now_utc()
             .to_offset(time::UtcOffset::from_hms(8, 0, 0).unwrap_or(time::UtcOffset::UTC));
         let ts = now
@@ -153,6 +170,9 @@ impl AlipayClient {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
+        if let Some(m) = merchant {
+            params.insert("app_auth_token".into(), m.app_auth_token.clone());
+        }
         params.insert("biz_content".into(), biz.to_string());
         let sign =
             sign_params(&self.signer, &params).map_err(|e| AlipayError::Config(e.to_string()))?;
@@ -186,16 +206,28 @@ impl AlipayClient {
         out_order_no: &str,
         buyer: &str,
         ceiling_fen: i64,
+        merchant: Option<&AlipayMerchant>,
     ) -> Result<Value, AlipayError> {
-        let biz = json!({"out_order_no": out_order_no, "subject": "智能柜购物", "order_amount": yuan(ceiling_fen),
+        let mut biz = json!({"out_order_no": out_order_no, "subject": "智能柜购物", "order_amount": yuan(ceiling_fen),
                          "product_code": "CREDIT_PAY_AFTER_USE", "buyer_id": buyer});
-        self.call(methods::CREATE, &biz).await
+        if let Some(m) = merchant {
+            biz["sub_merchant"] = json!({"merchant_id": m.smid});
+        }
+        self.call(methods::CREATE, &biz, merchant).await
     }
 
     /// Queries a credit order by our number.
-    pub async fn query(&self, out_order_no: &str) -> Result<Value, AlipayError> {
-        self.call(methods::QUERY, &json!({"out_order_no": out_order_no}))
-            .await
+    pub async fn query(
+        &self,
+        out_order_no: &str,
+        merchant: Option<&AlipayMerchant>,
+    ) -> Result<Value, AlipayError> {
+        self.call(
+            methods::QUERY,
+            &json!({"out_order_no": out_order_no}),
+            merchant,
+        )
+        .await
     }
 
     /// Deducts the final amount against the credit order.
@@ -204,10 +236,14 @@ impl AlipayClient {
         out_trade_no: &str,
         credit_biz_order_id: &str,
         total_fen: i64,
+        merchant: Option<&AlipayMerchant>,
     ) -> Result<Value, AlipayError> {
-        let biz = json!({"out_trade_no": out_trade_no, "total_amount": yuan(total_fen), "subject": "智能柜购物",
+        let mut biz = json!({"out_trade_no": out_trade_no, "total_amount": yuan(total_fen), "subject": "智能柜购物",
                          "product_code": "CREDIT_PAY_AFTER_USE", "credit_biz_order_id": credit_biz_order_id});
-        self.call(methods::PAY, &biz).await
+        if let Some(m) = merchant {
+            biz["sub_merchant"] = json!({"merchant_id": m.smid});
+        }
+        self.call(methods::PAY, &biz, merchant).await
     }
 
     /// Closes a credit order without charge (nothing taken, refused session).
@@ -216,9 +252,10 @@ impl AlipayClient {
         credit_biz_order_id: &str,
         out_request_no: &str,
         remark: &str,
+        merchant: Option<&AlipayMerchant>,
     ) -> Result<Value, AlipayError> {
         let biz = json!({"out_request_no": out_request_no, "credit_biz_order_id": credit_biz_order_id, "is_fulfilled": false, "remark": remark});
-        self.call(methods::FINISH, &biz).await
+        self.call(methods::FINISH, &biz, merchant).await
     }
 
     /// Refunds part or all of a deduction; the same `out_request_no` is the same refund.
@@ -228,9 +265,10 @@ impl AlipayClient {
         refund_fen: i64,
         out_request_no: &str,
         reason: &str,
+        merchant: Option<&AlipayMerchant>,
     ) -> Result<Value, AlipayError> {
         let biz = json!({"out_trade_no": out_trade_no, "refund_amount": yuan(refund_fen), "out_request_no": out_request_no, "refund_reason": reason});
-        self.call(methods::REFUND, &biz).await
+        self.call(methods::REFUND, &biz, merchant).await
     }
 
     /// Verifies a notification's form parameters.
