@@ -251,6 +251,12 @@ pub async fn relay_store_changes(
                 feed.publish(&s.merchant_id, "session", &s)
             }
             Change::Order(o) => feed.publish(&o.merchant_id, "order", &OrderView::from(&o)),
+            // The platform's feed sees one that names no order of any merchant.
+            Change::PaymentException(e) => feed.publish(
+                e.merchant_id.as_deref().unwrap_or_default(),
+                "payment_exception",
+                &e,
+            ),
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::sessions::{
     request_hash, Closer, Idempotency, RefundAnswer, StartSession, StartTimings,
 };
-use crate::store::{BlacklistRow, OrderFilter, OrderRow};
+use crate::store::{BlacklistRow, OrderFilter, OrderRow, PaymentExceptionRow};
 use crate::views::{ConfirmingView, List, OrderView, SessionView};
 
 /// The `Idempotency-Key` header, when given, bound to this request: its method, path and
@@ -426,4 +426,34 @@ pub async fn remove_blacklist(
     } else {
         Err(ApiError::not_found("blacklist entry"))
     }
+}
+
+/// `GET /api/v1/payment-exceptions`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentExceptionQuery {
+    /// A platform key: one merchant's (default: all, including notices that name no order).
+    merchant_id: Option<String>,
+    /// At most this many, newest first (default 100, at most 1000).
+    limit: Option<i64>,
+}
+
+/// Provider notices that did not match the order they name (amount, app id, merchant ids, an
+/// order of ours at all): not applied, kept here for a person to look at.
+#[utoipa::path(get, path = "/api/v1/payment-exceptions", tag = "orders", params(PaymentExceptionQuery),
+    security(("bearer" = [])), responses((status = 200, body = List<PaymentExceptionRow>)))]
+pub async fn list_payment_exceptions(
+    state: web::Data<AppState>,
+    caller: Caller,
+    q: web::Query<PaymentExceptionQuery>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Viewer)?;
+    let q = q.into_inner();
+    let m = match (&caller.merchant, q.merchant_id) {
+        (None, None) => None,
+        (_, n) => Some(caller.acting_for(n.as_deref())?),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let items = state.store.payment_exceptions(m.as_deref(), limit).await?;
+    Ok(HttpResponse::Ok().json(List::from(items)))
 }

@@ -161,10 +161,16 @@ impl Sessions {
             .await;
         match self.counted("alipay", "refund", result) {
             Ok(v) => {
-                let _ = self
+                if let Err(e) = self
                     .store
                     .finish_refund(&r.id, "succeeded", v["trade_no"].as_str(), self.now())
-                    .await;
+                    .await
+                {
+                    // The provider refunded; the row still says processing. Surfaced for the
+                    // operator: the refund's record is behind the money.
+                    tracing::error!(order_id = %o.id, refund_id = %r.id, error = %e,
+                        "Alipay refund accepted but not recorded");
+                }
             }
             Err(e) => {
                 tracing::error!(order_id = %o.id, refund_id = %r.id, error = %e, "Alipay refund not accepted")

@@ -9,6 +9,7 @@ use super::Sessions;
 use crate::payments::alipay::crypto::fen;
 use crate::payments::crypto::CryptoError;
 use crate::payments::wechat::{NotificationError, SignedHeaders};
+use crate::store::{Notice, NoticeEffect, NoticeOutcome, OrderRow, PaymentExceptionRow};
 
 /// Why a notification was not applied. Stable labels of `notifications_rejected_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
@@ -45,52 +46,156 @@ impl Sessions {
             .inc();
     }
 
-    /// Records a notification id; `Ok(false)` for one already applied (a replay: answered
-    /// success so the provider stops, nothing changes).
-    async fn first_delivery(
-        &self,
-        provider: &str,
-        id: &str,
-        kind: &str,
-    ) -> Result<bool, NotificationRefusal> {
-        match self
-            .store
-            .record_notification(id, provider, kind, self.now())
+    /// Records a notice that changes nothing but is kept (a confirmation, an event the hub does
+    /// not act on); a replay is counted.
+    async fn record(&self, notice: &Notice<'_>) -> Result<(), NotificationRefusal> {
+        self.store_notice(notice, &NoticeEffect::Record)
             .await
-        {
-            Ok(true) => Ok(true),
-            Ok(false) => {
-                self.rejected(provider, "replay");
-                Ok(false)
+            .map(|_| ())
+    }
+
+    async fn store_notice(
+        &self,
+        notice: &Notice<'_>,
+        effect: &NoticeEffect<'_>,
+    ) -> Result<NoticeOutcome, NotificationRefusal> {
+        match self.store.apply_notification(notice, effect).await {
+            Ok(NoticeOutcome::Replay) => {
+                self.rejected(notice.provider, "replay");
+                Ok(NoticeOutcome::Replay)
             }
+            Ok(outcome) => Ok(outcome),
             Err(e) => {
-                tracing::error!(provider, error = %e, "notification not recorded; the provider will retry");
+                tracing::error!(provider = notice.provider, notice = notice.id, error = %e,
+                    "notification not applied; the provider will deliver it again");
+                self.rejected(notice.provider, NotificationRefusal::Storage.as_str());
                 Err(NotificationRefusal::Storage)
             }
         }
     }
 
-    /// A payment the notice reports, applied to the session's order.
+    /// A payment the notice reports, reconciled with the order it names and applied with the
+    /// notice's record in one transaction. A notice that does not match its order (amount,
+    /// app id, merchant ids, an order of ours at all) is not applied: it is kept as a payment
+    /// exception an operator sees, counted (`reason="mismatch"`), and answered as received
+    /// (delivering it again would not make it match).
     async fn notified_paid(
         &self,
-        session_id: &str,
-        paid: i64,
-        txn: Option<&str>,
+        notice: &Notice<'_>,
+        claim: PaidClaim<'_>,
     ) -> Result<(), NotificationRefusal> {
-        let o = match self.store.order_of_session(session_id).await {
-            Ok(Some(o)) => o,
-            Ok(None) => return Ok(()),
+        let o = match self.store.order_of_session(claim.out_order_no).await {
+            Ok(o) => o,
             Err(e) => {
-                tracing::error!(session_id, error = %e, "notified payment not applied");
+                tracing::error!(session_id = claim.out_order_no, error = %e, "notified payment not applied");
                 return Err(NotificationRefusal::Storage);
             }
         };
-        self.apply_payment(&o, Event::Paid, Some((paid, txn)))
-            .await
-            .map_err(|e| {
-                tracing::error!(order_id = %o.id, error = %e, "notified payment not applied");
-                NotificationRefusal::Storage
-            })
+        if let Some((reason, detail)) = self.mismatch(notice.provider, &claim, o.as_ref()).await {
+            let e = PaymentExceptionRow {
+                id: format!(
+                    "pe{}",
+                    crate::secrets::token(20).map_err(|_| NotificationRefusal::Storage)?
+                ),
+                merchant_id: o.as_ref().map(|o| o.merchant_id.clone()),
+                order_id: o.as_ref().map(|o| o.id.clone()),
+                provider: notice.provider.to_owned(),
+                notification_id: notice.id.to_owned(),
+                reason: reason.to_owned(),
+                detail,
+                created_at: notice.now,
+            };
+            tracing::error!(provider = notice.provider, notice = notice.id, reason, detail = %e.detail,
+                order_id = ?e.order_id, "payment notice does not match its order; not applied");
+            if self
+                .store_notice(notice, &NoticeEffect::Exception(e))
+                .await?
+                != NoticeOutcome::Replay
+            {
+                self.rejected(notice.provider, "mismatch");
+            }
+            return Ok(());
+        }
+        let Some(o) = o else { return Ok(()) };
+        // An order already settled (paid by a query first, say) only records the notice.
+        let effect = match super::payment_lifecycle(&o).map(|l| l.transition(&Event::Paid)) {
+            Ok(Ok(_)) => NoticeEffect::Paid {
+                order_id: &o.id,
+                paid_fen: claim.paid_fen,
+                transaction_id: claim.transaction_id,
+            },
+            _ => NoticeEffect::Record,
+        };
+        if let NoticeOutcome::Applied { order_moved: true } =
+            self.store_notice(notice, &effect).await?
+        {
+            tracing::info!(order_id = %o.id, paid = claim.paid_fen, "order paid");
+            self.paid(&o).await;
+        }
+        Ok(())
+    }
+
+    /// Why a payment notice does not match the order it names, if it does not: `(reason,
+    /// detail)`.
+    async fn mismatch(
+        &self,
+        provider: &str,
+        claim: &PaidClaim<'_>,
+        o: Option<&OrderRow>,
+    ) -> Option<(&'static str, String)> {
+        let Some(o) = o else {
+            return Some((
+                "unknown_order",
+                format!("no order of session {:?}", claim.out_order_no),
+            ));
+        };
+        let differs = |what: &str, said: Option<&str>, ours: &str| {
+            (said != Some(ours)).then(|| format!("{what} {said:?}, expected {ours:?}"))
+        };
+        if o.channel != provider {
+            return Some((
+                "unknown_order",
+                format!("the order is paid through {}, not {provider}", o.channel),
+            ));
+        }
+        let (app, merchant) = match provider {
+            "alipay" => (
+                self.providers
+                    .alipay
+                    .as_ref()
+                    .map(|a| a.app_id().to_owned())
+                    .unwrap_or_default(),
+                None,
+            ),
+            _ => {
+                let cfg = self.providers.wechat.as_ref().map(|w| w.config());
+                let sub = self.sub_mchid(&o.merchant_id).await;
+                (
+                    cfg.map(|c| c.appid.clone()).unwrap_or_default(),
+                    Some((cfg.map(|c| c.mchid.clone()).unwrap_or_default(), sub)),
+                )
+            }
+        };
+        if let Some(d) = differs("app id", claim.app_id, &app) {
+            return Some(("app_mismatch", d));
+        }
+        if let Some((mchid, sub)) = merchant {
+            if let Some(d) = differs("mchid", claim.mchid, &mchid)
+                .or_else(|| differs("sub_mchid", claim.sub_mchid, &sub))
+            {
+                return Some(("merchant_mismatch", d));
+            }
+        }
+        if o.total_fen != Some(claim.paid_fen) {
+            return Some((
+                "amount_mismatch",
+                format!(
+                    "paid {} fen, the order is {:?} fen",
+                    claim.paid_fen, o.total_fen
+                ),
+            ));
+        }
+        None
     }
 
     /// A WeChat notification.
@@ -123,22 +228,30 @@ impl Sessions {
         if n.event_type == "PAYSCORE.USER_CONFIRM" {
             self.confirmed(out_order_no);
         }
-        if !self.first_delivery("wechat", &n.id, &n.event_type).await? {
-            return Ok(());
-        }
+        let notice = Notice {
+            id: &n.id,
+            provider: "wechat",
+            kind: &n.event_type,
+            now: self.now(),
+        };
         match n.event_type.as_str() {
-            // Handled above, before recording.
-            "PAYSCORE.USER_CONFIRM" => Ok(()),
             "PAYSCORE.USER_PAID" => {
-                let paid = n.resource["collection"]["paid_amount"]
-                    .as_i64()
-                    .unwrap_or(0);
-                let txn = n.resource["collection"]["details"][0]["transaction_id"].as_str();
-                self.notified_paid(out_order_no, paid, txn).await
+                let r = &n.resource;
+                let claim = PaidClaim {
+                    out_order_no,
+                    paid_fen: r["collection"]["paid_amount"].as_i64().unwrap_or(-1),
+                    transaction_id: r["collection"]["details"][0]["transaction_id"].as_str(),
+                    app_id: r["appid"].as_str(),
+                    mchid: r["mchid"].as_str(),
+                    sub_mchid: r["sub_mchid"].as_str(),
+                };
+                self.notified_paid(&notice, claim).await
             }
             other => {
-                tracing::info!(event_type = other, "notification ignored");
-                Ok(())
+                if other != "PAYSCORE.USER_CONFIRM" {
+                    tracing::info!(event_type = other, "notification recorded, not acted on");
+                }
+                self.record(&notice).await
             }
         }
     }
@@ -161,20 +274,47 @@ impl Sessions {
             return Err(NotificationRefusal::BadEnvelope);
         };
         let kind = params.get("notify_type").map(String::as_str).unwrap_or("");
-        if !self.first_delivery("alipay", id, kind).await? {
-            return Ok(());
-        }
         if params.get("user_confirmed").map(String::as_str) == Some("true") {
             if let Some(no) = params.get("out_order_no") {
                 self.confirmed(no);
             }
         }
+        let notice = Notice {
+            id,
+            provider: "alipay",
+            kind,
+            now: self.now(),
+        };
         if params.get("trade_status").map(String::as_str) == Some("TRADE_SUCCESS") {
-            let session = params.get("out_trade_no").map(String::as_str).unwrap_or("");
-            let paid = params.get("total_amount").and_then(|t| fen(t)).unwrap_or(0);
-            self.notified_paid(session, paid, params.get("trade_no").map(String::as_str))
-                .await?;
+            let claim = PaidClaim {
+                out_order_no: params.get("out_trade_no").map(String::as_str).unwrap_or(""),
+                paid_fen: params
+                    .get("total_amount")
+                    .and_then(|t| fen(t))
+                    .unwrap_or(-1),
+                transaction_id: params.get("trade_no").map(String::as_str),
+                app_id: params.get("app_id").map(String::as_str),
+                mchid: None,
+                sub_mchid: None,
+            };
+            return self.notified_paid(&notice, claim).await;
         }
-        Ok(())
+        self.record(&notice).await
     }
+}
+
+/// What a payment notice says was paid, and for whom.
+struct PaidClaim<'a> {
+    /// Our order number at the provider: the session id.
+    out_order_no: &'a str,
+    /// Fen (−1 when the notice has no amount: it matches no order).
+    paid_fen: i64,
+    /// The provider's trade number.
+    transaction_id: Option<&'a str>,
+    /// The application the notice is for.
+    app_id: Option<&'a str>,
+    /// WeChat: the platform's merchant id.
+    mchid: Option<&'a str>,
+    /// WeChat: the merchant's second-level merchant id.
+    sub_mchid: Option<&'a str>,
 }

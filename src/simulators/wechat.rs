@@ -435,6 +435,12 @@ impl WechatSim {
         let st = self.lock();
         let o = st.orders.get(order_key)?;
         let mut resource = serde_json::to_value(&o.order).unwrap_or(Value::Null);
+        // As WeChat's notices name them: the application and both merchants of the order.
+        let appid = serde_json::from_str::<Value>(&o.create_body)
+            .ok()
+            .and_then(|b| b["appid"].as_str().map(str::to_owned));
+        resource["appid"] = json!(appid);
+        resource["mchid"] = json!(self.cfg.mchid);
         resource["sub_mchid"] = json!(o.sub_mchid);
         Some((o.notify_url.clone(), resource))
     }

@@ -51,7 +51,8 @@ mod sessions;
 pub use catalog::{PromotionRow, PromotionRule};
 pub use keys::{ApiKeyRecord, Revocation};
 pub use sessions::{
-    BlacklistRow, KeyedSession, OrderFilter, OrderRow, OrderUpdate, RefundRow, SessionRow,
+    BlacklistRow, KeyedSession, Notice, NoticeEffect, NoticeOutcome, OrderFilter, OrderRow,
+    OrderUpdate, PaymentExceptionRow, RefundRow, SessionRow,
 };
 
 /// A merchant.
@@ -191,6 +192,11 @@ fn migrator(postgres: bool) -> Migrator {
             11,
             "merchant_payment_readiness",
             sql!("0011_merchant_payment_readiness.sql"),
+        ),
+        (
+            12,
+            "payment_exceptions",
+            sql!("0012_payment_exceptions.sql"),
         ),
     ];
     Migrator::with_migrations(
@@ -422,6 +428,8 @@ pub enum Change {
     Session(sessions::SessionRow),
     /// An order was created or changed (status, amounts).
     Order(sessions::OrderRow),
+    /// A provider notice did not match its order and was not applied.
+    PaymentException(sessions::PaymentExceptionRow),
 }
 
 fn pool_options(postgres: bool, max_connections: u32) -> AnyPoolOptions {

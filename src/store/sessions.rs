@@ -502,6 +502,94 @@ impl Store {
         }
     }
 
+    /// Stores a provider notice with what it does, in one transaction: its id (a repeat is a
+    /// replay, and changes nothing), and its effect. Either both are stored or neither, so a
+    /// notice that could not be applied is not taken for a replay when the provider delivers
+    /// it again.
+    pub async fn apply_notification(
+        &self,
+        notice: &Notice<'_>,
+        effect: &NoticeEffect<'_>,
+    ) -> Result<NoticeOutcome> {
+        let mut w = self.write().await?;
+        let mut tx = sqlx::Connection::begin(&mut *w).await?;
+        let first = sqlx::query("INSERT INTO payment_notifications (id, provider, event_type, received_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+            .bind(notice.id)
+            .bind(notice.provider)
+            .bind(notice.kind)
+            .bind(notice.now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if !first {
+            return Ok(NoticeOutcome::Replay);
+        }
+        let mut changed = None;
+        match effect {
+            NoticeEffect::Record => {}
+            NoticeEffect::Paid {
+                order_id,
+                paid_fen,
+                transaction_id,
+            } => {
+                let row = sqlx::query(
+                    "UPDATE orders SET status = 'paid', paid_fen = $2, transaction_id = COALESCE($3, transaction_id), updated_at = $4 \
+                     WHERE id = $1 AND status IN ('completing', 'pending_payment') RETURNING *",
+                )
+                .bind(*order_id)
+                .bind(*paid_fen)
+                .bind(*transaction_id)
+                .bind(notice.now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(row) = row {
+                    changed = Some(Change::Order(order_row(&row)?));
+                }
+            }
+            NoticeEffect::Exception(e) => {
+                sqlx::query("INSERT INTO payment_exceptions (id, merchant_id, order_id, provider, notification_id, reason, detail, created_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+                    .bind(&e.id)
+                    .bind(e.merchant_id.as_deref())
+                    .bind(e.order_id.as_deref())
+                    .bind(&e.provider)
+                    .bind(&e.notification_id)
+                    .bind(&e.reason)
+                    .bind(&e.detail)
+                    .bind(e.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                changed = Some(Change::PaymentException(e.clone()));
+            }
+        }
+        tx.commit().await?;
+        let moved = matches!(changed, Some(Change::Order(_)));
+        if let Some(c) = changed {
+            self.changed(c);
+        }
+        Ok(NoticeOutcome::Applied { order_moved: moved })
+    }
+
+    /// Payment exceptions, newest first: of one merchant, or all (`None`, the platform).
+    pub async fn payment_exceptions(
+        &self,
+        merchant_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<PaymentExceptionRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM payment_exceptions WHERE ($1 IS NULL OR merchant_id = $1) \
+             ORDER BY created_at DESC, id LIMIT $2",
+        )
+        .bind(merchant_id)
+        .bind(limit)
+        .fetch_all(&mut *self.read().await?)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(PaymentExceptionRow::from_row(r)?))
+            .collect()
+    }
+
     /// Records a provider notification id; false when it was seen before (a replay).
     pub async fn record_notification(
         &self,
@@ -796,4 +884,67 @@ impl Store {
             .await?;
         Ok(())
     }
+}
+
+/// A provider notice, by its id.
+pub struct Notice<'a> {
+    /// The provider's notice id.
+    pub id: &'a str,
+    /// `wechat` or `alipay`.
+    pub provider: &'a str,
+    /// Its event type.
+    pub kind: &'a str,
+    /// Unix ms.
+    pub now: i64,
+}
+
+/// What a notice does, stored with it.
+pub enum NoticeEffect<'a> {
+    /// Nothing beyond being recorded (a confirmation, an event the hub does not act on, a
+    /// payment for an order already settled).
+    Record,
+    /// The order is paid (if it is still completing or pending payment).
+    Paid {
+        /// The order.
+        order_id: &'a str,
+        /// As the provider reports it, matching the order.
+        paid_fen: i64,
+        /// The provider's trade number.
+        transaction_id: Option<&'a str>,
+    },
+    /// It did not match its order: kept for an operator.
+    Exception(PaymentExceptionRow),
+}
+
+/// What storing a notice came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoticeOutcome {
+    /// Seen before: nothing changed.
+    Replay,
+    /// Stored with its effect; whether an order moved.
+    Applied {
+        /// The order moved to paid.
+        order_moved: bool,
+    },
+}
+
+/// A provider notice that did not match the order it names.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct PaymentExceptionRow {
+    /// Id.
+    pub id: String,
+    /// The order's merchant (none when the notice names no order of ours).
+    pub merchant_id: Option<String>,
+    /// The order the notice names, when it exists.
+    pub order_id: Option<String>,
+    /// `wechat` or `alipay`.
+    pub provider: String,
+    /// The notice's id.
+    pub notification_id: String,
+    /// `amount_mismatch`, `app_mismatch`, `merchant_mismatch`, `unknown_order`.
+    pub reason: String,
+    /// What the notice said against what the order says.
+    pub detail: String,
+    /// Unix ms.
+    pub created_at: i64,
 }

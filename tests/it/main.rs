@@ -12,6 +12,7 @@ mod flow;
 mod harness;
 mod keys;
 mod node;
+mod notices;
 mod ops;
 mod purchase;
 mod readiness;

@@ -271,6 +271,11 @@ impl AlipayClient {
         self.call(methods::REFUND, &biz, merchant).await
     }
 
+    /// The application id calls are made as (and notices must be for).
+    pub fn app_id(&self) -> &str {
+        &self.cfg.app_id
+    }
+
     /// Verifies a notification's form parameters.
     pub fn verify_notify(&self, params: &BTreeMap<String, String>) -> Result<(), CryptoError> {
         verify_notify(&self.verifier, KEY_ID, params)
