@@ -248,6 +248,7 @@ impl Application {
             loop {
                 tokio::time::sleep(every).await;
                 collector.collect_due().await;
+                collector.follow_refunds().await;
             }
         });
         tokio::spawn(sessions.clone().apply_events(session_rx));

@@ -199,6 +199,9 @@ pub struct PaymentSettings {
     pub deduction_check_ms: u64,
     /// `HUB__PAYMENTS__COLLECT_INTERVAL_MS`
     pub collect_interval_ms: u64,
+    /// `HUB__PAYMENTS__REFUND_CHECK_MS`: a refund still processing this long after its last
+    /// word is asked about again.
+    pub refund_check_ms: u64,
     /// `HUB__PAYMENTS__BLACKLIST_UNPAID_ORDERS`
     pub blacklist_unpaid_orders: u32,
     /// `HUB__PAYMENTS__BLACKLIST_AFTER_MS`

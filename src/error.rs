@@ -84,8 +84,12 @@ pub enum ErrorCode {
     BasketOutOfRange,
     /// A list price is above `limits.max_price_fen` (or negative).
     PriceOutOfRange,
-    /// A refund would exceed what was paid.
+    /// A refund would exceed what was paid (counting refunds in flight).
     RefundExceedsPaid,
+    /// The provider's refund window after the payment is over (WeChat: a year).
+    RefundWindowClosed,
+    /// The order has as many refunds as the provider allows (WeChat: 50).
+    RefundLimitReached,
     /// The cabinet is not connected.
     CabinetOffline,
     /// The cabinet did not acknowledge the unlock in time.
@@ -127,6 +131,8 @@ impl ErrorCode {
             | MerchantPaymentNotReady
             | UnknownProduct
             | RefundExceedsPaid
+            | RefundWindowClosed
+            | RefundLimitReached
             | IdempotencyKeyReused
             | BasketOutOfRange
             | PriceOutOfRange => StatusCode::UNPROCESSABLE_ENTITY,

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub offline_after_restart: IntCounter,
     pub store_errors: IntCounterVec,
     pub sessions_closed: IntCounterVec,
+    pub refunds: IntCounterVec,
     pub sessions: IntCounterVec,
     pub session_unlock: prometheus::Histogram,
     pub session_stages: HistogramVec,
@@ -234,6 +235,16 @@ impl Metrics {
                         "Sessions ended from outside, by who: an operator, or the supervisor's sweep of sessions that outlived their timeouts",
                     ),
                     &["by"],
+                )?,
+            ),
+            refunds: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "refunds_total",
+                        "Refunds settled, by the provider's word: succeeded, failed (refused, or its ABNORMAL), closed",
+                    ),
+                    &["status"],
                 )?,
             ),
             store_errors: reg(

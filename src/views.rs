@@ -300,8 +300,12 @@ pub struct OrderView {
     pub total_fen: Option<i64>,
     /// Paid, fen.
     pub paid_fen: i64,
-    /// Refunded, fen.
+    /// Refunded, fen: refunds the provider says succeeded.
     pub refunded_fen: i64,
+    /// Refunds in flight (processing), fen: reserved against the paid amount.
+    pub refunding_fen: i64,
+    /// When it was paid, RFC 3339 (the provider's refund window runs from here).
+    pub paid_at: Option<String>,
     /// The provider's trade number.
     pub transaction_id: Option<String>,
     /// RFC 3339.
@@ -329,6 +333,8 @@ impl From<&OrderRow> for OrderView {
             total_fen: o.total_fen,
             paid_fen: o.paid_fen,
             refunded_fen: o.refunded_fen,
+            refunding_fen: o.refund_reserved_fen,
+            paid_at: o.paid_at.and_then(rfc3339),
             transaction_id: o.transaction_id.clone(),
             created_at: rfc3339(o.created_at),
             updated_at: rfc3339(o.updated_at),

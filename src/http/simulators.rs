@@ -9,7 +9,7 @@ use super::auth::{Caller, Role};
 use super::state::AppState;
 use super::ErrorBody;
 use crate::error::{ApiError, ApiResult};
-use crate::simulators::wechat::{Confirm, Deduction, UserScript};
+use crate::simulators::wechat::{Confirm, Deduction, RefundScript, UserScript};
 use crate::simulators::Simulators;
 
 super::routes! {
@@ -54,6 +54,11 @@ pub struct SimUserBody {
     /// The provider answers a cancel or close this late (at most 60 s).
     #[serde(default)]
     cancel_delay_ms: u64,
+    /// How WeChat settles this shopper's refunds: `succeed` (the default), `abnormal`,
+    /// `closed`, or `silent` (succeeds without a notice).
+    #[serde(default)]
+    #[schema(value_type = String)]
+    refund: RefundScript,
 }
 
 fn yes() -> Confirm {
@@ -91,6 +96,7 @@ pub async fn sim_user(
         deduction: body.deduction,
         // Bounded: a script is a test's, and a minute covers any client timeout worth testing.
         cancel_delay_ms: body.cancel_delay_ms.min(60_000),
+        refund: body.refund,
     };
     sims.wechat.set_user(&path, script);
     sims.alipay.set_user(&path, script);

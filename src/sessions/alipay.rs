@@ -11,7 +11,7 @@ use crate::error::ApiResult;
 use crate::payments::alipay::crypto::fen;
 use crate::payments::alipay::{request_no, AlipayError};
 use crate::payments::Confirmation;
-use crate::store::{OrderRow, RefundRow, SessionRow, StoreError};
+use crate::store::{OrderRow, SessionRow, StoreError};
 
 impl Sessions {
     /// Creates the credit order; answers the `order_str` the shopper's mini-program confirms
@@ -148,33 +148,5 @@ impl Sessions {
             .ok()
             .flatten()
             .is_some_and(|x| x.status == "pending_payment")
-    }
-
-    /// Refunds with the refund id as `out_request_no`.
-    pub(super) async fn alipay_refund(&self, o: &OrderRow, r: &RefundRow) {
-        let Some(a) = self.providers.alipay.clone() else {
-            return;
-        };
-        let m = self.order_terms(&o.merchant_id).await.alipay;
-        let result = a
-            .refund(&o.session_id, r.amount_fen, &r.id, &r.reason, m.as_ref())
-            .await;
-        match self.counted("alipay", "refund", result) {
-            Ok(v) => {
-                if let Err(e) = self
-                    .store
-                    .finish_refund(&r.id, "succeeded", v["trade_no"].as_str(), self.now())
-                    .await
-                {
-                    // The provider refunded; the row still says processing. Surfaced for the
-                    // operator: the refund's record is behind the money.
-                    tracing::error!(order_id = %o.id, refund_id = %r.id, error = %e,
-                        "Alipay refund accepted but not recorded");
-                }
-            }
-            Err(e) => {
-                tracing::error!(order_id = %o.id, refund_id = %r.id, error = %e, "Alipay refund not accepted")
-            }
-        }
     }
 }

@@ -2,24 +2,12 @@
 //! person (异常订单), and refunds for appeals (客户申诉).
 
 use cabinet_actors::pricing::BasketItem;
-use cabinet_actors::session::{Channel, Event, Refusal};
+use cabinet_actors::session::{Event, Refusal};
 
 use super::{lifecycle, Sessions};
 use crate::error::{ApiError, ApiResult, ErrorCode};
-use crate::secrets::token;
-use crate::store::{BlacklistRow, OrderRow, RefundRow};
+use crate::store::{BlacklistRow, OrderRow};
 use crate::views::OrderView;
-
-/// A refund and the order it belongs to.
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub struct RefundAnswer {
-    /// This refund.
-    pub refund: Option<RefundRow>,
-    /// The order after it.
-    pub order: OrderView,
-    /// Every refund of the order.
-    pub refunds: Vec<RefundRow>,
-}
 
 fn blacklisted(reason: &str) -> ApiError {
     ApiError::new(
@@ -117,92 +105,5 @@ impl Sessions {
             .await?
             .ok_or_else(|| ApiError::not_found("order"))?;
         Ok(OrderView::from(&o))
-    }
-
-    /// Refunds part or all of a paid order. Stored (and the amount reserved) before the provider
-    /// hears of it; idempotent by key; never more than was paid.
-    pub async fn refund(
-        &self,
-        o: &OrderRow,
-        amount_fen: i64,
-        reason: &str,
-        idempotency: Option<super::Idempotency>,
-    ) -> ApiResult<RefundAnswer> {
-        if amount_fen <= 0 {
-            return Err(ApiError::bad_request("amount_fen must be positive"));
-        }
-        if reason.trim().is_empty() || reason.chars().count() > 80 {
-            return Err(ApiError::bad_request("reason must be 1 to 80 characters"));
-        }
-        let now = self.now();
-        let row = RefundRow {
-            id: format!("r{}", token(20)?),
-            order_id: o.id.clone(),
-            idempotency_key: idempotency.as_ref().map(|i| i.key.clone()),
-            amount_fen,
-            reason: reason.to_owned(),
-            status: "requested".into(),
-            provider_refund_id: None,
-            created_at: now,
-            updated_at: now,
-        };
-        let Some(r) = self
-            .store
-            .reserve_refund(&row, idempotency.as_ref().map(|i| i.request_hash.as_str()))
-            .await?
-        else {
-            return Err(ApiError::new(
-                ErrorCode::RefundExceedsPaid,
-                format!(
-                    "order {} is {}: paid {} fen, refunded {} fen",
-                    o.id, o.status, o.paid_fen, o.refunded_fen
-                ),
-            ));
-        };
-        if r.status != "succeeded" {
-            self.send_refund(o, &r).await;
-        }
-        let o = self
-            .store
-            .order(&o.id)
-            .await?
-            .ok_or_else(|| ApiError::not_found("order"))?;
-        let refunds = self.store.refunds(&o.id).await?;
-        let this = refunds.iter().find(|x| x.id == r.id).cloned();
-        Ok(RefundAnswer {
-            refund: this,
-            order: OrderView::from(&o),
-            refunds,
-        })
-    }
-
-    async fn send_refund(&self, o: &OrderRow, r: &RefundRow) {
-        if o.channel == Channel::Alipay.as_str() {
-            return self.alipay_refund(o, r).await;
-        }
-        let (Some(w), Some(txn)) = (&self.providers.wechat, o.transaction_id.as_deref()) else {
-            tracing::error!(order_id = %o.id, "refund cannot be sent: no provider or no transaction id");
-            return;
-        };
-        let sub = self.sub_mchid(&o.merchant_id).await;
-        let result = w
-            .refund(&sub, txn, &r.id, r.amount_fen, o.paid_fen, &r.reason)
-            .await;
-        match self.counted("wechat", "refund", result) {
-            Ok(done) => {
-                if let Err(e) = self
-                    .store
-                    .finish_refund(&r.id, "succeeded", Some(&done.refund_id), self.now())
-                    .await
-                {
-                    tracing::error!(refund_id = %r.id, error = %e, "refund result not stored");
-                }
-            }
-            // Kept `requested`: repeating the request (same Idempotency-Key) retries it with the
-            // same out_refund_no, as WeChat requires.
-            Err(e) => {
-                tracing::error!(order_id = %o.id, refund_id = %r.id, error = %e, "refund not accepted by the provider")
-            }
-        }
     }
 }

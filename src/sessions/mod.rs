@@ -20,6 +20,7 @@ mod events;
 mod exceptions;
 mod notifications;
 mod provider;
+mod refunds;
 mod start;
 
 use std::collections::HashMap;
@@ -41,9 +42,9 @@ use crate::views::{OrderView, SessionView};
 
 pub use close::Closer;
 pub use events::{event_lane, EVENT_LANES};
-pub use exceptions::RefundAnswer;
 pub use notifications::NotificationRefusal;
 pub use provider::{ChannelReadiness, PaymentReadiness};
+pub use refunds::RefundAnswer;
 pub use start::{request_hash, Idempotency, StartSession, StartTimings};
 
 /// The supervisor.

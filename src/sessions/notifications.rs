@@ -135,6 +135,82 @@ impl Sessions {
         Ok(())
     }
 
+    /// A refund's final word, reconciled with the refund it names (ours, same amount) and
+    /// settled with the notice's record in one transaction; one that does not match is kept as
+    /// a payment exception, as a payment notice is.
+    async fn notified_refund(
+        &self,
+        notice: &Notice<'_>,
+        resource: &serde_json::Value,
+    ) -> Result<(), NotificationRefusal> {
+        let no = resource["out_refund_no"].as_str().unwrap_or_default();
+        let refund = match self.store.refund(no).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(refund_id = no, error = %e, "refund notice not applied");
+                return Err(NotificationRefusal::Storage);
+            }
+        };
+        let amount = resource["amount"]["refund"].as_i64();
+        let status = match resource["refund_status"].as_str() {
+            Some("SUCCESS") => "succeeded",
+            Some("ABNORMAL") => "failed",
+            Some("CLOSED") => "closed",
+            _ => "",
+        };
+        let wrong = match &refund {
+            None => Some(("unknown_order", format!("no refund {no:?}"))),
+            Some(r) if amount != Some(r.amount_fen) => Some((
+                "amount_mismatch",
+                format!("refund {no}: {amount:?} fen, expected {}", r.amount_fen),
+            )),
+            Some(_) if status.is_empty() => Some((
+                "unknown_order",
+                format!("refund {no}: status {:?}", resource["refund_status"]),
+            )),
+            Some(_) => None,
+        };
+        if let Some((reason, detail)) = wrong {
+            let order = match &refund {
+                Some(r) => self.store.order(&r.order_id).await.ok().flatten(),
+                None => None,
+            };
+            let e = PaymentExceptionRow {
+                id: format!(
+                    "pe{}",
+                    crate::secrets::token(20).map_err(|_| NotificationRefusal::Storage)?
+                ),
+                merchant_id: order.as_ref().map(|o| o.merchant_id.clone()),
+                order_id: order.as_ref().map(|o| o.id.clone()),
+                provider: notice.provider.to_owned(),
+                notification_id: notice.id.to_owned(),
+                reason: reason.to_owned(),
+                detail,
+                created_at: notice.now,
+            };
+            tracing::error!(notice = notice.id, reason, detail = %e.detail, "refund notice does not match its refund; not applied");
+            if self
+                .store_notice(notice, &NoticeEffect::Exception(e))
+                .await?
+                != NoticeOutcome::Replay
+            {
+                self.rejected(notice.provider, "mismatch");
+            }
+            return Ok(());
+        }
+        let effect = NoticeEffect::Refund {
+            refund_id: no,
+            status,
+            provider_refund_id: resource["refund_id"].as_str(),
+        };
+        if let NoticeOutcome::Applied { order_moved: true } =
+            self.store_notice(notice, &effect).await?
+        {
+            self.metrics.refunds.with_label_values(&[status]).inc();
+        }
+        Ok(())
+    }
+
     /// Why a payment notice does not match the order it names, if it does not: `(reason,
     /// detail)`.
     async fn mismatch(
@@ -246,6 +322,9 @@ impl Sessions {
                     sub_mchid: r["sub_mchid"].as_str(),
                 };
                 self.notified_paid(&notice, claim).await
+            }
+            "REFUND.SUCCESS" | "REFUND.ABNORMAL" | "REFUND.CLOSED" => {
+                self.notified_refund(&notice, &n.resource).await
             }
             other => {
                 if other != "PAYSCORE.USER_CONFIRM" {

@@ -317,6 +317,8 @@ impl Sessions {
             paid_fen: 0,
             refunded_fen: 0,
             collect_attempts: 0,
+            refund_reserved_fen: 0,
+            paid_at: None,
             provider_order_no: (channel != Channel::None).then(|| id.clone()),
             transaction_id: None,
             created_at: now,

@@ -52,18 +52,6 @@ impl<V> Tracked<V> {
         self.map.iter()
     }
 
-    /// The first entry matching `f`, to change (marked changed).
-    pub fn find_mut(&mut self, mut f: impl FnMut(&V) -> bool) -> Option<&mut V> {
-        let k = self
-            .map
-            .iter()
-            .find(|(_, v)| f(v))
-            .map(|(k, _)| k.clone())?;
-        let v = self.map.get_mut(&k)?;
-        self.dirty.insert(k);
-        Some(v)
-    }
-
     /// The changed entries (cleared). Looks up the changed keys rather than filtering the whole
     /// map: this runs on every request, and the map holds thousands of orders.
     pub fn take_changed(&mut self) -> HashMap<&String, &V> {
@@ -144,7 +132,7 @@ mod tests {
         if let Some(v) = t.get_mut("b") {
             *v = 3;
         }
-        if let Some(v) = t.find_mut(|v| *v == 1) {
+        if let Some(v) = t.get_mut("a") {
             *v = 4;
         }
         let changed = t.take_changed();

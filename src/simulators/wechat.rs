@@ -64,6 +64,26 @@ pub struct UserScript {
     /// shopper's order: a slow provider, for what must not wait on one.
     #[serde(default)]
     pub cancel_delay_ms: u64,
+    /// How WeChat settles a refund of this shopper's orders.
+    #[serde(default)]
+    pub refund: RefundScript,
+}
+
+/// How a refund the simulator took (answered PROCESSING, as WeChat does) ends, after the
+/// simulator's confirm delay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefundScript {
+    /// SUCCESS, notified (`REFUND.SUCCESS`).
+    #[default]
+    Succeed,
+    /// ABNORMAL (the shopper's account cannot take it), notified; the amount is refundable
+    /// again.
+    Abnormal,
+    /// CLOSED, notified; the amount is refundable again.
+    Closed,
+    /// SUCCESS, but the notice never comes: only a query finds out.
+    Silent,
 }
 
 /// How a simulated shopper answers the confirmation of a pay-after-use order; in JSON `true`,
@@ -124,6 +144,7 @@ impl Default for UserScript {
             confirm: Confirm::Yes,
             deduction: Deduction::Succeed,
             cancel_delay_ms: 0,
+            refund: RefundScript::Succeed,
         }
     }
 }
@@ -918,6 +939,9 @@ impl WechatSim {
         Ok(())
     }
 
+    /// `POST /v3/ecommerce/refunds/apply`: taken as PROCESSING (the amount held against the
+    /// order), settled after the confirm delay as the shopper's script says, then notified.
+    /// The same `out_refund_no` answers the same refund.
     fn refund(&self, body: &Value) -> Result<Value, SimError> {
         let param = |m: &str| SimError(400, "PARAM_ERROR", m.to_owned());
         let out_refund_no = body["out_refund_no"]
@@ -931,34 +955,97 @@ impl WechatSim {
             .as_i64()
             .filter(|a| *a > 0)
             .ok_or_else(|| param("amount.refund"))?;
-        let mut st = self.lock();
-        if let Some(existing) = st.refunds.get(&out_refund_no) {
-            return Ok(existing.clone());
-        }
-        let o = st
-            .orders
-            .find_mut(|o| {
-                o.order
-                    .collection
-                    .as_ref()
-                    .is_some_and(|c| c.details.iter().any(|d| d.transaction_id == txn))
-            })
-            .ok_or_else(|| SimError(404, "RESOURCE_NOT_EXISTS", "订单不存在".into()))?;
-        let paid = o
-            .order
-            .collection
-            .as_ref()
-            .map(|c| c.paid_amount)
-            .unwrap_or(0);
-        if o.refunded + amount > paid {
-            return Err(SimError(403, "NOT_ENOUGH", "退款金额超过可退金额".into()));
-        }
-        o.refunded += amount;
-        st.seq += 1;
-        let r = json!({"refund_id": format!("50300{}{:06}", now_s(), st.seq), "out_refund_no": out_refund_no, "status": "SUCCESS",
-                       "amount": {"refund": amount}});
-        st.refunds.insert(out_refund_no, r.clone());
+        let notify_url = body["notify_url"].as_str().unwrap_or_default().to_owned();
+        let (r, key, script) = {
+            let mut st = self.lock();
+            if let Some(existing) = st.refunds.get(&out_refund_no) {
+                return Ok(existing.clone());
+            }
+            let (key, o) = st
+                .orders
+                .iter()
+                .find(|(_, o)| {
+                    o.order
+                        .collection
+                        .as_ref()
+                        .is_some_and(|c| c.details.iter().any(|d| d.transaction_id == txn))
+                })
+                .map(|(k, o)| (k.clone(), o.openid.clone()))
+                .ok_or_else(|| SimError(404, "RESOURCE_NOT_EXISTS", "订单不存在".into()))?;
+            let script = st.users.get(&o).map(|u| u.refund).unwrap_or_default();
+            let order = st
+                .orders
+                .get_mut(&key)
+                .ok_or_else(|| SimError(404, "RESOURCE_NOT_EXISTS", "订单不存在".into()))?;
+            let paid = order
+                .order
+                .collection
+                .as_ref()
+                .map(|c| c.paid_amount)
+                .unwrap_or(0);
+            if order.refunded + amount > paid {
+                return Err(SimError(403, "NOT_ENOUGH", "退款金额超过可退金额".into()));
+            }
+            order.refunded += amount;
+            let sub_mchid = order.sub_mchid.clone();
+            st.seq += 1;
+            let r = json!({"refund_id": format!("50300{}{:06}", now_s(), st.seq), "out_refund_no": out_refund_no,
+                           "transaction_id": txn, "sub_mchid": sub_mchid, "status": "PROCESSING",
+                           "amount": {"refund": amount, "total": paid, "currency": "CNY"}});
+            st.refunds.insert(out_refund_no.clone(), r.clone());
+            (r, key, script)
+        };
+        self.save();
+        let sim = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(sim.cfg.confirm_delay).await;
+            sim.settle_refund(&out_refund_no, &key, amount, script, notify_url);
+        });
         Ok(r)
+    }
+
+    fn settle_refund(
+        &self,
+        out_refund_no: &str,
+        order_key: &str,
+        amount: i64,
+        script: RefundScript,
+        notify_url: String,
+    ) {
+        let (status, event) = match script {
+            RefundScript::Succeed | RefundScript::Silent => ("SUCCESS", "REFUND.SUCCESS"),
+            RefundScript::Abnormal => ("ABNORMAL", "REFUND.ABNORMAL"),
+            RefundScript::Closed => ("CLOSED", "REFUND.CLOSED"),
+        };
+        let resource = {
+            let mut st = self.lock();
+            if status != "SUCCESS" {
+                if let Some(o) = st.orders.get_mut(order_key) {
+                    o.refunded -= amount;
+                }
+            }
+            let Some(r) = st.refunds.get_mut(out_refund_no) else {
+                return;
+            };
+            r["status"] = json!(status);
+            let mut resource = r.clone();
+            resource["refund_status"] = json!(status);
+            resource["sp_mchid"] = json!(self.cfg.mchid);
+            resource
+        };
+        self.save();
+        if script != RefundScript::Silent && !notify_url.is_empty() {
+            self.send_notice((notify_url, resource), event);
+        }
+    }
+
+    /// `GET /v3/ecommerce/refunds/out-refund-no/{no}`.
+    fn find_refund(&self, out_refund_no: &str) -> Result<Value, SimError> {
+        self.lock()
+            .refunds
+            .get(out_refund_no)
+            .cloned()
+            .ok_or_else(|| SimError(404, "RESOURCE_NOT_EXISTS", "退款单不存在".into()))
     }
 }
 
@@ -1040,6 +1127,9 @@ async fn handle(sim: web::Data<WechatSim>, req: HttpRequest, body: web::Bytes) -
                     )),
                     Err(e) => Err(e),
                 }
+            }
+            ("GET", ["v3", "ecommerce", "refunds", "out-refund-no", no]) => {
+                sim.find_refund(no).map(|v| (200, Some(v)))
             }
             ("POST", ["v3", "ecommerce", "refunds", "apply"]) => {
                 sim.refund(&parsed).map(|v| (200, Some(v)))

@@ -198,6 +198,7 @@ fn migrator(postgres: bool) -> Migrator {
             "payment_exceptions",
             sql!("0012_payment_exceptions.sql"),
         ),
+        (13, "refund_states", sql!("0013_refund_states.sql")),
     ];
     Migrator::with_migrations(
         files

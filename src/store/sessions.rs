@@ -88,10 +88,16 @@ pub struct OrderRow {
     pub created_at: i64,
     /// Unix ms.
     pub updated_at: i64,
-    /// Refunded so far (fen).
+    /// Refunded so far (fen): succeeded refunds only.
     pub refunded_fen: i64,
     /// Collection attempts after a failed deduction.
     pub collect_attempts: i64,
+    /// Refunds in flight (fen): reserved against the paid amount until the provider answers.
+    #[sqlx(default)]
+    pub refund_reserved_fen: i64,
+    /// When it was paid (Unix ms): the provider's refund window runs from here.
+    #[sqlx(default)]
+    pub paid_at: Option<i64>,
 }
 
 /// A refund of (part of) an order.
@@ -107,7 +113,8 @@ pub struct RefundRow {
     pub amount_fen: i64,
     /// Why (the appeal).
     pub reason: String,
-    /// `requested`, `succeeded`, `failed`.
+    /// `processing` (sent, or being sent, to the provider), `succeeded`, `failed` (refused, or
+    /// the provider's ABNORMAL: its amount is released), `closed`.
     pub status: String,
     /// The provider's id.
     pub provider_refund_id: Option<String>,
@@ -484,7 +491,7 @@ impl Store {
         now: i64,
     ) -> Result<bool> {
         let r = sqlx::query(
-            "UPDATE orders SET status = 'paid', paid_fen = $2, transaction_id = COALESCE($3, transaction_id), updated_at = $4 \
+            "UPDATE orders SET status = 'paid', paid_fen = $2, transaction_id = COALESCE($3, transaction_id), updated_at = $4, paid_at = $4 \
              WHERE id = $1 AND status IN ('completing', 'pending_payment') RETURNING *",
         )
         .bind(id)
@@ -534,7 +541,7 @@ impl Store {
                 transaction_id,
             } => {
                 let row = sqlx::query(
-                    "UPDATE orders SET status = 'paid', paid_fen = $2, transaction_id = COALESCE($3, transaction_id), updated_at = $4 \
+                    "UPDATE orders SET status = 'paid', paid_fen = $2, transaction_id = COALESCE($3, transaction_id), updated_at = $4, paid_at = $4 \
                      WHERE id = $1 AND status IN ('completing', 'pending_payment') RETURNING *",
                 )
                 .bind(*order_id)
@@ -561,6 +568,16 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 changed = Some(Change::PaymentException(e.clone()));
+            }
+            NoticeEffect::Refund {
+                refund_id,
+                status,
+                provider_refund_id,
+            } => {
+                changed =
+                    settle_refund_on(&mut tx, refund_id, status, *provider_refund_id, notice.now)
+                        .await?
+                        .map(Change::Order);
             }
         }
         tx.commit().await?;
@@ -609,13 +626,17 @@ impl Store {
     }
 
     /// Stores a refund request before the provider hears of it, if the order's paid amount
-    /// still covers it (checked and reserved atomically). `Ok(None)`: it would exceed what was
-    /// paid. A repeated idempotency key returns the first refund.
-    /// The same key with another request (`request_hash`) is `KeyReused`.
+    /// still covers it with what is refunded and in flight, and it has fewer than
+    /// `max_refunds` refunds (checked and reserved atomically). The refund is `processing`;
+    /// its amount is reserved, not refunded, until the provider says it succeeded.
+    /// `Ok(None)`: it would exceed what was paid, or the count. A repeated idempotency key
+    /// returns the first refund. The same key with another request (`request_hash`) is
+    /// `KeyReused`.
     pub async fn reserve_refund(
         &self,
         r: &RefundRow,
         request_hash: Option<&str>,
+        max_refunds: i64,
     ) -> Result<Option<RefundRow>> {
         if let Some(key) = &r.idempotency_key {
             let row =
@@ -635,21 +656,23 @@ impl Store {
         }
         let mut w = self.write().await?;
         let mut tx = sqlx::Connection::begin(&mut *w).await?;
-        let reserved = sqlx::query(
-            "UPDATE orders SET refunded_fen = refunded_fen + $2, updated_at = $3 \
-             WHERE id = $1 AND status IN ('paid', 'refunded') AND refunded_fen + $2 <= paid_fen",
+        let order = sqlx::query(
+            "UPDATE orders SET refund_reserved_fen = refund_reserved_fen + $2, updated_at = $3 \
+             WHERE id = $1 AND status IN ('paid', 'refunded') AND refunded_fen + refund_reserved_fen + $2 <= paid_fen \
+             AND (SELECT COUNT(*) FROM refunds WHERE order_id = $1) < $4 RETURNING *",
         )
         .bind(&r.order_id)
         .bind(r.amount_fen)
         .bind(r.created_at)
-        .execute(&mut *tx)
+        .bind(max_refunds)
+        .fetch_optional(&mut *tx)
         .await?;
-        if reserved.rows_affected() != 1 {
+        let Some(order) = order else {
             return Ok(None);
-        }
+        };
         sqlx::query(
             "INSERT INTO refunds (id, order_id, idempotency_key, amount_fen, reason, status, created_at, updated_at, request_hash) \
-             VALUES ($1, $2, $3, $4, $5, 'requested', $6, $6, $7)",
+             VALUES ($1, $2, $3, $4, $5, 'processing', $6, $6, $7)",
         )
         .bind(&r.id)
         .bind(&r.order_id)
@@ -661,32 +684,76 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(conflict_or)?;
-        let order = sqlx::query("UPDATE orders SET status = CASE WHEN refunded_fen >= paid_fen THEN 'refunded' ELSE status END WHERE id = $1 RETURNING *")
-            .bind(&r.order_id)
-            .fetch_one(&mut *tx)
-            .await?;
         let order = order_row(&order)?;
         tx.commit().await?;
         self.changed(Change::Order(order));
-        Ok(Some(r.clone()))
+        Ok(Some(RefundRow {
+            status: "processing".into(),
+            ..r.clone()
+        }))
     }
 
-    /// Records the provider's answer to a refund.
-    pub async fn finish_refund(
+    /// Records the provider's final word on a refund still `processing`: `succeeded` moves its
+    /// amount from reserved to refunded (the order is `refunded` once all is); `failed` and
+    /// `closed` release it. `Ok(None)` when the refund was already settled (a repeat).
+    pub async fn settle_refund(
         &self,
         id: &str,
         status: &str,
         provider_refund_id: Option<&str>,
         now: i64,
-    ) -> Result<()> {
-        sqlx::query("UPDATE refunds SET status = $2, provider_refund_id = COALESCE($3, provider_refund_id), updated_at = $4 WHERE id = $1")
+    ) -> Result<Option<OrderRow>> {
+        let mut w = self.write().await?;
+        let mut tx = sqlx::Connection::begin(&mut *w).await?;
+        let order = settle_refund_on(&mut tx, id, status, provider_refund_id, now).await?;
+        tx.commit().await?;
+        if let Some(o) = &order {
+            self.changed(Change::Order(o.clone()));
+        }
+        Ok(order)
+    }
+
+    /// Notes the provider's id of a refund still `processing` (its answer said PROCESSING).
+    pub async fn note_refund(&self, id: &str, provider_refund_id: &str, now: i64) -> Result<()> {
+        sqlx::query("UPDATE refunds SET provider_refund_id = $2, updated_at = $3 WHERE id = $1 AND status = 'processing'")
             .bind(id)
-            .bind(status)
             .bind(provider_refund_id)
             .bind(now)
             .execute(&mut *self.write().await?)
             .await?;
         Ok(())
+    }
+
+    /// Marks a refund still in flight as just asked about.
+    pub async fn touch_refund(&self, id: &str, now: i64) -> Result<()> {
+        sqlx::query("UPDATE refunds SET updated_at = $2 WHERE id = $1 AND status = 'processing'")
+            .bind(id)
+            .bind(now)
+            .execute(&mut *self.write().await?)
+            .await?;
+        Ok(())
+    }
+
+    /// A refund by id.
+    pub async fn refund(&self, id: &str) -> Result<Option<RefundRow>> {
+        let row = sqlx::query("SELECT * FROM refunds WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *self.read().await?)
+            .await?;
+        row.map(|r| Ok(RefundRow::from_row(&r)?)).transpose()
+    }
+
+    /// Refunds still `processing` whose last change is older than `before` (Unix ms): the
+    /// ones to ask the provider about again.
+    pub async fn refunds_in_flight(&self, before: i64, limit: i64) -> Result<Vec<RefundRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM refunds WHERE status = 'processing' AND updated_at < $1 ORDER BY updated_at LIMIT $2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&mut *self.read().await?)
+        .await?;
+        rows.iter().map(|r| Ok(RefundRow::from_row(r)?)).collect()
     }
 
     /// An order's refunds, oldest first.
@@ -914,6 +981,15 @@ pub enum NoticeEffect<'a> {
     },
     /// It did not match its order: kept for an operator.
     Exception(PaymentExceptionRow),
+    /// A refund's final word (`succeeded`, `failed`, `closed`).
+    Refund {
+        /// Our refund id (the provider's `out_refund_no`).
+        refund_id: &'a str,
+        /// The settled status.
+        status: &'a str,
+        /// The provider's refund id.
+        provider_refund_id: Option<&'a str>,
+    },
 }
 
 /// What storing a notice came to.
@@ -947,4 +1023,44 @@ pub struct PaymentExceptionRow {
     pub detail: String,
     /// Unix ms.
     pub created_at: i64,
+}
+
+/// [`Store::settle_refund`] on a transaction (a refund notice settles its refund in the
+/// notice's own transaction).
+async fn settle_refund_on(
+    conn: &mut sqlx::AnyConnection,
+    id: &str,
+    status: &str,
+    provider_refund_id: Option<&str>,
+    now: i64,
+) -> Result<Option<OrderRow>> {
+    let refund = sqlx::query(
+        "UPDATE refunds SET status = $2, provider_refund_id = COALESCE($3, provider_refund_id), updated_at = $4 \
+         WHERE id = $1 AND status = 'processing' RETURNING order_id, amount_fen",
+    )
+    .bind(id)
+    .bind(status)
+    .bind(provider_refund_id)
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(refund) = refund else {
+        return Ok(None);
+    };
+    let (order_id, amount): (String, i64) =
+        (refund.try_get("order_id")?, refund.try_get("amount_fen")?);
+    let sql = if status == "succeeded" {
+        "UPDATE orders SET refund_reserved_fen = refund_reserved_fen - $2, refunded_fen = refunded_fen + $2, \
+         status = CASE WHEN refunded_fen + $2 >= paid_fen THEN 'refunded' ELSE status END, updated_at = $3 \
+         WHERE id = $1 RETURNING *"
+    } else {
+        "UPDATE orders SET refund_reserved_fen = refund_reserved_fen - $2, updated_at = $3 WHERE id = $1 RETURNING *"
+    };
+    let order = sqlx::query(sql)
+        .bind(&order_id)
+        .bind(amount)
+        .bind(now)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(Some(order_row(&order)?))
 }

@@ -16,6 +16,7 @@ mod notices;
 mod ops;
 mod purchase;
 mod readiness;
+mod refunds;
 mod startup;
 mod store;
 mod stuck;

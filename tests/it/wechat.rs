@@ -252,7 +252,26 @@ async fn happy_path_confirm_complete_paid_refund() {
         .refund("1900000109", &txn, "rf_1", 300, 1150, "少拿一瓶")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(refund.status.as_deref(), Some("SUCCESS"));
+    // Taken, not done: WeChat answers PROCESSING and settles the refund afterwards.
+    assert_eq!(refund.status.as_deref(), Some("PROCESSING"));
+    let start = std::time::Instant::now();
+    loop {
+        let q = r
+            .client
+            .query_refund("1900000109", "rf_1")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        if q.status.as_deref() == Some("SUCCESS") {
+            assert_eq!(q.refund_id, refund.refund_id);
+            break;
+        }
+        assert!(start.elapsed() < crate::harness::PATIENCE, "{q:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match r.client.query_refund("1900000109", "rf_none").await {
+        Err(WechatError::Api { status: 404, .. }) => {}
+        other => panic!("an unknown refund is 404: {other:?}"),
+    }
     let again = r
         .client
         .refund("1900000109", &txn, "rf_1", 300, 1150, "少拿一瓶")

@@ -639,6 +639,24 @@ impl WechatClient {
         serde_json::from_value(v).map_err(|e| WechatError::Decode(e.to_string()))
     }
 
+    /// Queries a refund by our `out_refund_no` (收付通 refunds).
+    pub async fn query_refund(
+        &self,
+        sub_mchid: &str,
+        out_refund_no: &str,
+    ) -> Result<Refund, WechatError> {
+        let (_, v) = self
+            .call(
+                reqwest::Method::GET,
+                &format!(
+                    "/v3/ecommerce/refunds/out-refund-no/{out_refund_no}?sub_mchid={sub_mchid}"
+                ),
+                None,
+            )
+            .await?;
+        serde_json::from_value(v).map_err(|e| WechatError::Decode(e.to_string()))
+    }
+
     /// Verifies and decrypts a notification. Replays must be caught by the caller by `id`
     /// (and by the idempotent state change the resource describes).
     pub fn parse_notification(
