@@ -27,6 +27,18 @@ pub fn event_lane(cabinet_id: &str) -> usize {
 }
 
 /// A basket with its JSON forms, as the order stores them.
+/// What a basket is priced with: the sellable list and the promotions, and the moment that
+/// decides which promotion windows are open (when the shopper shopped).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct PriceTerms {
+    /// Unix ms.
+    pub at: i64,
+    /// By sku.
+    pub list: std::collections::BTreeMap<String, cabinet_actors::pricing::ListPrice>,
+    /// Published, not ended, applying to the cabinet.
+    pub promotions: Vec<cabinet_actors::pricing::Promotion>,
+}
+
 pub(super) struct PricedBasket {
     pub basket: Basket,
     pub items: String,
@@ -174,11 +186,36 @@ impl Sessions {
         Ok(())
     }
 
-    /// Prices a basket now, as the session's order is priced.
+    /// The prices and promotions in force for session `s` now, dated when its shopper shopped
+    /// (the door could open; its creation before that).
+    pub(super) async fn price_terms_now(&self, s: &SessionRow) -> Result<PriceTerms, StoreError> {
+        let (list, promotions) = tokio::join!(
+            self.store.prices(&s.cabinet_id, &s.merchant_id),
+            self.store.promotions_for(&s.merchant_id, &s.cabinet_id)
+        );
+        Ok(PriceTerms {
+            at: s.unlocked_at.unwrap_or(s.created_at),
+            list: list?,
+            promotions: promotions?,
+        })
+    }
+
+    /// Prices a basket with the prices and promotions in force when the shopper shopped.
     pub(super) async fn price(
         &self,
         s: &SessionRow,
         basket: &[BasketItem],
+    ) -> Result<PricedBasket, StoreError> {
+        self.price_with(s, basket, None).await
+    }
+
+    /// [`Sessions::price`] with `terms` captured earlier (an order that went abnormal), or the
+    /// ones in force now when `None`.
+    pub(super) async fn price_with(
+        &self,
+        s: &SessionRow,
+        basket: &[BasketItem],
+        terms: Option<PriceTerms>,
     ) -> Result<PricedBasket, StoreError> {
         let items = serde_json::to_string(basket).unwrap_or_default();
         let limits = self.settings.limits.limits();
@@ -194,15 +231,15 @@ impl Sessions {
                 error: None,
             });
         }
-        let (list, promos) = tokio::join!(
-            self.store.prices(&s.cabinet_id, &s.merchant_id),
-            self.store.promotions_for(&s.merchant_id, &s.cabinet_id)
-        );
+        let terms = match terms {
+            Some(t) => t,
+            None => self.price_terms_now(s).await?,
+        };
         match price_basket(
             basket,
-            &list?,
-            &promos?,
-            self.now(),
+            &terms.list,
+            &terms.promotions,
+            terms.at,
             self.settings.pricing.utc_offset_min,
             &limits,
         ) {

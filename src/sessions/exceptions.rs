@@ -73,7 +73,14 @@ impl Sessions {
             .session(&o.session_id)
             .await?
             .ok_or_else(|| ApiError::not_found("session"))?;
-        let priced = self.price(&s, &items).await?;
+        // Priced as the shopper would have been: with the prices and promotions captured when
+        // the order went abnormal (older orders have none: today's).
+        let terms = o.price_terms.as_deref().and_then(|t| {
+            serde_json::from_str(t)
+                .map_err(|e| tracing::error!(order_id = %o.id, error = %e, "captured prices unreadable; pricing with today's"))
+                .ok()
+        });
+        let priced = self.price_with(&s, &items, terms).await?;
         let event = Event::Resolve(priced.basket);
         // The machine's refusals are the operator's answer.
         match lifecycle(&s, o)?.transition(&event) {

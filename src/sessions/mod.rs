@@ -150,6 +150,19 @@ impl Sessions {
         let now = self.now();
         let failure = step.failure.map(|f| f.as_str());
         let order_to = step.order.map(|m| m.to);
+        // An order going abnormal unpriced keeps the prices and promotions of its shopping, so
+        // that it is priced with them when a person resolves it (maybe after they changed).
+        let terms = match order_to {
+            Some(OrderStatus::Abnormal)
+                if order_set.priced.is_none() && o.price_terms.is_none() =>
+            {
+                match self.store.session(session_id).await? {
+                    Some(s) => serde_json::to_string(&self.price_terms_now(&s).await?).ok(),
+                    None => None,
+                }
+            }
+            _ => None,
+        };
         // A cancelled or closed order owes nothing.
         let owes_nothing = matches!(order_to, Some(OrderStatus::Cancelled | OrderStatus::Closed));
         let order_set = OrderUpdate {
@@ -159,6 +172,7 @@ impl Sessions {
                 .or(failure)
                 .or(order_set.reason),
             total_fen: order_set.total_fen.or(owes_nothing.then_some(0)),
+            price_terms: order_set.price_terms.or(terms.as_deref()),
             ..order_set
         };
         // A failing session is recorded before its order: the cabinet is free as soon as it is.

@@ -319,6 +319,7 @@ impl Sessions {
             collect_attempts: 0,
             refund_reserved_fen: 0,
             paid_at: None,
+            price_terms: None,
             provider_order_no: (channel != Channel::None).then(|| id.clone()),
             transaction_id: None,
             created_at: now,

@@ -199,6 +199,7 @@ fn migrator(postgres: bool) -> Migrator {
             sql!("0012_payment_exceptions.sql"),
         ),
         (13, "refund_states", sql!("0013_refund_states.sql")),
+        (14, "price_terms", sql!("0014_price_terms.sql")),
     ];
     Migrator::with_migrations(
         files

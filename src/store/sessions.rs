@@ -98,6 +98,10 @@ pub struct OrderRow {
     /// When it was paid (Unix ms): the provider's refund window runs from here.
     #[sqlx(default)]
     pub paid_at: Option<i64>,
+    /// The prices and promotions in force when the shopper shopped (JSON), kept with an order
+    /// that went abnormal.
+    #[sqlx(default)]
+    pub price_terms: Option<String>,
 }
 
 /// A refund of (part of) an order.
@@ -169,6 +173,9 @@ pub struct OrderUpdate<'a> {
     pub priced: Option<&'a str>,
     /// The final amount.
     pub total_fen: Option<i64>,
+    /// The prices and promotions in force when the shopper shopped, JSON (kept with an order
+    /// that goes abnormal, to price it when it is resolved).
+    pub price_terms: Option<&'a str>,
 }
 
 fn session_row(r: &AnyRow) -> Result<SessionRow> {
@@ -456,10 +463,11 @@ impl Store {
     ) -> Result<bool> {
         let mut sql = String::from(
             "UPDATE orders SET status = $2, abnormal_reason = COALESCE($3, abnormal_reason), items = COALESCE($4, items), \
-             priced = COALESCE($5, priced), total_fen = COALESCE($6, total_fen), updated_at = $7 WHERE id = $1 AND status IN (",
+             priced = COALESCE($5, priced), total_fen = COALESCE($6, total_fen), updated_at = $7, \
+             price_terms = COALESCE($8, price_terms) WHERE id = $1 AND status IN (",
         );
         for i in 0..from.len() {
-            sql.push_str(&format!("{}${}", if i == 0 { "" } else { ", " }, i + 8));
+            sql.push_str(&format!("{}${}", if i == 0 { "" } else { ", " }, i + 9));
         }
         sql.push_str(") RETURNING *");
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -469,7 +477,8 @@ impl Store {
             .bind(set.items)
             .bind(set.priced)
             .bind(set.total_fen)
-            .bind(now);
+            .bind(now)
+            .bind(set.price_terms);
         for f in from {
             q = q.bind(*f);
         }

@@ -225,6 +225,7 @@ both!(
     settled_orders_are_not_asked_about,
     forged_notifications_are_refused_and_counted,
     abnormal_order_resolved_then_charged,
+    an_abnormal_order_is_priced_as_when_the_shopper_shopped,
     refunds_partial_full_idempotent_and_bounded,
     unpaid_shopper_blacklisted_until_paid,
     operators_edit_the_blacklist,
@@ -566,6 +567,79 @@ pub(crate) async fn visit(
     let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
     shop_visit(c, &session, items).await;
     session
+}
+
+/// The seeds' FAQ: a discount published for an evening, an order the cameras could not settle,
+/// resolved the next morning — the shopper gets the evening's discount and list price, not
+/// the morning's. (Here: a 20 % promotion whose window closes, and a list price raised, between
+/// the shopping and the resolve.)
+async fn an_abnormal_order_is_priced_as_when_the_shopper_shopped(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    // The window stays open well past the door's opening, however slow the machine.
+    let ends = now + 8_000;
+    let (s, p) = hub
+        .post("/api/v1/promotions", &op, json!({"name": "晚间八折", "window": {"type": "between", "starts_at": now - 1000, "ends_at": ends},
+              "offer": {"type": "product_price", "rules": {"cola": {"kind": "percent_bps", "value": 8000}}}}))
+        .await;
+    assert_eq!(s, 201, "{p}");
+    let pending = start(&hub, &op, "u1", None);
+    let unlock = c.expect_command("unlock", 3 * SEC).await;
+    c.ack(&unlock, true, None).await;
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_open(s, &v);
+    assert!(
+        v["session"]["unlocked_at"]
+            .as_i64()
+            .is_some_and(|t| t < ends),
+        "the shopper shopped inside the window: {v}"
+    );
+    let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
+    c.event("door_opened").await;
+    c.event("door_closed").await;
+    c.event("lock_locked").await;
+    c.publish(
+        "recognition",
+        json!({"session_id": session, "status": "failed", "reason": "camera_blocked"}),
+    )
+    .await;
+    let v = order_status(&hub, &op, &session, "abnormal").await;
+    let order = v["order"]["id"].as_str().unwrap_or_default().to_owned();
+    // The next morning: the window has closed, the promotion is ended, cola costs more.
+    let left = ends
+        - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(left.max(0) as u64 + 100)).await;
+    let id = p["id"].as_str().unwrap_or_default();
+    let (s, r) = hub
+        .post(&format!("/api/v1/promotions/{id}/end"), &op, json!({}))
+        .await;
+    assert!((200..300).contains(&s), "{r}");
+    let (s, r) = hub
+        .call("PUT", "/api/v1/cabinets/KM1/prices", &op, Some(json!({"items": [{"sku": "cola", "price_fen": 500}, {"sku": "chips", "price_fen": 650}]})))
+        .await;
+    assert_eq!(s, 200, "{r}");
+    let (s, r) = hub
+        .post(
+            &format!("/api/v1/orders/{order}/resolve"),
+            &op,
+            json!({"items": [{"sku": "cola", "qty": 2}]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    // 2 × 300 (the evening's price) − 20 %: 480, not 2 × 500 = 1000.
+    assert_eq!(r["total_fen"], 480, "{r}");
+    let v = order_status(&hub, &op, &session, "paid").await;
+    assert_eq!(v["order"]["paid_fen"], 480);
+    // The next shopper pays today's prices.
+    let next = visit(&hub, &op, &mut c, "u2", json!([{"sku": "cola", "qty": 1}])).await;
+    let v = order_status(&hub, &op, &next, "paid").await;
+    assert_eq!(v["order"]["paid_fen"], 500);
 }
 
 async fn abnormal_order_resolved_then_charged(b: Backend) {
