@@ -315,6 +315,9 @@ pub struct OrderView {
     /// `GET /api/v1/orders/{id}` only: its refunds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refunds: Option<Vec<crate::store::RefundRow>>,
+    /// `GET /api/v1/orders/{id}` only: who did what to it (newest first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<Vec<crate::store::AuditRow>>,
 }
 
 impl From<&OrderRow> for OrderView {
@@ -339,6 +342,7 @@ impl From<&OrderRow> for OrderView {
             created_at: rfc3339(o.created_at),
             updated_at: rfc3339(o.updated_at),
             refunds: None,
+            audit: None,
         }
     }
 }

@@ -12,6 +12,7 @@ use super::merchants::IssuedKey;
 use super::state::AppState;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::secrets::sha256_hex;
+use crate::sessions::Audited;
 use crate::store::{ApiKeyRecord, Revocation};
 use crate::views::{rfc3339, List};
 
@@ -109,6 +110,20 @@ pub async fn revoke_key(
         Revocation::Revoked => {
             state.access.revoked(&key.id);
             tracing::info!(key_id = %key.id, by = %caller.key_id, "API key revoked");
+            state
+                .sessions
+                .audit(
+                    super::sessions::actor(&caller),
+                    Audited {
+                        action: "api_key.revoke",
+                        merchant_id: key.merchant_id.as_deref(),
+                        subject: &key.id,
+                        order_id: None,
+                        reason: None,
+                        detail: serde_json::json!({"role": key.role}),
+                    },
+                )
+                .await;
             Ok(HttpResponse::NoContent().finish())
         }
         Revocation::AlreadyRevoked => Ok(HttpResponse::NoContent().finish()),
@@ -155,6 +170,20 @@ pub async fn rotate_key(
     };
     state.access.revoked(&old.id);
     tracing::info!(key_id = %old.id, new_key_id = %id, by = %caller.key_id, "API key rotated");
+    state
+        .sessions
+        .audit(
+            super::sessions::actor(&caller),
+            Audited {
+                action: "api_key.rotate",
+                merchant_id: new.merchant_id.as_deref(),
+                subject: &old.id,
+                order_id: None,
+                reason: None,
+                detail: serde_json::json!({"role": old.role, "new_key_id": id}),
+            },
+        )
+        .await;
     Ok(HttpResponse::Created().json(IssuedKey::new(id, key, role, new.merchant_id)))
 }
 

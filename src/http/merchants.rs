@@ -9,7 +9,7 @@ use cabinet_actors::ids::MerchantId;
 use super::auth::{issue_key, Caller, Role};
 use super::state::AppState;
 use crate::error::{ApiError, ApiResult, ErrorCode};
-use crate::sessions::PaymentReadiness;
+use crate::sessions::{Audited, PaymentReadiness};
 use crate::store::{MerchantPayment, MerchantRow, StoreError};
 use crate::views::rfc3339;
 
@@ -151,6 +151,20 @@ pub async fn create_key(
         (_, Some(m)) => Some(caller.acting_for_existing(&state, Some(&m)).await?),
     };
     let (id, key) = issue_key(&state, merchant.as_deref(), role).await?;
+    state
+        .sessions
+        .audit(
+            super::sessions::actor(&caller),
+            Audited {
+                action: "api_key.create",
+                merchant_id: merchant.as_deref(),
+                subject: &id,
+                order_id: None,
+                reason: None,
+                detail: serde_json::json!({"role": role.as_str()}),
+            },
+        )
+        .await;
     Ok(HttpResponse::Created().json(IssuedKey {
         id,
         key,
@@ -294,7 +308,25 @@ pub async fn merchant_payment(
         )?,
     };
     state.store.set_merchant_payment(&path, &p).await?;
-    Ok(HttpResponse::Ok().json(payment_view(&state, path.into_inner(), &p)))
+    let view = payment_view(&state, path.into_inner(), &p);
+    state
+        .sessions
+        .audit(
+            super::sessions::actor(&caller),
+            Audited {
+                action: "merchant.payment",
+                merchant_id: Some(&view.merchant_id),
+                subject: &view.merchant_id,
+                order_id: None,
+                reason: None,
+                // The settings as shown: the token only as whether it is set.
+                detail: serde_json::json!({"risk_ceiling_fen": view.risk_ceiling_fen,
+                    "wechat_sub_mchid": view.wechat_sub_mchid, "service_phone": view.service_phone,
+                    "alipay_smid": view.alipay_smid, "alipay_authorized": view.alipay_authorized}),
+            },
+        )
+        .await;
+    Ok(HttpResponse::Ok().json(view))
 }
 
 /// A merchant's payment settings (no secret) and readiness per channel: the platform's and

@@ -16,9 +16,9 @@ use super::state::AppState;
 use super::ErrorBody;
 use crate::error::{ApiError, ApiResult};
 use crate::sessions::{
-    request_hash, Closer, Idempotency, RefundAnswer, StartSession, StartTimings,
+    request_hash, Actor, Audited, Closer, Idempotency, RefundAnswer, StartSession, StartTimings,
 };
-use crate::store::{BlacklistRow, OrderFilter, OrderRow, PaymentExceptionRow};
+use crate::store::{AuditRow, BlacklistRow, OrderFilter, OrderRow, PaymentExceptionRow};
 use crate::views::{ConfirmingView, List, OrderView, SessionView};
 
 /// The `Idempotency-Key` header, when given, bound to this request: its method, path and
@@ -196,6 +196,21 @@ pub async fn close_session(
                 .sessions
                 .close(&s.id, Closer::Operator(&caller.key_id), reason.trim())
                 .await?;
+            let order_id = view.order.as_ref().map(|o| o.id.clone());
+            state
+                .sessions
+                .audit(
+                    actor(&caller),
+                    Audited {
+                        action: "session.close",
+                        merchant_id: Some(&s.merchant_id),
+                        subject: &s.id,
+                        order_id: order_id.as_deref(),
+                        reason: Some(reason.trim()),
+                        detail: serde_json::json!({"state_before": s.state}),
+                    },
+                )
+                .await;
             Ok(HttpResponse::Ok().json(view))
         }
         _ => Err(ApiError::not_found("session")),
@@ -272,6 +287,7 @@ pub async fn get_order(
     let o = visible_order(&state, &caller, &path).await?;
     let mut v = OrderView::from(&o);
     v.refunds = Some(state.store.refunds(&o.id).await?);
+    v.audit = Some(state.store.audit(None, Some(&o.id), None, 200).await?);
     Ok(HttpResponse::Ok().json(v))
 }
 
@@ -298,7 +314,25 @@ pub async fn resolve_order(
 ) -> ApiResult<HttpResponse> {
     caller.require(Role::Operator)?;
     let o = visible_order(&state, &caller, &path).await?;
-    let order = state.sessions.resolve(&o, body.into_inner().items).await?;
+    let items = body.into_inner().items;
+    let detail = serde_json::json!({"items": items});
+    let order = state.sessions.resolve(&o, items).await?;
+    let mut detail = detail;
+    detail["total_fen"] = serde_json::json!(order.total_fen);
+    state
+        .sessions
+        .audit(
+            actor(&caller),
+            Audited {
+                action: "order.resolve",
+                merchant_id: Some(&o.merchant_id),
+                subject: &o.id,
+                order_id: Some(&o.id),
+                reason: None,
+                detail,
+            },
+        )
+        .await;
     Ok(HttpResponse::Ok().json(order))
 }
 
@@ -335,6 +369,26 @@ pub async fn refund_order(
         .sessions
         .refund(&o, body.amount_fen, &body.reason, idem)
         .await?;
+    let refund_id = answer
+        .refund
+        .as_ref()
+        .map(|r| r.id.as_str())
+        .unwrap_or_default();
+    state
+        .sessions
+        .audit(
+            actor(&caller),
+            Audited {
+                action: "order.refund",
+                merchant_id: Some(&o.merchant_id),
+                subject: refund_id,
+                order_id: Some(&o.id),
+                reason: Some(&body.reason),
+                detail: serde_json::json!({"amount_fen": body.amount_fen,
+                    "status": answer.refund.as_ref().map(|r| r.status.as_str())}),
+            },
+        )
+        .await;
     Ok(HttpResponse::Ok().json(answer))
 }
 
@@ -406,6 +460,20 @@ pub async fn add_blacklist(
         created_by: caller.key_id.clone(),
     };
     state.store.blacklist_add(&row).await?;
+    state
+        .sessions
+        .audit(
+            actor(&caller),
+            Audited {
+                action: "blacklist.add",
+                merchant_id: Some(&row.merchant_id),
+                subject: &row.user_id,
+                order_id: None,
+                reason: Some(&row.reason),
+                detail: serde_json::json!({"automatic": false}),
+            },
+        )
+        .await;
     Ok(HttpResponse::Created().json(row))
 }
 
@@ -422,6 +490,20 @@ pub async fn remove_blacklist(
     caller.require(Role::Operator)?;
     let m = caller.acting_for(q.into_inner().merchant_id.as_deref())?;
     if state.store.blacklist_remove(&m, &path, false).await? {
+        state
+            .sessions
+            .audit(
+                actor(&caller),
+                Audited {
+                    action: "blacklist.remove",
+                    merchant_id: Some(&m),
+                    subject: &path,
+                    order_id: None,
+                    reason: None,
+                    detail: serde_json::json!({}),
+                },
+            )
+            .await;
         Ok(HttpResponse::NoContent().finish())
     } else {
         Err(ApiError::not_found("blacklist entry"))
@@ -455,5 +537,55 @@ pub async fn list_payment_exceptions(
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let items = state.store.payment_exceptions(m.as_deref(), limit).await?;
+    Ok(HttpResponse::Ok().json(List::from(items)))
+}
+
+/// The caller as the audit trail names it.
+pub(super) fn actor(caller: &Caller) -> Actor<'_> {
+    Actor {
+        id: &caller.key_id,
+        role: caller.role.as_str(),
+    }
+}
+
+/// `GET /api/v1/audit`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// A platform key: one merchant's (default: all).
+    merchant_id: Option<String>,
+    /// One order's.
+    order_id: Option<String>,
+    /// One action (`order.refund`, …).
+    action: Option<String>,
+    /// At most this many, newest first (default 100, at most 1000).
+    limit: Option<i64>,
+}
+
+/// The audit trail: who resolved, refunded, closed, blacklisted or unblacklisted what, who
+/// changed payment settings or API keys — when and why.
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditQuery),
+    security(("bearer" = [])), responses((status = 200, body = List<AuditRow>), (status = 403, body = ErrorBody)))]
+pub async fn list_audit(
+    state: web::Data<AppState>,
+    caller: Caller,
+    q: web::Query<AuditQuery>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::MerchantAdmin)?;
+    let q = q.into_inner();
+    let m = match (&caller.merchant, q.merchant_id) {
+        (None, None) => None,
+        (_, n) => Some(caller.acting_for(n.as_deref())?),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let items = state
+        .store
+        .audit(
+            m.as_deref(),
+            q.order_id.as_deref(),
+            q.action.as_deref(),
+            limit,
+        )
+        .await?;
     Ok(HttpResponse::Ok().json(List::from(items)))
 }

@@ -139,7 +139,21 @@ impl Sessions {
                 .close(&s.id, Closer::Supervisor, "outlived its timeouts")
                 .await
             {
-                Ok(_) => closed += 1,
+                Ok(v) => {
+                    closed += 1;
+                    self.audit(
+                        super::Actor::SUPERVISOR,
+                        super::Audited {
+                            action: "session.close",
+                            merchant_id: Some(&s.merchant_id),
+                            subject: &s.id,
+                            order_id: v.order.as_ref().map(|o| o.id.as_str()),
+                            reason: Some("outlived its timeouts"),
+                            detail: serde_json::json!({"state_before": s.state}),
+                        },
+                    )
+                    .await;
+                }
                 Err(e) if e.code == ErrorCode::SessionNotOpen => {}
                 Err(e) => {
                     tracing::error!(session_id = %s.id, error = %e, "stale session not closed")

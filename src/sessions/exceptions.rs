@@ -44,6 +44,18 @@ impl Sessions {
                 n,
                 "shopper blacklisted for unpaid orders"
             );
+            self.audit(
+                super::Actor::SYSTEM,
+                super::Audited {
+                    action: "blacklist.add",
+                    merchant_id: Some(merchant_id),
+                    subject: user_id,
+                    order_id: None,
+                    reason: Some(&reason),
+                    detail: serde_json::json!({"automatic": true, "unpaid_orders": n}),
+                },
+            )
+            .await;
             return Err(blacklisted(&reason));
         }
         Ok(())

@@ -212,6 +212,68 @@ impl Sessions {
     }
 }
 
+/// Who did an audited action: an API key (its id and role), or the hub itself (`system`,
+/// `supervisor`).
+#[derive(Debug, Clone, Copy)]
+pub struct Actor<'a> {
+    /// Key id, or `system` / `supervisor`.
+    pub id: &'a str,
+    /// The key's role, or `system`.
+    pub role: &'a str,
+}
+
+impl Actor<'static> {
+    /// The hub's own decisions (the automatic blacklist).
+    pub const SYSTEM: Actor<'static> = Actor {
+        id: "system",
+        role: "system",
+    };
+    /// The session supervisor's sweep.
+    pub const SUPERVISOR: Actor<'static> = Actor {
+        id: "supervisor",
+        role: "system",
+    };
+}
+
+/// What an audited action did.
+pub struct Audited<'a> {
+    /// `order.refund` and the like (see [`crate::store::AuditRow`]).
+    pub action: &'a str,
+    /// Whose.
+    pub merchant_id: Option<&'a str>,
+    /// To what.
+    pub subject: &'a str,
+    /// The order it concerns.
+    pub order_id: Option<&'a str>,
+    /// Why.
+    pub reason: Option<&'a str>,
+    /// What, as JSON.
+    pub detail: serde_json::Value,
+}
+
+impl Sessions {
+    /// Records an action on the audit trail once it took effect. A failed write is logged as
+    /// an error (the action stands; the trail has a gap the log tells of).
+    pub async fn audit(&self, actor: Actor<'_>, a: Audited<'_>) {
+        let row = crate::store::AuditRow {
+            id: format!("au{}", crate::secrets::token(20).unwrap_or_default()),
+            merchant_id: a.merchant_id.map(str::to_owned),
+            actor: actor.id.to_owned(),
+            role: actor.role.to_owned(),
+            action: a.action.to_owned(),
+            subject: a.subject.to_owned(),
+            order_id: a.order_id.map(str::to_owned),
+            reason: a.reason.map(str::to_owned),
+            detail: a.detail.to_string(),
+            at: self.now(),
+        };
+        if let Err(e) = self.store.record_audit(&row).await {
+            tracing::error!(action = a.action, subject = a.subject, actor = actor.id, error = %e,
+                "audit record not written");
+        }
+    }
+}
+
 /// A fresh id for this process: random, or (should the system have no randomness) the
 /// process id and start time, which differ between boots all the same.
 fn boot_id() -> String {

@@ -44,10 +44,12 @@ pub(crate) fn conflict_or(e: sqlx::Error) -> StoreError {
 
 pub(crate) type Result<T> = std::result::Result<T, StoreError>;
 
+mod audit;
 mod cache;
 mod catalog;
 mod keys;
 mod sessions;
+pub use audit::AuditRow;
 pub use catalog::{PromotionRow, PromotionRule};
 pub use keys::{ApiKeyRecord, Revocation};
 pub use sessions::{
@@ -200,6 +202,7 @@ fn migrator(postgres: bool) -> Migrator {
         ),
         (13, "refund_states", sql!("0013_refund_states.sql")),
         (14, "price_terms", sql!("0014_price_terms.sql")),
+        (15, "audit", sql!("0015_audit.sql")),
     ];
     Migrator::with_migrations(
         files

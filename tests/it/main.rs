@@ -3,6 +3,7 @@
 
 mod alipay;
 mod attacks;
+mod audit;
 mod browser;
 mod catalog;
 mod confirm;
