@@ -27,6 +27,14 @@ pub fn event_lane(cabinet_id: &str) -> usize {
 }
 
 /// A basket with its JSON forms, as the order stores them.
+/// Why an order whose basket is worth more than the shopper authorised is abnormal.
+pub(super) const OVER_AUTHORISED: &str = "over_authorised_amount";
+
+/// The line that brings a resolved basket down to what the shopper authorised: the provider
+/// charges at most that (WeChat: `total_amount` ≤ `risk_fund.amount`), so the rest is not
+/// charged, and says so on the order and on the provider's bill.
+pub(super) const OVER_AUTHORISED_LINE: &str = "超出授权金额";
+
 /// What a basket is priced with: the sellable list and the promotions, and the moment that
 /// decides which promotion windows are open (when the shopper shopped).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -139,6 +147,22 @@ impl Sessions {
                     })
                     .collect();
                 let priced = self.price(&s, &basket).await?;
+                // Above what the shopper authorised the provider refuses the completion, every
+                // time: a person looks first (and the resolve charges at most that).
+                if let Basket::Priced { total_fen } = priced.basket {
+                    let authorised = self.authorised(&o).await;
+                    if total_fen > authorised {
+                        tracing::warn!(order_id = %o.id, total_fen, authorised,
+                            "basket above the authorised amount: a person decides");
+                        let set = OrderUpdate {
+                            items: Some(&priced.items),
+                            ..OrderUpdate::default()
+                        };
+                        let event = Event::Abnormal(OVER_AUTHORISED.to_owned());
+                        self.apply(&s, &o, &event, set).await?;
+                        return Ok(());
+                    }
+                }
                 self.settle(&s, &o, Event::Recognized(priced.basket), &priced)
                     .await
             }
@@ -267,6 +291,37 @@ impl Sessions {
                 e @ (PricingError::BasketOutOfRange { .. } | PricingError::PriceOutOfRange { .. }),
             ) => Ok(self.out_of_range(s, items, e)),
         }
+    }
+
+    /// The most the shopper authorised for order `o`: the provider order's ceiling as created
+    /// (orders from before it was kept: the merchant's ceiling now).
+    pub(super) async fn authorised(&self, o: &OrderRow) -> i64 {
+        match o.authorised_fen {
+            Some(a) => a,
+            None => self.order_terms(&o.merchant_id).await.ceiling_fen,
+        }
+    }
+
+    /// Brings a priced basket down to `authorised` with a line saying so; answers whether it
+    /// had to.
+    pub(super) fn cap_to(priced: &mut PricedBasket, authorised: i64) -> bool {
+        let Some((p, json)) = &mut priced.priced else {
+            return false;
+        };
+        if p.total_fen <= authorised {
+            return false;
+        }
+        p.discounts.push(cabinet_actors::pricing::DiscountLine {
+            promotion_id: OVER_AUTHORISED.to_owned(),
+            name: OVER_AUTHORISED_LINE.to_owned(),
+            amount_fen: p.total_fen - authorised,
+        });
+        p.total_fen = authorised;
+        *json = serde_json::to_string(p).unwrap_or_default();
+        priced.basket = Basket::Priced {
+            total_fen: authorised,
+        };
+        true
     }
 
     fn out_of_range(&self, s: &SessionRow, items: String, e: PricingError) -> PricedBasket {

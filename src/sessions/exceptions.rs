@@ -92,7 +92,13 @@ impl Sessions {
                 .map_err(|e| tracing::error!(order_id = %o.id, error = %e, "captured prices unreadable; pricing with today's"))
                 .ok()
         });
-        let priced = self.price_with(&s, &items, terms).await?;
+        let mut priced = self.price_with(&s, &items, terms).await?;
+        // The provider charges at most what the shopper authorised: the rest is let go, on
+        // the order as a line, rather than an order whose completion fails on every resolve.
+        let authorised = self.authorised(o).await;
+        if Self::cap_to(&mut priced, authorised) {
+            tracing::warn!(order_id = %o.id, authorised, "resolved basket above the authorised amount: charged at most that");
+        }
         let event = Event::Resolve(priced.basket);
         // The machine's refusals are the operator's answer.
         match lifecycle(&s, o)?.transition(&event) {

@@ -320,6 +320,7 @@ impl Sessions {
             refund_reserved_fen: 0,
             paid_at: None,
             price_terms: None,
+            authorised_fen: terms.as_ref().map(|t| t.ceiling_fen),
             provider_order_no: (channel != Channel::None).then(|| id.clone()),
             transaction_id: None,
             created_at: now,

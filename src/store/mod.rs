@@ -203,6 +203,7 @@ fn migrator(postgres: bool) -> Migrator {
         (13, "refund_states", sql!("0013_refund_states.sql")),
         (14, "price_terms", sql!("0014_price_terms.sql")),
         (15, "audit", sql!("0015_audit.sql")),
+        (16, "authorised_amount", sql!("0016_authorised_amount.sql")),
     ];
     Migrator::with_migrations(
         files

@@ -102,6 +102,9 @@ pub struct OrderRow {
     /// that went abnormal.
     #[sqlx(default)]
     pub price_terms: Option<String>,
+    /// The most the shopper authorised (the provider order's ceiling), fen.
+    #[sqlx(default)]
+    pub authorised_fen: Option<i64>,
 }
 
 /// A refund of (part of) an order.
@@ -262,8 +265,8 @@ impl Store {
         .await
         .map_err(conflict_or)?;
         sqlx::query(
-            "INSERT INTO orders (id, session_id, cabinet_id, merchant_id, user_id, channel, status, provider_order_no, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO orders (id, session_id, cabinet_id, merchant_id, user_id, channel, status, provider_order_no, created_at, updated_at, authorised_fen) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&o.id)
         .bind(&o.session_id)
@@ -275,6 +278,7 @@ impl Store {
         .bind(o.provider_order_no.as_deref())
         .bind(o.created_at)
         .bind(o.updated_at)
+        .bind(o.authorised_fen)
         .execute(&mut *tx)
         .await
         .map_err(conflict_or)?;

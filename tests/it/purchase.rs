@@ -226,6 +226,7 @@ both!(
     forged_notifications_are_refused_and_counted,
     abnormal_order_resolved_then_charged,
     an_abnormal_order_is_priced_as_when_the_shopper_shopped,
+    a_basket_above_the_authorised_amount_is_charged_at_most_that,
     refunds_partial_full_idempotent_and_bounded,
     unpaid_shopper_blacklisted_until_paid,
     operators_edit_the_blacklist,
@@ -640,6 +641,73 @@ async fn an_abnormal_order_is_priced_as_when_the_shopper_shopped(b: Backend) {
     let next = visit(&hub, &op, &mut c, "u2", json!([{"sku": "cola", "qty": 1}])).await;
     let v = order_status(&hub, &op, &next, "paid").await;
     assert_eq!(v["order"]["paid_fen"], 500);
+}
+
+/// The provider charges at most what the shopper authorised (WeChat: `total_amount` ≤
+/// `risk_fund.amount`; Alipay: the credit order's amount). A basket above it goes to a person
+/// rather than to a completion the provider refuses; resolved, it is charged the authorised
+/// amount with a line saying what was let go — never an order that fails on every resolve.
+async fn a_basket_above_the_authorised_amount_is_charged_at_most_that(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let (s, r) = hub
+        .call(
+            "PUT",
+            "/api/v1/merchants/m1/payment",
+            ADMIN_KEY,
+            Some(json!({"risk_ceiling_fen": 1000})),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    for (user, channel) in [("w1", "wechat"), ("a1", "alipay")] {
+        let session = if channel == "wechat" {
+            visit(
+                &hub,
+                &op,
+                &mut c,
+                user,
+                json!([{"sku": "cola", "qty": 2}, {"sku": "chips", "qty": 1}]),
+            )
+            .await
+        } else {
+            alipay_visit(
+                &hub,
+                &op,
+                &mut c,
+                user,
+                json!([{"sku": "cola", "qty": 2}, {"sku": "chips", "qty": 1}]),
+            )
+            .await
+        };
+        let v = order_status(&hub, &op, &session, "abnormal").await;
+        assert_eq!(
+            v["order"]["abnormal_reason"], "over_authorised_amount",
+            "{channel}: {v}"
+        );
+        let order = v["order"]["id"].as_str().unwrap_or_default().to_owned();
+        let (s, r) = hub
+            .post(
+                &format!("/api/v1/orders/{order}/resolve"),
+                &op,
+                json!({"items": [{"sku": "cola", "qty": 2}, {"sku": "chips", "qty": 1}]}),
+            )
+            .await;
+        assert_eq!(s, 200, "{channel}: {r}");
+        let v = order_status(&hub, &op, &session, "paid").await;
+        assert_eq!(
+            (
+                v["order"]["total_fen"].clone(),
+                v["order"]["paid_fen"].clone()
+            ),
+            (json!(1000), json!(1000)),
+            "{channel}: {v}"
+        );
+        let lines = &v["order"]["priced"]["discounts"];
+        assert_eq!(
+            (lines[0]["name"].clone(), lines[0]["amount_fen"].clone()),
+            (json!("超出授权金额"), json!(250)),
+            "{channel}: {v}"
+        );
+    }
 }
 
 async fn abnormal_order_resolved_then_charged(b: Backend) {
