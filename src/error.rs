@@ -63,6 +63,8 @@ pub enum ErrorCode {
     UnlockRejected,
     /// Resolving an order that is not abnormal.
     OrderNotAbnormal,
+    /// Reducing an order that is not waiting for its payment (待支付).
+    OrderNotUnpaid,
     /// Closing a session that is already over.
     SessionNotOpen,
     /// The session was closed (by an operator or the session supervisor) before its door
@@ -122,9 +124,8 @@ impl ErrorCode {
             NotFound | CabinetNotFound => StatusCode::NOT_FOUND,
             MerchantExists | CabinetExists | NotRegistered | PromotionExists | CabinetNotActive
             | CabinetBusy | CabinetFaulted | RequestInProgress | UnlockRejected
-            | OrderNotAbnormal | LastAdminKey | KeyRevoked | SessionNotOpen | SessionClosed => {
-                StatusCode::CONFLICT
-            }
+            | OrderNotAbnormal | OrderNotUnpaid | LastAdminKey | KeyRevoked | SessionNotOpen
+            | SessionClosed => StatusCode::CONFLICT,
             ServiceExpired
             | UserBlacklisted
             | PaymentDeclined

@@ -589,3 +589,49 @@ pub async fn list_audit(
         .await?;
     Ok(HttpResponse::Ok().json(List::from(items)))
 }
+
+/// `POST /api/v1/orders/{id}/modify`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModifyBody {
+    /// The new, lower total, fen.
+    amount_fen: i64,
+    /// 1 to 50 characters: shown on the shopper's bill with the reduction.
+    reason: String,
+}
+
+/// Lowers an order still waiting for its payment (待支付) through the provider's modify
+/// (WeChat Pay Score); the provider deducts the lower amount. 409 `order_not_unpaid` for any
+/// other order; Alipay orders are refunded once paid instead.
+#[utoipa::path(post, path = "/api/v1/orders/{id}/modify", tag = "orders", params(("id" = String, Path)),
+    request_body = ModifyBody, security(("bearer" = [])), responses((status = 200, body = OrderView),
+    (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "order_not_unpaid"),
+    (status = 422, body = ErrorBody, description = "payment_declined: the provider refused")))]
+pub async fn modify_order(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<ModifyBody>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Operator)?;
+    let o = visible_order(&state, &caller, &path).await?;
+    let b = body.into_inner();
+    let before = o.total_fen;
+    let order = state.sessions.reduce(&o, b.amount_fen, &b.reason).await?;
+    state
+        .sessions
+        .audit(
+            actor(&caller),
+            Audited {
+                action: "order.modify",
+                merchant_id: Some(&o.merchant_id),
+                subject: &o.id,
+                order_id: Some(&o.id),
+                reason: Some(b.reason.trim()),
+                detail: serde_json::json!({"from_fen": before, "to_fen": b.amount_fen}),
+            },
+        )
+        .await;
+    Ok(HttpResponse::Ok().json(order))
+}

@@ -2,10 +2,12 @@
 //! person (异常订单), and refunds for appeals (客户申诉).
 
 use cabinet_actors::pricing::BasketItem;
-use cabinet_actors::session::{Event, Refusal};
+use cabinet_actors::pricing::{DiscountLine, PricedOrder};
+use cabinet_actors::session::{Channel, Event, Refusal};
 
 use super::{lifecycle, Sessions};
 use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::payments::wechat::{PostDiscount, PostPayment};
 use crate::store::{BlacklistRow, OrderRow};
 use crate::views::OrderView;
 
@@ -130,5 +132,96 @@ impl Sessions {
             .await?
             .ok_or_else(|| ApiError::not_found("order"))?;
         Ok(OrderView::from(&o))
+    }
+
+    /// Lowers an order still waiting for its payment (待支付) to `to_fen` through the provider's
+    /// modify (WeChat Pay Score: a completed order whose deduction has not succeeded can only be
+    /// lowered), with a line saying by how much and why; the provider then deducts the lower
+    /// amount. Alipay's deduction has no such call: an Alipay order is refunded after it is
+    /// paid instead.
+    pub async fn reduce(&self, o: &OrderRow, to_fen: i64, reason: &str) -> ApiResult<OrderView> {
+        if reason.trim().is_empty() || reason.chars().count() > 50 {
+            return Err(ApiError::bad_request("reason must be 1 to 50 characters"));
+        }
+        if o.status != "pending_payment" {
+            return Err(ApiError::new(
+                ErrorCode::OrderNotUnpaid,
+                format!("the order is {}: only an unpaid order is reduced", o.status),
+            ));
+        }
+        if o.channel != Channel::Wechat.as_str() {
+            return Err(ApiError::bad_request(
+                "an Alipay deduction cannot be modified: refund the order once it is paid",
+            ));
+        }
+        let (Some(total), Some(priced)) = (o.total_fen, o.priced.as_deref()) else {
+            return Err(ApiError::internal(
+                "an unpaid order without its priced basket",
+            ));
+        };
+        if !(0..total).contains(&to_fen) {
+            return Err(ApiError::bad_request(format!(
+                "amount_fen must be lower than the order's {total} fen (and not negative): the provider only lowers an order"
+            )));
+        }
+        let mut p: PricedOrder = serde_json::from_str(priced).map_err(ApiError::internal)?;
+        p.discounts.push(DiscountLine {
+            promotion_id: "modify".into(),
+            name: "订单调减".into(),
+            amount_fen: total - to_fen,
+        });
+        p.total_fen = to_fen;
+        let Some(w) = self.providers.wechat.clone() else {
+            return Err(ApiError::internal("WeChat Pay is not configured"));
+        };
+        let sub = self.sub_mchid(&o.merchant_id).await;
+        let pay: Vec<PostPayment> = p
+            .lines
+            .iter()
+            .map(|l| PostPayment {
+                name: "商品信息".into(),
+                amount: l.amount_fen,
+                description: l.name.clone(),
+                count: l.qty,
+            })
+            .collect();
+        let disc: Vec<PostDiscount> = p
+            .discounts
+            .iter()
+            .map(|d| PostDiscount {
+                name: d.name.clone(),
+                description: d.name.clone(),
+                amount: d.amount_fen,
+            })
+            .collect();
+        let modified = w
+            .modify_order(&sub, &o.session_id, &pay, &disc, to_fen, reason.trim())
+            .await;
+        if let Err(e) = self.counted("wechat", "modify", modified) {
+            // The provider's refusal (a deduction running, the order paid meanwhile) is the
+            // operator's answer; nothing changed here.
+            return Err(ApiError::new(
+                ErrorCode::PaymentDeclined,
+                format!("the provider refused the modification: {e}"),
+            ));
+        }
+        let json = serde_json::to_string(&p).map_err(ApiError::internal)?;
+        match self
+            .store
+            .reduce_unpaid_order(&o.id, total, to_fen, &json, self.now())
+            .await?
+        {
+            Some(o) => Ok(OrderView::from(&o)),
+            // Paid meanwhile at the old amount: the provider refused the modify then, so this
+            // is a race the provider decided; the order as it stands is the answer.
+            None => {
+                let o = self
+                    .store
+                    .order(&o.id)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found("order"))?;
+                Ok(OrderView::from(&o))
+            }
+        }
     }
 }

@@ -737,6 +737,37 @@ impl Store {
         Ok(())
     }
 
+    /// Lowers the total of an order still waiting for its payment, conditionally on the total
+    /// read (a concurrent change or payment wins); answers the order as changed.
+    pub async fn reduce_unpaid_order(
+        &self,
+        id: &str,
+        from_total: i64,
+        to_total: i64,
+        priced: &str,
+        now: i64,
+    ) -> Result<Option<OrderRow>> {
+        let row = sqlx::query(
+            "UPDATE orders SET total_fen = $3, priced = $4, updated_at = $5 \
+             WHERE id = $1 AND status = 'pending_payment' AND total_fen = $2 RETURNING *",
+        )
+        .bind(id)
+        .bind(from_total)
+        .bind(to_total)
+        .bind(priced)
+        .bind(now)
+        .fetch_optional(&mut *self.write().await?)
+        .await?;
+        match row {
+            Some(r) => {
+                let o = order_row(&r)?;
+                self.changed(Change::Order(o.clone()));
+                Ok(Some(o))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Marks a refund still in flight as just asked about.
     pub async fn touch_refund(&self, id: &str, now: i64) -> Result<()> {
         sqlx::query("UPDATE refunds SET updated_at = $2 WHERE id = $1 AND status = 'processing'")

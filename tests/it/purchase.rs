@@ -227,6 +227,7 @@ both!(
     abnormal_order_resolved_then_charged,
     an_abnormal_order_is_priced_as_when_the_shopper_shopped,
     a_basket_above_the_authorised_amount_is_charged_at_most_that,
+    an_unpaid_order_is_lowered_through_the_providers_modify,
     refunds_partial_full_idempotent_and_bounded,
     unpaid_shopper_blacklisted_until_paid,
     operators_edit_the_blacklist,
@@ -708,6 +709,61 @@ async fn a_basket_above_the_authorised_amount_is_charged_at_most_that(b: Backend
             "{channel}: {v}"
         );
     }
+}
+
+/// An operator lowers an order the shopper has not paid yet (an appeal before payment): WeChat
+/// modifies it and deducts the lower amount; raising, or touching a paid order, is refused.
+async fn an_unpaid_order_is_lowered_through_the_providers_modify(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    script_shopper(&hub, "u5", json!({"deduction": "fail"})).await;
+    let session = visit(
+        &hub,
+        &op,
+        &mut c,
+        "u5",
+        json!([{"sku": "cola", "qty": 2}, {"sku": "chips", "qty": 1}]),
+    )
+    .await;
+    let v = order_status(&hub, &op, &session, "pending_payment").await;
+    let order = v["order"]["id"].as_str().unwrap_or_default().to_owned();
+    let modify = |fen: i64| {
+        let (hub, op, order) = (&hub, &op, &order);
+        async move {
+            hub.post(
+                &format!("/api/v1/orders/{order}/modify"),
+                op,
+                json!({"amount_fen": fen, "reason": "少收一瓶可乐"}),
+            )
+            .await
+        }
+    };
+    for bad in [1250, 5000, -1] {
+        let (s, r) = modify(bad).await;
+        assert_eq!(s, 400, "{bad}: {r}");
+    }
+    let (s, r) = modify(950).await;
+    assert_eq!((s, r["total_fen"].clone()), (200, json!(950)), "{r}");
+    let last = r["priced"]["discounts"]
+        .as_array()
+        .and_then(|d| d.last())
+        .cloned();
+    assert_eq!(
+        last.map(|l| (l["name"].clone(), l["amount_fen"].clone())),
+        Some((json!("订单调减"), json!(300)))
+    );
+    let (s, r) = hub.post("/sim/users/u5/pay", ADMIN_KEY, json!({})).await;
+    assert_eq!((s, r["orders_paid"].clone()), (200, json!(1)), "{r}");
+    let v = order_status(&hub, &op, &session, "paid").await;
+    assert_eq!(
+        v["order"]["paid_fen"], 950,
+        "WeChat deducted the lowered amount: {v}"
+    );
+    let (s, r) = modify(900).await;
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (409, json!("order_not_unpaid")),
+        "{r}"
+    );
 }
 
 async fn abnormal_order_resolved_then_charged(b: Backend) {
