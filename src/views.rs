@@ -308,6 +308,9 @@ pub struct OrderView {
     pub paid_at: Option<String>,
     /// The provider's trade number.
     pub transaction_id: Option<String>,
+    /// A failed deduction's side: `merchant` (its collection limits; the shopper is not held to
+    /// it), otherwise the shopper's.
+    pub deduction_failure: Option<String>,
     /// RFC 3339.
     pub created_at: Option<String>,
     /// RFC 3339.
@@ -339,6 +342,7 @@ impl From<&OrderRow> for OrderView {
             refunding_fen: o.refund_reserved_fen,
             paid_at: o.paid_at.and_then(rfc3339),
             transaction_id: o.transaction_id.clone(),
+            deduction_failure: o.deduction_failure.clone(),
             created_at: rfc3339(o.created_at),
             updated_at: rfc3339(o.updated_at),
             refunds: None,

@@ -47,7 +47,8 @@ pub struct SimUserBody {
     #[serde(default = "yes")]
     #[schema(value_type = Object)]
     confirm: Confirm,
-    /// `succeed`, `fail` (pending payment) or `fail_then_pay`.
+    /// `succeed`, `fail` (pending payment: the shopper's funds) or `merchant_limit` (the
+    /// merchant's collection limit: Alipay says so; WeChat does not).
     #[serde(default = "succeed")]
     #[schema(value_type = String)]
     deduction: Deduction,

@@ -121,9 +121,14 @@ impl Sessions {
                 self.payment_outcome(order_id, Event::Paid, Some((paid, v["trade_no"].as_str())))
                     .await
             }
-            Err(AlipayError::Api { sub_code, .. }) if sub_code == "ACQ.PAYMENT_FAIL" => {
+            Err(AlipayError::Api { sub_code, .. }) if deduction_side(&sub_code).is_some() => {
                 self.payment_outcome(order_id, Event::DeductionFailed, None)
-                    .await
+                    .await?;
+                let side = deduction_side(&sub_code).unwrap_or("shopper");
+                if side != "shopper" {
+                    tracing::warn!(order_id, sub_code, "deduction refused for the merchant's own limits; the shopper is not held to it");
+                }
+                self.store.set_deduction_failure(order_id, side).await
             }
             Err(e) => {
                 tracing::error!(session_id = %s.id, error = %e, "Alipay deduction failed");
@@ -148,5 +153,24 @@ impl Sessions {
             .ok()
             .flatten()
             .is_some_and(|x| x.status == "pending_payment")
+    }
+}
+
+/// Whose side a refused Alipay deduction is on, by its `sub_code`: the shopper's (their funds,
+/// their own payment limits: counted toward the blacklist) or the merchant's (its collection
+/// limits: retried, never held against the shopper). `None`: not a deduction refusal (the
+/// provider's error; the order goes to a person).
+fn deduction_side(sub_code: &str) -> Option<&'static str> {
+    match sub_code {
+        "ACQ.PAYMENT_FAIL"
+        | "ACQ.BUYER_BALANCE_NOT_ENOUGH"
+        | "ACQ.BUYER_BANKCARD_BALANCE_NOT_ENOUGH"
+        | "ACQ.BUYER_PAYMENT_AMOUNT_DAY_LIMIT_ERROR"
+        | "ACQ.BUYER_PAYMENT_AMOUNT_MONTH_LIMIT_ERROR" => Some("shopper"),
+        "ACQ.BEYOND_PAY_RESTRICTION"
+        | "ACQ.BEYOND_PER_RECEIPT_RESTRICTION"
+        | "ACQ.PRODUCT_AMOUNT_LIMIT_ERROR"
+        | "ACQ.SELLER_BEEN_BLOCKED" => Some("merchant"),
+        _ => None,
     }
 }

@@ -321,6 +321,7 @@ impl Sessions {
             paid_at: None,
             price_terms: None,
             authorised_fen: terms.as_ref().map(|t| t.ceiling_fen),
+            deduction_failure: None,
             provider_order_no: (channel != Channel::None).then(|| id.clone()),
             transaction_id: None,
             created_at: now,

@@ -404,16 +404,26 @@ impl AlipaySim {
         let buyer = Self::find_by_id(&mut st, &id)
             .map(|(_, o)| o.buyer.clone())
             .ok_or_else(|| biz_error("ORDER_NOT_EXIST", "芝麻订单不存在"))?;
-        let succeed = script(&st, &buyer).deduction == Deduction::Succeed;
+        let deduction = script(&st, &buyer).deduction;
+        let succeed = deduction == Deduction::Succeed;
+        let refused = || match deduction {
+            Deduction::MerchantLimit => biz_error("ACQ.BEYOND_PAY_RESTRICTION", "商户收款额度超限"),
+            _ => biz_error("ACQ.PAYMENT_FAIL", "扣款失败，等待用户还款"),
+        };
         let (_, o) = Self::find_by_id(&mut st, &id)
             .ok_or_else(|| biz_error("ORDER_NOT_EXIST", "芝麻订单不存在"))?;
-        if let Some(t) = o.trades.get(&out_trade_no) {
+        if let Some(t) = o.trades.get_mut(&out_trade_no) {
+            // A merchant's limit lifts (the script changed): the same trade is paid now.
+            if !t.paid && succeed {
+                t.paid = true;
+                o.status = "TRADE_FINISHED";
+            }
             return if t.paid {
                 Ok(
                     json!({"code": "10000", "msg": "Success", "out_trade_no": out_trade_no, "trade_no": t.trade_no, "total_amount": yuan(t.amount)}),
                 )
             } else {
-                Err(biz_error("ACQ.PAYMENT_FAIL", "扣款失败，等待用户还款"))
+                Err(refused())
             };
         }
         if !o.confirmed || o.status != "INIT" {
@@ -437,7 +447,7 @@ impl AlipaySim {
                 json!({"code": "10000", "msg": "Success", "out_trade_no": out_trade_no, "trade_no": trade_no, "total_amount": yuan(amount)}),
             )
         } else {
-            Err(biz_error("ACQ.PAYMENT_FAIL", "扣款失败，等待用户还款"))
+            Err(refused())
         }
     }
 

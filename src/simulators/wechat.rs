@@ -136,6 +136,10 @@ pub enum Deduction {
     Succeed,
     /// The balance is short: the order stays USER_PAYING.
     Fail,
+    /// The merchant's collection limit is reached (a 小微 merchant's daily cap): Alipay refuses
+    /// with `ACQ.BEYOND_PAY_RESTRICTION` until the script changes; WeChat, which does not say
+    /// why, leaves the order USER_PAYING as for `fail`.
+    MerchantLimit,
 }
 
 impl Default for UserScript {

@@ -204,6 +204,7 @@ fn migrator(postgres: bool) -> Migrator {
         (14, "price_terms", sql!("0014_price_terms.sql")),
         (15, "audit", sql!("0015_audit.sql")),
         (16, "authorised_amount", sql!("0016_authorised_amount.sql")),
+        (17, "deduction_failure", sql!("0017_deduction_failure.sql")),
     ];
     Migrator::with_migrations(
         files

@@ -105,6 +105,9 @@ pub struct OrderRow {
     /// The most the shopper authorised (the provider order's ceiling), fen.
     #[sqlx(default)]
     pub authorised_fen: Option<i64>,
+    /// Whose side a failed deduction was on: `shopper` (or unknown), `merchant`.
+    #[sqlx(default)]
+    pub deduction_failure: Option<String>,
 }
 
 /// A refund of (part of) an order.
@@ -768,6 +771,16 @@ impl Store {
         }
     }
 
+    /// Records whose side an order's failed deduction was on.
+    pub async fn set_deduction_failure(&self, id: &str, side: &str) -> Result<()> {
+        sqlx::query("UPDATE orders SET deduction_failure = $2 WHERE id = $1")
+            .bind(id)
+            .bind(side)
+            .execute(&mut *self.write().await?)
+            .await?;
+        Ok(())
+    }
+
     /// Marks a refund still in flight as just asked about.
     pub async fn touch_refund(&self, id: &str, now: i64) -> Result<()> {
         sqlx::query("UPDATE refunds SET updated_at = $2 WHERE id = $1 AND status = 'processing'")
@@ -847,7 +860,8 @@ impl Store {
         let row = sqlx::query(
             "SELECT (SELECT reason FROM blacklist WHERE merchant_id = $1 AND user_id = $2) AS reason, \
              COUNT(*) AS n, MIN(created_at) AS oldest FROM orders \
-             WHERE merchant_id = $1 AND user_id = $2 AND status = 'pending_payment'",
+             WHERE merchant_id = $1 AND user_id = $2 AND status = 'pending_payment' \
+             AND COALESCE(deduction_failure, 'shopper') = 'shopper'",
         )
         .bind(merchant_id)
         .bind(user_id)

@@ -228,6 +228,7 @@ both!(
     an_abnormal_order_is_priced_as_when_the_shopper_shopped,
     a_basket_above_the_authorised_amount_is_charged_at_most_that,
     an_unpaid_order_is_lowered_through_the_providers_modify,
+    a_deduction_refused_for_the_merchants_limits_is_not_held_against_the_shopper,
     refunds_partial_full_idempotent_and_bounded,
     unpaid_shopper_blacklisted_until_paid,
     operators_edit_the_blacklist,
@@ -762,6 +763,43 @@ async fn an_unpaid_order_is_lowered_through_the_providers_modify(b: Backend) {
     assert_eq!(
         (s, r["error"]["code"].clone()),
         (409, json!("order_not_unpaid")),
+        "{r}"
+    );
+}
+
+/// A deduction refused because the merchant reached its own collection limit (Alipay
+/// `ACQ.BEYOND_PAY_RESTRICTION`, a 小微 merchant's daily cap) is the merchant's, not the
+/// shopper's: the order waits for collection, says why, and the shopper is not blacklisted
+/// (here one unpaid order blacklists); a shortfall of the shopper's own still is.
+async fn a_deduction_refused_for_the_merchants_limits_is_not_held_against_the_shopper(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    script_shopper(&hub, "a7", json!({"deduction": "merchant_limit"})).await;
+    let session = alipay_visit(&hub, &op, &mut c, "a7", json!([{"sku": "chips", "qty": 1}])).await;
+    let v = order_status(&hub, &op, &session, "pending_payment").await;
+    assert_eq!(v["order"]["deduction_failure"], "merchant", "{v}");
+    // The same shopper may shop again.
+    let next = alipay_visit(&hub, &op, &mut c, "a7", json!([])).await;
+    order_status(&hub, &op, &next, "closed").await;
+    // The limit lifts: the collection goes through.
+    script_shopper(&hub, "a7", json!({"deduction": "succeed"})).await;
+    let v = order_status(&hub, &op, &session, "paid").await;
+    assert_eq!(v["order"]["paid_fen"], 650);
+
+    // The shopper's own shortfall: blacklisted at the next start.
+    script_shopper(&hub, "a8", json!({"deduction": "fail"})).await;
+    let owed = alipay_visit(&hub, &op, &mut c, "a8", json!([{"sku": "chips", "qty": 1}])).await;
+    let v = order_status(&hub, &op, &owed, "pending_payment").await;
+    assert_eq!(v["order"]["deduction_failure"], "shopper", "{v}");
+    let (s, r) = hub
+        .post(
+            "/api/v1/sessions",
+            &op,
+            json!({"cabinet_id": "KM1", "user_id": "a8", "channel": "alipay", "mode": "purchase"}),
+        )
+        .await;
+    assert_eq!(
+        (s, r["error"]["code"].clone()),
+        (422, json!("user_blacklisted")),
         "{r}"
     );
 }
