@@ -195,7 +195,8 @@ pub async fn whoami(caller: Caller) -> ApiResult<HttpResponse> {
     }))
 }
 
-/// `PUT /api/v1/merchants/{id}/payment`: every setting (a field left out is cleared).
+/// `PUT /api/v1/merchants/{id}/payment`: every setting (a field left out is cleared, but for
+/// the Alipay token, which is never shown back: left out it is kept, `""` clears it).
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PaymentSettings {
@@ -300,12 +301,17 @@ pub async fn merchant_payment(
         alipay_smid: setting("alipay_smid", body.alipay_smid.as_deref(), 32, |c| {
             c.is_ascii_alphanumeric()
         })?,
-        alipay_app_auth_token: setting(
-            "alipay_app_auth_token",
-            body.alipay_app_auth_token.as_deref(),
-            128,
-            |c| c.is_ascii_graphic(),
-        )?,
+        alipay_app_auth_token: match body.alipay_app_auth_token.as_deref() {
+            // Never shown back, so never required again: left out, it is kept ("" clears it).
+            None => state
+                .store
+                .merchant_payment(&path)
+                .await?
+                .and_then(|p| p.alipay_app_auth_token),
+            token => setting("alipay_app_auth_token", token, 128, |c| {
+                c.is_ascii_graphic()
+            })?,
+        },
     };
     state.store.set_merchant_payment(&path, &p).await?;
     let view = payment_view(&state, path.into_inner(), &p);

@@ -141,19 +141,21 @@ pub async fn get_session(
         }
         n => n.unwrap_or(0),
     };
-    // Registered before the read: a change committed between the two still wakes it.
+    // Registered before the read: a change committed between the two still wakes it. The
+    // guard drops the registration however the request ends (a client that hangs up drops
+    // this future mid-wait).
     let changed = (wait_s > 0).then(|| state.feed.session_change(&path));
+    let _registered = changed.is_some().then(|| WaitGuard {
+        feed: state.feed.clone(),
+        id: path.to_string(),
+    });
     let found = state.store.session(&path).await;
     if let Some(changed) = changed {
         let unchanged = matches!(&found, Ok(Some(s)) if caller.sees(&s.merchant_id)
             && s.state == wait.from.as_deref().unwrap_or(&s.state));
         if unchanged {
             let _ = tokio::time::timeout(Duration::from_secs(wait_s), changed).await;
-        } else {
-            drop(changed);
         }
-        // The wait is over (or was never needed): its registration goes with it.
-        state.feed.session_wait_over(&path);
     }
     match found? {
         Some(s) if caller.sees(&s.merchant_id) => {
@@ -634,4 +636,16 @@ pub async fn modify_order(
         )
         .await;
     Ok(HttpResponse::Ok().json(order))
+}
+
+/// Drops a long poll's registration when the request ends, answered or abandoned.
+struct WaitGuard {
+    feed: std::sync::Arc<crate::feed::Feed>,
+    id: String,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        self.feed.session_wait_over(&self.id);
+    }
 }

@@ -156,9 +156,19 @@ impl Sessions {
             Some(OrderStatus::Abnormal)
                 if order_set.priced.is_none() && o.price_terms.is_none() =>
             {
-                match self.store.session(session_id).await? {
-                    Some(s) => serde_json::to_string(&self.price_terms_now(&s).await?).ok(),
-                    None => None,
+                // A failed read leaves the order without them (priced with today's when
+                // resolved) rather than keeping it from going abnormal.
+                let captured = match self.store.session(session_id).await {
+                    Ok(Some(s)) => self.price_terms_now(&s).await.map(Some),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                };
+                match captured {
+                    Ok(t) => t.and_then(|t| serde_json::to_string(&t).ok()),
+                    Err(e) => {
+                        tracing::error!(session_id, error = %e, "prices of the shopping not captured");
+                        None
+                    }
                 }
             }
             _ => None,

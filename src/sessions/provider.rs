@@ -11,6 +11,14 @@ use crate::store::MerchantPayment;
 /// The default pay-after-use risk ceiling, fen, for a merchant with none set.
 const DEFAULT_CEILING_FEN: i64 = 20_000;
 
+/// The settings of a merchant with none stored: the default ceiling, nothing else.
+fn defaults() -> MerchantPayment {
+    MerchantPayment {
+        risk_ceiling_fen: DEFAULT_CEILING_FEN,
+        ..MerchantPayment::default()
+    }
+}
+
 /// What a merchant's settings say of its pay-after-use orders.
 pub(super) struct PaymentTerms {
     /// The risk ceiling (`risk_fund.amount`), fen.
@@ -148,10 +156,10 @@ impl Sessions {
     /// or reconciled later.
     pub(super) async fn order_terms(&self, merchant_id: &str) -> PaymentTerms {
         match self.store.merchant_payment(merchant_id).await {
-            Ok(p) => self.terms_of(merchant_id, p.unwrap_or_default()),
+            Ok(p) => self.terms_of(merchant_id, p.unwrap_or_else(defaults)),
             Err(e) => {
                 tracing::error!(merchant_id, error = %e, "payment terms not read");
-                self.terms_of(merchant_id, MerchantPayment::default())
+                self.terms_of(merchant_id, defaults())
             }
         }
     }

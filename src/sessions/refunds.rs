@@ -192,13 +192,16 @@ impl Sessions {
                 Word::of_wechat(done.status.as_deref()),
                 Some(done.refund_id),
             ),
-            // A refusal on the merits (4xx: not enough left, a bad parameter) is final; a
-            // transport failure or the provider's own error leaves it in flight, asked again.
-            Err(WechatError::Api {
-                status,
-                code,
-                message,
-            }) if (400..500).contains(&status) => {
+            // A refusal on the merits (not enough left, a bad parameter) is final; a transport
+            // failure, a rate limit or the provider's own error leaves it in flight, asked
+            // again with the same out_refund_no (never released: it may have been taken).
+            Err(
+                ref e @ WechatError::Api {
+                    status,
+                    ref code,
+                    ref message,
+                },
+            ) if (400..500).contains(&status) && !e.retryable() => {
                 tracing::error!(order_id = %o.id, refund_id = %r.id, code, message, "refund refused by the provider");
                 (Word::Failed, None)
             }
@@ -221,9 +224,12 @@ impl Sessions {
             .await;
         match self.counted("alipay", "refund", result) {
             Ok(v) => (Word::Succeeded, v["trade_no"].as_str().map(str::to_owned)),
+            // Only a named refusal releases the amount: on `ACQ.SYSTEM_ERROR`, code 20000 and
+            // the like Alipay may have refunded, and says to ask again with the same
+            // out_request_no, which the follow-up does.
             Err(AlipayError::Api {
                 sub_code, sub_msg, ..
-            }) => {
+            }) if alipay_refused(&sub_code) => {
                 tracing::error!(order_id = %o.id, refund_id = %r.id, sub_code, sub_msg, "refund refused by Alipay");
                 (Word::Failed, None)
             }
@@ -308,4 +314,19 @@ impl Sessions {
         }
         n
     }
+}
+
+/// Alipay's refusals of a refund on the merits: the refund did not and will not happen.
+fn alipay_refused(sub_code: &str) -> bool {
+    matches!(
+        sub_code,
+        "ACQ.REFUND_AMT_NOT_EQUAL_TOTAL"
+            | "ACQ.TRADE_NOT_EXIST"
+            | "ACQ.TRADE_STATUS_ERROR"
+            | "ACQ.TRADE_NOT_ALLOW_REFUND"
+            | "ACQ.SELLER_BALANCE_NOT_ENOUGH"
+            | "ACQ.REASON_TRADE_BEEN_FREEZEN"
+            | "ACQ.TRADE_HAS_FINISHED"
+            | "ACQ.DISCORDANT_REPEAT_REQUEST"
+    )
 }

@@ -880,7 +880,7 @@ impl Store {
         let r = sqlx::query(
             "DELETE FROM blacklist WHERE merchant_id = $1 AND user_id = $2 AND automatic = 1 \
              AND NOT EXISTS (SELECT 1 FROM orders WHERE merchant_id = $1 AND user_id = $2 \
-             AND status = 'pending_payment')",
+             AND status = 'pending_payment' AND COALESCE(deduction_failure, 'shopper') = 'shopper')",
         )
         .bind(merchant_id)
         .bind(user_id)

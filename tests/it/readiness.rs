@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use cabinet_hub::payments::alipay::AlipaySettings;
 use cabinet_hub::payments::wechat::WechatConfig;
 
+use crate::both;
 use crate::crash::Simulators;
 use crate::harness::{free_port, Backend, Cabinet, TestHub, ADMIN_KEY, PATIENCE};
 
@@ -15,10 +16,10 @@ const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev-keys");
 
 /// A hub with real provider credentials (the development keys the simulators hold) talking to
 /// `sims`, with one cabinet of merchant m1 online.
-async fn real_hub(sims: &Simulators) -> (TestHub, String, String, Cabinet) {
+async fn real_hub(b: Backend, sims: &Simulators) -> (TestHub, String, String, Cabinet) {
     let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let sim = format!("http://{}", sims.addr);
-    let hub = TestHub::start_with(Backend::Sqlite, |s| {
+    let hub = TestHub::start_with(b, |s| {
         s.http.listen = http;
         s.payments.simulator = false;
         s.payments.confirm_timeout_ms = 60_000;
@@ -80,10 +81,11 @@ async fn start(hub: &TestHub, op: &str, user: &str, channel: &str) -> (u16, Valu
     .await
 }
 
-#[actix_rt::test]
-async fn real_providers_take_only_a_ready_merchants_orders() {
+both!(real_providers_take_only_a_ready_merchants_orders);
+
+async fn real_providers_take_only_a_ready_merchants_orders(b: Backend) {
     let sims = Simulators::start().await;
-    let (hub, ma, op, mut c) = real_hub(&sims).await;
+    let (hub, ma, op, mut c) = real_hub(b, &sims).await;
 
     // Nothing set: neither channel is ready, and the page's key sees why.
     let (s, v) = hub.get("/api/v1/merchants/m1/payment", &op).await;
@@ -155,7 +157,7 @@ async fn real_providers_take_only_a_ready_merchants_orders() {
             "PUT",
             "/api/v1/merchants/m1/payment",
             ADMIN_KEY,
-            Some(ready),
+            Some(ready.clone()),
         )
         .await;
     assert_eq!(s, 200, "{v}");
@@ -164,6 +166,24 @@ async fn real_providers_take_only_a_ready_merchants_orders() {
         "the token is never shown: {v}"
     );
     assert_eq!(v["alipay_authorized"], true);
+    // The token is never shown back, so a change that leaves it out keeps it.
+    let mut again = ready.clone();
+    again
+        .as_object_mut()
+        .map(|o| o.remove("alipay_app_auth_token"));
+    let (s, v) = hub
+        .call(
+            "PUT",
+            "/api/v1/merchants/m1/payment",
+            ADMIN_KEY,
+            Some(again),
+        )
+        .await;
+    assert_eq!(
+        (s, v["alipay_authorized"].clone()),
+        (200, json!(true)),
+        "{v}"
+    );
     let (_, v) = hub.get("/api/v1/merchants/m1/payment", &op).await;
     assert_eq!(
         (
@@ -213,7 +233,7 @@ async fn the_simulator_takes_any_merchant_and_says_what_real_providers_need() {
 #[actix_rt::test]
 async fn the_page_says_what_a_merchant_lacks() {
     let sims = Simulators::start().await;
-    let (hub, _, op, _c) = real_hub(&sims).await;
+    let (hub, _, op, _c) = real_hub(Backend::Sqlite, &sims).await;
     let mut b = crate::browser::Browser::launch(1280, 800).await;
     crate::browser::sign_in(&mut b, &hub, &op).await;
     b.wait_for(
