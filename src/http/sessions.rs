@@ -287,8 +287,14 @@ pub async fn get_order(
 ) -> ApiResult<HttpResponse> {
     caller.require(Role::Viewer)?;
     let o = visible_order(&state, &caller, &path).await?;
+    // The refunds first, then the order again: a refund settles with its order in one
+    // transaction, so an order read after its refunds counts every refund they show as
+    // succeeded (read the other way round, a refund could show succeeded beside an order that
+    // does not count it yet).
+    let refunds = state.store.refunds(&o.id).await?;
+    let o = state.store.order(&o.id).await?.unwrap_or(o);
     let mut v = OrderView::from(&o);
-    v.refunds = Some(state.store.refunds(&o.id).await?);
+    v.refunds = Some(refunds);
     v.audit = Some(state.store.audit(None, Some(&o.id), None, 200).await?);
     Ok(HttpResponse::Ok().json(v))
 }
