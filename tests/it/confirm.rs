@@ -220,7 +220,7 @@ async fn long_polls_answer_when_the_session_moves(b: Backend) {
 
     let (client, url, key) = (
         hub.client.clone(),
-        hub.url(&format!("{path}?wait_s=30")),
+        hub.url(&format!("{path}?wait_s=30&from=confirming")),
         op.clone(),
     );
     let poll = actix_rt::spawn(async move {
