@@ -99,25 +99,7 @@ impl Sessions {
             return Ok(());
         };
         let sub = self.sub_mchid(&s.merchant_id).await;
-        let pay: Vec<PostPayment> = priced
-            .lines
-            .iter()
-            .map(|l| PostPayment {
-                name: "商品信息".into(),
-                amount: l.amount_fen,
-                description: l.name.clone(),
-                count: l.qty,
-            })
-            .collect();
-        let disc: Vec<PostDiscount> = priced
-            .discounts
-            .iter()
-            .map(|d| PostDiscount {
-                name: d.name.clone(),
-                description: d.name.clone(),
-                amount: d.amount_fen,
-            })
-            .collect();
+        let (pay, disc) = provider_lines(priced);
         let mut wait = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         for attempt in 1..=COMPLETE_ATTEMPTS {
             let r = w
@@ -320,4 +302,29 @@ async fn already_completed(w: &WechatClient, sub: &str, id: &str) -> bool {
         Ok(o) => o.state == "DONE" || o.state_description.as_deref() == Some("MCH_COMPLETE"),
         Err(_) => false,
     }
+}
+
+/// A priced order as WeChat's `post_payments` (one line per product, smart-retail style) and
+/// `post_discounts` (one per promotion or adjustment): what complete and modify both send.
+pub(super) fn provider_lines(p: &PricedOrder) -> (Vec<PostPayment>, Vec<PostDiscount>) {
+    let pay = p
+        .lines
+        .iter()
+        .map(|l| PostPayment {
+            name: "商品信息".into(),
+            amount: l.amount_fen,
+            description: l.name.clone(),
+            count: l.qty,
+        })
+        .collect();
+    let disc = p
+        .discounts
+        .iter()
+        .map(|d| PostDiscount {
+            name: d.name.clone(),
+            description: d.name.clone(),
+            amount: d.amount_fen,
+        })
+        .collect();
+    (pay, disc)
 }

@@ -7,7 +7,6 @@ use cabinet_actors::session::{Channel, Event, Refusal};
 
 use super::{lifecycle, Sessions};
 use crate::error::{ApiError, ApiResult, ErrorCode};
-use crate::payments::wechat::{PostDiscount, PostPayment};
 use crate::store::{BlacklistRow, OrderRow};
 use crate::views::OrderView;
 
@@ -175,25 +174,7 @@ impl Sessions {
             return Err(ApiError::internal("WeChat Pay is not configured"));
         };
         let sub = self.sub_mchid(&o.merchant_id).await;
-        let pay: Vec<PostPayment> = p
-            .lines
-            .iter()
-            .map(|l| PostPayment {
-                name: "商品信息".into(),
-                amount: l.amount_fen,
-                description: l.name.clone(),
-                count: l.qty,
-            })
-            .collect();
-        let disc: Vec<PostDiscount> = p
-            .discounts
-            .iter()
-            .map(|d| PostDiscount {
-                name: d.name.clone(),
-                description: d.name.clone(),
-                amount: d.amount_fen,
-            })
-            .collect();
+        let (pay, disc) = super::charge::provider_lines(&p);
         let modified = w
             .modify_order(&sub, &o.session_id, &pay, &disc, to_fen, reason.trim())
             .await;

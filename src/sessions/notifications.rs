@@ -92,29 +92,9 @@ impl Sessions {
             }
         };
         if let Some((reason, detail)) = self.mismatch(notice.provider, &claim, o.as_ref()).await {
-            let e = PaymentExceptionRow {
-                id: format!(
-                    "pe{}",
-                    crate::secrets::token(20).map_err(|_| NotificationRefusal::Storage)?
-                ),
-                merchant_id: o.as_ref().map(|o| o.merchant_id.clone()),
-                order_id: o.as_ref().map(|o| o.id.clone()),
-                provider: notice.provider.to_owned(),
-                notification_id: notice.id.to_owned(),
-                reason: reason.to_owned(),
-                detail,
-                created_at: notice.now,
-            };
-            tracing::error!(provider = notice.provider, notice = notice.id, reason, detail = %e.detail,
-                order_id = ?e.order_id, "payment notice does not match its order; not applied");
-            if self
-                .store_notice(notice, &NoticeEffect::Exception(e))
-                .await?
-                != NoticeOutcome::Replay
-            {
-                self.rejected(notice.provider, "mismatch");
-            }
-            return Ok(());
+            return self
+                .keep_exception(notice, o.as_ref(), reason, detail)
+                .await;
         }
         let Some(o) = o else { return Ok(()) };
         // An order already settled (paid by a query first, say) only records the notice.
@@ -175,28 +155,9 @@ impl Sessions {
                 Some(r) => self.store.order(&r.order_id).await.ok().flatten(),
                 None => None,
             };
-            let e = PaymentExceptionRow {
-                id: format!(
-                    "pe{}",
-                    crate::secrets::token(20).map_err(|_| NotificationRefusal::Storage)?
-                ),
-                merchant_id: order.as_ref().map(|o| o.merchant_id.clone()),
-                order_id: order.as_ref().map(|o| o.id.clone()),
-                provider: notice.provider.to_owned(),
-                notification_id: notice.id.to_owned(),
-                reason: reason.to_owned(),
-                detail,
-                created_at: notice.now,
-            };
-            tracing::error!(notice = notice.id, reason, detail = %e.detail, "refund notice does not match its refund; not applied");
-            if self
-                .store_notice(notice, &NoticeEffect::Exception(e))
-                .await?
-                != NoticeOutcome::Replay
-            {
-                self.rejected(notice.provider, "mismatch");
-            }
-            return Ok(());
+            return self
+                .keep_exception(notice, order.as_ref(), reason, detail)
+                .await;
         }
         let effect = NoticeEffect::Refund {
             refund_id: no,
@@ -207,6 +168,41 @@ impl Sessions {
             self.store_notice(notice, &effect).await?
         {
             self.metrics.refunds.with_label_values(&[status]).inc();
+        }
+        Ok(())
+    }
+
+    /// Keeps a notice that does not match what it names as a payment exception, with the
+    /// notice's record in one transaction, and counts it (a replay is neither kept nor counted
+    /// again). Answered as received: a redelivery cannot make it match.
+    async fn keep_exception(
+        &self,
+        notice: &Notice<'_>,
+        order: Option<&OrderRow>,
+        reason: &'static str,
+        detail: String,
+    ) -> Result<(), NotificationRefusal> {
+        let e = PaymentExceptionRow {
+            id: format!(
+                "pe{}",
+                crate::secrets::token(20).map_err(|_| NotificationRefusal::Storage)?
+            ),
+            merchant_id: order.map(|o| o.merchant_id.clone()),
+            order_id: order.map(|o| o.id.clone()),
+            provider: notice.provider.to_owned(),
+            notification_id: notice.id.to_owned(),
+            reason: reason.to_owned(),
+            detail,
+            created_at: notice.now,
+        };
+        tracing::error!(provider = notice.provider, notice = notice.id, kind = notice.kind, reason,
+            detail = %e.detail, order_id = ?e.order_id, "notice does not match what it names; not applied");
+        if self
+            .store_notice(notice, &NoticeEffect::Exception(e))
+            .await?
+            != NoticeOutcome::Replay
+        {
+            self.rejected(notice.provider, "mismatch");
         }
         Ok(())
     }
