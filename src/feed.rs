@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::store::Change;
+use crate::store::{Change, SessionRow};
 use crate::views::OrderView;
 
 /// One event.
@@ -50,7 +50,32 @@ pub struct Feed {
     replay_for: Duration,
     sockets: Mutex<Sockets>,
     /// Long polls waiting for a session's next change (`GET /api/v1/sessions/{id}?wait_s=`).
-    session_waiters: Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<()>>>>,
+    session_waiters: Mutex<HashMap<String, Vec<SessionSender>>>,
+}
+
+type SessionSender = tokio::sync::mpsc::UnboundedSender<SessionRow>;
+
+/// A long poll's view of one session's committed changes (see [`Feed::watch_session`]). Its
+/// registration goes with it however the request ends (a client that hangs up drops it
+/// mid-wait).
+pub struct SessionWatch {
+    rx: tokio::sync::mpsc::UnboundedReceiver<SessionRow>,
+    feed: Arc<Feed>,
+    id: String,
+}
+
+impl SessionWatch {
+    /// The next committed change, in commit order; `None` only if the feed is gone.
+    pub async fn next(&mut self) -> Option<SessionRow> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for SessionWatch {
+    fn drop(&mut self) {
+        self.rx.close();
+        self.feed.session_wait_over(&self.id);
+    }
 }
 
 /// Open feed sockets, in all and by API key.
@@ -106,21 +131,26 @@ impl Feed {
         }
     }
 
-    /// A wait for the next committed change of session `id`.
-    pub fn session_change(&self, id: &str) -> tokio::sync::oneshot::Receiver<()> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+    /// Every committed change of session `id` from now on, with the row as committed, until
+    /// the watch is dropped.
+    pub fn watch_session(self: &Arc<Self>, id: &str) -> SessionWatch {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.session_waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(id.to_owned())
             .or_default()
             .push(tx);
-        rx
+        SessionWatch {
+            rx,
+            feed: self.clone(),
+            id: id.to_owned(),
+        }
     }
 
-    /// Drops the waits for session `id` that nobody holds any more (long polls that timed out),
-    /// so that a session that never changes again keeps no memory.
-    pub fn session_wait_over(&self, id: &str) {
+    /// Drops the watches of session `id` that nobody holds any more, so that a session that
+    /// never changes again keeps no memory.
+    fn session_wait_over(&self, id: &str) {
         let mut w = self
             .session_waiters
             .lock()
@@ -133,14 +163,16 @@ impl Feed {
         }
     }
 
-    fn session_changed(&self, id: &str) {
-        let waiting = self
+    fn session_changed(&self, s: &SessionRow) {
+        let mut w = self
             .session_waiters
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        for tx in waiting.into_iter().flatten() {
-            let _ = tx.send(());
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = w.get_mut(&s.id) {
+            v.retain(|tx| tx.send(s.clone()).is_ok());
+            if v.is_empty() {
+                w.remove(&s.id);
+            }
         }
     }
 
@@ -247,7 +279,7 @@ pub async fn relay_store_changes(
     while let Some(change) = rx.recv().await {
         match change {
             Change::Session(s) => {
-                feed.session_changed(&s.id);
+                feed.session_changed(&s);
                 feed.publish(&s.merchant_id, "session", &s)
             }
             Change::Order(o) => feed.publish(&o.merchant_id, "order", &OrderView::from(&o)),

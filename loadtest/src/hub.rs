@@ -266,18 +266,16 @@ impl Hub {
         Ok((s, r.json().await.unwrap_or(Value::Null), timing))
     }
 
-    /// Follows a session answered 202 with `?wait_s=` long polls until it is neither
-    /// confirming nor unlocking; answers its state then and its view.
+    /// Follows a session answered 202 with `?wait_s=&until=open` long polls until its door is
+    /// open or it ended, as a shopper's mini-program waits for the door; answers its state then
+    /// and its view.
     pub async fn follow_session(&self, key: &str, answer: &Value) -> Result<(String, Value)> {
         let id = answer["session"]["id"]
             .as_str()
             .ok_or_else(|| anyhow::anyhow!("202 without a session: {answer}"))?;
-        let mut state = answer["session"]["state"]
-            .as_str()
-            .unwrap_or("confirming")
-            .to_owned();
+        let path = format!("/api/v1/sessions/{id}?wait_s=30&until=open");
+        let mut state = String::new();
         for _ in 0..20 {
-            let path = format!("/api/v1/sessions/{id}?wait_s=30&from={state}");
             let (s, v) = self.call(reqwest::Method::GET, &path, key, None).await?;
             if s != 200 {
                 bail!("GET {path}: {s} {v}");

@@ -119,8 +119,9 @@ impl Caller {
         Self::from_key(state, &key).await
     }
 
-    /// The caller `key` names. Looked up in storage every time (no cache that could outlive a
-    /// revocation); its last use is noted in memory and written at most once a minute.
+    /// The caller `key` names. Served from memory for a few seconds at most, and never after a
+    /// revocation on this node answered (see `store::cache`); its last use is noted in memory
+    /// and written at most once a minute.
     pub async fn from_key(state: &AppState, key: &str) -> ApiResult<Self> {
         let row = state.store.api_key_by_hash(&sha256_hex(key)).await?;
         let row = row.ok_or_else(ApiError::unauthorized)?;

@@ -10,6 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use cabinet_actors::pricing::BasketItem;
 use cabinet_actors::protocol::SessionMode;
+use cabinet_actors::session::SessionState;
 
 use super::auth::{Caller, Role};
 use super::state::AppState;
@@ -115,14 +116,31 @@ pub struct SessionWait {
     /// The state the caller last saw (default: the state when the request came in): the
     /// answer comes at once when the session is no longer in it.
     from: Option<String>,
+    /// Instead of the next change, wait until the session has reached this state or ended:
+    /// `until=open` answers once the door is open, or with the failure if it never will be.
+    until: Option<String>,
 }
 
 /// The longest long poll: under common proxies' idle timeouts.
 const MAX_WAIT_S: u64 = 30;
 
+/// Whether a session in `state` has reached `until`: the states run confirming → unlocking →
+/// open → closed, and a failed session goes nowhere any more.
+fn reached(state: &str, until: SessionState) -> bool {
+    let rank = |s: SessionState| match s {
+        SessionState::Confirming => 0,
+        SessionState::Unlocking => 1,
+        SessionState::Open => 2,
+        SessionState::Closed | SessionState::Failed => 3,
+    };
+    state
+        .parse::<SessionState>()
+        .is_ok_and(|s| rank(s) >= rank(until) || s == SessionState::Failed)
+}
+
 /// A session and its order. With `?wait_s=N` (N ≤ 30) the answer comes as soon as the
-/// session's state changes (from `from`, or from its state when asked), or after N seconds
-/// with the state unchanged.
+/// session's state changes (from `from`, or from its state when asked), or once it reached
+/// `until` (or ended), or after N seconds as it is then.
 #[utoipa::path(get, path = "/api/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path), SessionWait),
     security(("bearer" = [])), responses((status = 200, body = SessionView), (status = 400, body = ErrorBody),
     (status = 404, body = ErrorBody)))]
@@ -141,28 +159,47 @@ pub async fn get_session(
         }
         n => n.unwrap_or(0),
     };
-    // Registered before the read: a change committed between the two still wakes it. The
-    // guard drops the registration however the request ends (a client that hangs up drops
-    // this future mid-wait).
-    let changed = (wait_s > 0).then(|| state.feed.session_change(&path));
-    let _registered = changed.is_some().then(|| WaitGuard {
-        feed: state.feed.clone(),
-        id: path.to_string(),
-    });
-    let found = state.store.session(&path).await;
-    if let Some(changed) = changed {
-        let unchanged = matches!(&found, Ok(Some(s)) if caller.sees(&s.merchant_id)
-            && s.state == wait.from.as_deref().unwrap_or(&s.state));
-        if unchanged {
-            let _ = tokio::time::timeout(Duration::from_secs(wait_s), changed).await;
+    let until = match (&wait.until, &wait.from) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request("give from or until, not both"));
+        }
+        (Some(u), None) => Some(u.parse::<SessionState>().map_err(|_| {
+            ApiError::bad_request(
+                "until must be a session state: confirming, unlocking, open, closed or failed",
+            )
+        })?),
+        _ => None,
+    };
+    // Registered before the read: a change committed between the two still arrives.
+    let mut watch = (wait_s > 0).then(|| state.feed.watch_session(&path));
+    let mut s = match state.store.session(&path).await? {
+        Some(s) if caller.sees(&s.merchant_id) => s,
+        _ => return Err(ApiError::not_found("session")),
+    };
+    if let Some(watch) = watch.as_mut() {
+        let from = wait.from.clone().unwrap_or_else(|| s.state.clone());
+        let done = |s: &crate::store::SessionRow| match until {
+            Some(u) => reached(&s.state, u),
+            None => s.state != from,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_s);
+        // The committed rows come in commit order; one committed before the read may come
+        // again, which changes nothing.
+        while !done(&s) {
+            match tokio::time::timeout_at(deadline, watch.next()).await {
+                Ok(Some(row)) => s = row,
+                _ => break,
+            }
         }
     }
-    match found? {
-        Some(s) if caller.sees(&s.merchant_id) => {
-            Ok(HttpResponse::Ok().json(state.sessions.view(&s.id).await?))
-        }
-        _ => Err(ApiError::not_found("session")),
-    }
+    drop(watch);
+    // The session as committed (the change that woke the poll carries it); its order read
+    // after it, so never older than the session beside it.
+    let order = state.store.order_of_session(&s.id).await?;
+    Ok(HttpResponse::Ok().json(SessionView {
+        order: order.as_ref().map(OrderView::from),
+        session: Some(s),
+    }))
 }
 
 /// `POST /api/v1/sessions/{id}/close`.
@@ -642,16 +679,4 @@ pub async fn modify_order(
         )
         .await;
     Ok(HttpResponse::Ok().json(order))
-}
-
-/// Drops a long poll's registration when the request ends, answered or abandoned.
-struct WaitGuard {
-    feed: std::sync::Arc<crate::feed::Feed>,
-    id: String,
-}
-
-impl Drop for WaitGuard {
-    fn drop(&mut self) {
-        self.feed.session_wait_over(&self.id);
-    }
 }

@@ -89,9 +89,10 @@ impl Sessions {
     pub(super) async fn finish_completion(
         &self,
         s: &SessionRow,
-        order_id: &str,
+        o: &OrderRow,
         priced: &PricedOrder,
     ) -> Result<(), StoreError> {
+        let order_id = o.id.as_str();
         if s.channel == Channel::Alipay.as_str() {
             return self.alipay_pay(s, order_id, priced.total_fen).await;
         }
@@ -125,7 +126,14 @@ impl Sessions {
                 }
             }
         }
-        self.payment_outcome(order_id, Event::Completed, None).await
+        // The order as its move to completing left it: the provider's word moves nothing here,
+        // and what follows (the deduction check) reads it again if it is still owed then.
+        let completing = OrderRow {
+            status: OrderStatus::Completing.as_str().to_owned(),
+            ..o.clone()
+        };
+        self.apply_payment(&completing, Event::Completed, None)
+            .await
     }
 
     /// A deduction that fails sends no notification: check later, and mark the order pending
@@ -139,8 +147,20 @@ impl Sessions {
             return;
         };
         let wait = Duration::from_millis(self.settings.payments.deduction_check_ms);
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(o.id.clone());
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
+            let unsettled = me
+                .unsettled
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&o.id);
+            if !unsettled {
+                return;
+            }
             // A store error is no proof of payment: ask the provider then.
             if let Ok(Some(now)) = me.store.order(&o.id).await {
                 if now.status != OrderStatus::Completing.as_str() {
@@ -271,7 +291,7 @@ impl Sessions {
                 continue;
             };
             tracing::info!(order_id = %o.id, "completing an order interrupted by a restart");
-            if let Err(e) = self.finish_completion(&s, &o.id, &priced).await {
+            if let Err(e) = self.finish_completion(&s, &o, &priced).await {
                 tracing::error!(order_id = %o.id, error = %e, "could not resume the order");
             }
         }

@@ -370,7 +370,7 @@ impl Sessions {
                 }
                 Effect::CompleteWithProvider { .. } => {
                     if let Some((p, _)) = &priced.priced {
-                        self.finish_completion(s, &o.id, p).await?;
+                        self.finish_completion(s, o, p).await?;
                     }
                 }
                 Effect::SendUnlock | Effect::CheckDeductionLater | Effect::ReleaseShopper => {}

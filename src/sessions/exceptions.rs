@@ -65,6 +65,10 @@ impl Sessions {
     /// An order was paid: a shopper with nothing left unpaid comes off the automatic blacklist.
     pub(super) async fn paid(&self, o: &OrderRow) {
         self.metrics.orders.with_label_values(&["paid"]).inc();
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&o.id);
         match self.store.release_paid_up(&o.merchant_id, &o.user_id).await {
             Ok(true) => {
                 tracing::info!(user_id = %o.user_id, "shopper paid; removed from the blacklist")

@@ -5,8 +5,14 @@
 //! answers, so on one node a change applies from the next read on. A second node's write (or a
 //! hand edit of the database) is seen within the time-to-live. A load that raced a write is not
 //! kept: each cache has a generation, bumped by every invalidation, and a loaded value is kept
-//! only when the generation it was read under is still current. API keys are never cached
-//! (a revocation must not be outlived).
+//! only when the generation it was read under is still current.
+//!
+//! API keys are cached too, for at most [`KEY_TTL`] whatever the setting: every request names
+//! one, and a lookup per request was a tenth of a purchase's statements. A revocation or
+//! rotation through this store drops the whole key cache before it answers, so on one node no
+//! request is served by a revoked key after the revocation answered; a revocation by another
+//! node, or by hand in the database, is seen within `KEY_TTL`. Keys that are not found are not
+//! kept.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,6 +23,9 @@ use std::time::{Duration, Instant};
 /// More entries than this and the cache starts over: a bound, not an eviction policy, as the
 /// working set (cabinets and merchants in use) is far smaller on any real fleet.
 const MAX_ENTRIES: usize = 200_000;
+
+/// The longest a key is served from memory (see above).
+pub(crate) const KEY_TTL: Duration = Duration::from_secs(5);
 
 /// One cache.
 #[derive(Debug)]
@@ -75,6 +84,43 @@ impl<K: Hash + Eq + Clone, V: Clone> Cached<K, V> {
             inner.map.insert(key.clone(), (loaded_at, v.clone()));
         }
         Ok(v)
+    }
+
+    /// Like [`Cached::get_or_load`] for a lookup that may find nothing: only what is found is
+    /// kept, so that lookups of made-up keys (a guessing caller) take no memory.
+    pub(crate) async fn get_or_load_found<E, F, Fut>(
+        &self,
+        key: &K,
+        load: F,
+    ) -> Result<Option<V>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<V>, E>>,
+    {
+        if self.ttl.is_zero() {
+            return load().await;
+        }
+        let generation = {
+            let inner = self.lock();
+            if let Some((at, v)) = inner.map.get(key) {
+                if at.elapsed() < self.ttl {
+                    return Ok(Some(v.clone()));
+                }
+            }
+            inner.generation
+        };
+        let loaded_at = Instant::now();
+        let found = load().await?;
+        if let Some(v) = &found {
+            let mut inner = self.lock();
+            if inner.generation == generation {
+                if inner.map.len() >= MAX_ENTRIES {
+                    inner.map.clear();
+                }
+                inner.map.insert(key.clone(), (loaded_at, v.clone()));
+            }
+        }
+        Ok(found)
     }
 
     /// Drops `key`, and any load in flight.
@@ -194,6 +240,27 @@ mod tests {
         assert_eq!(off.get_or_load(&"a", || load(&n, 3)).await, Ok(3));
         assert_eq!(off.get_or_load(&"a", || load(&n, 4)).await, Ok(4));
         assert_eq!(n.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn only_what_is_found_is_kept() {
+        let c: Cached<&str, u32> = Cached::new(Duration::from_secs(60));
+        let n = AtomicU32::new(0);
+        let none = || async {
+            n.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, ()>(None)
+        };
+        assert_eq!(c.get_or_load_found(&"a", none).await, Ok(None));
+        assert_eq!(
+            c.get_or_load_found(&"a", || async { Ok::<_, ()>(Some(7)) })
+                .await,
+            Ok(Some(7))
+        );
+        assert_eq!(c.get_or_load_found(&"a", none).await, Ok(Some(7)));
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+        assert_eq!(c.lock().map.len(), 1);
+        c.clear();
+        assert_eq!(c.get_or_load_found(&"a", none).await, Ok(None));
     }
 
     #[tokio::test]

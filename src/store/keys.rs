@@ -111,6 +111,7 @@ impl Store {
 
     /// Revokes a key, never the last active admin key.
     pub async fn revoke_api_key(&self, id: &str, now: i64) -> Result<Revocation> {
+        let _fresh = self.caches.keys.clearing();
         let mut w = self.write().await?;
         let mut tx = sqlx::Connection::begin(&mut *w).await?;
         self.lock_admin_keys(&mut tx).await?;
@@ -145,6 +146,7 @@ impl Store {
         new_hash: &str,
         now: i64,
     ) -> Result<Option<ApiKeyRecord>> {
+        let _fresh = self.caches.keys.clearing();
         let mut w = self.write().await?;
         let mut tx = sqlx::Connection::begin(&mut *w).await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(

@@ -247,6 +247,8 @@ struct Caches {
     promotions: cache::Cached<String, Vec<PromotionRow>>,
     /// A merchant's payment settings.
     terms: cache::Cached<String, Option<MerchantPayment>>,
+    /// Live API keys by hash, for at most [`cache::KEY_TTL`].
+    keys: cache::Cached<String, ApiKeyRow>,
 }
 
 impl Caches {
@@ -256,6 +258,7 @@ impl Caches {
             prices: cache::Cached::new(ttl),
             promotions: cache::Cached::new(ttl),
             terms: cache::Cached::new(ttl),
+            keys: cache::Cached::new(ttl.min(cache::KEY_TTL)),
         }
     }
 }
@@ -599,6 +602,13 @@ impl Store {
 
     /// The live key with this hash.
     pub async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRow>> {
+        self.caches
+            .keys
+            .get_or_load_found(&key_hash.to_owned(), || self.load_api_key(key_hash))
+            .await
+    }
+
+    async fn load_api_key(&self, key_hash: &str) -> Result<Option<ApiKeyRow>> {
         let row = sqlx::query(
             "SELECT id, merchant_id, role FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
         )

@@ -209,7 +209,14 @@ async fn long_polls_answer_when_the_session_moves(b: Backend) {
     assert_eq!(at_once["session"]["state"], "confirming");
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
 
-    for bad in ["wait_s=31", "wait_s=-1", "wait_s=x", "colour=red"] {
+    for bad in [
+        "wait_s=31",
+        "wait_s=-1",
+        "wait_s=x",
+        "colour=red",
+        "wait_s=5&until=ajar",
+        "wait_s=5&until=open&from=confirming",
+    ] {
         let (s, r) = hub.get(&format!("{path}?{bad}"), &op).await;
         assert_eq!(s, 400, "{bad}: {r}");
     }
@@ -218,22 +225,27 @@ async fn long_polls_answer_when_the_session_moves(b: Backend) {
     let (s, _) = hub.get(&format!("{path}?wait_s=1"), &other).await;
     assert_eq!(s, 404);
 
-    let (client, url, key) = (
-        hub.client.clone(),
-        hub.url(&format!("{path}?wait_s=30&from=confirming")),
-        op.clone(),
-    );
-    let poll = actix_rt::spawn(async move {
-        let t = Instant::now();
-        let r = client
-            .get(url)
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let v: Value = r.json().await.unwrap_or(Value::Null);
-        (t.elapsed(), v)
-    });
+    let poll = |query: &str| {
+        let (client, url, key) = (
+            hub.client.clone(),
+            hub.url(&format!("{path}?{query}")),
+            op.clone(),
+        );
+        actix_rt::spawn(async move {
+            let t = Instant::now();
+            let r = client
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (t.elapsed(), v)
+        })
+    };
+    let next = poll("wait_s=30&from=confirming");
+    // The mini-program's wait: one poll, answered at the open door, not at the unlock on the way.
+    let door = poll("wait_s=30&until=open");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (s, _) = hub
         .post(
@@ -243,14 +255,22 @@ async fn long_polls_answer_when_the_session_moves(b: Backend) {
         )
         .await;
     assert_eq!(s, 200);
-    let (took, moved) = poll.await.unwrap_or_else(|e| panic!("{e}"));
+    let (took, moved) = next.await.unwrap_or_else(|e| panic!("{e}"));
     assert_ne!(moved["session"]["state"], "confirming", "{moved}");
     assert!(
         took < Duration::from_secs(25),
         "answered only at the end: {took:?}"
     );
     let unlock = c.expect_command("unlock", PATIENCE).await;
+    assert!(!door.is_finished(), "until=open answered before the ack");
     c.ack(&unlock, true, None).await;
+    let (took, opened) = door.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(opened["session"]["state"], "open", "{opened}");
+    assert_eq!(opened["order"]["session_id"], session.as_str(), "{opened}");
+    assert!(
+        took < Duration::from_secs(25),
+        "answered only at the end: {took:?}"
+    );
 }
 
 /// A shopper who never confirms: the session fails when the confirmation time is over, the
