@@ -534,6 +534,18 @@ impl Store {
         notice: &Notice<'_>,
         effect: &NoticeEffect<'_>,
     ) -> Result<NoticeOutcome> {
+        if matches!(effect, NoticeEffect::Record) {
+            // One statement is a transaction by itself: no begin and commit round trips (a
+            // confirmation notice per purchase).
+            let first = self
+                .record_notification(notice.id, notice.provider, notice.kind, notice.now)
+                .await?;
+            return Ok(if first {
+                NoticeOutcome::Applied { order_moved: false }
+            } else {
+                NoticeOutcome::Replay
+            });
+        }
         let mut w = self.write().await?;
         let mut tx = sqlx::Connection::begin(&mut *w).await?;
         let first = sqlx::query("INSERT INTO payment_notifications (id, provider, event_type, received_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
