@@ -62,27 +62,14 @@ impl<K: Hash + Eq + Clone, V: Clone> Cached<K, V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
     {
-        if self.ttl.is_zero() {
-            return load().await;
-        }
-        let generation = {
-            let inner = self.lock();
-            if let Some((at, v)) = inner.map.get(key) {
-                if at.elapsed() < self.ttl {
-                    return Ok(v.clone());
-                }
-            }
-            inner.generation
+        let generation = match self.fresh(key) {
+            Some(Ok(v)) => return Ok(v),
+            Some(Err(generation)) => generation,
+            None => return load().await,
         };
         let loaded_at = Instant::now();
         let v = load().await?;
-        let mut inner = self.lock();
-        if inner.generation == generation {
-            if inner.map.len() >= MAX_ENTRIES {
-                inner.map.clear();
-            }
-            inner.map.insert(key.clone(), (loaded_at, v.clone()));
-        }
+        self.keep(key, generation, loaded_at, &v);
         Ok(v)
     }
 
@@ -97,30 +84,41 @@ impl<K: Hash + Eq + Clone, V: Clone> Cached<K, V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<V>, E>>,
     {
-        if self.ttl.is_zero() {
-            return load().await;
-        }
-        let generation = {
-            let inner = self.lock();
-            if let Some((at, v)) = inner.map.get(key) {
-                if at.elapsed() < self.ttl {
-                    return Ok(Some(v.clone()));
-                }
-            }
-            inner.generation
+        let generation = match self.fresh(key) {
+            Some(Ok(v)) => return Ok(Some(v)),
+            Some(Err(generation)) => generation,
+            None => return load().await,
         };
         let loaded_at = Instant::now();
         let found = load().await?;
         if let Some(v) = &found {
-            let mut inner = self.lock();
-            if inner.generation == generation {
-                if inner.map.len() >= MAX_ENTRIES {
-                    inner.map.clear();
-                }
-                inner.map.insert(key.clone(), (loaded_at, v.clone()));
-            }
+            self.keep(key, generation, loaded_at, v);
         }
         Ok(found)
+    }
+
+    /// `key`'s kept value while fresh (`Ok`), else the generation a load must be kept under
+    /// (`Err`); `None` when the cache is off.
+    fn fresh(&self, key: &K) -> Option<Result<V, u64>> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let inner = self.lock();
+        match inner.map.get(key) {
+            Some((at, v)) if at.elapsed() < self.ttl => Some(Ok(v.clone())),
+            _ => Some(Err(inner.generation)),
+        }
+    }
+
+    /// Keeps a value loaded at `loaded_at` under `generation`, unless a write came since.
+    fn keep(&self, key: &K, generation: u64, loaded_at: Instant, v: &V) {
+        let mut inner = self.lock();
+        if inner.generation == generation {
+            if inner.map.len() >= MAX_ENTRIES {
+                inner.map.clear();
+            }
+            inner.map.insert(key.clone(), (loaded_at, v.clone()));
+        }
     }
 
     /// Drops `key`, and any load in flight.
