@@ -22,6 +22,7 @@ const S = {
   sessions: new Map(),
   orders: new Map(),
   abnormal: new Map(),
+  exceptions: new Map(),
   events: new Map(),
   tab: 'fleet',
   filter: 'all',
@@ -29,7 +30,7 @@ const S = {
   sort: 'severity',
   view: [],
   detail: null,
-  dirty: { fleet: true, alerts: true, sessions: true, abnormal: true, detail: true },
+  dirty: { fleet: true, alerts: true, sessions: true, abnormal: true, exceptions: true, detail: true },
   frame: 0,
   lastFleetCompute: 0,
 };
@@ -157,7 +158,7 @@ function signOut(reason) {
   if (S.ws) { S.ws.onclose = null; S.ws.close(); S.ws = null; }
   clearTimeout(S.retryTimer);
   S.lastSeq = null;
-  S.cabinets.clear(); S.sessions.clear(); S.orders.clear(); S.abnormal.clear(); S.events.clear();
+  S.cabinets.clear(); S.sessions.clear(); S.orders.clear(); S.abnormal.clear(); S.exceptions.clear(); S.events.clear();
   $('app').hidden = true;
   $('signin').hidden = false;
   $('signin-error').textContent = reason || '';
@@ -296,6 +297,12 @@ function handle(ev) {
       S.dirty.abnormal = true;
       break;
     }
+    case 'payment_exception': {
+      S.exceptions.set(d.id, d);
+      trim(S.exceptions, MAX_ORDERS);
+      S.dirty.exceptions = true;
+      break;
+    }
     default:
       break;
   }
@@ -312,14 +319,17 @@ function markAll() {
 
 async function loadOrders() {
   try {
-    const [recent, abnormal] = await Promise.all([
+    const [recent, abnormal, exceptions] = await Promise.all([
       api('GET', '/api/v1/orders?limit=100'),
       api('GET', '/api/v1/orders?status=abnormal&limit=500'),
+      api('GET', '/api/v1/payment-exceptions?limit=200'),
     ]);
+    // Newest first from the API: inserted oldest first, so the newest stay when trimmed.
+    for (const x of (exceptions.items || []).slice().reverse()) if (!S.exceptions.has(x.id)) S.exceptions.set(x.id, x);
     // Oldest first, so the newest stay when the map is trimmed; feed events may already be newer.
     for (const o of (recent.items || []).slice().reverse()) if (!S.orders.has(o.id)) S.orders.set(o.id, o);
     for (const o of abnormal.items || []) if (!S.abnormal.has(o.id)) S.abnormal.set(o.id, o);
-    S.dirty.sessions = S.dirty.abnormal = true;
+    S.dirty.sessions = S.dirty.abnormal = S.dirty.exceptions = true;
     schedule();
   } catch (e) {
     banner('Could not load orders: ' + explain(e));
@@ -352,6 +362,7 @@ function render() {
   if (S.dirty.alerts) { renderAlerts(); S.dirty.alerts = false; }
   if (S.dirty.sessions && S.tab === 'sessions') { renderSessions(); S.dirty.sessions = false; }
   if (S.dirty.abnormal) { renderAbnormal(); S.dirty.abnormal = false; }
+  if (S.dirty.exceptions) { renderExceptions(); S.dirty.exceptions = false; }
   if (S.dirty.detail && S.detail) { renderDetail(); S.dirty.detail = false; }
 }
 
@@ -487,6 +498,17 @@ function renderSessions() {
     el('td', { text: when(s.updated_at) }))));
   const orders = [...S.orders.values()].sort((a, b) => String(b.updated_at).localeCompare(String(a.updated_at)));
   $('orders').replaceChildren(...orders.slice(0, 100).map(orderRow));
+}
+
+function renderExceptions() {
+  const list = [...S.exceptions.values()].sort((a, b) => Number(b.created_at) - Number(a.created_at));
+  $('tab-exceptions-count').textContent = list.length ? String(list.length) : '';
+  $('exceptions').replaceChildren(...list.map((x) => el('tr', { 'data-exception': x.id },
+    el('td', { text: when(x.created_at) }), el('td', { text: x.provider }),
+    el('td', { class: 'warn', text: x.reason }),
+    el('td', { text: x.order_id ? x.order_id.slice(0, 12) : '—', title: x.order_id || '' }),
+    el('td', { text: x.notification_id }), el('td', { text: x.detail }))));
+  $('exceptions-empty').hidden = list.length > 0;
 }
 
 function orderRow(o) {

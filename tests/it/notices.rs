@@ -254,3 +254,35 @@ async fn a_notice_that_could_not_be_applied_is_applied_when_delivered_again() {
         .await;
     assert_eq!(v["order"]["paid_fen"], 650);
 }
+
+/// An operator sees payment exceptions on the page: those kept before they signed in (from the
+/// API) and a new one as it is kept (over the feed), with the reason and the notice's id.
+#[actix_rt::test]
+async fn the_page_shows_payment_exceptions_as_they_are_kept() {
+    let (hub, _op, _c) = shop(Backend::Sqlite).await;
+    let s = notify(&hub, "EV-before", &paid("sNoSuchSessionBefore0", 650)).await;
+    assert!((200..300).contains(&s), "{s}");
+    let mut b = crate::browser::Browser::launch(1440, 900).await;
+    // The platform's key: a notice that names no order of ours belongs to no merchant.
+    crate::browser::sign_in(&mut b, &hub, ADMIN_KEY).await;
+    b.eval("document.querySelector('[data-tab=exceptions]').click()")
+        .await;
+    b.wait_for(
+        "document.getElementById('exceptions').textContent.includes('EV-before')",
+        PATIENCE,
+    )
+    .await;
+    let s = notify(&hub, "EV-after", &paid("sNoSuchSessionAfter00", 650)).await;
+    assert!((200..300).contains(&s), "{s}");
+    b.wait_for(
+        "document.getElementById('exceptions').textContent.includes('EV-after')
+         && document.getElementById('tab-exceptions-count').textContent === '2'
+         && document.getElementById('exceptions-empty').hidden",
+        PATIENCE,
+    )
+    .await;
+    let reasons = b
+        .eval("[...document.querySelectorAll('#exceptions td.warn')].map((t) => t.textContent).join(',')")
+        .await;
+    assert_eq!(reasons, "unknown_order,unknown_order");
+}
