@@ -319,11 +319,14 @@ function markAll() {
 
 async function loadOrders() {
   try {
-    const [recent, abnormal, exceptions] = await Promise.all([
+    const [recent, abnormal, exceptions, underway] = await Promise.all([
       api('GET', '/api/v1/orders?limit=100'),
       api('GET', '/api/v1/orders?status=abnormal&limit=500'),
       api('GET', '/api/v1/payment-exceptions?limit=200'),
+      api('GET', '/api/v1/sessions?limit=' + MAX_SESSIONS),
     ]);
+    // Sessions under way since before the page opened (a stuck one among them).
+    for (const x of underway.items || []) if (!S.sessions.has(x.id)) S.sessions.set(x.id, x);
     // Newest first from the API: inserted oldest first, so the newest stay when trimmed.
     for (const x of (exceptions.items || []).slice().reverse()) if (!S.exceptions.has(x.id)) S.exceptions.set(x.id, x);
     // Oldest first, so the newest stay when the map is trimmed; feed events may already be newer.
@@ -495,7 +498,10 @@ function renderSessions() {
     el('td', {}, el('button', { class: 'link', onclick: () => openDetail(s.cabinet_id), text: s.cabinet_id })),
     el('td', { text: s.user_id }), el('td', { text: s.channel }), el('td', { text: s.mode }),
     el('td', { class: s.state === 'failed' ? 'warn' : '', text: s.state + (s.failure ? ` (${s.failure})` : '') }),
-    el('td', { text: when(s.updated_at) }))));
+    el('td', { text: when(s.updated_at) }),
+    el('td', {}, UNDERWAY.has(s.state)
+      ? el('button', { class: 'link', 'data-close': s.id, onclick: () => askClose(s.id), text: 'Close…' })
+      : null))));
   const orders = [...S.orders.values()].sort((a, b) => String(b.updated_at).localeCompare(String(a.updated_at)));
   $('orders').replaceChildren(...orders.slice(0, 100).map(orderRow));
 }
@@ -509,6 +515,32 @@ function renderExceptions() {
     el('td', { text: x.order_id ? x.order_id.slice(0, 12) : '—', title: x.order_id || '' }),
     el('td', { text: x.notification_id }), el('td', { text: x.detail }))));
   $('exceptions-empty').hidden = list.length > 0;
+}
+
+// A session still under way can be closed by an operator (a shopper gone, a cabinet stuck
+// busy). One form above the table, not one per row: the rows are redrawn on every change.
+const UNDERWAY = new Set(['confirming', 'unlocking', 'open']);
+
+function askClose(id) {
+  $('close-id').textContent = id;
+  $('close-msg').textContent = '';
+  $('close-form').hidden = false;
+  $('close-reason').focus();
+}
+
+async function submitClose(e) {
+  e.preventDefault();
+  const id = $('close-id').textContent;
+  const reason = $('close-reason').value.trim();
+  if (!id || !reason) return;
+  try {
+    const v = await api('POST', `/api/v1/sessions/${encodeURIComponent(id)}/close`, { reason });
+    $('close-msg').textContent = `closed: ${v.session ? v.session.state : ''}`;
+    $('close-reason').value = '';
+    $('close-form').hidden = true;
+  } catch (err) {
+    banner(`Could not close session ${id}: ${explain(err)}`);
+  }
 }
 
 function orderRow(o) {
@@ -687,6 +719,8 @@ document.addEventListener('DOMContentLoaded', () => {
   $('fleet').addEventListener('scroll', () => renderRows(), { passive: true });
   $('d-close').addEventListener('click', () => { S.detail = null; $('detail').hidden = true; });
   $('d-config').addEventListener('submit', saveConfig);
+  $('close-form').addEventListener('submit', submitClose);
+  $('close-cancel').addEventListener('click', () => { $('close-form').hidden = true; });
   const saved = localStorage.getItem(KEY_STORE) || sessionStorage.getItem(KEY_STORE);
   if (saved) signIn(saved, !!localStorage.getItem(KEY_STORE));
 });

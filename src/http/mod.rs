@@ -87,6 +87,7 @@ routes! {
     get "/api/v1/promotions" => catalog::list_promotions,
     post "/api/v1/promotions/{id}/end" => catalog::end_promotion,
     post "/api/v1/sessions" => sessions::start_session,
+    get "/api/v1/sessions" => sessions::list_sessions,
     get "/api/v1/sessions/{id}" => sessions::get_session,
     post "/api/v1/sessions/{id}/close" => sessions::close_session,
     get "/api/v1/orders" => sessions::list_orders,

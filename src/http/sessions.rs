@@ -574,15 +574,47 @@ pub async fn list_payment_exceptions(
     caller: Caller,
     q: web::Query<PaymentExceptionQuery>,
 ) -> ApiResult<HttpResponse> {
-    caller.require(Role::Viewer)?;
     let q = q.into_inner();
-    let m = match (&caller.merchant, q.merchant_id) {
-        (None, None) => None,
-        (_, n) => Some(caller.acting_for(n.as_deref())?),
-    };
+    let m = listing_scope(&caller, q.merchant_id)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let items = state.store.payment_exceptions(m.as_deref(), limit).await?;
     Ok(HttpResponse::Ok().json(List::from(items)))
+}
+
+/// `GET /api/v1/sessions`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UnderWayQuery {
+    /// A platform key: one merchant's (default: all).
+    merchant_id: Option<String>,
+    /// At most this many, oldest first (default 500, at most 5000).
+    limit: Option<i64>,
+}
+
+/// The sessions still under way (confirming, unlocking, open): what the operator page lists
+/// when it opens, so that a session stuck since before is there to be closed.
+#[utoipa::path(get, path = "/api/v1/sessions", tag = "sessions", params(UnderWayQuery),
+    security(("bearer" = [])), responses((status = 200, body = List<crate::store::SessionRow>)))]
+pub async fn list_sessions(
+    state: web::Data<AppState>,
+    caller: Caller,
+    q: web::Query<UnderWayQuery>,
+) -> ApiResult<HttpResponse> {
+    let q = q.into_inner();
+    let m = listing_scope(&caller, q.merchant_id)?;
+    let limit = q.limit.unwrap_or(500).clamp(1, 5000);
+    let items = state.store.sessions_under_way(m.as_deref(), limit).await?;
+    Ok(HttpResponse::Ok().json(List::from(items)))
+}
+
+/// Whose rows a viewer's list shows: a merchant key its own merchant's; a platform key all
+/// (`None`), or the one it names.
+fn listing_scope(caller: &Caller, merchant_id: Option<String>) -> ApiResult<Option<String>> {
+    caller.require(Role::Viewer)?;
+    match (&caller.merchant, merchant_id) {
+        (None, None) => Ok(None),
+        (_, n) => Ok(Some(caller.acting_for(n.as_deref())?)),
+    }
 }
 
 /// The caller as the audit trail names it.

@@ -1004,6 +1004,26 @@ impl Store {
     }
 
     /// Sessions in a state (for recovery after a restart).
+    /// Sessions still under way (confirming, unlocking, open), of one merchant or all, oldest
+    /// first: at most one per cabinet (the partial unique index), so the list is bounded by
+    /// the fleet.
+    pub async fn sessions_under_way(
+        &self,
+        merchant_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<SessionRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM sessions WHERE state IN ('confirming', 'unlocking', 'open') \
+             AND ($1 IS NULL OR merchant_id = $1) ORDER BY created_at, id LIMIT $2",
+        )
+        .bind(merchant_id)
+        .bind(limit)
+        .fetch_all(&mut *self.read().await?)
+        .await?;
+        rows.iter().map(session_row).collect()
+    }
+
+    /// Sessions in `state`, oldest first.
     pub async fn sessions_in_state(&self, state: &str) -> Result<Vec<SessionRow>> {
         let rows = sqlx::query("SELECT * FROM sessions WHERE state = $1 ORDER BY created_at")
             .bind(state)

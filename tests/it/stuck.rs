@@ -62,6 +62,10 @@ async fn a_door_never_opened_cancels_and_frees_the_cabinet(b: Backend) {
 async fn an_operator_closes_a_stuck_session(b: Backend) {
     let (hub, op, mut c) = shop_with(b, |_| {}).await;
     let id = unlocked(&hub, &op, &mut c, "u1").await;
+    for key in [op.as_str(), crate::harness::ADMIN_KEY] {
+        let (s, v) = hub.get("/api/v1/sessions", key).await;
+        assert_eq!((s, v["items"][0]["id"].clone()), (200, json!(id)), "{v}");
+    }
     c.event("door_opened").await;
     hub.eventually(PATIENCE, "door open in the actor", || async {
         let v = hub.cabinet_state(&op, "KM1").await;
@@ -206,4 +210,43 @@ async fn a_session_closed_while_confirming_never_unlocks(b: Backend) {
     })
     .await
     .is_err());
+}
+
+/// The operator page closes a stuck session: the row's Close… button, a reason, and the
+/// session ends (its door never opened here, so it fails `closed_by_operator`), recorded with
+/// the operator's key and the reason; the row then offers no close.
+#[actix_rt::test]
+async fn an_operator_closes_a_stuck_session_in_the_page() {
+    let (hub, op, mut c) = shop_with(Backend::Sqlite, |_| {}).await;
+    let id = unlocked(&hub, &op, &mut c, "u1").await;
+    // Listed for its merchant (and the platform), not for another merchant.
+    let (s, mine) = hub.get("/api/v1/sessions", &op).await;
+    assert_eq!(
+        (s, mine["count"].clone(), mine["items"][0]["id"].clone()),
+        (200, json!(1), json!(id)),
+        "{mine}"
+    );
+    let (_, other) = hub.merchant("m2").await;
+    let (_, theirs) = hub.get("/api/v1/sessions", &other).await;
+    assert_eq!(theirs["count"], 0, "{theirs}");
+    // Opened before the page: the page lists it from the API, as it would a stuck one.
+    let mut b = crate::browser::Browser::launch(1440, 900).await;
+    crate::browser::sign_in(&mut b, &hub, &op).await;
+    b.eval("document.querySelector('[data-tab=sessions]').click()")
+        .await;
+    let button = format!("#sessions button[data-close=\"{id}\"]");
+    b.wait_for(&format!("!!document.querySelector('{button}')"), PATIENCE)
+        .await;
+    b.eval(&format!("document.querySelector('{button}').click()"))
+        .await;
+    b.eval("document.getElementById('close-reason').value = 'shopper walked away'; document.querySelector('#close-form button[type=submit]').click()")
+        .await;
+    let v = session(&hub, &op, &id, "failed").await;
+    assert_eq!(v["session"]["failure"], "closed_by_operator", "{v}");
+    assert_eq!(v["session"]["close_note"], "shopper walked away", "{v}");
+    b.wait_for(
+        &format!("document.querySelector('#sessions tr[data-session=\"{id}\"]')?.textContent.includes('failed') && !document.querySelector('{button}')"),
+        PATIENCE,
+    )
+    .await;
 }
