@@ -121,7 +121,7 @@ routes! {
         alerts::list_alerts, alerts::ack_alert, alerts::clear_alert,
         catalog::list_products, catalog::put_product, catalog::put_prices, catalog::get_prices,
         catalog::quote, catalog::create_promotion, catalog::list_promotions, catalog::end_promotion,
-        sessions::start_session, sessions::get_session, sessions::close_session, sessions::list_orders, sessions::get_order,
+        sessions::start_session, sessions::list_sessions, sessions::get_session, sessions::close_session, sessions::list_orders, sessions::get_order,
         sessions::resolve_order, sessions::refund_order, sessions::list_blacklist,
         sessions::list_payment_exceptions, sessions::list_audit, sessions::modify_order,
         sessions::add_blacklist, sessions::remove_blacklist,
