@@ -251,6 +251,17 @@ impl Application {
                 collector.follow_refunds().await;
             }
         });
+        // The settlement supervisor: one pass per tick over what is due (sessions::settle).
+        if settings.settlement.enabled {
+            let settler = sessions.clone();
+            let every = Duration::from_millis(settings.settlement.tick_ms.max(50));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    settler.settle_due().await;
+                }
+            });
+        }
         tokio::spawn(sessions.clone().apply_events(session_rx));
         // The backstop for sessions no cabinet actor will end (docs/architecture.md, "No
         // session outlives its purpose").

@@ -36,6 +36,8 @@ pub struct Settings {
     pub session: SessionSettings,
     /// Payment providers.
     pub payments: PaymentSettings,
+    /// Splitting paid orders between the platform and the merchant.
+    pub settlement: SettlementSettings,
     /// The operator feed.
     pub feed: FeedSettings,
     /// Promotion clock.
@@ -225,6 +227,31 @@ pub struct PaymentSettings {
     /// Real Alipay credentials (when `simulator` is false).
     #[serde(default)]
     pub alipay: Option<crate::payments::alipay::AlipaySettings>,
+}
+
+/// `[settlement]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettlementSettings {
+    /// `HUB__SETTLEMENT__ENABLED`: split every paid WeChat order (the merchant's
+    /// `commission_bps` to the platform, the rest released to the merchant). Off: orders are
+    /// completed without profit sharing, and the whole payment is the merchant's at once.
+    pub enabled: bool,
+    /// `HUB__SETTLEMENT__FIRST_AFTER_MS`: how long after the completion the split is first
+    /// asked for (WeChat takes one about 30 s after the payment).
+    pub first_after_ms: u64,
+    /// `HUB__SETTLEMENT__TICK_MS`: how often the supervisor takes what is due.
+    pub tick_ms: u64,
+    /// `HUB__SETTLEMENT__RETRY_MS`: the first wait after a failure, doubling per failure.
+    pub retry_ms: u64,
+    /// `HUB__SETTLEMENT__RETRY_MAX_MS`: the longest wait between attempts.
+    pub retry_max_ms: u64,
+    /// `HUB__SETTLEMENT__FOLLOW_MS`: how long a split the provider is still carrying out waits
+    /// before it is asked about again.
+    pub follow_ms: u64,
+    /// `HUB__SETTLEMENT__SURFACE_AFTER`: failures in a row before a settlement is `failed` and
+    /// an operator is told (a refusal on the merits is surfaced at once).
+    pub surface_after: u32,
 }
 
 /// `[feed]`

@@ -289,6 +289,7 @@ pub async fn relay_store_changes(
                 "payment_exception",
                 &e,
             ),
+            Change::Settlement(s) => feed.publish(&s.merchant_id, "settlement", &s),
         }
     }
 }

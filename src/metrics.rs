@@ -37,6 +37,8 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     pub sessions_closed: IntCounterVec,
     pub refunds: IntCounterVec,
+    pub settlements: IntCounterVec,
+    pub settlement_failures: IntCounterVec,
     pub sessions: IntCounterVec,
     pub session_unlock: prometheus::Histogram,
     pub session_stages: HistogramVec,
@@ -245,6 +247,26 @@ impl Metrics {
                         "Refunds settled, by the provider's word: succeeded, failed (refused, or its ABNORMAL), closed",
                     ),
                     &["status"],
+                )?,
+            ),
+            settlements: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "settlements_total",
+                        "Settlement moves, by the state reached: splitting, split, finished, failed, pending (a retry)",
+                    ),
+                    &["state"],
+                )?,
+            ),
+            settlement_failures: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "settlement_failures_total",
+                        "Failed settlement steps, by step: split, follow, finish",
+                    ),
+                    &["step"],
                 )?,
             ),
             store_errors: reg(

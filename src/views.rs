@@ -321,6 +321,76 @@ pub struct OrderView {
     /// `GET /api/v1/orders/{id}` only: who did what to it (newest first).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit: Option<Vec<crate::store::AuditRow>>,
+    /// `GET /api/v1/orders/{id}` only: how its payment is split between the platform and the
+    /// merchant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settlement: Option<SettlementView>,
+}
+
+/// An order's settlement (分账) as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SettlementView {
+    /// `none` (no settlement follows this order: not a WeChat order, settlement off, nothing
+    /// paid), `pending`, `splitting`, `split`, `finished`, `failed`, `returned`.
+    pub state: String,
+    /// The platform's commission, basis points (fixed when the order was completed).
+    pub commission_bps: Option<i64>,
+    /// The platform's share, fen (fixed when the split is asked for).
+    pub platform_fen: i64,
+    /// The merchant's share, fen.
+    pub merchant_fen: i64,
+    /// Of the platform's share, what went back to the merchant ahead of refunds, fen.
+    pub returned_fen: i64,
+    /// Failures in a row; the last one's words.
+    pub failures: i64,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When the supervisor takes it next, RFC 3339 (while not settled).
+    pub next_attempt_at: Option<String>,
+    /// RFC 3339.
+    pub updated_at: Option<String>,
+    /// Returns of the platform's share ahead of refunds.
+    pub returns: Vec<crate::store::SettlementReturnRow>,
+}
+
+impl SettlementView {
+    /// The view of a settlement and its returns, or `none`.
+    pub fn of(
+        s: Option<&crate::store::SettlementRow>,
+        returns: Vec<crate::store::SettlementReturnRow>,
+    ) -> Self {
+        match s {
+            None => Self {
+                state: "none".into(),
+                commission_bps: None,
+                platform_fen: 0,
+                merchant_fen: 0,
+                returned_fen: 0,
+                failures: 0,
+                last_error: None,
+                next_attempt_at: None,
+                updated_at: None,
+                returns,
+            },
+            Some(s) => Self {
+                state: s.state.clone(),
+                commission_bps: Some(s.commission_bps),
+                platform_fen: s.platform_fen,
+                merchant_fen: s.merchant_fen,
+                returned_fen: s.returned_fen,
+                failures: s.failures,
+                last_error: s.last_error.clone(),
+                next_attempt_at: matches!(
+                    s.state.as_str(),
+                    "pending" | "splitting" | "split" | "failed"
+                )
+                .then(|| rfc3339(s.due_at))
+                .flatten(),
+                updated_at: rfc3339(s.updated_at),
+                returns,
+            },
+        }
+    }
 }
 
 impl From<&OrderRow> for OrderView {
@@ -347,6 +417,7 @@ impl From<&OrderRow> for OrderView {
             updated_at: rfc3339(o.updated_at),
             refunds: None,
             audit: None,
+            settlement: None,
         }
     }
 }

@@ -333,6 +333,14 @@ pub async fn get_order(
     let mut v = OrderView::from(&o);
     v.refunds = Some(refunds);
     v.audit = Some(state.store.audit(None, Some(&o.id), None, 200).await?);
+    let (settlement, returns) = (
+        state.store.settlement(&o.id).await?,
+        state.store.settlement_returns(&o.id).await?,
+    );
+    v.settlement = Some(crate::views::SettlementView::of(
+        settlement.as_ref(),
+        returns,
+    ));
     Ok(HttpResponse::Ok().json(v))
 }
 

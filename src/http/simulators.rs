@@ -9,11 +9,12 @@ use super::auth::{Caller, Role};
 use super::state::AppState;
 use super::ErrorBody;
 use crate::error::{ApiError, ApiResult};
-use crate::simulators::wechat::{Confirm, Deduction, RefundScript, UserScript};
+use crate::simulators::wechat::{Confirm, Deduction, MerchantScript, RefundScript, UserScript};
 use crate::simulators::Simulators;
 
 super::routes! {
     put "/sim/users/{user_id}" => sim_user,
+    put "/sim/merchants/{sub_mchid}" => sim_merchant,
     post "/sim/users/{user_id}/pay" => sim_user_pays,
     post "/sim/wechatpay-redeliver" => sim_redeliver,
     post "/sim/wechatpay/confirm" => sim_wechat_confirm,
@@ -24,6 +25,7 @@ super::routes! {
 #[derive(OpenApi)]
 #[openapi(paths(
     sim_user,
+    sim_merchant,
     sim_user_pays,
     sim_redeliver,
     sim_wechat_confirm,
@@ -103,6 +105,39 @@ pub async fn sim_user(
     sims.alipay.set_user(&path, script);
     Ok(HttpResponse::Ok().json(SimUser {
         user_id: path.into_inner(),
+        script,
+    }))
+}
+
+/// A second-level merchant's profit sharing as scripted.
+#[derive(Serialize, ToSchema)]
+pub struct SimMerchant {
+    /// The WeChat sub_mchid.
+    sub_mchid: String,
+    /// The script.
+    #[schema(value_type = Object)]
+    script: MerchantScript,
+}
+
+/// Scripts a second-level merchant's profit sharing in the WeChat Pay simulator:
+/// `{"receiver_bound": false}` closes its splits' receivers (`NO_RELATION`),
+/// `{"returns_succeed": false}` fails returns (`BALANCE_NOT_ENOUGH`).
+#[utoipa::path(put, path = "/sim/merchants/{sub_mchid}", tag = "simulators", params(("sub_mchid" = String, Path)),
+    request_body(content = Object, description = "`receiver_bound`, `returns_succeed` (both default true)"),
+    security(("bearer" = [])),
+    responses((status = 200, body = SimMerchant), (status = 404, body = ErrorBody, description = "no simulator")))]
+pub async fn sim_merchant(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<MerchantScript>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Admin)?;
+    let sims = simulators(&state)?;
+    let script = body.into_inner();
+    sims.wechat.set_merchant(&path, script);
+    Ok(HttpResponse::Ok().json(SimMerchant {
+        sub_mchid: path.into_inner(),
         script,
     }))
 }

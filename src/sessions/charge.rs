@@ -101,10 +101,11 @@ impl Sessions {
         };
         let sub = self.sub_mchid(&s.merchant_id).await;
         let (pay, disc) = provider_lines(priced);
+        let sharing = self.open_settlement(o, priced.total_fen).await;
         let mut wait = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         for attempt in 1..=COMPLETE_ATTEMPTS {
             let r = w
-                .complete_order(&sub, &s.id, &pay, &disc, priced.total_fen)
+                .complete_order(&sub, &s.id, &pay, &disc, priced.total_fen, sharing)
                 .await;
             match self.counted("wechat", "complete", r) {
                 Ok(()) => break,

@@ -12,6 +12,7 @@
 //! - `exceptions`: the blacklist, abnormal orders resolved by a person, refunds.
 //! - `notifications`: the providers' signed notifications.
 //! - `provider`: one place for what every provider call shares (metrics, merchant terms).
+//! - `settle`: the settlement supervisor (分账): split, follow, finish, returns before refunds.
 
 mod alipay;
 mod charge;
@@ -21,6 +22,7 @@ mod exceptions;
 mod notifications;
 mod provider;
 mod refunds;
+mod settle;
 mod start;
 
 use std::collections::HashMap;

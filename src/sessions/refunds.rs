@@ -184,6 +184,16 @@ impl Sessions {
             return (Word::InFlight, None);
         };
         let sub = self.sub_mchid(&o.merchant_id).await;
+        // A split order's platform part goes back to the merchant first (回退), or the
+        // merchant's account cannot pay the refund.
+        match self.return_split_first(w, o, r, &sub).await {
+            super::settle::ReturnFirst::Clear => {}
+            super::settle::ReturnFirst::Wait => return (Word::InFlight, None),
+            super::settle::ReturnFirst::Refused(reason) => {
+                tracing::error!(order_id = %o.id, refund_id = %r.id, reason, "refund failed: the split's return was refused");
+                return (Word::Failed, None);
+            }
+        }
         let result = w
             .refund(&sub, txn, &r.id, r.amount_fen, o.paid_fen, &r.reason)
             .await;

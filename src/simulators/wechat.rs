@@ -86,6 +86,33 @@ pub enum RefundScript {
     Silent,
 }
 
+/// How the platform's profit sharing goes for one second-level merchant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MerchantScript {
+    /// The platform is bound as this merchant's receiver: off, a split's receiver ends CLOSED
+    /// with `NO_RELATION`.
+    #[serde(default = "yes")]
+    pub receiver_bound: bool,
+    /// Returns (回退) from the platform succeed: off, they end FAILED with
+    /// `BALANCE_NOT_ENOUGH` (the platform's account is empty).
+    #[serde(default = "yes")]
+    pub returns_succeed: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for MerchantScript {
+    fn default() -> Self {
+        Self {
+            receiver_bound: true,
+            returns_succeed: true,
+        }
+    }
+}
+
 /// How a simulated shopper answers the confirmation of a pay-after-use order; in JSON `true`,
 /// `false` or `"manual"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +194,18 @@ struct SimOrder {
     /// When it was created (Unix seconds); 0 in journals written before this was kept.
     #[serde(default)]
     created_s: i64,
+    /// Completed with `profit_sharing`: the payment stays frozen until split and finished.
+    #[serde(default)]
+    profit_sharing: bool,
+    /// Split to receivers and not returned (fen): what the merchant cannot refund from.
+    #[serde(default)]
+    shared: i64,
+    /// Split requests taken (at most 50).
+    #[serde(default)]
+    splits: u32,
+    /// 完结分账: nothing more can be split.
+    #[serde(default)]
+    sharing_finished: bool,
 }
 
 impl SimOrder {
@@ -198,6 +237,15 @@ struct State {
     orders: Tracked<SimOrder>,
     refunds: Tracked<Value>,
     users: Tracked<UserScript>,
+    /// Splits by sub_mchid and out_order_no; each names its order (`order_key`).
+    #[serde(default)]
+    splits: Tracked<Value>,
+    /// Returns by out_return_no.
+    #[serde(default)]
+    returns: Tracked<Value>,
+    /// Profit-sharing scripts by sub_mchid.
+    #[serde(default)]
+    merchants: Tracked<MerchantScript>,
     seq: u64,
 }
 
@@ -209,11 +257,23 @@ impl State {
             self.refunds.take_changed(),
             self.users.take_changed(),
         );
-        if orders.is_empty() && refunds.is_empty() && users.is_empty() {
+        let (splits, returns, merchants) = (
+            self.splits.take_changed(),
+            self.returns.take_changed(),
+            self.merchants.take_changed(),
+        );
+        if orders.is_empty()
+            && refunds.is_empty()
+            && users.is_empty()
+            && splits.is_empty()
+            && returns.is_empty()
+            && merchants.is_empty()
+        {
             return None;
         }
         serde_json::to_string(
-            &json!({"orders": orders, "refunds": refunds, "users": users, "seq": self.seq}),
+            &json!({"orders": orders, "refunds": refunds, "users": users,
+            "splits": splits, "returns": returns, "merchants": merchants, "seq": self.seq}),
         )
         .ok()
     }
@@ -226,6 +286,9 @@ impl State {
             st.orders.merge(part.orders);
             st.refunds.merge(part.refunds);
             st.users.merge(part.users);
+            st.splits.merge(part.splits);
+            st.returns.merge(part.returns);
+            st.merchants.merge(part.merchants);
             st.seq = st.seq.max(part.seq);
         }
         Ok(st)
@@ -345,6 +408,12 @@ impl WechatSim {
     /// Scripts a shopper.
     pub fn set_user(&self, user: &str, script: UserScript) {
         self.lock().users.insert(user.to_owned(), script);
+        self.save();
+    }
+
+    /// Scripts a second-level merchant's profit sharing.
+    pub fn set_merchant(&self, sub_mchid: &str, script: MerchantScript) {
+        self.lock().merchants.insert(sub_mchid.to_owned(), script);
         self.save();
     }
 
@@ -700,6 +769,10 @@ impl WechatSim {
                 create_body: body.to_string(),
                 refunded: 0,
                 created_s: now_s(),
+                profit_sharing: false,
+                shared: 0,
+                splits: 0,
+                sharing_finished: false,
             },
         );
         if self.user(&openid).confirm == Confirm::Yes {
@@ -894,6 +967,7 @@ impl WechatSim {
         }
         o.order.state_description = Some("MCH_COMPLETE".into());
         o.order.total_amount = Some(total);
+        o.profit_sharing = body["profit_sharing"].as_bool().unwrap_or(false);
         o.order.collection = Some(Collection {
             state: "USER_PAYING".into(),
             total_amount: total,
@@ -990,6 +1064,15 @@ impl WechatSim {
             if order.refunded + amount > paid {
                 return Err(SimError(403, "NOT_ENOUGH", "退款金额超过可退金额".into()));
             }
+            // What was split to the platform is not the merchant's to refund until it is
+            // returned (research/payments.md: return the split first, then refund).
+            if order.refunded + amount > paid - order.shared {
+                return Err(SimError(
+                    403,
+                    "NOT_ENOUGH",
+                    "二级商户可用余额不足，请先回退分账".into(),
+                ));
+            }
             order.refunded += amount;
             let sub_mchid = order.sub_mchid.clone();
             st.seq += 1;
@@ -1041,6 +1124,298 @@ impl WechatSim {
         if script != RefundScript::Silent && !notify_url.is_empty() {
             self.send_notice((notify_url, resource), event);
         }
+    }
+
+    /// The order a paid `transaction_id` belongs to, of this second-level merchant.
+    fn paid_order_key(st: &State, sub_mchid: &str, txn: &str) -> Result<String, SimError> {
+        st.orders
+            .iter()
+            .find(|(_, o)| {
+                o.sub_mchid == sub_mchid
+                    && o.order
+                        .collection
+                        .as_ref()
+                        .is_some_and(|c| c.details.iter().any(|d| d.transaction_id == txn))
+            })
+            .map(|(k, _)| k.clone())
+            .ok_or_else(|| SimError(404, "RESOURCE_NOT_EXISTS", "订单不存在".into()))
+    }
+
+    /// `POST /v3/ecommerce/profitsharing/orders`: taken (PROCESSING, receivers PENDING) and
+    /// carried out after the confirm delay: a receiver the merchant is not bound to ends CLOSED
+    /// (`NO_RELATION`), the others SUCCESS. Refused: an order completed without profit sharing,
+    /// a finished one, more than 30 % of the payment to others, more than is left, the 51st
+    /// request. The same out_order_no answers the same split.
+    fn split(&self, body: &Value) -> Result<Value, SimError> {
+        let param = |m: &str| SimError(400, "PARAM_ERROR", m.to_owned());
+        let sub = body["sub_mchid"]
+            .as_str()
+            .ok_or_else(|| param("sub_mchid"))?;
+        let txn = body["transaction_id"]
+            .as_str()
+            .ok_or_else(|| param("transaction_id"))?;
+        let out_order_no = body["out_order_no"]
+            .as_str()
+            .filter(|n| !n.is_empty() && n.len() <= 64)
+            .ok_or_else(|| param("out_order_no"))?;
+        let receivers = body["receivers"]
+            .as_array()
+            .filter(|r| !r.is_empty() && r.len() <= 50)
+            .ok_or_else(|| param("receivers"))?;
+        let mut amount = 0i64;
+        for r in receivers {
+            let a = r["amount"]
+                .as_i64()
+                .filter(|a| *a > 0)
+                .ok_or_else(|| param("receivers.amount"))?;
+            if r["type"] != "MERCHANT_ID" && r["type"] != "PERSONAL_OPENID" {
+                return Err(param("receivers.type"));
+            }
+            if r["receiver_account"].as_str().is_none_or(str::is_empty)
+                || r["description"].as_str().is_none_or(str::is_empty)
+            {
+                return Err(param("receivers.receiver_account/description"));
+            }
+            amount += a;
+        }
+        let split_key = key(sub, out_order_no);
+        let (answer, order_key) = {
+            let mut st = self.lock();
+            if let Some(existing) = st.splits.get(&split_key) {
+                return Ok(existing["answer"].clone());
+            }
+            let order_key = Self::paid_order_key(&st, sub, txn)?;
+            let bound = st
+                .merchants
+                .get(sub)
+                .copied()
+                .unwrap_or_default()
+                .receiver_bound;
+            st.seq += 1;
+            let order_id = format!("30000{}{:06}", now_s(), st.seq);
+            let o = st
+                .orders
+                .get_mut(&order_key)
+                .ok_or_else(|| SimError(404, "RESOURCE_NOT_EXISTS", "订单不存在".into()))?;
+            let paid = o.order.collection.as_ref().map_or(0, |c| c.paid_amount);
+            if !o.profit_sharing {
+                return Err(SimError(
+                    400,
+                    "INVALID_REQUEST",
+                    "订单不支持分账（完结时未设置profit_sharing）".into(),
+                ));
+            }
+            if o.sharing_finished {
+                return Err(SimError(400, "INVALID_REQUEST", "订单已完结分账".into()));
+            }
+            if o.splits >= 50 {
+                return Err(SimError(400, "INVALID_REQUEST", "分账次数超过50次".into()));
+            }
+            if (o.shared + amount) * 100 > paid * 30 {
+                return Err(SimError(
+                    400,
+                    "PARAM_ERROR",
+                    "分账金额超过最大分账比例30%".into(),
+                ));
+            }
+            if o.shared + amount > paid - o.refunded {
+                return Err(SimError(403, "NOT_ENOUGH", "可分账金额不足".into()));
+            }
+            o.splits += 1;
+            // Held against the order now, released if the receiver's part closes.
+            o.shared += amount;
+            let pending: Vec<Value> = receivers
+                .iter()
+                .map(|r| {
+                    // 收付通 names a merchant receiver `receiver_mchid` in its answers.
+                    let field = if r["type"] == "MERCHANT_ID" {
+                        "receiver_mchid"
+                    } else {
+                        "receiver_account"
+                    };
+                    json!({field: r["receiver_account"], "type": r["type"], "amount": r["amount"],
+                           "description": r["description"], "result": "PENDING"})
+                })
+                .collect();
+            let answer = json!({"sub_mchid": sub, "transaction_id": txn, "out_order_no": out_order_no,
+                                "order_id": order_id, "status": "PROCESSING", "receivers": pending});
+            st.splits.insert(
+                split_key.clone(),
+                json!({"answer": answer, "order_key": order_key, "bound": bound,
+                       "finish": body["finish"].as_bool().unwrap_or(false)}),
+            );
+            (answer, order_key)
+        };
+        self.save();
+        let sim = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(sim.cfg.confirm_delay).await;
+            sim.carry_out_split(&split_key, &order_key);
+        });
+        Ok(answer)
+    }
+
+    fn carry_out_split(&self, split_key: &str, order_key: &str) {
+        {
+            let mut st = self.lock();
+            let Some(split) = st.splits.get_mut(split_key) else {
+                return;
+            };
+            let bound = split["bound"].as_bool().unwrap_or(true);
+            let finish = split["finish"].as_bool().unwrap_or(false);
+            let mut closed = 0i64;
+            if let Some(rs) = split["answer"]["receivers"].as_array_mut() {
+                for r in rs {
+                    if bound {
+                        r["result"] = json!("SUCCESS");
+                    } else {
+                        r["result"] = json!("CLOSED");
+                        r["fail_reason"] = json!("NO_RELATION");
+                        closed += r["amount"].as_i64().unwrap_or(0);
+                    }
+                    r["finish_time"] = json!(rfc3339_now());
+                }
+            }
+            split["answer"]["status"] = json!("FINISHED");
+            if let Some(o) = st.orders.get_mut(order_key) {
+                o.shared -= closed;
+                o.sharing_finished |= finish;
+            }
+        }
+        self.save();
+    }
+
+    /// `GET /v3/ecommerce/profitsharing/orders?sub_mchid&transaction_id&out_order_no`.
+    fn find_split(&self, sub: &str, out_order_no: &str) -> Result<Value, SimError> {
+        self.lock()
+            .splits
+            .get(&key(sub, out_order_no))
+            .map(|s| s["answer"].clone())
+            .ok_or_else(|| SimError(404, "RESOURCE_NOT_EXISTS", "分账单不存在".into()))
+    }
+
+    /// `POST /v3/ecommerce/profitsharing/returnorders`: answered at once, SUCCESS or (the
+    /// platform's account empty) FAILED; never more than the split's successful part not
+    /// returned yet. The same out_return_no answers the same return.
+    fn return_split(&self, body: &Value) -> Result<Value, SimError> {
+        let param = |m: &str| SimError(400, "PARAM_ERROR", m.to_owned());
+        let sub = body["sub_mchid"]
+            .as_str()
+            .ok_or_else(|| param("sub_mchid"))?;
+        let out_order_no = body["out_order_no"]
+            .as_str()
+            .ok_or_else(|| param("out_order_no"))?;
+        let out_return_no = body["out_return_no"]
+            .as_str()
+            .filter(|n| !n.is_empty() && n.len() <= 64)
+            .ok_or_else(|| param("out_return_no"))?;
+        let amount = body["amount"]
+            .as_i64()
+            .filter(|a| *a > 0)
+            .ok_or_else(|| param("amount"))?;
+        if body["return_mchid"] != self.cfg.mchid.as_str() {
+            return Err(param("return_mchid"));
+        }
+        let answer = {
+            let mut st = self.lock();
+            if let Some(existing) = st.returns.get(out_return_no) {
+                return Ok(existing.clone());
+            }
+            let script = st.merchants.get(sub).copied().unwrap_or_default();
+            let split_key = key(sub, out_order_no);
+            let split = st
+                .splits
+                .get(&split_key)
+                .cloned()
+                .ok_or_else(|| SimError(404, "RESOURCE_NOT_EXISTS", "分账单不存在".into()))?;
+            let succeeded: i64 = split["answer"]["receivers"]
+                .as_array()
+                .map(|rs| {
+                    rs.iter()
+                        .filter(|r| r["result"] == "SUCCESS")
+                        .filter_map(|r| r["amount"].as_i64())
+                        .sum()
+                })
+                .unwrap_or(0);
+            let returned = split["returned"].as_i64().unwrap_or(0);
+            if amount > succeeded - returned {
+                return Err(SimError(403, "NOT_ENOUGH", "回退金额超过可回退金额".into()));
+            }
+            st.seq += 1;
+            let mut answer = json!({"sub_mchid": sub, "out_order_no": out_order_no, "out_return_no": out_return_no,
+                "return_no": format!("31000{}{:06}", now_s(), st.seq), "return_mchid": self.cfg.mchid,
+                "amount": amount, "finish_time": rfc3339_now()});
+            if script.returns_succeed {
+                answer["result"] = json!("SUCCESS");
+                if let Some(s) = st.splits.get_mut(&split_key) {
+                    s["returned"] = json!(returned + amount);
+                }
+                let order_key = split["order_key"].as_str().unwrap_or_default().to_owned();
+                if let Some(o) = st.orders.get_mut(&order_key) {
+                    o.shared -= amount;
+                }
+            } else {
+                answer["result"] = json!("FAILED");
+                answer["fail_reason"] = json!("BALANCE_NOT_ENOUGH");
+            }
+            st.returns.insert(out_return_no.to_owned(), answer.clone());
+            answer
+        };
+        self.save();
+        Ok(answer)
+    }
+
+    /// `POST /v3/ecommerce/profitsharing/finish-order`: the rest of the payment is the
+    /// merchant's; no split after it. The same out_order_no answers again.
+    fn finish_split(&self, body: &Value) -> Result<Value, SimError> {
+        let param = |m: &str| SimError(400, "PARAM_ERROR", m.to_owned());
+        let sub = body["sub_mchid"]
+            .as_str()
+            .ok_or_else(|| param("sub_mchid"))?;
+        let txn = body["transaction_id"]
+            .as_str()
+            .ok_or_else(|| param("transaction_id"))?;
+        let out_order_no = body["out_order_no"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| param("out_order_no"))?;
+        if body["description"].as_str().is_none_or(str::is_empty) {
+            return Err(param("description"));
+        }
+        let finish_key = key(sub, out_order_no);
+        let answer = {
+            let mut st = self.lock();
+            if let Some(existing) = st.splits.get(&finish_key) {
+                return Ok(existing["answer"].clone());
+            }
+            let order_key = Self::paid_order_key(&st, sub, txn)?;
+            st.seq += 1;
+            let order_id = format!("30000{}{:06}", now_s(), st.seq);
+            let o = st
+                .orders
+                .get_mut(&order_key)
+                .ok_or_else(|| SimError(404, "RESOURCE_NOT_EXISTS", "订单不存在".into()))?;
+            if !o.profit_sharing {
+                return Err(SimError(
+                    400,
+                    "INVALID_REQUEST",
+                    "订单不支持分账（完结时未设置profit_sharing）".into(),
+                ));
+            }
+            if o.sharing_finished {
+                return Err(SimError(400, "INVALID_REQUEST", "订单已完结分账".into()));
+            }
+            o.sharing_finished = true;
+            let answer =
+                json!({"sub_mchid": sub, "out_order_no": out_order_no, "order_id": order_id});
+            st.splits.insert(
+                finish_key,
+                json!({"answer": answer, "order_key": order_key, "finished": true}),
+            );
+            answer
+        };
+        self.save();
+        Ok(answer)
     }
 
     /// `GET /v3/ecommerce/refunds/out-refund-no/{no}`.
@@ -1137,6 +1512,30 @@ async fn handle(sim: web::Data<WechatSim>, req: HttpRequest, body: web::Bytes) -
             }
             ("POST", ["v3", "ecommerce", "refunds", "apply"]) => {
                 sim.refund(&parsed).map(|v| (200, Some(v)))
+            }
+            ("POST", ["v3", "ecommerce", "profitsharing", "orders"]) => {
+                sim.split(&parsed).map(|v| (200, Some(v)))
+            }
+            ("GET", ["v3", "ecommerce", "profitsharing", "orders"]) => {
+                let q = web::Query::<OrderQuery>::from_query(req.query_string())
+                    .map(|q| q.into_inner());
+                match q {
+                    Ok(OrderQuery {
+                        out_order_no: Some(o),
+                        sub_mchid: Some(s),
+                    }) => sim.find_split(&s, &o).map(|v| (200, Some(v))),
+                    _ => Err(SimError(
+                        400,
+                        "PARAM_ERROR",
+                        "out_order_no和sub_mchid必填".into(),
+                    )),
+                }
+            }
+            ("POST", ["v3", "ecommerce", "profitsharing", "returnorders"]) => {
+                sim.return_split(&parsed).map(|v| (200, Some(v)))
+            }
+            ("POST", ["v3", "ecommerce", "profitsharing", "finish-order"]) => {
+                sim.finish_split(&parsed).map(|v| (200, Some(v)))
             }
             ("POST", ["v3", "payscore", "partner", "serviceorder", no, "modify"]) => {
                 sim.modify(no, &parsed).map(|()| (204, None))

@@ -49,6 +49,7 @@ mod cache;
 mod catalog;
 mod keys;
 mod sessions;
+mod settlements;
 pub use audit::AuditRow;
 pub use catalog::{PromotionRow, PromotionRule};
 pub use keys::{ApiKeyRecord, Revocation};
@@ -56,6 +57,7 @@ pub use sessions::{
     BlacklistRow, KeyedSession, Notice, NoticeEffect, NoticeOutcome, OrderFilter, OrderRow,
     OrderUpdate, PaymentExceptionRow, RefundRow, SessionRow,
 };
+pub use settlements::{SettlementMove, SettlementReturnRow, SettlementRow};
 
 /// A merchant.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -205,6 +207,7 @@ fn migrator(postgres: bool) -> Migrator {
         (15, "audit", sql!("0015_audit.sql")),
         (16, "authorised_amount", sql!("0016_authorised_amount.sql")),
         (17, "deduction_failure", sql!("0017_deduction_failure.sql")),
+        (18, "settlements", sql!("0018_settlements.sql")),
     ];
     Migrator::with_migrations(
         files
@@ -438,8 +441,11 @@ pub enum Change {
     Session(sessions::SessionRow),
     /// An order was created or changed (status, amounts).
     Order(sessions::OrderRow),
-    /// A provider notice did not match its order and was not applied.
+    /// A provider notice did not match its order and was not applied, or a settlement step
+    /// failed.
     PaymentException(sessions::PaymentExceptionRow),
+    /// An order's settlement moved.
+    Settlement(settlements::SettlementRow),
 }
 
 fn pool_options(postgres: bool, max_connections: u32) -> AnyPoolOptions {

@@ -18,6 +18,7 @@ mod ops;
 mod purchase;
 mod readiness;
 mod refunds;
+mod settlement;
 mod startup;
 mod store;
 mod stuck;

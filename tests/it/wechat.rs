@@ -229,7 +229,7 @@ async fn happy_path_confirm_complete_paid_refund() {
 
     let (pay, disc) = lines();
     r.client
-        .complete_order("1900000109", "o_1", &pay, &disc, 1150)
+        .complete_order("1900000109", "o_1", &pay, &disc, 1150, false)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let n = r.next_note().await;
@@ -303,7 +303,7 @@ async fn finished_orders_are_forgotten_after_the_kept_time_unfinished_ones_never
     assert_eq!(r.next_note().await.event_type, "PAYSCORE.USER_CONFIRM");
     let (pay, disc) = lines();
     r.client
-        .complete_order("1900000109", "o_done", &pay, &disc, 1150)
+        .complete_order("1900000109", "o_done", &pay, &disc, 1150, false)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.next_note().await.event_type, "PAYSCORE.USER_PAID");
@@ -356,7 +356,7 @@ async fn declined_confirmation_and_cancel() {
     let (pay, disc) = lines();
     match r
         .client
-        .complete_order("1900000109", "o_2", &pay, &disc, 1150)
+        .complete_order("1900000109", "o_2", &pay, &disc, 1150, false)
         .await
     {
         Err(WechatError::Api { code, message, .. }) => assert_eq!(
@@ -409,7 +409,7 @@ async fn failed_deduction_stays_paying_until_the_shopper_pays() {
     // A total that does not add up is refused as WeChat does.
     match r
         .client
-        .complete_order("1900000109", "o_3", &pay, &disc, 1250)
+        .complete_order("1900000109", "o_3", &pay, &disc, 1250, false)
         .await
     {
         Err(WechatError::Api { code, message, .. }) => assert_eq!(
@@ -419,7 +419,7 @@ async fn failed_deduction_stays_paying_until_the_shopper_pays() {
         other => panic!("{other:?}"),
     }
     r.client
-        .complete_order("1900000109", "o_3", &pay, &disc, 1150)
+        .complete_order("1900000109", "o_3", &pay, &disc, 1150, false)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     r.client

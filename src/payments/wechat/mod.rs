@@ -267,6 +267,71 @@ pub struct Refund {
     pub status: Option<String>,
 }
 
+/// One receiver of a split (`receivers[]` of `/v3/ecommerce/profitsharing/orders`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitReceiver {
+    /// `MERCHANT_ID` (the platform) or `PERSONAL_OPENID`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The receiver's merchant id or openid.
+    pub receiver_account: String,
+    /// Fen.
+    pub amount: i64,
+    /// Shown to the receiver.
+    pub description: String,
+}
+
+/// A receiver's outcome in a split's answer or query.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitReceiverResult {
+    /// The receiver (`receiver_account`, or `receiver_mchid` in 收付通's query).
+    #[serde(default, alias = "receiver_mchid")]
+    pub receiver_account: Option<String>,
+    /// Fen.
+    #[serde(default)]
+    pub amount: i64,
+    /// PENDING, SUCCESS, ADJUST, RETURNED, CLOSED.
+    #[serde(default)]
+    pub result: Option<String>,
+    /// ACCOUNT_ABNORMAL, NO_RELATION, RECEIVER_HIGH_RISK, … when CLOSED.
+    #[serde(default)]
+    pub fail_reason: Option<String>,
+}
+
+/// A split (分账单) as WeChat answers a request or a query.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitOrder {
+    /// Ours.
+    pub out_order_no: String,
+    /// WeChat's.
+    #[serde(default)]
+    pub order_id: Option<String>,
+    /// ACCEPTED, PROCESSING, FINISHED, CLOSED.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// Each receiver's outcome.
+    #[serde(default)]
+    pub receivers: Vec<SplitReceiverResult>,
+}
+
+/// A return (回退) of a split.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitReturn {
+    /// Ours.
+    pub out_return_no: String,
+    /// WeChat's.
+    #[serde(default)]
+    pub return_no: Option<String>,
+    /// Fen.
+    #[serde(default)]
+    pub amount: i64,
+    /// PROCESSING, SUCCESS, FAILED.
+    pub result: String,
+    /// Why it failed.
+    #[serde(default)]
+    pub fail_reason: Option<String>,
+}
+
 /// A verified, decrypted notification.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Notification {
@@ -563,7 +628,8 @@ impl WechatClient {
         serde_json::from_value(v).map_err(|e| WechatError::Decode(e.to_string()))
     }
 
-    /// Completes with the final amount; WeChat then deducts. Answers 204.
+    /// Completes with the final amount; WeChat then deducts. Answers 204. `profit_sharing`
+    /// keeps the payment frozen for a split: only for orders whose settlement will follow.
     pub async fn complete_order(
         &self,
         sub_mchid: &str,
@@ -571,9 +637,10 @@ impl WechatClient {
         post_payments: &[PostPayment],
         post_discounts: &[PostDiscount],
         total_amount: i64,
+        profit_sharing: bool,
     ) -> Result<(), WechatError> {
         let body = serde_json::json!({"service_id": self.cfg.service_id, "sub_mchid": sub_mchid, "post_payments": post_payments,
-                                      "post_discounts": post_discounts, "total_amount": total_amount, "profit_sharing": true});
+                                      "post_discounts": post_discounts, "total_amount": total_amount, "profit_sharing": profit_sharing});
         self.call(
             reqwest::Method::POST,
             &format!("/v3/payscore/partner/serviceorder/{out_order_no}/complete"),
@@ -655,6 +722,83 @@ impl WechatClient {
             )
             .await?;
         serde_json::from_value(v).map_err(|e| WechatError::Decode(e.to_string()))
+    }
+
+    /// Asks for a split of a paid order (平台收付通 profit sharing): asynchronous, idempotent
+    /// by `out_order_no`. `finish` false keeps the rest frozen until [`Self::finish_split`].
+    pub async fn split(
+        &self,
+        sub_mchid: &str,
+        transaction_id: &str,
+        out_order_no: &str,
+        receivers: &[SplitReceiver],
+        finish: bool,
+    ) -> Result<SplitOrder, WechatError> {
+        let body = serde_json::json!({"appid": self.cfg.appid, "sub_mchid": sub_mchid, "transaction_id": transaction_id,
+            "out_order_no": out_order_no, "receivers": receivers, "finish": finish});
+        let (_, v) = self
+            .call(
+                reqwest::Method::POST,
+                "/v3/ecommerce/profitsharing/orders",
+                Some(&body),
+            )
+            .await?;
+        serde_json::from_value(v).map_err(|e| WechatError::Decode(e.to_string()))
+    }
+
+    /// Queries a split by our `out_order_no`.
+    pub async fn query_split(
+        &self,
+        sub_mchid: &str,
+        transaction_id: &str,
+        out_order_no: &str,
+    ) -> Result<SplitOrder, WechatError> {
+        let q = format!(
+            "/v3/ecommerce/profitsharing/orders?sub_mchid={sub_mchid}&transaction_id={transaction_id}&out_order_no={out_order_no}"
+        );
+        let (_, v) = self.call(reqwest::Method::GET, &q, None).await?;
+        serde_json::from_value(v).map_err(|e| WechatError::Decode(e.to_string()))
+    }
+
+    /// Returns part of a split from the receiver (the platform) to the merchant, ahead of a
+    /// refund; idempotent by `out_return_no`.
+    pub async fn return_split(
+        &self,
+        sub_mchid: &str,
+        out_order_no: &str,
+        out_return_no: &str,
+        amount: i64,
+        description: &str,
+    ) -> Result<SplitReturn, WechatError> {
+        let body = serde_json::json!({"sub_mchid": sub_mchid, "out_order_no": out_order_no, "out_return_no": out_return_no,
+            "return_mchid": self.cfg.mchid, "amount": amount, "description": description});
+        let (_, v) = self
+            .call(
+                reqwest::Method::POST,
+                "/v3/ecommerce/profitsharing/returnorders",
+                Some(&body),
+            )
+            .await?;
+        serde_json::from_value(v).map_err(|e| WechatError::Decode(e.to_string()))
+    }
+
+    /// Releases what is still frozen of a paid order to the merchant (完结分账).
+    pub async fn finish_split(
+        &self,
+        sub_mchid: &str,
+        transaction_id: &str,
+        out_order_no: &str,
+        description: &str,
+    ) -> Result<(), WechatError> {
+        let body = serde_json::json!({"sub_mchid": sub_mchid, "transaction_id": transaction_id,
+            "out_order_no": out_order_no, "description": description});
+        self.call(
+            reqwest::Method::POST,
+            "/v3/ecommerce/profitsharing/finish-order",
+            Some(&body),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Verifies and decrypts a notification. Replays must be caught by the caller by `id`
