@@ -19,7 +19,9 @@ use crate::error::{ApiError, ApiResult};
 use crate::sessions::{
     request_hash, Actor, Audited, Closer, Idempotency, RefundAnswer, StartSession, StartTimings,
 };
-use crate::store::{AuditRow, BlacklistRow, OrderFilter, OrderRow, PaymentExceptionRow};
+use crate::store::{
+    AuditRow, BlacklistRow, OrderFilter, OrderRow, PaymentExceptionRow, SettlementRow,
+};
 use crate::views::{ConfirmingView, List, OrderView, SessionView};
 
 /// The `Idempotency-Key` header, when given, bound to this request: its method, path and
@@ -587,6 +589,90 @@ pub async fn list_payment_exceptions(
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let items = state.store.payment_exceptions(m.as_deref(), limit).await?;
     Ok(HttpResponse::Ok().json(List::from(items)))
+}
+
+/// `GET /api/v1/settlements`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct SettlementQuery {
+    /// A platform key: one merchant's (default: all).
+    merchant_id: Option<String>,
+    /// Only in this state: `pending`, `splitting`, `split`, `finished`, `failed`, `returned`.
+    state: Option<String>,
+    /// At most this many, most recently changed first (default 100, at most 1000).
+    limit: Option<i64>,
+}
+
+const SETTLEMENT_STATES: [&str; 6] = [
+    "pending",
+    "splitting",
+    "split",
+    "finished",
+    "failed",
+    "returned",
+];
+
+/// Settlements (分账) of paid orders: how each payment is split between the platform and the
+/// merchant, and how far it got; `?state=failed` lists those an operator has been told about.
+#[utoipa::path(get, path = "/api/v1/settlements", tag = "orders", params(SettlementQuery),
+    security(("bearer" = [])), responses((status = 200, body = List<SettlementRow>), (status = 400, body = ErrorBody)))]
+pub async fn list_settlements(
+    state: web::Data<AppState>,
+    caller: Caller,
+    q: web::Query<SettlementQuery>,
+) -> ApiResult<HttpResponse> {
+    let q = q.into_inner();
+    let m = listing_scope(&caller, q.merchant_id)?;
+    if let Some(s) = q.state.as_deref() {
+        if !SETTLEMENT_STATES.contains(&s) {
+            return Err(ApiError::bad_request(format!(
+                "state must be one of {}",
+                SETTLEMENT_STATES.join(", ")
+            )));
+        }
+    }
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let items = state
+        .store
+        .settlements(m.as_deref(), q.state.as_deref(), limit)
+        .await?;
+    Ok(HttpResponse::Ok().json(List::from(items)))
+}
+
+/// Takes an order's settlement again now instead of at its next attempt (after fixing what
+/// made it fail: a receiver bound, the platform's account funded). Audited.
+#[utoipa::path(post, path = "/api/v1/orders/{id}/settlement/retry", tag = "orders", params(("id" = String, Path)),
+    security(("bearer" = [])), responses((status = 200, body = SettlementRow),
+    (status = 404, body = ErrorBody, description = "no such order, or no settlement under way")))]
+pub async fn retry_settlement(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Operator)?;
+    let o = visible_order(&state, &caller, &path).await?;
+    let Some(row) = state
+        .store
+        .retry_settlement(&o.id, state.sessions.now_ms())
+        .await?
+    else {
+        return Err(ApiError::not_found("settlement under way"));
+    };
+    state
+        .sessions
+        .audit(
+            actor(&caller),
+            Audited {
+                action: "settlement.retry",
+                merchant_id: Some(&o.merchant_id),
+                subject: &o.id,
+                order_id: Some(&o.id),
+                reason: None,
+                detail: serde_json::json!({"state": row.state, "failures": row.failures}),
+            },
+        )
+        .await;
+    Ok(HttpResponse::Ok().json(row))
 }
 
 /// `GET /api/v1/sessions`.

@@ -99,6 +99,11 @@ impl Sessions {
         self.clock.now_ms() as i64
     }
 
+    /// The supervisor's clock, Unix ms (what it stores its times in).
+    pub fn now_ms(&self) -> i64 {
+        self.now()
+    }
+
     /// The session and its order, as the API shows them.
     pub async fn view(&self, session_id: &str) -> ApiResult<SessionView> {
         let (s, o) = tokio::join!(

@@ -209,6 +209,28 @@ impl Store {
         Ok(moved)
     }
 
+    /// Makes a settlement still under way due now (an operator's retry); `None` when it has
+    /// none under way.
+    pub async fn retry_settlement(
+        &self,
+        order_id: &str,
+        now: i64,
+    ) -> Result<Option<SettlementRow>> {
+        let row = sqlx::query(
+            "UPDATE settlements SET due_at = $2, updated_at = $2 \
+             WHERE order_id = $1 AND state IN ('pending', 'splitting', 'split', 'failed') RETURNING *",
+        )
+        .bind(order_id)
+        .bind(now)
+        .fetch_optional(&mut *self.write().await?)
+        .await?;
+        let row = row.map(|r| SettlementRow::from_row(&r)).transpose()?;
+        if let Some(s) = &row {
+            self.changed(Change::Settlement(s.clone()));
+        }
+        Ok(row)
+    }
+
     /// Opens the return ahead of a refund, or answers the one opened before (same id).
     pub async fn open_return(&self, r: &SettlementReturnRow) -> Result<SettlementReturnRow> {
         let mut conn = self.write().await?;

@@ -133,8 +133,45 @@ async fn a_split_the_receiver_refuses_is_surfaced_and_retried_until_it_succeeds(
         exceptions_of(&hub, &op, &order).await,
         ["settlement_failed"]
     );
+    // Operators find it in the settlements that failed; another merchant does not.
+    let (s, failed) = hub.get("/api/v1/settlements?state=failed", &op).await;
+    assert_eq!(
+        (s, &failed["count"], &failed["items"][0]["order_id"]),
+        (200, &json!(1), &json!(order)),
+        "{failed}"
+    );
+    let (_, other) = hub.merchant("m2").await;
+    let (_, theirs) = hub.get("/api/v1/settlements", &other).await;
+    assert_eq!(theirs["count"], 0, "{theirs}");
+    let (s, bad) = hub.get("/api/v1/settlements?state=stuck", &op).await;
+    assert_eq!(s, 400, "{bad}");
+    let (s, b) = hub
+        .post(
+            &format!("/api/v1/orders/{order}/settlement/retry"),
+            &other,
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 404, "{b}");
+
+    // Fixed, and retried now by an operator rather than at the next attempt.
     script_merchant(&hub, json!({"receiver_bound": true})).await;
+    let (s, b) = hub
+        .post(
+            &format!("/api/v1/orders/{order}/settlement/retry"),
+            &op,
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b["due_at"].as_i64() <= b["updated_at"].as_i64(), "{b}");
     let o = settlement_is(&hub, &op, &order, "finished").await;
+    assert!(
+        o["audit"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["action"] == "settlement.retry")),
+        "{o}"
+    );
     assert_eq!(
         (
             &o["settlement"]["platform_fen"],

@@ -9,8 +9,8 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use tokio::sync::mpsc;
 
 use cabinet_hub::payments::wechat::{
-    CreateOrder, NotificationError, PostDiscount, PostPayment, RiskFund, SignedHeaders, TimeRange,
-    WechatClient, WechatConfig, WechatError,
+    CreateOrder, NotificationError, PostDiscount, PostPayment, RiskFund, SignedHeaders,
+    SplitReceiver, TimeRange, WechatClient, WechatConfig, WechatError,
 };
 use cabinet_hub::simulators::wechat::{
     self as sim_wechat, Confirm, Deduction, SimConfig, UserScript, WechatSim,
@@ -291,6 +291,152 @@ async fn happy_path_confirm_complete_paid_refund() {
         }) => assert_eq!(code, "NOT_ENOUGH"),
         other => panic!("over-refund must fail: {other:?}"),
     }
+}
+
+/// A paid order of 1150 fen, completed with or without profit sharing; its transaction id.
+async fn paid_order(r: &mut Rig, no: &str, user: &str, profit_sharing: bool) -> String {
+    r.client
+        .create_order(&order(no, user))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.next_note().await.event_type, "PAYSCORE.USER_CONFIRM");
+    let (pay, disc) = lines();
+    r.client
+        .complete_order("1900000109", no, &pay, &disc, 1150, profit_sharing)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let n = r.next_note().await;
+    assert_eq!(n.event_type, "PAYSCORE.USER_PAID");
+    n.resource["collection"]["details"][0]["transaction_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn to_platform(amount: i64) -> Vec<SplitReceiver> {
+    vec![SplitReceiver {
+        kind: "MERCHANT_ID".into(),
+        receiver_account: "1900000001".into(),
+        amount,
+        description: "平台佣金".into(),
+    }]
+}
+
+fn refused(r: Result<impl std::fmt::Debug, WechatError>) -> (u16, String) {
+    match r {
+        Err(WechatError::Api { status, code, .. }) => (status, code),
+        other => panic!("must be refused: {other:?}"),
+    }
+}
+
+/// 平台收付通 profit sharing as the client sends it and the simulator enforces it: an order
+/// completed without `profit_sharing` cannot be split; at most 30 % goes to others; a split is
+/// asynchronous (PROCESSING, then the query says SUCCESS) and idempotent by out_order_no; the
+/// merchant cannot refund what was split until it is returned, and no more than was split is
+/// returned; once finished nothing more is split.
+#[actix_rt::test]
+async fn profit_sharing_splits_returns_and_finishes_by_the_providers_rules() {
+    let mut r = rig().await;
+    let plain = paid_order(&mut r, "o_plain", "u1", false).await;
+    assert_eq!(
+        refused(
+            r.client
+                .split("1900000109", &plain, "S1", &to_platform(10), false)
+                .await
+        ),
+        (400, "INVALID_REQUEST".into())
+    );
+    let txn = paid_order(&mut r, "o_shared", "u2", true).await;
+    // 30 % of 1150 is 345.
+    assert_eq!(
+        refused(
+            r.client
+                .split("1900000109", &txn, "S2", &to_platform(346), false)
+                .await
+        ),
+        (400, "PARAM_ERROR".into())
+    );
+    let asked = r
+        .client
+        .split("1900000109", &txn, "S3", &to_platform(100), false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(asked.status.as_deref(), Some("PROCESSING"));
+    let again = r
+        .client
+        .split("1900000109", &txn, "S3", &to_platform(100), false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        again.order_id, asked.order_id,
+        "the same out_order_no is the same split"
+    );
+    let done = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let q = r
+                .client
+                .query_split("1900000109", &txn, "S3")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            if q.receivers
+                .iter()
+                .all(|x| x.result.as_deref() == Some("SUCCESS"))
+            {
+                return q;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the split never succeeded"));
+    assert_eq!(
+        (
+            done.receivers[0].receiver_account.as_deref(),
+            done.receivers[0].amount
+        ),
+        (Some("1900000001"), 100)
+    );
+    // 1150 paid, 100 split: the merchant's account holds 1050.
+    assert_eq!(
+        refused(
+            r.client
+                .refund("1900000109", &txn, "R1", 1150, 1150, "退货")
+                .await
+        ),
+        (403, "NOT_ENOUGH".into())
+    );
+    assert_eq!(
+        refused(
+            r.client
+                .return_split("1900000109", "S3", "RT1", 101, "退款前回退")
+                .await
+        ),
+        (403, "NOT_ENOUGH".into())
+    );
+    let back = r
+        .client
+        .return_split("1900000109", "S3", "RT2", 100, "退款前回退")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((back.result.as_str(), back.amount), ("SUCCESS", 100));
+    r.client
+        .refund("1900000109", &txn, "R2", 1150, 1150, "退货")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.next_note().await.event_type, "REFUND.SUCCESS");
+    let txn2 = paid_order(&mut r, "o_finished", "u3", true).await;
+    r.client
+        .finish_split("1900000109", &txn2, "F1", "分账完成")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        refused(
+            r.client
+                .split("1900000109", &txn2, "S4", &to_platform(10), false)
+                .await
+        ),
+        (400, "INVALID_REQUEST".into())
+    );
 }
 
 #[actix_rt::test]
