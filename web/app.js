@@ -23,6 +23,7 @@ const S = {
   orders: new Map(),
   abnormal: new Map(),
   exceptions: new Map(),
+  settlements: new Map(),
   events: new Map(),
   tab: 'fleet',
   filter: 'all',
@@ -30,7 +31,7 @@ const S = {
   sort: 'severity',
   view: [],
   detail: null,
-  dirty: { fleet: true, alerts: true, sessions: true, abnormal: true, exceptions: true, detail: true },
+  dirty: { fleet: true, alerts: true, sessions: true, abnormal: true, exceptions: true, settlements: true, detail: true },
   frame: 0,
   lastFleetCompute: 0,
 };
@@ -158,7 +159,7 @@ function signOut(reason) {
   if (S.ws) { S.ws.onclose = null; S.ws.close(); S.ws = null; }
   clearTimeout(S.retryTimer);
   S.lastSeq = null;
-  S.cabinets.clear(); S.sessions.clear(); S.orders.clear(); S.abnormal.clear(); S.exceptions.clear(); S.events.clear();
+  S.cabinets.clear(); S.sessions.clear(); S.orders.clear(); S.abnormal.clear(); S.exceptions.clear(); S.settlements.clear(); S.events.clear();
   $('app').hidden = true;
   $('signin').hidden = false;
   $('signin-error').textContent = reason || '';
@@ -303,6 +304,14 @@ function handle(ev) {
       S.dirty.exceptions = true;
       break;
     }
+    case 'settlement': {
+      // Re-inserted so the most recently changed stay when the map is trimmed.
+      S.settlements.delete(d.order_id);
+      S.settlements.set(d.order_id, d);
+      trim(S.settlements, MAX_ORDERS);
+      S.dirty.settlements = true;
+      break;
+    }
     default:
       break;
   }
@@ -319,12 +328,18 @@ function markAll() {
 
 async function loadOrders() {
   try {
-    const [recent, abnormal, exceptions, underway] = await Promise.all([
+    const [recent, abnormal, exceptions, underway, settlements, failed] = await Promise.all([
       api('GET', '/api/v1/orders?limit=100'),
       api('GET', '/api/v1/orders?status=abnormal&limit=500'),
       api('GET', '/api/v1/payment-exceptions?limit=200'),
       api('GET', '/api/v1/sessions?limit=' + MAX_SESSIONS),
+      api('GET', '/api/v1/settlements?limit=200'),
+      api('GET', '/api/v1/settlements?state=failed&limit=500'),
     ]);
+    // Every failed one, then the most recent; a feed event may already be newer.
+    for (const x of [...(failed.items || []), ...(settlements.items || []).slice().reverse()]) {
+      if (!S.settlements.has(x.order_id)) S.settlements.set(x.order_id, x);
+    }
     // Sessions under way since before the page opened (a stuck one among them).
     for (const x of underway.items || []) if (!S.sessions.has(x.id)) S.sessions.set(x.id, x);
     // Newest first from the API: inserted oldest first, so the newest stay when trimmed.
@@ -332,7 +347,7 @@ async function loadOrders() {
     // Oldest first, so the newest stay when the map is trimmed; feed events may already be newer.
     for (const o of (recent.items || []).slice().reverse()) if (!S.orders.has(o.id)) S.orders.set(o.id, o);
     for (const o of abnormal.items || []) if (!S.abnormal.has(o.id)) S.abnormal.set(o.id, o);
-    S.dirty.sessions = S.dirty.abnormal = S.dirty.exceptions = true;
+    S.dirty.sessions = S.dirty.abnormal = S.dirty.exceptions = S.dirty.settlements = true;
     schedule();
   } catch (e) {
     banner('Could not load orders: ' + explain(e));
@@ -366,6 +381,12 @@ function render() {
   if (S.dirty.sessions && S.tab === 'sessions') { renderSessions(); S.dirty.sessions = false; }
   if (S.dirty.abnormal) { renderAbnormal(); S.dirty.abnormal = false; }
   if (S.dirty.exceptions) { renderExceptions(); S.dirty.exceptions = false; }
+  // The table only while it is shown (a busy fleet moves a settlement three times an order);
+  // the count of failed ones always.
+  if (S.dirty.settlements) {
+    settlementsCount();
+    if (S.tab === 'settlements') { renderSettlements(); S.dirty.settlements = false; }
+  }
   if (S.dirty.detail && S.detail) { renderDetail(); S.dirty.detail = false; }
 }
 
@@ -515,6 +536,39 @@ function renderExceptions() {
     el('td', { text: x.order_id ? x.order_id.slice(0, 12) : '—', title: x.order_id || '' }),
     el('td', { text: x.notification_id }), el('td', { text: x.detail }))));
   $('exceptions-empty').hidden = list.length > 0;
+}
+
+function settlementsCount() {
+  let failed = 0;
+  for (const x of S.settlements.values()) if (x.state === 'failed') failed += 1;
+  $('tab-settlements-count').textContent = failed ? String(failed) : '';
+}
+
+function renderSettlements() {
+  const list = [...S.settlements.values()].sort((a, b) => Number(b.updated_at) - Number(a.updated_at));
+  $('settlements').replaceChildren(...list.map((x) => el('tr', { 'data-settlement': x.order_id },
+    el('td', { text: when(x.updated_at) }),
+    el('td', { text: x.order_id.slice(0, 12), title: x.order_id }),
+    el('td', { class: x.state === 'failed' ? 'warn' : '', text: x.state }),
+    el('td', { text: (x.commission_bps / 100).toFixed(2) + ' %' }),
+    el('td', { text: fen(x.platform_fen) }), el('td', { text: fen(x.merchant_fen) }),
+    el('td', { text: x.returned_fen ? fen(x.returned_fen) : '—' }),
+    el('td', { text: x.last_error || '' }),
+    el('td', {}, ['pending', 'splitting', 'split', 'failed'].includes(x.state)
+      ? el('button', { class: 'link', 'data-retry': x.order_id, onclick: () => retrySettlement(x.order_id), text: 'Retry now' })
+      : ''))));
+  $('settlements-empty').hidden = list.length > 0;
+}
+
+async function retrySettlement(orderId) {
+  try {
+    const row = await api('POST', `/api/v1/orders/${encodeURIComponent(orderId)}/settlement/retry`, {});
+    S.settlements.set(row.order_id, row);
+    S.dirty.settlements = true;
+    schedule();
+  } catch (e) {
+    banner('Could not retry the settlement: ' + explain(e));
+  }
 }
 
 // A session still under way can be closed by an operator (a shopper gone, a cabinet stuck
@@ -698,7 +752,7 @@ function showTab(tab) {
   for (const b of document.querySelectorAll('.tab')) b.classList.toggle('active', b.dataset.tab === tab);
   for (const p of document.querySelectorAll('.tabpane')) p.hidden = p.id !== `tab-${tab}`;
   markAll();
-  S.dirty.sessions = S.dirty.abnormal = true;
+  S.dirty.sessions = S.dirty.abnormal = S.dirty.settlements = true;
   schedule();
 }
 

@@ -22,12 +22,22 @@ const SUB: &str = "simm1";
 
 /// A hub whose settlement runs at once and retries quickly.
 async fn hub(b: Backend, enabled: bool) -> (TestHub, String, crate::harness::Cabinet) {
+    hub_retrying_after(b, enabled, 200).await
+}
+
+/// A hub whose settlement runs at once and retries a failure after `retry_ms` (at most twice
+/// that).
+async fn hub_retrying_after(
+    b: Backend,
+    enabled: bool,
+    retry_ms: u64,
+) -> (TestHub, String, crate::harness::Cabinet) {
     shop_with(b, |s| {
         s.settlement.enabled = enabled;
         s.settlement.first_after_ms = 0;
         s.settlement.tick_ms = 100;
-        s.settlement.retry_ms = 200;
-        s.settlement.retry_max_ms = 400;
+        s.settlement.retry_ms = retry_ms;
+        s.settlement.retry_max_ms = retry_ms * 2;
         s.settlement.follow_ms = 100;
         s.settlement.surface_after = 3;
     })
@@ -294,4 +304,42 @@ async fn without_settlement_no_order_is_frozen_for_one(b: Backend) {
     let r = refund(&hub, &op, &order, 1250).await;
     let o = refund_is(&hub, &op, &order, &r["refund"]["id"], "succeeded").await;
     assert_eq!(o["refunded_fen"], 1250, "{o}");
+}
+
+/// The page lists settlements and counts the failed ones; an operator retries one from it
+/// after fixing its cause (the hub would wait a minute for its next attempt), and the row
+/// follows the feed to `finished`.
+#[actix_rt::test]
+async fn the_page_shows_settlements_and_retries_a_failed_one() {
+    let (hub, op, mut c) = hub_retrying_after(Backend::Sqlite, true, 60_000).await;
+    script_merchant(&hub, json!({"receiver_bound": false})).await;
+    let order = paid_order(&hub, &op, &mut c).await;
+    settlement_is(&hub, &op, &order, "failed").await;
+    let mut b = crate::browser::Browser::launch(1440, 900).await;
+    crate::browser::sign_in(&mut b, &hub, &op).await;
+    b.eval("document.querySelector('[data-tab=settlements]').click()")
+        .await;
+    let row = format!("document.querySelector('[data-settlement=\"{order}\"]')");
+    b.wait_for(
+        &format!(
+            "{row} && {row}.textContent.includes('failed') && {row}.textContent.includes('NO_RELATION')
+             && document.getElementById('tab-settlements-count').textContent === '1'"
+        ),
+        PATIENCE,
+    )
+    .await;
+    script_merchant(&hub, json!({"receiver_bound": true})).await;
+    b.eval(&format!(
+        "document.querySelector('[data-retry=\"{order}\"]').click()"
+    ))
+    .await;
+    b.wait_for(
+        &format!(
+            "{row} && {row}.textContent.includes('finished') && {row}.textContent.includes('¥0.62')
+             && {row}.textContent.includes('¥11.88')
+             && document.getElementById('tab-settlements-count').textContent === ''"
+        ),
+        PATIENCE,
+    )
+    .await;
 }
