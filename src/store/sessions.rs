@@ -1107,7 +1107,8 @@ pub struct PaymentExceptionRow {
     pub provider: String,
     /// The notice's id.
     pub notification_id: String,
-    /// `amount_mismatch`, `app_mismatch`, `merchant_mismatch`, `unknown_order`.
+    /// `amount_mismatch`, `app_mismatch`, `merchant_mismatch`, `unknown_order`; from
+    /// settlement: `settlement_failed`, `settlement_return_failed`.
     pub reason: String,
     /// What the notice said against what the order says.
     pub detail: String,
