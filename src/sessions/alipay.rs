@@ -103,6 +103,7 @@ impl Sessions {
         s: &SessionRow,
         order_id: &str,
         total_fen: i64,
+        hold: bool,
     ) -> Result<(), StoreError> {
         let (Some(a), Some(id)) = (
             self.providers.alipay.clone(),
@@ -111,7 +112,7 @@ impl Sessions {
             return Ok(());
         };
         let m = self.order_terms(&s.merchant_id).await.alipay;
-        let paid = a.pay(&s.id, &id, total_fen, m.as_ref()).await;
+        let paid = a.pay(&s.id, &id, total_fen, m.as_ref(), hold).await;
         match self.counted("alipay", "pay", paid) {
             Ok(v) => {
                 let paid = v["total_amount"]
@@ -144,7 +145,12 @@ impl Sessions {
         let Some(s) = self.store.session(&o.session_id).await.ok().flatten() else {
             return false;
         };
-        if let Err(e) = self.alipay_pay(&s, &o.id, o.total_fen.unwrap_or(0)).await {
+        // Held for settlement as the first attempt was: exactly when a settlement follows it.
+        let hold = matches!(self.store.settlement(&o.id).await, Ok(Some(_)));
+        if let Err(e) = self
+            .alipay_pay(&s, &o.id, o.total_fen.unwrap_or(0), hold)
+            .await
+        {
             tracing::error!(order_id = %o.id, error = %e, "collection not recorded");
         }
         self.store

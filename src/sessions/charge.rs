@@ -94,7 +94,8 @@ impl Sessions {
     ) -> Result<(), StoreError> {
         let order_id = o.id.as_str();
         if s.channel == Channel::Alipay.as_str() {
-            return self.alipay_pay(s, order_id, priced.total_fen).await;
+            let hold = self.open_settlement(o, priced.total_fen).await;
+            return self.alipay_pay(s, order_id, priced.total_fen, hold).await;
         }
         let Some(w) = self.providers.wechat.clone() else {
             return Ok(());

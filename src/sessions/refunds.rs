@@ -229,9 +229,15 @@ impl Sessions {
             return (Word::InFlight, None);
         };
         let m = self.order_terms(&o.merchant_id).await.alipay;
-        let result = a
-            .refund(&o.session_id, r.amount_fen, &r.id, &r.reason, m.as_ref())
-            .await;
+        // A split order's platform part comes back in the refund itself.
+        let result = match self.alipay_refund_returning(&a, o, r, m.as_ref()).await {
+            Ok(result) => result,
+            Err(super::settle::ReturnFirst::Refused(reason)) => {
+                tracing::error!(order_id = %o.id, refund_id = %r.id, reason, "refund failed: the split's return was refused");
+                return (Word::Failed, None);
+            }
+            Err(_) => return (Word::InFlight, None),
+        };
         match self.counted("alipay", "refund", result) {
             Ok(v) => (Word::Succeeded, v["trade_no"].as_str().map(str::to_owned)),
             // Only a named refusal releases the amount: on `ACQ.SYSTEM_ERROR`, code 20000 and

@@ -1,6 +1,8 @@
-//! Settlement (分账) of paid WeChat orders through 平台收付通 profit sharing: the platform's
-//! commission (`commission_bps` of the merchant) split to the platform, then the rest released
-//! (完结分账) to the merchant, whose money stays frozen until then.
+//! Settlement (分账) of paid orders: the platform's commission (`commission_bps` of the
+//! merchant) split to the platform, then the rest released to the merchant, whose money stays
+//! frozen until then — WeChat through 平台收付通 profit sharing (split, query, finish, returns),
+//! Alipay for sub-merchants (直付通) through `alipay.trade.order.settle`, its query and
+//! `alipay.trade.settle.confirm` (a refund returns the split in the refund itself).
 //!
 //! A settlement is opened (one row, `pending`) when the order is completed with
 //! `profit_sharing` on; that flag is set only when the row could be written, so no order is
@@ -19,6 +21,7 @@
 use cabinet_actors::session::Channel;
 
 use super::Sessions;
+use crate::payments::alipay::{AlipayClient, AlipayError, AlipayMerchant};
 use crate::payments::wechat::{SplitReceiver, WechatClient, WechatError};
 use crate::secrets::token;
 use crate::store::{
@@ -64,7 +67,20 @@ impl Sessions {
     /// asks for profit sharing.
     pub(super) async fn open_settlement(&self, o: &OrderRow, total_fen: i64) -> bool {
         let cfg = &self.settings.settlement;
-        if !cfg.enabled || total_fen <= 0 || o.channel != Channel::Wechat.as_str() {
+        if !cfg.enabled || total_fen <= 0 {
+            return false;
+        }
+        let follows = if o.channel == Channel::Wechat.as_str() {
+            true
+        } else if o.channel == Channel::Alipay.as_str() {
+            // Only a sub-merchant's trade (直付通) is held for settlement, and only a platform
+            // with its Alipay user id can take a commission.
+            self.providers.alipay.as_ref().is_some_and(|a| a.splits())
+                && self.order_terms(&o.merchant_id).await.alipay.is_some()
+        } else {
+            false
+        };
+        if !follows {
             return false;
         }
         let now = self.now();
@@ -102,9 +118,6 @@ impl Sessions {
     }
 
     async fn settle_one(&self, st: SettlementRow) {
-        let Some(w) = self.providers.wechat.clone() else {
-            return;
-        };
         let o = match self.store.order(&st.order_id).await {
             Ok(Some(o)) => o,
             Ok(None) => return,
@@ -113,19 +126,25 @@ impl Sessions {
                 return;
             }
         };
-        let sub = self.sub_mchid(&o.merchant_id).await;
-        let outcome = match o.transaction_id.as_deref() {
-            None => Outcome::Failed {
+        let outcome = match (o.transaction_id.as_deref(), st.channel.as_str()) {
+            (None, _) => Outcome::Failed {
                 step: "split",
                 error: "the payment has no transaction id to split".into(),
                 merits: true,
                 new_split: false,
             },
-            Some(txn) => match st.step.as_str() {
-                "follow" => self.follow_split(&w, &st, &sub, txn).await,
-                "finish" => self.finish_split(&w, &st, &o, &sub, txn).await,
-                _ => self.ask_split(&w, &st, &o, &sub, txn).await,
-            },
+            (Some(trade_no), "alipay") => self.alipay_step(&st, &o, trade_no).await,
+            (Some(txn), _) => {
+                let Some(w) = self.providers.wechat.clone() else {
+                    return;
+                };
+                let sub = self.sub_mchid(&o.merchant_id).await;
+                match st.step.as_str() {
+                    "follow" => self.follow_split(&w, &st, &sub, txn).await,
+                    "finish" => self.finish_split(&w, &st, &o, &sub, txn).await,
+                    _ => self.ask_split(&w, &st, &o, &sub, txn).await,
+                }
+            }
         };
         self.record_outcome(&st, &o, outcome).await;
     }
@@ -374,56 +393,53 @@ impl Sessions {
         }
     }
 
-    /// Before a WeChat refund of a split order: the platform returns its part of the refund
-    /// (回退), so that the merchant's account can pay it. The platform's part is its share in
+    /// The platform's part of a refund of a split order, to return first: its share in
     /// proportion to the refund, and all of what is left of it once the order is refunded in
-    /// full. One return per refund, numbered after it, so asking again is the same return.
-    pub(super) async fn return_split_first(
+    /// full. One return per refund, numbered after it (`RT{refund}`), stored `processing`
+    /// before the provider hears of it, so asking again is the same return. `Ok(None)`: nothing
+    /// to return (no split, nothing of it left).
+    async fn return_due(
         &self,
-        w: &WechatClient,
         o: &OrderRow,
         r: &RefundRow,
-        sub: &str,
-    ) -> ReturnFirst {
+    ) -> Result<Option<(SettlementRow, SettlementReturnRow)>, ReturnFirst> {
         let st = match self.store.settlement(&o.id).await {
             Ok(Some(st)) => st,
-            Ok(None) => return ReturnFirst::Clear,
+            Ok(None) => return Ok(None),
             Err(e) => {
                 tracing::error!(order_id = %o.id, error = %e, "settlement not read before a refund");
-                return ReturnFirst::Wait;
+                return Err(ReturnFirst::Wait);
             }
         };
         let split_done = match (st.state.as_str(), st.step.as_str()) {
             ("split" | "finished" | "returned", _) | ("failed", "finish") => true,
             // Asked for, outcome unknown: the refund waits for it.
-            ("splitting", _) | ("failed", "follow") => return ReturnFirst::Wait,
+            ("splitting", _) | ("failed", "follow") => return Err(ReturnFirst::Wait),
             // Not split (yet): the split, when it comes, leaves refunds out.
             _ => false,
         };
         if !split_done || st.platform_fen == 0 {
-            return ReturnFirst::Clear;
+            return Ok(None);
         }
         // The order as it is now, this refund's reservation included: whether the order is
         // being refunded in full decides whether the platform returns all of what is left.
         let o = match self.store.order(&o.id).await {
             Ok(Some(now)) => now,
-            Ok(None) => return ReturnFirst::Clear,
+            Ok(None) => return Ok(None),
             Err(e) => {
                 tracing::error!(order_id = %o.id, error = %e, "order not read before a refund");
-                return ReturnFirst::Wait;
+                return Err(ReturnFirst::Wait);
             }
         };
-        let o = &o;
         let returns = match self.store.settlement_returns(&o.id).await {
             Ok(rs) => rs,
             Err(e) => {
                 tracing::error!(order_id = %o.id, error = %e, "returns not read before a refund");
-                return ReturnFirst::Wait;
+                return Err(ReturnFirst::Wait);
             }
         };
         let id = format!("RT{}", r.id);
-        let mine = returns.iter().find(|x| x.id == id);
-        let amount = match mine {
+        let amount = match returns.iter().find(|x| x.id == id) {
             Some(x) => x.amount_fen,
             None => {
                 let others: i64 = returns
@@ -433,8 +449,7 @@ impl Sessions {
                     .sum();
                 let left = st.platform_fen - others;
                 let base = st.platform_fen + st.merchant_fen;
-                let whole = o.refunded_fen + o.refund_reserved_fen >= o.paid_fen;
-                if whole {
+                if o.refunded_fen + o.refund_reserved_fen >= o.paid_fen {
                     left
                 } else {
                     (r.amount_fen * st.platform_fen / base.max(1)).min(left)
@@ -442,13 +457,13 @@ impl Sessions {
             }
         };
         if amount <= 0 {
-            return ReturnFirst::Clear;
+            return Ok(None);
         }
         let now = self.now();
-        let row = match self
+        match self
             .store
             .open_return(&SettlementReturnRow {
-                id: id.clone(),
+                id,
                 order_id: o.id.clone(),
                 refund_id: r.id.clone(),
                 amount_fen: amount,
@@ -459,57 +474,246 @@ impl Sessions {
             })
             .await
         {
-            Ok(row) => row,
+            Ok(row) => Ok(Some((st, row))),
             Err(e) => {
                 tracing::error!(order_id = %o.id, error = %e, "return not stored before a refund");
-                return ReturnFirst::Wait;
+                Err(ReturnFirst::Wait)
             }
-        };
-        match row.state.as_str() {
-            "succeeded" => return ReturnFirst::Clear,
-            "failed" => {
-                return ReturnFirst::Refused(row.fail_reason.unwrap_or_else(|| "FAILED".into()))
-            }
-            _ => {}
         }
-        let answer = w
-            .return_split(sub, &st.split_no(), &id, amount, "退款前回退平台佣金")
-            .await;
-        let (state, reason) = match self.counted("wechat", "split_return", answer) {
-            Ok(a) if a.result == "SUCCESS" => ("succeeded", None),
-            Ok(a) if a.result == "FAILED" => (
-                "failed",
-                Some(a.fail_reason.unwrap_or_else(|| "FAILED".into())),
-            ),
-            Ok(_) => return ReturnFirst::Wait,
-            Err(e) if !e.retryable() && matches!(e, WechatError::Api { .. }) => {
-                ("failed", Some(e.to_string()))
-            }
-            Err(e) => {
-                tracing::warn!(order_id = %o.id, return_id = %id, error = %e, "return not answered; asked again with the refund");
-                return ReturnFirst::Wait;
-            }
+    }
+
+    /// Records a return's outcome; a refused one is surfaced to operators.
+    async fn returned(
+        &self,
+        o: &OrderRow,
+        r: &RefundRow,
+        ret: &SettlementReturnRow,
+        refused: Option<String>,
+    ) -> ReturnFirst {
+        let state = if refused.is_some() {
+            "failed"
+        } else {
+            "succeeded"
         };
         if let Err(e) = self
             .store
-            .settle_return(&id, state, reason.as_deref(), self.now())
+            .settle_return(&ret.id, state, refused.as_deref(), self.now())
             .await
         {
-            tracing::error!(order_id = %o.id, return_id = %id, error = %e, "return outcome not stored");
+            tracing::error!(order_id = %o.id, return_id = %ret.id, error = %e, "return outcome not stored");
             return ReturnFirst::Wait;
         }
-        match reason {
+        match refused {
             None => ReturnFirst::Clear,
             Some(reason) => {
                 let detail = format!(
-                    "the platform could not return {amount} fen of its commission ahead of refund {}: {reason}",
-                    r.id
+                    "the platform could not return {} fen of its commission ahead of refund {}: {reason}",
+                    ret.amount_fen, r.id
                 );
-                self.surface(o, &id, "settlement_return_failed", &detail)
+                self.surface(o, &ret.id, "settlement_return_failed", &detail)
                     .await;
                 ReturnFirst::Refused(reason)
             }
         }
+    }
+
+    /// Before a WeChat refund of a split order: the platform returns its part of the refund
+    /// (回退, `returnorders`), so that the merchant's account can pay it.
+    pub(super) async fn return_split_first(
+        &self,
+        w: &WechatClient,
+        o: &OrderRow,
+        r: &RefundRow,
+        sub: &str,
+    ) -> ReturnFirst {
+        let (st, ret) = match self.return_due(o, r).await {
+            Ok(Some(due)) => due,
+            Ok(None) => return ReturnFirst::Clear,
+            Err(wait) => return wait,
+        };
+        match ret.state.as_str() {
+            "succeeded" => return ReturnFirst::Clear,
+            "failed" => {
+                return ReturnFirst::Refused(ret.fail_reason.unwrap_or_else(|| "FAILED".into()))
+            }
+            _ => {}
+        }
+        let answer = w
+            .return_split(
+                sub,
+                &st.split_no(),
+                &ret.id,
+                ret.amount_fen,
+                "退款前回退平台佣金",
+            )
+            .await;
+        let refused = match self.counted("wechat", "split_return", answer) {
+            Ok(a) if a.result == "SUCCESS" => None,
+            Ok(a) if a.result == "FAILED" => Some(a.fail_reason.unwrap_or_else(|| "FAILED".into())),
+            Ok(_) => return ReturnFirst::Wait,
+            Err(e) if !e.retryable() && matches!(e, WechatError::Api { .. }) => Some(e.to_string()),
+            Err(e) => {
+                tracing::warn!(order_id = %o.id, return_id = %ret.id, error = %e, "return not answered; asked again with the refund");
+                return ReturnFirst::Wait;
+            }
+        };
+        self.returned(o, r, &ret, refused).await
+    }
+
+    /// An Alipay refund of a split order: the platform's part comes back in the refund itself
+    /// (`refund_royalty_parameters`). Answers the refund's result; the return is recorded with
+    /// it (both happen or neither).
+    pub(super) async fn alipay_refund_returning(
+        &self,
+        a: &AlipayClient,
+        o: &OrderRow,
+        r: &RefundRow,
+        m: Option<&AlipayMerchant>,
+    ) -> Result<Result<serde_json::Value, AlipayError>, ReturnFirst> {
+        let due = self.return_due(o, r).await?;
+        let back = due
+            .as_ref()
+            .filter(|(_, ret)| ret.state == "processing")
+            .map_or(0, |(_, ret)| ret.amount_fen);
+        let result = a
+            .refund_returning(&o.session_id, r.amount_fen, &r.id, &r.reason, back, m)
+            .await;
+        if let Some((_, ret)) = due.as_ref().filter(|(_, ret)| ret.state == "processing") {
+            match &result {
+                Ok(_) => {
+                    self.returned(o, r, ret, None).await;
+                }
+                Err(AlipayError::Api {
+                    sub_code, sub_msg, ..
+                }) if alipay_refusal(sub_code) => {
+                    self.returned(o, r, ret, Some(format!("{sub_code}: {sub_msg}")))
+                        .await;
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(result)
+    }
+
+    /// Alipay: the split (分账 to the platform), its query, and the settlement of the rest to
+    /// the sub-merchant (确认结算).
+    async fn alipay_step(&self, st: &SettlementRow, o: &OrderRow, trade_no: &str) -> Outcome {
+        let Some(a) = self.providers.alipay.clone() else {
+            return Outcome::Failed {
+                step: "split",
+                error: "Alipay is not configured".into(),
+                merits: true,
+                new_split: false,
+            };
+        };
+        let m = self.order_terms(&o.merchant_id).await.alipay;
+        let m = m.as_ref();
+        match st.step.as_str() {
+            "follow" => {
+                let r = a.order_settle_query(trade_no, &st.split_no(), m).await;
+                match self.counted("alipay", "split_query", r) {
+                    Ok(v) => {
+                        let details = v["royalty_detail_list"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default();
+                        if let Some(f) = details.iter().find(|d| d["state"] == "FAIL") {
+                            return Outcome::Failed {
+                                step: "split",
+                                error: format!(
+                                    "the split failed: {} {}",
+                                    f["error_code"].as_str().unwrap_or("?"),
+                                    f["error_desc"].as_str().unwrap_or("")
+                                ),
+                                merits: true,
+                                new_split: true,
+                            };
+                        }
+                        if !details.is_empty() && details.iter().all(|d| d["state"] == "SUCCESS") {
+                            return next("split", "finish", 0);
+                        }
+                        Outcome::Next {
+                            state: "splitting",
+                            step: "follow",
+                            after_ms: self.settings.settlement.follow_ms,
+                            shares: None,
+                            provider_order_id: None,
+                        }
+                    }
+                    Err(AlipayError::Api { sub_code, .. })
+                        if sub_code == "ACQ.TRADE_SETTLE_NOT_EXIST" =>
+                    {
+                        next("pending", "split", 0)
+                    }
+                    Err(e) => alipay_failed("follow", &e),
+                }
+            }
+            "finish" => {
+                let rest = o.paid_fen
+                    - o.refunded_fen
+                    - o.refund_reserved_fen
+                    - (st.platform_fen - st.returned_fen);
+                if rest > 0 {
+                    let r = a.settle_confirm(trade_no, &st.finish_no(), rest, m).await;
+                    if let Err(e) = self.counted("alipay", "settle_confirm", r) {
+                        return alipay_failed("finish", &e);
+                    }
+                }
+                tracing::info!(order_id = %o.id, platform_fen = st.platform_fen, merchant_fen = rest, "order settled");
+                next("finished", "finish", 0)
+            }
+            _ => {
+                let net = (o.paid_fen - o.refunded_fen - o.refund_reserved_fen).max(0);
+                let platform = net * st.commission_bps / 10_000;
+                let shares = Some((platform, net - platform));
+                if platform == 0 {
+                    return Outcome::Next {
+                        state: if net == 0 { "finished" } else { "split" },
+                        step: "finish",
+                        after_ms: 0,
+                        shares,
+                        provider_order_id: None,
+                    };
+                }
+                let r = a.order_settle(trade_no, &st.split_no(), platform, m).await;
+                match self.counted("alipay", "split", r) {
+                    Ok(v) => Outcome::Next {
+                        state: "splitting",
+                        step: "follow",
+                        after_ms: 0,
+                        shares,
+                        provider_order_id: v["settle_no"].as_str().map(str::to_owned),
+                    },
+                    Err(e) => alipay_failed("split", &e),
+                }
+            }
+        }
+    }
+}
+
+/// A move on, with no amounts and no provider id.
+fn next(state: &'static str, step: &'static str, after_ms: u64) -> Outcome {
+    Outcome::Next {
+        state,
+        step,
+        after_ms,
+        shares: None,
+        provider_order_id: None,
+    }
+}
+
+/// Alipay's answers that are refusals on the merits (the request will not succeed as asked);
+/// its system errors are not.
+fn alipay_refusal(sub_code: &str) -> bool {
+    !sub_code.is_empty() && sub_code != "ACQ.SYSTEM_ERROR" && !sub_code.starts_with("aop.")
+}
+
+fn alipay_failed(step: &'static str, e: &AlipayError) -> Outcome {
+    Outcome::Failed {
+        step,
+        error: e.to_string(),
+        merits: matches!(e, AlipayError::Api { sub_code, .. } if alipay_refusal(sub_code)),
+        new_split: false,
     }
 }
 

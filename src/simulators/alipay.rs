@@ -20,6 +20,9 @@ use crate::payments::crypto::{RsaSigner, Verifier};
 /// Where the simulator is mounted; the gateway is `{PREFIX}/gateway.do`.
 pub const PREFIX: &str = "/sim/alipay";
 
+/// The platform's Alipay user id in the simulator: commissions are split to it.
+pub const PLATFORM_PID: &str = "2088000000000001";
+
 /// Alipay's notification retry schedule, seconds after the previous attempt.
 pub const RETRY_SCHEDULE_S: [u64; 7] = [240, 600, 600, 3600, 7200, 21600, 54000];
 
@@ -45,6 +48,14 @@ struct Trade {
     paid: bool,
     refunded: i64,
     refunds: HashMap<String, i64>,
+    /// Paid for a sub-merchant (直付通): held until split and settled.
+    sub_merchant: bool,
+    /// Split to the platform and not returned (fen).
+    royalty: i64,
+    /// Splits by out_request_no: (amount, state).
+    splits: HashMap<String, i64>,
+    /// Settled to the sub-merchant (确认结算): nothing more is split.
+    settled: Option<String>,
 }
 
 struct CreditOrder {
@@ -438,6 +449,11 @@ impl AlipaySim {
                 trade_no: trade_no.clone(),
                 amount,
                 paid: succeed,
+                sub_merchant: biz["sub_merchant"]["merchant_id"].is_string(),
+                // Settled to the sub-merchant with the payment: nothing to split later.
+                settled: biz["settle_info"]
+                    .is_object()
+                    .then(|| "with the payment".to_owned()),
                 ..Trade::default()
             },
         );
@@ -510,10 +526,173 @@ impl AlipaySim {
         if t.refunded + amount > t.amount {
             return Err(biz_error("ACQ.REFUND_AMT_NOT_EQUAL_TOTAL", "退款金额超限"));
         }
+        let back: i64 = biz["refund_royalty_parameters"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|x| x["trans_out"] == PLATFORM_PID)
+                    .filter_map(|x| x["amount"].as_str().and_then(fen))
+                    .sum()
+            })
+            .unwrap_or(0);
+        if back > t.royalty {
+            return Err(biz_error(
+                "ACQ.ROYALTY_RETURN_AMOUNT_EXCEED",
+                "退分账金额超限",
+            ));
+        }
+        // What was split to the platform is not the merchant's to refund until it comes back.
+        if t.refunded + amount > t.amount - (t.royalty - back) {
+            return Err(biz_error(
+                "ACQ.SELLER_BALANCE_NOT_ENOUGH",
+                "卖家余额不足，请先退分账",
+            ));
+        }
+        t.royalty -= back;
         t.refunded += amount;
         t.refunds.insert(req, amount);
         Ok(
             json!({"code": "10000", "msg": "Success", "out_trade_no": out_trade_no, "trade_no": t.trade_no, "refund_fee": yuan(t.refunded), "fund_change": "Y"}),
+        )
+    }
+}
+
+impl AlipaySim {
+    /// The paid trade with this trade number.
+    fn paid_trade<'a>(
+        st: &'a mut State,
+        trade_no: &str,
+    ) -> Result<&'a mut Trade, (&'static str, &'static str, String)> {
+        st.orders
+            .values_mut()
+            .flat_map(|o| o.trades.values_mut())
+            .find(|t| t.trade_no == trade_no && t.paid)
+            .ok_or_else(|| biz_error("ACQ.TRADE_NOT_EXIST", "交易不存在"))
+    }
+
+    /// `alipay.trade.order.settle` (直付通 分账): only a sub-merchant's trade, not settled yet,
+    /// at most 30 % to others, not more than is left; the same out_request_no answers again.
+    fn order_settle(&self, biz: &Value) -> Answer {
+        let req = biz["out_request_no"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .ok_or((
+                "40002",
+                "isv.missing-parameter",
+                "out_request_no".to_owned(),
+            ))?
+            .to_owned();
+        let trade_no = biz["trade_no"].as_str().unwrap_or_default().to_owned();
+        let params = biz["royalty_parameters"]
+            .as_array()
+            .filter(|a| !a.is_empty())
+            .ok_or((
+                "40002",
+                "isv.missing-parameter",
+                "royalty_parameters".to_owned(),
+            ))?;
+        let mut amount = 0;
+        for p in params {
+            if p["trans_in"] != PLATFORM_PID {
+                return Err(biz_error(
+                    "ACQ.ROYALTY_RECEIVER_INVALID",
+                    "分账收入方未绑定",
+                ));
+            }
+            amount += p["amount"]
+                .as_str()
+                .and_then(fen)
+                .filter(|a| *a > 0)
+                .ok_or(("40002", "isv.invalid-parameter", "amount".to_owned()))?;
+        }
+        let mut st = self.lock();
+        let t = Self::paid_trade(&mut st, &trade_no)?;
+        if t.splits.contains_key(&req) {
+            return Ok(
+                json!({"code": "10000", "msg": "Success", "trade_no": trade_no, "settle_no": req}),
+            );
+        }
+        if !t.sub_merchant {
+            return Err(biz_error(
+                "ACQ.TRADE_SETTLE_ERROR",
+                "非直付通交易不支持分账",
+            ));
+        }
+        if t.settled.is_some() {
+            return Err(biz_error("ACQ.TRADE_HAS_SETTLED", "交易已结算"));
+        }
+        if (t.royalty + amount) * 100 > t.amount * 30 {
+            return Err(biz_error(
+                "ACQ.ROYALTY_AMOUNT_EXCEED",
+                "分账金额超过最大比例",
+            ));
+        }
+        if t.royalty + amount > t.amount - t.refunded {
+            return Err(biz_error(
+                "ACQ.ALLOC_AMOUNT_VALIDATE_ERROR",
+                "可分账金额不足",
+            ));
+        }
+        t.royalty += amount;
+        t.splits.insert(req.clone(), amount);
+        Ok(json!({"code": "10000", "msg": "Success", "trade_no": trade_no, "settle_no": req}))
+    }
+
+    /// `alipay.trade.order.settle.query`.
+    fn order_settle_query(&self, biz: &Value) -> Answer {
+        let req = biz["out_request_no"].as_str().unwrap_or_default();
+        let trade_no = biz["trade_no"].as_str().unwrap_or_default();
+        let mut st = self.lock();
+        let t = Self::paid_trade(&mut st, trade_no)?;
+        let amount = t
+            .splits
+            .get(req)
+            .copied()
+            .ok_or_else(|| biz_error("ACQ.TRADE_SETTLE_NOT_EXIST", "分账单不存在"))?;
+        Ok(
+            json!({"code": "10000", "msg": "Success", "out_request_no": req, "royalty_detail_list": [
+            {"operation_type": "transfer", "trans_in": PLATFORM_PID, "trans_in_type": "userId",
+             "amount": yuan(amount), "state": "SUCCESS"}]}),
+        )
+    }
+
+    /// `alipay.trade.settle.confirm`: the rest of the trade to the sub-merchant; at most what is
+    /// neither split nor refunded; the same out_request_no answers again.
+    fn settle_confirm(&self, biz: &Value) -> Answer {
+        let req = biz["out_request_no"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .ok_or((
+                "40002",
+                "isv.missing-parameter",
+                "out_request_no".to_owned(),
+            ))?
+            .to_owned();
+        let trade_no = biz["trade_no"].as_str().unwrap_or_default().to_owned();
+        let amount: i64 = biz["settle_info"]["settle_detail_infos"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x["amount"].as_str().and_then(fen))
+                    .sum()
+            })
+            .unwrap_or(0);
+        let mut st = self.lock();
+        let t = Self::paid_trade(&mut st, &trade_no)?;
+        if t.settled.as_deref() == Some(req.as_str()) {
+            return Ok(
+                json!({"code": "10000", "msg": "Success", "trade_no": trade_no, "settle_amount": yuan(amount)}),
+            );
+        }
+        if t.settled.is_some() {
+            return Err(biz_error("ACQ.TRADE_HAS_SETTLED", "交易已结算"));
+        }
+        if amount > t.amount - t.refunded - t.royalty {
+            return Err(biz_error("ACQ.SETTLE_AMOUNT_EXCEED", "结算金额超限"));
+        }
+        t.settled = Some(req);
+        Ok(
+            json!({"code": "10000", "msg": "Success", "trade_no": trade_no, "settle_amount": yuan(amount)}),
         )
     }
 }
@@ -563,6 +742,9 @@ async fn gateway(
         crate::payments::alipay::methods::PAY => sim.pay(&biz),
         crate::payments::alipay::methods::FINISH => sim.finish(&biz),
         crate::payments::alipay::methods::REFUND => sim.refund(&biz),
+        crate::payments::alipay::methods::ORDER_SETTLE => sim.order_settle(&biz),
+        crate::payments::alipay::methods::ORDER_SETTLE_QUERY => sim.order_settle_query(&biz),
+        crate::payments::alipay::methods::SETTLE_CONFIRM => sim.settle_confirm(&biz),
         _ => Err(("40004", "isv.invalid-method", "不存在的方法名".to_owned())),
     };
     match answer {

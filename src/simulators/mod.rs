@@ -119,6 +119,7 @@ pub fn dev_providers(sim_base: &str, hub_base: &str) -> anyhow::Result<Providers
             gateway: format!("{sim_base}{}/gateway.do", alipay::PREFIX),
             app_id: "2021000000000001".into(),
             notify_url: format!("{hub_base}/api/v1/payments/alipay/notify"),
+            platform_pid: Some(alipay::PLATFORM_PID.into()),
         },
         DEV_ALIPAY_APP_KEY,
         DEV_ALIPAY_PUB,

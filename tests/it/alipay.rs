@@ -83,6 +83,7 @@ fn client_with(base: &str, app_key: &str, alipay_pub: &str) -> AlipayClient {
         gateway: format!("{base}{}/gateway.do", sim_alipay::PREFIX),
         app_id: "2021000000000001".into(),
         notify_url: format!("{base}/notify"),
+        platform_pid: Some(sim_alipay::PLATFORM_PID.into()),
     };
     AlipayClient::new(cfg, app_key, alipay_pub).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -143,7 +144,8 @@ async fn confirm_pay_refund() {
                         .as_str()
                         .unwrap_or_default(),
                     100,
-                    None
+                    None,
+                    false
                 )
                 .await
         ),
@@ -172,12 +174,12 @@ async fn confirm_pay_refund() {
         Some(serde_json::json!(true))
     );
     assert_eq!(
-        api_sub_code(r.client.pay("t_1", &id, 20_001, None).await),
+        api_sub_code(r.client.pay("t_1", &id, 20_001, None, false).await),
         "ACQ.TOTAL_FEE_EXCEED"
     );
     let paid = r
         .client
-        .pay("t_1", &id, 1250, None)
+        .pay("t_1", &id, 1250, None, false)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(paid["total_amount"], "12.50");
@@ -242,7 +244,7 @@ async fn nothing_taken_closes_without_charge() {
         Some(serde_json::json!("TRADE_CLOSED"))
     );
     assert_eq!(
-        api_sub_code(r.client.pay("t_2", &id, 100, None).await),
+        api_sub_code(r.client.pay("t_2", &id, 100, None, false).await),
         "ACQ.TRADE_STATUS_ERROR"
     );
 }
@@ -269,7 +271,7 @@ async fn failed_deduction_paid_later_is_notified() {
         .to_owned();
     r.note().await;
     assert_eq!(
-        api_sub_code(r.client.pay("t_3", &id, 650, None).await),
+        api_sub_code(r.client.pay("t_3", &id, 650, None, false).await),
         "ACQ.PAYMENT_FAIL"
     );
     assert_eq!(r.sim.user_pays("u3"), 1);

@@ -552,6 +552,7 @@ async fn simulators_only_where_they_belong() {
             app_private_key_path: dev_keys("alipay-app.key.pem"),
             alipay_public_key_path: format!("{testdata}/merchant_pub.pem"),
             notify_url: "http://127.0.0.1:9/notify".into(),
+            platform_pid: None,
         });
     })
     .await;
@@ -627,6 +628,7 @@ async fn simulators_only_where_they_belong() {
         app_private_key_path: dev_keys("alipay-app.key.pem"),
         alipay_public_key_path: format!("{testdata}/merchant_pub.pem"),
         notify_url: "http://127.0.0.1:9/notify".into(),
+        platform_pid: None,
     });
     let err = cabinet_hub::Application::build(s)
         .await

@@ -375,7 +375,7 @@ async fn unlock_rejected_charges_nothing(b: Backend) {
     assert_eq!(v["order"]["paid_fen"], 0);
 }
 
-async fn alipay_visit(
+pub(crate) async fn alipay_visit(
     hub: &TestHub,
     op: &str,
     c: &mut Cabinet,
@@ -1252,6 +1252,7 @@ async fn real_credentials_load_and_unconfigured_channels_are_refused() {
             app_private_key_path: format!("{keys}/alipay-app.key.pem"),
             alipay_public_key_path: format!("{keys}/alipay-platform.pub.pem"),
             notify_url: "http://127.0.0.1:9/notify".into(),
+            platform_pid: None,
         });
     })
     .await;

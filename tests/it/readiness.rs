@@ -43,6 +43,7 @@ async fn real_hub(b: Backend, sims: &Simulators) -> (TestHub, String, String, Ca
             app_private_key_path: format!("{KEYS}/alipay-app.key.pem"),
             alipay_public_key_path: format!("{KEYS}/alipay-platform.pub.pem"),
             notify_url: format!("http://{http}/api/v1/payments/alipay/notify"),
+            platform_pid: None,
         });
     })
     .await;

@@ -8,10 +8,11 @@ use serde_json::{json, Value};
 
 use crate::both;
 use crate::harness::{Backend, TestHub, ADMIN_KEY, PATIENCE};
-use crate::purchase::{order_status, shop_with, visit};
+use crate::purchase::{alipay_visit, order_status, shop_with, visit};
 
 both!(
     a_paid_order_is_split_and_the_rest_released,
+    an_alipay_sub_merchants_order_is_split_settled_and_returned_with_its_refund,
     a_split_the_receiver_refuses_is_surfaced_and_retried_until_it_succeeds,
     a_refund_of_a_split_order_returns_the_platforms_part_first,
     without_settlement_no_order_is_frozen_for_one,
@@ -342,4 +343,65 @@ async fn the_page_shows_settlements_and_retries_a_failed_one() {
         PATIENCE,
     )
     .await;
+}
+
+/// Alipay, for a sub-merchant (直付通): the trade is held, 62 fen split to the platform
+/// (`alipay.trade.order.settle`), the other 1188 settled to the merchant
+/// (`alipay.trade.settle.confirm`); a full refund takes the 62 back from the platform in the
+/// refund itself (`refund_royalty_parameters`), which the simulator requires (the merchant's
+/// own 1188 cannot pay 1250).
+async fn an_alipay_sub_merchants_order_is_split_settled_and_returned_with_its_refund(b: Backend) {
+    let (hub, op, mut c) = hub(b, true).await;
+    let (s, p) = hub
+        .call(
+            "PUT",
+            "/api/v1/merchants/m1/payment",
+            ADMIN_KEY,
+            Some(
+                json!({"risk_ceiling_fen": 20000, "wechat_sub_mchid": "1900000109",
+                        "service_phone": "400-800-1234", "alipay_smid": "2088000000000099",
+                        "alipay_app_auth_token": "202612BBsecretAuthToken00001"}),
+            ),
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    let session = alipay_visit(
+        &hub,
+        &op,
+        &mut c,
+        "a1",
+        json!([{"sku": "cola", "qty": 2}, {"sku": "chips", "qty": 1}]),
+    )
+    .await;
+    let v = order_status(&hub, &op, &session, "paid").await;
+    let order = v["order"]["id"].as_str().unwrap_or_default().to_owned();
+    let o = settlement_is(&hub, &op, &order, "finished").await;
+    assert_eq!(
+        (
+            &o["settlement"]["platform_fen"],
+            &o["settlement"]["merchant_fen"]
+        ),
+        (&json!(62), &json!(1188)),
+        "{o}"
+    );
+    let r = refund(&hub, &op, &order, 1250).await;
+    let o = refund_is(&hub, &op, &order, &r["refund"]["id"], "succeeded").await;
+    assert_eq!(
+        (
+            &o["refunded_fen"],
+            &o["settlement"]["returned_fen"],
+            &o["settlement"]["state"]
+        ),
+        (&json!(1250), &json!(62), &json!("returned")),
+        "{o}"
+    );
+    let m = hub.metrics().await;
+    for op in ["split", "split_query", "settle_confirm"] {
+        assert!(
+            m.contains(&format!(
+                r#"payments_total{{operation="{op}",outcome="ok",provider="alipay"}} 1"#
+            )),
+            "{op}: {m}"
+        );
+    }
 }

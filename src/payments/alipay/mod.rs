@@ -24,6 +24,12 @@ pub mod methods {
     pub const PAY: &str = "alipay.trade.pay";
     /// Refund a deduction.
     pub const REFUND: &str = "alipay.trade.refund";
+    /// Split part of a sub-merchant's trade to another account (分账, 直付通).
+    pub const ORDER_SETTLE: &str = "alipay.trade.order.settle";
+    /// Ask how a split went.
+    pub const ORDER_SETTLE_QUERY: &str = "alipay.trade.order.settle.query";
+    /// Settle the rest of a sub-merchant's trade to its own account (确认结算).
+    pub const SETTLE_CONFIRM: &str = "alipay.trade.settle.confirm";
 }
 
 /// Real Alipay credentials (`[payments.alipay]`), used when the simulator is off.
@@ -40,6 +46,10 @@ pub struct AlipaySettings {
     pub alipay_public_key_path: String,
     /// Where notifications go (`https://…/api/v1/payments/alipay/notify`).
     pub notify_url: String,
+    /// The platform's Alipay user id (2088…), which receives the commission of sub-merchants'
+    /// trades; unset: Alipay trades are not split (their settlement is the platform's to do).
+    #[serde(default)]
+    pub platform_pid: Option<String>,
 }
 
 impl AlipaySettings {
@@ -52,6 +62,7 @@ impl AlipaySettings {
             gateway: self.gateway.clone(),
             app_id: self.app_id.clone(),
             notify_url: self.notify_url.clone(),
+            platform_pid: self.platform_pid.clone(),
         };
         AlipayClient::new(
             cfg,
@@ -81,6 +92,8 @@ pub struct AlipayConfig {
     pub app_id: String,
     /// Where notifications go.
     pub notify_url: String,
+    /// The platform's Alipay user id, which receives commissions.
+    pub platform_pid: Option<String>,
 }
 
 /// A client failure.
@@ -230,18 +243,24 @@ impl AlipayClient {
         .await
     }
 
-    /// Deducts the final amount against the credit order.
+    /// Deducts the final amount against the credit order. A sub-merchant's trade is settled to
+    /// it at once (`settle_info`) unless `hold`: then it waits for the platform's split and
+    /// [`Self::settle_confirm`].
     pub async fn pay(
         &self,
         out_trade_no: &str,
         credit_biz_order_id: &str,
         total_fen: i64,
         merchant: Option<&AlipayMerchant>,
+        hold: bool,
     ) -> Result<Value, AlipayError> {
         let mut biz = json!({"out_trade_no": out_trade_no, "total_amount": yuan(total_fen), "subject": "智能柜购物",
                          "product_code": "CREDIT_PAY_AFTER_USE", "credit_biz_order_id": credit_biz_order_id});
         if let Some(m) = merchant {
             biz["sub_merchant"] = json!({"merchant_id": m.smid});
+            if !hold {
+                biz["settle_info"] = json!({"settle_detail_infos": [{"trans_in_type": "defaultSettle", "amount": yuan(total_fen)}]});
+            }
         }
         self.call(methods::PAY, &biz, merchant).await
     }
@@ -267,8 +286,88 @@ impl AlipayClient {
         reason: &str,
         merchant: Option<&AlipayMerchant>,
     ) -> Result<Value, AlipayError> {
-        let biz = json!({"out_trade_no": out_trade_no, "refund_amount": yuan(refund_fen), "out_request_no": out_request_no, "refund_reason": reason});
+        self.refund_returning(
+            out_trade_no,
+            refund_fen,
+            out_request_no,
+            reason,
+            0,
+            merchant,
+        )
+        .await
+    }
+
+    /// A refund that first takes `royalty_back_fen` of the platform's split back to the
+    /// merchant (`refund_royalty_parameters`), in the same request.
+    pub async fn refund_returning(
+        &self,
+        out_trade_no: &str,
+        refund_fen: i64,
+        out_request_no: &str,
+        reason: &str,
+        royalty_back_fen: i64,
+        merchant: Option<&AlipayMerchant>,
+    ) -> Result<Value, AlipayError> {
+        let mut biz = json!({"out_trade_no": out_trade_no, "refund_amount": yuan(refund_fen), "out_request_no": out_request_no, "refund_reason": reason});
+        if royalty_back_fen > 0 {
+            let pid = self.platform_pid()?;
+            biz["refund_royalty_parameters"] = json!([{"royalty_type": "transfer", "trans_out_type": "userId",
+                "trans_out": pid, "amount": yuan(royalty_back_fen)}]);
+        }
         self.call(methods::REFUND, &biz, merchant).await
+    }
+
+    fn platform_pid(&self) -> Result<&str, AlipayError> {
+        self.cfg
+            .platform_pid
+            .as_deref()
+            .ok_or_else(|| AlipayError::Config("payments.alipay.platform_pid is not set".into()))
+    }
+
+    /// Whether commissions can be split to the platform (its user id is configured).
+    pub fn splits(&self) -> bool {
+        self.cfg.platform_pid.is_some()
+    }
+
+    /// Splits the platform's commission off a sub-merchant's trade (分账); the same
+    /// `out_request_no` is the same split.
+    pub async fn order_settle(
+        &self,
+        trade_no: &str,
+        out_request_no: &str,
+        commission_fen: i64,
+        merchant: Option<&AlipayMerchant>,
+    ) -> Result<Value, AlipayError> {
+        let pid = self.platform_pid()?;
+        let biz = json!({"out_request_no": out_request_no, "trade_no": trade_no,
+            "royalty_parameters": [{"royalty_type": "transfer", "trans_in_type": "userId", "trans_in": pid,
+                                    "amount": yuan(commission_fen), "desc": "平台佣金"}],
+            "extend_params": {"royalty_finish": "false"}});
+        self.call(methods::ORDER_SETTLE, &biz, merchant).await
+    }
+
+    /// How a split went (`royalty_detail_list[].state`: SUCCESS, FAIL, PROCESSING).
+    pub async fn order_settle_query(
+        &self,
+        trade_no: &str,
+        out_request_no: &str,
+        merchant: Option<&AlipayMerchant>,
+    ) -> Result<Value, AlipayError> {
+        let biz = json!({"out_request_no": out_request_no, "trade_no": trade_no});
+        self.call(methods::ORDER_SETTLE_QUERY, &biz, merchant).await
+    }
+
+    /// Settles the rest of the trade to the sub-merchant's own account (确认结算).
+    pub async fn settle_confirm(
+        &self,
+        trade_no: &str,
+        out_request_no: &str,
+        amount_fen: i64,
+        merchant: Option<&AlipayMerchant>,
+    ) -> Result<Value, AlipayError> {
+        let biz = json!({"out_request_no": out_request_no, "trade_no": trade_no,
+            "settle_info": {"settle_detail_infos": [{"trans_in_type": "defaultSettle", "amount": yuan(amount_fen)}]}});
+        self.call(methods::SETTLE_CONFIRM, &biz, merchant).await
     }
 
     /// The application id calls are made as (and notices must be for).
