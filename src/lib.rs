@@ -31,6 +31,7 @@ pub static malloc_conf: &[u8] = b"background_thread:true\0";
 
 pub mod app;
 pub mod backoff;
+pub mod bills;
 pub mod ca;
 pub mod config;
 pub mod error;

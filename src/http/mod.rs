@@ -6,6 +6,7 @@
 pub mod access;
 pub mod alerts;
 pub mod auth;
+pub mod bills;
 pub mod cabinets;
 pub mod catalog;
 pub mod deadline;
@@ -96,6 +97,7 @@ routes! {
     post "/api/v1/orders/{id}/refund" => sessions::refund_order,
     post "/api/v1/orders/{id}/settlement/retry" => sessions::retry_settlement,
     get "/api/v1/settlements" => sessions::list_settlements,
+    get "/api/v1/bills/{merchant_id}/{date}" => bills::get_bill,
     get "/api/v1/blacklist" => sessions::list_blacklist,
     get "/api/v1/payment-exceptions" => sessions::list_payment_exceptions,
     get "/api/v1/audit" => sessions::list_audit,
@@ -157,7 +159,7 @@ pub(crate) fn mount_grouped(
         sessions::start_session, sessions::list_sessions, sessions::get_session, sessions::close_session, sessions::list_orders, sessions::get_order,
         sessions::resolve_order, sessions::refund_order, sessions::list_blacklist,
         sessions::list_payment_exceptions, sessions::list_audit, sessions::modify_order,
-        sessions::list_settlements, sessions::retry_settlement,
+        sessions::list_settlements, sessions::retry_settlement, bills::get_bill,
         sessions::add_blacklist, sessions::remove_blacklist,
         notifications::wechat_notify, notifications::alipay_notify,
     ),

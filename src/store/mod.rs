@@ -45,12 +45,14 @@ pub(crate) fn conflict_or(e: sqlx::Error) -> StoreError {
 pub(crate) type Result<T> = std::result::Result<T, StoreError>;
 
 mod audit;
+mod bills;
 mod cache;
 mod catalog;
 mod keys;
 mod sessions;
 mod settlements;
 pub use audit::AuditRow;
+pub use bills::DayRows;
 pub use catalog::{PromotionRow, PromotionRule};
 pub use keys::{ApiKeyRecord, Revocation};
 pub use sessions::{
@@ -208,6 +210,7 @@ fn migrator(postgres: bool) -> Migrator {
         (16, "authorised_amount", sql!("0016_authorised_amount.sql")),
         (17, "deduction_failure", sql!("0017_deduction_failure.sql")),
         (18, "settlements", sql!("0018_settlements.sql")),
+        (19, "bills", sql!("0019_bills.sql")),
     ];
     Migrator::with_migrations(
         files

@@ -4,6 +4,7 @@
 mod alipay;
 mod attacks;
 mod audit;
+mod bills;
 mod browser;
 mod catalog;
 mod confirm;

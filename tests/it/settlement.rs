@@ -22,7 +22,7 @@ both!(
 const SUB: &str = "simm1";
 
 /// A hub whose settlement runs at once and retries quickly.
-async fn hub(b: Backend, enabled: bool) -> (TestHub, String, crate::harness::Cabinet) {
+pub(crate) async fn hub(b: Backend, enabled: bool) -> (TestHub, String, crate::harness::Cabinet) {
     hub_retrying_after(b, enabled, 200).await
 }
 
@@ -60,7 +60,7 @@ async fn paid_order(hub: &TestHub, op: &str, c: &mut crate::harness::Cabinet) ->
 }
 
 /// Waits until `order`'s settlement is `state`; answers the order.
-async fn settlement_is(hub: &TestHub, op: &str, order: &str, state: &str) -> Value {
+pub(crate) async fn settlement_is(hub: &TestHub, op: &str, order: &str, state: &str) -> Value {
     hub.eventually(PATIENCE, state, || async {
         let (_, o) = hub.get(&format!("/api/v1/orders/{order}"), op).await;
         (o["settlement"]["state"] == state).then_some(o)
@@ -194,7 +194,7 @@ async fn a_split_the_receiver_refuses_is_surfaced_and_retried_until_it_succeeds(
     );
 }
 
-async fn refund(hub: &TestHub, op: &str, order: &str, fen: i64) -> Value {
+pub(crate) async fn refund(hub: &TestHub, op: &str, order: &str, fen: i64) -> Value {
     let (s, r) = hub
         .post(
             &format!("/api/v1/orders/{order}/refund"),
@@ -207,7 +207,13 @@ async fn refund(hub: &TestHub, op: &str, order: &str, fen: i64) -> Value {
 }
 
 /// Waits until refund `id` of `order` is `want`; answers the order.
-async fn refund_is(hub: &TestHub, op: &str, order: &str, id: &Value, want: &str) -> Value {
+pub(crate) async fn refund_is(
+    hub: &TestHub,
+    op: &str,
+    order: &str,
+    id: &Value,
+    want: &str,
+) -> Value {
     hub.eventually(PATIENCE, want, || async {
         let (_, o) = hub.get(&format!("/api/v1/orders/{order}"), op).await;
         let r = o["refunds"]

@@ -1,0 +1,250 @@
+//! Bills (交易账单): a merchant's day of money, line by line, whose lines add up to its totals
+//! to the fen. A payment counts on the day it was paid, a refund and a returned commission on
+//! the day the provider settled them, a commission on its order's payment day once it was split
+//! (a commission not split yet is shown apart, as pending, and not deducted).
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::store::DayRows;
+use crate::views::rfc3339;
+
+/// One line of a bill; `amount_fen` is signed from the merchant's side (a payment adds, a
+/// refund or the platform's commission takes away).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct BillLine {
+    /// `payment`, `refund`, `commission`, `commission_return`.
+    pub kind: &'static str,
+    /// When it happened, RFC 3339.
+    pub at: Option<String>,
+    /// The order.
+    pub order_id: String,
+    /// The cabinet it was sold from (payments).
+    pub cabinet_id: Option<String>,
+    /// `wechat` or `alipay` (payments).
+    pub channel: Option<String>,
+    /// The provider's trade number (payments), the refund's or the return's id.
+    pub reference: Option<String>,
+    /// List price of what was taken (payments).
+    pub gross_fen: Option<i64>,
+    /// Promotions (payments).
+    pub discount_fen: Option<i64>,
+    /// Signed, from the merchant's side.
+    pub amount_fen: i64,
+}
+
+/// A bill's totals; `net_fen` is the sum of its lines' amounts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, ToSchema)]
+pub struct BillTotals {
+    /// Orders paid.
+    pub orders: i64,
+    /// Their list price.
+    pub gross_fen: i64,
+    /// Their promotions.
+    pub discount_fen: i64,
+    /// What the shoppers paid.
+    pub paid_fen: i64,
+    /// Refunds settled.
+    pub refunds: i64,
+    /// What they gave back.
+    pub refunded_fen: i64,
+    /// The platform's commission on the day's orders, split.
+    pub commission_fen: i64,
+    /// Commission the platform returned for refunds.
+    pub commission_returned_fen: i64,
+    /// Commission on the day's orders not split yet (not deducted here).
+    pub commission_pending_fen: i64,
+    /// paid − refunded − commission + returned.
+    pub net_fen: i64,
+}
+
+/// A merchant's bill of one day.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Bill {
+    /// The merchant.
+    pub merchant_id: String,
+    /// The day, `YYYY-MM-DD`, in the hub's local time (`pricing.utc_offset_min`).
+    pub date: String,
+    /// Where the day starts, RFC 3339.
+    pub from: Option<String>,
+    /// Where it ends (exclusive).
+    pub to: Option<String>,
+    /// The lines, payments first (as paid), then refunds, commissions and returns.
+    pub lines: Vec<BillLine>,
+    /// The totals.
+    pub totals: BillTotals,
+}
+
+/// States in which a settlement's commission has been split to the platform.
+fn split(state: &str, step: &str) -> bool {
+    matches!(state, "split" | "finished" | "returned") || (state == "failed" && step == "finish")
+}
+
+/// The bill of `rows`, which are the merchant's day.
+pub fn bill(merchant_id: &str, date: &str, from: i64, to: i64, rows: &DayRows) -> Bill {
+    let mut lines = Vec::new();
+    let mut t = BillTotals::default();
+    for o in &rows.paid {
+        let priced: Option<serde_json::Value> = o
+            .priced
+            .as_deref()
+            .and_then(|p| serde_json::from_str(p).ok());
+        let gross = priced
+            .as_ref()
+            .and_then(|p| p["gross_fen"].as_i64())
+            .unwrap_or(o.paid_fen);
+        let total = o.total_fen.unwrap_or(o.paid_fen);
+        let discount = (gross - total).max(0);
+        t.orders += 1;
+        t.gross_fen += gross;
+        t.discount_fen += discount;
+        t.paid_fen += o.paid_fen;
+        lines.push(BillLine {
+            kind: "payment",
+            at: o.paid_at.and_then(rfc3339),
+            order_id: o.id.clone(),
+            cabinet_id: Some(o.cabinet_id.clone()),
+            channel: Some(o.channel.clone()),
+            reference: o.transaction_id.clone(),
+            gross_fen: Some(gross),
+            discount_fen: Some(discount),
+            amount_fen: o.paid_fen,
+        });
+    }
+    for r in &rows.refunds {
+        t.refunds += 1;
+        t.refunded_fen += r.amount_fen;
+        lines.push(BillLine {
+            kind: "refund",
+            at: rfc3339(r.updated_at),
+            order_id: r.order_id.clone(),
+            cabinet_id: None,
+            channel: None,
+            reference: Some(r.id.clone()),
+            gross_fen: None,
+            discount_fen: None,
+            amount_fen: -r.amount_fen,
+        });
+    }
+    for s in &rows.settlements {
+        if split(&s.state, &s.step) {
+            t.commission_fen += s.platform_fen;
+            if s.platform_fen > 0 {
+                lines.push(BillLine {
+                    kind: "commission",
+                    at: rfc3339(s.updated_at),
+                    order_id: s.order_id.clone(),
+                    cabinet_id: None,
+                    channel: Some(s.channel.clone()),
+                    reference: Some(s.split_no()),
+                    gross_fen: None,
+                    discount_fen: None,
+                    amount_fen: -s.platform_fen,
+                });
+            }
+        } else if let Some(o) = rows.paid.iter().find(|o| o.id == s.order_id) {
+            let net = (o.paid_fen - o.refunded_fen - o.refund_reserved_fen).max(0);
+            t.commission_pending_fen += net * s.commission_bps / 10_000;
+        }
+    }
+    for x in &rows.returns {
+        t.commission_returned_fen += x.amount_fen;
+        lines.push(BillLine {
+            kind: "commission_return",
+            at: rfc3339(x.updated_at),
+            order_id: x.order_id.clone(),
+            cabinet_id: None,
+            channel: None,
+            reference: Some(x.id.clone()),
+            gross_fen: None,
+            discount_fen: None,
+            amount_fen: x.amount_fen,
+        });
+    }
+    t.net_fen = t.paid_fen - t.refunded_fen - t.commission_fen + t.commission_returned_fen;
+    Bill {
+        merchant_id: merchant_id.to_owned(),
+        date: date.to_owned(),
+        from: rfc3339(from),
+        to: rfc3339(to),
+        lines,
+        totals: t,
+    }
+}
+
+/// Yuan with two decimals, for people; the fen columns are for machines.
+fn yuan(fen: i64) -> String {
+    let sign = if fen < 0 { "-" } else { "" };
+    format!("{sign}{}.{:02}", fen.abs() / 100, fen.abs() % 100)
+}
+
+/// A CSV field: quoted when it holds a comma, a quote or a line break; a leading `=`, `+`, `-`
+/// or `@` is prefixed with `'` so that a spreadsheet does not take it for a formula (ids come
+/// from cabinets and providers). Amounts are written by this module and never need either.
+fn field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@']) {
+        format!("'{s}")
+    } else {
+        s.to_owned()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
+/// The bill as CSV (UTF-8, with a byte-order mark so that spreadsheets read the Chinese):
+/// one row per line, then a `total` row whose amount is the net.
+pub fn csv(b: &Bill) -> String {
+    let mut out = String::from(
+        "\u{feff}kind,at,order_id,cabinet_id,channel,reference,gross_fen,discount_fen,amount_fen,amount_yuan\r\n",
+    );
+    let opt = |v: &Option<String>| v.as_deref().map(field).unwrap_or_default();
+    let num = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
+    for l in &b.lines {
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{}\r\n",
+            l.kind,
+            opt(&l.at),
+            field(&l.order_id),
+            opt(&l.cabinet_id),
+            opt(&l.channel),
+            opt(&l.reference),
+            num(l.gross_fen),
+            num(l.discount_fen),
+            l.amount_fen,
+            yuan(l.amount_fen)
+        ));
+    }
+    out.push_str(&format!(
+        "total,{},,,,,{},{},{},{}\r\n",
+        field(&b.date),
+        b.totals.gross_fen,
+        b.totals.discount_fen,
+        b.totals.net_fen,
+        yuan(b.totals.net_fen)
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yuan_has_two_decimals_and_a_sign() {
+        assert_eq!(yuan(1250), "12.50");
+        assert_eq!(yuan(-62), "-0.62");
+        assert_eq!(yuan(0), "0.00");
+    }
+
+    #[test]
+    fn csv_fields_cannot_break_rows_or_become_formulas() {
+        assert_eq!(field("o1"), "o1");
+        assert_eq!(field("a,b"), "\"a,b\"");
+        assert_eq!(field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(field("=HYPERLINK(1)"), "'=HYPERLINK(1)");
+        assert_eq!(field("-2+3,x"), "\"'-2+3,x\"");
+    }
+}
