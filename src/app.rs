@@ -255,10 +255,15 @@ impl Application {
         if settings.settlement.enabled {
             let settler = sessions.clone();
             let every = Duration::from_millis(settings.settlement.tick_ms.max(50));
+            // Paced: settlement is background work (the money is frozen for up to 180 days, a
+            // rush can wait for it), and three signed provider calls an order would otherwise
+            // take their CPU from the shoppers in the rush (docs/architecture.md, "Settlement").
+            let per_pass = (settings.settlement.max_steps_per_s as u128 * every.as_millis() / 1000)
+                .max(1) as usize;
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
-                    settler.settle_due().await;
+                    settler.settle_due(per_pass).await;
                 }
             });
         }

@@ -242,6 +242,9 @@ pub struct SettlementSettings {
     pub first_after_ms: u64,
     /// `HUB__SETTLEMENT__TICK_MS`: how often the supervisor takes what is due.
     pub tick_ms: u64,
+    /// `HUB__SETTLEMENT__MAX_STEPS_PER_S`: at most this many provider steps a second (three an
+    /// order): a rush's settlement waits rather than taking the shoppers' CPU.
+    pub max_steps_per_s: u32,
     /// `HUB__SETTLEMENT__RETRY_MS`: the first wait after a failure, doubling per failure.
     pub retry_ms: u64,
     /// `HUB__SETTLEMENT__RETRY_MAX_MS`: the longest wait between attempts.

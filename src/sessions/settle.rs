@@ -28,8 +28,9 @@ use crate::store::{
     OrderRow, PaymentExceptionRow, RefundRow, SettlementMove, SettlementReturnRow, SettlementRow,
 };
 
-/// How many settlements one pass takes.
-const SETTLE_BATCH: i64 = 100;
+/// How many steps of one pass are carried out at once: each is a provider round trip, and one
+/// at a time a pass managed ~100 steps a second.
+const SETTLE_CONCURRENCY: usize = 16;
 
 /// What one pass over a settlement found out.
 enum Outcome {
@@ -100,10 +101,15 @@ impl Sessions {
         }
     }
 
-    /// One pass of the settlement supervisor: every settlement due is taken one step on.
-    /// Answers how many it took.
-    pub async fn settle_due(&self) -> usize {
-        let due = match self.store.due_settlements(self.now(), SETTLE_BATCH).await {
+    /// One pass of the settlement supervisor: the settlements due, at most `limit`, are taken
+    /// one step on, [`SETTLE_CONCURRENCY`] at a time. Answers how many it took.
+    pub async fn settle_due(&self, limit: usize) -> usize {
+        use futures_util::StreamExt;
+        let due = match self
+            .store
+            .due_settlements(self.now(), limit.max(1) as i64)
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "due settlements not read");
@@ -111,9 +117,9 @@ impl Sessions {
             }
         };
         let n = due.len();
-        for st in due {
-            self.settle_one(st).await;
-        }
+        futures_util::stream::iter(due)
+            .for_each_concurrent(SETTLE_CONCURRENCY, |st| self.settle_one(st))
+            .await;
         n
     }
 
