@@ -172,6 +172,138 @@ pub fn bill(merchant_id: &str, date: &str, from: i64, to: i64, rows: &DayRows) -
     }
 }
 
+/// One hour of a day's sales.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, ToSchema)]
+pub struct HourStats {
+    /// 0–23, local time.
+    pub hour: u32,
+    /// Orders paid in it.
+    pub orders: i64,
+    /// What they paid.
+    pub sales_fen: i64,
+}
+
+/// A product's sales.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ProductStats {
+    /// Sku.
+    pub sku: String,
+    /// Its name on the order.
+    pub name: String,
+    /// Items sold.
+    pub qty: i64,
+    /// Their amount after line prices (fen).
+    pub amount_fen: i64,
+}
+
+/// A cabinet's day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct CabinetStats {
+    /// The cabinet.
+    pub cabinet_id: String,
+    /// Orders paid.
+    pub orders: i64,
+    /// What they paid.
+    pub sales_fen: i64,
+    /// Its five best sellers by items sold.
+    pub top_products: Vec<ProductStats>,
+}
+
+/// A merchant's day in figures (the page's statistics and chart).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DayStats {
+    /// The merchant.
+    pub merchant_id: String,
+    /// `YYYY-MM-DD`, local time.
+    pub date: String,
+    /// Orders paid.
+    pub orders: i64,
+    /// What they paid (fen).
+    pub sales_fen: i64,
+    /// sales ÷ orders, rounded down (fen).
+    pub average_basket_fen: i64,
+    /// Refunds settled in the day (fen).
+    pub refunded_fen: i64,
+    /// Every hour, 0 to 23.
+    pub by_hour: Vec<HourStats>,
+    /// Cabinets with sales, best first.
+    pub cabinets: Vec<CabinetStats>,
+}
+
+/// The figures of `rows`, the merchant's day starting at `from` (Unix ms, local midnight).
+pub fn stats(merchant_id: &str, date: &str, from: i64, rows: &DayRows) -> DayStats {
+    use std::collections::BTreeMap;
+    let mut by_hour: Vec<HourStats> = (0..24)
+        .map(|hour| HourStats {
+            hour,
+            ..HourStats::default()
+        })
+        .collect();
+    let mut cabinets: BTreeMap<&str, (i64, i64, BTreeMap<String, ProductStats>)> = BTreeMap::new();
+    let (mut orders, mut sales) = (0i64, 0i64);
+    for o in &rows.paid {
+        orders += 1;
+        sales += o.paid_fen;
+        let hour = ((o.paid_at.unwrap_or(from) - from).max(0) / 3_600_000).min(23) as usize;
+        by_hour[hour].orders += 1;
+        by_hour[hour].sales_fen += o.paid_fen;
+        let c = cabinets.entry(o.cabinet_id.as_str()).or_default();
+        c.0 += 1;
+        c.1 += o.paid_fen;
+        let priced: Option<serde_json::Value> = o
+            .priced
+            .as_deref()
+            .and_then(|p| serde_json::from_str(p).ok());
+        for line in priced
+            .as_ref()
+            .and_then(|p| p["lines"].as_array())
+            .into_iter()
+            .flatten()
+        {
+            let Some(sku) = line["sku"].as_str() else {
+                continue;
+            };
+            let p = c.2.entry(sku.to_owned()).or_insert_with(|| ProductStats {
+                sku: sku.to_owned(),
+                name: line["name"].as_str().unwrap_or(sku).to_owned(),
+                qty: 0,
+                amount_fen: 0,
+            });
+            p.qty += line["qty"].as_i64().unwrap_or(0);
+            p.amount_fen += line["amount_fen"].as_i64().unwrap_or(0);
+        }
+    }
+    let mut cabinets: Vec<CabinetStats> = cabinets
+        .into_iter()
+        .map(|(id, (n, fen, products))| {
+            let mut top: Vec<ProductStats> = products.into_values().collect();
+            top.sort_by(|a, b| b.qty.cmp(&a.qty).then(b.amount_fen.cmp(&a.amount_fen)));
+            top.truncate(5);
+            CabinetStats {
+                cabinet_id: id.to_owned(),
+                orders: n,
+                sales_fen: fen,
+                top_products: top,
+            }
+        })
+        .collect();
+    cabinets.sort_by(|a, b| {
+        b.sales_fen
+            .cmp(&a.sales_fen)
+            .then(a.cabinet_id.cmp(&b.cabinet_id))
+    });
+    DayStats {
+        merchant_id: merchant_id.to_owned(),
+        date: date.to_owned(),
+        orders,
+        sales_fen: sales,
+        average_basket_fen: if orders > 0 { sales / orders } else { 0 },
+        refunded_fen: rows.refunds.iter().map(|r| r.amount_fen).sum(),
+        by_hour,
+        cabinets,
+    }
+}
+
 /// Yuan with two decimals, for people; the fen columns are for machines.
 fn yuan(fen: i64) -> String {
     let sign = if fen < 0 { "-" } else { "" };

@@ -120,6 +120,8 @@ async function signIn(key, remember) {
   $('signin').hidden = true;
   $('app').hidden = false;
   $('who').textContent = `${me.role}${me.merchant_id ? ' · ' + me.merchant_id : ' · platform'}`;
+  // A merchant's key has one merchant's bills; the platform names one.
+  $('bill-merchant-label').hidden = Boolean(me.merchant_id);
   connect();
   loadOrders();
   loadReadiness();
@@ -571,6 +573,101 @@ async function retrySettlement(orderId) {
   }
 }
 
+// ---- bills and statistics ---------------------------------------------------------------
+
+// The hub's day is local time (+08:00 by default); the browser's is close enough for a default.
+function today() {
+  const d = new Date();
+  return `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, '0')}-${String(d.getDate()).padStart(2, '0')}`;
+}
+
+function billMerchant() {
+  return (S.me && S.me.merchant_id) || $('bill-merchant').value.trim();
+}
+
+async function showBill(e) {
+  if (e) e.preventDefault();
+  const m = billMerchant(), day = $('bill-date').value;
+  if (!m || !day) { banner('Pick a merchant and a day.'); return; }
+  const base = `${encodeURIComponent(m)}/${encodeURIComponent(day)}`;
+  try {
+    const [bill, stats] = await Promise.all([api('GET', `/api/v1/bills/${base}`), api('GET', `/api/v1/stats/${base}`)]);
+    renderBill(bill, stats);
+    $('bill-download').disabled = false;
+  } catch (err) {
+    banner('Could not load the bill: ' + explain(err));
+  }
+}
+
+function renderBill(bill, stats) {
+  const t = bill.totals;
+  const kv = [
+    ['orders', String(t.orders)], ['sales', fen(t.paid_fen)], ['average basket', fen(stats.average_basket_fen)],
+    ['list price', fen(t.gross_fen)], ['promotions', fen(t.discount_fen)],
+    ['refunded', `${fen(t.refunded_fen)} (${t.refunds})`], ['commission', fen(t.commission_fen)],
+    ['commission returned', fen(t.commission_returned_fen)], ['commission pending', fen(t.commission_pending_fen)],
+    ['net', fen(t.net_fen)],
+  ];
+  $('bill-totals').replaceChildren(...kv.flatMap(([k, v]) => [el('dt', { text: k }), el('dd', { 'data-total': k, text: v })]));
+  $('bill-chart').replaceChildren(hourChart(stats.by_hour));
+  $('bill-cabinets').replaceChildren(...stats.cabinets.map((c) => el('tr', { 'data-cabinet-stats': c.cabinet_id },
+    el('td', { text: c.cabinet_id }), el('td', { text: String(c.orders) }), el('td', { text: fen(c.sales_fen) }),
+    el('td', { text: c.top_products.map((p) => `${p.name} ×${p.qty}`).join(', ') }))));
+  $('bill-empty').hidden = true;
+}
+
+// Sales by hour as SVG bars: 24 of them, the tallest the day's best hour.
+function hourChart(hours) {
+  const NS = 'http://www.w3.org/2000/svg';
+  const w = 24 * 22, h = 140, max = Math.max(1, ...hours.map((x) => x.sales_fen));
+  const svg = document.createElementNS(NS, 'svg');
+  svg.setAttribute('viewBox', `0 0 ${w} ${h + 16}`);
+  svg.setAttribute('class', 'chart');
+  svg.setAttribute('role', 'img');
+  svg.setAttribute('aria-label', 'sales by hour');
+  for (const x of hours) {
+    const bh = Math.round((x.sales_fen / max) * h);
+    const r = document.createElementNS(NS, 'rect');
+    r.setAttribute('x', String(x.hour * 22 + 2));
+    r.setAttribute('y', String(h - bh));
+    r.setAttribute('width', '18');
+    r.setAttribute('height', String(bh));
+    r.setAttribute('data-hour', String(x.hour));
+    r.setAttribute('fill', 'currentColor');
+    const tip = document.createElementNS(NS, 'title');
+    tip.textContent = `${String(x.hour).padStart(2, '0')}:00 · ${x.orders} orders · ${fen(x.sales_fen)}`;
+    r.append(tip);
+    svg.append(r);
+    if (x.hour % 3 === 0) {
+      const label = document.createElementNS(NS, 'text');
+      label.setAttribute('x', String(x.hour * 22 + 2));
+      label.setAttribute('y', String(h + 13));
+      label.setAttribute('font-size', '10');
+      label.textContent = String(x.hour);
+      svg.append(label);
+    }
+  }
+  return svg;
+}
+
+// The CSV needs the key, so it is fetched here and handed to the browser as a file.
+async function downloadBill() {
+  const m = billMerchant(), day = $('bill-date').value;
+  try {
+    const r = await fetch(`/api/v1/bills/${encodeURIComponent(m)}/${encodeURIComponent(day)}?format=csv`, {
+      headers: { Authorization: `Bearer ${S.key}` },
+    });
+    if (!r.ok) throw new Error(`HTTP ${r.status}`);
+    const blob = await r.blob();
+    const a = el('a', { href: URL.createObjectURL(blob), download: `bill-${m}-${day}.csv`, id: 'bill-file', hidden: true });
+    $('bill-file')?.remove();
+    document.body.append(a);
+    a.click();
+  } catch (err) {
+    banner('Could not download the bill: ' + explain(err));
+  }
+}
+
 // A session still under way can be closed by an operator (a shopper gone, a cabinet stuck
 // busy). One form above the table, not one per row: the rows are redrawn on every change.
 const UNDERWAY = new Set(['confirming', 'unlocking', 'open']);
@@ -763,6 +860,9 @@ document.addEventListener('DOMContentLoaded', () => {
     signIn($('key').value.trim(), $('remember').checked);
   });
   $('signout').addEventListener('click', () => signOut(''));
+  $('bill-date').value = today();
+  $('bill-form').addEventListener('submit', showBill);
+  $('bill-download').addEventListener('click', downloadBill);
   for (const b of document.querySelectorAll('.tab')) b.addEventListener('click', () => showTab(b.dataset.tab));
   for (const b of document.querySelectorAll('.count')) {
     b.addEventListener('click', () => { $('filter').value = b.dataset.filter; S.filter = b.dataset.filter; showTab('fleet'); });

@@ -7,7 +7,7 @@ use utoipa::IntoParams;
 use super::auth::{Caller, Role};
 use super::state::AppState;
 use super::ErrorBody;
-use crate::bills::{bill, csv, Bill};
+use crate::bills::{bill, csv, stats, Bill, DayStats};
 use crate::error::{ApiError, ApiResult};
 
 /// `?format=`.
@@ -77,6 +77,31 @@ pub async fn get_bill(
             .body(csv(&b)));
     }
     Ok(HttpResponse::Ok().json(b))
+}
+
+/// A merchant's day in figures: sales, orders, average basket, refunds, sales by hour (the
+/// page's chart) and each cabinet's best sellers; the same day and the same payments as the
+/// bill's.
+#[utoipa::path(get, path = "/api/v1/stats/{merchant_id}/{date}", tag = "orders",
+    params(("merchant_id" = String, Path), ("date" = String, Path, description = "YYYY-MM-DD")),
+    security(("bearer" = [])), responses((status = 200, body = DayStats),
+    (status = 400, body = ErrorBody), (status = 404, body = ErrorBody, description = "no such merchant, or not the caller's")))]
+pub async fn get_stats(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Viewer)?;
+    let (merchant_id, date) = path.into_inner();
+    if !caller.sees(&merchant_id) || state.store.merchant(&merchant_id).await?.is_none() {
+        return Err(ApiError::not_found("merchant"));
+    }
+    let from = day_start(&date, state.settings.pricing.utc_offset_min)?;
+    let rows = state
+        .store
+        .day_rows(&merchant_id, from, from + DAY_MS)
+        .await?;
+    Ok(HttpResponse::Ok().json(stats(&merchant_id, &date, from, &rows)))
 }
 
 #[cfg(test)]

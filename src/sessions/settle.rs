@@ -165,19 +165,10 @@ impl Sessions {
         sub: &str,
         txn: &str,
     ) -> Outcome {
-        let net = (o.paid_fen - o.refunded_fen - o.refund_reserved_fen).max(0);
-        let platform = net * st.commission_bps / 10_000;
-        let shares = Some((platform, net - platform));
-        if platform == 0 {
-            // Nothing for the platform: release the rest (or, refunded in full, nothing).
-            return Outcome::Next {
-                state: if net == 0 { "finished" } else { "split" },
-                step: "finish",
-                after_ms: 0,
-                shares,
-                provider_order_id: None,
-            };
-        }
+        let (platform, shares) = match shares(st, o) {
+            Ok(s) => s,
+            Err(release) => return release,
+        };
         let receivers = [SplitReceiver {
             kind: "MERCHANT_ID".into(),
             receiver_account: w.config().mchid.clone(),
@@ -669,18 +660,10 @@ impl Sessions {
                 next("finished", "finish", 0)
             }
             _ => {
-                let net = (o.paid_fen - o.refunded_fen - o.refund_reserved_fen).max(0);
-                let platform = net * st.commission_bps / 10_000;
-                let shares = Some((platform, net - platform));
-                if platform == 0 {
-                    return Outcome::Next {
-                        state: if net == 0 { "finished" } else { "split" },
-                        step: "finish",
-                        after_ms: 0,
-                        shares,
-                        provider_order_id: None,
-                    };
-                }
+                let (platform, shares) = match shares(st, o) {
+                    Ok(s) => s,
+                    Err(release) => return release,
+                };
                 let r = a.order_settle(trade_no, &st.split_no(), platform, m).await;
                 match self.counted("alipay", "split", r) {
                     Ok(v) => Outcome::Next {
@@ -695,6 +678,25 @@ impl Sessions {
             }
         }
     }
+}
+
+/// The platform's share of what is left of the payment (refunds taken or in flight do not
+/// count), rounded down, and both shares; `Err` with the move on when the platform gets nothing
+/// (release the rest, or, refunded in full, nothing).
+fn shares(st: &SettlementRow, o: &OrderRow) -> Result<(i64, Option<(i64, i64)>), Outcome> {
+    let net = (o.paid_fen - o.refunded_fen - o.refund_reserved_fen).max(0);
+    let platform = net * st.commission_bps / 10_000;
+    let shares = Some((platform, net - platform));
+    if platform == 0 {
+        return Err(Outcome::Next {
+            state: if net == 0 { "finished" } else { "split" },
+            step: "finish",
+            after_ms: 0,
+            shares,
+            provider_order_id: None,
+        });
+    }
+    Ok((platform, shares))
 }
 
 /// A move on, with no amounts and no provider id.

@@ -583,18 +583,7 @@ impl Store {
                 }
             }
             NoticeEffect::Exception(e) => {
-                sqlx::query("INSERT INTO payment_exceptions (id, merchant_id, order_id, provider, notification_id, reason, detail, created_at) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
-                    .bind(&e.id)
-                    .bind(e.merchant_id.as_deref())
-                    .bind(e.order_id.as_deref())
-                    .bind(&e.provider)
-                    .bind(&e.notification_id)
-                    .bind(&e.reason)
-                    .bind(&e.detail)
-                    .bind(e.created_at)
-                    .execute(&mut *tx)
-                    .await?;
+                insert_payment_exception(&mut tx, e).await?;
                 changed = Some(Change::PaymentException(e.clone()));
             }
             NoticeEffect::Refund {
@@ -1114,6 +1103,28 @@ pub struct PaymentExceptionRow {
     pub detail: String,
     /// Unix ms.
     pub created_at: i64,
+}
+
+/// Keeps a payment exception, on the caller's connection (a notice's transaction, or its own).
+pub(super) async fn insert_payment_exception(
+    conn: &mut sqlx::AnyConnection,
+    e: &PaymentExceptionRow,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO payment_exceptions (id, merchant_id, order_id, provider, notification_id, reason, detail, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&e.id)
+    .bind(e.merchant_id.as_deref())
+    .bind(e.order_id.as_deref())
+    .bind(&e.provider)
+    .bind(&e.notification_id)
+    .bind(&e.reason)
+    .bind(&e.detail)
+    .bind(e.created_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// [`Store::settle_refund`] on a transaction (a refund notice settles its refund in the

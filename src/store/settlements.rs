@@ -303,20 +303,7 @@ impl Store {
 
     /// Records a payment exception that no notice brought (a settlement step that failed).
     pub async fn record_payment_exception(&self, e: &PaymentExceptionRow) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO payment_exceptions (id, merchant_id, order_id, provider, notification_id, reason, detail, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(&e.id)
-        .bind(e.merchant_id.as_deref())
-        .bind(e.order_id.as_deref())
-        .bind(&e.provider)
-        .bind(&e.notification_id)
-        .bind(&e.reason)
-        .bind(&e.detail)
-        .bind(e.created_at)
-        .execute(&mut *self.write().await?)
-        .await?;
+        super::sessions::insert_payment_exception(&mut *self.write().await?, e).await?;
         self.changed(Change::PaymentException(e.clone()));
         Ok(())
     }

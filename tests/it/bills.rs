@@ -37,8 +37,8 @@ fn sum(v: &Value, key: &str) -> i64 {
         .unwrap_or(0)
 }
 
-async fn a_day_of_trading_reconciles_on_the_bill_to_the_fen(b: Backend) {
-    let (hub, op, mut c) = hub(b, true).await;
+async fn a_day_of_trading_reconciles_on_the_bill_to_the_fen(backend: Backend) {
+    let (hub, op, mut c) = hub(backend, true).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -94,6 +94,7 @@ async fn a_day_of_trading_reconciles_on_the_bill_to_the_fen(b: Backend) {
 
     // The bills of those days (one, unless the test ran across local midnight).
     let mut got = (0i64, 0i64, 0i64, 0i64, 0i64, 0i64);
+    let mut stats_days: Vec<Value> = Vec::new();
     for day in &days {
         let (s, bill) = hub.get(&format!("/api/v1/bills/m1/{day}"), &op).await;
         assert_eq!(s, 200, "{bill}");
@@ -133,7 +134,47 @@ async fn a_day_of_trading_reconciles_on_the_bill_to_the_fen(b: Backend) {
         assert_eq!(total[8].parse::<i64>().ok(), Some(csv_net), "{text}");
         assert_eq!(Some(csv_net), t["net_fen"].as_i64(), "{text}");
         assert_eq!(lines.len(), bill["lines"].as_array().map_or(0, Vec::len));
+
+        // The day's figures count the same payments.
+        let (s, st) = hub.get(&format!("/api/v1/stats/m1/{day}"), &op).await;
+        assert_eq!(s, 200, "{st}");
+        assert_eq!(
+            (&st["orders"], &st["sales_fen"]),
+            (&t["orders"], &t["paid_fen"]),
+            "{st}"
+        );
+        assert_eq!(st["by_hour"].as_array().map(Vec::len), Some(24), "{st}");
+        assert_eq!(
+            sum(&st["by_hour"], "sales_fen"),
+            t["paid_fen"].as_i64().unwrap_or(-1)
+        );
+        assert_eq!(
+            sum(&st["cabinets"], "orders"),
+            t["orders"].as_i64().unwrap_or(-1)
+        );
+        stats_days.push(st);
     }
+    // Every basket came from KM1: 8 cola, 7 chips.
+    let top: Vec<(String, i64)> = stats_days
+        .iter()
+        .flat_map(|st| st["cabinets"].as_array().cloned().unwrap_or_default())
+        .flat_map(|c| c["top_products"].as_array().cloned().unwrap_or_default())
+        .map(|p| {
+            (
+                p["sku"].as_str().unwrap_or_default().to_owned(),
+                p["qty"].as_i64().unwrap_or(0),
+            )
+        })
+        .fold(Vec::<(String, i64)>::new(), |mut acc, (sku, q)| {
+            match acc.iter_mut().find(|(s, _)| *s == sku) {
+                Some((_, n)) => *n += q,
+                None => acc.push((sku, q)),
+            }
+            acc
+        });
+    let mut top = top;
+    top.sort();
+    assert_eq!(top, [("chips".to_owned(), 7), ("cola".to_owned(), 8)]);
     assert_eq!(
         got,
         (want.0, want.1, want.2, want.3, want.4, orders.len() as i64),
@@ -152,7 +193,49 @@ async fn a_day_of_trading_reconciles_on_the_bill_to_the_fen(b: Backend) {
         .await;
     assert_eq!(s, 400);
     let (s, b) = hub.get(&format!("/api/v1/bills/m1/{day}"), ADMIN_KEY).await;
-    assert_eq!((s, &b["totals"]["orders"]), (200, &json!(orders.len())));
+    if days.len() == 1 {
+        assert_eq!((s, &b["totals"]["orders"]), (200, &json!(orders.len())));
+    }
+    let (s, _) = hub.get(&format!("/api/v1/stats/m1/{day}"), &other).await;
+    assert_eq!(s, 404);
+
+    // The page shows the same day: totals, a bar per hour, the cabinet's best sellers, and
+    // hands over the CSV (once: the page does not depend on the database).
+    if days.len() == 1 && matches!(backend, Backend::Sqlite) {
+        let mut br = crate::browser::Browser::launch(1440, 900).await;
+        crate::browser::sign_in(&mut br, &hub, &op).await;
+        br.eval("document.querySelector('[data-tab=bills]').click()")
+            .await;
+        br.eval(&format!(
+            "document.getElementById('bill-date').value = '{day}';
+             document.getElementById('bill-form').requestSubmit()"
+        ))
+        .await;
+        let paid = got.0;
+        br.wait_for(
+            &format!(
+                "document.querySelector('[data-total=orders]')?.textContent === '{}'
+                 && document.querySelector('[data-total=sales]')?.textContent === '¥{}.{:02}'
+                 && document.querySelectorAll('#bill-chart rect').length === 24
+                 && document.querySelector('[data-cabinet-stats=KM1]')?.textContent.includes('cola ×8')",
+                orders.len(),
+                paid / 100,
+                paid % 100
+            ),
+            crate::harness::PATIENCE,
+        )
+        .await;
+        br.eval("document.getElementById('bill-download').click()")
+            .await;
+        br.wait_for(
+            &format!(
+                "document.getElementById('bill-file')?.download === 'bill-m1-{day}.csv'
+                 && document.getElementById('bill-file').href.startsWith('blob:')"
+            ),
+            crate::harness::PATIENCE,
+        )
+        .await;
+    }
 }
 
 /// The CSV download: status and body.
