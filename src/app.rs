@@ -251,6 +251,19 @@ impl Application {
                 collector.follow_refunds().await;
             }
         });
+        // Service-time reminders: one pass per interval (reminders.rs).
+        {
+            let (store, feed, metrics, clock) =
+                (store.clone(), feed.clone(), metrics.clone(), clock.clone());
+            let every =
+                Duration::from_millis(settings.cabinet.service_reminder_interval_ms.max(100));
+            tokio::spawn(async move {
+                loop {
+                    crate::reminders::remind(&store, &feed, &metrics, clock.now_ms() as i64).await;
+                    tokio::time::sleep(every).await;
+                }
+            });
+        }
         // The settlement supervisor: one pass per tick over what is due (sessions::settle).
         if settings.settlement.enabled {
             let settler = sessions.clone();

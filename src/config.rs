@@ -160,6 +160,9 @@ pub struct CabinetSettings {
     pub missed_heartbeats: u32,
     pub temp_out_of_range_ms: u64,
     pub initial_service_days: u32,
+    /// `HUB__CABINET__SERVICE_REMINDER_INTERVAL_MS`: how often the service-time reminders
+    /// (30, 7, 1 days before expiry, and at expiry) are looked for.
+    pub service_reminder_interval_ms: u64,
     pub temp_target_c: f64,
     pub temp_min_c: f64,
     pub temp_max_c: f64,

@@ -42,6 +42,7 @@ pub mod mqtt;
 pub mod payments;
 pub mod ports;
 pub mod private;
+pub mod reminders;
 pub mod secrets;
 pub mod sessions;
 #[cfg(feature = "simulators")]

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub refunds: IntCounterVec,
     pub settlements: IntCounterVec,
     pub settlement_failures: IntCounterVec,
+    pub service_reminders: IntCounterVec,
     pub sessions: IntCounterVec,
     pub session_unlock: prometheus::Histogram,
     pub session_stages: HistogramVec,
@@ -267,6 +268,16 @@ impl Metrics {
                         "Failed settlement steps, by step: split, follow, finish",
                     ),
                     &["step"],
+                )?,
+            ),
+            service_reminders: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "service_reminders_total",
+                        "Service-time reminders sent, by reminder: 30, 7, 1 days before expiry, 0 once expired",
+                    ),
+                    &["days"],
                 )?,
             ),
             store_errors: reg(

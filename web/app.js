@@ -24,6 +24,7 @@ const S = {
   abnormal: new Map(),
   exceptions: new Map(),
   settlements: new Map(),
+  expiring: new Map(),
   events: new Map(),
   tab: 'fleet',
   filter: 'all',
@@ -124,6 +125,7 @@ async function signIn(key, remember) {
   $('bill-merchant-label').hidden = Boolean(me.merchant_id);
   connect();
   loadOrders();
+  loadExpiring();
   loadReadiness();
 }
 
@@ -161,7 +163,7 @@ function signOut(reason) {
   if (S.ws) { S.ws.onclose = null; S.ws.close(); S.ws = null; }
   clearTimeout(S.retryTimer);
   S.lastSeq = null;
-  S.cabinets.clear(); S.sessions.clear(); S.orders.clear(); S.abnormal.clear(); S.exceptions.clear(); S.settlements.clear(); S.events.clear();
+  S.cabinets.clear(); S.sessions.clear(); S.orders.clear(); S.abnormal.clear(); S.exceptions.clear(); S.settlements.clear(); S.expiring.clear(); S.events.clear();
   $('app').hidden = true;
   $('signin').hidden = false;
   $('signin-error').textContent = reason || '';
@@ -304,6 +306,11 @@ function handle(ev) {
       S.exceptions.set(d.id, d);
       trim(S.exceptions, MAX_ORDERS);
       S.dirty.exceptions = true;
+      break;
+    }
+    case 'service_expiring': {
+      S.expiring.set(d.cabinet_id, { id: d.cabinet_id, days: d.days_left });
+      renderExpiring();
       break;
     }
     case 'settlement': {
@@ -571,6 +578,36 @@ async function retrySettlement(orderId) {
   } catch (e) {
     banner('Could not retry the settlement: ' + explain(e));
   }
+}
+
+// ---- service time (设备使用时长) ------------------------------------------------------------
+
+async function loadExpiring() {
+  try {
+    const list = await api('GET', '/api/v1/cabinets?expiring_within_days=30');
+    const now = Date.now();
+    for (const c of list.items || []) {
+      const end = Date.parse(c.service_expires_at);
+      S.expiring.set(c.id, { id: c.id, days: Math.max(0, Math.ceil((end - now) / 86400000)) });
+    }
+    renderExpiring();
+  } catch (e) {
+    banner('Could not load service expiry: ' + explain(e));
+  }
+}
+
+// Who must renew: an expired cabinet refuses shoppers (service_expired).
+function renderExpiring() {
+  const list = [...S.expiring.values()].sort((a, b) => a.days - b.days);
+  const box = $('expiring');
+  box.hidden = list.length === 0;
+  if (!list.length) return;
+  const expired = list.filter((x) => x.days === 0).length;
+  box.replaceChildren(
+    el('strong', { text: expired ? `${expired} cabinet(s) out of service time — they refuse shoppers. ` : '' }),
+    `Service time ends within 30 days for ${list.length} cabinet(s): `,
+    ...list.slice(0, 20).map((x) => el('span', { class: 'pill', 'data-expiring': x.id, text: `${x.id} · ${x.days ? x.days + ' d' : 'expired'}` })),
+    list.length > 20 ? ` and ${list.length - 20} more` : '');
 }
 
 // ---- bills and statistics ---------------------------------------------------------------

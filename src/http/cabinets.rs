@@ -188,12 +188,34 @@ pub struct CabinetList {
     online: usize,
 }
 
+/// `GET /api/v1/cabinets` filters.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct CabinetListQuery {
+    /// Only activated cabinets whose service ends within this many days (0 to 3650), expired
+    /// ones included: the ones to renew (设备使用时长).
+    expiring_within_days: Option<u32>,
+}
+
 /// Lists the caller's cabinets with their live state.
-#[utoipa::path(get, path = "/api/v1/cabinets", tag = "cabinets", security(("bearer" = [])),
-    responses((status = 200, body = CabinetList)))]
-pub async fn list_cabinets(state: web::Data<AppState>, caller: Caller) -> ApiResult<HttpResponse> {
+#[utoipa::path(get, path = "/api/v1/cabinets", tag = "cabinets", params(CabinetListQuery), security(("bearer" = [])),
+    responses((status = 200, body = CabinetList), (status = 400, body = ErrorBody)))]
+pub async fn list_cabinets(
+    state: web::Data<AppState>,
+    caller: Caller,
+    q: web::Query<CabinetListQuery>,
+) -> ApiResult<HttpResponse> {
     caller.require(Role::Viewer)?;
-    let rows = state.store.cabinets(caller.merchant.as_deref()).await?;
+    let mut rows = state.store.cabinets(caller.merchant.as_deref()).await?;
+    if let Some(days) = q.expiring_within_days {
+        if days > 3650 {
+            return Err(ApiError::bad_request(
+                "expiring_within_days must be between 0 and 3650",
+            ));
+        }
+        let until = state.now() + i64::from(days) * 86_400_000;
+        rows.retain(|r| r.active && r.service_expires_at.is_some_and(|e| e < until));
+    }
     let snapshots = futures_util::future::join_all(rows.iter().map(|r| {
         let state = state.clone();
         async move {

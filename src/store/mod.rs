@@ -211,6 +211,7 @@ fn migrator(postgres: bool) -> Migrator {
         (17, "deduction_failure", sql!("0017_deduction_failure.sql")),
         (18, "settlements", sql!("0018_settlements.sql")),
         (19, "bills", sql!("0019_bills.sql")),
+        (20, "service_reminders", sql!("0020_service_reminders.sql")),
     ];
     Migrator::with_migrations(
         files
@@ -727,10 +728,47 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
+    /// Active cabinets whose service ends before `until` (expired ones included), soonest
+    /// first, with the reminder already given for that expiry.
+    pub async fn cabinets_expiring(&self, until: i64) -> Result<Vec<(CabinetRow, Option<i64>)>> {
+        let rows = sqlx::query(
+            "SELECT * FROM cabinets WHERE active = 1 AND service_expires_at IS NOT NULL \
+             AND service_expires_at < $1 ORDER BY service_expires_at, id",
+        )
+        .bind(until)
+        .fetch_all(&mut *self.read().await?)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((cabinet_row(r)?, r.try_get("service_reminded_days")?)))
+            .collect()
+    }
+
+    /// Records a service reminder unless an equal or nearer one was given for this expiry;
+    /// answers whether it was recorded (and so is to be sent).
+    pub async fn note_service_reminder(
+        &self,
+        id: &str,
+        expires_at: i64,
+        days: i64,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE cabinets SET service_reminded_days = $3 WHERE id = $1 AND service_expires_at = $2 \
+             AND (service_reminded_days IS NULL OR service_reminded_days > $3)",
+        )
+        .bind(id)
+        .bind(expires_at)
+        .bind(days)
+        .execute(&mut *self.write().await?)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
     /// Sets the service expiry.
     pub async fn set_service_expiry(&self, id: &str, expires_at: i64) -> Result<()> {
         let _fresh = self.caches.cabinets.invalidating(id.to_owned());
-        sqlx::query("UPDATE cabinets SET service_expires_at = $2 WHERE id = $1")
+        sqlx::query(
+            "UPDATE cabinets SET service_expires_at = $2, service_reminded_days = NULL WHERE id = $1",
+        )
             .bind(id)
             .bind(expires_at)
             .execute(&mut *self.write().await?)

@@ -223,11 +223,11 @@ async fn counted(hub: &TestHub, series: &str, min: f64) {
     .await;
 }
 
-type Ws =
+pub(crate) type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Opens the feed with the key in the `Authorization` header; Err(status) when refused.
-async fn ws_with_key(hub: &TestHub, key: &str) -> Result<Ws, u16> {
+pub(crate) async fn ws_with_key(hub: &TestHub, key: &str) -> Result<Ws, u16> {
     let mut req = format!("ws://{}/ws", hub.http)
         .into_client_request()
         .unwrap_or_else(|e| panic!("{e}"));
@@ -255,7 +255,7 @@ async fn ws_open(
 }
 
 /// The next JSON message, None when none comes within `within` or the socket ends.
-async fn ws_next(ws: &mut Ws, within: Duration) -> Option<Value> {
+pub(crate) async fn ws_next(ws: &mut Ws, within: Duration) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());

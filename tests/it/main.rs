@@ -19,6 +19,7 @@ mod ops;
 mod purchase;
 mod readiness;
 mod refunds;
+mod reminders;
 mod settlement;
 mod startup;
 mod store;
