@@ -1148,16 +1148,7 @@ impl WechatSim {
     /// request. The same out_order_no answers the same split.
     fn split(&self, body: &Value) -> Result<Value, SimError> {
         let param = |m: &str| SimError(400, "PARAM_ERROR", m.to_owned());
-        let sub = body["sub_mchid"]
-            .as_str()
-            .ok_or_else(|| param("sub_mchid"))?;
-        let txn = body["transaction_id"]
-            .as_str()
-            .ok_or_else(|| param("transaction_id"))?;
-        let out_order_no = body["out_order_no"]
-            .as_str()
-            .filter(|n| !n.is_empty() && n.len() <= 64)
-            .ok_or_else(|| param("out_order_no"))?;
+        let (sub, txn, out_order_no) = sharing_request(body)?;
         let receivers = body["receivers"]
             .as_array()
             .filter(|r| !r.is_empty() && r.len() <= 50)
@@ -1368,19 +1359,9 @@ impl WechatSim {
     /// `POST /v3/ecommerce/profitsharing/finish-order`: the rest of the payment is the
     /// merchant's; no split after it. The same out_order_no answers again.
     fn finish_split(&self, body: &Value) -> Result<Value, SimError> {
-        let param = |m: &str| SimError(400, "PARAM_ERROR", m.to_owned());
-        let sub = body["sub_mchid"]
-            .as_str()
-            .ok_or_else(|| param("sub_mchid"))?;
-        let txn = body["transaction_id"]
-            .as_str()
-            .ok_or_else(|| param("transaction_id"))?;
-        let out_order_no = body["out_order_no"]
-            .as_str()
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| param("out_order_no"))?;
+        let (sub, txn, out_order_no) = sharing_request(body)?;
         if body["description"].as_str().is_none_or(str::is_empty) {
-            return Err(param("description"));
+            return Err(SimError(400, "PARAM_ERROR", "description".into()));
         }
         let finish_key = key(sub, out_order_no);
         let answer = {
@@ -1426,6 +1407,23 @@ impl WechatSim {
             .cloned()
             .ok_or_else(|| SimError(404, "RESOURCE_NOT_EXISTS", "退款单不存在".into()))
     }
+}
+
+/// The `sub_mchid`, `transaction_id` and `out_order_no` (1 to 64 characters) every
+/// profit-sharing request names.
+fn sharing_request(body: &Value) -> Result<(&str, &str, &str), SimError> {
+    let param = |m: &str| SimError(400, "PARAM_ERROR", m.to_owned());
+    let sub = body["sub_mchid"]
+        .as_str()
+        .ok_or_else(|| param("sub_mchid"))?;
+    let txn = body["transaction_id"]
+        .as_str()
+        .ok_or_else(|| param("transaction_id"))?;
+    let out_order_no = body["out_order_no"]
+        .as_str()
+        .filter(|n| !n.is_empty() && n.len() <= 64)
+        .ok_or_else(|| param("out_order_no"))?;
+    Ok((sub, txn, out_order_no))
 }
 
 #[derive(Deserialize)]

@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 use crate::both;
 use crate::harness::{Backend, TestHub, ADMIN_KEY};
 use crate::purchase::{order_status, visit};
-use crate::settlement::{hub, refund, refund_is, settlement_is};
+use crate::refunds::refund_is;
+use crate::settlement::{hub, refund, settlement_is};
 
 both!(a_day_of_trading_reconciles_on_the_bill_to_the_fen);
 

@@ -45,7 +45,13 @@ async fn refund(hub: &TestHub, op: &str, order: &str, fen: i64) -> (u16, Value) 
 }
 
 /// Waits until refund `id` of `order` is `want`; answers the order.
-async fn refund_is(hub: &TestHub, op: &str, order: &str, id: &Value, want: &str) -> Value {
+pub(crate) async fn refund_is(
+    hub: &TestHub,
+    op: &str,
+    order: &str,
+    id: &Value,
+    want: &str,
+) -> Value {
     hub.eventually(PATIENCE, want, || async {
         let (_, o) = hub.get(&format!("/api/v1/orders/{order}"), op).await;
         let r = o["refunds"]

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use crate::both;
 use crate::harness::{Backend, TestHub, ADMIN_KEY, PATIENCE};
 use crate::purchase::{alipay_visit, order_status, shop_with, visit};
+use crate::refunds::refund_is;
 
 both!(
     a_paid_order_is_split_and_the_rest_released,
@@ -204,24 +205,6 @@ pub(crate) async fn refund(hub: &TestHub, op: &str, order: &str, fen: i64) -> Va
         .await;
     assert_eq!(s, 200, "{r}");
     r
-}
-
-/// Waits until refund `id` of `order` is `want`; answers the order.
-pub(crate) async fn refund_is(
-    hub: &TestHub,
-    op: &str,
-    order: &str,
-    id: &Value,
-    want: &str,
-) -> Value {
-    hub.eventually(PATIENCE, want, || async {
-        let (_, o) = hub.get(&format!("/api/v1/orders/{order}"), op).await;
-        let r = o["refunds"]
-            .as_array()
-            .and_then(|r| r.iter().find(|r| &r["id"] == id).cloned());
-        r.is_some_and(|r| r["status"] == want).then_some(o)
-    })
-    .await
 }
 
 /// The order is split (62 fen to the platform). The platform's account is empty: the return
