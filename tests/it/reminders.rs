@@ -11,7 +11,97 @@ use crate::attacks::{ws_next, ws_with_key};
 use crate::both;
 use crate::harness::{Backend, TestHub, ADMIN_KEY, PATIENCE};
 
-both!(a_cabinet_near_its_service_end_is_reminded_once_and_listed);
+both!(
+    a_cabinet_near_its_service_end_is_reminded_once_and_listed,
+    reminders_come_at_30_7_and_1_days_and_at_the_end_on_a_controlled_clock,
+);
+
+const DAY: i64 = 86_400_000;
+
+/// The reminder pass driven by a clock the test sets, against the real store: a cabinet whose
+/// service ends at `end` is reminded at 30 days (checked 31 days before: nothing), 7, 1 and at
+/// the end, each once however often the pass runs; an extension starts them afresh.
+async fn reminders_come_at_30_7_and_1_days_and_at_the_end_on_a_controlled_clock(b: Backend) {
+    use cabinet_hub::store::{CabinetRow, MerchantRow, Store};
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let url = match b {
+        Backend::Sqlite => crate::harness::test_settings(dir.path()).database_url(),
+        Backend::Postgres => crate::harness::fresh_postgres().await,
+    };
+    let store = Store::connect(&url, 2)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    store
+        .create_merchant(&MerchantRow {
+            id: "m1".into(),
+            name: "M".into(),
+            commission_bps: 0,
+            created_at: 1,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let end = 400 * DAY;
+    let cab = CabinetRow {
+        id: "KM1".into(),
+        merchant_id: "m1".into(),
+        model: "KM-400".into(),
+        point: "p".into(),
+        secret_hash: "h".into(),
+        active: false,
+        service_expires_at: None,
+        created_at: 2,
+        activated_at: None,
+    };
+    let cfg = crate::harness::test_settings(dir.path()).initial_cabinet_config();
+    store
+        .register_cabinet(&cab, &cfg, "k")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    store
+        .activate_cabinet("KM1", 3, end)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let feed = cabinet_hub::feed::Feed::new(1000, Duration::from_secs(3600), 100);
+    let metrics = cabinet_hub::metrics::Metrics::new().unwrap_or_else(|e| panic!("{e}"));
+    let (mut rx, _) = feed.subscribe();
+    let reminders = |rx: &mut tokio::sync::broadcast::Receiver<_>| {
+        let mut got = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            let e: std::sync::Arc<cabinet_hub::feed::FeedEvent> = e;
+            let v: serde_json::Value =
+                serde_json::from_str(&e.json).unwrap_or_else(|err| panic!("{err}"));
+            got.push(v["data"]["reminder"].as_i64().unwrap_or(-1));
+        }
+        got
+    };
+    let mut seen = Vec::new();
+    for (now, twice) in [
+        (end - 31 * DAY, false),
+        (end - 29 * DAY, true),
+        (end - 8 * DAY, false),
+        (end - 6 * DAY, true),
+        (end - DAY / 2, true),
+        (end + 1, true),
+        (end + 5 * DAY, false),
+    ] {
+        cabinet_hub::reminders::remind(&store, &feed, &metrics, now).await;
+        if twice {
+            cabinet_hub::reminders::remind(&store, &feed, &metrics, now).await;
+        }
+        seen.push(reminders(&mut rx));
+    }
+    let want: Vec<Vec<i64>> = vec![vec![], vec![30], vec![], vec![7], vec![1], vec![0], vec![]];
+    assert_eq!(seen, want);
+
+    // Extended by a year: the next end is reminded afresh.
+    let next = end + 365 * DAY;
+    store
+        .set_service_expiry("KM1", next)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    cabinet_hub::reminders::remind(&store, &feed, &metrics, next - 20 * DAY).await;
+    assert_eq!(reminders(&mut rx), vec![30]);
+}
 
 async fn a_cabinet_near_its_service_end_is_reminded_once_and_listed(b: Backend) {
     let hub = TestHub::start_with(b, |s| {
