@@ -123,13 +123,15 @@ impl Sessions {
                     .await
             }
             Err(AlipayError::Api { sub_code, .. }) if deduction_side(&sub_code).is_some() => {
-                self.payment_outcome(order_id, Event::DeductionFailed, None)
-                    .await?;
                 let side = deduction_side(&sub_code).unwrap_or("shopper");
                 if side != "shopper" {
                     tracing::warn!(order_id, sub_code, "deduction refused for the merchant's own limits; the shopper is not held to it");
                 }
-                self.store.set_deduction_failure(order_id, side).await
+                // Whose side first, then the move: an order seen pending payment (in the API,
+                // or in the feed's event of the move) already says whose side it is on.
+                self.store.set_deduction_failure(order_id, side).await?;
+                self.payment_outcome(order_id, Event::DeductionFailed, None)
+                    .await
             }
             Err(e) => {
                 tracing::error!(session_id = %s.id, error = %e, "Alipay deduction failed");
