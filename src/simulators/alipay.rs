@@ -573,16 +573,7 @@ impl AlipaySim {
     /// `alipay.trade.order.settle` (直付通 分账): only a sub-merchant's trade, not settled yet,
     /// at most 30 % to others, not more than is left; the same out_request_no answers again.
     fn order_settle(&self, biz: &Value) -> Answer {
-        let req = biz["out_request_no"]
-            .as_str()
-            .filter(|s| !s.is_empty())
-            .ok_or((
-                "40002",
-                "isv.missing-parameter",
-                "out_request_no".to_owned(),
-            ))?
-            .to_owned();
-        let trade_no = biz["trade_no"].as_str().unwrap_or_default().to_owned();
+        let (req, trade_no) = settle_request(biz)?;
         let params = biz["royalty_parameters"]
             .as_array()
             .filter(|a| !a.is_empty())
@@ -659,16 +650,7 @@ impl AlipaySim {
     /// `alipay.trade.settle.confirm`: the rest of the trade to the sub-merchant; at most what is
     /// neither split nor refunded; the same out_request_no answers again.
     fn settle_confirm(&self, biz: &Value) -> Answer {
-        let req = biz["out_request_no"]
-            .as_str()
-            .filter(|s| !s.is_empty())
-            .ok_or((
-                "40002",
-                "isv.missing-parameter",
-                "out_request_no".to_owned(),
-            ))?
-            .to_owned();
-        let trade_no = biz["trade_no"].as_str().unwrap_or_default().to_owned();
+        let (req, trade_no) = settle_request(biz)?;
         let amount: i64 = biz["settle_info"]["settle_detail_infos"]
             .as_array()
             .map(|a| {
@@ -695,6 +677,20 @@ impl AlipaySim {
             json!({"code": "10000", "msg": "Success", "trade_no": trade_no, "settle_amount": yuan(amount)}),
         )
     }
+}
+
+/// The `out_request_no` (required) and `trade_no` a settlement request names.
+fn settle_request(biz: &Value) -> Result<(String, String), (&'static str, &'static str, String)> {
+    let req = biz["out_request_no"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .ok_or((
+            "40002",
+            "isv.missing-parameter",
+            "out_request_no".to_owned(),
+        ))?
+        .to_owned();
+    Ok((req, biz["trade_no"].as_str().unwrap_or_default().to_owned()))
 }
 
 async fn gateway(

@@ -22,41 +22,10 @@ const DAY: i64 = 86_400_000;
 /// service ends at `end` is reminded at 30 days (checked 31 days before: nothing), 7, 1 and at
 /// the end, each once however often the pass runs; an extension starts them afresh.
 async fn reminders_come_at_30_7_and_1_days_and_at_the_end_on_a_controlled_clock(b: Backend) {
-    use cabinet_hub::store::{CabinetRow, MerchantRow, Store};
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let url = match b {
-        Backend::Sqlite => crate::harness::test_settings(dir.path()).database_url(),
-        Backend::Postgres => crate::harness::fresh_postgres().await,
-    };
-    let store = Store::connect(&url, 2)
-        .await
-        .unwrap_or_else(|e| panic!("{url}: {e}"));
-    store
-        .create_merchant(&MerchantRow {
-            id: "m1".into(),
-            name: "M".into(),
-            commission_bps: 0,
-            created_at: 1,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    // The store's own fixture: merchant m1, cabinet KM1 registered, not yet active.
+    let (store, _dir) = crate::store::open(b).await;
+    crate::store::seed(&store).await;
     let end = 400 * DAY;
-    let cab = CabinetRow {
-        id: "KM1".into(),
-        merchant_id: "m1".into(),
-        model: "KM-400".into(),
-        point: "p".into(),
-        secret_hash: "h".into(),
-        active: false,
-        service_expires_at: None,
-        created_at: 2,
-        activated_at: None,
-    };
-    let cfg = crate::harness::test_settings(dir.path()).initial_cabinet_config();
-    store
-        .register_cabinet(&cab, &cfg, "k")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
     store
         .activate_cabinet("KM1", 3, end)
         .await

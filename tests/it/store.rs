@@ -8,7 +8,7 @@ use cabinet_hub::store::{
 use crate::both;
 use crate::harness::{fresh_postgres, test_settings, Backend};
 
-async fn open(b: Backend) -> (Store, tempfile::TempDir) {
+pub(crate) async fn open(b: Backend) -> (Store, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let url = match b {
         Backend::Sqlite => test_settings(dir.path()).database_url(),
@@ -22,7 +22,7 @@ async fn open(b: Backend) -> (Store, tempfile::TempDir) {
     (store, dir)
 }
 
-async fn seed(store: &Store) {
+pub(crate) async fn seed(store: &Store) {
     store
         .create_merchant(&MerchantRow {
             id: "m1".into(),
