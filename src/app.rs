@@ -280,6 +280,18 @@ impl Application {
                 }
             });
         }
+        // Unpaid service-time orders: closed at the provider and cancelled when their time is
+        // up (sessions::service_time).
+        {
+            let swept = sessions.clone();
+            let every = Duration::from_millis(settings.service.sweep_ms.max(50));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    swept.sweep_service_orders().await;
+                }
+            });
+        }
         tokio::spawn(sessions.clone().apply_events(session_rx));
         // The backstop for sessions no cabinet actor will end (docs/architecture.md, "No
         // session outlives its purpose").

@@ -1,7 +1,8 @@
 //! Bills (交易账单): a merchant's day of money, line by line, whose lines add up to its totals
 //! to the fen. A payment counts on the day it was paid, a refund and a returned commission on
 //! the day the provider settled them, a commission on its order's payment day once it was split
-//! (a commission not split yet is shown apart, as pending, and not deducted).
+//! (a commission not split yet is shown apart, as pending, and not deducted), service time the
+//! merchant bought on the day it was paid.
 
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -13,17 +14,18 @@ use crate::views::rfc3339;
 /// refund or the platform's commission takes away).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct BillLine {
-    /// `payment`, `refund`, `commission`, `commission_return`.
+    /// `payment`, `refund`, `commission`, `commission_return`, `service_time`.
     pub kind: &'static str,
     /// When it happened, RFC 3339.
     pub at: Option<String>,
-    /// The order.
+    /// The order (a service-time line: the service order).
     pub order_id: String,
     /// The cabinet it was sold from (payments).
     pub cabinet_id: Option<String>,
     /// `wechat` or `alipay` (payments).
     pub channel: Option<String>,
-    /// The provider's trade number (payments), the refund's or the return's id.
+    /// The provider's trade number (payments, service time), the refund's or the return's id,
+    /// an offline payment's voucher.
     pub reference: Option<String>,
     /// List price of what was taken (payments).
     pub gross_fen: Option<i64>,
@@ -54,7 +56,11 @@ pub struct BillTotals {
     pub commission_returned_fen: i64,
     /// Commission on the day's orders not split yet (not deducted here).
     pub commission_pending_fen: i64,
-    /// paid − refunded − commission + returned.
+    /// Service-time orders paid.
+    pub service_orders: i64,
+    /// What they cost.
+    pub service_fen: i64,
+    /// paid − refunded − commission + returned − service time.
     pub net_fen: i64,
 }
 
@@ -161,7 +167,23 @@ pub fn bill(merchant_id: &str, date: &str, from: i64, to: i64, rows: &DayRows) -
             amount_fen: x.amount_fen,
         });
     }
-    t.net_fen = t.paid_fen - t.refunded_fen - t.commission_fen + t.commission_returned_fen;
+    for o in &rows.service {
+        t.service_orders += 1;
+        t.service_fen += o.amount_fen;
+        lines.push(BillLine {
+            kind: "service_time",
+            at: o.paid_at.and_then(rfc3339),
+            order_id: o.id.clone(),
+            cabinet_id: None,
+            channel: Some(o.channel.clone()),
+            reference: o.transaction_id.clone().or_else(|| o.voucher.clone()),
+            gross_fen: None,
+            discount_fen: None,
+            amount_fen: -o.amount_fen,
+        });
+    }
+    t.net_fen =
+        t.paid_fen - t.refunded_fen - t.commission_fen + t.commission_returned_fen - t.service_fen;
     Bill {
         merchant_id: merchant_id.to_owned(),
         date: date.to_owned(),

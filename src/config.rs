@@ -38,6 +38,7 @@ pub struct Settings {
     pub payments: PaymentSettings,
     /// Splitting paid orders between the platform and the merchant.
     pub settlement: SettlementSettings,
+    pub service: ServiceSettings,
     /// The operator feed.
     pub feed: FeedSettings,
     /// Promotion clock.
@@ -260,6 +261,22 @@ pub struct SettlementSettings {
     pub surface_after: u32,
 }
 
+/// `[service]`: device service time (设备使用时长) bought by merchants.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSettings {
+    /// `HUB__SERVICE__YEARLY_PRICE_FEN`: the price of one cabinet's year (fen).
+    pub yearly_price_fen: i64,
+    /// `HUB__SERVICE__UNPAID_CANCEL_MS`: an order not paid this long after it was made is
+    /// closed at the provider and cancelled.
+    pub unpaid_cancel_ms: u64,
+    /// `HUB__SERVICE__SWEEP_MS`: how often unpaid orders are looked at (closed when due, asked
+    /// about at the provider when a notification may have been lost).
+    pub sweep_ms: u64,
+    /// `HUB__SERVICE__MAX_CABINETS`: at most this many cabinets in one order.
+    pub max_cabinets: usize,
+}
+
 /// `[feed]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -450,6 +467,15 @@ impl Settings {
         }
         if !(-720..=840).contains(&self.pricing.utc_offset_min) {
             bail!("pricing.utc_offset_min (HUB__PRICING__UTC_OFFSET_MIN) must be between -720 and 840");
+        }
+        if !(1..=100_000_000).contains(&self.service.yearly_price_fen) {
+            bail!("service.yearly_price_fen (HUB__SERVICE__YEARLY_PRICE_FEN) = {}: must be 1 to 100000000 fen", self.service.yearly_price_fen);
+        }
+        if self.service.max_cabinets == 0 || self.service.max_cabinets > 10_000 {
+            bail!(
+                "service.max_cabinets (HUB__SERVICE__MAX_CABINETS) = {}: must be 1 to 10000",
+                self.service.max_cabinets
+            );
         }
         if !(1..=300_000).contains(&self.auth.feed_ticket_ttl_ms) {
             bail!("auth.feed_ticket_ttl_ms (HUB__AUTH__FEED_TICKET_TTL_MS) must be between 1 and 300000");

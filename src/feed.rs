@@ -290,6 +290,14 @@ pub async fn relay_store_changes(
                 &e,
             ),
             Change::Settlement(s) => feed.publish(&s.merchant_id, "settlement", &s),
+            Change::ServiceOrder(o) => {
+                let merchant = o.merchant_id.clone();
+                feed.publish(
+                    &merchant,
+                    "service_order",
+                    &crate::views::ServiceOrderView::from(o),
+                )
+            }
         }
     }
 }

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub settlements: IntCounterVec,
     pub settlement_failures: IntCounterVec,
     pub service_reminders: IntCounterVec,
+    pub service_orders: IntCounterVec,
     pub sessions: IntCounterVec,
     pub session_unlock: prometheus::Histogram,
     pub session_stages: HistogramVec,
@@ -278,6 +279,16 @@ impl Metrics {
                         "Service-time reminders sent, by reminder: 30, 7, 1 days before expiry, 0 once expired",
                     ),
                     &["days"],
+                )?,
+            ),
+            service_orders: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "service_orders_total",
+                        "Service-time orders, by what happened: created, paid, cancelled",
+                    ),
+                    &["status"],
                 )?,
             ),
             store_errors: reg(

@@ -505,3 +505,62 @@ impl<T> From<Vec<T>> for List<T> {
         }
     }
 }
+
+/// A service-time order.
+#[derive(Serialize, ToSchema)]
+pub struct ServiceOrderView {
+    /// Id (the provider's out_trade_no).
+    id: String,
+    /// Whose.
+    merchant_id: String,
+    /// The cabinets.
+    cabinet_ids: Vec<String>,
+    /// Years for each.
+    years: i64,
+    /// One cabinet's year (fen).
+    unit_fen: i64,
+    /// What is owed (fen).
+    amount_fen: i64,
+    /// `wechat` or `offline`.
+    channel: String,
+    /// `unpaid`, `paid` (the cabinets' service was extended), `cancelled`.
+    status: String,
+    /// What the payer scans with WeChat while it is unpaid.
+    code_url: Option<String>,
+    /// The provider's transaction id.
+    transaction_id: Option<String>,
+    /// An offline payment's voucher reference.
+    voucher: Option<String>,
+    /// RFC 3339.
+    created_at: Option<String>,
+    /// Unpaid by then, it is closed and cancelled (RFC 3339).
+    pay_by: Option<String>,
+    /// RFC 3339.
+    paid_at: Option<String>,
+    /// RFC 3339.
+    cancelled_at: Option<String>,
+}
+
+impl From<crate::store::ServiceOrderRow> for ServiceOrderView {
+    fn from(o: crate::store::ServiceOrderRow) -> Self {
+        let cabinet_ids = o.cabinet_list();
+        let unpaid = o.status == "unpaid";
+        Self {
+            id: o.id,
+            merchant_id: o.merchant_id,
+            cabinet_ids,
+            years: o.years,
+            unit_fen: o.unit_fen,
+            amount_fen: o.amount_fen,
+            channel: o.channel,
+            status: o.status,
+            code_url: o.code_url.filter(|_| unpaid),
+            transaction_id: o.transaction_id,
+            voucher: o.voucher,
+            created_at: rfc3339(o.created_at),
+            pay_by: if unpaid { rfc3339(o.due_at) } else { None },
+            paid_at: o.paid_at.and_then(rfc3339),
+            cancelled_at: o.cancelled_at.and_then(rfc3339),
+        }
+    }
+}

@@ -127,6 +127,8 @@ async function signIn(key, remember) {
   loadOrders();
   loadExpiring();
   loadReadiness();
+  $('service-merchant-label').hidden = Boolean(me.merchant_id);
+  loadServiceOrders();
 }
 
 // A merchant's key sees whether its shoppers can pay: each channel ready, or what the platform
@@ -311,6 +313,10 @@ function handle(ev) {
     case 'service_expiring': {
       S.expiring.set(d.cabinet_id, { id: d.cabinet_id, days: d.days_left });
       renderExpiring();
+      break;
+    }
+    case 'service_order': {
+      serviceOrderChanged(d);
       break;
     }
     case 'settlement': {
@@ -586,6 +592,8 @@ async function loadExpiring() {
   try {
     const list = await api('GET', '/api/v1/cabinets?expiring_within_days=30');
     const now = Date.now();
+    // The list is the whole answer: a cabinet renewed since leaves the banner.
+    S.expiring = new Map();
     for (const c of list.items || []) {
       const end = Date.parse(c.service_expires_at);
       S.expiring.set(c.id, { id: c.id, days: Math.max(0, Math.ceil((end - now) / 86400000)) });
@@ -601,13 +609,92 @@ function renderExpiring() {
   const list = [...S.expiring.values()].sort((a, b) => a.days - b.days);
   const box = $('expiring');
   box.hidden = list.length === 0;
-  if (!list.length) return;
+  if (!list.length) { box.replaceChildren(); return; }
   const expired = list.filter((x) => x.days === 0).length;
   box.replaceChildren(
     el('strong', { text: expired ? `${expired} cabinet(s) out of service time — they refuse shoppers. ` : '' }),
     `Service time ends within 30 days for ${list.length} cabinet(s): `,
     ...list.slice(0, 20).map((x) => el('span', { class: 'pill', 'data-expiring': x.id, text: `${x.id} · ${x.days ? x.days + ' d' : 'expired'}` })),
-    list.length > 20 ? ` and ${list.length - 20} more` : '');
+    list.length > 20 ? ` and ${list.length - 20} more` : '',
+    ' ', el('button', { class: 'link', id: 'renew', text: 'Renew…', onclick: () => {
+      $('service-cabinets').value = list.map((x) => x.id).join(', ');
+      showTab('service');
+    } }));
+}
+
+// ---- service time ----------------------------------------------------------------------------
+
+async function loadServiceOrders() {
+  try {
+    const v = await api('GET', '/api/v1/service-orders?limit=50');
+    S.serviceOrders = new Map(v.items.map((o) => [o.id, o]));
+    renderServiceOrders();
+  } catch (e) {
+    banner('Could not load service orders: ' + explain(e));
+  }
+}
+
+function renderServiceOrders() {
+  const list = [...(S.serviceOrders || new Map()).values()].sort((a, b) => (a.created_at < b.created_at ? 1 : -1));
+  $('service-orders').replaceChildren(...list.map((o) => el('tr', { 'data-service-order': o.id, 'data-status': o.status },
+    el('td', { text: when(o.created_at) }), el('td', { text: o.id }),
+    el('td', { text: o.cabinet_ids.join(', ') }), el('td', { text: String(o.years) }),
+    el('td', { text: fen(o.amount_fen) }), el('td', { text: o.status }),
+    el('td', { text: o.transaction_id || o.voucher || '' }))));
+  $('service-empty').hidden = list.length > 0;
+}
+
+// The feed's word on an order: the list, and the code being paid.
+function serviceOrderChanged(d) {
+  S.serviceOrders = S.serviceOrders || new Map();
+  S.serviceOrders.set(d.id, d);
+  renderServiceOrders();
+  if (S.paying === d.id && d.status !== 'unpaid') {
+    const box = $('service-pay');
+    box.dataset.status = d.status;
+    $('service-qr').replaceChildren();
+    $('service-pay-text').textContent = d.status === 'paid'
+      ? `Paid ${fen(d.amount_fen)}: the cabinets serve ${d.years} more year(s).`
+      : 'Not paid in time: the order was cancelled. Buy again to pay.';
+    S.paying = null;
+  }
+  if (d.status === 'paid') loadExpiring();
+}
+
+async function buyService(e) {
+  e.preventDefault();
+  const body = {
+    cabinet_ids: $('service-cabinets').value.split(/[\s,，]+/).filter(Boolean),
+    years: Number($('service-years').value),
+  };
+  if (!S.me.merchant_id) body.merchant_id = $('service-merchant').value.trim();
+  let o;
+  try {
+    o = await api('POST', '/api/v1/service-orders', body);
+  } catch (err) {
+    banner('Could not make the order: ' + explain(err));
+    return;
+  }
+  S.serviceOrders = S.serviceOrders || new Map();
+  S.serviceOrders.set(o.id, o);
+  renderServiceOrders();
+  S.paying = o.id;
+  const box = $('service-pay');
+  box.hidden = false;
+  box.dataset.order = o.id;
+  box.dataset.status = o.status;
+  $('service-pay-text').textContent =
+    `Scan with WeChat to pay ${fen(o.amount_fen)} for ${o.cabinet_ids.length} cabinet(s) × ${o.years} year(s), before ${when(o.pay_by)}.`;
+  // Fetched with the key (an <img> cannot send it), then shown from memory.
+  try {
+    const r = await fetch(`/api/v1/service-orders/${encodeURIComponent(o.id)}/qr.svg`, { headers: { Authorization: 'Bearer ' + S.key } });
+    if (r.ok && S.paying === o.id) {
+      const src = URL.createObjectURL(await r.blob());
+      $('service-qr').replaceChildren(el('img', { id: 'service-qr-img', src, alt: 'WeChat Pay code', width: 220, height: 220 }));
+    }
+  } catch (err) {
+    banner('Could not show the code: ' + err.message);
+  }
 }
 
 // ---- bills and statistics ---------------------------------------------------------------
@@ -643,6 +730,7 @@ function renderBill(bill, stats) {
     ['list price', fen(t.gross_fen)], ['promotions', fen(t.discount_fen)],
     ['refunded', `${fen(t.refunded_fen)} (${t.refunds})`], ['commission', fen(t.commission_fen)],
     ['commission returned', fen(t.commission_returned_fen)], ['commission pending', fen(t.commission_pending_fen)],
+    ['service time', fen(t.service_fen)],
     ['net', fen(t.net_fen)],
   ];
   $('bill-totals').replaceChildren(...kv.flatMap(([k, v]) => [el('dt', { text: k }), el('dd', { 'data-total': k, text: v })]));
@@ -900,6 +988,7 @@ document.addEventListener('DOMContentLoaded', () => {
   $('bill-date').value = today();
   $('bill-form').addEventListener('submit', showBill);
   $('bill-download').addEventListener('click', downloadBill);
+  $('service-form').addEventListener('submit', buyService);
   for (const b of document.querySelectorAll('.tab')) b.addEventListener('click', () => showTab(b.dataset.tab));
   for (const b of document.querySelectorAll('.count')) {
     b.addEventListener('click', () => { $('filter').value = b.dataset.filter; S.filter = b.dataset.filter; showTab('fleet'); });

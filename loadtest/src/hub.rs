@@ -151,6 +151,9 @@ impl Hub {
             .env("HUB__AUTH__ADMIN_KEY", &admin_key)
             .env("HUB__LOG__LEVEL", "warn")
             .env("HUB__MQTT__MAX_CONNECTIONS", "60000")
+            // The fleet sells from activation: a free first year, set explicitly (the hub's
+            // default has none; service time is bought).
+            .env("HUB__CABINET__INITIAL_SERVICE_DAYS", "365")
             .kill_on_drop(true)
             .stdout(std::process::Stdio::null())
             .stderr(log_file()?);

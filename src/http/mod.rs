@@ -17,6 +17,7 @@ pub mod keys;
 pub mod merchants;
 pub mod notifications;
 pub mod page;
+pub mod service_orders;
 pub mod sessions;
 #[cfg(feature = "simulators")]
 pub mod simulators;
@@ -75,6 +76,10 @@ routes! {
     patch "/api/v1/cabinets/{id}/config" => cabinets::patch_config,
     get "/api/v1/cabinets/{id}/config" => cabinets::get_config,
     post "/api/v1/cabinets/{id}/service" => cabinets::extend_service,
+    post "/api/v1/service-orders" => service_orders::create_service_order,
+    get "/api/v1/service-orders" => service_orders::list_service_orders,
+    get "/api/v1/service-orders/{id}" => service_orders::get_service_order,
+    get "/api/v1/service-orders/{id}/qr.svg" => service_orders::service_order_qr,
     post "/api/v1/cabinets/{id}/commands" => cabinets::send_command,
     get "/api/v1/alerts" => alerts::list_alerts,
     post "/api/v1/alerts/{id}/ack" => alerts::ack_alert,
@@ -154,6 +159,7 @@ pub(crate) fn mount_grouped(
         cabinets::activate_cabinet, cabinets::issue_certificate, cabinets::revoke_certificate, cabinets::rotate_secret,
         cabinets::patch_config,
         cabinets::get_config, cabinets::extend_service, cabinets::send_command,
+        service_orders::create_service_order, service_orders::list_service_orders, service_orders::get_service_order, service_orders::service_order_qr,
         alerts::list_alerts, alerts::ack_alert, alerts::clear_alert,
         catalog::list_products, catalog::put_product, catalog::put_prices, catalog::get_prices,
         catalog::quote, catalog::create_promotion, catalog::list_promotions, catalog::end_promotion,

@@ -8,9 +8,11 @@ const APP_JS: &str = include_str!("../../web/app.js");
 const APP_CSS: &str = include_str!("../../web/app.css");
 
 // Scripts and styles only from the hub itself: a cabinet id or alert detail that carries markup
-// cannot run in an operator's browser even if some rendering path forgot to escape it.
+// cannot run in an operator's browser even if some rendering path forgot to escape it. Images
+// may also be `blob:`: the service order's QR code is fetched with the key by the page's own
+// script and shown from memory (an `<img src>` to the API could not send the key).
 const CSP: &str =
-    "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; \
+    "default-src 'self'; connect-src 'self'; img-src 'self' data: blob:; style-src 'self'; \
                    script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
 fn file(body: &'static str, content_type: &'static str) -> HttpResponse {

@@ -19,6 +19,7 @@ super::routes! {
     post "/sim/wechatpay-redeliver" => sim_redeliver,
     post "/sim/wechatpay/confirm" => sim_wechat_confirm,
     post "/sim/alipay/confirm" => sim_alipay_confirm,
+    post "/sim/wechatpay/native/pay" => sim_native_pay,
 }
 
 /// The control routes' part of the contract.
@@ -29,7 +30,8 @@ super::routes! {
     sim_user_pays,
     sim_redeliver,
     sim_wechat_confirm,
-    sim_alipay_confirm
+    sim_alipay_confirm,
+    sim_native_pay
 ))]
 pub struct SimDoc;
 
@@ -242,5 +244,34 @@ pub async fn sim_alipay_confirm(
     match sims.alipay.confirm_by_hand(&body.order_str) {
         Ok(order) => Ok(HttpResponse::Ok().json(order)),
         Err((_, message)) => Err(refused("INVALID_REQUEST", message)),
+    }
+}
+
+/// `POST /sim/wechatpay/native/pay`: what the payer's WeChat does with a scanned code.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NativePay {
+    /// The `code_url` of a service order, unchanged.
+    code_url: String,
+    /// Who pays (default `o_payer`).
+    openid: Option<String>,
+}
+
+/// The payer scans a Native payment's `code_url` and pays, as WeChat's app would: refused
+/// once it is closed, expired or paid; then WeChat notifies the hub (`TRANSACTION.SUCCESS`).
+#[utoipa::path(post, path = "/sim/wechatpay/native/pay", tag = "simulators", request_body = NativePay,
+    security(("bearer" = [])), responses((status = 200, description = "the payment, as WeChat shows it"),
+    (status = 400, body = ErrorBody, description = "an unknown code, or a payment closed, expired or paid")))]
+pub async fn sim_native_pay(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: web::Json<NativePay>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Admin)?;
+    let sims = simulators(&state)?;
+    let openid = body.openid.as_deref().unwrap_or("o_payer");
+    match sims.wechat.pay_native(&body.code_url, openid) {
+        Ok(t) => Ok(HttpResponse::Ok().json(t)),
+        Err(e) => Err(refused(e.1, e.2)),
     }
 }

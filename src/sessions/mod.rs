@@ -22,6 +22,7 @@ mod exceptions;
 mod notifications;
 mod provider;
 mod refunds;
+mod service_time;
 mod settle;
 mod start;
 
@@ -47,6 +48,7 @@ pub use events::{event_lane, EVENT_LANES};
 pub use notifications::NotificationRefusal;
 pub use provider::{ChannelReadiness, PaymentReadiness};
 pub use refunds::RefundAnswer;
+pub use service_time::{NewServiceOrder, ServiceChannel};
 pub use start::{request_hash, Idempotency, StartSession, StartTimings};
 
 /// The supervisor.

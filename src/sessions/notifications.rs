@@ -93,7 +93,12 @@ impl Sessions {
         };
         if let Some((reason, detail)) = self.mismatch(notice.provider, &claim, o.as_ref()).await {
             return self
-                .keep_exception(notice, o.as_ref(), reason, detail)
+                .keep_exception(
+                    notice,
+                    o.as_ref().map(|o| (o.merchant_id.as_str(), o.id.as_str())),
+                    reason,
+                    detail,
+                )
                 .await;
         }
         let Some(o) = o else { return Ok(()) };
@@ -156,7 +161,14 @@ impl Sessions {
                 None => None,
             };
             return self
-                .keep_exception(notice, order.as_ref(), reason, detail)
+                .keep_exception(
+                    notice,
+                    order
+                        .as_ref()
+                        .map(|o| (o.merchant_id.as_str(), o.id.as_str())),
+                    reason,
+                    detail,
+                )
                 .await;
         }
         let effect = NoticeEffect::Refund {
@@ -175,10 +187,12 @@ impl Sessions {
     /// Keeps a notice that does not match what it names as a payment exception, with the
     /// notice's record in one transaction, and counts it (a replay is neither kept nor counted
     /// again). Answered as received: a redelivery cannot make it match.
-    async fn keep_exception(
+    /// Keeps a notice that does not match what it names (`order`: its merchant and id, when
+    /// it names one of ours) as a payment exception.
+    pub(super) async fn keep_exception(
         &self,
         notice: &Notice<'_>,
-        order: Option<&OrderRow>,
+        order: Option<(&str, &str)>,
         reason: &'static str,
         detail: String,
     ) -> Result<(), NotificationRefusal> {
@@ -187,8 +201,8 @@ impl Sessions {
                 "pe{}",
                 crate::secrets::token(20).map_err(|_| NotificationRefusal::Storage)?
             ),
-            merchant_id: order.map(|o| o.merchant_id.clone()),
-            order_id: order.map(|o| o.id.clone()),
+            merchant_id: order.map(|(m, _)| m.to_owned()),
+            order_id: order.map(|(_, o)| o.to_owned()),
             provider: notice.provider.to_owned(),
             notification_id: notice.id.to_owned(),
             reason: reason.to_owned(),
@@ -322,6 +336,8 @@ impl Sessions {
             "REFUND.SUCCESS" | "REFUND.ABNORMAL" | "REFUND.CLOSED" => {
                 self.notified_refund(&notice, &n.resource).await
             }
+            // A Native payment: a merchant's service time (`service_time`).
+            "TRANSACTION.SUCCESS" => self.notified_transaction(&notice, &n.resource).await,
             other => {
                 if other != "PAYSCORE.USER_CONFIRM" {
                     tracing::info!(event_type = other, "notification recorded, not acted on");

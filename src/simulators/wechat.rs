@@ -246,6 +246,9 @@ struct State {
     /// Profit-sharing scripts by sub_mchid.
     #[serde(default)]
     merchants: Tracked<MerchantScript>,
+    /// Native payments (扫码支付) to the platform, by out_trade_no.
+    #[serde(default)]
+    transactions: Tracked<Value>,
     seq: u64,
 }
 
@@ -262,18 +265,21 @@ impl State {
             self.returns.take_changed(),
             self.merchants.take_changed(),
         );
+        let transactions = self.transactions.take_changed();
         if orders.is_empty()
             && refunds.is_empty()
             && users.is_empty()
             && splits.is_empty()
             && returns.is_empty()
             && merchants.is_empty()
+            && transactions.is_empty()
         {
             return None;
         }
         serde_json::to_string(
             &json!({"orders": orders, "refunds": refunds, "users": users,
-            "splits": splits, "returns": returns, "merchants": merchants, "seq": self.seq}),
+            "splits": splits, "returns": returns, "merchants": merchants,
+            "transactions": transactions, "seq": self.seq}),
         )
         .ok()
     }
@@ -289,6 +295,7 @@ impl State {
             st.splits.merge(part.splits);
             st.returns.merge(part.returns);
             st.merchants.merge(part.merchants);
+            st.transactions.merge(part.transactions);
             st.seq = st.seq.max(part.seq);
         }
         Ok(st)
@@ -539,7 +546,19 @@ impl WechatSim {
         Some((o.notify_url.clone(), resource))
     }
 
-    fn send_notice(&self, (url, resource): (String, Value), event_type: &'static str) {
+    fn send_notice(&self, notice: (String, Value), event_type: &'static str) {
+        self.send_notice_of(notice, event_type, "payscore", "支付分服务单通知");
+    }
+
+    /// Sends a notification whose resource is of `kind` (its associated data and original
+    /// type: `payscore`, `transaction`).
+    fn send_notice_of(
+        &self,
+        (url, resource): (String, Value),
+        event_type: &'static str,
+        kind: &'static str,
+        summary: &'static str,
+    ) {
         let sim = self.clone();
         let id = self.next_id("EV-");
         tokio::spawn(async move {
@@ -548,14 +567,14 @@ impl WechatSim {
             let Ok(ciphertext) = encrypt_resource(
                 sim.cfg.api_v3_key.as_bytes(),
                 &nonce,
-                "payscore",
+                kind,
                 plain.as_bytes(),
             ) else {
                 return;
             };
             let body = json!({"id": id, "create_time": rfc3339_now(), "event_type": event_type, "resource_type": "encrypt-resource",
-                "summary": "支付分服务单通知",
-                "resource": {"algorithm": "AEAD_AES_256_GCM", "ciphertext": ciphertext, "nonce": nonce, "associated_data": "payscore", "original_type": "payscore"}})
+                "summary": summary,
+                "resource": {"algorithm": "AEAD_AES_256_GCM", "ciphertext": ciphertext, "nonce": nonce, "associated_data": kind, "original_type": kind}})
             .to_string();
             {
                 let mut sent = sim.sent.lock().unwrap_or_else(|p| p.into_inner());
@@ -691,6 +710,168 @@ impl WechatSim {
                 self.send_notice(notice, "PAYSCORE.USER_PAID");
             }
         }
+    }
+
+    /// `POST /v3/pay/transactions/native`: a payment to the platform, answered with the
+    /// `code_url` the payer scans; an identical repeat answers the same, a different one
+    /// under the same out_trade_no is refused.
+    fn native(&self, body: &Value) -> Result<Value, SimError> {
+        let param = |m: &str| SimError(400, "PARAM_ERROR", m.to_owned());
+        let s = |k: &str| {
+            body[k]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| param(&format!("缺少参数{k}")))
+        };
+        let no = s("out_trade_no")?;
+        if no.len() < 6
+            || no.len() > 32
+            || !no
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-|*".contains(&b))
+        {
+            return Err(param("out_trade_no格式错误"));
+        }
+        if s("mchid")? != self.cfg.mchid {
+            return Err(SimError(400, "MCH_NOT_EXISTS", "商户号不存在".into()));
+        }
+        let (appid, notify_url, description) = (s("appid")?, s("notify_url")?, s("description")?);
+        if appid.is_empty() || description.is_empty() || description.chars().count() > 127 {
+            return Err(param("description"));
+        }
+        if !(notify_url.starts_with("http://") || notify_url.starts_with("https://")) {
+            return Err(param("notify_url格式错误"));
+        }
+        let total = body["amount"]["total"].as_i64().unwrap_or(0);
+        if total <= 0
+            || body["amount"]["currency"]
+                .as_str()
+                .is_some_and(|c| c != "CNY")
+        {
+            return Err(param("amount.total"));
+        }
+        let expire_s = match body["time_expire"].as_str() {
+            Some(t) => {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| param("time_expire格式错误"))?
+                    .unix_timestamp()
+            }
+            // WeChat's own limit for a Native payment without one: two hours.
+            None => now_s() + 7_200,
+        };
+        let mut st = self.lock();
+        if let Some(t) = st.transactions.get(&no) {
+            if t["request"] == *body {
+                return Ok(json!({"code_url": t["code_url"]}));
+            }
+            return Err(SimError(
+                400,
+                "INVALID_REQUEST",
+                "201 商户订单号重复".into(),
+            ));
+        }
+        st.seq += 1;
+        let code_url = format!(
+            "weixin://wxpay/bizpayurl?pr={}{:06}",
+            token(7).unwrap_or_default(),
+            st.seq
+        );
+        st.transactions.insert(
+            no.clone(),
+            json!({"request": body, "appid": appid, "mchid": self.cfg.mchid, "out_trade_no": no,
+                "trade_type": "NATIVE", "trade_state": "NOTPAY", "trade_state_desc": "订单未支付",
+                "notify_url": notify_url, "code_url": code_url, "expire_s": expire_s,
+                "amount": {"total": total, "currency": "CNY"}}),
+        );
+        Ok(json!({"code_url": code_url}))
+    }
+
+    /// A Native payment as WeChat shows it (`GET /v3/pay/transactions/out-trade-no/{no}`).
+    fn transaction(&self, no: &str) -> Result<Value, SimError> {
+        let st = self.lock();
+        let t = st
+            .transactions
+            .get(no)
+            .ok_or_else(|| SimError(404, "ORDER_NOT_EXIST", "订单不存在".into()))?;
+        Ok(Self::transaction_view(t))
+    }
+
+    fn transaction_view(t: &Value) -> Value {
+        let mut v = t.clone();
+        if let Some(m) = v.as_object_mut() {
+            for internal in ["request", "notify_url", "code_url", "expire_s"] {
+                m.remove(internal);
+            }
+        }
+        v
+    }
+
+    /// `POST …/out-trade-no/{no}/close`: an unpaid payment can no longer be paid; a paid one
+    /// cannot be closed.
+    fn close_transaction(&self, no: &str, body: &Value) -> Result<(), SimError> {
+        if body["mchid"].as_str() != Some(self.cfg.mchid.as_str()) {
+            return Err(SimError(400, "PARAM_ERROR", "mchid".into()));
+        }
+        let mut st = self.lock();
+        let t = st
+            .transactions
+            .get_mut(no)
+            .ok_or_else(|| SimError(404, "ORDER_NOT_EXIST", "订单不存在".into()))?;
+        match t["trade_state"].as_str() {
+            Some("SUCCESS") | Some("REFUND") => {
+                Err(SimError(400, "ORDERPAID", "订单已支付".into()))
+            }
+            _ => {
+                t["trade_state"] = json!("CLOSED");
+                t["trade_state_desc"] = json!("订单已关闭");
+                Ok(())
+            }
+        }
+    }
+
+    /// The payer scans `code_url` and pays (what WeChat's app does): refused once the payment
+    /// is closed, expired or paid; then WeChat notifies the payee (`TRANSACTION.SUCCESS`).
+    pub fn pay_native(&self, code_url: &str, openid: &str) -> Result<Value, SimError> {
+        let notice = {
+            let mut st = self.lock();
+            st.seq += 1;
+            let txn = format!("42000{}{:06}", now_s(), st.seq);
+            let Some((_, t)) = st
+                .transactions
+                .iter()
+                .find(|(_, t)| t["code_url"].as_str() == Some(code_url))
+                .map(|(k, t)| (k.clone(), t.clone()))
+            else {
+                return Err(SimError(400, "INVALID_REQUEST", "二维码无效".into()));
+            };
+            let no = t["out_trade_no"].as_str().unwrap_or_default().to_owned();
+            match t["trade_state"].as_str() {
+                Some("NOTPAY") if now_s() < t["expire_s"].as_i64().unwrap_or(0) => {}
+                Some("NOTPAY") | Some("CLOSED") => {
+                    return Err(SimError(400, "ORDER_CLOSED", "订单已关闭或已过期".into()))
+                }
+                _ => return Err(SimError(400, "ORDERPAID", "订单已支付".into())),
+            }
+            let Some(t) = st.transactions.get_mut(&no) else {
+                return Err(SimError(400, "INVALID_REQUEST", "二维码无效".into()));
+            };
+            let total = t["amount"]["total"].as_i64().unwrap_or(0);
+            t["trade_state"] = json!("SUCCESS");
+            t["trade_state_desc"] = json!("支付成功");
+            t["transaction_id"] = json!(txn);
+            t["success_time"] = json!(rfc3339_now());
+            t["bank_type"] = json!("OTHERS");
+            t["payer"] = json!({"openid": openid});
+            t["amount"] = json!({"total": total, "payer_total": total, "currency": "CNY", "payer_currency": "CNY"});
+            (
+                t["notify_url"].as_str().unwrap_or_default().to_owned(),
+                Self::transaction_view(t),
+            )
+        };
+        self.save();
+        let view = notice.1.clone();
+        self.send_notice_of(notice, "TRANSACTION.SUCCESS", "transaction", "支付成功");
+        Ok(view)
     }
 
     fn create(&self, body: &Value) -> Result<Value, SimError> {
@@ -1534,6 +1715,20 @@ async fn handle(sim: web::Data<WechatSim>, req: HttpRequest, body: web::Bytes) -
             }
             ("POST", ["v3", "ecommerce", "profitsharing", "finish-order"]) => {
                 sim.finish_split(&parsed).map(|v| (200, Some(v)))
+            }
+            ("POST", ["v3", "pay", "transactions", "native"]) => {
+                sim.native(&parsed).map(|v| (200, Some(v)))
+            }
+            ("GET", ["v3", "pay", "transactions", "out-trade-no", no]) => {
+                match web::Query::<HashMap<String, String>>::from_query(req.query_string()) {
+                    Ok(q) if q.get("mchid") == Some(&sim.cfg.mchid) => {
+                        sim.transaction(no).map(|v| (200, Some(v)))
+                    }
+                    _ => Err(SimError(400, "PARAM_ERROR", "mchid必填".into())),
+                }
+            }
+            ("POST", ["v3", "pay", "transactions", "out-trade-no", no, "close"]) => {
+                sim.close_transaction(no, &parsed).map(|()| (204, None))
             }
             ("POST", ["v3", "payscore", "partner", "serviceorder", no, "modify"]) => {
                 sim.modify(no, &parsed).map(|()| (204, None))

@@ -2,7 +2,9 @@
 
 use sqlx::FromRow;
 
-use super::{OrderRow, RefundRow, Result, SettlementReturnRow, SettlementRow, Store};
+use super::{
+    OrderRow, RefundRow, Result, ServiceOrderRow, SettlementReturnRow, SettlementRow, Store,
+};
 
 /// A merchant's rows of one day (`[from, to)` in Unix ms).
 #[derive(Debug, Clone, Default)]
@@ -15,6 +17,8 @@ pub struct DayRows {
     pub refunds: Vec<RefundRow>,
     /// Returns of the platform's commission that succeeded in the day.
     pub returns: Vec<SettlementReturnRow>,
+    /// Service time the merchant bought and paid in the day.
+    pub service: Vec<ServiceOrderRow>,
 }
 
 impl Store {
@@ -61,6 +65,15 @@ impl Store {
         .bind(to)
         .fetch_all(&mut *conn)
         .await?;
+        let service = sqlx::query(
+            "SELECT * FROM service_orders WHERE merchant_id = $1 AND status = 'paid' \
+             AND paid_at >= $2 AND paid_at < $3 ORDER BY paid_at, id",
+        )
+        .bind(merchant_id)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&mut *conn)
+        .await?;
         Ok(DayRows {
             paid: paid
                 .iter()
@@ -77,6 +90,10 @@ impl Store {
             returns: returns
                 .iter()
                 .map(|r| Ok(SettlementReturnRow::from_row(r)?))
+                .collect::<Result<_>>()?,
+            service: service
+                .iter()
+                .map(|r| Ok(ServiceOrderRow::from_row(r)?))
                 .collect::<Result<_>>()?,
         })
     }

@@ -49,12 +49,14 @@ mod bills;
 mod cache;
 mod catalog;
 mod keys;
+mod service_orders;
 mod sessions;
 mod settlements;
 pub use audit::AuditRow;
 pub use bills::DayRows;
 pub use catalog::{PromotionRow, PromotionRule};
 pub use keys::{ApiKeyRecord, Revocation};
+pub use service_orders::{ServiceOrderRow, ServicePaid, ServicePayment, YEAR_MS};
 pub use sessions::{
     BlacklistRow, KeyedSession, Notice, NoticeEffect, NoticeOutcome, OrderFilter, OrderRow,
     OrderUpdate, PaymentExceptionRow, RefundRow, SessionRow,
@@ -212,6 +214,7 @@ fn migrator(postgres: bool) -> Migrator {
         (18, "settlements", sql!("0018_settlements.sql")),
         (19, "bills", sql!("0019_bills.sql")),
         (20, "service_reminders", sql!("0020_service_reminders.sql")),
+        (21, "service_orders", sql!("0021_service_orders.sql")),
     ];
     Migrator::with_migrations(
         files
@@ -450,6 +453,8 @@ pub enum Change {
     PaymentException(sessions::PaymentExceptionRow),
     /// An order's settlement moved.
     Settlement(settlements::SettlementRow),
+    /// A service-time order was made, paid or cancelled.
+    ServiceOrder(service_orders::ServiceOrderRow),
 }
 
 fn pool_options(postgres: bool, max_connections: u32) -> AnyPoolOptions {

@@ -90,12 +90,24 @@ async fn a_day_of_trading_reconciles_on_the_bill_to_the_fen(backend: Backend) {
             days.insert(local_date(x["updated_at"].as_i64().unwrap_or(0)));
         }
     }
+    // The merchant buys a year of service time, paid offline and recorded by the platform.
+    let (s, so) = hub
+        .post(
+            "/api/v1/service-orders",
+            ADMIN_KEY,
+            json!({"merchant_id": "m1", "cabinet_ids": ["KM1"], "years": 1,
+                   "channel": "offline", "voucher": "BANK-7"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{so}");
+    days.insert(local_date(ms_of(&so["paid_at"])));
     assert!(want.4 > 0, "the promotion discounted something");
     assert!(want.3 > 0, "a commission was returned");
 
     // The bills of those days (one, unless the test ran across local midnight).
     let mut got = (0i64, 0i64, 0i64, 0i64, 0i64, 0i64);
     let mut stats_days: Vec<Value> = Vec::new();
+    let (mut service_fen, mut service_lines) = (0i64, Vec::new());
     for day in &days {
         let (s, bill) = hub.get(&format!("/api/v1/bills/m1/{day}"), &op).await;
         assert_eq!(s, 200, "{bill}");
@@ -109,6 +121,7 @@ async fn a_day_of_trading_reconciles_on_the_bill_to_the_fen(backend: Backend) {
                     - t["refunded_fen"].as_i64().unwrap_or(0)
                     - t["commission_fen"].as_i64().unwrap_or(0)
                     + t["commission_returned_fen"].as_i64().unwrap_or(0)
+                    - t["service_fen"].as_i64().unwrap_or(0)
             ),
             "{bill}"
         );
@@ -119,6 +132,15 @@ async fn a_day_of_trading_reconciles_on_the_bill_to_the_fen(backend: Backend) {
         got.3 += t["commission_returned_fen"].as_i64().unwrap_or(0);
         got.4 += t["discount_fen"].as_i64().unwrap_or(0);
         got.5 += t["orders"].as_i64().unwrap_or(0);
+        service_fen += t["service_fen"].as_i64().unwrap_or(0);
+        service_lines.extend(
+            bill["lines"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|l| l["kind"] == "service_time")
+                .cloned(),
+        );
 
         // The CSV says the same: its lines add up to its total row, which is the net.
         let (status, text) = csv(&hub, &op, day).await;
@@ -181,6 +203,23 @@ async fn a_day_of_trading_reconciles_on_the_bill_to_the_fen(backend: Backend) {
         (want.0, want.1, want.2, want.3, want.4, orders.len() as i64),
         "paid, refunded, commission, returned, discount, orders"
     );
+    // The service time is on the bill, as a charge to the merchant with its voucher.
+    assert_eq!(service_fen, 15_000);
+    assert_eq!(service_lines.len(), 1, "{service_lines:?}");
+    assert_eq!(
+        (
+            &service_lines[0]["order_id"],
+            &service_lines[0]["amount_fen"],
+            &service_lines[0]["reference"],
+            &service_lines[0]["channel"]
+        ),
+        (
+            &so["id"],
+            &json!(-15_000),
+            &json!("BANK-7"),
+            &json!("offline")
+        )
+    );
 
     // Another merchant's key sees no bill of m1's; a bad date or format is refused.
     let (_, other) = hub.merchant("m2").await;
@@ -217,6 +256,7 @@ async fn a_day_of_trading_reconciles_on_the_bill_to_the_fen(backend: Backend) {
             &format!(
                 "document.querySelector('[data-total=orders]')?.textContent === '{}'
                  && document.querySelector('[data-total=sales]')?.textContent === '¥{}.{:02}'
+                 && document.querySelector('[data-total=\"service time\"]')?.textContent === '¥150.00'
                  && document.querySelectorAll('#bill-chart rect').length === 24
                  && document.querySelector('[data-cabinet-stats=KM1]')?.textContent.includes('cola ×8')",
                 orders.len(),

@@ -132,6 +132,8 @@ pub fn test_settings(dir: &std::path::Path) -> Settings {
     s.cabinet.heartbeat_s = 30;
     s.cabinet.missed_heartbeats = 3;
     s.session.recognition_timeout_ms = 120_000;
+    // Cabinets sell from activation: a free first year, set explicitly (the default has none).
+    s.cabinet.initial_service_days = 365;
     s.log.level = "warn".into();
     s
 }

@@ -20,6 +20,7 @@ mod purchase;
 mod readiness;
 mod refunds;
 mod reminders;
+mod service_orders;
 mod settlement;
 mod startup;
 mod store;

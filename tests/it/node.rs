@@ -168,7 +168,9 @@ pub fn command(env: &[(String, String)]) -> Command {
         // latches on a loaded machine is never taken for a silent one.
         .env("HUB__CABINET__UNLOCK_ACK_TIMEOUT_MS", "60000")
         .env("HUB__CABINET__COMMAND_ACK_TIMEOUT_MS", "60000")
-        .env("HUB__CABINET__LATCH_TIMEOUT_MS", "60000");
+        .env("HUB__CABINET__LATCH_TIMEOUT_MS", "60000")
+        // A free first year, set explicitly: the default has none.
+        .env("HUB__CABINET__INITIAL_SERVICE_DAYS", "365");
     for (k, v) in env {
         c.env(k, v);
     }

@@ -43,19 +43,32 @@ async fn owing(hub: &TestHub, op: &str, c: &mut Cabinet, user: &str) -> String {
 /// A USER_PAID notice as WeChat sends it: the service order encrypted with the APIv3 key, the
 /// body signed with the platform key (here the simulator's development key).
 async fn notify(hub: &TestHub, id: &str, resource: &Value) -> u16 {
+    notify_as(hub, id, "PAYSCORE.USER_PAID", "payscore", resource).await
+}
+
+/// A notice of `event_type` whose resource is of `kind` (`payscore`, `transaction`), signed
+/// and encrypted as WeChat sends it.
+pub(crate) async fn notify_as(
+    hub: &TestHub,
+    id: &str,
+    event_type: &str,
+    kind: &str,
+    resource: &Value,
+) -> u16 {
     let nonce = "abcdefghijkl";
     let ciphertext = encrypt_resource(
         cabinet_hub::simulators::DEV_API_V3_KEY.as_bytes(),
         nonce,
-        "payscore",
+        kind,
         resource.to_string().as_bytes(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let body = json!({"id": id, "create_time": "2026-12-06T12:00:00+08:00", "event_type": "PAYSCORE.USER_PAID",
-        "resource_type": "encrypt-resource", "summary": "支付分服务单通知",
+    let body =
+        json!({"id": id, "create_time": "2026-12-06T12:00:00+08:00", "event_type": event_type,
+        "resource_type": "encrypt-resource", "summary": "notice",
         "resource": {"algorithm": "AEAD_AES_256_GCM", "ciphertext": ciphertext, "nonce": nonce,
-                     "associated_data": "payscore", "original_type": "payscore"}})
-    .to_string();
+                     "associated_data": kind, "original_type": kind}})
+        .to_string();
     let ts = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

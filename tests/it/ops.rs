@@ -671,6 +671,7 @@ fn spawn(data: &std::path::Path, http: u16, mqtt: u16, db: Option<&str>) -> Chil
         // An unlock nobody acks stays in flight long enough to kill the hub under it, however
         // slowly the test gets there.
         .env("HUB__CABINET__UNLOCK_ACK_TIMEOUT_MS", "120000")
+        .env("HUB__CABINET__INITIAL_SERVICE_DAYS", "365")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     if let Some(url) = db {

@@ -332,6 +332,37 @@ pub struct SplitReturn {
     pub fail_reason: Option<String>,
 }
 
+/// A payment (`/v3/pay/transactions`), as queried or notified (`TRANSACTION.SUCCESS`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transaction {
+    /// The application.
+    #[serde(default)]
+    pub appid: Option<String>,
+    /// The payee.
+    #[serde(default)]
+    pub mchid: Option<String>,
+    /// Ours.
+    pub out_trade_no: String,
+    /// WeChat's, once paid.
+    #[serde(default)]
+    pub transaction_id: Option<String>,
+    /// `SUCCESS`, `NOTPAY`, `CLOSED`, `USERPAYING`, `PAYERROR`, `REFUND`, `REVOKED`.
+    pub trade_state: String,
+    /// The amount.
+    #[serde(default)]
+    pub amount: Option<TransactionAmount>,
+}
+
+/// A payment's amount.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransactionAmount {
+    /// What was asked (fen).
+    pub total: i64,
+    /// What the payer paid (fen).
+    #[serde(default)]
+    pub payer_total: Option<i64>,
+}
+
 /// A verified, decrypted notification.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Notification {
@@ -665,6 +696,65 @@ impl WechatClient {
         self.call(
             reqwest::Method::POST,
             &format!("/v3/payscore/partner/serviceorder/{out_order_no}/modify"),
+            Some(&body),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Creates a Native payment (扫码支付) to the platform itself (a merchant buying service
+    /// time): answers the `code_url` the payer scans. It can no longer be paid after
+    /// `time_expire_ms` (Unix ms). Idempotent for an identical repeat.
+    pub async fn native_pay(
+        &self,
+        out_trade_no: &str,
+        description: &str,
+        total_fen: i64,
+        time_expire_ms: i64,
+    ) -> Result<String, WechatError> {
+        let expire = time::OffsetDateTime::from_unix_timestamp(time_expire_ms.div_euclid(1000))
+            .map_err(|e| WechatError::Config(e.to_string()))?
+            .to_offset(time::macros::offset!(+8))
+            .format(&time::format_description::well_known::Rfc3339)
+            .map_err(|e| WechatError::Config(e.to_string()))?;
+        let body = serde_json::json!({"appid": self.cfg.appid, "mchid": self.cfg.mchid, "description": description,
+            "out_trade_no": out_trade_no, "time_expire": expire, "notify_url": self.cfg.notify_url,
+            "amount": {"total": total_fen, "currency": "CNY"}});
+        let (_, v) = self
+            .call(
+                reqwest::Method::POST,
+                "/v3/pay/transactions/native",
+                Some(&body),
+            )
+            .await?;
+        v["code_url"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| WechatError::Decode("code_url missing".into()))
+    }
+
+    /// A Native payment as WeChat has it.
+    pub async fn query_transaction(&self, out_trade_no: &str) -> Result<Transaction, WechatError> {
+        let (_, v) = self
+            .call(
+                reqwest::Method::GET,
+                &format!(
+                    "/v3/pay/transactions/out-trade-no/{out_trade_no}?mchid={}",
+                    self.cfg.mchid
+                ),
+                None,
+            )
+            .await?;
+        serde_json::from_value(v).map_err(|e| WechatError::Decode(e.to_string()))
+    }
+
+    /// Closes an unpaid Native payment: it can no longer be paid. Answers 204; WeChat refuses
+    /// one already paid.
+    pub async fn close_transaction(&self, out_trade_no: &str) -> Result<(), WechatError> {
+        let body = serde_json::json!({"mchid": self.cfg.mchid});
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v3/pay/transactions/out-trade-no/{out_trade_no}/close"),
             Some(&body),
         )
         .await?;
