@@ -2,7 +2,8 @@
 //! to the fen. A payment counts on the day it was paid, a refund and a returned commission on
 //! the day the provider settled them, a commission on its order's payment day once it was split
 //! (a commission not split yet is shown apart, as pending, and not deducted), service time the
-//! merchant bought on the day it was paid.
+//! merchant bought on the day it was paid, and the day's recognitions paid after use as one
+//! line at the end of the day.
 
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -14,7 +15,8 @@ use crate::views::rfc3339;
 /// refund or the platform's commission takes away).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct BillLine {
-    /// `payment`, `refund`, `commission`, `commission_return`, `service_time`.
+    /// `payment`, `refund`, `commission`, `commission_return`, `service_time`, `recognition`
+    /// (the day's recognitions paid after use, one line).
     pub kind: &'static str,
     /// When it happened, RFC 3339.
     pub at: Option<String>,
@@ -60,7 +62,11 @@ pub struct BillTotals {
     pub service_orders: i64,
     /// What they cost.
     pub service_fen: i64,
-    /// paid − refunded − commission + returned − service time.
+    /// Recognitions of the day's sessions (算法识别次数), prepaid ones included.
+    pub recognitions: i64,
+    /// What the recognitions paid after use cost (those from a prepaid quota cost nothing here).
+    pub recognition_fen: i64,
+    /// paid − refunded − commission + returned − service time − recognitions.
     pub net_fen: i64,
 }
 
@@ -182,8 +188,25 @@ pub fn bill(merchant_id: &str, date: &str, from: i64, to: i64, rows: &DayRows) -
             amount_fen: -o.amount_fen,
         });
     }
-    t.net_fen =
-        t.paid_fen - t.refunded_fen - t.commission_fen + t.commission_returned_fen - t.service_fen;
+    let (recognitions, recognition_fen) = rows.recognitions;
+    t.recognitions = recognitions;
+    t.recognition_fen = recognition_fen;
+    if recognition_fen > 0 {
+        lines.push(BillLine {
+            kind: "recognition",
+            at: rfc3339(to - 1),
+            order_id: String::new(),
+            cabinet_id: None,
+            channel: None,
+            reference: Some(format!("{recognitions} recognitions")),
+            gross_fen: None,
+            discount_fen: None,
+            amount_fen: -recognition_fen,
+        });
+    }
+    t.net_fen = t.paid_fen - t.refunded_fen - t.commission_fen + t.commission_returned_fen
+        - t.service_fen
+        - t.recognition_fen;
     Bill {
         merchant_id: merchant_id.to_owned(),
         date: date.to_owned(),

@@ -39,6 +39,7 @@ pub struct Settings {
     /// Splitting paid orders between the platform and the merchant.
     pub settlement: SettlementSettings,
     pub service: ServiceSettings,
+    pub recognition: RecognitionSettings,
     /// The operator feed.
     pub feed: FeedSettings,
     /// Promotion clock.
@@ -277,6 +278,28 @@ pub struct ServiceSettings {
     pub max_cabinets: usize,
 }
 
+/// `[recognition]`: how recognitions (算法识别次数) are billed to merchants.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecognitionSettings {
+    /// `HUB__RECOGNITION__FEE_FEN`: what one recognition costs a merchant that pays after use
+    /// (fen, on the day's bill).
+    pub fee_fen: i64,
+    /// `HUB__RECOGNITION__LOW_QUOTA`: a prepaid merchant is warned when this many are left.
+    pub low_quota: i64,
+    /// `HUB__RECOGNITION__WHEN_EXHAUSTED`: a prepaid merchant with none left: `refuse` new
+    /// purchase sessions (`recognition_quota_exhausted`) or `continue` (what is used beyond
+    /// the quota is owed, taken from the next top-up).
+    pub when_exhausted: String,
+}
+
+impl RecognitionSettings {
+    /// Whether purchases are refused once a prepaid quota is used up.
+    pub fn refuse_when_exhausted(&self) -> bool {
+        self.when_exhausted == "refuse"
+    }
+}
+
 /// `[feed]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -470,6 +493,21 @@ impl Settings {
         }
         if !(1..=100_000_000).contains(&self.service.yearly_price_fen) {
             bail!("service.yearly_price_fen (HUB__SERVICE__YEARLY_PRICE_FEN) = {}: must be 1 to 100000000 fen", self.service.yearly_price_fen);
+        }
+        if !(0..=100_000).contains(&self.recognition.fee_fen) {
+            bail!(
+                "recognition.fee_fen (HUB__RECOGNITION__FEE_FEN) = {}: must be 0 to 100000 fen",
+                self.recognition.fee_fen
+            );
+        }
+        if self.recognition.low_quota < 0 {
+            bail!("recognition.low_quota (HUB__RECOGNITION__LOW_QUOTA) must not be negative");
+        }
+        if !matches!(
+            self.recognition.when_exhausted.as_str(),
+            "refuse" | "continue"
+        ) {
+            bail!("recognition.when_exhausted (HUB__RECOGNITION__WHEN_EXHAUSTED) = {:?}: use \"refuse\" or \"continue\"", self.recognition.when_exhausted);
         }
         if self.service.max_cabinets == 0 || self.service.max_cabinets > 10_000 {
             bail!(

@@ -81,6 +81,8 @@ pub enum ErrorCode {
     MerchantPaymentNotReady,
     /// A product is not on the cabinet's sellable list.
     UnknownProduct,
+    /// The merchant's prepaid recognition quota is used up (`recognition.when_exhausted`).
+    RecognitionQuotaExhausted,
     /// A basket line's quantity, the basket's total quantity or its line count is above the
     /// `[limits]`; the message names the line.
     BasketOutOfRange,
@@ -130,6 +132,7 @@ impl ErrorCode {
             | UserBlacklisted
             | PaymentDeclined
             | MerchantPaymentNotReady
+            | RecognitionQuotaExhausted
             | UnknownProduct
             | RefundExceedsPaid
             | RefundWindowClosed

@@ -290,6 +290,7 @@ pub async fn relay_store_changes(
                 &e,
             ),
             Change::Settlement(s) => feed.publish(&s.merchant_id, "settlement", &s),
+            Change::RecognitionQuota(q) => feed.publish(&q.merchant_id, "recognition_quota", &q),
             Change::ServiceOrder(o) => {
                 let merchant = o.merchant_id.clone();
                 feed.publish(

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub settlement_failures: IntCounterVec,
     pub service_reminders: IntCounterVec,
     pub service_orders: IntCounterVec,
+    pub recognitions: IntCounterVec,
+    pub recognition_quota_warnings: IntCounterVec,
     pub sessions: IntCounterVec,
     pub session_unlock: prometheus::Histogram,
     pub session_stages: HistogramVec,
@@ -289,6 +291,26 @@ impl Metrics {
                         "Service-time orders, by what happened: created, paid, cancelled",
                     ),
                     &["status"],
+                )?,
+            ),
+            recognitions: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "recognitions_total",
+                        "Recognitions applied to sessions (billed to merchants), by billing: prepaid, postpaid",
+                    ),
+                    &["billing"],
+                )?,
+            ),
+            recognition_quota_warnings: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "recognition_quota_warnings_total",
+                        "Prepaid recognition quotas that reached the warning level (low) or ran out (exhausted)",
+                    ),
+                    &["state"],
                 )?,
             ),
             store_errors: reg(

@@ -312,6 +312,8 @@ pub async fn merchant_payment(
                 c.is_ascii_graphic()
             })?,
         },
+        // Not payment settings: kept as they are (`…/recognition` sets them).
+        ..MerchantPayment::default()
     };
     state.store.set_merchant_payment(&path, &p).await?;
     let view = payment_view(&state, path.into_inner(), &p);
@@ -355,4 +357,147 @@ pub async fn merchant_payment_view(
         .await?
         .ok_or_else(|| ApiError::not_found("merchant"))?;
     Ok(HttpResponse::Ok().json(payment_view(&state, path.into_inner(), &p)))
+}
+
+/// A merchant's recognition billing (算法识别次数).
+#[derive(Serialize, ToSchema)]
+pub struct RecognitionAccount {
+    /// Merchant.
+    merchant_id: String,
+    /// `postpaid` (on the day's bill) or `prepaid` (from the quota).
+    billing: String,
+    /// What is left of the prepaid quota (below zero: owed, taken from the next top-up).
+    quota_left: i64,
+    /// The quota is at or below the warning level (`recognition.low_quota`).
+    low: bool,
+    /// A prepaid merchant with none left: `refuse` new purchases, or `continue`.
+    when_exhausted: String,
+    /// What a recognition paid after use costs (fen).
+    fee_fen: i64,
+    /// Recognitions so far today (the hub's local day).
+    used_today: i64,
+    /// What today's cost after use (fen).
+    fee_today_fen: i64,
+}
+
+async fn recognition_account(
+    state: &AppState,
+    merchant_id: String,
+    p: &MerchantPayment,
+) -> ApiResult<RecognitionAccount> {
+    const DAY: i64 = 86_400_000;
+    let off = i64::from(state.settings.pricing.utc_offset_min) * 60_000;
+    let now = state.now();
+    let from = (now + off).div_euclid(DAY) * DAY - off;
+    let (used_today, fee_today_fen) = state
+        .store
+        .recognitions_between(&merchant_id, from, from + DAY)
+        .await?;
+    let r = &state.settings.recognition;
+    Ok(RecognitionAccount {
+        merchant_id,
+        billing: if p.recognition_prepaid {
+            "prepaid"
+        } else {
+            "postpaid"
+        }
+        .to_owned(),
+        quota_left: p.recognition_quota,
+        low: p.recognition_prepaid && p.recognition_quota <= r.low_quota,
+        when_exhausted: r.when_exhausted.clone(),
+        fee_fen: r.fee_fen,
+        used_today,
+        fee_today_fen,
+    })
+}
+
+/// A merchant's recognition billing: how it pays, its quota, today's use.
+#[utoipa::path(get, path = "/api/v1/merchants/{id}/recognition", tag = "merchants",
+    params(("id" = String, Path, description = "merchant id")), security(("bearer" = [])),
+    responses((status = 200, body = RecognitionAccount), (status = 404, body = super::ErrorBody)))]
+pub async fn recognition_view(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Viewer)?;
+    if !caller.sees(&path) {
+        return Err(ApiError::not_found("merchant"));
+    }
+    let p = state
+        .store
+        .merchant_payment(&path)
+        .await?
+        .ok_or_else(|| ApiError::not_found("merchant"))?;
+    Ok(HttpResponse::Ok().json(recognition_account(&state, path.into_inner(), &p).await?))
+}
+
+/// `PUT /api/v1/merchants/{id}/recognition`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecognitionChange {
+    /// `prepaid` or `postpaid` (unchanged when left out).
+    billing: Option<String>,
+    /// Recognitions bought for the prepaid quota (0 to 10,000,000; added to what is left).
+    add_quota: Option<i64>,
+    /// Why (the payment's reference), kept in the audit.
+    reason: Option<String>,
+}
+
+/// The platform sets how a merchant pays for recognitions and tops its quota up. Audited.
+#[utoipa::path(put, path = "/api/v1/merchants/{id}/recognition", tag = "merchants",
+    params(("id" = String, Path, description = "merchant id")), request_body = RecognitionChange,
+    security(("bearer" = [])),
+    responses((status = 200, body = RecognitionAccount), (status = 400, body = super::ErrorBody),
+    (status = 404, body = super::ErrorBody)))]
+pub async fn set_recognition(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<RecognitionChange>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Admin)?;
+    let billing = match body.billing.as_deref() {
+        None => None,
+        Some(b @ ("prepaid" | "postpaid")) => Some(b),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "billing must be \"prepaid\" or \"postpaid\"",
+            ))
+        }
+    };
+    let add = body.add_quota.unwrap_or(0);
+    if !(0..=10_000_000).contains(&add) {
+        return Err(ApiError::bad_request("add_quota must be 0 to 10000000"));
+    }
+    if body
+        .reason
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > 200)
+    {
+        return Err(ApiError::bad_request("reason: at most 200 characters"));
+    }
+    let Some((billing_now, left)) = state.store.set_recognition(&path, billing, add).await? else {
+        return Err(ApiError::not_found("merchant"));
+    };
+    state
+        .sessions
+        .audit(
+            super::sessions::actor(&caller),
+            Audited {
+                action: "recognition.set",
+                merchant_id: Some(&path),
+                subject: &path,
+                order_id: None,
+                reason: body.reason.as_deref(),
+                detail: serde_json::json!({"billing": billing_now, "added": add, "quota_left": left}),
+            },
+        )
+        .await;
+    let p = state
+        .store
+        .merchant_payment(&path)
+        .await?
+        .ok_or_else(|| ApiError::not_found("merchant"))?;
+    Ok(HttpResponse::Ok().json(recognition_account(&state, path.into_inner(), &p).await?))
 }

@@ -132,6 +132,7 @@ impl Sessions {
                     let event = Event::Recognized(Basket::Restocked);
                     let set = OrderUpdate {
                         items: Some(&stock),
+                        recognition_fee: Some(self.recognition_fee(&s.merchant_id).await),
                         ..OrderUpdate::default()
                     };
                     self.apply(&s, &o, &event, set).await?;
@@ -156,6 +157,7 @@ impl Sessions {
                             "basket above the authorised amount: a person decides");
                         let set = OrderUpdate {
                             items: Some(&priced.items),
+                            recognition_fee: Some(self.recognition_fee(&s.merchant_id).await),
                             ..OrderUpdate::default()
                         };
                         let event = Event::Abnormal(OVER_AUTHORISED.to_owned());
@@ -345,18 +347,28 @@ impl Sessions {
         event: Event,
         priced: &PricedBasket,
     ) -> Result<(), StoreError> {
+        // The cabinet's own recognition is counted (算法识别次数); an operator's resolution is not.
+        let recognition_fee = match event {
+            Event::Recognized(_) => Some(self.recognition_fee(&s.merchant_id).await),
+            _ => None,
+        };
         let set = match (&priced.basket, &priced.priced) {
             (Basket::Priced { total_fen }, Some((_, json))) => OrderUpdate {
                 items: Some(&priced.items),
                 priced: Some(json),
                 total_fen: Some(*total_fen),
+                recognition_fee,
                 ..OrderUpdate::default()
             },
             (Basket::NothingTaken, _) => OrderUpdate {
                 items: Some(&priced.items),
+                recognition_fee,
                 ..OrderUpdate::default()
             },
-            _ => OrderUpdate::default(),
+            _ => OrderUpdate {
+                recognition_fee,
+                ..OrderUpdate::default()
+            },
         };
         let Some(step) = self.apply(s, o, &event, set).await? else {
             return Ok(());

@@ -21,6 +21,7 @@ mod events;
 mod exceptions;
 mod notifications;
 mod provider;
+mod recognition;
 mod refunds;
 mod service_time;
 mod settle;
@@ -232,6 +233,14 @@ impl Sessions {
             if step.order.is_none() {
                 took = moved.is_some();
             }
+        }
+        // Counted once the session has ended: the cabinet is free for the next shopper first.
+        if took
+            && step.order.is_some()
+            && order_set.recognition_fee.is_some()
+            && o.recognized_at.is_none()
+        {
+            self.recognized(&o.merchant_id).await;
         }
         Ok(took.then_some(step))
     }

@@ -123,6 +123,7 @@ impl Sessions {
                 ),
             ));
         }
+        self.check_recognition_quota(&p)?;
         Ok(self.terms_of(merchant_id, p))
     }
 

@@ -319,6 +319,8 @@ impl Sessions {
             collect_attempts: 0,
             refund_reserved_fen: 0,
             paid_at: None,
+            recognized_at: None,
+            recognition_fee_fen: 0,
             price_terms: None,
             authorised_fen: terms.as_ref().map(|t| t.ceiling_fen),
             deduction_failure: None,

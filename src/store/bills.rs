@@ -19,6 +19,9 @@ pub struct DayRows {
     pub returns: Vec<SettlementReturnRow>,
     /// Service time the merchant bought and paid in the day.
     pub service: Vec<ServiceOrderRow>,
+    /// Recognitions of the day's sessions (算法识别次数) and what they cost after use (fen;
+    /// those a prepaid quota paid for cost 0 here).
+    pub recognitions: (i64, i64),
 }
 
 impl Store {
@@ -74,6 +77,8 @@ impl Store {
         .bind(to)
         .fetch_all(&mut *conn)
         .await?;
+        drop(conn);
+        let recognitions = self.recognitions_between(merchant_id, from, to).await?;
         Ok(DayRows {
             paid: paid
                 .iter()
@@ -95,6 +100,7 @@ impl Store {
                 .iter()
                 .map(|r| Ok(ServiceOrderRow::from_row(r)?))
                 .collect::<Result<_>>()?,
+            recognitions,
         })
     }
 }

@@ -49,6 +49,7 @@ mod bills;
 mod cache;
 mod catalog;
 mod keys;
+mod recognition;
 mod service_orders;
 mod sessions;
 mod settlements;
@@ -89,6 +90,21 @@ pub struct MerchantPayment {
     pub alipay_smid: Option<String>,
     /// The `app_auth_token` it granted the platform's Alipay app (secret).
     pub alipay_app_auth_token: Option<String>,
+    /// Recognitions are paid from a prepaid quota (else after use, on the bill).
+    pub recognition_prepaid: bool,
+    /// What is left of the prepaid quota (below zero: owed).
+    pub recognition_quota: i64,
+}
+
+/// A merchant's prepaid recognition quota, as the feed tells it when it runs low or out.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RecognitionQuota {
+    /// Whose.
+    pub merchant_id: String,
+    /// What is left (below zero: owed).
+    pub quota_left: i64,
+    /// `low` or `exhausted`.
+    pub state: &'static str,
 }
 
 /// An API key (its hash; the key itself is shown once).
@@ -215,6 +231,11 @@ fn migrator(postgres: bool) -> Migrator {
         (19, "bills", sql!("0019_bills.sql")),
         (20, "service_reminders", sql!("0020_service_reminders.sql")),
         (21, "service_orders", sql!("0021_service_orders.sql")),
+        (
+            22,
+            "recognition_billing",
+            sql!("0022_recognition_billing.sql"),
+        ),
     ];
     Migrator::with_migrations(
         files
@@ -455,6 +476,8 @@ pub enum Change {
     Settlement(settlements::SettlementRow),
     /// A service-time order was made, paid or cancelled.
     ServiceOrder(service_orders::ServiceOrderRow),
+    /// A prepaid recognition quota ran low or out.
+    RecognitionQuota(RecognitionQuota),
 }
 
 fn pool_options(postgres: bool, max_connections: u32) -> AnyPoolOptions {

@@ -98,6 +98,12 @@ pub struct OrderRow {
     /// When it was paid (Unix ms): the provider's refund window runs from here.
     #[sqlx(default)]
     pub paid_at: Option<i64>,
+    /// When the cabinet's recognition was applied to it (Unix ms): a counted recognition.
+    #[sqlx(default)]
+    pub recognized_at: Option<i64>,
+    /// What that recognition costs the merchant on the bill (fen; 0 from a prepaid quota).
+    #[sqlx(default)]
+    pub recognition_fee_fen: i64,
     /// The prices and promotions in force when the shopper shopped (JSON), kept with an order
     /// that went abnormal.
     #[sqlx(default)]
@@ -182,6 +188,9 @@ pub struct OrderUpdate<'a> {
     /// The prices and promotions in force when the shopper shopped, JSON (kept with an order
     /// that goes abnormal, to price it when it is resolved).
     pub price_terms: Option<&'a str>,
+    /// The cabinet's recognition is applied by this move (counted: 算法识别次数), at this fee
+    /// on the merchant's bill (0 when a prepaid quota pays for it).
+    pub recognition_fee: Option<i64>,
 }
 
 fn session_row(r: &AnyRow) -> Result<SessionRow> {
@@ -200,7 +209,7 @@ impl Store {
             .get_or_load(&merchant_id.to_owned(), || async {
                 let row = sqlx::query(
                     "SELECT risk_ceiling_fen, wechat_sub_mchid, service_phone, alipay_smid, \
-                     alipay_app_auth_token FROM merchants WHERE id = $1",
+                     alipay_app_auth_token, recognition_billing, recognition_quota FROM merchants WHERE id = $1",
                 )
                 .bind(merchant_id)
                 .fetch_optional(&mut *self.read().await?)
@@ -212,6 +221,9 @@ impl Store {
                         service_phone: r.try_get("service_phone")?,
                         alipay_smid: r.try_get("alipay_smid")?,
                         alipay_app_auth_token: r.try_get("alipay_app_auth_token")?,
+                        recognition_prepaid: r.try_get::<String, _>("recognition_billing")?
+                            == "prepaid",
+                        recognition_quota: r.try_get("recognition_quota")?,
                     })
                 })
                 .transpose()
@@ -471,10 +483,13 @@ impl Store {
         let mut sql = String::from(
             "UPDATE orders SET status = $2, abnormal_reason = COALESCE($3, abnormal_reason), items = COALESCE($4, items), \
              priced = COALESCE($5, priced), total_fen = COALESCE($6, total_fen), updated_at = $7, \
-             price_terms = COALESCE($8, price_terms) WHERE id = $1 AND status IN (",
+             price_terms = COALESCE($8, price_terms), \
+             recognized_at = CASE WHEN $9 IS NOT NULL AND recognized_at IS NULL THEN $7 ELSE recognized_at END, \
+             recognition_fee_fen = CASE WHEN $9 IS NOT NULL AND recognized_at IS NULL THEN $9 ELSE recognition_fee_fen END \
+             WHERE id = $1 AND status IN (",
         );
         for i in 0..from.len() {
-            sql.push_str(&format!("{}${}", if i == 0 { "" } else { ", " }, i + 9));
+            sql.push_str(&format!("{}${}", if i == 0 { "" } else { ", " }, i + 10));
         }
         sql.push_str(") RETURNING *");
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -485,7 +500,8 @@ impl Store {
             .bind(set.priced)
             .bind(set.total_fen)
             .bind(now)
-            .bind(set.price_terms);
+            .bind(set.price_terms)
+            .bind(set.recognition_fee);
         for f in from {
             q = q.bind(*f);
         }

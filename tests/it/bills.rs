@@ -122,6 +122,7 @@ async fn a_day_of_trading_reconciles_on_the_bill_to_the_fen(backend: Backend) {
                     - t["commission_fen"].as_i64().unwrap_or(0)
                     + t["commission_returned_fen"].as_i64().unwrap_or(0)
                     - t["service_fen"].as_i64().unwrap_or(0)
+                    - t["recognition_fen"].as_i64().unwrap_or(0)
             ),
             "{bill}"
         );

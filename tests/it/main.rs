@@ -18,6 +18,7 @@ mod notices;
 mod ops;
 mod purchase;
 mod readiness;
+mod recognition;
 mod refunds;
 mod reminders;
 mod service_orders;

@@ -107,6 +107,7 @@ async fn cached_rows_follow_every_write_and_reads_outnumber_connections(b: Backe
         service_phone: Some("400-800-1234".into()),
         alipay_smid: Some("2088000000000001".into()),
         alipay_app_auth_token: Some("token".into()),
+        ..MerchantPayment::default()
     };
     store
         .set_merchant_payment("m1", &set)
