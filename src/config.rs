@@ -40,6 +40,7 @@ pub struct Settings {
     pub settlement: SettlementSettings,
     pub service: ServiceSettings,
     pub recognition: RecognitionSettings,
+    pub stock: StockSettings,
     /// The operator feed.
     pub feed: FeedSettings,
     /// Promotion clock.
@@ -300,6 +301,15 @@ impl RecognitionSettings {
     }
 }
 
+/// `[stock]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StockSettings {
+    /// `HUB__STOCK__LOW_AT`: a product first counted into a cabinet is low there at or below
+    /// this many (each can be set apart: `PUT /api/v1/cabinets/{id}/stock/{sku}`).
+    pub low_at: i64,
+}
+
 /// `[feed]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -498,6 +508,12 @@ impl Settings {
             bail!(
                 "recognition.fee_fen (HUB__RECOGNITION__FEE_FEN) = {}: must be 0 to 100000 fen",
                 self.recognition.fee_fen
+            );
+        }
+        if !(0..=100_000).contains(&self.stock.low_at) {
+            bail!(
+                "stock.low_at (HUB__STOCK__LOW_AT) = {}: must be 0 to 100000",
+                self.stock.low_at
             );
         }
         if self.recognition.low_quota < 0 {

@@ -81,6 +81,8 @@ pub enum ErrorCode {
     MerchantPaymentNotReady,
     /// A product is not on the cabinet's sellable list.
     UnknownProduct,
+    /// It was resolved already (a stock discrepancy).
+    AlreadyResolved,
     /// The merchant's prepaid recognition quota is used up (`recognition.when_exhausted`).
     RecognitionQuotaExhausted,
     /// A basket line's quantity, the basket's total quantity or its line count is above the
@@ -127,7 +129,7 @@ impl ErrorCode {
             MerchantExists | CabinetExists | NotRegistered | PromotionExists | CabinetNotActive
             | CabinetBusy | CabinetFaulted | RequestInProgress | UnlockRejected
             | OrderNotAbnormal | OrderNotUnpaid | LastAdminKey | KeyRevoked | SessionNotOpen
-            | SessionClosed => StatusCode::CONFLICT,
+            | SessionClosed | AlreadyResolved => StatusCode::CONFLICT,
             ServiceExpired
             | UserBlacklisted
             | PaymentDeclined

@@ -290,6 +290,8 @@ pub async fn relay_store_changes(
                 &e,
             ),
             Change::Settlement(s) => feed.publish(&s.merchant_id, "settlement", &s),
+            Change::StockLow(merchant, s) => feed.publish(&merchant, "stock_low", &s),
+            Change::StockDiscrepancy(d) => feed.publish(&d.merchant_id, "stock_discrepancy", &d),
             Change::RecognitionQuota(q) => feed.publish(&q.merchant_id, "recognition_quota", &q),
             Change::ServiceOrder(o) => {
                 let merchant = o.merchant_id.clone();

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub service_reminders: IntCounterVec,
     pub service_orders: IntCounterVec,
     pub recognitions: IntCounterVec,
+    pub stock_low: prometheus::IntCounter,
+    pub stock_discrepancies: prometheus::IntCounter,
     pub recognition_quota_warnings: IntCounterVec,
     pub sessions: IntCounterVec,
     pub session_unlock: prometheus::Histogram,
@@ -291,6 +293,20 @@ impl Metrics {
                         "Service-time orders, by what happened: created, paid, cancelled",
                     ),
                     &["status"],
+                )?,
+            ),
+            stock_low: reg(
+                &r,
+                prometheus::IntCounter::new(
+                    "stock_low_total",
+                    "Products that ran low in a cabinet (once per descent below their mark)",
+                )?,
+            ),
+            stock_discrepancies: reg(
+                &r,
+                prometheus::IntCounter::new(
+                    "stock_discrepancies_total",
+                    "Products whose restock count differed from what was expected (库存不一致)",
                 )?,
             ),
             recognitions: reg(

@@ -620,6 +620,7 @@ pub async fn send_command(
                 user_id: caller.key_id.clone(),
                 channel: None,
                 mode,
+                planned: None,
             };
             // The caller is part of the request: two restockers' keys reusing one
             // Idempotency-Key must not get each other's session.

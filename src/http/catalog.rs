@@ -57,6 +57,10 @@ pub struct PriceView {
     name: String,
     /// Price, fen.
     price_fen: i64,
+    /// How many are in the cabinet, when it keeps stock of the product (counted in by a
+    /// restock).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stock: Option<i64>,
 }
 
 /// A cabinet's sellable list.
@@ -140,13 +144,13 @@ pub async fn list_products(
     Ok(HttpResponse::Ok().json(List::from(items)))
 }
 
-#[derive(Deserialize, ToSchema)]
+#[derive(Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PriceItem {
     /// One of the merchant's products.
-    sku: String,
+    pub(super) sku: String,
     /// 0 to `limits.max_price_fen` (default 10,000,000); above it → 422 `price_out_of_range`.
-    price_fen: i64,
+    pub(super) price_fen: i64,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -168,10 +172,25 @@ pub async fn put_prices(
 ) -> ApiResult<HttpResponse> {
     caller.require(Role::Operator)?;
     let (cid, row) = visible_cabinet(&state, &caller, &path).await?;
-    let products = state.store.products(&row.merchant_id).await?;
+    let items = checked_prices(&state, &row.merchant_id, body.into_inner().items).await?;
+    state
+        .store
+        .set_prices(cid.as_str(), &items, state.now())
+        .await?;
+    get_prices_of(&state, cid.as_str(), &row.merchant_id, false).await
+}
+
+/// A sellable list as given (the merchant's products, each once, at prices within the limits),
+/// ready to store.
+pub(super) async fn checked_prices(
+    state: &AppState,
+    merchant_id: &str,
+    given: Vec<PriceItem>,
+) -> ApiResult<Vec<(String, i64)>> {
+    let products = state.store.products(merchant_id).await?;
     let mut seen = BTreeSet::new();
     let mut items = Vec::new();
-    for (i, it) in body.into_inner().items.into_iter().enumerate() {
+    for (i, it) in given.into_iter().enumerate() {
         if !products.contains_key(&it.sku) {
             return Err(ApiError::bad_request(format!(
                 "items[{i}].sku: {} is not one of the merchant's products",
@@ -201,22 +220,34 @@ pub async fn put_prices(
         }
         items.push((it.sku, it.price_fen));
     }
-    state
-        .store
-        .set_prices(cid.as_str(), &items, state.now())
-        .await?;
-    get_prices_of(&state, cid.as_str(), &row.merchant_id).await
+    Ok(items)
 }
 
-async fn get_prices_of(state: &AppState, cabinet: &str, merchant: &str) -> ApiResult<HttpResponse> {
+/// A cabinet's sellable list, each product with its stock when the cabinet keeps stock of it;
+/// `sellable`: without what is out of stock.
+pub(super) async fn get_prices_of(
+    state: &AppState,
+    cabinet: &str,
+    merchant: &str,
+    sellable: bool,
+) -> ApiResult<HttpResponse> {
     let list = state.store.prices(cabinet, merchant).await?;
+    let stock: std::collections::BTreeMap<String, i64> = state
+        .store
+        .stock(cabinet)
+        .await?
+        .into_iter()
+        .map(|s| (s.sku, s.qty))
+        .collect();
     let items: Vec<_> = list
         .iter()
         .map(|(sku, p)| PriceView {
             sku: sku.clone(),
             name: p.name.clone(),
             price_fen: p.price_fen,
+            stock: stock.get(sku).copied(),
         })
+        .filter(|v| !sellable || v.stock.is_none_or(|q| q > 0))
         .collect();
     Ok(HttpResponse::Ok().json(PriceList {
         cabinet_id: cabinet.to_owned(),
@@ -225,17 +256,33 @@ async fn get_prices_of(state: &AppState, cabinet: &str, merchant: &str) -> ApiRe
     }))
 }
 
+/// `GET /api/v1/cabinets/{id}/prices`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PricesQuery {
+    /// `true`: what a shopper can buy now — without the products the cabinet keeps stock of
+    /// and has none left.
+    sellable: Option<bool>,
+}
+
 /// A cabinet's sellable list.
-#[utoipa::path(get, path = "/api/v1/cabinets/{id}/prices", tag = "catalog", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/api/v1/cabinets/{id}/prices", tag = "catalog", params(("id" = String, Path), PricesQuery),
     security(("bearer" = [])), responses((status = 200, body = PriceList), (status = 404, body = ErrorBody)))]
 pub async fn get_prices(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<String>,
+    q: web::Query<PricesQuery>,
 ) -> ApiResult<HttpResponse> {
     caller.require(Role::Viewer)?;
     let (cid, row) = visible_cabinet(&state, &caller, &path).await?;
-    get_prices_of(&state, cid.as_str(), &row.merchant_id).await
+    get_prices_of(
+        &state,
+        cid.as_str(),
+        &row.merchant_id,
+        q.sellable.unwrap_or(false),
+    )
+    .await
 }
 
 #[derive(Deserialize, ToSchema)]

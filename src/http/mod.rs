@@ -22,6 +22,7 @@ pub mod sessions;
 #[cfg(feature = "simulators")]
 pub mod simulators;
 pub mod state;
+pub mod stock;
 
 use std::sync::OnceLock;
 
@@ -90,6 +91,13 @@ routes! {
     put "/api/v1/products/{sku}" => catalog::put_product,
     put "/api/v1/cabinets/{id}/prices" => catalog::put_prices,
     get "/api/v1/cabinets/{id}/prices" => catalog::get_prices,
+    get "/api/v1/cabinets/{id}/stock" => stock::get_stock,
+    put "/api/v1/cabinets/{id}/stock/{sku}" => stock::set_low_mark,
+    get "/api/v1/stock-discrepancies" => stock::list_discrepancies,
+    post "/api/v1/stock-discrepancies/{id}/resolve" => stock::resolve_discrepancy,
+    post "/api/v1/product-templates" => stock::create_template,
+    get "/api/v1/product-templates" => stock::list_templates,
+    post "/api/v1/product-templates/{id}/apply" => stock::apply_template,
     post "/api/v1/cabinets/{id}/quote" => catalog::quote,
     post "/api/v1/promotions" => catalog::create_promotion,
     get "/api/v1/promotions" => catalog::list_promotions,
@@ -165,6 +173,8 @@ pub(crate) fn mount_grouped(
         service_orders::create_service_order, service_orders::list_service_orders, service_orders::get_service_order, service_orders::service_order_qr,
         alerts::list_alerts, alerts::ack_alert, alerts::clear_alert,
         catalog::list_products, catalog::put_product, catalog::put_prices, catalog::get_prices,
+        stock::get_stock, stock::set_low_mark, stock::list_discrepancies, stock::resolve_discrepancy,
+        stock::create_template, stock::list_templates, stock::apply_template,
         catalog::quote, catalog::create_promotion, catalog::list_promotions, catalog::end_promotion,
         sessions::start_session, sessions::list_sessions, sessions::get_session, sessions::close_session, sessions::list_orders, sessions::get_order,
         sessions::resolve_order, sessions::refund_order, sessions::list_blacklist,

@@ -135,7 +135,15 @@ impl Sessions {
                         recognition_fee: Some(self.recognition_fee(&s.merchant_id).await),
                         ..OrderUpdate::default()
                     };
-                    self.apply(&s, &o, &event, set).await?;
+                    if self.apply(&s, &o, &event, set).await?.is_some() {
+                        let counted: Vec<(String, i64)> = recognition
+                            .stock
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|i| (i.sku, i64::from(i.qty)))
+                            .collect();
+                        self.restocked(&s, &counted).await;
+                    }
                     return Ok(());
                 }
                 let basket: Vec<BasketItem> = recognition
@@ -373,6 +381,11 @@ impl Sessions {
         let Some(step) = self.apply(s, o, &event, set).await? else {
             return Ok(());
         };
+        // What was taken left the cabinet whoever said what it was (the cameras, or a person
+        // resolving the order).
+        if matches!(priced.basket, Basket::Priced { .. }) {
+            self.took(s, &priced.items).await;
+        }
         for effect in &step.effects {
             match effect {
                 // The session ended above, before the provider is told: the next shopper at

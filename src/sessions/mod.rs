@@ -26,6 +26,7 @@ mod refunds;
 mod service_time;
 mod settle;
 mod start;
+mod stock;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -50,7 +51,7 @@ pub use notifications::NotificationRefusal;
 pub use provider::{ChannelReadiness, PaymentReadiness};
 pub use refunds::RefundAnswer;
 pub use service_time::{NewServiceOrder, ServiceChannel};
-pub use start::{request_hash, Idempotency, StartSession, StartTimings};
+pub use start::{request_hash, Idempotency, PlannedItem, StartSession, StartTimings};
 
 /// The supervisor.
 pub struct Sessions {

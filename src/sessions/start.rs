@@ -78,6 +78,22 @@ pub struct StartSession {
     /// `purchase` or `restock`.
     #[schema(value_type = String)]
     pub mode: SessionMode,
+    /// A restock's plan: what the restocker brings (or, negative, takes away) per product;
+    /// the cabinet's count after the door closes is checked against the stock before plus
+    /// this, and each difference kept as a stock discrepancy (库存不一致). Left out, the
+    /// restock is a stock-taking (盘点): the count should find what was there.
+    #[serde(default)]
+    pub planned: Option<Vec<PlannedItem>>,
+}
+
+/// One product of a restock's plan.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlannedItem {
+    /// Product.
+    pub sku: String,
+    /// Brought (positive) or taken away (negative).
+    pub qty: i64,
 }
 
 /// A request's `Idempotency-Key` and what it is bound to.
@@ -212,6 +228,13 @@ impl Sessions {
             }
         }
         let idempotency_key = idempotency.as_ref().map(|i| i.key.clone());
+        let planned = match (&req.planned, req.mode) {
+            (None, _) => None,
+            (Some(_), SessionMode::Purchase) => {
+                return Err(ApiError::bad_request("planned is for restock sessions"))
+            }
+            (Some(p), SessionMode::Restock) => Some(plan_json(p)?),
+        };
         if req.user_id.is_empty() || req.user_id.len() > 64 {
             return Err(ApiError::bad_request("user_id must be 1 to 64 characters"));
         }
@@ -332,7 +355,11 @@ impl Sessions {
         let claim = idempotency
             .as_ref()
             .map(|i| (i.request_hash.as_str(), self.boot_id.as_str()));
-        match self.store.create_session(&session, &order, claim).await {
+        match self
+            .store
+            .create_session(&session, &order, claim, planned.as_deref())
+            .await
+        {
             Ok(()) => {}
             Err(StoreError::Conflict) => return Err(busy()),
             Err(e) => return Err(e.into()),
@@ -907,4 +934,25 @@ fn mode_str(m: SessionMode) -> &'static str {
         SessionMode::Purchase => "purchase",
         SessionMode::Restock => "restock",
     }
+}
+
+/// A restock plan, checked (at most 500 products, each once, -10,000 to 10,000) and as stored.
+fn plan_json(p: &[PlannedItem]) -> ApiResult<String> {
+    if p.len() > 500 {
+        return Err(ApiError::bad_request("planned: at most 500 products"));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, it) in p.iter().enumerate() {
+        if it.sku.is_empty() || it.sku.len() > 64 || !seen.insert(it.sku.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "planned[{i}].sku: 1 to 64 characters, each product once"
+            )));
+        }
+        if !(-10_000..=10_000).contains(&it.qty) {
+            return Err(ApiError::bad_request(format!(
+                "planned[{i}].qty must be -10000 to 10000"
+            )));
+        }
+    }
+    serde_json::to_string(p).map_err(ApiError::internal)
 }

@@ -53,6 +53,7 @@ mod recognition;
 mod service_orders;
 mod sessions;
 mod settlements;
+mod stock;
 pub use audit::AuditRow;
 pub use bills::DayRows;
 pub use catalog::{PromotionRow, PromotionRule};
@@ -63,6 +64,7 @@ pub use sessions::{
     OrderUpdate, PaymentExceptionRow, RefundRow, SessionRow,
 };
 pub use settlements::{SettlementMove, SettlementReturnRow, SettlementRow};
+pub use stock::{Recount, StockDiscrepancyRow, StockRow, Taken, TemplateRow};
 
 /// A merchant.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -236,6 +238,7 @@ fn migrator(postgres: bool) -> Migrator {
             "recognition_billing",
             sql!("0022_recognition_billing.sql"),
         ),
+        (23, "stock", sql!("0023_stock.sql")),
     ];
     Migrator::with_migrations(
         files
@@ -478,6 +481,10 @@ pub enum Change {
     ServiceOrder(service_orders::ServiceOrderRow),
     /// A prepaid recognition quota ran low or out.
     RecognitionQuota(RecognitionQuota),
+    /// A product ran low in a cabinet (merchant, the product's stock).
+    StockLow(String, stock::StockRow),
+    /// A restock's count did not match what was expected.
+    StockDiscrepancy(stock::StockDiscrepancyRow),
 }
 
 fn pool_options(postgres: bool, max_connections: u32) -> AnyPoolOptions {

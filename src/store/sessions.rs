@@ -257,12 +257,13 @@ impl Store {
         s: &SessionRow,
         o: &OrderRow,
         claim: Option<(&str, &str)>,
+        planned: Option<&str>,
     ) -> Result<()> {
         let mut w = self.write().await?;
         let mut tx = sqlx::Connection::begin(&mut *w).await?;
         sqlx::query(
-            "INSERT INTO sessions (id, cabinet_id, merchant_id, user_id, channel, mode, state, idempotency_key, created_at, updated_at, request_hash, claimed_by) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            "INSERT INTO sessions (id, cabinet_id, merchant_id, user_id, channel, mode, state, idempotency_key, created_at, updated_at, request_hash, claimed_by, planned) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(&s.id)
         .bind(&s.cabinet_id)
@@ -276,6 +277,7 @@ impl Store {
         .bind(s.updated_at)
         .bind(claim.map(|c| c.0))
         .bind(claim.map(|c| c.1))
+        .bind(planned)
         .execute(&mut *tx)
         .await
         .map_err(conflict_or)?;

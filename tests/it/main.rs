@@ -24,6 +24,7 @@ mod reminders;
 mod service_orders;
 mod settlement;
 mod startup;
+mod stock;
 mod store;
 mod stuck;
 mod wechat;
