@@ -1,6 +1,9 @@
 -- Stock (商品库存) per cabinet and product, as the hub believes it: replaced by the cabinet's own
 -- count after every restock (or stock-taking) session, less what every purchase's recognition
 -- took. `low_at`: at or below it the product is low in that cabinet (an event, once per descent).
+-- Whether a cabinet was ever counted in: a purchase at one that never was has no stock to take
+-- from, and (read with the cached cabinet) costs no statement.
+ALTER TABLE cabinets ADD COLUMN keeps_stock BIGINT NOT NULL DEFAULT 0;
 CREATE TABLE cabinet_stock (
     cabinet_id TEXT NOT NULL REFERENCES cabinets (id),
     sku TEXT NOT NULL,

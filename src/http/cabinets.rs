@@ -104,6 +104,7 @@ pub async fn register_cabinet(
         service_expires_at: None,
         created_at: state.now(),
         activated_at: None,
+        keeps_stock: false,
     };
     match state
         .store

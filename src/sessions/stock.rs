@@ -60,6 +60,13 @@ impl Sessions {
             }
         }
         taken.retain(|_, q| *q > 0);
+        // A cabinet never counted in has nothing to take from: no statement (read from the
+        // cached cabinet row).
+        if let Ok(Some(c)) = self.store.cabinet(&s.cabinet_id).await {
+            if !c.keeps_stock {
+                return;
+            }
+        }
         let now = self.now();
         match self.store.take_stock(&s.cabinet_id, &taken, now).await {
             Ok(after) => {

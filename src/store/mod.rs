@@ -141,6 +141,8 @@ pub struct CabinetRow {
     pub created_at: i64,
     /// Unix ms.
     pub activated_at: Option<i64>,
+    /// Ever counted in by a restock: purchases take from its stock.
+    pub keeps_stock: bool,
 }
 
 /// A stored alert, active or not.
@@ -1096,6 +1098,7 @@ fn cabinet_row(r: &AnyRow) -> Result<CabinetRow> {
         service_expires_at: r.try_get("service_expires_at")?,
         created_at: r.try_get("created_at")?,
         activated_at: r.try_get("activated_at")?,
+        keeps_stock: r.try_get::<i64, _>("keeps_stock")? != 0,
     })
 }
 

@@ -120,8 +120,13 @@ impl Store {
     /// from what was expected (the stock before, plus the plan) is kept as an open
     /// discrepancy, in one transaction.
     pub async fn recount_stock(&self, r: &Recount<'_>) -> Result<Vec<StockDiscrepancyRow>> {
+        let _fresh = self.caches.cabinets.invalidating(r.cabinet_id.to_owned());
         let mut w = self.write().await?;
         let mut tx = sqlx::Connection::begin(&mut *w).await?;
+        sqlx::query("UPDATE cabinets SET keeps_stock = 1 WHERE id = $1 AND keeps_stock = 0")
+            .bind(r.cabinet_id)
+            .execute(&mut *tx)
+            .await?;
         let before: BTreeMap<String, i64> =
             sqlx::query("SELECT sku, qty FROM cabinet_stock WHERE cabinet_id = $1")
                 .bind(r.cabinet_id)

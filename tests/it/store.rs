@@ -42,6 +42,7 @@ pub(crate) async fn seed(store: &Store) {
         service_expires_at: None,
         created_at: 2,
         activated_at: None,
+        keeps_stock: false,
     };
     let cfg = test_settings(std::path::Path::new("/tmp")).initial_cabinet_config();
     store
