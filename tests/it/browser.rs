@@ -52,7 +52,14 @@ pub fn artifacts() -> PathBuf {
 }
 
 impl Browser {
+    /// A browser asking for English, whatever the machine's locale: the tests read the page's
+    /// English.
     pub(crate) async fn launch(width: u32, height: u32) -> Self {
+        Self::launch_with_lang(width, height, "en-US").await
+    }
+
+    /// A browser whose user asks for `lang` (`navigator.language`, `Accept-Language`).
+    pub(crate) async fn launch_with_lang(width: u32, height: u32, lang: &str) -> Self {
         let profile = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let child = Command::new(chromium())
             .args([
@@ -67,6 +74,8 @@ impl Browser {
                 "--disable-dev-shm-usage",
                 "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0",
+                &format!("--lang={lang}"),
+                &format!("--accept-lang={lang}"),
                 &format!("--window-size={width},{height}"),
                 &format!("--user-data-dir={}", profile.path().display()),
                 "about:blank",

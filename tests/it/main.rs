@@ -12,6 +12,7 @@ mod crash;
 mod feed;
 mod flow;
 mod harness;
+mod i18n;
 mod keys;
 mod node;
 mod notices;
