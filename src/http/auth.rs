@@ -74,6 +74,16 @@ impl Caller {
         self.merchant.as_deref().is_none_or(|m| m == merchant_id)
     }
 
+    /// Whose rows a listing shows: a scoped key's own merchant's, or the one a platform key
+    /// names (`None`: every merchant's). Naming another merchant is a 404.
+    pub fn listing(&self, named: Option<&str>) -> ApiResult<Option<String>> {
+        match (&self.merchant, named) {
+            (Some(own), Some(n)) if own != n => Err(ApiError::not_found("merchant")),
+            (Some(own), _) => Ok(Some(own.clone())),
+            (None, n) => Ok(n.map(str::to_owned)),
+        }
+    }
+
     /// The merchant a request acts for: a scoped key's own, or the one a platform key names.
     /// Naming another merchant is a 404, as for any resource of theirs.
     pub fn acting_for(&self, named: Option<&str>) -> ApiResult<String> {

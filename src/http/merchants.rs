@@ -337,6 +337,22 @@ pub async fn merchant_payment(
     Ok(HttpResponse::Ok().json(view))
 }
 
+/// A merchant's payment settings, when the caller may see the merchant (404 otherwise).
+async fn visible_payment(
+    state: &AppState,
+    caller: &Caller,
+    merchant_id: &str,
+) -> ApiResult<MerchantPayment> {
+    if !caller.sees(merchant_id) {
+        return Err(ApiError::not_found("merchant"));
+    }
+    state
+        .store
+        .merchant_payment(merchant_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("merchant"))
+}
+
 /// A merchant's payment settings (no secret) and readiness per channel: the platform's and
 /// the merchant's own keys.
 #[utoipa::path(get, path = "/api/v1/merchants/{id}/payment", tag = "merchants",
@@ -348,14 +364,7 @@ pub async fn merchant_payment_view(
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     caller.require(Role::Viewer)?;
-    if !caller.sees(&path) {
-        return Err(ApiError::not_found("merchant"));
-    }
-    let p = state
-        .store
-        .merchant_payment(&path)
-        .await?
-        .ok_or_else(|| ApiError::not_found("merchant"))?;
+    let p = visible_payment(&state, &caller, &path).await?;
     Ok(HttpResponse::Ok().json(payment_view(&state, path.into_inner(), &p)))
 }
 
@@ -421,14 +430,7 @@ pub async fn recognition_view(
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     caller.require(Role::Viewer)?;
-    if !caller.sees(&path) {
-        return Err(ApiError::not_found("merchant"));
-    }
-    let p = state
-        .store
-        .merchant_payment(&path)
-        .await?
-        .ok_or_else(|| ApiError::not_found("merchant"))?;
+    let p = visible_payment(&state, &caller, &path).await?;
     Ok(HttpResponse::Ok().json(recognition_account(&state, path.into_inner(), &p).await?))
 }
 

@@ -114,11 +114,7 @@ pub async fn list_service_orders(
     q: web::Query<ServiceOrdersQuery>,
 ) -> ApiResult<HttpResponse> {
     caller.require(Role::Viewer)?;
-    let merchant = match (&caller.merchant, &q.merchant_id) {
-        (Some(own), Some(named)) if own != named => return Err(ApiError::not_found("merchant")),
-        (Some(own), _) => Some(own.clone()),
-        (None, named) => named.clone(),
-    };
+    let merchant = caller.listing(q.merchant_id.as_deref())?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let rows = state
         .store

@@ -139,11 +139,7 @@ pub async fn list_discrepancies(
     {
         return Err(ApiError::bad_request("state must be open or resolved"));
     }
-    let merchant = match (&caller.merchant, &q.merchant_id) {
-        (Some(own), Some(named)) if own != named => return Err(ApiError::not_found("merchant")),
-        (Some(own), _) => Some(own.clone()),
-        (None, named) => named.clone(),
-    };
+    let merchant = caller.listing(q.merchant_id.as_deref())?;
     let rows = state
         .store
         .stock_discrepancies(

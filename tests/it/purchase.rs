@@ -192,14 +192,19 @@ pub(crate) async fn script_shopper(hub: &TestHub, user: &str, script: Value) {
 
 /// Door opens and closes, the lock latches, recognition reports `items`.
 pub(crate) async fn shop_visit(c: &mut Cabinet, session: &str, items: Value) {
-    c.event("door_opened").await;
-    c.event("door_closed").await;
-    c.event("lock_locked").await;
-    c.publish(
-        "recognition",
+    door_then_recognition(
+        c,
         json!({"session_id": session, "status": "ok", "items": items}),
     )
     .await;
+}
+
+/// The door opens and closes, the lock latches, the cameras report `recognition`.
+pub(crate) async fn door_then_recognition(c: &mut Cabinet, recognition: Value) {
+    c.event("door_opened").await;
+    c.event("door_closed").await;
+    c.event("lock_locked").await;
+    c.publish("recognition", recognition).await;
 }
 
 /// Waits for the order to reach `want` and its session to be over: a settled order moves

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::both;
 use crate::harness::{Backend, Cabinet, TestHub, PATIENCE};
-use crate::purchase::{order_status, shop, visit};
+use crate::purchase::{door_then_recognition, order_status, shop, visit};
 
 both!(stock_follows_restocks_and_purchases_and_discrepancies_are_resolved);
 
@@ -46,11 +46,8 @@ async fn restock(
     let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(s, 201, "{v}");
     let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
-    c.event("door_opened").await;
-    c.event("door_closed").await;
-    c.event("lock_locked").await;
-    c.publish(
-        "recognition",
+    door_then_recognition(
+        c,
         json!({"session_id": session, "status": "ok", "stock": counted}),
     )
     .await;
