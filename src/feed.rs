@@ -290,7 +290,13 @@ pub async fn relay_store_changes(
                 &e,
             ),
             Change::Settlement(s) => feed.publish(&s.merchant_id, "settlement", &s),
-            Change::StockLow(merchant, s) => feed.publish(&merchant, "stock_low", &s),
+            Change::StockLow(merchant, s, low) => feed.publish(
+                &merchant,
+                "stock_low",
+                &serde_json::json!({"cabinet_id": s.cabinet_id, "sku": s.sku, "qty": s.qty,
+                    "low_at": s.low_at, "updated_at": s.updated_at,
+                    "state": if low { "raised" } else { "cleared" }}),
+            ),
             Change::StockDiscrepancy(d) => feed.publish(&d.merchant_id, "stock_discrepancy", &d),
             Change::RecognitionQuota(q) => feed.publish(&q.merchant_id, "recognition_quota", &q),
             Change::ServiceOrder(o) => {

@@ -33,6 +33,8 @@ CREATE INDEX stock_discrepancies_by_merchant ON stock_discrepancies (merchant_id
 -- A restock session's plan (JSON `[{"sku", "qty"}]`, negative to take away): what its count is
 -- checked against. No plan: a stock-taking (盘点), expected to find what was there.
 ALTER TABLE sessions ADD COLUMN planned TEXT;
+-- When its count was applied to the stock: once, whatever redelivers the recognition.
+ALTER TABLE sessions ADD COLUMN counted_at BIGINT;
 -- Product templates: one sellable list (products and prices) applied to many cabinets.
 CREATE TABLE product_templates (
     id TEXT PRIMARY KEY,

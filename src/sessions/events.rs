@@ -135,7 +135,9 @@ impl Sessions {
                         recognition_fee: Some(self.recognition_fee(&s.merchant_id).await),
                         ..OrderUpdate::default()
                     };
-                    if self.apply(&s, &o, &event, set).await?.is_some() {
+                    // The count is in the stock before the session is seen closed (once: the
+                    // recount marks the session), and only for a session that takes it.
+                    if super::lifecycle(&s, &o)?.transition(&event).is_ok() {
                         let counted: Vec<(String, i64)> = recognition
                             .stock
                             .unwrap_or_default()
@@ -144,6 +146,7 @@ impl Sessions {
                             .collect();
                         self.restocked(&s, &counted).await;
                     }
+                    self.apply(&s, &o, &event, set).await?;
                     return Ok(());
                 }
                 let basket: Vec<BasketItem> = recognition

@@ -345,7 +345,7 @@ fn payment_lifecycle(o: &OrderRow) -> Result<Lifecycle, StoreError> {
 }
 
 /// The typed lifecycle of stored rows; a state this version does not know is a corrupt row.
-fn lifecycle(s: &SessionRow, o: &OrderRow) -> Result<Lifecycle, StoreError> {
+pub(super) fn lifecycle(s: &SessionRow, o: &OrderRow) -> Result<Lifecycle, StoreError> {
     let corrupt = |what: &str, v: &str| StoreError::Corrupt(format!("{what} {v:?} of {}", s.id));
     Ok(Lifecycle {
         mode: match s.mode.as_str() {

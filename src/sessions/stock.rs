@@ -38,7 +38,15 @@ impl Sessions {
         };
         match self.store.recount_stock(&recount).await {
             Ok(found) => {
-                for d in found {
+                for (s_row, low) in found.low_changes {
+                    tracing::info!(cabinet_id = %s_row.cabinet_id, sku = %s_row.sku, qty = s_row.qty, low, "stock low state changed by a count");
+                    if low {
+                        self.metrics.stock_low.inc();
+                    }
+                    self.store
+                        .changed(Change::StockLow(s.merchant_id.clone(), s_row, low));
+                }
+                for d in found.discrepancies {
                     tracing::warn!(cabinet_id = %d.cabinet_id, sku = %d.sku, expected = d.expected,
                         counted = d.counted, "stock discrepancy");
                     self.metrics.stock_discrepancies.inc();
@@ -83,6 +91,7 @@ impl Sessions {
                                 low_at: t.low_at,
                                 updated_at: now,
                             },
+                            true,
                         ));
                     }
                 }

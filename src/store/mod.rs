@@ -64,7 +64,7 @@ pub use sessions::{
     OrderUpdate, PaymentExceptionRow, RefundRow, SessionRow,
 };
 pub use settlements::{SettlementMove, SettlementReturnRow, SettlementRow};
-pub use stock::{Recount, StockDiscrepancyRow, StockRow, Taken, TemplateRow};
+pub use stock::{Recount, Recounted, StockDiscrepancyRow, StockRow, Taken, TemplateRow};
 
 /// A merchant.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -483,8 +483,9 @@ pub enum Change {
     ServiceOrder(service_orders::ServiceOrderRow),
     /// A prepaid recognition quota ran low or out.
     RecognitionQuota(RecognitionQuota),
-    /// A product ran low in a cabinet (merchant, the product's stock).
-    StockLow(String, stock::StockRow),
+    /// A product ran low in a cabinet (`true`) or is above its mark again (`false`): the
+    /// merchant, the product's stock.
+    StockLow(String, stock::StockRow, bool),
     /// A restock's count did not match what was expected.
     StockDiscrepancy(stock::StockDiscrepancyRow),
 }

@@ -64,6 +64,16 @@ pub struct Taken {
     pub low_at: i64,
 }
 
+/// What a restock's recount found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recounted {
+    /// Counts that differ from what was expected.
+    pub discrepancies: Vec<StockDiscrepancyRow>,
+    /// Products whose low state the count changed: their stock now, and whether it is low
+    /// now (`true`: fell to its mark; `false`: above it again).
+    pub low_changes: Vec<(StockRow, bool)>,
+}
+
 /// A product template: one sellable list for many cabinets.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct TemplateRow {
@@ -118,24 +128,43 @@ impl Store {
 
     /// A restock's count replaces the cabinet's stock, and every product whose count differs
     /// from what was expected (the stock before, plus the plan) is kept as an open
-    /// discrepancy, in one transaction.
-    pub async fn recount_stock(&self, r: &Recount<'_>) -> Result<Vec<StockDiscrepancyRow>> {
+    /// discrepancy, in one transaction; once per session (a second count of it changes
+    /// nothing).
+    pub async fn recount_stock(&self, r: &Recount<'_>) -> Result<Recounted> {
         let _fresh = self.caches.cabinets.invalidating(r.cabinet_id.to_owned());
         let mut w = self.write().await?;
         let mut tx = sqlx::Connection::begin(&mut *w).await?;
+        let first =
+            sqlx::query("UPDATE sessions SET counted_at = $2 WHERE id = $1 AND counted_at IS NULL")
+                .bind(r.session_id)
+                .bind(r.now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                == 1;
+        if !first {
+            return Ok(Recounted::default());
+        }
         sqlx::query("UPDATE cabinets SET keeps_stock = 1 WHERE id = $1 AND keeps_stock = 0")
             .bind(r.cabinet_id)
             .execute(&mut *tx)
             .await?;
-        let before: BTreeMap<String, i64> =
-            sqlx::query("SELECT sku, qty FROM cabinet_stock WHERE cabinet_id = $1")
+        let marks: BTreeMap<String, (i64, i64)> =
+            sqlx::query("SELECT sku, qty, low_at FROM cabinet_stock WHERE cabinet_id = $1")
                 .bind(r.cabinet_id)
                 .fetch_all(&mut *tx)
                 .await?
                 .iter()
-                .map(|row| Ok((row.try_get("sku")?, row.try_get("qty")?)))
+                .map(|row| {
+                    Ok((
+                        row.try_get("sku")?,
+                        (row.try_get("qty")?, row.try_get("low_at")?),
+                    ))
+                })
                 .collect::<Result<_>>()?;
-        let mut skus: Vec<&String> = before
+        let before: BTreeMap<&String, i64> = marks.iter().map(|(s, (q, _))| (s, *q)).collect();
+        let mut low_changes = Vec::new();
+        let mut skus: Vec<&String> = marks
             .keys()
             .chain(r.planned.keys())
             .chain(r.counted.keys())
@@ -180,6 +209,20 @@ impl Store {
                 .await?;
                 found.push(d);
             }
+            if let Some((was, low_at)) = marks.get(sku) {
+                if (*was <= *low_at) != (counted <= *low_at) {
+                    low_changes.push((
+                        StockRow {
+                            cabinet_id: r.cabinet_id.to_owned(),
+                            sku: sku.clone(),
+                            qty: counted,
+                            low_at: *low_at,
+                            updated_at: r.now,
+                        },
+                        counted <= *low_at,
+                    ));
+                }
+            }
             if before.contains_key(sku) || r.counted.contains_key(sku) {
                 sqlx::query(
                     "INSERT INTO cabinet_stock (cabinet_id, sku, qty, low_at, updated_at) VALUES ($1, $2, $3, $4, $5) \
@@ -195,7 +238,10 @@ impl Store {
             }
         }
         tx.commit().await?;
-        Ok(found)
+        Ok(Recounted {
+            discrepancies: found,
+            low_changes,
+        })
     }
 
     /// A purchase took `taken` from a cabinet (one statement for the basket): the stock of

@@ -6,6 +6,7 @@
 
 use serde_json::{json, Value};
 
+use crate::attacks::{ws_next, ws_with_key};
 use crate::both;
 use crate::harness::{Backend, Cabinet, TestHub, PATIENCE};
 use crate::purchase::{door_then_recognition, order_status, shop, visit};
@@ -59,6 +60,23 @@ async fn restock(
     session
 }
 
+/// The next `n` low-stock events on the feed: (sku, qty, state).
+async fn low_events(ws: &mut crate::attacks::Ws, n: usize) -> Vec<(String, i64, String)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match ws_next(ws, PATIENCE).await {
+            Some(v) if v["type"] == "stock_low" => got.push((
+                v["data"]["sku"].as_str().unwrap_or_default().to_owned(),
+                v["data"]["qty"].as_i64().unwrap_or(-1),
+                v["data"]["state"].as_str().unwrap_or_default().to_owned(),
+            )),
+            Some(_) => continue,
+            None => panic!("the feed ended after {got:?}"),
+        }
+    }
+    got
+}
+
 async fn stock_of(hub: &TestHub, op: &str) -> Vec<(String, i64, bool)> {
     let (s, v) = hub.get("/api/v1/cabinets/KM1/stock", op).await;
     assert_eq!(s, 200, "{v}");
@@ -102,6 +120,9 @@ async fn open_discrepancies(hub: &TestHub, op: &str) -> Vec<(String, i64, i64)> 
 async fn stock_follows_restocks_and_purchases_and_discrepancies_are_resolved(b: Backend) {
     let (hub, op, mut c) = shop(b).await;
     assert!(stock_of(&hub, &op).await.is_empty());
+    let mut ws = ws_with_key(&hub, &op)
+        .await
+        .unwrap_or_else(|s| panic!("feed refused: {s}"));
 
     // Planned 10 cola and 5 chips; the cabinet counts 10 and 4: one chips is missing.
     restock(
@@ -139,6 +160,13 @@ async fn stock_follows_restocks_and_purchases_and_discrepancies_are_resolved(b: 
     );
     let m = hub.metrics().await;
     assert!(m.contains("stock_low_total 2"), "{m}");
+    assert_eq!(
+        low_events(&mut ws, 2).await,
+        vec![
+            ("cola".to_owned(), 2, "raised".to_owned()),
+            ("chips".to_owned(), 0, "raised".to_owned())
+        ]
+    );
     assert!(m.contains("stock_discrepancies_total 1"), "{m}");
 
     // Out of stock is hidden from what a shopper can buy, and shown to an operator.
@@ -172,6 +200,24 @@ async fn stock_follows_restocks_and_purchases_and_discrepancies_are_resolved(b: 
     assert_eq!(
         stock_of(&hub, &op).await,
         vec![("chips".into(), 0, true), ("cola".into(), 0, true)]
+    );
+
+    // Restocked above the mark: the low state clears (told once), and nothing was missing.
+    restock(
+        &hub,
+        &op,
+        &mut c,
+        Some(json!([{"sku": "cola", "qty": 10}])),
+        json!([{"sku": "cola", "qty": 10}]),
+    )
+    .await;
+    assert_eq!(
+        low_events(&mut ws, 1).await,
+        vec![("cola".to_owned(), 10, "cleared".to_owned())]
+    );
+    assert_eq!(
+        stock_of(&hub, &op).await,
+        vec![("chips".into(), 0, true), ("cola".into(), 10, false)]
     );
 
     // An operator resolves one with what they found; once.
