@@ -260,6 +260,48 @@ const I18N = {
     'field.light': 'light',
     'field.faulted': 'faulted',
     'field.locked_down': 'locked_down',
+    'tab.stock': 'Stock',
+    'col.product': 'Product',
+    'col.name': 'Name',
+    'col.qty': 'Quantity',
+    'col.lowAt': 'Low at',
+    'col.found': 'Found',
+    'col.expected': 'Expected',
+    'col.counted': 'Counted',
+    'col.difference': 'Difference',
+    'col.restock': 'Restock',
+    'col.started': 'Started',
+    'col.restocker': 'Restocker',
+    'stock.heading': 'Stock',
+    'stock.cabinet': 'Cabinet',
+    'stock.cabinetId': 'cabinet id',
+    'stock.show': 'Show',
+    'stock.pick': 'Pick a cabinet.',
+    'stock.none': 'This cabinet keeps no stock yet: its first restock counts it in.',
+    'stock.summary': '{cabinet}: {n} product(s), {low} low',
+    'stock.low': 'low',
+    'stock.lowSeen': 'Fell to their low mark since the page opened: ',
+    'stock.discrepancies': 'Open stock discrepancies',
+    'stock.discrepanciesLead': "What a restock's count found against what was expected: the stock before plus the restock's plan (no plan: a stock-taking). Resolve each with what you found.",
+    'stock.noDiscrepancies': 'No open stock discrepancies.',
+    'stock.note': 'what you found',
+    'stock.noteLabel': 'note',
+    'stock.resolve': 'Resolve',
+    'stock.resolving': 'resolving…',
+    'stock.alreadyResolved': 'The discrepancy of {sku} in {cabinet} was already resolved.',
+    'stock.history': 'Restock history',
+    'stock.historyLead': 'The latest restocks and stock-takings, newest first, as they happen.',
+    'stock.noRestocks': 'No restocks seen.',
+    'detail.stock': 'Stock…',
+    'err.stock': 'Could not load the stock of {cabinet}: {why}',
+    'err.discrepancies': 'Could not load stock discrepancies: {why}',
+    'err.restocks': 'Could not load the restock history: {why}',
+    'recognition.prepaid': 'Recognitions (prepaid): {n} left',
+    'recognition.low': ' — running low: ask the platform to top it up',
+    'recognition.refused': ' — none left: purchases are refused until it is topped up',
+    'recognition.owed': ' — none left: further recognitions are owed and taken from the next top-up',
+    'recognition.postpaid': 'Recognitions (postpaid): {n} today · {fee}',
+    'recognition.each': ' ({fee} each)',
   },
   zh: {
     'title': 'cabinet-hub · 运营后台',
@@ -505,6 +547,48 @@ const I18N = {
     'field.light': '灯带',
     'field.faulted': '故障',
     'field.locked_down': '锁柜',
+    'tab.stock': '库存',
+    'col.product': '商品编码',
+    'col.name': '商品名称',
+    'col.qty': '库存',
+    'col.lowAt': '低库存阈值',
+    'col.found': '发现时间',
+    'col.expected': '应有',
+    'col.counted': '盘点数',
+    'col.difference': '差异',
+    'col.restock': '补货会话',
+    'col.started': '开始时间',
+    'col.restocker': '补货员',
+    'stock.heading': '库存',
+    'stock.cabinet': '开门柜',
+    'stock.cabinetId': '开门柜编号',
+    'stock.show': '查看',
+    'stock.pick': '请选择开门柜。',
+    'stock.none': '该开门柜尚无库存记录：首次补货盘点后即有。',
+    'stock.summary': '{cabinet}：{n} 种商品，{low} 种低库存',
+    'stock.low': '低库存',
+    'stock.lowSeen': '本页打开后降至低库存：',
+    'stock.discrepancies': '未处理的库存不一致',
+    'stock.discrepanciesLead': '补货盘点数与应有数不符：应有数为补货前的库存加上补货计划（无计划即为盘点）。请根据核实情况逐条处理。',
+    'stock.noDiscrepancies': '暂无未处理的库存不一致。',
+    'stock.note': '核实情况',
+    'stock.noteLabel': '处理说明',
+    'stock.resolve': '处理',
+    'stock.resolving': '处理中…',
+    'stock.alreadyResolved': '开门柜 {cabinet} 中商品 {sku} 的库存不一致已被处理。',
+    'stock.history': '补货记录',
+    'stock.historyLead': '最近的补货与盘点，最新的在前，实时更新。',
+    'stock.noRestocks': '暂无补货记录。',
+    'detail.stock': '库存…',
+    'err.stock': '无法加载开门柜 {cabinet} 的库存：{why}',
+    'err.discrepancies': '无法加载库存不一致：{why}',
+    'err.restocks': '无法加载补货记录：{why}',
+    'recognition.prepaid': '算法识别次数（预付）：剩余 {n} 次',
+    'recognition.low': ' — 识别额度不足，请联系平台充值',
+    'recognition.refused': ' — 识别额度已用完：充值前将拒绝新的购物',
+    'recognition.owed': ' — 识别额度已用完：之后的识别次数将从下次充值中扣除',
+    'recognition.postpaid': '算法识别次数（后付）：今日 {n} 次 · {fee}',
+    'recognition.each': '（每次 {fee}）',
     'bool:true': '是',
     'bool:false': '否',
     'role:viewer': '只读',
@@ -640,13 +724,18 @@ const S = {
   settlements: new Map(),
   expiring: new Map(),
   events: new Map(),
+  discrepancies: new Map(),
+  restocks: new Map(),
+  stock: null,
+  stockLow: new Map(),
+  recognition: null,
   tab: 'fleet',
   filter: 'all',
   search: '',
   sort: 'severity',
   view: [],
   detail: null,
-  dirty: { fleet: true, alerts: true, sessions: true, abnormal: true, exceptions: true, settlements: true, detail: true },
+  dirty: { fleet: true, alerts: true, sessions: true, abnormal: true, exceptions: true, settlements: true, stock: true, detail: true },
   frame: 0,
   lastFleetCompute: 0,
 };
@@ -719,11 +808,12 @@ function rerender() {
   renderWho();
   renderReadiness();
   renderExpiring();
+  renderRecognition();
   renderServiceOrders();
   renderDetailOrders();
   if (S.bill) renderBill(S.bill.bill, S.bill.stats);
   markAll();
-  S.dirty.sessions = S.dirty.abnormal = S.dirty.exceptions = S.dirty.settlements = true;
+  S.dirty.sessions = S.dirty.abnormal = S.dirty.exceptions = S.dirty.settlements = S.dirty.stock = true;
   S.lastFleetCompute = 0;
   schedule();
 }
@@ -755,9 +845,12 @@ async function api(method, path, body) {
     throw new Error('unauthorized');
   }
   if (!r.ok) {
-    const msg = (data && (data.message || data.error || data.code)) || r.statusText;
+    // The hub answers `{"error": {"code", "message"}}`.
+    const e = data && data.error && typeof data.error === 'object' ? data.error : data;
+    const msg = (e && (e.message || e.error || e.code)) || r.statusText;
     const err = new Error(`${r.status}: ${msg}`);
     err.status = r.status;
+    err.code = e && e.code;
     throw err;
   }
   return data;
@@ -804,6 +897,11 @@ async function signIn(key, remember) {
   loadReadiness();
   $('service-merchant-label').hidden = Boolean(me.merchant_id);
   loadServiceOrders();
+  loadDiscrepancies();
+  loadRecognition();
+  // The feed tells only when the quota runs low or out; today's count moves with every visit.
+  clearInterval(S.recognitionTimer);
+  if (me.merchant_id) S.recognitionTimer = setInterval(loadRecognition, 60000);
 }
 
 function renderWho() {
@@ -845,6 +943,18 @@ function signOut(reason) {
   S.me = null;
   S.bill = null;
   S.readiness = null;
+  S.recognition = null;
+  clearInterval(S.recognitionTimer);
+  clearTimeout(S.stockTimer);
+  S.stock = null;
+  S.discrepancies = new Map();
+  S.discrepanciesFresh = null;
+  S.restocks = new Map();
+  S.stockLow = new Map();
+  // Kept rows hold forms; the next key may not see their discrepancies.
+  $('discrepancies').replaceChildren();
+  $('stock-cabinet').value = '';
+  renderRecognition();
   if (S.ws) { S.ws.onclose = null; S.ws.close(); S.ws = null; }
   clearTimeout(S.retryTimer);
   S.lastSeq = null;
@@ -987,6 +1097,16 @@ function handle(ev) {
     case 'session': {
       S.sessions.set(d.id, d);
       trim(S.sessions, MAX_SESSIONS);
+      if (d.mode === 'restock') {
+        keepRestock(d, true);
+        // The restock's count replaces the cabinet's stock; read again a little later too,
+        // should the count be stored after the session is seen closed.
+        if (d.state === 'closed') {
+          stockMayHaveChanged(d.cabinet_id);
+          setTimeout(() => stockMayHaveChanged(d.cabinet_id), 2000);
+        }
+        S.dirty.stock = true;
+      }
       logEvent(d.cabinet_id, null, () => t('event.session', { id: d.id.slice(0, 8), state: word('session', d.state) })
         + (d.failure ? t('event.failure', { failure: word('failure', d.failure) }) : ''));
       S.dirty.sessions = true;
@@ -1000,6 +1120,26 @@ function handle(ev) {
         + (d.total_fen != null ? t('event.total', { total: fen(d.total_fen) }) : ''));
       S.dirty.sessions = true;
       S.dirty.abnormal = true;
+      stockMayHaveChanged(d.cabinet_id);
+      break;
+    }
+    case 'stock_low': {
+      stockLow(d);
+      break;
+    }
+    case 'stock_discrepancy': {
+      if (d.state === 'open') S.discrepancies.set(d.id, d); else S.discrepancies.delete(d.id);
+      if (S.discrepanciesFresh) S.discrepanciesFresh.set(d.id, d);
+      stockMayHaveChanged(d.cabinet_id);
+      S.dirty.stock = true;
+      break;
+    }
+    case 'recognition_quota': {
+      if (S.recognition && S.recognition.merchant_id === d.merchant_id) {
+        S.recognition = Object.assign({}, S.recognition, { quota_left: d.quota_left, low: true });
+        renderRecognition();
+      }
+      if (S.me && S.me.merchant_id === d.merchant_id) loadRecognition();
       break;
     }
     case 'payment_exception': {
@@ -1054,13 +1194,16 @@ async function loadOrders() {
       if (!S.settlements.has(x.order_id)) S.settlements.set(x.order_id, x);
     }
     // Sessions under way since before the page opened (a stuck one among them).
-    for (const x of underway.items || []) if (!S.sessions.has(x.id)) S.sessions.set(x.id, x);
+    for (const x of underway.items || []) {
+      if (!S.sessions.has(x.id)) S.sessions.set(x.id, x);
+      if (x.mode === 'restock') keepRestock(x, false);
+    }
     // Newest first from the API: inserted oldest first, so the newest stay when trimmed.
     for (const x of (exceptions.items || []).slice().reverse()) if (!S.exceptions.has(x.id)) S.exceptions.set(x.id, x);
     // Oldest first, so the newest stay when the map is trimmed; feed events may already be newer.
     for (const o of (recent.items || []).slice().reverse()) if (!S.orders.has(o.id)) S.orders.set(o.id, o);
     for (const o of abnormal.items || []) if (!S.abnormal.has(o.id)) S.abnormal.set(o.id, o);
-    S.dirty.sessions = S.dirty.abnormal = S.dirty.exceptions = S.dirty.settlements = true;
+    S.dirty.sessions = S.dirty.abnormal = S.dirty.exceptions = S.dirty.settlements = S.dirty.stock = true;
     schedule();
   } catch (e) {
     banner(() => t('err.orders', { why: explain(e) }));
@@ -1099,6 +1242,11 @@ function render() {
   if (S.dirty.settlements) {
     settlementsCount();
     if (S.tab === 'settlements') { renderSettlements(); S.dirty.settlements = false; }
+  }
+  // The open discrepancies (and the tab's count) always: they are few and keep their forms.
+  if (S.dirty.stock) {
+    renderDiscrepancies();
+    if (S.tab === 'stock') { renderStock(); renderRestocks(); S.dirty.stock = false; }
   }
   if (S.dirty.detail && S.detail) { renderDetail(); S.dirty.detail = false; }
 }
@@ -1282,6 +1430,271 @@ async function retrySettlement(orderId) {
   } catch (e) {
     banner(() => t('err.retry', { why: explain(e) }));
   }
+}
+
+// ---- stock (库存) ------------------------------------------------------------------------------
+
+const MAX_RESTOCKS = 100;
+const MAX_LOW_SEEN = 30;
+const stockKey = (cabinet, sku) => `${cabinet}\n${sku}`;
+
+// The restocks seen (the hub's history, or over the feed), by id. A feed event is newer than
+// any lookup.
+function keepRestock(x, newer) {
+  if (!newer && S.restocks.has(x.id)) return;
+  S.restocks.set(x.id, x);
+  if (S.restocks.size > MAX_RESTOCKS) {
+    const oldest = [...S.restocks.values()].sort((a, b) => Number(a.created_at) - Number(b.created_at));
+    for (const o of oldest.slice(0, S.restocks.size - MAX_RESTOCKS)) S.restocks.delete(o.id);
+  }
+}
+
+// Stock falls with every purchase but the feed tells only the fall to the low mark: the cabinet
+// on show is read again, at most once per burst of its events.
+function stockMayHaveChanged(cabinetId) {
+  if (!S.stock || S.stock.cabinet !== cabinetId || S.tab !== 'stock') return;
+  clearTimeout(S.stockTimer);
+  S.stockTimer = setTimeout(() => loadStock(cabinetId), 300);
+}
+
+function applyStockRow(data, d) {
+  let i = data.items.find((x) => x.sku === d.sku);
+  if (!i) {
+    i = { sku: d.sku, name: null };
+    data.items.push(i);
+    data.items.sort((a, b) => (a.sku < b.sku ? -1 : a.sku > b.sku ? 1 : 0));
+  }
+  Object.assign(i, { qty: d.qty, low_at: d.low_at, low: d.qty <= d.low_at, updated_at: d.updated_at });
+  data.low = data.items.filter((x) => x.low).length;
+}
+
+// A product fell to its low mark, or (`state: "cleared"`) a count lifted it above again.
+function stockLow(d) {
+  const k = stockKey(d.cabinet_id, d.sku);
+  S.stockLow.delete(k);
+  if (d.state !== 'cleared' && d.qty <= d.low_at) {
+    S.stockLow.set(k, d);
+    trim(S.stockLow, MAX_LOW_SEEN);
+  }
+  const data = S.stock && S.stock.cabinet === d.cabinet_id && S.stock.data;
+  if (data) applyStockRow(data, d);
+  stockMayHaveChanged(d.cabinet_id);
+  S.dirty.stock = true;
+}
+
+async function loadStock(id) {
+  // A refresh leaves the field alone: the operator may be typing the next cabinet's id.
+  if (!S.stock || S.stock.cabinet !== id) {
+    S.stock = { cabinet: id, data: null };
+    $('stock-cabinet').value = id;
+  }
+  const asked = S.stock;
+  S.dirty.stock = true;
+  schedule();
+  try {
+    const v = await api('GET', `/api/v1/cabinets/${encodeURIComponent(id)}/stock`);
+    if (S.stock !== asked) return;
+    v.items = v.items || [];
+    // A stock_low that overtook this answer is newer than what it says; one the answer has
+    // since seen restocked is no longer news.
+    for (const i of [...v.items]) {
+      const k = stockKey(id, i.sku), seen = S.stockLow.get(k);
+      if (!seen) continue;
+      const at = Date.parse(i.updated_at);
+      if (Number(seen.updated_at) > at) applyStockRow(v, seen);
+      else if (!i.low) S.stockLow.delete(k);
+    }
+    asked.data = v;
+  } catch (e) {
+    if (S.stock !== asked || e.message === 'unauthorized') return;
+    asked.data = null;
+    banner(() => t('err.stock', { cabinet: id, why: explain(e) }));
+  }
+  S.dirty.stock = true;
+  schedule();
+}
+
+function showStockOf(id) {
+  if (!id) return;
+  if (S.tab !== 'stock') {
+    if (!S.stock || S.stock.cabinet !== id) S.stock = { cabinet: id, data: null };
+    $('stock-cabinet').value = id;
+    showTab('stock');
+  } else {
+    loadStock(id);
+  }
+}
+
+// Each visit reads the lists again: a discrepancy resolved on another page is not on the feed.
+function openStock() {
+  loadDiscrepancies();
+  loadRestockHistory();
+  if (S.stock) loadStock(S.stock.cabinet);
+}
+
+async function loadDiscrepancies() {
+  // What the feed (or this page) says while the list is read is newer than the list.
+  const fresh = new Map();
+  S.discrepanciesFresh = fresh;
+  try {
+    const v = await api('GET', '/api/v1/stock-discrepancies?state=open&limit=1000');
+    if (S.discrepanciesFresh !== fresh) return;
+    const open = new Map((v.items || []).map((d) => [d.id, d]));
+    for (const [id, d] of fresh) if (d.state === 'open') open.set(id, d); else open.delete(id);
+    S.discrepancies = open;
+    S.dirty.stock = true;
+    schedule();
+  } catch (e) {
+    if (S.discrepanciesFresh === fresh && e.message !== 'unauthorized') banner(() => t('err.discrepancies', { why: explain(e) }));
+  } finally {
+    if (S.discrepanciesFresh === fresh) S.discrepanciesFresh = null;
+  }
+}
+
+// The restock history: the hub's latest restock sessions, whatever their state.
+async function loadRestockHistory() {
+  let v;
+  try {
+    v = await api('GET', `/api/v1/restocks?limit=${MAX_RESTOCKS}`);
+  } catch (e) {
+    if (e.message !== 'unauthorized') banner(() => t('err.restocks', { why: explain(e) }));
+    return;
+  }
+  if (!S.me) return;
+  for (const x of v.items || []) keepRestock(x, false);
+  S.dirty.stock = true;
+  schedule();
+}
+
+function renderStock() {
+  const st = S.stock, data = st && st.data, items = (data && data.items) || [];
+  $('stock-items').replaceChildren(...items.map((i) => el('tr', { 'data-stock-sku': i.sku, 'data-low': i.low ? 'true' : 'false', class: i.low ? 'low' : '' },
+    el('td', { 'data-no-i18n': '', text: i.sku }),
+    el('td', { 'data-no-i18n': '', text: i.name || '' }),
+    el('td', { class: i.low ? 'warn' : '', text: String(i.qty) }),
+    el('td', { text: String(i.low_at) }),
+    el('td', {}, i.low ? el('span', { class: 'badge major', text: t('stock.low') }) : null),
+    el('td', { text: when(i.updated_at) }))));
+  const empty = $('stock-empty');
+  empty.dataset.i18n = data ? 'stock.none' : 'stock.pick';
+  translate(empty);
+  empty.hidden = items.length > 0;
+  live($('stock-summary'), data ? () => t('stock.summary', { cabinet: data.cabinet_id, n: data.items.length, low: data.low }) : null);
+  const seen = [...S.stockLow.values()].reverse();
+  const box = $('stock-low-seen');
+  box.hidden = seen.length === 0;
+  box.replaceChildren(...(seen.length ? [t('stock.lowSeen'), ...seen.map((d) => el('button', {
+    class: 'link', 'data-no-i18n': '', 'data-low-stock': `${d.cabinet_id}/${d.sku}`,
+    text: `${d.cabinet_id} · ${d.sku} · ${d.qty}`, onclick: () => showStockOf(d.cabinet_id),
+  }))] : []));
+}
+
+function renderDiscrepancies() {
+  const list = [...S.discrepancies.values()].sort((a, b) => Number(b.created_at) - Number(a.created_at) || (a.id < b.id ? -1 : 1));
+  $('tab-stock-count').textContent = list.length ? String(list.length) : '';
+  const body = $('discrepancies');
+  // Rows hold forms being typed in: only added, removed and put in order, never redrawn.
+  const have = new Map([...body.children].map((n) => [n.dataset.discrepancy, n]));
+  for (const [id, node] of have) if (!S.discrepancies.has(id)) node.remove();
+  let prev = null;
+  for (const d of list) {
+    const node = have.get(d.id) || discrepancyRow(d);
+    const at = prev ? prev.nextSibling : body.firstChild;
+    if (node !== at) body.insertBefore(node, at);
+    prev = node;
+  }
+  $('discrepancies-empty').hidden = list.length > 0;
+}
+
+function discrepancyRow(d) {
+  const msg = el('span', { class: 'muted', role: 'status' });
+  const note = el('input', {
+    name: 'note', maxLength: 200, required: true, pattern: '.*\\S.*', autocomplete: 'off',
+    'data-i18n-placeholder': 'stock.note', 'data-i18n-aria-label': 'stock.noteLabel',
+  });
+  const form = el('form', { class: 'resolve', onsubmit: (e) => { e.preventDefault(); resolveDiscrepancy(d, note.value.trim(), msg); } },
+    note, ' ', el('button', { type: 'submit', 'data-i18n': 'stock.resolve' }), ' ', msg);
+  const diff = d.counted - d.expected;
+  return el('tr', { 'data-discrepancy': d.id, 'data-cabinet': d.cabinet_id, 'data-sku': d.sku },
+    live(el('td'), () => when(d.created_at)),
+    el('td', {}, el('button', { class: 'link', 'data-no-i18n': '', text: d.cabinet_id, onclick: () => showStockOf(d.cabinet_id) })),
+    el('td', { 'data-no-i18n': '', text: d.sku }),
+    el('td', { text: String(d.expected) }),
+    el('td', { text: String(d.counted) }),
+    el('td', { class: 'warn', text: diff > 0 ? `+${diff}` : String(diff) }),
+    el('td', { 'data-no-i18n': '', text: d.session_id.slice(0, 12), title: d.session_id }),
+    el('td', {}, form));
+}
+
+async function resolveDiscrepancy(d, note, msg) {
+  if (!note) return;
+  live(msg, () => t('stock.resolving'));
+  let done;
+  try {
+    done = await api('POST', `/api/v1/stock-discrepancies/${encodeURIComponent(d.id)}/resolve`, { note });
+  } catch (err) {
+    if (err.code !== 'already_resolved' && err.status !== 409) {
+      live(msg, () => explain(err));
+      return;
+    }
+    banner(() => t('stock.alreadyResolved', { sku: d.sku, cabinet: d.cabinet_id }));
+    done = Object.assign({}, d, { state: 'resolved' });
+  }
+  S.discrepancies.delete(d.id);
+  if (S.discrepanciesFresh) S.discrepanciesFresh.set(d.id, done);
+  S.dirty.stock = true;
+  schedule();
+}
+
+function renderRestocks() {
+  const list = [...S.restocks.values()].sort((a, b) => Number(b.created_at) - Number(a.created_at));
+  $('restocks').replaceChildren(...list.map((x) => el('tr', { 'data-restock': x.id, 'data-state': x.state },
+    el('td', { text: when(x.created_at) }),
+    el('td', {}, el('button', { class: 'link', 'data-no-i18n': '', text: x.cabinet_id, onclick: () => showStockOf(x.cabinet_id) })),
+    el('td', { 'data-no-i18n': '', text: x.user_id }),
+    el('td', { class: x.state === 'failed' ? 'warn' : '', text: word('session', x.state) + (x.failure ? ` (${word('failure', x.failure)})` : '') }),
+    el('td', { text: when(x.updated_at) }))));
+  $('restocks-empty').hidden = list.length > 0;
+}
+
+// ---- recognition billing (算法识别次数) --------------------------------------------------------
+
+async function loadRecognition() {
+  const m = S.me && S.me.merchant_id;
+  if (!m) { S.recognition = null; renderRecognition(); return; }
+  try {
+    const v = await api('GET', `/api/v1/merchants/${encodeURIComponent(m)}/recognition`);
+    if (!S.me || S.me.merchant_id !== m) return;
+    S.recognition = v;
+  } catch (_) {
+    // What was shown stays until the next read: it is refreshed every minute.
+    return;
+  }
+  renderRecognition();
+}
+
+// A merchant's key sees how its recognitions are paid: a prepaid quota running out refuses
+// shoppers (or runs into debt), so it is shown with the other warnings.
+function renderRecognition() {
+  const box = $('recognition');
+  const r = S.recognition;
+  if (!r) {
+    box.hidden = true;
+    box.replaceChildren();
+    for (const a of ['data-billing', 'data-quota-left', 'data-low']) box.removeAttribute(a);
+    return;
+  }
+  box.dataset.billing = r.billing;
+  box.dataset.quotaLeft = String(r.quota_left);
+  box.dataset.low = r.low ? 'true' : 'false';
+  if (r.billing === 'prepaid') {
+    const out = r.quota_left <= 0;
+    const warn = out ? t(r.when_exhausted === 'continue' ? 'recognition.owed' : 'recognition.refused') : r.low ? t('recognition.low') : '';
+    box.replaceChildren(el('span', { class: out || r.low ? 'notready' : 'ready', text: t('recognition.prepaid', { n: r.quota_left }) + warn }));
+  } else {
+    box.replaceChildren(el('span', { text: t('recognition.postpaid', { n: r.used_today, fee: fen(r.fee_today_fen) }) + t('recognition.each', { fee: fen(r.fee_fen) }) }));
+  }
+  box.hidden = false;
 }
 
 // ---- service time (设备使用时长) ------------------------------------------------------------
@@ -1681,7 +2094,8 @@ function showTab(tab) {
   for (const b of document.querySelectorAll('.tab')) b.classList.toggle('active', b.dataset.tab === tab);
   for (const p of document.querySelectorAll('.tabpane')) p.hidden = p.id !== `tab-${tab}`;
   markAll();
-  S.dirty.sessions = S.dirty.abnormal = S.dirty.settlements = true;
+  S.dirty.sessions = S.dirty.abnormal = S.dirty.settlements = S.dirty.stock = true;
+  if (tab === 'stock') openStock();
   schedule();
 }
 
@@ -1710,6 +2124,17 @@ document.addEventListener('DOMContentLoaded', () => {
   $('d-config').addEventListener('submit', saveConfig);
   $('close-form').addEventListener('submit', submitClose);
   $('close-cancel').addEventListener('click', () => { $('close-form').hidden = true; });
+  $('stock-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const id = $('stock-cabinet').value.trim();
+    if (id) loadStock(id);
+  });
+  $('d-stock').addEventListener('click', () => {
+    const id = S.detail;
+    S.detail = null;
+    $('detail').hidden = true;
+    showStockOf(id);
+  });
   const saved = localStorage.getItem(KEY_STORE) || sessionStorage.getItem(KEY_STORE);
   if (saved) signIn(saved, !!localStorage.getItem(KEY_STORE));
 });

@@ -35,6 +35,8 @@ CREATE INDEX stock_discrepancies_by_merchant ON stock_discrepancies (merchant_id
 ALTER TABLE sessions ADD COLUMN planned TEXT;
 -- When its count was applied to the stock: once, whatever redelivers the recognition.
 ALTER TABLE sessions ADD COLUMN counted_at BIGINT;
+-- The restock history (补货记录) reads a merchant's restocks newest first.
+CREATE INDEX sessions_restocks ON sessions (merchant_id, created_at) WHERE mode = 'restock';
 -- Product templates: one sellable list (products and prices) applied to many cabinets.
 CREATE TABLE product_templates (
     id TEXT PRIMARY KEY,

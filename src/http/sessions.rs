@@ -705,10 +705,7 @@ pub async fn list_sessions(
 /// (`None`), or the one it names.
 fn listing_scope(caller: &Caller, merchant_id: Option<String>) -> ApiResult<Option<String>> {
     caller.require(Role::Viewer)?;
-    match (&caller.merchant, merchant_id) {
-        (None, None) => Ok(None),
-        (_, n) => Ok(Some(caller.acting_for(n.as_deref())?)),
-    }
+    caller.listing(merchant_id.as_deref())
 }
 
 /// The caller as the audit trail names it.

@@ -204,6 +204,10 @@ pub async fn resolve_discrepancy(
             },
         )
         .await;
+    // Other screens drop it as it goes.
+    state
+        .store
+        .changed(crate::store::Change::StockDiscrepancy(done.clone()));
     Ok(HttpResponse::Ok().json(done))
 }
 
@@ -350,4 +354,38 @@ pub async fn apply_template(
         template_id: t.id,
         cabinet_ids: cabinets.iter().map(ToString::to_string).collect(),
     }))
+}
+
+/// `GET /api/v1/restocks`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct RestocksQuery {
+    /// One cabinet's (default: every cabinet of the caller's).
+    cabinet_id: Option<String>,
+    /// A platform key: one merchant's (default: all).
+    merchant_id: Option<String>,
+    /// At most this many, newest first (default 100, at most 1000).
+    limit: Option<i64>,
+}
+
+/// The restock history (补货记录): restock and stock-taking sessions, newest first, whatever
+/// their state (`GET /api/v1/sessions` lists only those under way).
+#[utoipa::path(get, path = "/api/v1/restocks", tag = "stock", params(RestocksQuery),
+    security(("bearer" = [])), responses((status = 200, description = "`{items: [SessionRow], count}`")))]
+pub async fn list_restocks(
+    state: web::Data<AppState>,
+    caller: Caller,
+    q: web::Query<RestocksQuery>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Role::Viewer)?;
+    let merchant = caller.listing(q.merchant_id.as_deref())?;
+    let rows = state
+        .store
+        .restocks(
+            merchant.as_deref(),
+            q.cabinet_id.as_deref(),
+            q.limit.unwrap_or(100).clamp(1, 1000),
+        )
+        .await?;
+    Ok(HttpResponse::Ok().json(List::from(rows)))
 }

@@ -117,6 +117,28 @@ impl Store {
         rows.iter().map(|r| Ok(StockRow::from_row(r)?)).collect()
     }
 
+    /// Restock sessions (补货记录) of one merchant (or all), of one cabinet (or all), newest
+    /// first, whatever their state.
+    pub async fn restocks(
+        &self,
+        merchant_id: Option<&str>,
+        cabinet_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<super::SessionRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM sessions WHERE mode = 'restock' AND ($1 IS NULL OR merchant_id = $1) \
+             AND ($2 IS NULL OR cabinet_id = $2) ORDER BY created_at DESC, id LIMIT $3",
+        )
+        .bind(merchant_id)
+        .bind(cabinet_id)
+        .bind(limit)
+        .fetch_all(&mut *self.read().await?)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(super::SessionRow::from_row(r)?))
+            .collect()
+    }
+
     /// A restock session's plan (JSON), if it has one.
     pub async fn session_plan(&self, session_id: &str) -> Result<Option<String>> {
         let row = sqlx::query("SELECT planned FROM sessions WHERE id = $1")

@@ -53,7 +53,7 @@ const MISSING_KEYS: &str = r#"
 })()
 "#;
 
-const TABS: [&str; 8] = [
+const TABS: [&str; 9] = [
     "fleet",
     "alerts",
     "sessions",
@@ -62,6 +62,7 @@ const TABS: [&str; 8] = [
     "settlements",
     "bills",
     "service",
+    "stock",
 ];
 
 /// The text of the first element `selector` finds (`undefined` when there is none).

@@ -26,6 +26,7 @@ mod service_orders;
 mod settlement;
 mod startup;
 mod stock;
+mod stock_page;
 mod store;
 mod stuck;
 mod wechat;

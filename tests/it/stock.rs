@@ -13,8 +13,9 @@ use crate::purchase::{door_then_recognition, order_status, shop, visit};
 
 both!(stock_follows_restocks_and_purchases_and_discrepancies_are_resolved);
 
-/// A restock session through `POST /api/v1/sessions`: unlocked, opened, closed, counted.
-async fn restock(
+/// A restock session through `POST /api/v1/sessions`: unlocked, opened, closed, counted;
+/// the session id once it is over (and its count is in the stock).
+pub(crate) async fn restock(
     hub: &TestHub,
     op: &str,
     c: &mut Cabinet,
@@ -308,4 +309,17 @@ async fn stock_follows_restocks_and_purchases_and_discrepancies_are_resolved(b: 
     assert_eq!(s, 404);
     let (_, mine) = hub.get("/api/v1/product-templates", &other).await;
     assert_eq!(mine["count"], 0, "{mine}");
+
+    // The restock history: the four counts, newest first, closed and by their restocker; none
+    // of them another merchant's.
+    let (s, h) = hub.get("/api/v1/restocks?cabinet_id=KM1", &op).await;
+    assert_eq!((s, &h["count"]), (200, &json!(4)), "{h}");
+    assert!(
+        h["items"].as_array().is_some_and(|a| a
+            .iter()
+            .all(|x| x["state"] == "closed" && x["user_id"] == "restocker-1")),
+        "{h}"
+    );
+    let (_, theirs) = hub.get("/api/v1/restocks", &other).await;
+    assert_eq!(theirs["count"], 0, "{theirs}");
 }
