@@ -35,6 +35,9 @@ CREATE INDEX stock_discrepancies_by_merchant ON stock_discrepancies (merchant_id
 ALTER TABLE sessions ADD COLUMN planned TEXT;
 -- When its count was applied to the stock: once, whatever redelivers the recognition.
 ALTER TABLE sessions ADD COLUMN counted_at BIGINT;
+-- When an order's basket was taken off its cabinet's stock: once, however its basket came to be
+-- settled (recognised, then resolved again by a person).
+ALTER TABLE orders ADD COLUMN stock_taken_at BIGINT;
 -- The restock history (补货记录) reads a merchant's restocks newest first.
 CREATE INDEX sessions_restocks ON sessions (merchant_id, created_at) WHERE mode = 'restock';
 -- Product templates: one sellable list (products and prices) applied to many cabinets.

@@ -479,6 +479,18 @@ pub async fn set_recognition(
     {
         return Err(ApiError::bad_request("reason: at most 200 characters"));
     }
+    // Owed recognitions (a prepaid quota below zero) are settled by a top-up first: switching
+    // to after-use billing would forgive them.
+    if billing == Some("postpaid") {
+        if let Some(p) = state.store.merchant_payment(&path).await? {
+            if p.recognition_prepaid && p.recognition_quota + add < 0 {
+                return Err(ApiError::bad_request(format!(
+                    "{} recognitions are owed: top the quota up to at least 0 before switching to postpaid",
+                    -(p.recognition_quota + add)
+                )));
+            }
+        }
+    }
     let Some((billing_now, left)) = state.store.set_recognition(&path, billing, add).await? else {
         return Err(ApiError::not_found("merchant"));
     };

@@ -387,7 +387,7 @@ impl Sessions {
         // What was taken left the cabinet whoever said what it was (the cameras, or a person
         // resolving the order).
         if matches!(priced.basket, Basket::Priced { .. }) {
-            self.took(s, &priced.items).await;
+            self.took(s, &o.id, &priced.items).await;
         }
         for effect in &step.effects {
             match effect {

@@ -48,7 +48,7 @@ impl Sessions {
 
     /// Records a notice that changes nothing but is kept (a confirmation, an event the hub does
     /// not act on); a replay is counted.
-    async fn record(&self, notice: &Notice<'_>) -> Result<(), NotificationRefusal> {
+    pub(super) async fn record(&self, notice: &Notice<'_>) -> Result<(), NotificationRefusal> {
         self.store_notice(notice, &NoticeEffect::Record)
             .await
             .map(|_| ())

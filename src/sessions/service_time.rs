@@ -174,6 +174,7 @@ impl Sessions {
                 // answer) is left to the sweep, which closes it there before cancelling it.
                 if let WechatError::Api { status, code, .. } = &e {
                     if *status < 500 {
+                        // If this fails, the sweep cancels it when its time is up.
                         self.cancel_service(&id).await;
                         return Err(ApiError::new(
                             ErrorCode::PaymentDeclined,
@@ -200,7 +201,8 @@ impl Sessions {
         self.store.changed(Change::ServiceOrder(o.clone()));
     }
 
-    async fn cancel_service(&self, id: &str) {
+    /// Cancels an unpaid order; whether it is no longer unpaid.
+    async fn cancel_service(&self, id: &str) -> bool {
         match self.store.cancel_service_order(id, self.now()).await {
             Ok(Some(o)) => {
                 tracing::info!(service_order = %o.id, "service order cancelled unpaid");
@@ -209,10 +211,12 @@ impl Sessions {
                     .with_label_values(&["cancelled"])
                     .inc();
                 self.store.changed(Change::ServiceOrder(o));
+                true
             }
-            Ok(None) => {}
+            Ok(None) => true,
             Err(e) => {
-                tracing::warn!(service_order = id, error = %e, "service order not cancelled; the next sweep tries again")
+                tracing::warn!(service_order = id, error = %e, "service order not cancelled; the next sweep tries again");
+                false
             }
         }
     }
@@ -289,7 +293,25 @@ impl Sessions {
                     .inc();
                 Ok(())
             }
-            Ok(ServicePaid::Unchanged(_)) => Ok(()),
+            // Paid already (a query found it first): the notice is only recorded.
+            Ok(ServicePaid::Unchanged(Some(now))) if now.status == "paid" => {
+                self.record(notice).await
+            }
+            // Cancelled between the read above and the payment's move: the money came and the
+            // service did not; a person must look.
+            Ok(ServicePaid::Unchanged(now)) => {
+                self.keep_exception(
+                    notice,
+                    named,
+                    "paid_after_cancel",
+                    format!(
+                        "transaction {:?} paid a service order that is {:?}",
+                        t.transaction_id,
+                        now.map(|o| o.status)
+                    ),
+                )
+                .await
+            }
             Err(e) => {
                 tracing::error!(service_order = %o.id, error = %e,
                     "notified payment not applied; WeChat will deliver it again");
@@ -349,53 +371,70 @@ impl Sessions {
             }
         };
         for o in due {
-            if o.channel != "wechat" {
-                self.cancel_service(&o.id).await;
-                continue;
+            if !self.sweep_one(&o).await {
+                // Left unpaid (WeChat did not answer, refused the close, or says something a
+                // person must look at): again later, behind the others.
+                let later = self.now() + (self.settings.service.sweep_ms as i64 * 6).max(60_000);
+                if let Err(e) = self.store.defer_service_order(&o.id, later).await {
+                    tracing::warn!(service_order = %o.id, error = %e, "service order not deferred");
+                }
             }
-            let Some(w) = self.providers.wechat.clone() else {
-                continue;
-            };
-            match w.query_transaction(&o.id).await {
-                Ok(t) if t.trade_state == "SUCCESS" => {
-                    if let Some((reason, detail)) = self.transaction_mismatch(&t, &o) {
-                        tracing::error!(service_order = %o.id, reason, %detail,
-                            "WeChat says paid, and not as ordered; left unpaid for a person");
-                        continue;
-                    }
-                    let paid = self
-                        .store
-                        .pay_service_order(
-                            &o.id,
-                            ServicePayment {
-                                transaction_id: t.transaction_id.as_deref(),
-                                at: self.now(),
-                            },
-                            None,
-                        )
-                        .await;
-                    match paid {
-                        Ok(ServicePaid::Paid(row)) => self.service_paid(&row),
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!(service_order = %o.id, error = %e, "paid service order not applied; the next sweep tries again")
-                        }
-                    }
+        }
+    }
+
+    /// One unpaid order whose time is up; whether it was settled (paid or cancelled).
+    async fn sweep_one(&self, o: &ServiceOrderRow) -> bool {
+        if o.channel != "wechat" {
+            return self.cancel_service(&o.id).await;
+        }
+        let Some(w) = self.providers.wechat.clone() else {
+            return false;
+        };
+        match w.query_transaction(&o.id).await {
+            Ok(t) if t.trade_state == "SUCCESS" => {
+                if let Some((reason, detail)) = self.transaction_mismatch(&t, o) {
+                    tracing::error!(service_order = %o.id, reason, %detail,
+                        "WeChat says paid, and not as ordered; left unpaid for a person");
+                    return false;
                 }
-                // Never reached WeChat: nothing there to close.
-                Err(WechatError::Api { code, .. }) if code == "ORDER_NOT_EXIST" => {
-                    self.cancel_service(&o.id).await
-                }
-                Ok(_) => match w.close_transaction(&o.id).await {
-                    Ok(()) => self.cancel_service(&o.id).await,
-                    // Paid between the query and the close: the next pass applies it.
+                let paid = self
+                    .store
+                    .pay_service_order(
+                        &o.id,
+                        ServicePayment {
+                            transaction_id: t.transaction_id.as_deref(),
+                            at: self.now(),
+                        },
+                        None,
+                    )
+                    .await;
+                match paid {
+                    Ok(ServicePaid::Paid(row)) => {
+                        self.service_paid(&row);
+                        true
+                    }
+                    Ok(_) => true,
                     Err(e) => {
-                        tracing::info!(service_order = %o.id, error = %e, "service order not closed yet")
+                        tracing::warn!(service_order = %o.id, error = %e, "paid service order not applied; the next sweep tries again");
+                        false
                     }
-                },
-                Err(e) => {
-                    tracing::info!(service_order = %o.id, error = %e, "service order not asked about; the next sweep tries again")
                 }
+            }
+            // Never reached WeChat: nothing there to close.
+            Err(WechatError::Api { code, .. }) if code == "ORDER_NOT_EXIST" => {
+                self.cancel_service(&o.id).await
+            }
+            Ok(_) => match w.close_transaction(&o.id).await {
+                Ok(()) => self.cancel_service(&o.id).await,
+                // Paid between the query and the close: the next pass applies it.
+                Err(e) => {
+                    tracing::info!(service_order = %o.id, error = %e, "service order not closed yet");
+                    false
+                }
+            },
+            Err(e) => {
+                tracing::info!(service_order = %o.id, error = %e, "service order not asked about; the next sweep tries again");
+                false
             }
         }
     }

@@ -59,8 +59,13 @@ impl Sessions {
         }
     }
 
-    /// A purchase's basket (`items`: `[{"sku", "qty"}]`) left the cabinet.
-    pub(super) async fn took(&self, s: &SessionRow, items: &str) {
+    /// A purchase's basket (`items`: `[{"sku", "qty"}]`) left the cabinet: taken off its stock
+    /// once per order (a basket settled again by a person is not taken twice). A restock's
+    /// items are its count, never a purchase.
+    pub(super) async fn took(&self, s: &SessionRow, order_id: &str, items: &str) {
+        if s.mode != "purchase" {
+            return;
+        }
         let mut taken = BTreeMap::new();
         for it in serde_json::from_str::<Vec<serde_json::Value>>(items).unwrap_or_default() {
             if let (Some(sku), Some(q)) = (it["sku"].as_str(), it["qty"].as_i64()) {
@@ -76,7 +81,11 @@ impl Sessions {
             }
         }
         let now = self.now();
-        match self.store.take_stock(&s.cabinet_id, &taken, now).await {
+        match self
+            .store
+            .take_stock(&s.cabinet_id, order_id, &taken, now)
+            .await
+        {
             Ok(after) => {
                 for t in after {
                     if t.after <= t.low_at && t.before > t.low_at {

@@ -63,7 +63,8 @@ pub enum ServicePaid {
     Replay,
     /// Paid now, and the service extended.
     Paid(ServiceOrderRow),
-    /// It was no longer unpaid (paid already, or cancelled), or is no order of ours.
+    /// It was no longer unpaid (paid already, or cancelled: the order as it is now), or is no
+    /// order of ours; a notice given is not recorded.
     Unchanged(Option<ServiceOrderRow>),
 }
 
@@ -202,9 +203,11 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
-            // Recorded all the same: the notice was seen, and there is nothing to apply.
-            tx.commit().await?;
-            return Ok(ServicePaid::Unchanged(Some(o)));
+            // Not unpaid any more: nothing is recorded here (the caller records the notice, or
+            // keeps it as an exception, by what the order is now).
+            drop(tx);
+            drop(w);
+            return Ok(ServicePaid::Unchanged(self.service_order(id).await?));
         };
         let paid_row = ServiceOrderRow::from_row(&row)?;
         for c in &cabinets {
@@ -221,6 +224,17 @@ impl Store {
         }
         tx.commit().await?;
         Ok(ServicePaid::Paid(paid_row))
+    }
+
+    /// An unpaid order the sweep could not settle is looked at again at `due_at`, behind the
+    /// others (a few that never settle must not hold up the rest).
+    pub async fn defer_service_order(&self, id: &str, due_at: i64) -> Result<()> {
+        sqlx::query("UPDATE service_orders SET due_at = $2 WHERE id = $1 AND status = 'unpaid'")
+            .bind(id)
+            .bind(due_at)
+            .execute(&mut *self.write().await?)
+            .await?;
+        Ok(())
     }
 
     /// An unpaid order is cancelled (closed at the provider first); `None` when it was no

@@ -266,12 +266,14 @@ impl Store {
         })
     }
 
-    /// A purchase took `taken` from a cabinet (one statement for the basket): the stock of
-    /// each product the cabinet keeps stock of, before and after. Products it does not keep
-    /// stock of (never counted in) are left alone.
+    /// A purchase's order took `taken` from a cabinet (one statement for the basket, with the
+    /// order's mark that it did, in one transaction: once per order): the stock of each
+    /// product the cabinet keeps stock of, before and after. Products it does not keep stock
+    /// of (never counted in) are left alone.
     pub async fn take_stock(
         &self,
         cabinet_id: &str,
+        order_id: &str,
         taken: &BTreeMap<String, i64>,
         now: i64,
     ) -> Result<Vec<Taken>> {
@@ -289,13 +291,28 @@ impl Store {
             "UPDATE cabinet_stock SET qty = qty - ({case} ELSE 0 END), updated_at = $2 \
              WHERE cabinet_id = $1 AND sku IN ({list}) RETURNING sku, qty, low_at"
         );
+        let mut w = self.write().await?;
+        let mut tx = sqlx::Connection::begin(&mut *w).await?;
+        let first = sqlx::query(
+            "UPDATE orders SET stock_taken_at = $2 WHERE id = $1 AND stock_taken_at IS NULL",
+        )
+        .bind(order_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !first {
+            return Ok(Vec::new());
+        }
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(cabinet_id)
             .bind(now);
         for (sku, n) in taken {
             q = q.bind(sku.as_str()).bind(*n);
         }
-        let rows = q.fetch_all(&mut *self.write().await?).await?;
+        let rows = q.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
         rows.iter()
             .map(|row| {
                 let sku: String = row.try_get("sku")?;

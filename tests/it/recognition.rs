@@ -199,7 +199,12 @@ async fn a_prepaid_quota_may_run_below_zero_when_the_policy_says_continue(b: Bac
         (a["quota_left"] == -1).then_some(())
     })
     .await;
-    // Owed recognitions come out of the next top-up.
+    // Owed recognitions are not forgiven by a switch to after-use billing; they come out of the
+    // next top-up.
+    let (s, v) = set(&hub, ADMIN_KEY, json!({"billing": "postpaid"})).await;
+    assert_eq!(s, 400, "{v}");
     let (s, a) = set(&hub, ADMIN_KEY, json!({"add_quota": 100})).await;
     assert_eq!((s, &a["quota_left"]), (200, &json!(99)), "{a}");
+    let (s, a) = set(&hub, ADMIN_KEY, json!({"billing": "postpaid"})).await;
+    assert_eq!((s, &a["billing"]), (200, &json!("postpaid")), "{a}");
 }

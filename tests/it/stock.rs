@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::attacks::{ws_next, ws_with_key};
 use crate::both;
 use crate::harness::{Backend, Cabinet, TestHub, PATIENCE};
-use crate::purchase::{door_then_recognition, order_status, shop, visit};
+use crate::purchase::{door_then_recognition, order_status, shop, start, visit};
 
 both!(stock_follows_restocks_and_purchases_and_discrepancies_are_resolved);
 
@@ -275,6 +275,33 @@ async fn stock_follows_restocks_and_purchases_and_discrepancies_are_resolved(b: 
         )
         .await;
     assert_eq!(s, 404);
+
+    // A basket a person settles (the cameras failed) leaves the stock too, once.
+    let pending = start(&hub, &op, "u9", None);
+    let unlock = c.expect_command("unlock", PATIENCE).await;
+    c.ack(&unlock, true, None).await;
+    let (_, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    let session = v["session"]["id"].as_str().unwrap_or_default().to_owned();
+    door_then_recognition(
+        &mut c,
+        json!({"session_id": session, "status": "failed", "reason": "camera_blocked"}),
+    )
+    .await;
+    let v = order_status(&hub, &op, &session, "abnormal").await;
+    let order = v["order"]["id"].as_str().unwrap_or_default().to_owned();
+    let (s, r) = hub
+        .post(
+            &format!("/api/v1/orders/{order}/resolve"),
+            &op,
+            json!({"items": [{"sku": "cola", "qty": 2}]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    order_status(&hub, &op, &session, "paid").await;
+    assert_eq!(
+        stock_of(&hub, &op).await,
+        vec![("chips".into(), 0, true), ("cola".into(), 8, false)]
+    );
 
     // A template: one sellable list for many cabinets.
     let (s, t) = hub
