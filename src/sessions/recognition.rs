@@ -27,6 +27,19 @@ impl Sessions {
     /// A recognition was applied: counted, and taken from a prepaid quota, which is told on
     /// the feed when it reaches the warning level and when it runs out.
     pub(super) async fn recognized(&self, merchant_id: &str) {
+        // After use (most merchants) there is nothing to take from: no statement, and the
+        // cached merchant row stays cached (the shopping rush measured every statement).
+        let prepaid = matches!(
+            self.store.merchant_payment(merchant_id).await,
+            Ok(Some(p)) if p.recognition_prepaid
+        );
+        if !prepaid {
+            self.metrics
+                .recognitions
+                .with_label_values(&["postpaid"])
+                .inc();
+            return;
+        }
         let left = match self.store.use_recognition(merchant_id).await {
             Ok(left) => left,
             Err(e) => {

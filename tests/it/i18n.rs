@@ -15,7 +15,7 @@ use crate::harness::{Backend, Cabinet, TestHub, PATIENCE};
 /// point, the merchant) and the few names kept in every language (API, CSV, °C, the `chk_`
 /// prefix of a key) are taken out. Elements marked `data-no-i18n` hold data or a language's
 /// own name and are left out.
-const UNTRANSLATED: &str = r#"
+pub(crate) const UNTRANSLATED: &str = r#"
 window.untranslated = () => {
   const kept = [/KM\d+/g, /\blobby\b/g, /\bm1\b/g, /°C/g, /\bAPI\b/g, /\bCSV\b/g, /\bchk_/g];
   const latin = (s) => /[A-Za-z]/.test(kept.reduce((a, re) => a.replace(re, ''), s));

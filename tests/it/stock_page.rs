@@ -277,31 +277,6 @@ async fn a_merchant_sees_its_prepaid_recognition_quota_fall() {
     assert_eq!(b.eval("window.sameDocument").await, json!(true));
 }
 
-/// The visible text, placeholders and labels of the page that still hold Latin letters once the
-/// test's own values (ids, the point) and the names kept in every language are taken out; as in
-/// `i18n.rs`, whose scan walks only the tabs it knows.
-const UNTRANSLATED: &str = r#"
-(() => {
-  const kept = [/KM\d+/g, /\blobby\b/g, /\bm1\b/g, /°C/g, /\bAPI\b/g, /\bCSV\b/g, /\bchk_/g];
-  const latin = (s) => /[A-Za-z]/.test(kept.reduce((a, re) => a.replace(re, ''), s));
-  const bad = [];
-  const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
-  for (let n = walk.nextNode(); n; n = walk.nextNode()) {
-    const p = n.parentElement;
-    if (!p || p.closest('[data-no-i18n], script, style, option')) continue;
-    if (!p.checkVisibility() || !p.getClientRects().length) continue;
-    if (latin(n.textContent)) bad.push(n.textContent.trim());
-  }
-  for (const n of document.querySelectorAll('[placeholder], [aria-label], [alt], option')) {
-    if (n.closest('[data-no-i18n]')) continue;
-    for (const v of [n.getAttribute('placeholder'), n.getAttribute('aria-label'), n.getAttribute('alt'), n.tagName === 'OPTION' ? n.textContent : null]) {
-      if (v && latin(v)) bad.push(v);
-    }
-  }
-  return bad;
-})()
-"#;
-
 #[actix_rt::test]
 async fn the_stock_tab_speaks_chinese() {
     let (hub, op, mut c) = shop(Backend::Sqlite).await;
@@ -386,6 +361,7 @@ async fn the_stock_tab_speaks_chinese() {
             ),
         ])
     );
-    let bad = b.eval(UNTRANSLATED).await;
+    b.eval(crate::i18n::UNTRANSLATED).await;
+    let bad = b.eval("untranslated()").await;
     assert_eq!(bad, json!([]), "left in English on the Stock tab");
 }

@@ -241,7 +241,14 @@ async fn an_operator_closes_a_stuck_session_in_the_page() {
         .await;
     b.eval("document.getElementById('close-reason').value = 'shopper walked away'; document.querySelector('#close-form button[type=submit]').click()")
         .await;
-    let v = session(&hub, &op, &id, "failed").await;
+    session(&hub, &op, &id, "failed").await;
+    // The close is two writes (the move, then who and why): wait for the second.
+    let v = hub
+        .eventually(PATIENCE, "the close's note", || async {
+            let (_, v) = hub.get(&format!("/api/v1/sessions/{id}"), &op).await;
+            (!v["session"]["close_note"].is_null()).then_some(v)
+        })
+        .await;
     assert_eq!(v["session"]["failure"], "closed_by_operator", "{v}");
     assert_eq!(v["session"]["close_note"], "shopper walked away", "{v}");
     b.wait_for(
