@@ -519,7 +519,9 @@ fn payment_providers(
     http: SocketAddr,
 ) -> anyhow::Result<(Providers, Simulators)> {
     if settings.payments.simulator
-        && (settings.payments.wechat.is_some() || settings.payments.alipay.is_some())
+        && (settings.payments.wechat.is_some()
+            || settings.payments.wechat_merchant.is_some()
+            || settings.payments.alipay.is_some())
     {
         // Simulators beside real credentials would take real shoppers' sessions and trust the
         // simulators' development keys: never a silent choice.
@@ -528,6 +530,7 @@ fn payment_providers(
     if !settings.payments.simulator {
         let real = Providers::real(
             settings.payments.wechat.as_ref(),
+            settings.payments.wechat_merchant.as_ref(),
             settings.payments.alipay.as_ref(),
         )?;
         #[cfg(feature = "simulators")]

@@ -230,6 +230,11 @@ pub struct PaymentSettings {
     /// The real WeChat Pay service (when `simulator` is false).
     #[serde(default)]
     pub wechat: Option<crate::payments::wechat::WechatConfig>,
+    /// The platform's own ordinary merchant account (普通商户), which takes the merchants'
+    /// payments to the platform (service time) by WeChat Pay Native: a partner (服务商)
+    /// account, as `wechat` is, cannot take a payment itself.
+    #[serde(default)]
+    pub wechat_merchant: Option<crate::payments::wechat::WechatConfig>,
     /// Real Alipay credentials (when `simulator` is false).
     #[serde(default)]
     pub alipay: Option<crate::payments::alipay::AlipaySettings>,

@@ -122,6 +122,7 @@ routes! {
     post "/api/v1/blacklist" => sessions::add_blacklist,
     delete "/api/v1/blacklist/{user_id}" => sessions::remove_blacklist,
     post "/api/v1/payments/wechat/notify" => notifications::wechat_notify,
+    post "/api/v1/payments/wechat/merchant-notify" => notifications::wechat_merchant_notify,
     post "/api/v1/payments/alipay/notify" => notifications::alipay_notify,
 }
 
@@ -182,7 +183,7 @@ pub(crate) fn mount_grouped(
         sessions::list_payment_exceptions, sessions::list_audit, sessions::modify_order,
         sessions::list_settlements, sessions::retry_settlement, bills::get_bill, bills::get_stats,
         sessions::add_blacklist, sessions::remove_blacklist,
-        notifications::wechat_notify, notifications::alipay_notify,
+        notifications::wechat_notify, notifications::wechat_merchant_notify, notifications::alipay_notify,
     ),
     components(schemas(ErrorBody, ErrorDetail, crate::error::ErrorCode))
 )]

@@ -32,25 +32,56 @@ pub async fn wechat_notify(
     req: HttpRequest,
     body: String,
 ) -> HttpResponse {
+    let headers = wechat_headers(&req);
+    wechat_answer(state.sessions.on_wechat_notification(&headers, &body).await)
+}
+
+/// The `Wechatpay-*` headers of a notification.
+fn wechat_headers(req: &HttpRequest) -> SignedHeaders {
     let h = |n: &str| {
         req.headers()
             .get(n)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    let headers = SignedHeaders {
+    SignedHeaders {
         timestamp: h("Wechatpay-Timestamp"),
         nonce: h("Wechatpay-Nonce"),
         signature: h("Wechatpay-Signature"),
         serial: h("Wechatpay-Serial"),
-    };
-    match state.sessions.on_wechat_notification(&headers, &body).await {
+    }
+}
+
+/// WeChat's answer: 204 once applied, a JSON `FAIL` otherwise (500: deliver again).
+fn wechat_answer(r: Result<(), NotificationRefusal>) -> HttpResponse {
+    match r {
         Ok(()) => HttpResponse::NoContent().finish(),
         Err(r) if retry_later(r) => HttpResponse::InternalServerError()
             .json(serde_json::json!({"code": "FAIL", "message": "失败"})),
         Err(r) => HttpResponse::Unauthorized()
             .json(serde_json::json!({"code": "FAIL", "message": r.as_str()})),
     }
+}
+
+/// WeChat Pay's notifications to the platform's ordinary merchant account (Native payments:
+/// service time), verified and decrypted with that account's keys.
+#[utoipa::path(post, path = "/api/v1/payments/wechat/merchant-notify", tag = "payments",
+    request_body(content = Object, description = "WeChat Pay APIv3 notification"),
+    responses((status = 204, description = "applied (or a replay)"),
+    (status = 401, description = "refused: bad header, stale, bad signature, bad envelope, not decryptable"),
+    (status = 500, description = "not applied; WeChat delivers again")))]
+pub async fn wechat_merchant_notify(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: String,
+) -> HttpResponse {
+    let headers = wechat_headers(&req);
+    wechat_answer(
+        state
+            .sessions
+            .on_wechat_merchant_notification(&headers, &body)
+            .await,
+    )
 }
 
 /// Alipay's notifications: form parameters signed by Alipay; answered `success` once applied.

@@ -38,18 +38,31 @@ pub enum Confirmation {
 /// The provider clients a hub talks to; a provider not configured is `None`.
 #[derive(Clone, Default)]
 pub struct Providers {
-    /// WeChat Pay Score (微信支付分).
+    /// WeChat Pay Score (微信支付分), through the platform's partner (服务商) account.
     pub wechat: Option<Arc<WechatClient>>,
+    /// WeChat Pay Native (扫码支付) to the platform itself, through its ordinary merchant
+    /// account: what merchants pay the platform (service time).
+    pub wechat_merchant: Option<Arc<WechatClient>>,
     /// Alipay 芝麻先享.
     pub alipay: Option<Arc<AlipayClient>>,
 }
 
 impl Providers {
-    /// The real providers of `[payments.wechat]` and `[payments.alipay]`.
+    /// The real providers of `[payments.wechat]`, `[payments.wechat_merchant]` and
+    /// `[payments.alipay]`.
     pub fn real(
         wechat: Option<&WechatConfig>,
+        wechat_merchant: Option<&WechatConfig>,
         alipay: Option<&AlipaySettings>,
     ) -> anyhow::Result<Self> {
+        let wechat_merchant = match wechat_merchant.cloned() {
+            Some(cfg) => {
+                Some(Arc::new(WechatClient::new(cfg).map_err(|e| {
+                    anyhow::anyhow!("payments.wechat_merchant: {e}")
+                })?))
+            }
+            None => None,
+        };
         let wechat = match wechat.cloned() {
             Some(cfg) => Some(Arc::new(
                 WechatClient::new(cfg).map_err(|e| anyhow::anyhow!("payments.wechat: {e}"))?,
@@ -63,6 +76,10 @@ impl Providers {
             )),
             None => None,
         };
-        Ok(Self { wechat, alipay })
+        Ok(Self {
+            wechat,
+            wechat_merchant,
+            alipay,
+        })
     }
 }

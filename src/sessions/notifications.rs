@@ -284,17 +284,42 @@ impl Sessions {
         None
     }
 
-    /// A WeChat notification.
-    pub async fn on_wechat_notification(
+    /// A notification to the platform's ordinary merchant account: its Native payments
+    /// (service time), verified and decrypted with that account's keys.
+    pub async fn on_wechat_merchant_notification(
         &self,
         headers: &SignedHeaders,
         body: &str,
     ) -> Result<(), NotificationRefusal> {
-        let Some(w) = &self.providers.wechat else {
+        let n = self.parse_wechat(self.providers.wechat_merchant.as_deref(), headers, body)?;
+        let notice = Notice {
+            id: &n.id,
+            provider: "wechat",
+            kind: &n.event_type,
+            now: self.now(),
+        };
+        match n.event_type.as_str() {
+            "TRANSACTION.SUCCESS" => self.notified_transaction(&notice, &n.resource).await,
+            other => {
+                tracing::info!(event_type = other, "notification recorded, not acted on");
+                self.record(&notice).await
+            }
+        }
+    }
+
+    /// A notification verified and decrypted by `client`'s account, or why it was refused
+    /// (counted).
+    fn parse_wechat(
+        &self,
+        client: Option<&crate::payments::wechat::WechatClient>,
+        headers: &SignedHeaders,
+        body: &str,
+    ) -> Result<crate::payments::wechat::Notification, NotificationRefusal> {
+        let Some(w) = client else {
             return Err(NotificationRefusal::NotConfigured);
         };
-        let n = match w.parse_notification(headers, body) {
-            Ok(n) => n,
+        match w.parse_notification(headers, body) {
+            Ok(n) => Ok(n),
             Err(e) => {
                 let reason = match e {
                     NotificationError::Header(_) => NotificationRefusal::BadHeader,
@@ -305,9 +330,18 @@ impl Sessions {
                 };
                 self.rejected("wechat", reason.as_str());
                 tracing::warn!(reason = reason.as_str(), error = %e, "WeChat notification refused");
-                return Err(reason);
+                Err(reason)
             }
-        };
+        }
+    }
+
+    /// A WeChat notification.
+    pub async fn on_wechat_notification(
+        &self,
+        headers: &SignedHeaders,
+        body: &str,
+    ) -> Result<(), NotificationRefusal> {
+        let n = self.parse_wechat(self.providers.wechat.as_deref(), headers, body)?;
         let out_order_no = n.resource["out_order_no"].as_str().unwrap_or_default();
         // The signature is verified: the shopper did confirm, so a session waiting for that
         // goes on now rather than after the notification is recorded.
@@ -336,8 +370,6 @@ impl Sessions {
             "REFUND.SUCCESS" | "REFUND.ABNORMAL" | "REFUND.CLOSED" => {
                 self.notified_refund(&notice, &n.resource).await
             }
-            // A Native payment: a merchant's service time (`service_time`).
-            "TRANSACTION.SUCCESS" => self.notified_transaction(&notice, &n.resource).await,
             other => {
                 if other != "PAYSCORE.USER_CONFIRM" {
                     tracing::info!(event_type = other, "notification recorded, not acted on");

@@ -1,6 +1,7 @@
 //! Service time (设备使用时长): merchants buy whole years for their cabinets, paid to the
-//! platform through WeChat Pay Native (the merchant scans a code) or, recorded by a platform
-//! admin, offline. The cabinets' service is extended in the same transaction as the order
+//! platform through WeChat Pay Native (the merchant scans a code) on the platform's ordinary
+//! merchant account (`payments.wechat_merchant`: its Pay Score partner account cannot take a
+//! payment itself) or, recorded by a platform admin, offline. The cabinets' service is extended in the same transaction as the order
 //! becomes paid; an order still unpaid after `service.unpaid_cancel_ms` is closed at the
 //! provider (so it can no longer be paid) and only then cancelled. `sweep_service_orders` is
 //! one stateless pass over stored rows, so it can run under a leader lease on one node.
@@ -89,10 +90,10 @@ impl Sessions {
             ServiceChannel::Offline { voucher } => Some(voucher.clone()),
             ServiceChannel::Wechat => None,
         };
-        if offline.is_none() && self.providers.wechat.is_none() {
+        if offline.is_none() && self.providers.wechat_merchant.is_none() {
             return Err(ApiError::new(
                 ErrorCode::PaymentDeclined,
-                "WeChat Pay is not configured on this hub",
+                "the platform's WeChat Pay merchant account (payments.wechat_merchant) is not configured on this hub",
             ));
         }
         let row = ServiceOrderRow {
@@ -156,7 +157,7 @@ impl Sessions {
             return Ok(paid);
         }
         self.store.changed(Change::ServiceOrder(row.clone()));
-        let Some(w) = self.providers.wechat.clone() else {
+        let Some(w) = self.providers.wechat_merchant.clone() else {
             return Err(ApiError::internal("WeChat Pay went away"));
         };
         let description = format!("设备使用时长 {}台×{}年", ids.len(), req.years);
@@ -330,7 +331,7 @@ impl Sessions {
         t: &Transaction,
         o: &ServiceOrderRow,
     ) -> Option<(&'static str, String)> {
-        let cfg = self.providers.wechat.as_ref().map(|w| w.config());
+        let cfg = self.providers.wechat_merchant.as_ref().map(|w| w.config());
         if t.trade_state != "SUCCESS" {
             return Some((
                 "state_mismatch",
@@ -387,7 +388,7 @@ impl Sessions {
         if o.channel != "wechat" {
             return self.cancel_service(&o.id).await;
         }
-        let Some(w) = self.providers.wechat.clone() else {
+        let Some(w) = self.providers.wechat_merchant.clone() else {
             return false;
         };
         match w.query_transaction(&o.id).await {

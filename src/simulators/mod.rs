@@ -24,6 +24,9 @@ const DEV_MERCHANT_KEY: &str = include_str!("../../config/dev-keys/wechat-mercha
 const DEV_MERCHANT_PUB: &str = include_str!("../../config/dev-keys/wechat-merchant.pub.pem");
 const DEV_PLATFORM_KEY: &str = include_str!("../../config/dev-keys/wechat-platform.key.pem");
 const DEV_PLATFORM_PUB: &str = include_str!("../../config/dev-keys/wechat-platform.pub.pem");
+/// The simulated platform's ordinary merchant account (普通商户), which takes Native payments;
+/// `1900000001` is its partner (服务商) account, which cannot.
+pub const DEV_MERCHANT_MCHID: &str = "1900000002";
 /// The simulator's APIv3 key (development only).
 pub const DEV_API_V3_KEY: &str = "cabinethubsimulatorapiv3key00001";
 /// The simulator's APIv2 key, which signs the mini-program's `extraData` (development only).
@@ -57,6 +60,7 @@ impl Simulators {
         let p = &settings.payments;
         let wechat = wechat::WechatSim::new(wechat::SimConfig {
             mchid: "1900000001".into(),
+            direct_mchid: DEV_MERCHANT_MCHID.into(),
             merchant_serial: "DEV_MERCHANT_SERIAL".into(),
             merchant_public_key_pem: DEV_MERCHANT_PUB.into(),
             platform_serial: "PUB_KEY_ID_SIMULATOR".into(),
@@ -96,20 +100,30 @@ impl Simulators {
 pub fn dev_providers(sim_base: &str, hub_base: &str) -> anyhow::Result<Providers> {
     let sim_base = sim_base.trim_end_matches('/');
     let hub_base = hub_base.trim_end_matches('/');
+    let wechat_config = |mchid: &str, notify: &str| WechatConfig {
+        base_url: format!("{sim_base}{}", wechat::PREFIX),
+        mchid: mchid.into(),
+        merchant_serial: "DEV_MERCHANT_SERIAL".into(),
+        merchant_key_path: String::new(),
+        platform_serial: "PUB_KEY_ID_SIMULATOR".into(),
+        platform_public_key_path: String::new(),
+        api_v3_key: DEV_API_V3_KEY.into(),
+        apiv2_key: DEV_API_V2_KEY.into(),
+        service_id: "500001".into(),
+        appid: "wxsimulator".into(),
+        notify_url: format!("{hub_base}{notify}"),
+    };
     let wechat_client = WechatClient::with_keys(
-        WechatConfig {
-            base_url: format!("{sim_base}{}", wechat::PREFIX),
-            mchid: "1900000001".into(),
-            merchant_serial: "DEV_MERCHANT_SERIAL".into(),
-            merchant_key_path: String::new(),
-            platform_serial: "PUB_KEY_ID_SIMULATOR".into(),
-            platform_public_key_path: String::new(),
-            api_v3_key: DEV_API_V3_KEY.into(),
-            apiv2_key: DEV_API_V2_KEY.into(),
-            service_id: "500001".into(),
-            appid: "wxsimulator".into(),
-            notify_url: format!("{hub_base}/api/v1/payments/wechat/notify"),
-        },
+        wechat_config("1900000001", "/api/v1/payments/wechat/notify"),
+        DEV_MERCHANT_KEY,
+        DEV_PLATFORM_PUB,
+    )
+    .map_err(|e| anyhow::anyhow!("simulator client: {e}"))?;
+    let merchant_client = WechatClient::with_keys(
+        wechat_config(
+            DEV_MERCHANT_MCHID,
+            "/api/v1/payments/wechat/merchant-notify",
+        ),
         DEV_MERCHANT_KEY,
         DEV_PLATFORM_PUB,
     )
@@ -127,6 +141,7 @@ pub fn dev_providers(sim_base: &str, hub_base: &str) -> anyhow::Result<Providers
     .map_err(|e| anyhow::anyhow!("simulator client: {e}"))?;
     Ok(Providers {
         wechat: Some(Arc::new(wechat_client)),
+        wechat_merchant: Some(Arc::new(merchant_client)),
         alipay: Some(Arc::new(alipay_client)),
     })
 }

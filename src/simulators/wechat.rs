@@ -27,8 +27,11 @@ pub const RETRY_SCHEDULE_S: [u64; 9] = [15, 15, 30, 180, 1800, 1800, 1800, 1800,
 /// How the simulator is keyed and paced.
 #[derive(Clone)]
 pub struct SimConfig {
-    /// The platform merchant id it accepts.
+    /// The platform's partner (服务商) merchant id: Pay Score, profit sharing, refunds.
     pub mchid: String,
+    /// The platform's ordinary merchant (普通商户) id: the only one that may take a Native
+    /// payment, as at WeChat.
+    pub direct_mchid: String,
     /// Serial of the merchant key it accepts.
     pub merchant_serial: String,
     /// The merchant's public key (PEM), to verify requests.
@@ -501,7 +504,8 @@ impl WechatSim {
                 .copied()
                 .ok_or_else(|| sign_error(&format!("缺少{k}")))
         };
-        if get("mchid")? != self.cfg.mchid {
+        let signer = get("mchid")?;
+        if signer != self.cfg.mchid && signer != self.cfg.direct_mchid {
             return Err(SimError(401, "NO_AUTH", "商户号不匹配".into()));
         }
         let ts: i64 = get("timestamp")?
@@ -732,8 +736,13 @@ impl WechatSim {
         {
             return Err(param("out_trade_no格式错误"));
         }
-        if s("mchid")? != self.cfg.mchid {
-            return Err(SimError(400, "MCH_NOT_EXISTS", "商户号不存在".into()));
+        // A partner (服务商) account cannot take a payment itself.
+        if s("mchid")? != self.cfg.direct_mchid {
+            return Err(SimError(
+                403,
+                "NO_AUTH",
+                "当前商户号没有使用该接口的权限".into(),
+            ));
         }
         let (appid, notify_url, description) = (s("appid")?, s("notify_url")?, s("description")?);
         if appid.is_empty() || description.is_empty() || description.chars().count() > 127 {
@@ -778,7 +787,7 @@ impl WechatSim {
         );
         st.transactions.insert(
             no.clone(),
-            json!({"request": body, "appid": appid, "mchid": self.cfg.mchid, "out_trade_no": no,
+            json!({"request": body, "appid": appid, "mchid": self.cfg.direct_mchid, "out_trade_no": no,
                 "trade_type": "NATIVE", "trade_state": "NOTPAY", "trade_state_desc": "订单未支付",
                 "notify_url": notify_url, "code_url": code_url, "expire_s": expire_s,
                 "amount": {"total": total, "currency": "CNY"}}),
@@ -809,8 +818,12 @@ impl WechatSim {
     /// `POST …/out-trade-no/{no}/close`: an unpaid payment can no longer be paid; a paid one
     /// cannot be closed.
     fn close_transaction(&self, no: &str, body: &Value) -> Result<(), SimError> {
-        if body["mchid"].as_str() != Some(self.cfg.mchid.as_str()) {
-            return Err(SimError(400, "PARAM_ERROR", "mchid".into()));
+        if body["mchid"].as_str() != Some(self.cfg.direct_mchid.as_str()) {
+            return Err(SimError(
+                403,
+                "NO_AUTH",
+                "当前商户号没有使用该接口的权限".into(),
+            ));
         }
         let mut st = self.lock();
         let t = st
@@ -1721,7 +1734,7 @@ async fn handle(sim: web::Data<WechatSim>, req: HttpRequest, body: web::Bytes) -
             }
             ("GET", ["v3", "pay", "transactions", "out-trade-no", no]) => {
                 match web::Query::<HashMap<String, String>>::from_query(req.query_string()) {
-                    Ok(q) if q.get("mchid") == Some(&sim.cfg.mchid) => {
+                    Ok(q) if q.get("mchid") == Some(&sim.cfg.direct_mchid) => {
                         sim.transaction(no).map(|v| (200, Some(v)))
                     }
                     _ => Err(SimError(400, "PARAM_ERROR", "mchid必填".into())),

@@ -43,13 +43,17 @@ async fn owing(hub: &TestHub, op: &str, c: &mut Cabinet, user: &str) -> String {
 /// A USER_PAID notice as WeChat sends it: the service order encrypted with the APIv3 key, the
 /// body signed with the platform key (here the simulator's development key).
 async fn notify(hub: &TestHub, id: &str, resource: &Value) -> u16 {
-    notify_as(hub, id, "PAYSCORE.USER_PAID", "payscore", resource).await
+    notify_as(hub, NOTIFY, id, "PAYSCORE.USER_PAID", "payscore", resource).await
 }
+
+/// Where WeChat notifies the platform's partner account (Pay Score).
+pub(crate) const NOTIFY: &str = "/api/v1/payments/wechat/notify";
 
 /// A notice of `event_type` whose resource is of `kind` (`payscore`, `transaction`), signed
 /// and encrypted as WeChat sends it.
 pub(crate) async fn notify_as(
     hub: &TestHub,
+    path: &str,
     id: &str,
     event_type: &str,
     kind: &str,
@@ -79,7 +83,7 @@ pub(crate) async fn notify_as(
         .unwrap_or_else(|e| panic!("{e}"));
     let r = hub
         .client
-        .post(hub.url("/api/v1/payments/wechat/notify"))
+        .post(hub.url(path))
         .header("Wechatpay-Timestamp", ts.to_string())
         .header("Wechatpay-Nonce", "n1")
         .header("Wechatpay-Signature", sig)

@@ -9,7 +9,10 @@ use serde_json::{json, Value};
 
 use crate::both;
 use crate::harness::{Backend, TestHub, ADMIN_KEY, PATIENCE};
-use crate::notices::notify_as;
+use crate::notices::{notify_as, NOTIFY};
+
+/// Where WeChat notifies the platform's ordinary merchant account (Native payments).
+const MERCHANT_NOTIFY: &str = "/api/v1/payments/wechat/merchant-notify";
 use crate::purchase::{shop_with, start, visit};
 
 both!(
@@ -200,11 +203,12 @@ async fn an_expired_cabinet_sells_again_once_its_service_is_paid_and_only_once_e
         .await;
     assert_eq!(s, 201, "{o2}");
     let id2 = o2["id"].as_str().unwrap_or_default();
-    let forged = json!({"appid": "wxsimulator", "mchid": "1900000001", "out_trade_no": id2,
+    let forged = json!({"appid": "wxsimulator", "mchid": "1900000002", "out_trade_no": id2,
         "transaction_id": "4200000000000099", "trade_type": "NATIVE", "trade_state": "SUCCESS",
         "amount": {"total": 1, "payer_total": 1, "currency": "CNY"}});
     let s = notify_as(
         &hub,
+        MERCHANT_NOTIFY,
         "EV-forged-1",
         "TRANSACTION.SUCCESS",
         "transaction",
@@ -218,6 +222,23 @@ async fn an_expired_cabinet_sells_again_once_its_service_is_paid_and_only_once_e
         .and_then(|a| a.iter().find(|e| e["order_id"] == id2).cloned())
         .unwrap_or_else(|| panic!("no exception for {id2}: {ex}"));
     assert_eq!(kept["reason"], "amount_mismatch", "{kept}");
+    let (_, still) = hub.get(&format!("/api/v1/service-orders/{id2}"), &ma).await;
+    assert_eq!(still["status"], "unpaid", "{still}");
+    // A Native payment notice at the Pay Score (partner) account's address is not one of its
+    // payments: recorded, nothing applied.
+    let right = json!({"appid": "wxsimulator", "mchid": "1900000002", "out_trade_no": id2,
+        "transaction_id": "4200000000000098", "trade_type": "NATIVE", "trade_state": "SUCCESS",
+        "amount": {"total": 15000, "payer_total": 15000, "currency": "CNY"}});
+    let s = notify_as(
+        &hub,
+        NOTIFY,
+        "EV-elsewhere-1",
+        "TRANSACTION.SUCCESS",
+        "transaction",
+        &right,
+    )
+    .await;
+    assert_eq!(s, 204);
     let (_, still) = hub.get(&format!("/api/v1/service-orders/{id2}"), &ma).await;
     assert_eq!(still["status"], "unpaid", "{still}");
     assert_eq!(expiry(&hub, &op, "KM1").await, end);

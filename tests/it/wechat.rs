@@ -60,6 +60,7 @@ async fn rig() -> Rig {
 async fn rig_keeping(finished_kept: Duration) -> Rig {
     let sim = WechatSim::new(SimConfig {
         mchid: "1900000001".into(),
+        direct_mchid: "1900000002".into(),
         merchant_serial: "MERCHANT_SERIAL_1".into(),
         merchant_public_key_pem: read("wechat-merchant.pub.pem"),
         platform_serial: "PUB_KEY_ID_SIM".into(),
