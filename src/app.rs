@@ -13,6 +13,7 @@ use cabinet_actors::actor::{Clock, SystemClock};
 use cabinet_actors::registry::Registry;
 
 use crate::ca::DeviceCa;
+use crate::cluster::Cluster;
 use crate::config::Settings;
 use crate::feed::Feed;
 use crate::http::access::KeyAccess;
@@ -121,9 +122,6 @@ impl Application {
         if let Some(tls) = settings.mqtt.tls_listen {
             check_free(tls, "mqtt.tls_listen")?;
         }
-        if settings.redis.url.is_some() {
-            tracing::warn!("redis.url is set, but multi-node coordination is not built yet; running as a single node");
-        }
 
         let url = settings.database_url();
         let sqlite_file = crate::private::sqlite_file(&url);
@@ -150,6 +148,20 @@ impl Application {
             crate::private::prepare_sqlite(db)?;
         }
         let metrics = Metrics::new()?;
+        let node_id = settings.node_id();
+        let cluster = match &settings.redis.url {
+            None => Cluster::single(settings.cluster(node_id.clone()), metrics.clone()),
+            Some(url) => Cluster::redis(url, settings.cluster(node_id.clone()), metrics.clone())
+                .await
+                .with_context(|| {
+                    format!(
+                        "redis.url (HUB__REDIS__URL) = {}: cannot reach Redis",
+                        redact(url)
+                    )
+                })?,
+        };
+        let _renewing = cluster.start();
+        tracing::info!(node = %node_id, shared = cluster.is_shared(), "cluster port ready");
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let directory = Arc::new(Directory::load(&store).await?);
         let ca = Arc::new(DeviceCa::load_or_create(&settings.data_dir.join("ca"))?);
@@ -191,6 +203,7 @@ impl Application {
             alerts: alert_tx.clone(),
             sessions: session_tx,
             feed: feed.clone(),
+            cluster: cluster.clone(),
         });
         let threads = match settings.actors.threads {
             0 => std::thread::available_parallelism()
@@ -212,6 +225,7 @@ impl Application {
             store: store.clone(),
             metrics: metrics.clone(),
             alive: pump_alive.clone(),
+            cluster: cluster.clone(),
         };
         tokio::spawn(pump.run(link_rx));
         let mqtt_listening: Vec<SocketAddr> = listeners
@@ -241,14 +255,19 @@ impl Application {
         // After a crash: runs once the HTTP server (which also serves the simulator) is up.
         let resumer = sessions.clone();
         tokio::spawn(async move { resumer.resume().await });
+        // Singleton work (payment collection, refunds followed, reminders, settlement, sweeps)
+        // runs on the node holding the leader lease: always this one on a single node.
         let collector = sessions.clone();
+        let leads = cluster.clone();
         let every =
             Duration::from_millis((settings.payments.collect_interval_ms / 4).clamp(100, 60_000));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                collector.collect_due().await;
-                collector.follow_refunds().await;
+                if leads.is_leader() {
+                    collector.collect_due().await;
+                    collector.follow_refunds().await;
+                }
             }
         });
         // Service-time reminders: one pass per interval (reminders.rs).
@@ -257,9 +276,13 @@ impl Application {
                 (store.clone(), feed.clone(), metrics.clone(), clock.clone());
             let every =
                 Duration::from_millis(settings.cabinet.service_reminder_interval_ms.max(100));
+            let leads = cluster.clone();
             tokio::spawn(async move {
                 loop {
-                    crate::reminders::remind(&store, &feed, &metrics, clock.now_ms() as i64).await;
+                    if leads.is_leader() {
+                        crate::reminders::remind(&store, &feed, &metrics, clock.now_ms() as i64)
+                            .await;
+                    }
                     tokio::time::sleep(every).await;
                 }
             });
@@ -273,10 +296,13 @@ impl Application {
             // take their CPU from the shoppers in the rush (docs/architecture.md, "Settlement").
             let per_pass = (settings.settlement.max_steps_per_s as u128 * every.as_millis() / 1000)
                 .max(1) as usize;
+            let leads = cluster.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
-                    settler.settle_due(per_pass).await;
+                    if leads.is_leader() {
+                        settler.settle_due(per_pass).await;
+                    }
                 }
             });
         }
@@ -285,10 +311,13 @@ impl Application {
         {
             let swept = sessions.clone();
             let every = Duration::from_millis(settings.service.sweep_ms.max(50));
+            let leads = cluster.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
-                    swept.sweep_service_orders().await;
+                    if leads.is_leader() {
+                        swept.sweep_service_orders().await;
+                    }
                 }
             });
         }
@@ -297,9 +326,13 @@ impl Application {
         // session outlives its purpose").
         let sweeper = sessions.clone();
         let every = Duration::from_millis(settings.session.sweep_interval_ms.max(100));
+        let leads = cluster.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
+                if !leads.is_leader() {
+                    continue;
+                }
                 if let Err(e) = sweeper.sweep_stale().await {
                     tracing::error!(error = %e, "stale-session sweep failed");
                 }
@@ -332,6 +365,7 @@ impl Application {
             ),
             settings: settings.clone(),
             store,
+            cluster: cluster.clone(),
             registry,
             directory,
             metrics,
@@ -444,6 +478,8 @@ impl Application {
         }
         tracing::info!("HTTP stopped; flushing alert history");
         let Application { state, alerts, .. } = self;
+        // Another node takes the singleton work over now, not a lease later.
+        state.cluster.step_down().await;
         // Every raise and clear queued before this marker lands before the database closes.
         let (done, flushed) = tokio::sync::oneshot::channel();
         if alerts.send(AlertWrite::Flush(done)).is_ok()

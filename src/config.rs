@@ -28,6 +28,11 @@ pub struct Settings {
     pub database: DatabaseSettings,
     /// Multi-node coordination.
     pub redis: RedisSettings,
+    /// This node.
+    #[serde(default)]
+    pub node: NodeSettings,
+    /// Leases between nodes.
+    pub cluster: ClusterSettings,
     /// API keys.
     pub auth: AuthSettings,
     /// Cabinet timings and the first desired configuration.
@@ -136,6 +141,50 @@ pub struct RedisSettings {
     /// `HUB__REDIS__URL`; single node when unset.
     #[serde(default)]
     pub url: Option<String>,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    /// `HUB__NODE__ID`: this node's name in the cluster; unique by default (host, process,
+    /// random), so that two nodes can run on one machine.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// `[cluster]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// How long a lease (the leader's, a cabinet's) lives without renewal: how long the
+    /// cluster waits before a dead node's work and cabinets are taken over.
+    pub lease_ms: u64,
+    /// How often a node renews its leases.
+    pub renew_ms: u64,
+    /// The prefix of every key in Redis.
+    pub key_prefix: String,
+}
+
+impl Settings {
+    /// This node's name: `node.id`, else a unique one.
+    pub fn node_id(&self) -> String {
+        self.node
+            .id
+            .clone()
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(crate::cluster::default_node_id)
+    }
+
+    /// What the cluster port needs.
+    pub fn cluster(&self, node_id: String) -> crate::cluster::ClusterSettings {
+        crate::cluster::ClusterSettings {
+            node_id,
+            lease: std::time::Duration::from_millis(self.cluster.lease_ms),
+            renew: std::time::Duration::from_millis(self.cluster.renew_ms),
+            key_prefix: self.cluster.key_prefix.clone(),
+        }
+    }
 }
 
 /// `[auth]`
@@ -482,6 +531,14 @@ impl Settings {
             })?;
             if !matches!(parsed.scheme(), "sqlite" | "postgres" | "postgresql") {
                 bail!("database.url (HUB__DATABASE__URL) has scheme {:?}; use sqlite:// or postgres://", parsed.scheme());
+            }
+        }
+        if self.cluster.renew_ms == 0 || self.cluster.renew_ms * 2 > self.cluster.lease_ms {
+            bail!("cluster.renew_ms (HUB__CLUSTER__RENEW_MS) = {} with cluster.lease_ms (HUB__CLUSTER__LEASE_MS) = {}: renew at least twice per lease (a third of it is usual)", self.cluster.renew_ms, self.cluster.lease_ms);
+        }
+        if let Some(id) = &self.node.id {
+            if id.contains('|') || id.len() > 128 {
+                bail!("node.id (HUB__NODE__ID) {id:?}: at most 128 characters, without '|'");
             }
         }
         if let Some(url) = &self.redis.url {

@@ -33,6 +33,7 @@ pub mod app;
 pub mod backoff;
 pub mod bills;
 pub mod ca;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod feed;

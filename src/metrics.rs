@@ -35,6 +35,11 @@ pub struct Metrics {
     pub actor_restarts: IntCounter,
     pub offline_after_restart: IntCounter,
     pub store_errors: IntCounterVec,
+    pub cluster_leader: IntGauge,
+    pub cluster_cabinet_leases: IntGauge,
+    pub cluster_lease_changes: IntCounterVec,
+    pub redis_errors: IntCounterVec,
+    pub cluster_commands_refused: IntCounter,
     pub sessions_closed: IntCounterVec,
     pub refunds: IntCounterVec,
     pub settlements: IntCounterVec,
@@ -333,6 +338,44 @@ impl Metrics {
                 &r,
                 IntCounterVec::new(
                     Opts::new("store_errors_total", "Failed background writes"),
+                    &["op"],
+                )?,
+            ),
+            cluster_leader: reg(
+                &r,
+                IntGauge::new(
+                    "cluster_leader",
+                    "1 while this node holds the leader lease and runs the singleton work (always 1 on a single node)",
+                )?,
+            ),
+            cluster_cabinet_leases: reg(
+                &r,
+                IntGauge::new(
+                    "cluster_cabinet_leases",
+                    "Cabinet ownership leases this node holds in Redis",
+                )?,
+            ),
+            cluster_lease_changes: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "cluster_lease_changes_total",
+                        "Lease changes on this node, by lease (leader, cabinet) and change (acquired, taken_over, lost, released)",
+                    ),
+                    &["lease", "change"],
+                )?,
+            ),
+            cluster_commands_refused: reg(
+                &r,
+                IntCounter::new(
+                    "cluster_commands_refused_total",
+                    "Commands not sent because another node owns the cabinet now (or its lease could not be renewed)",
+                )?,
+            ),
+            redis_errors: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("redis_errors_total", "Failed calls to Redis, by operation"),
                     &["op"],
                 )?,
             ),

@@ -63,10 +63,21 @@ pub struct HubPorts {
     pub feed: Arc<Feed>,
     /// Session progress, in order, to the session supervisor.
     pub sessions: mpsc::UnboundedSender<(CabinetMeta, cabinet_actors::machine::SessionEvent)>,
+    /// Cabinet leases: a cabinet another node took is not commanded from here.
+    pub cluster: Arc<crate::cluster::Cluster>,
 }
 
 impl CabinetPorts for HubPorts {
     fn publish(&self, cabinet: &CabinetMeta, command: &Command) -> Result<(), PublishError> {
+        // The cabinet connected to another node (which took its lease, with a newer fence) or
+        // this node could not renew the lease in time: a command from here could act on stale
+        // state, and the cabinet is not listening here anyway.
+        if !self.cluster.may_command(cabinet.id.as_str()) {
+            self.metrics.cluster_commands_refused.inc();
+            return Err(PublishError(
+                "another node owns this cabinet now".to_owned(),
+            ));
+        }
         self.publisher.publish(&cabinet.id, command)?;
         self.metrics
             .mqtt_out
@@ -134,6 +145,7 @@ impl CabinetPorts for HubPorts {
                     m.cabinets_online.inc();
                 } else {
                     m.cabinets_online.dec();
+                    self.cluster.cabinet_gone(cabinet.id.as_str());
                 }
                 let at = online.then(|| {
                     std::time::SystemTime::now()

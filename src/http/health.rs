@@ -29,7 +29,8 @@ pub struct Readiness {
     pub database: bool,
     /// The broker listens and the uplink pump runs.
     pub broker: bool,
-    /// `not_configured` on a single node.
+    /// `not_configured` on a single node, else `ok` or `unreachable` (then not ready: a node
+    /// that cannot coordinate must not take cabinets or requests).
     pub redis: &'static str,
 }
 
@@ -51,11 +52,12 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     )
     .await
     .is_ok_and(|r| r.is_ok());
+    let redis_ok = state.cluster.ping().await;
     let body = Readiness {
-        ready: database && pump && broker,
+        ready: database && pump && broker && redis_ok,
         database,
         broker: broker && pump,
-        redis: "not_configured",
+        redis: state.cluster.redis_status(),
     };
     if body.ready {
         HttpResponse::Ok().json(body)

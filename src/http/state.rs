@@ -21,6 +21,8 @@ pub struct AppState {
     pub settings: Settings,
     /// Storage.
     pub store: Store,
+    /// Leases shared with the other nodes (or this node alone).
+    pub cluster: Arc<crate::cluster::Cluster>,
     /// Cabinet actors, reached through their handles.
     pub registry: Arc<Registry>,
     /// Credentials and owners.

@@ -52,6 +52,8 @@ pub struct Pump {
     pub metrics: Metrics,
     /// Cleared when the pump stops.
     pub alive: Arc<AtomicBool>,
+    /// Cabinet leases: an uplink here means the cabinet's connection is here.
+    pub cluster: Arc<crate::cluster::Cluster>,
 }
 
 impl Pump {
@@ -116,6 +118,8 @@ impl Pump {
             .mqtt_in
             .with_label_values(&[kind.as_str()])
             .inc();
+        // Its connection is on this node's broker: this node owns it.
+        self.cluster.cabinet_here(uplink.cabinet.as_str());
         let cabinet = match self.registry.get(&uplink.cabinet) {
             Some(c) => c,
             None => {

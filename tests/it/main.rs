@@ -7,6 +7,7 @@ mod audit;
 mod bills;
 mod browser;
 mod catalog;
+mod cluster;
 mod confirm;
 mod crash;
 mod feed;

@@ -1,0 +1,353 @@
+//! The cluster port against the real Redis: the leader lease (exactly one node runs the
+//! singleton work, and another takes it over when that node dies), cabinet leases with fencing
+//! tokens (a cabinet that moves is taken over; the former owner stops commanding it), beliefs
+//! that run out when Redis cannot be reached, and two real hub processes sharing PostgreSQL and
+//! Redis. Every test has its own key prefix, so runs beside each other do not meet.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use cabinet_hub::cluster::{Cluster, ClusterSettings, Held};
+use cabinet_hub::metrics::Metrics;
+
+use crate::harness::fresh_postgres;
+use crate::node::Spec;
+
+/// A missing Redis fails these tests: they are never skipped.
+fn redis_url() -> String {
+    std::env::var("HUB_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+fn prefix() -> String {
+    format!(
+        "hubtest-{}",
+        cabinet_hub::secrets::token(10).unwrap_or_else(|e| panic!("{e}"))
+    )
+}
+
+fn settings(node: &str, prefix: &str, lease_ms: u64) -> ClusterSettings {
+    ClusterSettings {
+        node_id: node.to_owned(),
+        lease: Duration::from_millis(lease_ms),
+        renew: Duration::from_millis(lease_ms / 5),
+        key_prefix: prefix.to_owned(),
+    }
+}
+
+async fn node(url: &str, name: &str, prefix: &str, lease_ms: u64) -> Arc<Cluster> {
+    let metrics = Metrics::new().unwrap_or_else(|e| panic!("{e}"));
+    Cluster::redis(url, settings(name, prefix, lease_ms), metrics)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("Redis at {url} is required for these tests (HUB_TEST_REDIS_URL): {e}")
+        })
+}
+
+/// Polls `f` every 20 ms until it holds; panics after `within`.
+async fn until(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn one_node_leads_and_another_takes_over_when_it_dies() {
+    let (url, p) = (redis_url(), prefix());
+    let lease = 1_500;
+    let a = node(&url, "a", &p, lease).await;
+    let b = node(&url, "b", &p, lease).await;
+    let ta = a
+        .start()
+        .unwrap_or_else(|| panic!("a Redis cluster renews"));
+    let tb = b
+        .start()
+        .unwrap_or_else(|| panic!("a Redis cluster renews"));
+    until(Duration::from_secs(10), "a leader", || {
+        a.is_leader() || b.is_leader()
+    })
+    .await;
+    // Several renewals later, still exactly one.
+    for _ in 0..50 {
+        assert!(!(a.is_leader() && b.is_leader()), "two leaders at once");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(a.is_leader() != b.is_leader(), "exactly one leads");
+    let (leader, follower, dying) = if a.is_leader() {
+        (a.clone(), b.clone(), ta)
+    } else {
+        (b.clone(), a.clone(), tb)
+    };
+    let first_fence = leader.leader_fence().unwrap_or(0);
+    // The leader dies: its renewals stop. Its own belief runs out before anyone else's
+    // starts; sampled all the way through, the two never lead at once.
+    dying.abort();
+    let died = Instant::now();
+    while !follower.is_leader() {
+        assert!(
+            !(leader.is_leader() && follower.is_leader()),
+            "two leaders during the handover"
+        );
+        assert!(
+            died.elapsed() < Duration::from_millis(lease + 5_000),
+            "no takeover within the lease plus 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!leader.is_leader(), "the dead node's belief ran out first");
+    assert!(
+        follower.leader_fence().unwrap_or(0) > first_fence,
+        "the new leader holds a larger fencing token"
+    );
+}
+
+#[actix_rt::test]
+async fn a_clean_shutdown_hands_the_lead_over_at_once() {
+    let (url, p) = (redis_url(), prefix());
+    // A long lease: a takeover that waited for it would fail the deadline below.
+    let a = node(&url, "a", &p, 30_000).await;
+    let b = node(&url, "b", &p, 30_000).await;
+    let _ta = a.start();
+    until(Duration::from_secs(10), "a leads", || a.is_leader()).await;
+    let _tb = b.start();
+    a.step_down().await;
+    assert!(!a.is_leader());
+    until(
+        Duration::from_secs(15),
+        "b takes over at its next renewal",
+        || b.is_leader(),
+    )
+    .await;
+}
+
+#[actix_rt::test]
+async fn a_cabinet_that_moves_is_taken_over_and_its_old_node_stops_commanding_it() {
+    let (url, p) = (redis_url(), prefix());
+    let a = node(&url, "a", &p, 2_000).await;
+    let b = node(&url, "b", &p, 2_000).await;
+    let _ta = a.start();
+    let _tb = b.start();
+    a.cabinet_here("cab-1");
+    until(Duration::from_secs(10), "a holds cab-1", || {
+        matches!(a.cabinet_lease("cab-1"), Some(Held::Held(_)))
+    })
+    .await;
+    let Some(Held::Held(fa)) = a.cabinet_lease("cab-1") else {
+        panic!("held")
+    };
+    let owner = a.owner("cab-1").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(owner.map(|o| (o.node, o.fence)), Some(("a".to_owned(), fa)));
+    assert!(a.may_command("cab-1"));
+    // Renewed, not lost, over several lease periods.
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    assert_eq!(a.cabinet_lease("cab-1"), Some(Held::Held(fa)));
+
+    // The cabinet reconnects to b: b takes the lease with a newer token.
+    b.cabinet_here("cab-1");
+    until(Duration::from_secs(10), "b holds cab-1", || {
+        matches!(b.cabinet_lease("cab-1"), Some(Held::Held(_)))
+    })
+    .await;
+    let Some(Held::Held(fb)) = b.cabinet_lease("cab-1") else {
+        panic!("held")
+    };
+    assert!(
+        fb > fa,
+        "the taker's fence {fb} is above the former owner's {fa}"
+    );
+    // a finds out at its next renewal, and no longer commands the cabinet.
+    until(Duration::from_secs(5), "a sees the lease lost", || {
+        !a.may_command("cab-1")
+    })
+    .await;
+    assert_eq!(a.cabinet_lease("cab-1"), Some(Held::Lost));
+    assert!(b.may_command("cab-1"));
+    // a's late goodbye (the old connection's last will) does not free b's lease.
+    a.cabinet_gone("cab-1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let owner = b.owner("cab-1").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(owner.map(|o| (o.node, o.fence)), Some(("b".to_owned(), fb)));
+    // b's goodbye does.
+    b.cabinet_gone("cab-1");
+    let start = Instant::now();
+    loop {
+        if b.owner("cab-1")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_none()
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "lease not released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_dead_nodes_cabinet_lease_runs_out_and_is_free() {
+    let (url, p) = (redis_url(), prefix());
+    let a = node(&url, "a", &p, 1_000).await;
+    let ta = a.start().unwrap_or_else(|| panic!("renews"));
+    a.cabinet_here("cab-2");
+    until(Duration::from_secs(10), "a holds cab-2", || {
+        matches!(a.cabinet_lease("cab-2"), Some(Held::Held(_)))
+    })
+    .await;
+    ta.abort();
+    // No renewal: a's own belief ends within the lease, and Redis forgets the owner.
+    until(Duration::from_secs(3), "a's belief runs out", || {
+        !a.may_command("cab-2")
+    })
+    .await;
+    let start = Instant::now();
+    while a
+        .owner("cab-2")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .is_some()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "lease never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_single_node_leads_and_owns_without_redis() {
+    let metrics = Metrics::new().unwrap_or_else(|e| panic!("{e}"));
+    let one = Cluster::single(settings("solo", "unused", 10_000), metrics.clone());
+    assert!(one.start().is_none(), "nothing to renew");
+    assert!(one.is_leader());
+    assert!(one.may_command("anything"));
+    assert_eq!(one.redis_status(), "not_configured");
+    assert!(metrics.render().contains("cluster_leader 1"));
+}
+
+/// A TCP relay to Redis that a test can cut and bring back on the same port: Redis
+/// unreachable, then back, without touching the shared server.
+struct Relay {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(port: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap_or_else(|e| panic!("relay bind: {e}"));
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect("127.0.0.1:6379").await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        Relay { port, task }
+    }
+
+    /// Drops the listener and every relayed connection.
+    fn cut(self) -> u16 {
+        self.task.abort();
+        self.port
+    }
+}
+
+#[actix_rt::test]
+async fn leadership_runs_out_while_redis_is_unreachable_and_returns_with_it() {
+    let p = prefix();
+    let relay = Relay::start(0).await;
+    let url = format!("redis://127.0.0.1:{}", relay.port);
+    let a = node(&url, "a", &p, 1_500).await;
+    let _ta = a.start();
+    until(Duration::from_secs(10), "a leads", || a.is_leader()).await;
+    assert_eq!(a.redis_status(), "ok");
+    let port = relay.cut();
+    until(Duration::from_secs(5), "leadership runs out", || {
+        !a.is_leader()
+    })
+    .await;
+    assert!(!a.ping().await);
+    assert_eq!(a.redis_status(), "unreachable");
+    // Redis back on the same address: the connection manager reconnects, and the lead is
+    // taken again.
+    let _relay = Relay::start(port).await;
+    until(Duration::from_secs(30), "a leads again", || a.is_leader()).await;
+    assert!(a.ping().await);
+    assert_eq!(a.redis_status(), "ok");
+}
+
+/// Two hub processes on one PostgreSQL and one Redis: exactly one runs the singleton work;
+/// `kill -9` it, and the other takes over within the lease plus 5 s.
+#[actix_rt::test]
+async fn two_hub_nodes_share_the_singleton_work_and_survive_the_leaders_death() {
+    let db = fresh_postgres().await;
+    let p = prefix();
+    let spec = |name: &str| {
+        Spec::new()
+            .env("HUB__DATABASE__URL", &db)
+            .env("HUB__REDIS__URL", redis_url())
+            .env("HUB__CLUSTER__KEY_PREFIX", &p)
+            .env("HUB__CLUSTER__LEASE_MS", 2_000)
+            .env("HUB__CLUSTER__RENEW_MS", 400)
+            .env("HUB__NODE__ID", name)
+    };
+    let mut a = spec("node-a").start().await;
+    let mut b = spec("node-b").start().await;
+    for n in [&a, &b] {
+        let (status, ready) = n.get("/readyz", "").await;
+        assert_eq!(status, 200, "{ready}");
+        assert_eq!(ready["redis"], "ok");
+    }
+    let leaders = |x: f64, y: f64| (x + y) as i64;
+    let start = Instant::now();
+    let (mut la, mut lb);
+    loop {
+        la = a.metric("cluster_leader").await;
+        lb = b.metric("cluster_leader").await;
+        if leaders(la, lb) == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "leaders: a {la}, b {lb}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (dead, survivor) = if la == 1.0 {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
+    dead.kill9();
+    let died = Instant::now();
+    loop {
+        if survivor.metric("cluster_leader").await == 1.0 {
+            break;
+        }
+        assert!(
+            died.elapsed() < Duration::from_millis(2_000 + 5_000),
+            "the survivor did not take the lead within the lease plus 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        survivor
+            .metrics()
+            .await
+            .contains("cluster_lease_changes_total{change=\"acquired\",lease=\"leader\"} 1"),
+        "{}",
+        survivor.metrics().await
+    );
+}
