@@ -193,6 +193,48 @@ impl Application {
             Duration::from_secs(settings.feed.replay_s),
             settings.feed.client_queue,
         ));
+        // Several nodes: one numbered stream of events in Redis, read back by every node.
+        cluster.share_feed(&feed, settings.feed.replay_events).await;
+        if cluster.is_shared() {
+            let feed = feed.clone();
+            store.announce_cache_changes(move |name| {
+                feed.publish_internal("cache", &serde_json::json!({ "name": name }));
+            });
+        }
+        {
+            let (directory, store) = (directory.clone(), store.clone());
+            feed.on_internal(move |e| {
+                #[derive(serde::Deserialize)]
+                struct Changed {
+                    cabinet_id: String,
+                }
+                #[derive(serde::Deserialize)]
+                struct Cache {
+                    name: String,
+                }
+                if e.kind == "cache" {
+                    if let Ok(Cache { name }) = serde_json::from_str(&e.data) {
+                        store.forget(&name);
+                    }
+                    return;
+                }
+                if e.kind != "directory" {
+                    return;
+                }
+                let Ok(Changed { cabinet_id }) = serde_json::from_str(&e.data) else {
+                    return;
+                };
+                let Ok(id) = cabinet_actors::ids::CabinetId::parse(&cabinet_id) else {
+                    return;
+                };
+                let (directory, store) = (directory.clone(), store.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = directory.reload(&store, &id).await {
+                        tracing::error!(cabinet_id = %id, error = %e, "credentials changed on another node not read again");
+                    }
+                });
+            });
+        }
         let (change_tx, change_rx) = mpsc::unbounded_channel();
         store.announce_changes(change_tx);
         tokio::spawn(crate::feed::relay_store_changes(feed.clone(), change_rx));

@@ -7,13 +7,23 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct Backoff {
     next: Duration,
+    first: Duration,
     max: Duration,
 }
 
 impl Backoff {
     /// Waits of `first`, twice that, … up to `max`.
     pub fn new(first: Duration, max: Duration) -> Self {
-        Self { next: first, max }
+        Self {
+            next: first,
+            first,
+            max,
+        }
+    }
+
+    /// Back to the first wait (after a success).
+    pub fn reset(&mut self) {
+        self.next = self.first;
     }
 
     /// The wait before the next attempt.

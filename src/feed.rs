@@ -6,12 +6,14 @@
 //! values increase but may skip the numbers of other merchants' events.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+use crate::cluster::bus::{Incoming, Outgoing};
 use crate::store::{Change, SessionRow};
 use crate::views::OrderView;
 
@@ -42,6 +44,12 @@ struct Ring {
     events: VecDeque<Arc<FeedEvent>>,
 }
 
+/// What a node does with another node's internal event.
+type InternalHook = Box<dyn Fn(&Incoming) + Send + Sync>;
+
+/// The merchant of events no merchant's screen sees.
+const MERCHANT_NONE: &str = "";
+
 /// The fan-out.
 pub struct Feed {
     ring: Mutex<Ring>,
@@ -51,7 +59,24 @@ pub struct Feed {
     sockets: Mutex<Sockets>,
     /// Long polls waiting for a session's next change (`GET /api/v1/sessions/{id}?wait_s=`).
     session_waiters: Mutex<HashMap<String, Vec<SessionSender>>>,
+    /// Several nodes: events go to the shared stream (and come back numbered from there), and
+    /// this node's name tells its own events from the others'.
+    bus: OnceLock<(tokio::sync::mpsc::Sender<Outgoing>, String)>,
+    /// Events the shared stream could not take in time (Redis unreachable long enough).
+    bus_dropped: AtomicU64,
+    /// Jumps in the shared numbering (events never seen here): each starts the replay window
+    /// afresh, so a `?since=` from before it gets a snapshot.
+    gaps: AtomicU64,
+    /// The last live state (`cabinet` event data) of each cabinet whose actor is on another
+    /// node, for snapshots and reads here.
+    remote_cabinets: Mutex<HashMap<String, Arc<str>>>,
+    /// Told of other nodes' internal events (`INTERNAL`).
+    on_internal: OnceLock<InternalHook>,
 }
+
+/// Events between nodes that no screen sees: `directory` (a cabinet's credentials changed,
+/// read them again), `cache` (rows another node changed: drop the cache of that name).
+const INTERNAL: &[&str] = &["directory", "cache"];
 
 type SessionSender = tokio::sync::mpsc::UnboundedSender<SessionRow>;
 
@@ -128,7 +153,109 @@ impl Feed {
             replay_for,
             sockets: Mutex::new(Sockets::default()),
             session_waiters: Mutex::new(HashMap::new()),
+            bus: OnceLock::new(),
+            bus_dropped: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
+            remote_cabinets: Mutex::new(HashMap::new()),
+            on_internal: OnceLock::new(),
         }
+    }
+
+    /// What to do with another node's internal event. Call once, at start-up.
+    pub fn on_internal(&self, f: impl Fn(&Incoming) + Send + Sync + 'static) {
+        let _ = self.on_internal.set(Box::new(f));
+    }
+
+    /// Tells the other nodes (none on a single node) of an internal event.
+    pub fn publish_internal<T: Serialize>(&self, kind: &'static str, data: &T) {
+        debug_assert!(INTERNAL.contains(&kind));
+        if self.bus.get().is_some() {
+            self.publish(MERCHANT_NONE, kind, data);
+        }
+    }
+
+    /// Sends every later event through the shared stream (`cluster::bus`) instead of numbering
+    /// it here. Call once, at start-up.
+    pub fn attach_bus(&self, tx: tokio::sync::mpsc::Sender<Outgoing>, node: String) {
+        let _ = self.bus.set((tx, node));
+    }
+
+    /// Events dropped because the shared stream could not take them, and gaps seen in it.
+    pub fn bus_losses(&self) -> (u64, u64) {
+        (
+            self.bus_dropped.load(Ordering::Relaxed),
+            self.gaps.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The last live state another node published for `cabinet` (a `cabinet` event's data).
+    pub fn remote_cabinet(&self, cabinet: &str) -> Option<Arc<str>> {
+        self.remote_cabinets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(cabinet)
+            .cloned()
+    }
+
+    /// An event read from the shared stream: numbered there, the same on every node. `live`
+    /// is false while a starting node fills its replay window from the stream's tail.
+    pub fn take_shared(&self, e: &Incoming, live: bool) {
+        let theirs = self.bus.get().is_some_and(|(_, me)| *me != e.origin);
+        if INTERNAL.contains(&e.kind.as_str()) {
+            if theirs && live {
+                if let Some(f) = self.on_internal.get() {
+                    f(e);
+                }
+            }
+            // Numbered like the rest, never shown: the next event is not a gap.
+            let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            ring.seq = ring.seq.max(e.seq);
+            return;
+        }
+        if theirs {
+            match e.kind.as_str() {
+                "cabinet" => {
+                    #[derive(serde::Deserialize)]
+                    struct Id {
+                        id: String,
+                    }
+                    if let Ok(Id { id }) = serde_json::from_str(&e.data) {
+                        self.remote_cabinets
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(id, Arc::from(e.data.as_str()));
+                    }
+                }
+                // This node's own are told to its long polls as they commit.
+                "session" if live => {
+                    if let Ok(s) = serde_json::from_str::<SessionRow>(&e.data) {
+                        self.session_changed(&s);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let kind = match serde_json::to_string(&e.kind) {
+            Ok(k) => k,
+            Err(_) => return,
+        };
+        let now = Instant::now();
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        if e.seq <= ring.seq {
+            return;
+        }
+        if ring.seq > 0 && e.seq > ring.seq + 1 {
+            self.gaps.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                from = ring.seq,
+                to = e.seq,
+                "feed events missed here; replay starts afresh"
+            );
+            ring.events.clear();
+        }
+        let json = format!(r#"{{"type":{kind},"seq":{},"data":{}}}"#, e.seq, e.data);
+        ring.seq = e.seq;
+        self.keep(&mut ring, e.seq, &e.merchant, json, now);
     }
 
     /// Every committed change of session `id` from now on, with the row as committed, until
@@ -207,6 +334,27 @@ impl Feed {
     }
 
     fn publish_at<T: Serialize>(&self, merchant: &str, kind: &'static str, data: &T, now: Instant) {
+        if let Some((tx, _)) = self.bus.get() {
+            let data = match serde_json::to_string(data) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(kind, error = %e, "feed event not serialisable; dropped");
+                    return;
+                }
+            };
+            let out = Outgoing {
+                merchant: merchant.to_owned(),
+                kind,
+                data,
+            };
+            if tx.try_send(out).is_err() {
+                let n = self.bus_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(dropped = n, "feed events dropped: the shared stream is not taking them (Redis unreachable?); screens resync from snapshots");
+                }
+            }
+            return;
+        }
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         let seq = ring.seq + 1;
         let mut json = match serde_json::to_string(&Envelope { kind, seq, data }) {
@@ -220,6 +368,12 @@ impl Feed {
         // Kept for replay: without this the text keeps the up-to-double room it grew into
         // while being written, and the replay ring holds tens of thousands of them.
         json.shrink_to_fit();
+        self.keep(&mut ring, seq, merchant, json, now);
+    }
+
+    /// Keeps a numbered event for replay and sends it to the subscribers, under the ring's
+    /// lock so that they see events in `seq` order.
+    fn keep(&self, ring: &mut Ring, seq: u64, merchant: &str, json: String, now: Instant) {
         let ev = Arc::new(FeedEvent {
             seq,
             merchant: merchant.to_owned(),
@@ -239,8 +393,7 @@ impl Feed {
             ring.events.pop_front();
         }
         ring.events.push_back(ev.clone());
-        // Sent under the lock so that subscribers see events in `seq` order; a send with no
-        // receivers is not an error worth reporting.
+        // A send with no receivers is not an error worth reporting.
         let _ = self.tx.send(ev);
     }
 

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub cluster_lease_changes: IntCounterVec,
     pub redis_errors: IntCounterVec,
     pub cluster_commands_refused: IntCounter,
+    pub feed_shared_dropped: IntCounter,
+    pub feed_gaps: IntCounter,
     pub sessions_closed: IntCounterVec,
     pub refunds: IntCounterVec,
     pub settlements: IntCounterVec,
@@ -370,6 +372,20 @@ impl Metrics {
                 IntCounter::new(
                     "cluster_commands_refused_total",
                     "Commands not sent because another node owns the cabinet now (or its lease could not be renewed)",
+                )?,
+            ),
+            feed_shared_dropped: reg(
+                &r,
+                IntCounter::new(
+                    "feed_shared_dropped_total",
+                    "Feed events the shared stream (Redis) could not take in time and were dropped; screens resync from snapshots",
+                )?,
+            ),
+            feed_gaps: reg(
+                &r,
+                IntCounter::new(
+                    "feed_gaps_total",
+                    "Jumps in the shared feed's numbering seen on this node (events it never received)",
                 )?,
             ),
             redis_errors: reg(

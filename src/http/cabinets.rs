@@ -50,6 +50,40 @@ pub(super) async fn snapshot_of(
     }
 }
 
+/// A cabinet's view as JSON, with its live state from wherever its actor is: this node's
+/// actor, or the last `cabinet` event another node published for it (`feed::remote_cabinet`),
+/// laid over the stored row field by field as a screen merges a delta.
+pub(super) fn live_json(
+    state: &AppState,
+    row: &CabinetRow,
+    live: Option<&CabinetSnapshot>,
+) -> ApiResult<serde_json::Value> {
+    let mut v = serde_json::to_value(view(row, live)?).map_err(ApiError::internal)?;
+    if live.is_none() {
+        if let Some(remote) = state.feed.remote_cabinet(&row.id) {
+            if let (Some(into), Ok(serde_json::Value::Object(from))) = (
+                v.as_object_mut(),
+                serde_json::from_str::<serde_json::Value>(&remote),
+            ) {
+                for (k, val) in from {
+                    into.insert(k, val);
+                }
+            }
+        }
+    }
+    Ok(v)
+}
+
+/// Tells the other nodes that a cabinet's credentials changed here: their brokers read them
+/// again before the cabinet's next connect there (an old secret or a revoked certificate stops
+/// working on every node, not only this one).
+fn directory_changed(state: &AppState, cid: &CabinetId) {
+    state.feed.publish_internal(
+        "directory",
+        &serde_json::json!({"cabinet_id": cid.as_str()}),
+    );
+}
+
 /// The view of a stored cabinet; a row whose id no longer parses is a fault of the hub.
 pub(super) fn view(row: &CabinetRow, live: Option<&CabinetSnapshot>) -> ApiResult<CabinetView> {
     CabinetView::new(row, live)
@@ -132,6 +166,7 @@ pub async fn register_cabinet(
             active: false,
         },
     );
+    directory_changed(&state, &b.id);
     let mut v = view(&row, None)?;
     v.secret = Some(secret);
     Ok(HttpResponse::Created().json(v))
@@ -174,6 +209,7 @@ pub async fn activate_cabinet(
             },
         );
     }
+    directory_changed(&state, &cid);
     let live = snapshot_of(&state, &cid).await?;
     Ok(HttpResponse::Ok().json(view(&row, live.as_ref())?))
 }
@@ -182,7 +218,8 @@ pub async fn activate_cabinet(
 #[derive(Serialize, ToSchema)]
 pub struct CabinetList {
     /// The cabinets.
-    items: Vec<CabinetView>,
+    #[schema(value_type = Vec<CabinetView>)]
+    items: Vec<serde_json::Value>,
     /// How many.
     count: usize,
     /// How many are online.
@@ -227,15 +264,15 @@ pub async fn list_cabinets(
         }
     }))
     .await;
-    let online = snapshots
-        .iter()
-        .filter(|s| s.as_ref().is_some_and(|s| s.online))
-        .count();
     let items = rows
         .iter()
         .zip(snapshots.iter())
-        .filter_map(|(r, s)| CabinetView::new(r, s.as_ref()))
+        .filter_map(|(r, s)| live_json(&state, r, s.as_ref()).ok())
         .collect::<Vec<_>>();
+    let online = items
+        .iter()
+        .filter(|v| v["online"].as_bool() == Some(true))
+        .count();
     Ok(HttpResponse::Ok().json(CabinetList {
         count: items.len(),
         items,
@@ -254,7 +291,7 @@ pub async fn get_cabinet(
     caller.require(Role::Viewer)?;
     let (cid, row) = visible_cabinet(&state, &caller, &path).await?;
     let live = snapshot_of(&state, &cid).await?;
-    Ok(HttpResponse::Ok().json(view(&row, live.as_ref())?))
+    Ok(HttpResponse::Ok().json(live_json(&state, &row, live.as_ref())?))
 }
 
 /// `PATCH /api/v1/cabinets/{id}/config`: only the settings given change.
@@ -487,6 +524,7 @@ async fn sync_certificates(state: &AppState, cid: &CabinetId) -> ApiResult<()> {
     let serials = state.store.valid_certificates_of(cid.as_str()).await?;
     let serials: Vec<&str> = serials.iter().map(String::as_str).collect();
     state.directory.set_certificates(cid.clone(), &serials);
+    directory_changed(state, cid);
     Ok(())
 }
 
@@ -510,6 +548,7 @@ pub async fn rotate_secret(
         entry.secret_hash = hash.clone();
         state.directory.put(cid.clone(), entry);
     }
+    directory_changed(&state, &cid);
     let row = CabinetRow {
         secret_hash: hash,
         ..row

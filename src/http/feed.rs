@@ -13,7 +13,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use cabinet_actors::ids::CabinetId;
 
 use super::auth::{Caller, Role};
-use super::cabinets::snapshot_of;
+use super::cabinets::{live_json, snapshot_of};
 use super::state::AppState;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::feed::FeedCap;
@@ -96,14 +96,24 @@ async fn snapshot(state: &AppState, caller: &Caller, seq: u64) -> ApiResult<Stri
             Ok(id) => snapshot_of(state, &id).await.ok().flatten(),
             Err(_) => None,
         };
-        let Some(view) = CabinetView::new(r, live.as_ref()) else {
-            continue;
+        let text = match (&live, state.feed.remote_cabinet(&r.id)) {
+            // Another node's cabinet: its last published state over the stored row.
+            (None, Some(_)) => match live_json(state, r, None) {
+                Ok(v) => v.to_string(),
+                Err(_) => continue,
+            },
+            _ => {
+                let Some(view) = CabinetView::new(r, live.as_ref()) else {
+                    continue;
+                };
+                serde_json::to_string(&view).map_err(ApiError::internal)?
+            }
         };
         if !first {
             out.push(',');
         }
         first = false;
-        out.push_str(&serde_json::to_string(&view).map_err(ApiError::internal)?);
+        out.push_str(&text);
     }
     out.push_str("]}}");
     Ok(out)

@@ -104,6 +104,14 @@ pub async fn metrics(state: web::Data<AppState>, req: HttpRequest) -> HttpRespon
                 .error_response();
         }
     }
+    // Counted by the feed; copied into their series at each scrape.
+    let (dropped, gaps) = state.feed.bus_losses();
+    for (c, now) in [
+        (&state.metrics.feed_shared_dropped, dropped),
+        (&state.metrics.feed_gaps, gaps),
+    ] {
+        c.inc_by(now.saturating_sub(c.get()));
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render())

@@ -114,6 +114,36 @@ impl Directory {
         Ok(id)
     }
 
+    /// Reads one cabinet's entry and certificates again from storage: another node changed
+    /// them (registered, activated, a new secret, a certificate issued or revoked).
+    pub async fn reload(&self, store: &Store, id: &CabinetId) -> anyhow::Result<()> {
+        let serials = store.valid_certificates_of(id.as_str()).await?;
+        let serials: Vec<&str> = serials.iter().map(String::as_str).collect();
+        self.set_certificates(id.clone(), &serials);
+        match store.cabinet(id.as_str()).await? {
+            Some(c) => {
+                let merchant = MerchantId::parse(&c.merchant_id).map_err(|_| {
+                    anyhow::anyhow!("stored cabinet {} has an invalid merchant id", c.id)
+                })?;
+                self.put(
+                    id.clone(),
+                    DirectoryEntry {
+                        merchant,
+                        secret_hash: c.secret_hash,
+                        active: c.active,
+                    },
+                );
+            }
+            None => {
+                self.map
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+            }
+        }
+        Ok(())
+    }
+
     /// Loads every registered cabinet and its valid certificates.
     pub async fn load(store: &Store) -> anyhow::Result<Self> {
         let d = Self::default();

@@ -13,12 +13,46 @@
 //! request is served by a revoked key after the revocation answered; a revocation by another
 //! node, or by hand in the database, is seen within `KEY_TTL`. Keys that are not found are not
 //! kept.
+//!
+//! With several nodes (Redis), every change is also announced to the others, in order with the
+//! node's other events (`cluster::bus`), and they drop the whole cache of that name at once: a
+//! revoked key or a changed price stops being served everywhere, not only within the TTL.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// Told the name of a cache this node changed, so that other nodes drop theirs
+/// (`Store::announce_cache_changes`); shared by every cache of a store.
+#[derive(Clone, Default)]
+pub(crate) struct Announce(Arc<OnceLock<Tell>>);
+
+type Tell = Box<dyn Fn(&'static str) + Send + Sync>;
+
+impl Announce {
+    /// Sets who is told; once.
+    pub(crate) fn set(&self, f: Tell) {
+        let _ = self.0.set(f);
+    }
+
+    fn tell(&self, name: &'static str) {
+        if let Some(f) = self.0.get() {
+            f(name);
+        }
+    }
+}
+
+impl std::fmt::Debug for Announce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Announce(set)"
+        } else {
+            "Announce"
+        })
+    }
+}
 
 /// More entries than this and the cache starts over: a bound, not an eviction policy, as the
 /// working set (cabinets and merchants in use) is far smaller on any real fleet.
@@ -28,10 +62,17 @@ const MAX_ENTRIES: usize = 200_000;
 pub(crate) const KEY_TTL: Duration = Duration::from_secs(5);
 
 /// One cache.
-#[derive(Debug)]
 pub(crate) struct Cached<K, V> {
     inner: Mutex<Inner<K, V>>,
     ttl: Duration,
+    name: &'static str,
+    announce: Announce,
+}
+
+impl<K, V> std::fmt::Debug for Cached<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cached").field("name", &self.name).finish()
+    }
 }
 
 #[derive(Debug)]
@@ -42,13 +83,21 @@ struct Inner<K, V> {
 
 impl<K: Hash + Eq + Clone, V: Clone> Cached<K, V> {
     /// A cache whose entries live `ttl`; zero turns it off.
+    #[cfg(test)]
     pub(crate) fn new(ttl: Duration) -> Self {
+        Self::named("test", ttl, Announce::default())
+    }
+
+    /// A cache whose changes by this node's writes are announced under `name`.
+    pub(crate) fn named(name: &'static str, ttl: Duration, announce: Announce) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 map: HashMap::new(),
                 generation: 0,
             }),
             ttl,
+            name,
+            announce,
         }
     }
 
@@ -167,6 +216,8 @@ impl<K: Hash + Eq + Clone, V: Clone> Drop for Invalidate<'_, K, V> {
             Some(k) => self.cache.invalidate(k),
             None => self.cache.clear(),
         }
+        // Other nodes drop the whole cache: changes are rare, and a name needs no key format.
+        self.cache.announce.tell(self.cache.name);
     }
 }
 

@@ -276,6 +276,7 @@ pub struct Store {
 /// What a purchase reads and people rarely change (see [`cache`]).
 #[derive(Debug)]
 struct Caches {
+    announce: cache::Announce,
     cabinets: cache::Cached<String, Option<CabinetRow>>,
     /// By cabinet and merchant (the merchant names the products).
     prices: cache::Cached<(String, String), BTreeMap<String, ListPrice>>,
@@ -289,12 +290,14 @@ struct Caches {
 
 impl Caches {
     fn new(ttl: Duration) -> Self {
+        let a = cache::Announce::default();
         Self {
-            cabinets: cache::Cached::new(ttl),
-            prices: cache::Cached::new(ttl),
-            promotions: cache::Cached::new(ttl),
-            terms: cache::Cached::new(ttl),
-            keys: cache::Cached::new(ttl.min(cache::KEY_TTL)),
+            cabinets: cache::Cached::named("cabinets", ttl, a.clone()),
+            prices: cache::Cached::named("prices", ttl, a.clone()),
+            promotions: cache::Cached::named("promotions", ttl, a.clone()),
+            terms: cache::Cached::named("terms", ttl, a.clone()),
+            keys: cache::Cached::named("keys", ttl.min(cache::KEY_TTL), a.clone()),
+            announce: a,
         }
     }
 }
@@ -545,6 +548,26 @@ impl Store {
     pub fn with_cache_ttl(mut self, ttl: Duration) -> Self {
         self.caches = std::sync::Arc::new(Caches::new(ttl));
         self
+    }
+
+    /// Tells `f` the name of every cache a write through this store changes, after the write
+    /// (several nodes: the others drop theirs, [`Store::forget`]). Call once, at start-up.
+    pub fn announce_cache_changes(&self, f: impl Fn(&'static str) + Send + Sync + 'static) {
+        self.caches.announce.set(Box::new(f));
+    }
+
+    /// Drops every kept row of the cache `name` (another node changed some); unknown names are
+    /// ignored.
+    pub fn forget(&self, name: &str) {
+        let c = &self.caches;
+        match name {
+            "cabinets" => c.cabinets.clear(),
+            "prices" => c.prices.clear(),
+            "promotions" => c.promotions.clear(),
+            "terms" => c.terms.clear(),
+            "keys" => c.keys.clear(),
+            _ => {}
+        }
     }
 
     /// Announces every later committed session and order change on `tx`. Call before the

@@ -8,7 +8,16 @@ use sqlx::{FromRow, Row};
 use super::{conflict_or, Change, MerchantPayment, Result, Store};
 
 /// A purchase or restock session.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    sqlx::FromRow,
+    utoipa::ToSchema,
+)]
 pub struct SessionRow {
     /// Id (also the provider's `out_order_no`).
     pub id: String,

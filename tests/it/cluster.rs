@@ -12,7 +12,8 @@ use tokio::net::{TcpListener, TcpStream};
 use cabinet_hub::cluster::{Cluster, ClusterSettings, Held};
 use cabinet_hub::metrics::Metrics;
 
-use crate::harness::fresh_postgres;
+use crate::feed;
+use crate::harness::{fresh_postgres, options, Cabinet, PATIENCE};
 use crate::node::Spec;
 
 /// A missing Redis fails these tests: they are never skipped.
@@ -292,19 +293,7 @@ async fn leadership_runs_out_while_redis_is_unreachable_and_returns_with_it() {
 /// `kill -9` it, and the other takes over within the lease plus 5 s.
 #[actix_rt::test]
 async fn two_hub_nodes_share_the_singleton_work_and_survive_the_leaders_death() {
-    let db = fresh_postgres().await;
-    let p = prefix();
-    let spec = |name: &str| {
-        Spec::new()
-            .env("HUB__DATABASE__URL", &db)
-            .env("HUB__REDIS__URL", redis_url())
-            .env("HUB__CLUSTER__KEY_PREFIX", &p)
-            .env("HUB__CLUSTER__LEASE_MS", 2_000)
-            .env("HUB__CLUSTER__RENEW_MS", 400)
-            .env("HUB__NODE__ID", name)
-    };
-    let mut a = spec("node-a").start().await;
-    let mut b = spec("node-b").start().await;
+    let (mut a, mut b) = two_nodes().await;
     for n in [&a, &b] {
         let (status, ready) = n.get("/readyz", "").await;
         assert_eq!(status, 200, "{ready}");
@@ -350,4 +339,101 @@ async fn two_hub_nodes_share_the_singleton_work_and_survive_the_leaders_death() 
         "{}",
         survivor.metrics().await
     );
+}
+
+/// Two hub processes on one fresh PostgreSQL database and one Redis (short leases).
+async fn two_nodes() -> (crate::node::Node, crate::node::Node) {
+    let db = fresh_postgres().await;
+    let p = prefix();
+    let spec = |name: &str| {
+        Spec::new()
+            .env("HUB__DATABASE__URL", &db)
+            .env("HUB__REDIS__URL", redis_url())
+            .env("HUB__CLUSTER__KEY_PREFIX", &p)
+            .env("HUB__CLUSTER__LEASE_MS", 2_000)
+            .env("HUB__CLUSTER__RENEW_MS", 400)
+            .env("HUB__NODE__ID", name)
+    };
+    let a = spec("node-a").start().await;
+    let b = spec("node-b").start().await;
+    (a, b)
+}
+
+/// Connects a cabinet to `hub`, retrying while that node has not yet read credentials
+/// registered through another node.
+async fn connect_to(hub: &crate::node::Node, id: &str, secret: &str) -> Cabinet {
+    let start = Instant::now();
+    loop {
+        match Cabinet::try_connect(options(hub.mqtt, id, secret)).await {
+            Ok(mut c) => {
+                c.subscribe_commands().await;
+                c.publish("status", serde_json::json!({"online": true, "boot_id": "b1", "fw": "2.4.1", "model": "KM-400", "config_version": 1, "boot": "power_on"})).await;
+                return c;
+            }
+            Err(e) => {
+                assert!(
+                    start.elapsed() < PATIENCE,
+                    "{id} never accepted by the second node: {e}; its log: {}",
+                    hub.stderr()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_feed_client_on_one_node_sees_another_nodes_cabinet_and_resumes_on_it() {
+    let (mut a, b) = two_nodes().await;
+    let (ma, op) = a.merchant("m1").await;
+    // Registered through a; b's broker learns the credentials through the shared stream.
+    let secret = a.cabinet(&ma, "m1", "KX1").await;
+    let mut c = connect_to(&b, "KX1", &secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    b.wait_online(&op, "KX1").await;
+    // a has no actor for it and answers its live state from b's events.
+    a.eventually(PATIENCE, "KX1 online as seen from a", || async {
+        (a.cabinet_state(&op, "KX1").await["online"] == true).then_some(())
+    })
+    .await;
+    let mut ws = feed::connect(&a, &op, None).await;
+    let snap = feed::next(&mut ws, PATIENCE)
+        .await
+        .unwrap_or_else(|| panic!("no snapshot"));
+    assert_eq!(snap["type"], "snapshot");
+    assert_eq!(snap["data"]["cabinets"][0]["id"], "KX1");
+    assert_eq!(snap["data"]["cabinets"][0]["online"], true, "{snap}");
+    // An alert on b's cabinet reaches a's screen.
+    c.event("tamper").await;
+    let mut last = snap["seq"].as_u64().unwrap_or(0);
+    loop {
+        let v = feed::next(&mut ws, PATIENCE)
+            .await
+            .unwrap_or_else(|| panic!("the tamper alert never reached node a"));
+        let seq = v["seq"].as_u64().unwrap_or(0);
+        assert!(seq > last, "seq increases: {last} then {seq}");
+        last = seq;
+        if v["type"] == "alert" && v["data"]["alert"]["type"] == "tamper" {
+            break;
+        }
+    }
+    // a stops; what happened meanwhile is replayed by b from the same numbering.
+    drop(ws);
+    a.terminate();
+    c.heartbeat("open", "unlocked", true, 1).await;
+    let mut ws = feed::connect(&b, &op, Some(last)).await;
+    let first = feed::next(&mut ws, PATIENCE)
+        .await
+        .unwrap_or_else(|| panic!("nothing from b"));
+    assert_ne!(
+        first["type"], "snapshot",
+        "replayed, not a snapshot: {first}"
+    );
+    assert_eq!(first["seq"].as_u64(), Some(last + 1), "no gap: {first}");
+    let mut v = first;
+    while !(v["type"] == "cabinet" && v["data"]["door"] == "open") {
+        v = feed::next(&mut ws, PATIENCE)
+            .await
+            .unwrap_or_else(|| panic!("the door change never came from b"));
+    }
 }

@@ -28,6 +28,8 @@ use redis::Script;
 
 use crate::metrics::Metrics;
 
+pub mod bus;
+
 /// Cabinets renewed per script call: one round trip each, bounded so that one call does not
 /// hold Redis (single-threaded) for long.
 const RENEW_BATCH: usize = 500;
@@ -118,6 +120,8 @@ pub enum ClusterError {
 }
 
 struct RedisBackend {
+    /// For connections of their own (the feed's blocking reads).
+    url: String,
     conn: ConnectionManager,
     claim: Script,
     renew: Script,
@@ -170,6 +174,7 @@ impl Cluster {
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
         metrics.cluster_leader.set(0);
         let backend = RedisBackend {
+            url: url.to_owned(),
             conn,
             claim: Script::new(CLAIM),
             renew: Script::new(RENEW),
