@@ -197,8 +197,8 @@ impl Application {
         cluster.share_feed(&feed, settings.feed.replay_events).await;
         if cluster.is_shared() {
             let feed = feed.clone();
-            store.announce_cache_changes(move |name| {
-                feed.publish_internal("cache", &serde_json::json!({ "name": name }));
+            store.announce_cache_changes(move |name, key| {
+                feed.publish_internal("cache", &serde_json::json!({ "name": name, "key": key }));
             });
         }
         {
@@ -211,10 +211,11 @@ impl Application {
                 #[derive(serde::Deserialize)]
                 struct Cache {
                     name: String,
+                    key: Option<String>,
                 }
                 if e.kind == "cache" {
-                    if let Ok(Cache { name }) = serde_json::from_str(&e.data) {
-                        store.forget(&name);
+                    if let Ok(Cache { name, key }) = serde_json::from_str(&e.data) {
+                        store.forget(&name, key.as_deref());
                     }
                     return;
                 }

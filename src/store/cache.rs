@@ -29,7 +29,31 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Default)]
 pub(crate) struct Announce(Arc<OnceLock<Tell>>);
 
-type Tell = Box<dyn Fn(&'static str) + Send + Sync>;
+/// The cache's name and the key changed (`None`: all of them).
+type Tell = Box<dyn Fn(&'static str, Option<&str>) + Send + Sync>;
+
+/// A key another node can be told about: a text key as itself; others as "all of them".
+pub(crate) trait WireKey {
+    fn wire(&self) -> Option<&str>;
+}
+
+impl WireKey for String {
+    fn wire(&self) -> Option<&str> {
+        Some(self)
+    }
+}
+
+impl WireKey for &str {
+    fn wire(&self) -> Option<&str> {
+        Some(self)
+    }
+}
+
+impl WireKey for (String, String) {
+    fn wire(&self) -> Option<&str> {
+        None
+    }
+}
 
 impl Announce {
     /// Sets who is told; once.
@@ -37,9 +61,9 @@ impl Announce {
         let _ = self.0.set(f);
     }
 
-    fn tell(&self, name: &'static str) {
+    fn tell(&self, name: &'static str, key: Option<&str>) {
         if let Some(f) = self.0.get() {
-            f(name);
+            f(name, key);
         }
     }
 }
@@ -81,7 +105,7 @@ struct Inner<K, V> {
     generation: u64,
 }
 
-impl<K: Hash + Eq + Clone, V: Clone> Cached<K, V> {
+impl<K: Hash + Eq + Clone + WireKey, V: Clone> Cached<K, V> {
     /// A cache whose entries live `ttl`; zero turns it off.
     #[cfg(test)]
     pub(crate) fn new(ttl: Duration) -> Self {
@@ -204,20 +228,21 @@ impl<K: Hash + Eq + Clone, V: Clone> Cached<K, V> {
 }
 
 /// See [`Cached::invalidating`].
-pub(crate) struct Invalidate<'a, K: Hash + Eq + Clone, V: Clone> {
+pub(crate) struct Invalidate<'a, K: Hash + Eq + Clone + WireKey, V: Clone> {
     cache: &'a Cached<K, V>,
     /// `None`: every key.
     key: Option<K>,
 }
 
-impl<K: Hash + Eq + Clone, V: Clone> Drop for Invalidate<'_, K, V> {
+impl<K: Hash + Eq + Clone + WireKey, V: Clone> Drop for Invalidate<'_, K, V> {
     fn drop(&mut self) {
         match &self.key {
             Some(k) => self.cache.invalidate(k),
             None => self.cache.clear(),
         }
-        // Other nodes drop the whole cache: changes are rare, and a name needs no key format.
-        self.cache.announce.tell(self.cache.name);
+        self.cache
+            .announce
+            .tell(self.cache.name, self.key.as_ref().and_then(|k| k.wire()));
     }
 }
 

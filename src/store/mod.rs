@@ -550,22 +550,32 @@ impl Store {
         self
     }
 
-    /// Tells `f` the name of every cache a write through this store changes, after the write
-    /// (several nodes: the others drop theirs, [`Store::forget`]). Call once, at start-up.
-    pub fn announce_cache_changes(&self, f: impl Fn(&'static str) + Send + Sync + 'static) {
+    /// Tells `f` the name of every cache a write through this store changes, and the key (or
+    /// `None`, all of them), after the write (several nodes: the others drop theirs,
+    /// [`Store::forget`]). Call once, at start-up.
+    pub fn announce_cache_changes(
+        &self,
+        f: impl Fn(&'static str, Option<&str>) + Send + Sync + 'static,
+    ) {
         self.caches.announce.set(Box::new(f));
     }
 
-    /// Drops every kept row of the cache `name` (another node changed some); unknown names are
-    /// ignored.
-    pub fn forget(&self, name: &str) {
+    /// Drops the kept row `key` of the cache `name`, or all of them (another node changed
+    /// some); unknown names are ignored.
+    pub fn forget(&self, name: &str, key: Option<&str>) {
+        fn drop_from<V: Clone>(c: &cache::Cached<String, V>, key: Option<&str>) {
+            match key {
+                Some(k) => c.invalidate(&k.to_owned()),
+                None => c.clear(),
+            }
+        }
         let c = &self.caches;
         match name {
-            "cabinets" => c.cabinets.clear(),
+            "cabinets" => drop_from(&c.cabinets, key),
+            "promotions" => drop_from(&c.promotions, key),
+            "terms" => drop_from(&c.terms, key),
+            "keys" => drop_from(&c.keys, key),
             "prices" => c.prices.clear(),
-            "promotions" => c.promotions.clear(),
-            "terms" => c.terms.clear(),
-            "keys" => c.keys.clear(),
             _ => {}
         }
     }

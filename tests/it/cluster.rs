@@ -437,3 +437,24 @@ async fn a_feed_client_on_one_node_sees_another_nodes_cabinet_and_resumes_on_it(
             .unwrap_or_else(|| panic!("the door change never came from b"));
     }
 }
+
+#[actix_rt::test]
+async fn a_secret_rotated_on_one_node_stops_working_on_the_other() {
+    let (a, b) = two_nodes().await;
+    let (ma, _) = a.merchant("m1").await;
+    let old = a.cabinet(&ma, "m1", "KX2").await;
+    connect_to(&b, "KX2", &old).await.cut();
+    let (status, rotated) = a
+        .post("/api/v1/cabinets/KX2/secret", &ma, serde_json::json!({}))
+        .await;
+    assert_eq!(status, 200, "{rotated}");
+    let new = rotated["secret"].as_str().unwrap_or_default().to_owned();
+    // Without the shared stream, b would take the old secret until it restarted.
+    let start = Instant::now();
+    while let Ok(c) = Cabinet::try_connect(options(b.mqtt, "KX2", &old)).await {
+        c.cut();
+        assert!(start.elapsed() < PATIENCE, "b still takes the old secret");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    connect_to(&b, "KX2", &new).await;
+}
