@@ -201,8 +201,11 @@ impl Application {
                 feed.publish_internal("cache", &serde_json::json!({ "name": name, "key": key }));
             });
         }
+        // Set once the supervisor exists: other nodes' confirmations are told to it.
+        let supervisor: Arc<std::sync::OnceLock<Arc<Sessions>>> = Arc::default();
         {
             let (directory, store) = (directory.clone(), store.clone());
+            let supervisor = supervisor.clone();
             feed.on_internal(move |e| {
                 #[derive(serde::Deserialize)]
                 struct Changed {
@@ -212,6 +215,18 @@ impl Application {
                 struct Cache {
                     name: String,
                     key: Option<String>,
+                }
+                #[derive(serde::Deserialize)]
+                struct Confirmed {
+                    session_id: String,
+                }
+                if e.kind == "confirmed" {
+                    if let (Some(s), Ok(Confirmed { session_id })) =
+                        (supervisor.get(), serde_json::from_str(&e.data))
+                    {
+                        s.confirmed_elsewhere(&session_id);
+                    }
+                    return;
                 }
                 if e.kind == "cache" {
                     if let Ok(Cache { name, key }) = serde_json::from_str(&e.data) {
@@ -295,6 +310,13 @@ impl Application {
             settings.clone(),
             providers,
         );
+        let _ = supervisor.set(sessions.clone());
+        if cluster.is_shared() {
+            let feed = feed.clone();
+            sessions.on_confirmation_elsewhere(move |id| {
+                feed.publish_internal("confirmed", &serde_json::json!({ "session_id": id }));
+            });
+        }
         // After a crash: runs once the HTTP server (which also serves the simulator) is up.
         let resumer = sessions.clone();
         tokio::spawn(async move { resumer.resume().await });
@@ -417,6 +439,14 @@ impl Application {
             pump_alive,
         });
         let admin_key = ensure_admin_key(&state).await?;
+        // Requests other nodes carry here for this node's cabinets (http::route).
+        {
+            let served = state.clone();
+            cluster.serve_calls(Arc::new(move |kind, body| {
+                let state = served.clone();
+                Box::pin(async move { crate::http::route::serve(state, kind, body).await })
+            }));
+        }
 
         let workers = match settings.http.workers {
             0 => std::thread::available_parallelism()

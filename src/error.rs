@@ -106,6 +106,8 @@ pub enum ErrorCode {
     ActorUnavailable,
     /// The cabinet's actor restarted before the command ended.
     ActorRestarted,
+    /// The node that serves the cabinet (several nodes) did not answer in time.
+    NodeUnavailable,
     /// Storage is not answering (pool exhausted, database down): retry later.
     Unavailable,
     /// A fault of the hub's own; logged with its cause.
@@ -145,7 +147,7 @@ impl ErrorCode {
             TooManyFeeds => StatusCode::TOO_MANY_REQUESTS,
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             CabinetOffline | UnlockTimeout | HubRestarted | ActorUnavailable | ActorRestarted
-            | Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | NodeUnavailable | Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -75,8 +75,9 @@ pub struct Feed {
 }
 
 /// Events between nodes that no screen sees: `directory` (a cabinet's credentials changed,
-/// read them again), `cache` (rows another node changed: drop the cache of that name).
-const INTERNAL: &[&str] = &["directory", "cache"];
+/// read them again), `cache` (rows another node changed: drop the cache of that name),
+/// `confirmed` (a shopper confirmed a session another node may be waiting on).
+const INTERNAL: &[&str] = &["directory", "cache", "confirmed"];
 
 type SessionSender = tokio::sync::mpsc::UnboundedSender<SessionRow>;
 

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub cluster_cabinet_leases: IntGauge,
     pub cluster_lease_changes: IntCounterVec,
     pub redis_errors: IntCounterVec,
+    pub routed_calls: IntCounterVec,
+    pub route_seconds: HistogramVec,
     pub cluster_commands_refused: IntCounter,
     pub feed_shared_dropped: IntCounter,
     pub feed_gaps: IntCounter,
@@ -386,6 +388,27 @@ impl Metrics {
                 IntCounter::new(
                     "feed_gaps_total",
                     "Jumps in the shared feed's numbering seen on this node (events it never received)",
+                )?,
+            ),
+            routed_calls: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "routed_calls_total",
+                        "Requests carried between nodes for a cabinet another node owns: side (sent, served) and outcome (ok, timeout, error, no_owner, expired)",
+                    ),
+                    &["side", "outcome"],
+                )?,
+            ),
+            route_seconds: reg(
+                &r,
+                HistogramVec::new(
+                    prometheus::HistogramOpts::new(
+                        "route_seconds",
+                        "The hop through Redis to the owning node and back, by call kind (the owner's own work excluded)",
+                    )
+                    .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0]),
+                    &["kind"],
                 )?,
             ),
             redis_errors: reg(

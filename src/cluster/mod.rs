@@ -29,6 +29,7 @@ use redis::Script;
 use crate::metrics::Metrics;
 
 pub mod bus;
+pub mod calls;
 
 /// Cabinets renewed per script call: one round trip each, bounded so that one call does not
 /// hold Redis (single-threaded) for long.
@@ -146,6 +147,8 @@ pub struct Cluster {
     redis_ok: AtomicBool,
     /// Set by `step_down`: this node no longer asks to lead.
     stepped_down: AtomicBool,
+    /// Calls this node made to others, waiting for their answers.
+    pending: calls::Pending,
 }
 
 impl Cluster {
@@ -196,6 +199,7 @@ impl Cluster {
             cabinets_until_ms: AtomicU64::new(0),
             redis_ok: AtomicBool::new(ok),
             stepped_down: AtomicBool::new(false),
+            pending: calls::Pending::default(),
         }
     }
 

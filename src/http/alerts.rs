@@ -82,6 +82,12 @@ pub async fn ack_alert(
         if let Some(cabinet) = state.registry.get(&cid) {
             // The history above is what the answer shows; the actor's copy follows.
             let _ = cabinet.ack_alert(kind).await;
+        } else if let Ok(Some(node)) = super::route::owner_elsewhere(&state, &cid).await {
+            let call = super::route::Call::AlertAck {
+                cabinet_id: cid.to_string(),
+                alert: kind,
+            };
+            let _ = super::route::carry_reply(&state, &node, &call).await;
         }
     }
     let a = visible_alert(&state, &caller, &path).await?;
@@ -110,6 +116,13 @@ pub async fn clear_alert(
     if let Some((kind, cid)) = alert_target(&a) {
         if let Some(cabinet) = state.registry.get(&cid) {
             let _ = cabinet.clear_alert(kind, caller.key_id.clone()).await;
+        } else if let Ok(Some(node)) = super::route::owner_elsewhere(&state, &cid).await {
+            let call = super::route::Call::AlertClear {
+                cabinet_id: cid.to_string(),
+                alert: kind,
+                by: caller.key_id.clone(),
+            };
+            let _ = super::route::carry_reply(&state, &node, &call).await;
         }
     }
     let a = visible_alert(&state, &caller, &path).await?;

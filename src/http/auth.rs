@@ -49,7 +49,7 @@ impl Role {
 }
 
 /// The authenticated caller.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Caller {
     /// Key id (audit).
     pub key_id: String,

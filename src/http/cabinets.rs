@@ -11,6 +11,7 @@ use cabinet_actors::protocol::{CabinetConfig, CommandBody, LightSchedule, Sessio
 use cabinet_actors::CommandError;
 
 use super::auth::{Caller, Role};
+use super::route;
 use super::sessions::{idempotency, start_answer};
 use super::state::AppState;
 use super::ErrorBody;
@@ -394,6 +395,16 @@ pub async fn patch_config(
     if let Some(cabinet) = state.registry.get(&cid) {
         pushed = cabinet.snapshot().await.map(|s| s.online).unwrap_or(false);
         cabinet.set_desired(config.clone());
+    } else if let Ok(Some(node)) = route::owner_elsewhere(&state, &cid).await {
+        // Stored already: the owner pushes it now; an actor started later reads it anyway.
+        let call = route::Call::Config {
+            cabinet_id: cid.to_string(),
+            config: config.clone(),
+        };
+        if let Ok((reply, _)) = route::carry_reply(&state, &node, &call).await {
+            pushed = serde_json::from_str::<serde_json::Value>(&reply.body)
+                .is_ok_and(|v| v["pushed"] == true);
+        }
     }
     Ok(HttpResponse::Ok().json(ConfigPushed { config, pushed }))
 }
@@ -668,6 +679,14 @@ pub async fn send_command(
                 &req,
                 &serde_json::json!({"type": "unlock", "mode": "restock", "by": caller.key_id}),
             )?;
+            if let Some(node) = route::owner_elsewhere(&state, &cid).await? {
+                let call = route::Call::Start {
+                    caller: caller.clone(),
+                    body: start,
+                    idem,
+                };
+                return route::carry(&state, &node, &call).await;
+            }
             return Ok(start_answer(&state, &caller, start, idem).await);
         }
         CommandRequest::Lockdown { on, reason } => {
@@ -687,6 +706,13 @@ pub async fn send_command(
             ErrorCode::CabinetNotActive,
             "the cabinet is not activated",
         ));
+    }
+    if let Some(node) = route::owner_elsewhere(&state, &cid).await? {
+        let call = route::Call::Command {
+            cabinet_id: cid.to_string(),
+            body,
+        };
+        return route::carry(&state, &node, &call).await;
     }
     let Some(cabinet) = state.registry.get(&cid) else {
         // No actor: the cabinet has not connected since the hub started; never sent.

@@ -17,6 +17,7 @@ pub mod keys;
 pub mod merchants;
 pub mod notifications;
 pub mod page;
+pub mod route;
 pub mod service_orders;
 pub mod sessions;
 #[cfg(feature = "simulators")]

@@ -106,6 +106,15 @@ pub async fn start_session(
         &req,
         &serde_json::to_value(&body).map_err(ApiError::internal)?,
     )?;
+    // Several nodes: the cabinet's actor may live on another one, which does the start.
+    if let Some(node) = super::route::owner_of_visible(&state, &caller, &body.cabinet_id).await? {
+        let call = super::route::Call::Start {
+            caller: caller.clone(),
+            body,
+            idem,
+        };
+        return super::route::carry(&state, &node, &call).await;
+    }
     Ok(start_answer(&state, &caller, body, idem).await)
 }
 

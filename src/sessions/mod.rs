@@ -53,6 +53,9 @@ pub use refunds::RefundAnswer;
 pub use service_time::{NewServiceOrder, ServiceChannel};
 pub use start::{request_hash, Idempotency, PlannedItem, StartSession, StartTimings};
 
+/// Told the provider order number of a confirmation nobody on this node waits for.
+type TellOthers = Box<dyn Fn(&str) + Send + Sync>;
+
 /// The supervisor.
 pub struct Sessions {
     store: Store,
@@ -73,6 +76,9 @@ pub struct Sessions {
     /// This process, in the Idempotency-Keys it takes: a key taken by another boot whose
     /// request never answered died with that process and is reclaimed.
     boot_id: String,
+    /// Several nodes: told of a confirmation nobody here waits for, so that the node whose
+    /// session waits for it hears it (the provider's notice reaches any node).
+    tell_others: std::sync::OnceLock<TellOthers>,
 }
 
 impl Sessions {
@@ -96,7 +102,18 @@ impl Sessions {
             unsettled: Mutex::new(std::collections::HashSet::new()),
             me: me.clone(),
             boot_id: boot_id(),
+            tell_others: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Who to tell of confirmations nobody on this node waits for. Call once, at start-up.
+    pub fn on_confirmation_elsewhere(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.tell_others.set(Box::new(f));
+    }
+
+    /// Another node heard the shopper confirm: wake the session waiting here, if any.
+    pub fn confirmed_elsewhere(&self, out_order_no: &str) {
+        self.wake_confirmation(out_order_no);
     }
 
     fn now(&self) -> i64 {
@@ -120,15 +137,29 @@ impl Sessions {
         })
     }
 
-    /// Someone waits for this session's confirmation: wake them (a redelivery finds no one).
+    /// Someone waits for this session's confirmation: wake them (a redelivery finds no one),
+    /// here or, with several nodes, on the node running the session.
     fn confirmed(&self, out_order_no: &str) {
-        if let Some(tx) = self
+        if !self.wake_confirmation(out_order_no) {
+            if let Some(tell) = self.tell_others.get() {
+                tell(out_order_no);
+            }
+        }
+    }
+
+    /// Wakes the wait for this confirmation on this node; false when none waits here.
+    fn wake_confirmation(&self, out_order_no: &str) -> bool {
+        match self
             .confirmations
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(out_order_no)
         {
-            let _ = tx.send(());
+            Some(tx) => {
+                let _ = tx.send(());
+                true
+            }
+            None => false,
         }
     }
 

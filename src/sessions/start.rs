@@ -97,7 +97,7 @@ pub struct PlannedItem {
 }
 
 /// A request's `Idempotency-Key` and what it is bound to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Idempotency {
     /// The caller's key.
     pub key: String,

@@ -458,3 +458,145 @@ async fn a_secret_rotated_on_one_node_stops_working_on_the_other() {
     }
     connect_to(&b, "KX2", &new).await;
 }
+
+#[actix_rt::test]
+async fn a_session_started_through_one_node_for_a_cabinet_on_the_other_completes_and_charges_once()
+{
+    let (a, b) = two_nodes().await;
+    let (ma, op) = a.merchant("m1").await;
+    let secret = a.cabinet(&ma, "m1", "KX3").await;
+    let (s, r) = a
+        .call(
+            "PUT",
+            "/api/v1/products/cola",
+            &op,
+            Some(serde_json::json!({"name": "cola"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    let (s, r) = a
+        .call(
+            "PUT",
+            "/api/v1/cabinets/KX3/prices",
+            &op,
+            Some(serde_json::json!({"items": [{"sku": "cola", "price_fen": 300}]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    let mut c = connect_to(&b, "KX3", &secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    b.wait_online(&op, "KX3").await;
+    // The lease is b's before a is asked.
+    let start = Instant::now();
+    while !b.metrics().await.contains("cluster_cabinet_leases 1") {
+        assert!(start.elapsed() < PATIENCE, "b never took KX3's lease");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let sessions = a.url("/api/v1/sessions");
+    let body = serde_json::json!({"cabinet_id": "KX3", "user_id": "u1", "channel": "wechat", "mode": "purchase"});
+    let send = || {
+        a.client
+            .post(&sessions)
+            .bearer_auth(&op)
+            .header("Idempotency-Key", "routed-1")
+            .json(&body)
+            .send()
+    };
+    let r = send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 202);
+    let timing = r
+        .headers()
+        .get("server-timing")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        timing.contains("route;dur="),
+        "the hop is reported: {timing}"
+    );
+    let answer: serde_json::Value = r.json().await.unwrap_or_default();
+    let session = answer["session"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // The shopper's backend follows it on a: a's long poll hears b's session changes.
+    let following = {
+        let (client, sessions, op, answer) = (
+            a.client.clone(),
+            sessions.clone(),
+            op.clone(),
+            answer.clone(),
+        );
+        actix_rt::spawn(
+            async move { crate::purchase::follow(&client, &sessions, &op, &answer).await },
+        )
+    };
+    let unlock = c.expect_command("unlock", PATIENCE).await;
+    c.ack(&unlock, true, None).await;
+    let v = following.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(v["session"]["state"], "open", "{v}");
+    crate::purchase::shop_visit(
+        &mut c,
+        &session,
+        serde_json::json!([{"sku": "cola", "qty": 1}]),
+    )
+    .await;
+    let v = crate::purchase::order_status(&a, &op, &session, "paid").await;
+    assert_eq!(v["order"]["paid_fen"], 300, "{v}");
+    // The same request again, through either node: the same session, no second charge.
+    let again: serde_json::Value = send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .json()
+        .await
+        .unwrap_or_default();
+    assert_eq!(again["session"]["id"], session.as_str(), "{again}");
+    let (s, orders) = a.get("/api/v1/orders?cabinet_id=KX3", &op).await;
+    assert_eq!(s, 200, "{orders}");
+    let items = orders["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(items.len(), 1, "one order: {orders}");
+    assert!(
+        a.metric("routed_calls_total{outcome=\"ok\",side=\"sent\"}")
+            .await
+            >= 1.0
+    );
+    assert!(
+        b.metric("routed_calls_total{outcome=\"ok\",side=\"served\"}")
+            .await
+            >= 1.0
+    );
+}
+
+#[actix_rt::test]
+async fn a_request_for_a_cabinet_no_node_serves_is_refused_offline() {
+    let (a, _b) = two_nodes().await;
+    let (ma, op) = a.merchant("m1").await;
+    a.cabinet(&ma, "m1", "KX4").await;
+    let (s, v) = a
+        .post(
+            "/api/v1/sessions",
+            &op,
+            serde_json::json!({"cabinet_id": "KX4", "user_id": "u1", "channel": "wechat", "mode": "purchase"}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (503, Some("cabinet_offline")),
+        "{v}"
+    );
+    // Another merchant's cabinet is not found, whichever node is asked.
+    let (_, op2) = a.merchant("m2").await;
+    let (s, v) = a
+        .post(
+            "/api/v1/sessions",
+            &op2,
+            serde_json::json!({"cabinet_id": "KX4", "user_id": "u1", "channel": "wechat", "mode": "purchase"}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (404, Some("cabinet_not_found")),
+        "{v}"
+    );
+}
