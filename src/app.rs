@@ -318,8 +318,8 @@ impl Application {
             });
         }
         // After a crash: runs once the HTTP server (which also serves the simulator) is up.
-        let resumer = sessions.clone();
-        tokio::spawn(async move { resumer.resume().await });
+        let (resumer, resumed_by) = (sessions.clone(), cluster.clone());
+        tokio::spawn(async move { resumer.resume(&resumed_by).await });
         // Singleton work (payment collection, refunds followed, reminders, settlement, sweeps)
         // runs on the node holding the leader lease: always this one on a single node.
         let collector = sessions.clone();

@@ -536,6 +536,13 @@ impl Cluster {
         }))
     }
 
+    /// Whether another live node serves the cabinet now (holds its lease): what it has under
+    /// way is its own. False on a single node, and when Redis cannot tell (the caller acts as
+    /// a single node would).
+    pub async fn serves_elsewhere(&self, cabinet: &str) -> bool {
+        matches!(self.owner(cabinet).await, Ok(Some(o)) if o.node != self.settings.node_id)
+    }
+
     /// Renews the leader lease and the cabinets' leases every `renew` until the process ends
     /// (or the task answered is aborted: a node dying, in tests).
     pub fn start(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {

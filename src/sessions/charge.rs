@@ -251,13 +251,17 @@ impl Sessions {
     /// that is still good (the provider is asked at once, in case they confirmed meanwhile).
     /// Sessions that were unlocking may have opened the door: they are treated as open, so the
     /// cabinet's recognition still charges them. Orders that were being completed are
-    /// completed again.
-    pub async fn resume(&self) {
+    /// completed again. With several nodes, only what no other live node is running.
+    pub async fn resume(&self, cluster: &crate::cluster::Cluster) {
         for state in [SessionState::Confirming, SessionState::Unlocking] {
             let Ok(sessions) = self.store.sessions_in_state(state.as_str()).await else {
                 continue;
             };
             for s in sessions {
+                // Several nodes: another live node is running it.
+                if cluster.serves_elsewhere(&s.cabinet_id).await {
+                    continue;
+                }
                 if state == SessionState::Confirming {
                     self.wait_on(s).await;
                     continue;
@@ -284,6 +288,9 @@ impl Sessions {
             .await
             .unwrap_or_default();
         for o in completing {
+            if cluster.serves_elsewhere(&o.cabinet_id).await {
+                continue;
+            }
             let (Ok(Some(s)), Some(priced)) = (
                 self.store.session(&o.session_id).await,
                 o.priced

@@ -343,20 +343,111 @@ async fn two_hub_nodes_share_the_singleton_work_and_survive_the_leaders_death() 
 
 /// Two hub processes on one fresh PostgreSQL database and one Redis (short leases).
 async fn two_nodes() -> (crate::node::Node, crate::node::Node) {
+    two_nodes_with(&[]).await
+}
+
+/// [`two_nodes`] with more settings for both.
+async fn two_nodes_with(env: &[(&str, String)]) -> (crate::node::Node, crate::node::Node) {
     let db = fresh_postgres().await;
     let p = prefix();
     let spec = |name: &str| {
-        Spec::new()
+        let mut s = Spec::new()
             .env("HUB__DATABASE__URL", &db)
             .env("HUB__REDIS__URL", redis_url())
             .env("HUB__CLUSTER__KEY_PREFIX", &p)
             .env("HUB__CLUSTER__LEASE_MS", 2_000)
             .env("HUB__CLUSTER__RENEW_MS", 400)
-            .env("HUB__NODE__ID", name)
+            .env("HUB__NODE__ID", name);
+        for (k, v) in env {
+            s = s.env(k, v);
+        }
+        s
     };
     let a = spec("node-a").start().await;
     let b = spec("node-b").start().await;
     (a, b)
+}
+
+/// The payment simulators in a process of their own (`cabinet-hub simulate`), shared by the
+/// nodes as WeChat is in the field: an order one node created, another can complete.
+struct Simulator {
+    child: std::process::Child,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Simulator {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let addr = format!("127.0.0.1:{}", crate::harness::free_port());
+        let child = crate::node::command(&[])
+            .arg("simulate")
+            .arg("--listen")
+            .arg(&addr)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("simulate: {e}"));
+        let start = Instant::now();
+        while TcpStream::connect(&addr).await.is_err() {
+            assert!(start.elapsed() < PATIENCE, "the simulator never listened");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Simulator {
+            child,
+            url: format!("http://{addr}"),
+            dir,
+        }
+    }
+
+    /// Deductions the simulated WeChat made, from its journal.
+    fn charges(&self) -> usize {
+        crate::crash::charges_in(self.dir.path())
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A merchant `m1` with cabinet `id` selling cola at 3.00 registered through `hub`: the
+/// operator's key and the cabinet's secret.
+async fn cola_cabinet(hub: &crate::harness::TestHub, id: &str) -> (String, String) {
+    let (ma, op) = hub.merchant("m1").await;
+    let secret = hub.cabinet(&ma, "m1", id).await;
+    let (s, r) = hub
+        .call(
+            "PUT",
+            "/api/v1/products/cola",
+            &op,
+            Some(serde_json::json!({"name": "cola"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    let (s, r) = hub
+        .call(
+            "PUT",
+            &format!("/api/v1/cabinets/{id}/prices"),
+            &op,
+            Some(serde_json::json!({"items": [{"sku": "cola", "price_fen": 300}]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    (op, secret)
+}
+
+/// Waits until `hub` holds `n` cabinet leases.
+async fn leases(hub: &crate::harness::TestHub, n: u32) {
+    let start = Instant::now();
+    while hub.metric("cluster_cabinet_leases").await != f64::from(n) {
+        assert!(start.elapsed() < PATIENCE, "never {n} cabinet leases");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Connects a cabinet to `hub`, retrying while that node has not yet read credentials
@@ -463,35 +554,12 @@ async fn a_secret_rotated_on_one_node_stops_working_on_the_other() {
 async fn a_session_started_through_one_node_for_a_cabinet_on_the_other_completes_and_charges_once()
 {
     let (a, b) = two_nodes().await;
-    let (ma, op) = a.merchant("m1").await;
-    let secret = a.cabinet(&ma, "m1", "KX3").await;
-    let (s, r) = a
-        .call(
-            "PUT",
-            "/api/v1/products/cola",
-            &op,
-            Some(serde_json::json!({"name": "cola"})),
-        )
-        .await;
-    assert_eq!(s, 200, "{r}");
-    let (s, r) = a
-        .call(
-            "PUT",
-            "/api/v1/cabinets/KX3/prices",
-            &op,
-            Some(serde_json::json!({"items": [{"sku": "cola", "price_fen": 300}]})),
-        )
-        .await;
-    assert_eq!(s, 200, "{r}");
+    let (op, secret) = cola_cabinet(&a, "KX3").await;
     let mut c = connect_to(&b, "KX3", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
     b.wait_online(&op, "KX3").await;
     // The lease is b's before a is asked.
-    let start = Instant::now();
-    while !b.metrics().await.contains("cluster_cabinet_leases 1") {
-        assert!(start.elapsed() < PATIENCE, "b never took KX3's lease");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    leases(&b, 1).await;
 
     let sessions = a.url("/api/v1/sessions");
     let body = serde_json::json!({"cabinet_id": "KX3", "user_id": "u1", "channel": "wechat", "mode": "purchase"});
@@ -599,4 +667,70 @@ async fn a_request_for_a_cabinet_no_node_serves_is_refused_offline() {
         (404, Some("cabinet_not_found")),
         "{v}"
     );
+}
+
+/// `kill -9` of the node serving a cabinet in the middle of a purchase (door open): the cabinet
+/// reconnects to the other node, which takes its lease at once, finishes the session from the
+/// cabinet's recognition and charges the shopper exactly once.
+#[actix_rt::test]
+async fn a_node_killed_mid_session_loses_no_order_and_charges_once() {
+    let sim = Simulator::start().await;
+    let (a, mut b) = two_nodes_with(&[
+        ("HUB__PAYMENTS__SIMULATOR_URL", sim.url.clone()),
+        ("HUB__PAYMENTS__DEDUCTION_CHECK_MS", "300".into()),
+        ("HUB__PAYMENTS__SIMULATOR_RETRY_SCALE", "0.01".into()),
+    ])
+    .await;
+    let (op, secret) = cola_cabinet(&a, "KX5").await;
+    let mut c = connect_to(&b, "KX5", &secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    leases(&b, 1).await;
+    let (s, answer) = a
+        .post(
+            "/api/v1/sessions",
+            &op,
+            serde_json::json!({"cabinet_id": "KX5", "user_id": "u1", "channel": "wechat", "mode": "purchase"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{answer}");
+    let session = answer["session"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let unlock = c.expect_command("unlock", PATIENCE).await;
+    c.ack(&unlock, true, None).await;
+    a.eventually(PATIENCE, "the door open", || async {
+        let (_, v) = a.get(&format!("/api/v1/sessions/{session}"), &op).await;
+        (v["session"]["state"] == "open").then_some(())
+    })
+    .await;
+    c.event("door_opened").await;
+
+    b.kill9();
+    let died = Instant::now();
+    c.cut();
+    // The cabinet's connection died with b: it reconnects to a and goes on.
+    let mut c = connect_to(&a, "KX5", &secret).await;
+    c.heartbeat("open", "unlocked", true, 1).await;
+    leases(&a, 1).await;
+    let moved = died.elapsed();
+    assert!(
+        moved < Duration::from_millis(2_000 + 5_000),
+        "the cabinet was served again {moved:?} after its node died"
+    );
+    crate::purchase::door_then_recognition(
+        &mut c,
+        serde_json::json!({"session_id": session, "status": "ok", "items": [{"sku": "cola", "qty": 1}]}),
+    )
+    .await;
+    let v = crate::purchase::order_status(&a, &op, &session, "paid").await;
+    assert_eq!(v["order"]["paid_fen"], 300, "{v}");
+    let start = Instant::now();
+    while sim.charges() != 1 {
+        assert!(start.elapsed() < PATIENCE, "charges: {}", sim.charges());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Settled for good: no second deduction turns up later.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sim.charges(), 1);
 }

@@ -82,7 +82,7 @@ impl Node {
 }
 
 /// The deductions recorded in the WeChat Pay simulator's journal under `dir`.
-fn charges_in(dir: &std::path::Path) -> usize {
+pub(crate) fn charges_in(dir: &std::path::Path) -> usize {
     let text = std::fs::read_to_string(dir.join("wechat-simulator.jsonl")).unwrap_or_default();
     let mut orders = serde_json::Map::new();
     for line in text.lines() {
