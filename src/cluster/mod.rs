@@ -54,18 +54,28 @@ redis.call('SET', KEYS[1], ARGV[1] .. '|' .. f, 'PX', ARGV[2])
 return {tostring(f), prev}
 ";
 
-/// Renews the leases this node holds (`KEYS[i]` with fence `ARGV[i + 2]`); answers the indexes
-/// (1-based) of those it no longer holds.
+/// Renews the leases this node holds (`KEYS[i]` with fence `ARGV[i + 2]`), answering per lease
+/// `0` (renewed), `-1` (another node holds it now) or a new fence: the lease had run out with
+/// nobody taking it (Redis was away longer than a lease) and is taken again, as the cabinet is
+/// still connected here (`KEYS[#KEYS]` is the fence counter, not a lease).
 const RENEW: &str = r"
-local lost = {}
-for i, k in ipairs(KEYS) do
-  if redis.call('GET', k) == ARGV[1] .. '|' .. ARGV[i + 2] then
+local out = {}
+local counter = KEYS[#KEYS]
+for i = 1, #KEYS - 1 do
+  local k = KEYS[i]
+  local cur = redis.call('GET', k)
+  if cur == ARGV[1] .. '|' .. ARGV[i + 2] then
     redis.call('PEXPIRE', k, ARGV[2])
+    out[i] = 0
+  elseif not cur then
+    local f = redis.call('INCR', counter)
+    redis.call('SET', k, ARGV[1] .. '|' .. f, 'PX', ARGV[2])
+    out[i] = f
   else
-    table.insert(lost, i)
+    out[i] = -1
   end
 end
-return lost
+return out
 ";
 
 /// Gives a lease up if it is still ours under this fence.
@@ -473,25 +483,29 @@ impl Cluster {
         };
         let sent = self.now_ms();
         let mut lost = Vec::new();
+        let mut retaken = Vec::new();
         for chunk in held.chunks(RENEW_BATCH) {
             let mut call = r.renew.prepare_invoke();
             for (id, _) in chunk {
                 call.key(self.cabinet_key(id));
             }
+            call.key(self.key("fence"));
             call.arg(&self.settings.node_id)
                 .arg(self.settings.lease.as_millis() as u64);
             for (_, fence) in chunk {
                 call.arg(*fence);
             }
             let mut conn = r.conn.clone();
-            match call.invoke_async::<Vec<usize>>(&mut conn).await {
-                Ok(gone) => {
+            match call.invoke_async::<Vec<i64>>(&mut conn).await {
+                Ok(answers) => {
                     self.redis_ok.store(true, Ordering::Relaxed);
-                    lost.extend(
-                        gone.into_iter()
-                            .filter_map(|i| chunk.get(i.wrapping_sub(1)))
-                            .map(|(id, f)| (id.clone(), *f)),
-                    );
+                    for ((id, fence), a) in chunk.iter().zip(answers) {
+                        match a {
+                            0 => {}
+                            n if n > 0 => retaken.push((id.clone(), *fence, n as u64)),
+                            _ => lost.push((id.clone(), *fence)),
+                        }
+                    }
                 }
                 Err(e) => {
                     // The leases of this batch run out on their own if no later round
@@ -509,6 +523,12 @@ impl Cluster {
                     map.insert(id.clone(), Held::Lost);
                     self.lease_change("cabinet", "lost");
                     tracing::warn!(cabinet_id = %id, "cabinet lease lost to another node");
+                }
+            }
+            for (id, old, new) in &retaken {
+                if map.get(id) == Some(&Held::Held(*old)) {
+                    map.insert(id.clone(), Held::Held(*new));
+                    self.lease_change("cabinet", "acquired");
                 }
             }
             self.metrics

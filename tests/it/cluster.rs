@@ -734,3 +734,96 @@ async fn a_node_killed_mid_session_loses_no_order_and_charges_once() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(sim.charges(), 1);
 }
+
+/// Redis cut off from both nodes for a few seconds and back: the nodes say so, reconnect,
+/// read the shared feed on from where they were, lead again (one of them), and carry requests
+/// again; what the database holds was never at stake.
+#[actix_rt::test]
+async fn nodes_come_back_together_after_redis_was_unreachable() {
+    let relay = Relay::start(0).await;
+    let url = format!("redis://127.0.0.1:{}", relay.port);
+    let (a, b) = two_nodes_with(&[("HUB__REDIS__URL", url)]).await;
+    let (op, secret) = cola_cabinet(&a, "KX6").await;
+    let mut c = connect_to(&b, "KX6", &secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    leases(&b, 1).await;
+    let mut ws = feed::connect(&a, &op, None).await;
+    let snap = feed::next(&mut ws, PATIENCE)
+        .await
+        .unwrap_or_else(|| panic!("no snapshot"));
+    assert_eq!(snap["type"], "snapshot");
+
+    let port = relay.cut();
+    for n in [&a, &b] {
+        let start = Instant::now();
+        loop {
+            let (status, ready) = n.get("/readyz", "").await;
+            if status == 503 && ready["redis"] == "unreachable" {
+                break;
+            }
+            assert!(start.elapsed() < PATIENCE, "never unready: {ready}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Said while Redis is away: it reaches a's screen once Redis is back.
+    c.event("tamper").await;
+    // Away longer than a lease (2 s): every lease runs out meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _relay = Relay::start(port).await;
+    for n in [&a, &b] {
+        let start = Instant::now();
+        loop {
+            let (status, ready) = n.get("/readyz", "").await;
+            if status == 200 && ready["redis"] == "ok" {
+                break;
+            }
+            assert!(start.elapsed() < PATIENCE, "never ready again: {ready}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let start = Instant::now();
+    loop {
+        let v = feed::next(&mut ws, PATIENCE)
+            .await
+            .unwrap_or_else(|| panic!("the alert raised while Redis was away never came"));
+        if v["type"] == "alert" && v["data"]["alert"]["type"] == "tamper" {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE);
+    }
+    let start = Instant::now();
+    loop {
+        let leaders = a.metric("cluster_leader").await + b.metric("cluster_leader").await;
+        if leaders == 1.0 {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "leaders: {leaders}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Requests are carried again: b took its cabinet's lease again when it could renew.
+    let pending = {
+        let (client, url, op) = (
+            a.client.clone(),
+            a.url("/api/v1/cabinets/KX6/commands"),
+            op.clone(),
+        );
+        actix_rt::spawn(async move {
+            let r = client
+                .post(url)
+                .bearer_auth(op)
+                .json(&serde_json::json!({"type": "reboot"}))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        })
+    };
+    let reboot = c.expect_command("reboot", PATIENCE).await;
+    c.ack(&reboot, true, None).await;
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["result"]["outcome"], "ok", "{v}");
+}
