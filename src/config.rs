@@ -874,6 +874,46 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configurations_load_and_validate() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut seen = 0;
+        for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{e}")) {
+            let path = e.unwrap_or_else(|e| panic!("{e}")).path();
+            if path.to_string_lossy().ends_with(".example.toml") {
+                Settings::load(Some(&path), &Overrides::default())
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3, "the examples: {seen}");
+        let a = Settings::load(
+            Some(&dir.join("cluster-node-a.example.toml")),
+            &Overrides::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.node_id(), "hub-a");
+        assert!(a.redis.url.is_some());
+    }
+
+    #[test]
+    fn a_renewal_slower_than_half_the_lease_is_refused() {
+        let mut s = Settings::defaults(Path::new("/tmp/x")).unwrap_or_else(|e| panic!("{e}"));
+        s.cluster.renew_ms = s.cluster.lease_ms / 2 + 1;
+        assert!(s.validate().is_err());
+        s.cluster.renew_ms = 0;
+        assert!(s.validate().is_err());
+        s.cluster.renew_ms = s.cluster.lease_ms / 3;
+        assert!(s.validate().is_ok());
+        assert_ne!(
+            s.node_id(),
+            Settings::defaults(Path::new("/tmp/x"))
+                .unwrap_or_else(|e| panic!("{e}"))
+                .node_id(),
+            "two nodes on one machine get different names"
+        );
+    }
+
+    #[test]
     fn hhmm() {
         assert!(valid_hhmm("07:00"));
         assert!(valid_hhmm("23:59"));
