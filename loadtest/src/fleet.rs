@@ -109,9 +109,11 @@ pub fn source_for(i: usize) -> IpAddr {
     ))
 }
 
-/// Starts one task per cabinet; they run until `stop` turns true.
+/// Starts one task per cabinet; they run until `stop` turns true. Cabinet `i` connects to
+/// `brokers[i % n]` and, when that refuses or does not answer, to the next, as cabinets behind a
+/// load balancer reach whichever node is up.
 pub fn start(
-    broker: SocketAddr,
+    brokers: &[SocketAddr],
     cabinets: &[FleetCabinet],
     behaviour: Arc<Behaviour>,
     stats: Arc<Stats>,
@@ -129,7 +131,8 @@ pub fn start(
                 start_after,
                 cab: c.clone(),
                 src: source_for(i),
-                broker,
+                brokers: brokers.to_vec().into(),
+                preferred: i,
                 behaviour: behaviour.clone(),
                 stats: stats.clone(),
                 seq: 0,
@@ -161,7 +164,9 @@ struct Sim {
     start_after: Duration,
     cab: FleetCabinet,
     src: IpAddr,
-    broker: SocketAddr,
+    brokers: Arc<[SocketAddr]>,
+    /// Index (modulo the list) of the broker tried first.
+    preferred: usize,
     behaviour: Arc<Behaviour>,
     stats: Arc<Stats>,
     seq: u64,
@@ -246,7 +251,15 @@ impl Sim {
 
     async fn connect(&mut self, stop: &watch::Receiver<bool>) -> Option<Conn> {
         let mut backoff = Duration::from_millis(200);
+        let mut attempt_no = 0usize;
         loop {
+            let Some(&broker) = self
+                .brokers
+                .get((self.preferred + attempt_no) % self.brokers.len().max(1))
+            else {
+                return None;
+            };
+            attempt_no += 1;
             if *stop.borrow() {
                 return None;
             }
@@ -261,7 +274,7 @@ impl Sim {
             // deadline only adds abandoned sockets to a broker that is already behind.
             let attempt = tokio::time::timeout(
                 Duration::from_secs(30),
-                Conn::connect(self.broker, self.src, login),
+                Conn::connect(broker, self.src, login),
             )
             .await
             .unwrap_or_else(|_| {

@@ -41,7 +41,7 @@ fn die_with_parent(cmd: &mut tokio::process::Command) {
 
 /// `bin simulate` on a free loopback port with `env` (the `[payments]` simulator settings);
 /// returns once it answers `/healthz`.
-async fn spawn_simulator(
+pub(crate) async fn spawn_simulator(
     bin: &Path,
     env: &[(String, String)],
 ) -> Result<(tokio::process::Child, tempfile::TempDir, SocketAddr)> {
@@ -87,9 +87,14 @@ pub fn default_hub_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("cabinet-hub"))
 }
 
-/// The started hub's log: beside the other temporary files, kept after the run for a post-mortem.
-fn log_file() -> Result<std::process::Stdio> {
-    let path = std::env::temp_dir().join("cabinet-loadtest-hub.log");
+/// The started hub's log: beside the other temporary files, kept after the run for a post-mortem
+/// (`cabinet-loadtest-hub.log`, or `cabinet-loadtest-hub-<name>.log` for a cluster's nodes).
+fn log_file(name: Option<&str>) -> Result<std::process::Stdio> {
+    let file = match name {
+        Some(n) => format!("cabinet-loadtest-hub-{n}.log"),
+        None => "cabinet-loadtest-hub.log".to_owned(),
+    };
+    let path = std::env::temp_dir().join(file);
     let f = std::fs::File::create(&path).with_context(|| path.display().to_string())?;
     Ok(f.into())
 }
@@ -137,6 +142,30 @@ impl Hub {
         } else {
             None
         };
+        Self::launch(bin, env, sim, None).await
+    }
+
+    /// One node of a cluster: as `spawn`, using the simulators at `sim` (shared by the nodes, as
+    /// the providers' servers are) and logging to `cabinet-loadtest-hub-<name>.log`; `env`
+    /// names the shared database and Redis.
+    pub async fn spawn_node(
+        bin: &Path,
+        env: &[(String, String)],
+        sim: SocketAddr,
+        name: &str,
+    ) -> Result<Self> {
+        let mut env = env.to_vec();
+        env.push(("HUB__PAYMENTS__SIMULATOR_URL".into(), format!("http://{sim}")));
+        env.push(("HUB__NODE__ID".into(), name.to_owned()));
+        Self::launch(bin, &env, None, Some(name)).await
+    }
+
+    async fn launch(
+        bin: &Path,
+        env: &[(String, String)],
+        sim: Option<(tokio::process::Child, tempfile::TempDir, SocketAddr)>,
+        log: Option<&str>,
+    ) -> Result<Self> {
         let data = tempfile::tempdir()?;
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         // The broker listens on every loopback address so the fleet can spread its
@@ -156,7 +185,7 @@ impl Hub {
             .env("HUB__CABINET__INITIAL_SERVICE_DAYS", "365")
             .kill_on_drop(true)
             .stdout(std::process::Stdio::null())
-            .stderr(log_file()?);
+            .stderr(log_file(log)?);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -207,6 +236,14 @@ impl Hub {
             _data: None,
             sim: None,
         })
+    }
+
+    /// `kill -9` of the hub this tool started: a node dying.
+    pub fn kill9(&mut self) -> Result<()> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.start_kill()?),
+            None => bail!("not started by this tool"),
+        }
     }
 
     /// The hub's process id when this tool started it.

@@ -3,6 +3,7 @@
 //! with `--json`, and exits 1 when a `--target` is missed.
 
 mod capacity;
+mod cluster;
 mod fleet;
 mod hub;
 mod ingest;
@@ -181,6 +182,28 @@ enum Scenario {
         /// Write the plot here (SVG).
         #[arg(long)]
         svg: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Two hub nodes on one PostgreSQL and one Redis: the fleet split between them, sessions
+    /// asked of one (half run there, half carried to the other), then the other killed: how long
+    /// until every cabinet is served again.
+    Cluster {
+        #[arg(long, default_value_t = 30_000)]
+        cabinets: usize,
+        /// Sessions a second while shopping (half the time local, half routed).
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 20)]
+        duration_s: u64,
+        /// A PostgreSQL server whose user may create databases (a fresh one per run).
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+        postgres_url: String,
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        /// The nodes' lease (`cluster.lease_ms`): the failover target is this plus 5 s.
+        #[arg(long, default_value_t = 10_000)]
+        lease_ms: u64,
         #[command(flatten)]
         common: Common,
     },
@@ -376,6 +399,29 @@ async fn run(s: Scenario) -> Result<Option<(Report, Common)>> {
                 bounded(cabinets, "--cabinets")?,
                 rate.clamp(0.01, 10_000.0),
                 secs(duration_s)?,
+            )
+            .await?,
+            common,
+        ),
+        Scenario::Cluster {
+            cabinets,
+            rate,
+            duration_s,
+            postgres_url,
+            redis_url,
+            lease_ms,
+            common,
+        } => (
+            cluster::cluster(
+                &ctx(&common)?,
+                bounded(cabinets, "--cabinets")?,
+                rate,
+                secs(duration_s)?,
+                &cluster::Shared {
+                    postgres: postgres_url,
+                    redis: redis_url,
+                    lease_ms: lease_ms.max(300),
+                },
             )
             .await?,
             common,

@@ -99,9 +99,19 @@ pub(crate) struct Fleet {
 
 impl Fleet {
     pub(crate) fn start(hub: &Hub, cabs: &[FleetCabinet], behaviour: Arc<Behaviour>) -> Self {
+        Self::start_over(&[hub.mqtt], cabs, behaviour)
+    }
+
+    /// The fleet spread over several brokers (a cluster's nodes): cabinet `i` goes to
+    /// `brokers[i % n]`, and on to the next when that one is down.
+    pub(crate) fn start_over(
+        brokers: &[std::net::SocketAddr],
+        cabs: &[FleetCabinet],
+        behaviour: Arc<Behaviour>,
+    ) -> Self {
         let stats = Arc::new(Stats::default());
         let (stop, rx) = watch::channel(false);
-        let handles = fleet::start(hub.mqtt, cabs, behaviour, stats.clone(), rx);
+        let handles = fleet::start(brokers, cabs, behaviour, stats.clone(), rx);
         Fleet {
             handles,
             stats,
@@ -734,7 +744,7 @@ pub(crate) struct Unlocks {
     pub(crate) total: Histogram<u64>,
     provider: Histogram<u64>,
     hub_own: Histogram<u64>,
-    stages: std::collections::BTreeMap<String, Histogram<u64>>,
+    pub(crate) stages: std::collections::BTreeMap<String, Histogram<u64>>,
     untimed: u64,
 }
 
