@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::hub::Hub;
+use crate::fleet::{self, Behaviour, Faults, Stats};
+use crate::hub::{FleetCabinet, Hub};
 use crate::report::Report;
 use crate::scenarios::{price_fleet, setup, shop, Ctx, Fleet};
 
@@ -94,7 +95,8 @@ pub async fn cluster(
                "nodes": 2, "lease_ms": shared.lease_ms}),
     );
     let db = fresh_database(&shared.postgres)?;
-    let (_sim_child, _sim_dir, sim) = crate::hub::spawn_simulator(&ctx.hub_bin, &ctx.hub_env).await?;
+    let (_sim_child, _sim_dir, sim) =
+        crate::hub::spawn_simulator(&ctx.hub_bin, &ctx.hub_env).await?;
     let prefix = format!(
         "lt{}",
         std::time::SystemTime::now()
@@ -106,13 +108,22 @@ pub async fn cluster(
         ("HUB__DATABASE__URL".to_owned(), db),
         ("HUB__REDIS__URL".to_owned(), shared.redis.clone()),
         ("HUB__CLUSTER__KEY_PREFIX".to_owned(), prefix),
-        ("HUB__CLUSTER__LEASE_MS".to_owned(), shared.lease_ms.to_string()),
+        (
+            "HUB__CLUSTER__LEASE_MS".to_owned(),
+            shared.lease_ms.to_string(),
+        ),
         (
             "HUB__CLUSTER__RENEW_MS".to_owned(),
             (shared.lease_ms / 3).max(1).to_string(),
         ),
-        ("HUB__CABINET__HEARTBEAT_S".to_owned(), ctx.heartbeat_s.to_string()),
-        ("HUB__PAYMENTS__SIMULATOR_CONFIRM_MS".to_owned(), "0".to_owned()),
+        (
+            "HUB__CABINET__HEARTBEAT_S".to_owned(),
+            ctx.heartbeat_s.to_string(),
+        ),
+        (
+            "HUB__PAYMENTS__SIMULATOR_CONFIRM_MS".to_owned(),
+            "0".to_owned(),
+        ),
         // A cabinet whose node died is offline there only after this; it is served by the
         // other node as soon as it reconnects.
         ("HUB__MQTT__MAX_CONNECTIONS".to_owned(), "40000".to_owned()),
@@ -123,11 +134,28 @@ pub async fn cluster(
     let (op, cabs) = setup(&a, n, &mut r).await?;
     price_fleet(&a, &op, &cabs).await?;
     let items = json!([{"sku": "6901234567890", "qty": 1}, {"sku": "6907992100012", "qty": 1}]);
+    // Beyond one process's descriptors the rest of the fleet runs in child processes; an even
+    // split keeps cabinet i on node i % 2 in every process.
+    let here = if cabs.len() > PER_PROCESS {
+        PER_PROCESS
+    } else {
+        cabs.len()
+    };
     let fleet = Fleet::start_over(
         &[a.mqtt, b.mqtt],
-        &cabs,
-        ctx.behaviour(items, Duration::from_millis(1500)),
+        &cabs[..here],
+        ctx.behaviour(items.clone(), Duration::from_millis(1500)),
     );
+    let mut workers = Vec::new();
+    for part in cabs[here..].chunks(PER_PROCESS) {
+        workers.push(fleet_process(ctx, &[a.mqtt, b.mqtt], part, &items).await?);
+    }
+    if !workers.is_empty() {
+        r.note(format!(
+            "the fleet ran in {} processes (at most {PER_PROCESS} cabinets each: the open-file limit)",
+            workers.len() + 1
+        ));
+    }
     let within = ctx.online_within(n);
     let online = until_sum(&[&a, &b], "cabinets_online", n, within).await?;
     r.fig("connect_all_online_s", online.as_secs_f64(), "s");
@@ -138,7 +166,11 @@ pub async fn cluster(
     if let (Some(ra), Some(rb)) = (ra, rb) {
         r.fig("node_a_rss_mb", ra as f64 / 1e6, "MB");
         r.fig("node_b_rss_mb", rb as f64 / 1e6, "MB");
-        r.fig("kb_per_cabinet_both_nodes", (ra + rb) as f64 / 1000.0 / n as f64, "KB");
+        r.fig(
+            "kb_per_cabinet_both_nodes",
+            (ra + rb) as f64 / 1000.0 / n as f64,
+            "KB",
+        );
     }
     let leader = (
         a.metric_sum("cluster_leader").await.unwrap_or(0.0),
@@ -147,7 +179,11 @@ pub async fn cluster(
     r.fig("leaders", leader.0 + leader.1, "");
 
     // Sessions asked of node a: for a's own cabinets, then for b's (carried through Redis).
-    let (local, routed): (Vec<_>, Vec<_>) = cabs.iter().cloned().enumerate().partition(|(i, _)| i % 2 == 0);
+    let (local, routed): (Vec<_>, Vec<_>) = cabs
+        .iter()
+        .cloned()
+        .enumerate()
+        .partition(|(i, _)| i % 2 == 0);
     let local: Vec<_> = local.into_iter().map(|(_, c)| c).collect();
     let routed: Vec<_> = routed.into_iter().map(|(_, c)| c).collect();
     let half = duration / 2;
@@ -193,5 +229,94 @@ pub async fn cluster(
         "s",
     );
     fleet.shutdown().await;
+    drop(workers);
     Ok(r)
+}
+
+/// A process's share of the cabinets: past about 19,000 a process runs out of descriptors (the
+/// hard open-file limit here is 20,000), so a fleet beyond that is split.
+const PER_PROCESS: usize = 15_000;
+
+/// Runs `cabs` in a child process (`fleet-worker`) against `brokers`; it runs until the returned
+/// child is dropped (its stdin closes).
+async fn fleet_process(
+    ctx: &Ctx,
+    brokers: &[std::net::SocketAddr],
+    cabs: &[FleetCabinet],
+    items: &serde_json::Value,
+) -> Result<(tokio::process::Child, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("fleet.json");
+    std::fs::write(
+        &input,
+        serde_json::to_vec(&json!({"cabinets": cabs, "items": items}))?,
+    )?;
+    let me = std::env::current_exe()?;
+    let mut cmd = tokio::process::Command::new(me);
+    cmd.arg("fleet-worker")
+        .arg("--brokers")
+        .arg(
+            brokers
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .arg("--input")
+        .arg(&input)
+        .arg("--heartbeat-s")
+        .arg(ctx.heartbeat_s.to_string())
+        .arg("--door-open-ms")
+        .arg("1500")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(r) = ctx.ramp_per_s {
+        cmd.arg("--ramp-per-s").arg(r.to_string());
+    }
+    let child = cmd.spawn().context("starting a fleet-worker")?;
+    Ok((child, dir))
+}
+
+/// The `fleet-worker` subcommand: the cabinets of `input` against `brokers` until stdin closes.
+pub async fn fleet_worker(
+    brokers: &[std::net::SocketAddr],
+    input: &std::path::Path,
+    heartbeat_s: u32,
+    ramp_per_s: Option<f64>,
+    door_open: Duration,
+) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Input {
+        cabinets: Vec<FleetCabinet>,
+        items: serde_json::Value,
+    }
+    let text = std::fs::read(input).with_context(|| input.display().to_string())?;
+    let Input { cabinets, items } = serde_json::from_slice(&text)?;
+    let behaviour = Arc::new(Behaviour {
+        heartbeat_s,
+        door_open,
+        items,
+        faults: Faults::default(),
+        ramp_per_s,
+    });
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let _handles = fleet::start(
+        brokers,
+        &cabinets,
+        behaviour,
+        Arc::new(Stats::default()),
+        rx,
+    );
+    // Until the parent goes (its end of stdin closes).
+    let _ = tokio::task::spawn_blocking(|| {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+    })
+    .await;
+    let _ = stop.send(true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(())
 }

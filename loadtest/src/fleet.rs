@@ -253,12 +253,9 @@ impl Sim {
         let mut backoff = Duration::from_millis(200);
         let mut attempt_no = 0usize;
         loop {
-            let Some(&broker) = self
+            let broker = *self
                 .brokers
-                .get((self.preferred + attempt_no) % self.brokers.len().max(1))
-            else {
-                return None;
-            };
+                .get((self.preferred + attempt_no) % self.brokers.len().max(1))?;
             attempt_no += 1;
             if *stop.borrow() {
                 return None;

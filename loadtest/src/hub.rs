@@ -117,7 +117,7 @@ pub fn free_port() -> Result<u16> {
 }
 
 /// One cabinet of the fleet.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct FleetCabinet {
     /// Id.
     pub id: String,
@@ -155,7 +155,10 @@ impl Hub {
         name: &str,
     ) -> Result<Self> {
         let mut env = env.to_vec();
-        env.push(("HUB__PAYMENTS__SIMULATOR_URL".into(), format!("http://{sim}")));
+        env.push((
+            "HUB__PAYMENTS__SIMULATOR_URL".into(),
+            format!("http://{sim}"),
+        ));
         env.push(("HUB__NODE__ID".into(), name.to_owned()));
         Self::launch(bin, &env, None, Some(name)).await
     }

@@ -225,6 +225,22 @@ enum Scenario {
         #[command(flatten)]
         common: Common,
     },
+    /// (Started by `cluster`.) Part of a fleet in a process of its own, past one process's
+    /// open-file limit: the cabinets in `--input` (JSON: `{"cabinets": [{id, secret}], "items":
+    /// […]}`) against `--brokers`, until stdin closes.
+    #[command(hide = true)]
+    FleetWorker {
+        #[arg(long, value_delimiter = ',')]
+        brokers: Vec<SocketAddr>,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value_t = 30)]
+        heartbeat_s: u32,
+        #[arg(long)]
+        ramp_per_s: Option<f64>,
+        #[arg(long, default_value_t = 1500)]
+        door_open_ms: u64,
+    },
     /// Writes docs/benchmarks.md's results section from JSON reports.
     Report {
         /// The JSON reports, in the order to show.
@@ -465,6 +481,23 @@ async fn run(s: Scenario) -> Result<Option<(Report, Common)>> {
             .await?,
             common,
         ),
+        Scenario::FleetWorker {
+            brokers,
+            input,
+            heartbeat_s,
+            ramp_per_s,
+            door_open_ms,
+        } => {
+            cluster::fleet_worker(
+                &brokers,
+                &input,
+                heartbeat_s,
+                ramp_per_s,
+                Duration::from_millis(door_open_ms),
+            )
+            .await?;
+            return Ok(None);
+        }
         Scenario::Report {
             files,
             out,
