@@ -21,11 +21,11 @@ use crate::feed::Feed;
 
 /// Events appended per script call.
 const BATCH: usize = 256;
-/// Entries asked for per read, and how long a read waits for new ones.
+/// Entries asked for per read.
 const READ_COUNT: usize = 512;
-const READ_BLOCK_MS: u64 = 2_000;
-/// Events waiting for Redis (while it is unreachable) before the oldest are dropped: the
-/// screens resync from a snapshot; storage has every order and session regardless.
+/// Events waiting for Redis (while it is unreachable); beyond this, new ones are dropped and
+/// counted: the screens resync from a snapshot, and storage has every order and session
+/// regardless.
 pub const PENDING_MAX: usize = 100_000;
 
 /// Appends `(merchant, kind, data, origin)` for each event in `ARGV[2..]`, numbering them
@@ -165,22 +165,7 @@ impl Cluster {
     async fn read_feed(&self, url: String, feed: Arc<Feed>, keep: usize) {
         let mut wait =
             crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let mut conn = loop {
-            let manager = async {
-                let client = redis::Client::open(url.as_str())?;
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_millis(READ_BLOCK_MS + 3_000)));
-                client.get_connection_manager_with_config(config).await
-            };
-            match manager.await {
-                Ok(c) => break c,
-                Err(e) => {
-                    self.failed("feed_read", &e.into());
-                    tokio::time::sleep(wait.next_delay()).await;
-                }
-            }
-        };
+        let mut conn = self.reading_connection(&url, "feed_read").await;
         let stream = self.stream_key();
         // The tail first: a node that starts can replay what its screens missed elsewhere.
         let mut last = String::from("0-0");
@@ -213,7 +198,7 @@ impl Cluster {
                 .arg("COUNT")
                 .arg(READ_COUNT)
                 .arg("BLOCK")
-                .arg(READ_BLOCK_MS)
+                .arg(super::READ_BLOCK_MS)
                 .arg("STREAMS")
                 .arg(&stream)
                 .arg(&last)

@@ -20,7 +20,6 @@ use super::{Cluster, ClusterError};
 
 /// Entries kept per stream: calls are answered within seconds.
 const KEEP: usize = 10_000;
-const READ_BLOCK_MS: u64 = 2_000;
 
 /// What a node answers to a call.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -252,22 +251,7 @@ impl Cluster {
     ) {
         let mut wait =
             crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let mut conn = loop {
-            let made = async {
-                let client = redis::Client::open(url)?;
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_millis(READ_BLOCK_MS + 3_000)));
-                client.get_connection_manager_with_config(config).await
-            };
-            match made.await {
-                Ok(c) => break c,
-                Err(e) => {
-                    self.failed("stream_read", &e.into());
-                    tokio::time::sleep(wait.next_delay()).await;
-                }
-            }
-        };
+        let mut conn = self.reading_connection(url, "stream_read").await;
         // From the stream's end as it is now: what came before was for an earlier run.
         let mut last = loop {
             let tail: redis::RedisResult<Vec<Entry>> = redis::cmd("XREVRANGE")
@@ -295,7 +279,7 @@ impl Cluster {
                 .arg("COUNT")
                 .arg(256)
                 .arg("BLOCK")
-                .arg(READ_BLOCK_MS)
+                .arg(super::READ_BLOCK_MS)
                 .arg("STREAMS")
                 .arg(&stream)
                 .arg(&last)

@@ -31,6 +31,9 @@ use crate::metrics::Metrics;
 pub mod bus;
 pub mod calls;
 
+/// How long a stream read waits for new entries before it asks again.
+const READ_BLOCK_MS: u64 = 2_000;
+
 /// Cabinets renewed per script call: one round trip each, bounded so that one call does not
 /// hold Redis (single-threaded) for long.
 const RENEW_BATCH: usize = 500;
@@ -534,6 +537,29 @@ impl Cluster {
             self.metrics
                 .cluster_cabinet_leases
                 .set(map.values().filter(|h| matches!(h, Held::Held(_))).count() as i64);
+        }
+    }
+
+    /// A connection of its own for blocking stream reads (a blocking read holds its connection
+    /// until it returns), made again and again until Redis answers.
+    async fn reading_connection(&self, url: &str, op: &'static str) -> ConnectionManager {
+        let mut wait =
+            crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        loop {
+            let made = async {
+                let client = redis::Client::open(url)?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_millis(READ_BLOCK_MS + 3_000)));
+                client.get_connection_manager_with_config(config).await
+            };
+            match made.await {
+                Ok(c) => return c,
+                Err(e) => {
+                    self.failed(op, &e.into());
+                    tokio::time::sleep(wait.next_delay()).await;
+                }
+            }
         }
     }
 

@@ -647,13 +647,7 @@ async fn a_request_for_a_cabinet_no_node_serves_is_refused_offline() {
     let (a, _b) = two_nodes().await;
     let (ma, op) = a.merchant("m1").await;
     a.cabinet(&ma, "m1", "KX4").await;
-    let (s, v) = a
-        .post(
-            "/api/v1/sessions",
-            &op,
-            serde_json::json!({"cabinet_id": "KX4", "user_id": "u1", "channel": "wechat", "mode": "purchase"}),
-        )
-        .await;
+    let (s, v) = ask(&a, &op, "KX4").await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (503, Some("cabinet_offline")),
@@ -661,13 +655,7 @@ async fn a_request_for_a_cabinet_no_node_serves_is_refused_offline() {
     );
     // Another merchant's cabinet is not found, whichever node is asked.
     let (_, op2) = a.merchant("m2").await;
-    let (s, v) = a
-        .post(
-            "/api/v1/sessions",
-            &op2,
-            serde_json::json!({"cabinet_id": "KX4", "user_id": "u1", "channel": "wechat", "mode": "purchase"}),
-        )
-        .await;
+    let (s, v) = ask(&a, &op2, "KX4").await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (404, Some("cabinet_not_found")),
@@ -691,13 +679,7 @@ async fn a_node_killed_mid_session_loses_no_order_and_charges_once() {
     let mut c = connect_to(&b, "KX5", &secret).await;
     c.heartbeat("closed", "locked", true, 1).await;
     leases(&b, 1).await;
-    let (s, answer) = a
-        .post(
-            "/api/v1/sessions",
-            &op,
-            serde_json::json!({"cabinet_id": "KX5", "user_id": "u1", "channel": "wechat", "mode": "purchase"}),
-        )
-        .await;
+    let (s, answer) = ask(&a, &op, "KX5").await;
     assert_eq!(s, 202, "{answer}");
     let session = answer["session"]["id"]
         .as_str()
@@ -741,6 +723,32 @@ async fn a_node_killed_mid_session_loses_no_order_and_charges_once() {
     assert_eq!(sim.charges(), 1);
 }
 
+/// Waits until `/readyz` answers `status` with Redis `redis`.
+async fn readiness(n: &crate::harness::TestHub, status: u16, redis: &str) {
+    let start = Instant::now();
+    loop {
+        let (s, ready) = n.get("/readyz", "").await;
+        if s == status && ready["redis"] == redis {
+            return;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "readiness never {status} {redis}: {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A purchase session asked of `hub` for `cabinet` (no idempotency key).
+async fn ask(hub: &crate::harness::TestHub, key: &str, cabinet: &str) -> (u16, serde_json::Value) {
+    hub.post(
+        "/api/v1/sessions",
+        key,
+        serde_json::json!({"cabinet_id": cabinet, "user_id": "u1", "channel": "wechat", "mode": "purchase"}),
+    )
+    .await
+}
+
 /// Redis cut off from both nodes for a few seconds and back: the nodes say so, reconnect,
 /// read the shared feed on from where they were, lead again (one of them), and carry requests
 /// again; what the database holds was never at stake.
@@ -761,15 +769,7 @@ async fn nodes_come_back_together_after_redis_was_unreachable() {
 
     let port = relay.cut();
     for n in [&a, &b] {
-        let start = Instant::now();
-        loop {
-            let (status, ready) = n.get("/readyz", "").await;
-            if status == 503 && ready["redis"] == "unreachable" {
-                break;
-            }
-            assert!(start.elapsed() < PATIENCE, "never unready: {ready}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        readiness(n, 503, "unreachable").await;
     }
     // Said while Redis is away: it reaches a's screen once Redis is back.
     c.event("tamper").await;
@@ -777,15 +777,7 @@ async fn nodes_come_back_together_after_redis_was_unreachable() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let _relay = Relay::start(port).await;
     for n in [&a, &b] {
-        let start = Instant::now();
-        loop {
-            let (status, ready) = n.get("/readyz", "").await;
-            if status == 200 && ready["redis"] == "ok" {
-                break;
-            }
-            assert!(start.elapsed() < PATIENCE, "never ready again: {ready}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        readiness(n, 200, "ok").await;
     }
     let start = Instant::now();
     loop {
