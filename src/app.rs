@@ -228,6 +228,20 @@ impl Application {
                     }
                     return;
                 }
+                if e.kind == "gap" {
+                    // Missed changes of other nodes: every cached row and every credential
+                    // is read again.
+                    for name in ["cabinets", "prices", "promotions", "terms", "keys"] {
+                        store.forget(name, None);
+                    }
+                    let (directory, store) = (directory.clone(), store.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = directory.reload_all(&store).await {
+                            tracing::error!(error = %e, "credentials not read again after a gap in the shared feed");
+                        }
+                    });
+                    return;
+                }
                 if e.kind == "cache" {
                     if let Ok(Cache { name, key }) = serde_json::from_str(&e.data) {
                         store.forget(&name, key.as_deref());

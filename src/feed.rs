@@ -201,14 +201,55 @@ impl Feed {
     /// An event read from the shared stream: numbered there, the same on every node. `live`
     /// is false while a starting node fills its replay window from the stream's tail.
     pub fn take_shared(&self, e: &Incoming, live: bool) {
+        // Data that is not JSON never reaches a screen (Redis is trusted, not blindly).
+        if serde_json::from_str::<&serde_json::value::RawValue>(&e.data).is_err() {
+            tracing::warn!(seq = e.seq, kind = %e.kind, "shared feed event whose data is not JSON; skipped");
+            return;
+        }
         let theirs = self.bus.get().is_some_and(|(_, me)| *me != e.origin);
+        let gap = {
+            let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            // The stream is read forwards only, so a number not above the last one means the
+            // counter started again (Redis lost it): a new numbering, kept from here.
+            if e.seq <= ring.seq {
+                tracing::warn!(
+                    from = ring.seq,
+                    to = e.seq,
+                    "the shared feed's numbering started again"
+                );
+                self.gaps.fetch_add(1, Ordering::Relaxed);
+                ring.events.clear();
+                ring.seq = e.seq - 1;
+            }
+            let gap = ring.seq > 0 && e.seq > ring.seq + 1;
+            if gap {
+                self.gaps.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    from = ring.seq,
+                    to = e.seq,
+                    "feed events missed here; replay starts afresh"
+                );
+                ring.events.clear();
+            }
+            gap
+        };
+        // Missed events may have been internal ones (credentials, cached rows): whatever this
+        // node keeps of other nodes' changes is read again.
+        if gap && live {
+            if let Some(f) = self.on_internal.get() {
+                f(&Incoming {
+                    kind: "gap".to_owned(),
+                    ..e.clone()
+                });
+            }
+        }
         if INTERNAL.contains(&e.kind.as_str()) {
             if theirs && live {
                 if let Some(f) = self.on_internal.get() {
                     f(e);
                 }
             }
-            // Numbered like the rest, never shown: the next event is not a gap.
+            // Numbered like the rest, never shown.
             let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
             ring.seq = ring.seq.max(e.seq);
             return;
@@ -244,15 +285,6 @@ impl Feed {
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         if e.seq <= ring.seq {
             return;
-        }
-        if ring.seq > 0 && e.seq > ring.seq + 1 {
-            self.gaps.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                from = ring.seq,
-                to = e.seq,
-                "feed events missed here; replay starts afresh"
-            );
-            ring.events.clear();
         }
         let json = format!(r#"{{"type":{kind},"seq":{},"data":{}}}"#, e.seq, e.data);
         ring.seq = e.seq;

@@ -87,6 +87,20 @@ impl CabinetPorts for HubPorts {
     }
 
     fn effect(&self, cabinet: &CabinetMeta, effect: &Effect) {
+        // Several nodes: an actor left behind by a cabinet that moved to another node (which
+        // took its lease) no longer speaks for it. Its timers would otherwise mark the cabinet
+        // offline, raise alerts or end the session the new node is running.
+        if self.cluster.lost(cabinet.id.as_str()) {
+            if let Effect::OnlineChanged(online) = effect {
+                if *online {
+                    self.metrics.cabinets_online.inc();
+                } else {
+                    self.metrics.cabinets_online.dec();
+                }
+            }
+            tracing::debug!(cabinet_id = %cabinet.id, effect = ?effect, "effect of an actor whose cabinet moved to another node: dropped");
+            return;
+        }
         let alert = |a: &ActiveAlert, state: &'static str| {
             let event = AlertEvent {
                 cabinet_id: &cabinet.id,
@@ -197,6 +211,9 @@ impl CabinetPorts for HubPorts {
     }
 
     fn state_changed(&self, cabinet: &CabinetMeta, snapshot: &CabinetSnapshot) {
+        if self.cluster.lost(cabinet.id.as_str()) {
+            return;
+        }
         let live = CabinetLive::new(snapshot, cabinet.merchant.as_str());
         self.feed
             .publish(cabinet.merchant.as_str(), "cabinet", &live);

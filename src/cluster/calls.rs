@@ -54,6 +54,19 @@ pub enum CallError {
 #[derive(Default)]
 pub(super) struct Pending(Mutex<HashMap<String, oneshot::Sender<Reply>>>);
 
+/// Takes a call's entry out of [`Pending`] when dropped.
+struct Forget<'a>(&'a Pending, &'a str);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0
+             .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.1);
+    }
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -118,25 +131,17 @@ impl Cluster {
             .arg(deadline)
             .query_async(&mut conn)
             .await;
-        let forget = || {
-            self.pending
-                .0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-        };
+        // However the wait ends (an answer, a timeout, a failed send, or the caller's request
+        // dropped mid-wait), the entry goes.
+        let _forget = Forget(&self.pending, &id);
         if let Err(e) = sent {
-            forget();
             let e = ClusterError::from(e);
             self.failed("call", &e);
             return Err(e.into());
         }
         match tokio::time::timeout(within, rx).await {
             Ok(Ok(reply)) => Ok(reply),
-            _ => {
-                forget();
-                Err(CallError::Timeout(node.to_owned()))
-            }
+            _ => Err(CallError::Timeout(node.to_owned())),
         }
     }
 

@@ -301,6 +301,10 @@ impl Cluster {
         let sent = self.now_ms();
         let was = self.is_leader();
         let answer = self.run_claim(r, &self.key("leader"), false).await;
+        // A step-down while the renewal was in flight wins: its release already ran.
+        if self.stepped_down.load(Ordering::Acquire) {
+            return;
+        }
         match answer {
             Ok((fence, _)) if fence > 0 => {
                 self.leader_fence.store(fence, Ordering::Release);
@@ -465,10 +469,26 @@ impl Cluster {
         })
     }
 
-    /// Whether this node may still command the cabinet: not once another node took its lease
-    /// or this node could not renew it in time.
+    /// Whether this node may still command the cabinet: with several nodes, only while it holds
+    /// the lease (or its first claim is in flight), not once another node took it, this node
+    /// could not renew it in time, or the cabinet went offline here.
     pub fn may_command(&self, id: &str) -> bool {
-        !matches!(self.cabinet_lease(id), Some(Held::Lost))
+        matches!(
+            self.cabinet_lease(id),
+            Some(Held::Held(_)) | Some(Held::Claiming)
+        )
+    }
+
+    /// Whether another node took the cabinet's lease (or this node could not renew it): an
+    /// actor here no longer speaks for the cabinet.
+    pub fn lost(&self, id: &str) -> bool {
+        self.redis.is_some() && matches!(self.cabinet_lease(id), Some(Held::Lost))
+    }
+
+    /// Whether this node serves the cabinet: always on a single node; with several, while it
+    /// holds the lease or is taking it.
+    pub fn serves(&self, id: &str) -> bool {
+        self.redis.is_none() || self.may_command(id)
     }
 
     /// Renews every cabinet lease this node holds, in batches; marks those another node took.

@@ -79,7 +79,11 @@ pub async fn ack_alert(
         .ack_alert(&a.id, &caller.key_id, state.now())
         .await?;
     if let Some((kind, cid)) = alert_target(&a) {
-        if let Some(cabinet) = state.registry.get(&cid) {
+        if let Some(cabinet) = state
+            .registry
+            .get(&cid)
+            .filter(|_| state.cluster.serves(cid.as_str()))
+        {
             // The history above is what the answer shows; the actor's copy follows.
             let _ = cabinet.ack_alert(kind).await;
         } else if let Ok(Some(node)) = super::route::owner_elsewhere(&state, &cid).await {
@@ -114,7 +118,11 @@ pub async fn clear_alert(
         .clear_alert(&a.id, &caller.key_id, state.now())
         .await?;
     if let Some((kind, cid)) = alert_target(&a) {
-        if let Some(cabinet) = state.registry.get(&cid) {
+        if let Some(cabinet) = state
+            .registry
+            .get(&cid)
+            .filter(|_| state.cluster.serves(cid.as_str()))
+        {
             let _ = cabinet.clear_alert(kind, caller.key_id.clone()).await;
         } else if let Ok(Some(node)) = super::route::owner_elsewhere(&state, &cid).await {
             let call = super::route::Call::AlertClear {

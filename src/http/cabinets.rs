@@ -41,7 +41,12 @@ pub(super) async fn snapshot_of(
     state: &AppState,
     id: &CabinetId,
 ) -> ApiResult<Option<CabinetSnapshot>> {
-    match state.registry.get(id) {
+    // An actor left behind by a cabinet that moved to another node is not its live state.
+    match state
+        .registry
+        .get(id)
+        .filter(|_| state.cluster.serves(id.as_str()))
+    {
         Some(cabinet) => cabinet
             .snapshot()
             .await
@@ -392,7 +397,11 @@ pub async fn patch_config(
         })
         .await?;
     let mut pushed = false;
-    if let Some(cabinet) = state.registry.get(&cid) {
+    if let Some(cabinet) = state
+        .registry
+        .get(&cid)
+        .filter(|_| state.cluster.serves(cid.as_str()))
+    {
         pushed = cabinet.snapshot().await.map(|s| s.online).unwrap_or(false);
         cabinet.set_desired(config.clone());
     } else if let Ok(Some(node)) = route::owner_elsewhere(&state, &cid).await {

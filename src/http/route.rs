@@ -84,7 +84,8 @@ impl Call {
 /// The node to carry a request for `cid` to: `None` when this node serves it (a single node,
 /// an actor here, or this node holds the lease); a `cabinet_offline` refusal when no node does.
 pub async fn owner_elsewhere(state: &AppState, cid: &CabinetId) -> ApiResult<Option<String>> {
-    if !state.cluster.is_shared() || state.registry.get(cid).is_some() {
+    // The lease decides, not an actor here: one left behind by a cabinet that moved stays.
+    if state.cluster.serves(cid.as_str()) {
         return Ok(None);
     }
     match state.cluster.owner(cid.as_str()).await {
@@ -188,7 +189,7 @@ pub async fn owner_of_visible(
     let Ok(cid) = CabinetId::parse(id) else {
         return Ok(None);
     };
-    if !state.cluster.is_shared() || state.registry.get(&cid).is_some() {
+    if state.cluster.serves(cid.as_str()) {
         return Ok(None);
     }
     match state.store.cabinet(cid.as_str()).await? {

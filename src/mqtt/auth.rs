@@ -144,6 +144,22 @@ impl Directory {
         Ok(())
     }
 
+    /// Reads every entry and certificate again (changes another node made may have been
+    /// missed): replaced whole, so what was removed meanwhile goes too.
+    pub async fn reload_all(&self, store: &Store) -> anyhow::Result<()> {
+        let fresh = Self::load(store).await?;
+        let map = std::mem::take(&mut *fresh.map.write().unwrap_or_else(|p| p.into_inner()));
+        let certificates = std::mem::take(
+            &mut *fresh
+                .certificates
+                .write()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = map;
+        *self.certificates.write().unwrap_or_else(|p| p.into_inner()) = certificates;
+        Ok(())
+    }
+
     /// Loads every registered cabinet and its valid certificates.
     pub async fn load(store: &Store) -> anyhow::Result<Self> {
         let d = Self::default();

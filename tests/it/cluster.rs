@@ -723,6 +723,33 @@ async fn a_node_killed_mid_session_loses_no_order_and_charges_once() {
     assert_eq!(sim.charges(), 1);
 }
 
+/// `POST …/commands {"type": "reboot"}` for `cabinet` through `hub`, answered once the cabinet
+/// acks (the caller acks it meanwhile).
+fn reboot_through(
+    hub: &crate::harness::TestHub,
+    key: &str,
+    cabinet: &str,
+) -> actix_rt::task::JoinHandle<(u16, serde_json::Value)> {
+    let (client, url, key) = (
+        hub.client.clone(),
+        hub.url(&format!("/api/v1/cabinets/{cabinet}/commands")),
+        key.to_owned(),
+    );
+    actix_rt::spawn(async move {
+        let r = client
+            .post(url)
+            .bearer_auth(key)
+            .json(&serde_json::json!({"type": "reboot"}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        (
+            r.status().as_u16(),
+            r.json::<serde_json::Value>().await.unwrap_or_default(),
+        )
+    })
+}
+
 /// Waits until `/readyz` answers `status` with Redis `redis`.
 async fn readiness(n: &crate::harness::TestHub, status: u16, redis: &str) {
     let start = Instant::now();
@@ -799,29 +826,40 @@ async fn nodes_come_back_together_after_redis_was_unreachable() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Requests are carried again: b took its cabinet's lease again when it could renew.
-    let pending = {
-        let (client, url, op) = (
-            a.client.clone(),
-            a.url("/api/v1/cabinets/KX6/commands"),
-            op.clone(),
-        );
-        actix_rt::spawn(async move {
-            let r = client
-                .post(url)
-                .bearer_auth(op)
-                .json(&serde_json::json!({"type": "reboot"}))
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            (
-                r.status().as_u16(),
-                r.json::<serde_json::Value>().await.unwrap_or_default(),
-            )
-        })
-    };
+    let pending = reboot_through(&a, &op, "KX6");
     let reboot = c.expect_command("reboot", PATIENCE).await;
     c.ack(&reboot, true, None).await;
     let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["result"]["outcome"], "ok", "{v}");
+}
+
+/// A cabinet that moved from one node to the other is commanded through its new node, even when
+/// asked of the old one, whose actor for it stays behind.
+#[actix_rt::test]
+async fn a_cabinet_that_moved_is_served_by_its_new_node_not_the_actor_left_behind() {
+    let (a, b) = two_nodes().await;
+    let (op, secret) = cola_cabinet(&a, "KX7").await;
+    let mut c = connect_to(&a, "KX7", &secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    leases(&a, 1).await;
+    c.cut();
+    let mut c = connect_to(&b, "KX7", &secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    leases(&b, 1).await;
+    leases(&a, 0).await;
+    let pending = reboot_through(&a, &op, "KX7");
+    let reboot = c.expect_command("reboot", PATIENCE).await;
+    c.ack(&reboot, true, None).await;
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (s, v["result"]["outcome"].as_str()),
+        (200, Some("ok")),
+        "{v}"
+    );
+    // a shows it as b publishes it, not as its own actor last saw it.
+    a.eventually(PATIENCE, "KX7 online as seen from a", || async {
+        (a.cabinet_state(&op, "KX7").await["online"] == true).then_some(())
+    })
+    .await;
 }
