@@ -68,8 +68,6 @@ pub struct Incoming {
 }
 
 type Entry = (String, Vec<String>);
-/// An `XREAD` answer: per stream, its entries; `None` when the wait ended with none.
-type ReadReply = Option<Vec<(String, Vec<Entry>)>>;
 
 fn incoming(fields: &[String]) -> Option<Incoming> {
     let mut e = Incoming {
@@ -163,8 +161,6 @@ impl Cluster {
     }
 
     async fn read_feed(&self, url: String, feed: Arc<Feed>, keep: usize) {
-        let mut wait =
-            crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut conn = self.reading_connection(&url, "feed_read").await;
         let stream = self.stream_key();
         // The tail first: a node that starts can replay what its screens missed elsewhere.
@@ -193,39 +189,18 @@ impl Cluster {
                 last = "$".to_owned();
             }
         }
-        loop {
-            let read: redis::RedisResult<ReadReply> = redis::cmd("XREAD")
-                .arg("COUNT")
-                .arg(READ_COUNT)
-                .arg("BLOCK")
-                .arg(super::READ_BLOCK_MS)
-                .arg("STREAMS")
-                .arg(&stream)
-                .arg(&last)
-                .query_async(&mut conn)
-                .await;
-            match read {
-                Ok(Some(streams)) => {
-                    wait.reset();
-                    for (_, entries) in streams {
-                        for (id, fields) in entries {
-                            match incoming(&fields) {
-                                Some(e) => feed.take_shared(&e, true),
-                                None => {
-                                    tracing::warn!(entry = %id, "feed stream entry not understood; skipped")
-                                }
-                            }
-                            last = id;
-                        }
-                    }
-                }
-                Ok(None) => wait.reset(),
-                Err(e) => {
-                    self.failed("feed_read", &e.into());
-                    tokio::time::sleep(wait.next_delay()).await;
-                }
-            }
-        }
+        self.follow_stream(
+            &mut conn,
+            &stream,
+            last,
+            READ_COUNT,
+            "feed_read",
+            |id, fields| match incoming(&fields) {
+                Some(e) => feed.take_shared(&e, true),
+                None => tracing::warn!(entry = %id, "feed stream entry not understood; skipped"),
+            },
+        )
+        .await;
     }
 }
 

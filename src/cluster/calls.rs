@@ -14,6 +14,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use redis::aio::ConnectionManager;
+
 use tokio::sync::oneshot;
 
 use super::{Cluster, ClusterError};
@@ -74,7 +76,8 @@ fn unix_ms() -> u64 {
 }
 
 type Entry = (String, Vec<String>);
-type ReadReply = Option<Vec<(String, Vec<Entry>)>>;
+/// An `XREAD` answer: per stream, its entries; `None` when the wait ended with none.
+pub(super) type ReadReply = Option<Vec<(String, Vec<Entry>)>>;
 
 fn field<'a>(fields: &'a [String], name: &str) -> Option<&'a str> {
     fields
@@ -258,7 +261,7 @@ impl Cluster {
             crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut conn = self.reading_connection(url, "stream_read").await;
         // From the stream's end as it is now: what came before was for an earlier run.
-        let mut last = loop {
+        let last = loop {
             let tail: redis::RedisResult<Vec<Entry>> = redis::cmd("XREVRANGE")
                 .arg(&stream)
                 .arg("+")
@@ -279,16 +282,36 @@ impl Cluster {
                 }
             }
         };
+        self.follow_stream(&mut conn, &stream, last, 256, "stream_read", |_, fields| {
+            each(self, fields)
+        })
+        .await;
+    }
+
+    /// Reads `stream` after entry `last` for good on `conn` (`count` entries at most per read),
+    /// handing each entry's id and fields to `each`; a failed read is counted under `op` and
+    /// tried again, from the last entry read.
+    pub(super) async fn follow_stream(
+        &self,
+        conn: &mut ConnectionManager,
+        stream: &str,
+        mut last: String,
+        count: usize,
+        op: &'static str,
+        mut each: impl FnMut(&str, Vec<String>),
+    ) {
+        let mut wait =
+            crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let read: redis::RedisResult<ReadReply> = redis::cmd("XREAD")
                 .arg("COUNT")
-                .arg(256)
+                .arg(count)
                 .arg("BLOCK")
                 .arg(super::READ_BLOCK_MS)
                 .arg("STREAMS")
-                .arg(&stream)
+                .arg(stream)
                 .arg(&last)
-                .query_async(&mut conn)
+                .query_async(conn)
                 .await;
             match read {
                 Ok(Some(streams)) => {
@@ -296,14 +319,14 @@ impl Cluster {
                     self.redis_ok.store(true, Ordering::Relaxed);
                     for (_, entries) in streams {
                         for (id, fields) in entries {
-                            each(self, fields);
+                            each(&id, fields);
                             last = id;
                         }
                     }
                 }
                 Ok(None) => wait.reset(),
                 Err(e) => {
-                    self.failed("stream_read", &e.into());
+                    self.failed(op, &e.into());
                     tokio::time::sleep(wait.next_delay()).await;
                 }
             }
