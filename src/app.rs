@@ -21,7 +21,16 @@ use crate::http::auth::{issue_key, Role};
 use crate::http::AppState;
 use crate::metrics::Metrics;
 use crate::mqtt::auth::Directory;
+use crate::mqtt::external::{CommandEvents, Connector, External};
 use crate::mqtt::{start_broker, BrokerListeners, Pump};
+
+/// Where uplinks come from.
+enum Edge {
+    /// The embedded broker's link.
+    Embedded(rumqttd::local::LinkRx),
+    /// A client of an existing broker.
+    External(Box<(Connector, CommandEvents)>),
+}
 use crate::payments::Providers;
 use crate::ports::{alert_writer, AlertWrite, HubPorts};
 use crate::secrets::sha256_hex;
@@ -114,12 +123,15 @@ impl Application {
             })?),
             None => None,
         };
-        if settings.mqtt.password_enabled {
+        let embedded_broker = settings.external_broker.url.is_none();
+        if !embedded_broker {
+            // Cabinets connect to the external broker: no listener here.
+        } else if settings.mqtt.password_enabled {
             check_free(settings.mqtt.listen, "mqtt.listen")?;
         } else if settings.mqtt.tls_listen.is_none() {
             anyhow::bail!("mqtt.password_enabled (HUB__MQTT__PASSWORD_ENABLED) is false and mqtt.tls_listen (HUB__MQTT__TLS_LISTEN) is unset: cabinets could not connect at all; set a certificate-mode address or turn password mode back on");
         }
-        if let Some(tls) = settings.mqtt.tls_listen {
+        if let Some(tls) = settings.mqtt.tls_listen.filter(|_| embedded_broker) {
             check_free(tls, "mqtt.tls_listen")?;
         }
 
@@ -184,7 +196,16 @@ impl Application {
             max_topic_len: settings.mqtt.max_topic_len,
             max_subscriptions: settings.mqtt.max_subscriptions,
         };
-        let (publisher, link_rx) = start_broker(&listeners, directory.clone(), metrics.clone())?;
+        // The embedded broker, or a client of an existing one (`mqtt::external`).
+        let (publisher, edge) = if embedded_broker {
+            let (publisher, link_rx) =
+                start_broker(&listeners, directory.clone(), metrics.clone())?;
+            (publisher, Edge::Embedded(link_rx))
+        } else {
+            let connector = Connector::new(&settings.external_broker)?;
+            let (publisher, commands) = connector.commands(&node_id);
+            (publisher, Edge::External(Box::new((connector, commands))))
+        };
 
         let (alert_tx, alert_rx) = mpsc::unbounded_channel();
         let (session_tx, session_rx) = mpsc::unbounded_channel();
@@ -291,26 +312,44 @@ impl Application {
         ));
 
         let pump_alive = Arc::new(AtomicBool::new(false));
-        let pump = Pump {
+        let pump = Arc::new(Pump {
             directory: directory.clone(),
             registry: registry.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
             alive: pump_alive.clone(),
             cluster: cluster.clone(),
+        });
+        let (external, mqtt_listening) = match edge {
+            Edge::Embedded(link_rx) => {
+                tokio::spawn(pump.run(link_rx));
+                let listening: Vec<SocketAddr> = listeners
+                    .plain
+                    .into_iter()
+                    .chain(settings.mqtt.tls_listen)
+                    .collect();
+                (None, listening)
+            }
+            Edge::External(external) => {
+                let (connector, commands) = *external;
+                let external = External::start(
+                    connector,
+                    commands,
+                    pump.clone(),
+                    cluster.clone(),
+                    Duration::from_millis(settings.cluster.renew_ms),
+                );
+                (Some(external), Vec::new())
+            }
         };
-        tokio::spawn(pump.run(link_rx));
-        let mqtt_listening: Vec<SocketAddr> = listeners
-            .plain
-            .into_iter()
-            .chain(settings.mqtt.tls_listen)
-            .collect();
-        if let Some(plain) = listeners.plain {
-            wait_listening(plain, "mqtt.listen").await?;
-        }
-        crate::mqtt::tune_listeners(mqtt_listening.iter().map(|a| a.port()).collect());
-        if let Some(tls) = settings.mqtt.tls_listen {
-            wait_listening(tls, "mqtt.tls_listen").await?;
+        if embedded_broker {
+            if let Some(plain) = listeners.plain {
+                wait_listening(plain, "mqtt.listen").await?;
+            }
+            crate::mqtt::tune_listeners(mqtt_listening.iter().map(|a| a.port()).collect());
+            if let Some(tls) = settings.mqtt.tls_listen {
+                wait_listening(tls, "mqtt.tls_listen").await?;
+            }
         }
 
         let (providers, simulators) = payment_providers(&settings, probe_addr(http))?;
@@ -436,12 +475,16 @@ impl Application {
                 settings.auth.feed_ticket_ttl_ms,
             ))),
             // Readiness probes the listener cabinets use: password mode, else certificate mode.
-            mqtt_probe: probe_addr(
-                mqtt_listening
-                    .first()
-                    .copied()
-                    .unwrap_or(settings.mqtt.listen),
-            ),
+            // (None with an external broker: its connections say whether it is reachable.)
+            mqtt_probe: embedded_broker.then(|| {
+                probe_addr(
+                    mqtt_listening
+                        .first()
+                        .copied()
+                        .unwrap_or(settings.mqtt.listen),
+                )
+            }),
+            external,
             settings: settings.clone(),
             store,
             cluster: cluster.clone(),
@@ -565,6 +608,10 @@ impl Application {
         }
         tracing::info!("HTTP stopped; flushing alert history");
         let Application { state, alerts, .. } = self;
+        // Partitions read from an external broker are handed over now, not a lease later.
+        if let Some(external) = &state.external {
+            external.shut_down().await;
+        }
         // Another node takes the singleton work over now, not a lease later.
         state.cluster.step_down().await;
         // Every raise and clear queued before this marker lands before the database closes.

@@ -33,6 +33,9 @@ pub struct Settings {
     pub node: NodeSettings,
     /// Leases between nodes.
     pub cluster: ClusterSettings,
+    /// An existing MQTT broker to attach to instead of the embedded one.
+    #[serde(default)]
+    pub external_broker: ExternalBrokerSettings,
     /// API keys.
     pub auth: AuthSettings,
     /// Cabinet timings and the first desired configuration.
@@ -164,6 +167,64 @@ pub struct ClusterSettings {
     pub renew_ms: u64,
     /// The prefix of every key in Redis.
     pub key_prefix: String,
+}
+
+/// `[external_broker]`: the nodes attach to an existing MQTT broker (Mosquitto, EMQX, HiveMQ)
+/// as clients instead of running the embedded one (docs/architecture.md, "External broker").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalBrokerSettings {
+    /// `HUB__EXTERNAL_BROKER__URL`: `mqtt://HOST:PORT` or `mqtts://HOST:PORT`; the embedded
+    /// broker when unset.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `HUB__EXTERNAL_BROKER__USERNAME`: the hub's own account at the broker.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// `HUB__EXTERNAL_BROKER__PASSWORD`
+    #[serde(default)]
+    pub password: Option<String>,
+    /// `HUB__EXTERNAL_BROKER__CA_FILE`: PEM roots that `mqtts://` trusts.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// `HUB__EXTERNAL_BROKER__CLIENT_ID_PREFIX`: partition `n` connects as `{prefix}-p{n}`,
+    /// whichever node holds it, so that its broker session (subscriptions, queued messages)
+    /// passes from node to node with it.
+    #[serde(default = "default_client_id_prefix")]
+    pub client_id_prefix: String,
+    /// `HUB__EXTERNAL_BROKER__PARTITIONS`: how many parts the fleet is split into between the
+    /// nodes; the same on every node, and never changed while any node runs.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+    /// `HUB__EXTERNAL_BROKER__KEEP_ALIVE_S`
+    #[serde(default = "default_keep_alive_s")]
+    pub keep_alive_s: u64,
+}
+
+fn default_client_id_prefix() -> String {
+    "cabinet-hub".to_owned()
+}
+
+fn default_partitions() -> u32 {
+    64
+}
+
+fn default_keep_alive_s() -> u64 {
+    30
+}
+
+impl Default for ExternalBrokerSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            username: None,
+            password: None,
+            ca_file: None,
+            client_id_prefix: default_client_id_prefix(),
+            partitions: default_partitions(),
+            keep_alive_s: default_keep_alive_s(),
+        }
+    }
 }
 
 impl Settings {
@@ -552,6 +613,25 @@ impl Settings {
                     "redis.url (HUB__REDIS__URL) has scheme {:?}; use redis://",
                     parsed.scheme()
                 );
+            }
+        }
+        if let Some(url) = &self.external_broker.url {
+            crate::mqtt::external::BrokerAddress::parse(url)?;
+            let b = &self.external_broker;
+            if !(1..=4096).contains(&b.partitions) {
+                bail!("external_broker.partitions (HUB__EXTERNAL_BROKER__PARTITIONS) = {}: must be 1 to 4096", b.partitions);
+            }
+            if b.client_id_prefix.is_empty()
+                || b.client_id_prefix.len() > 64
+                || !b
+                    .client_id_prefix
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+            {
+                bail!("external_broker.client_id_prefix (HUB__EXTERNAL_BROKER__CLIENT_ID_PREFIX) {:?}: 1 to 64 of [A-Za-z0-9_-]", b.client_id_prefix);
+            }
+            if !(5..=600).contains(&b.keep_alive_s) {
+                bail!("external_broker.keep_alive_s (HUB__EXTERNAL_BROKER__KEEP_ALIVE_S) = {}: must be 5 to 600", b.keep_alive_s);
             }
         }
         if !self.payments.simulator

@@ -39,6 +39,11 @@ pub struct Metrics {
     pub cluster_cabinet_leases: IntGauge,
     pub cluster_lease_changes: IntCounterVec,
     pub redis_errors: IntCounterVec,
+    pub broker_partitions: IntGauge,
+    pub broker_connections: IntGauge,
+    pub broker_errors: IntCounterVec,
+    pub broker_subscriptions: IntGauge,
+    pub broker_subscribe_refused: IntCounter,
     pub routed_calls: IntCounterVec,
     pub route_seconds: HistogramVec,
     pub cluster_commands_refused: IntCounter,
@@ -409,6 +414,44 @@ impl Metrics {
                     )
                     .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0]),
                     &["kind"],
+                )?,
+            ),
+            broker_partitions: reg(
+                &r,
+                IntGauge::new(
+                    "external_broker_partitions",
+                    "Partitions of the fleet this node reads from the external broker",
+                )?,
+            ),
+            broker_connections: reg(
+                &r,
+                IntGauge::new(
+                    "external_broker_connections",
+                    "This node's connections to the external broker that are up (one per partition read, one for commands)",
+                )?,
+            ),
+            broker_errors: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "external_broker_errors_total",
+                        "Connections to the external broker lost or refused, by client (partition reader or command publisher)",
+                    ),
+                    &["client"],
+                )?,
+            ),
+            broker_subscriptions: reg(
+                &r,
+                IntGauge::new(
+                    "external_broker_subscriptions",
+                    "Cabinet subscriptions this node holds at the external broker",
+                )?,
+            ),
+            broker_subscribe_refused: reg(
+                &r,
+                IntCounter::new(
+                    "external_broker_subscribe_refused_total",
+                    "Cabinet subscriptions the external broker refused (the hub's account lacks read access to /tenants/#)",
                 )?,
             ),
             redis_errors: reg(

@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 
 pub mod bus;
 pub mod calls;
+pub mod partitions;
 
 /// How long a stream read waits for new entries before it asks again.
 const READ_BLOCK_MS: u64 = 2_000;
@@ -162,6 +163,10 @@ pub struct Cluster {
     stepped_down: AtomicBool,
     /// Calls this node made to others, waiting for their answers.
     pending: calls::Pending,
+    /// Partitions of the fleet this node reads from an external broker.
+    partitions: Mutex<partitions::Partitions>,
+    /// Until when (ms since `epoch`) the last renewal keeps the held partitions.
+    partitions_until_ms: AtomicU64,
 }
 
 impl Cluster {
@@ -213,6 +218,8 @@ impl Cluster {
             redis_ok: AtomicBool::new(ok),
             stepped_down: AtomicBool::new(false),
             pending: calls::Pending::default(),
+            partitions: Mutex::default(),
+            partitions_until_ms: AtomicU64::new(0),
         }
     }
 

@@ -46,12 +46,17 @@ pub async fn healthz() -> HttpResponse {
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let database = state.store.ping().await.is_ok();
     let pump = state.pump_alive.load(Ordering::SeqCst);
-    let broker = tokio::time::timeout(
-        Duration::from_secs(1),
-        tokio::net::TcpStream::connect(state.mqtt_probe),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
+    let broker = match (state.mqtt_probe, &state.external) {
+        (Some(addr), _) => {
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+                .await
+                .is_ok_and(|r| r.is_ok())
+        }
+        (None, Some(external)) => external.ready().await,
+        (None, None) => false,
+    };
+    // An external broker has no pump of the embedded kind: its readers are `broker`.
+    let pump = pump || state.external.is_some();
     let redis_ok = state.cluster.ping().await;
     let body = Readiness {
         ready: database && pump && broker && redis_ok,

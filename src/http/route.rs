@@ -268,9 +268,16 @@ async fn serve_call(state: &AppState, call: Call) -> HttpResponse {
                 return gone();
             };
             match cabinet.command(body).await {
-                Ok(result) => HttpResponse::Ok().json(serde_json::json!({
-                    "cabinet_id": cabinet_id, "result": result,
-                })),
+                // The same answer as a local command's (`CommandAnswer`: the outcome's fields
+                // beside the cabinet's id).
+                Ok(result) => {
+                    let mut answer =
+                        serde_json::to_value(&result).unwrap_or_else(|_| serde_json::json!({}));
+                    if let Some(fields) = answer.as_object_mut() {
+                        fields.insert("cabinet_id".into(), cabinet_id.into());
+                    }
+                    HttpResponse::Ok().json(answer)
+                }
                 Err(CommandError::Unreachable(u)) => {
                     refusal(ApiError::new(ErrorCode::ActorUnavailable, u.to_string()))
                 }

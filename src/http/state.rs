@@ -34,7 +34,9 @@ pub struct AppState {
     /// Time.
     pub clock: Arc<dyn Clock>,
     /// Where readiness probes the broker.
-    pub mqtt_probe: SocketAddr,
+    pub mqtt_probe: Option<SocketAddr>,
+    /// The external broker's side, when the hub is a client of one.
+    pub external: Option<Arc<crate::mqtt::external::External>>,
     /// Whether the uplink pump runs.
     pub pump_alive: Arc<AtomicBool>,
     /// The session and order supervisor.

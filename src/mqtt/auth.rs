@@ -52,6 +52,9 @@ pub struct Directory {
     map: RwLock<HashMap<CabinetId, DirectoryEntry>>,
     /// Serials (normalised, see [`normal_serial`]) of each cabinet's valid client certificates.
     certificates: RwLock<HashMap<CabinetId, Vec<String>>>,
+    /// Counts changes of the set of cabinets, for readers of an external broker to
+    /// subscribe to new ones.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// A serial as lowercase hex without leading zero bytes: how the broker reads it off the
@@ -68,10 +71,30 @@ fn normal_serial(hex: &str) -> String {
 impl Directory {
     /// Adds or replaces an entry.
     pub fn put(&self, id: CabinetId, entry: DirectoryEntry) {
-        self.map
+        let new = self
+            .map
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, entry);
+            .insert(id, entry)
+            .is_none();
+        if new {
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Every registered cabinet's id.
+    pub fn ids(&self) -> Vec<CabinetId> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Told of every cabinet added or removed.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// An entry.
@@ -139,6 +162,7 @@ impl Directory {
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(id);
+                self.changes.send_modify(|n| *n += 1);
             }
         }
         Ok(())
@@ -157,6 +181,7 @@ impl Directory {
         );
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = map;
         *self.certificates.write().unwrap_or_else(|p| p.into_inner()) = certificates;
+        self.changes.send_modify(|n| *n += 1);
         Ok(())
     }
 

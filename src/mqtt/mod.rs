@@ -1,8 +1,10 @@
 //! The MQTT edge: rumqttd embedded on its own threads, authentication against registered and
 //! active cabinets (`auth`), the uplink pump that parses every message once and routes it to
-//! the cabinet's actor (`pump`), and the command publisher (`publisher`).
+//! the cabinet's actor (`pump`), and the command publisher (`publisher`); or, instead of the
+//! embedded broker, the hub as a client of an external one (`external`).
 
 pub mod auth;
+pub mod external;
 pub mod publisher;
 pub mod pump;
 
@@ -243,7 +245,7 @@ pub fn start_broker(
                 tracing::error!(error = %e, "MQTT broker stopped");
             }
         })?;
-    Ok((CommandPublisher { tx: Mutex::new(tx) }, rx))
+    Ok((CommandPublisher::Embedded(Mutex::new(tx)), rx))
 }
 
 /// The accept backlog given to the broker's listeners.

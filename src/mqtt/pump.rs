@@ -138,7 +138,7 @@ impl Pump {
     }
 
     /// Runs until the broker link closes.
-    pub async fn run(self, mut rx: LinkRx) {
+    pub async fn run(self: std::sync::Arc<Self>, mut rx: LinkRx) {
         self.alive.store(true, Ordering::SeqCst);
         loop {
             match rx.next().await {

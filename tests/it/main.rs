@@ -10,6 +10,7 @@ mod catalog;
 mod cluster;
 mod confirm;
 mod crash;
+mod external;
 mod feed;
 mod flow;
 mod harness;
