@@ -337,6 +337,7 @@ impl Application {
                     commands,
                     pump.clone(),
                     cluster.clone(),
+                    feed.clone(),
                     Duration::from_millis(settings.cluster.renew_ms),
                 );
                 (Some(external), Vec::new())

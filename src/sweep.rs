@@ -126,6 +126,7 @@ impl OfflineSweep {
                 ActorSeed {
                     desired: desired.ok().flatten(),
                     alerts: alerts.unwrap_or_else(|_| vec![a]),
+                    live: None,
                 }
             });
             Box::pin(async move { read.await.unwrap_or_default() })

@@ -26,6 +26,9 @@ pub struct ActorSeed {
     pub desired: Option<CabinetConfig>,
     /// Alerts still active in storage.
     pub alerts: Vec<ActiveAlert>,
+    /// What another node last knew of the cabinet live, when it comes over from that node
+    /// without a word from the cabinet (a partition of an external broker moving).
+    pub live: Option<crate::machine::LiveSeed>,
 }
 
 /// A seed still being read from storage. The actor starts at once and takes no message until
@@ -324,6 +327,9 @@ impl Actor for CabinetActor {
                 seed.alerts,
             );
             act.schedule(ctx);
+            if let Some(live) = seed.live {
+                act.feed(Input::Restore(live), ctx);
+            }
         }));
     }
 }

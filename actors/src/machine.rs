@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::alert::{ActiveAlert, AlertType, ClearedBy, FLAP_RAISES, FLAP_WINDOW_MS};
 use crate::ids::CabinetId;
@@ -92,6 +92,9 @@ pub enum Input {
     },
     /// A deadline may have passed.
     Tick,
+    /// Another node's last picture of the cabinet, which came over from it without a word
+    /// from the cabinet yet (see [`LiveSeed`]).
+    Restore(LiveSeed),
 }
 
 /// How a command ended — truthfully.
@@ -356,6 +359,42 @@ pub struct CabinetSnapshot {
     pub last_seen_ms: Option<u64>,
 }
 
+/// What another node last published of a cabinet's live state (the feed's `cabinet` event;
+/// unknown fields are ignored), for an actor that takes the cabinet over without a word from
+/// it yet.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct LiveSeed {
+    /// Connected and heard from recently.
+    pub online: bool,
+    /// Door.
+    #[serde(default)]
+    pub door: Option<Door>,
+    /// Lock.
+    #[serde(default)]
+    pub lock: Option<Lock>,
+    /// Cameras.
+    #[serde(default)]
+    pub cameras: Vec<CameraStatus>,
+    /// Temperature.
+    #[serde(default)]
+    pub temp_c: Option<f64>,
+    /// Light strip.
+    #[serde(default)]
+    pub light: Option<Light>,
+    /// Firmware.
+    #[serde(default)]
+    pub fw: Option<String>,
+    /// Model.
+    #[serde(default)]
+    pub reported_model: Option<String>,
+    /// Boot.
+    #[serde(default)]
+    pub boot_id: Option<String>,
+    /// Locked down.
+    #[serde(default)]
+    pub locked_down: bool,
+}
+
 /// One cabinet's logic. See the module docs.
 #[derive(Debug, Clone)]
 pub struct CabinetMachine {
@@ -496,6 +535,29 @@ impl CabinetMachine {
         } else {
             self.cameras.iter().any(|c| c.ok)
         }
+    }
+
+    /// Takes over what another node last knew of the cabinet, as if heard from it `now`: it
+    /// is online (until its heartbeats stop), and its door, lock and cameras are as they were.
+    /// Sequence numbers start afresh at its next message; the configuration it reports is
+    /// learnt from its next heartbeat.
+    fn restore(&mut self, live: LiveSeed, now: u64, fx: &mut Vec<Effect>) {
+        if live.online && !self.online {
+            self.online = true;
+            self.last_seen = Some(now);
+            fx.push(Effect::OnlineChanged(true));
+            self.clear(AlertType::CabinetOffline, ClearedBy::Condition, now, fx);
+        }
+        self.door = live.door;
+        self.lock = live.lock;
+        self.cameras = live.cameras;
+        self.temp_c = live.temp_c;
+        self.light = live.light;
+        self.fw = live.fw;
+        self.model = live.reported_model;
+        self.boot_id = live.boot_id;
+        self.locked_down = live.locked_down;
+        fx.push(Effect::StateChanged);
     }
 
     /// Why a new session of `mode` cannot start now, if it cannot.
@@ -640,6 +702,7 @@ impl CabinetMachine {
                 }
             }
             Input::Tick => self.tick(now, &mut fx),
+            Input::Restore(live) => self.restore(live, now, &mut fx),
         }
         self.reconcile_fault(faulted_before, now, &mut fx);
         fx

@@ -1139,3 +1139,34 @@ fn deadlines_are_exact() {
         Some(r.now + 90_000).min(Some(r.now + 120_000))
     );
 }
+
+// A cabinet that came over from another node (a partition of an external broker moving) is
+// served from that node's last picture at once, and still goes offline when its heartbeats
+// stop.
+#[test]
+fn restored_from_another_nodes_picture() {
+    let mut r = Rig::new();
+    assert_eq!(
+        r.m.session_refusal(SessionMode::Purchase),
+        Some(Refusal::CabinetOffline)
+    );
+    let live: LiveSeed = serde_json::from_str(
+        r#"{"id":"KM1","merchant_id":"m1","online":true,"door":"closed","lock":"locked",
+            "cameras":[{"id":0,"ok":true}],"temp_c":4.5,"light":"on","boot_id":"b7",
+            "config_version":{"desired":1,"reported":1},"faulted":false,"locked_down":false,
+            "alerts":[],"session":null,"last_seen_at":null}"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let fx = r.m.handle(Input::Restore(live), r.now);
+    assert!(fx.contains(&Effect::OnlineChanged(true)));
+    assert!(fx.contains(&Effect::StateChanged));
+    assert_eq!(r.m.session_refusal(SessionMode::Purchase), None);
+    let s = r.m.snapshot();
+    assert_eq!(
+        (s.door, s.lock, s.temp_c),
+        (Some(Door::Closed), Some(Lock::Locked), Some(4.5))
+    );
+    assert!(raised(&r.advance(89_999)).is_empty());
+    let fx = r.advance(1);
+    assert!(fx.contains(&Effect::OnlineChanged(false)));
+}

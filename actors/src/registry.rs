@@ -208,6 +208,7 @@ mod tests {
         tx.send(ActorSeed {
             desired: None,
             alerts: vec![stored.clone()],
+            live: None,
         })
         .unwrap_or_else(|_| panic!("actor gone"));
         let s = snapshot

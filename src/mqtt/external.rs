@@ -31,6 +31,7 @@ use rumqttc::{
 use tokio::sync::watch;
 
 use cabinet_actors::ids::CabinetId;
+use cabinet_actors::machine::LiveSeed;
 
 use super::auth::Directory;
 use super::publisher::CommandPublisher;
@@ -39,6 +40,7 @@ use crate::backoff::Backoff;
 use crate::cluster::partitions::partition_of;
 use crate::cluster::Cluster;
 use crate::config::ExternalBrokerSettings;
+use crate::feed::Feed;
 use crate::metrics::Metrics;
 
 /// Where the broker is.
@@ -100,6 +102,8 @@ struct Reader {
 /// The external broker's side of the hub: partition readers and the command connection.
 pub struct External {
     connector: Connector,
+    /// Other nodes' last picture of their cabinets, for those of a partition taken over.
+    feed: Arc<Feed>,
     pump: Arc<Pump>,
     directory: Arc<Directory>,
     cluster: Arc<Cluster>,
@@ -205,10 +209,12 @@ impl External {
         commands: CommandEvents,
         pump: Arc<Pump>,
         cluster: Arc<Cluster>,
+        feed: Arc<Feed>,
         renew: Duration,
     ) -> Arc<Self> {
         let me = Arc::new(Self {
             connector,
+            feed,
             directory: pump.directory.clone(),
             metrics: pump.metrics.clone(),
             pump,
@@ -320,6 +326,25 @@ impl External {
     }
 
     async fn start_reader(self: &Arc<Self>, p: u32) {
+        // Its cabinets that were online on another node are served from here at once, as that
+        // node last showed them: they have no reason to say anything before their next
+        // heartbeat. Their actors start before the first message of the partition is read.
+        let total = self.connector.settings.partitions;
+        for cabinet in self.directory.ids() {
+            if partition_of(cabinet.as_str(), total) != p {
+                continue;
+            }
+            let Some(data) = self.feed.remote_cabinet(cabinet.as_str()) else {
+                continue;
+            };
+            match serde_json::from_str::<LiveSeed>(&data) {
+                Ok(live) if live.online => self.pump.adopt(&cabinet, live),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(cabinet_id = %cabinet, error = %e, "another node's picture of a cabinet not understood; it is served from its next message")
+                }
+            }
+        }
         let id = format!("{}-p{p}", self.connector.settings.client_id_prefix);
         let mut options = self.connector.options(&id);
         // The partition's session outlives the connection: subscriptions and queued messages

@@ -9,6 +9,7 @@ use rumqttd::Notification;
 
 use cabinet_actors::actor::{ActorSeed, CabinetMeta, PendingSeed};
 use cabinet_actors::ids::CabinetId;
+use cabinet_actors::machine::LiveSeed;
 use cabinet_actors::protocol::{parse_topic, parse_uplink, RejectReason, Rejection, TopicTarget};
 use cabinet_actors::registry::Registry;
 
@@ -37,6 +38,7 @@ async fn read_seed(store: &Store, metrics: &Metrics, id: &CabinetId) -> ActorSee
     ActorSeed {
         desired: desired.ok().flatten(),
         alerts: alerts.unwrap_or_default(),
+        live: None,
     }
 }
 
@@ -74,15 +76,40 @@ impl Pump {
     /// the actor, on its own arbiter, waits for the result. The pump goes on with the next
     /// message meanwhile: it used to wait for both reads, which made a connect storm of N
     /// cabinets take N × two storage round trips in a row.
-    fn seed_later(&self, id: &CabinetId) -> PendingSeed {
+    fn seed_later(&self, id: &CabinetId, live: Option<LiveSeed>) -> PendingSeed {
         let (store, metrics, id) = (self.store.clone(), self.metrics.clone(), id.clone());
         let read = tokio::spawn(async move { read_seed(&store, &metrics, &id).await });
         Box::pin(async move {
-            read.await.unwrap_or_else(|e| {
+            let seed = read.await.unwrap_or_else(|e| {
                 tracing::error!(error = %e, "reading a cabinet's stored state failed; starting the actor without it");
                 ActorSeed::default()
-            })
+            });
+            ActorSeed { live, ..seed }
         })
+    }
+
+    /// Takes over a cabinet that came from another node without a word from it yet (a
+    /// partition of an external broker moving here): its actor starts from what that node
+    /// last published of it, and this node takes its lease, so that it is served at once
+    /// rather than from its next heartbeat. Nothing happens when an actor is here already:
+    /// the cabinet's own messages say more than another node's picture.
+    pub fn adopt(&self, id: &CabinetId, live: LiveSeed) {
+        let Some(entry) = self.directory.get(id).filter(|e| e.active) else {
+            return;
+        };
+        if self.registry.get(id).is_some() {
+            return;
+        }
+        if live.online {
+            self.cluster.cabinet_here(id.as_str());
+        }
+        let meta = CabinetMeta {
+            id: id.clone(),
+            merchant: entry.merchant,
+        };
+        self.registry
+            .get_or_start(&meta, || self.seed_later(id, Some(live)));
+        self.metrics.cabinet_actors.set(self.registry.len() as i64);
     }
 
     /// Handles one message from the broker.
@@ -129,7 +156,7 @@ impl Pump {
                 };
                 let cabinet = self
                     .registry
-                    .get_or_start(&meta, || self.seed_later(&uplink.cabinet));
+                    .get_or_start(&meta, || self.seed_later(&uplink.cabinet, None));
                 self.metrics.cabinet_actors.set(self.registry.len() as i64);
                 cabinet
             }

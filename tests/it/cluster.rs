@@ -21,7 +21,7 @@ pub(crate) fn redis_url() -> String {
     std::env::var("HUB_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
-fn prefix() -> String {
+pub(crate) fn prefix() -> String {
     format!(
         "hubtest-{}",
         cabinet_hub::secrets::token(10).unwrap_or_else(|e| panic!("{e}"))

@@ -13,8 +13,8 @@ use tokio::net::TcpStream;
 
 use cabinet_hub::cluster::partitions::partition_of;
 
-use crate::cluster::{reboot_through, two_nodes_with};
-use crate::harness::{free_port, options, Cabinet, Got, TestHub, PATIENCE};
+use crate::cluster::{prefix, reboot_through, redis_url, two_nodes_with};
+use crate::harness::{free_port, fresh_postgres, options, Cabinet, Got, TestHub, PATIENCE};
 use crate::node::{Node, Spec};
 
 const HUB_USER: &str = "hub";
@@ -314,8 +314,9 @@ async fn a_killed_nodes_partitions_move_and_what_its_cabinets_sent_meanwhile_is_
     metric_is(&b, "cluster_cabinet_leases", 4.0).await;
     b.kill9();
     let killed = Instant::now();
-    // Said while b's partitions have no reader: the broker acknowledges and queues them.
-    for c in cabinets.iter_mut() {
+    // Said while b's partitions have no reader, by half the fleet: the broker acknowledges and
+    // queues them. The other half says nothing at all.
+    for c in cabinets.iter_mut().step_by(2) {
         beat(c, 6.5).await;
     }
     metric_is(&a, "external_broker_partitions", f64::from(PARTITIONS)).await;
@@ -325,11 +326,15 @@ async fn a_killed_nodes_partitions_move_and_what_its_cabinets_sent_meanwhile_is_
         "partitions taken over after {:?}",
         killed.elapsed()
     );
-    for id in &ids {
-        shows_temp(&a, &op, id, 6.5).await;
-    }
+    // Every cabinet is served by a at once, the silent ones too: a started their actors from
+    // b's last picture of them, not waiting for their next heartbeat.
     metric_is(&a, "cluster_cabinet_leases", f64::from(PARTITIONS)).await;
     command_all(&a, &op, &mut cabinets).await;
+    for c in cabinets.iter().step_by(2) {
+        shows_temp(&a, &op, &c.id, 6.5).await;
+    }
+    // The online gauge counts each cabinet once.
+    metric_is(&a, "cabinets_online", f64::from(PARTITIONS)).await;
 }
 
 #[actix_rt::test]
@@ -406,4 +411,54 @@ async fn at_the_external_broker_a_cabinet_cannot_read_or_write_another_cabinets_
         "a wrong secret was let in"
     );
     command_all(&hub, &op, std::slice::from_mut(&mut a)).await;
+}
+
+/// A second node joining: the first hands half its partitions over cleanly, and their cabinets
+/// are served by the newcomer at once, without waiting for their next heartbeat.
+#[actix_rt::test]
+async fn a_node_joining_takes_half_the_fleet_over_without_a_gap() {
+    let mq = Mosquitto::start().await;
+    let (db, p) = (fresh_postgres().await, prefix());
+    let spec = |name: &str| {
+        let mut s = Spec::new()
+            .env("HUB__DATABASE__URL", &db)
+            .env("HUB__REDIS__URL", redis_url())
+            .env("HUB__CLUSTER__KEY_PREFIX", &p)
+            .env("HUB__CLUSTER__LEASE_MS", 2_000)
+            .env("HUB__CLUSTER__RENEW_MS", 400)
+            .env("HUB__NODE__ID", name);
+        for (k, v) in mq.env() {
+            s = s.env(k, v);
+        }
+        s
+    };
+    let a = spec("node-a").start().await;
+    metric_is(&a, "external_broker_partitions", f64::from(PARTITIONS)).await;
+    let ids = one_per_partition("KH");
+    let (op, mut cabinets, _) = fleet(&a, &mq, &ids).await;
+    for c in cabinets.iter_mut() {
+        beat(c, 5.5).await;
+    }
+    metric_is(&a, "cluster_cabinet_leases", f64::from(PARTITIONS)).await;
+    // Beating all through the handover.
+    let beating: Vec<_> = cabinets.iter().map(Cabinet::keep_beating).collect();
+    let b = spec("node-b").start().await;
+    metric_is(&a, "external_broker_partitions", 4.0).await;
+    metric_is(&b, "external_broker_partitions", 4.0).await;
+    for t in beating {
+        t.abort();
+    }
+    metric_is(&b, "cluster_cabinet_leases", 4.0).await;
+    metric_is(&a, "cluster_cabinet_leases", 4.0).await;
+    command_all(&b, &op, &mut cabinets).await;
+    command_all(&a, &op, &mut cabinets).await;
+    for c in cabinets.iter_mut() {
+        // Past the numbers the background beats used.
+        c.seq += 1_000;
+        beat(c, 7.5).await;
+    }
+    for id in &ids {
+        shows_temp(&a, &op, id, 7.5).await;
+        shows_temp(&b, &op, id, 7.5).await;
+    }
 }
