@@ -5,6 +5,7 @@
 //! actors' `OnlineChanged`); at start-up this sweep waits `heartbeat_s × missed_heartbeats` for
 //! each cabinet stored online and, for one that has not come back, raises `cabinet_offline`
 //! through an actor seeded with it: the actor clears it as usual when the cabinet returns.
+//! With several nodes, cabinets another live node serves are left to it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -86,6 +87,11 @@ impl OfflineSweep {
             tracing::error!(cabinet_id = %row.id, "stored cabinet id or merchant invalid; not swept");
             return;
         };
+        // Several nodes: a cabinet another live node serves is that node's to judge (a node
+        // joining a cluster took every other node's cabinets offline here).
+        if self.ports.cluster.serves_elsewhere(id.as_str()).await {
+            return;
+        }
         if let Some(h) = self.registry.get(&id) {
             // It has spoken since the start: its actor keeps its state (and its deadlines).
             if !h.snapshot().await.is_ok_and(|s| s.online) {

@@ -442,24 +442,50 @@ impl Cluster {
         }
         let held = self.cabinets.lock().ok().and_then(|mut map| map.remove(id));
         if let Some(Held::Held(fence)) = held {
-            let (me, id) = (self.clone(), id.to_owned());
-            tokio::spawn(async move {
-                let Some(r) = &me.redis else { return };
-                let mut conn = r.conn.clone();
-                let owner = format!("{}|{fence}", me.settings.node_id);
-                let done: Result<i64, _> = r
-                    .release
-                    .key(me.cabinet_key(&id))
-                    .arg(owner)
-                    .invoke_async(&mut conn)
-                    .await;
-                match done {
-                    Ok(1) => me.lease_change("cabinet", "released"),
-                    Ok(_) => {}
-                    Err(e) => me.failed("cabinet_release", &ClusterError::from(e)),
-                }
-            });
+            self.release_cabinet(id, fence);
         }
+    }
+
+    /// The cabinet's messages no longer reach this node (its partition of an external broker
+    /// moved to another): its lease is given up, and this node's actor for it no longer speaks
+    /// for it, as after a lease lost (its timers' effects are dropped, requests are carried to
+    /// the next owner) until the cabinet's messages reach this node again.
+    pub fn cabinet_left(self: &Arc<Self>, id: &str) {
+        if self.redis.is_none() {
+            return;
+        }
+        let held = self.cabinets.lock().ok().and_then(|mut map| {
+            let h = map.get_mut(id)?;
+            Some(std::mem::replace(h, Held::Lost))
+        });
+        if let Some(Held::Held(fence)) = held {
+            self.release_cabinet(id, fence);
+        }
+    }
+
+    fn release_cabinet(self: &Arc<Self>, id: &str, fence: u64) {
+        if let Ok(map) = self.cabinets.lock() {
+            self.metrics
+                .cluster_cabinet_leases
+                .set(map.values().filter(|h| matches!(h, Held::Held(_))).count() as i64);
+        }
+        let (me, id) = (self.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let Some(r) = &me.redis else { return };
+            let mut conn = r.conn.clone();
+            let owner = format!("{}|{fence}", me.settings.node_id);
+            let done: Result<i64, _> = r
+                .release
+                .key(me.cabinet_key(&id))
+                .arg(owner)
+                .invoke_async(&mut conn)
+                .await;
+            match done {
+                Ok(1) => me.lease_change("cabinet", "released"),
+                Ok(_) => {}
+                Err(e) => me.failed("cabinet_release", &ClusterError::from(e)),
+            }
+        });
     }
 
     /// How this node holds the cabinet's lease: on a single node, always held.

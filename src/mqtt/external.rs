@@ -407,7 +407,7 @@ impl External {
         let total = self.connector.settings.partitions;
         for id in self.directory.ids() {
             if partition_of(id.as_str(), total) == p {
-                self.cluster.cabinet_gone(id.as_str());
+                self.cluster.cabinet_left(id.as_str());
             }
         }
         self.count_connections().await;

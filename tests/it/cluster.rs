@@ -866,3 +866,40 @@ async fn a_cabinet_that_moved_is_served_by_its_new_node_not_the_actor_left_behin
     })
     .await;
 }
+
+/// A node joining a cluster leaves the cabinets the other nodes serve to them: its start-up
+/// sweep (cabinets stored online that never came back to it) used to take every one of them
+/// offline once their heartbeat window passed.
+#[actix_rt::test]
+async fn a_node_joining_leaves_the_other_nodes_cabinets_online() {
+    let (db, p) = (fresh_postgres().await, prefix());
+    let spec = |name: &str| {
+        Spec::new()
+            .env("HUB__DATABASE__URL", &db)
+            .env("HUB__REDIS__URL", redis_url())
+            .env("HUB__CLUSTER__KEY_PREFIX", &p)
+            .env("HUB__CLUSTER__LEASE_MS", 2_000)
+            .env("HUB__CLUSTER__RENEW_MS", 400)
+            .env("HUB__CABINET__HEARTBEAT_S", 1)
+            .env("HUB__NODE__ID", name)
+    };
+    let a = spec("node-a").start().await;
+    let (op, secret) = cola_cabinet(&a, "KX8").await;
+    let mut c = connect_to(&a, "KX8", &secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    leases(&a, 1).await;
+    let beating = c.keep_beating();
+    let b = spec("node-b").start().await;
+    // b's sweep waits three heartbeats (3 s) from its start.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for n in [&a, &b] {
+        assert!(
+            n.active_alert(&op, "KX8", "cabinet_offline")
+                .await
+                .is_none(),
+            "taken offline by the node that joined"
+        );
+        assert_eq!(n.cabinet_state(&op, "KX8").await["online"], true);
+    }
+    beating.abort();
+}

@@ -426,6 +426,8 @@ async fn a_node_joining_takes_half_the_fleet_over_without_a_gap() {
             .env("HUB__CLUSTER__KEY_PREFIX", &p)
             .env("HUB__CLUSTER__LEASE_MS", 2_000)
             .env("HUB__CLUSTER__RENEW_MS", 400)
+            // Offline after 3 s without a heartbeat: an actor left behind would say so.
+            .env("HUB__CABINET__HEARTBEAT_S", 1)
             .env("HUB__NODE__ID", name);
         for (k, v) in mq.env() {
             s = s.env(k, v);
@@ -445,13 +447,34 @@ async fn a_node_joining_takes_half_the_fleet_over_without_a_gap() {
     let b = spec("node-b").start().await;
     metric_is(&a, "external_broker_partitions", 4.0).await;
     metric_is(&b, "external_broker_partitions", 4.0).await;
-    for t in beating {
-        t.abort();
-    }
     metric_is(&b, "cluster_cabinet_leases", 4.0).await;
     metric_is(&a, "cluster_cabinet_leases", 4.0).await;
     command_all(&b, &op, &mut cabinets).await;
     command_all(&a, &op, &mut cabinets).await;
+    // a's actors for the cabinets that moved hear nothing more; past their heartbeat window
+    // they no longer speak for them: no cabinet is taken offline.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for id in &ids {
+        let alert = a.active_alert(&op, id, "cabinet_offline").await;
+        assert!(
+            alert.is_none(),
+            "{id} taken offline by an actor left behind: {alert:?}\nA: {}\nB: {}",
+            a.stderr()
+                .lines()
+                .filter(|l| l.contains(id.as_str()))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            b.stderr()
+                .lines()
+                .filter(|l| l.contains(id.as_str()))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert_eq!(a.cabinet_state(&op, id).await["online"], true, "{id}");
+    }
+    for t in beating {
+        t.abort();
+    }
     for c in cabinets.iter_mut() {
         // Past the numbers the background beats used.
         c.seq += 1_000;
