@@ -29,17 +29,21 @@ const READ_COUNT: usize = 512;
 pub const PENDING_MAX: usize = 100_000;
 
 /// Appends `(merchant, kind, data, origin)` for each event in `ARGV[2..]`, numbering them
-/// from `KEYS[2]`, keeping about `ARGV[1]` entries.
-const APPEND: &str = r"
+/// from `KEYS[2]` (which a Redis restart does not send back to 1: `next_number!`), keeping about
+/// `ARGV[1]` entries.
+const APPEND: &str = concat!(
+    next_number!(),
+    r"
 local n = 0
 for i = 2, #ARGV, 4 do
-  local seq = redis.call('INCR', KEYS[2])
+  local seq = string.format('%d', next_number(KEYS[2]))
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
     's', seq, 'm', ARGV[i], 'k', ARGV[i + 1], 'd', ARGV[i + 2], 'o', ARGV[i + 3])
   n = n + 1
 end
 return n
-";
+"
+);
 
 /// One event on its way to the stream.
 #[derive(Debug)]

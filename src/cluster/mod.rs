@@ -28,6 +28,25 @@ use redis::Script;
 
 use crate::metrics::Metrics;
 
+/// The next number from counter `k` (fencing tokens, the shared feed's numbers). A counter
+/// Redis lost (a restart without persistence) starts again from the time in microseconds, not
+/// from 1, so that numbers keep growing across it: a token taken after the restart is larger
+/// than any before, and a feed client's next event is numbered above the last it had. Numbers
+/// are written with `%d`: Lua's own formatting would write one this large as `1.7e+15`.
+macro_rules! next_number {
+    () => {
+        r"
+local function next_number(k)
+  if redis.call('EXISTS', k) == 0 then
+    local t = redis.call('TIME')
+    redis.call('SET', k, string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])))
+  end
+  return redis.call('INCR', k)
+end
+"
+    };
+}
+
 pub mod bus;
 pub mod calls;
 pub mod partitions;
@@ -41,7 +60,9 @@ const RENEW_BATCH: usize = 500;
 
 /// Takes a lease: free, already ours (renewed), or, with `take`, held by another node (taken
 /// over, with a new fence). Answers `{fence, previous owner or ""}`; fence 0 means refused.
-const CLAIM: &str = r"
+const CLAIM: &str = concat!(
+    next_number!(),
+    r"
 local cur = redis.call('GET', KEYS[1])
 local prev = ''
 if cur then
@@ -53,16 +74,19 @@ if cur then
   if ARGV[3] ~= 'take' then return {'0', node or ''} end
   prev = node or ''
 end
-local f = redis.call('INCR', KEYS[2])
+local f = string.format('%d', next_number(KEYS[2]))
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. f, 'PX', ARGV[2])
-return {tostring(f), prev}
-";
+return {f, prev}
+"
+);
 
 /// Renews the leases this node holds (`KEYS[i]` with fence `ARGV[i + 2]`), answering per lease
 /// `0` (renewed), `-1` (another node holds it now) or a new fence: the lease had run out with
 /// nobody taking it (Redis was away longer than a lease) and is taken again, as the cabinet is
 /// still connected here (`KEYS[#KEYS]` is the fence counter, not a lease).
-const RENEW: &str = r"
+const RENEW: &str = concat!(
+    next_number!(),
+    r"
 local out = {}
 local counter = KEYS[#KEYS]
 for i = 1, #KEYS - 1 do
@@ -72,15 +96,16 @@ for i = 1, #KEYS - 1 do
     redis.call('PEXPIRE', k, ARGV[2])
     out[i] = 0
   elseif not cur then
-    local f = redis.call('INCR', counter)
-    redis.call('SET', k, ARGV[1] .. '|' .. f, 'PX', ARGV[2])
+    local f = next_number(counter)
+    redis.call('SET', k, ARGV[1] .. '|' .. string.format('%d', f), 'PX', ARGV[2])
     out[i] = f
   else
     out[i] = -1
   end
 end
 return out
-";
+"
+);
 
 /// Gives a lease up if it is still ours under this fence.
 const RELEASE: &str = r"

@@ -903,3 +903,144 @@ async fn a_node_joining_leaves_the_other_nodes_cabinets_online() {
     }
     beating.abort();
 }
+
+/// A Redis of the test's own, which the test stops (`kill -9`: nothing kept, as a restart
+/// without persistence) and starts again on the same port.
+struct OwnRedis {
+    child: Option<std::process::Child>,
+    port: u16,
+}
+
+impl OwnRedis {
+    async fn start(port: u16) -> Self {
+        let bin = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or_else(|| panic!("redis-server is required (scripts/test installs it)"));
+        let child = std::process::Command::new(bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server: {e}"));
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(start.elapsed() < PATIENCE, "redis-server never listened");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            child: Some(child),
+            port,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Fencing tokens keep growing when Redis restarts empty: a lease taken after the restart
+/// holds a larger token than any taken before it, as a write fenced by it must see.
+#[actix_rt::test]
+async fn fencing_tokens_keep_growing_across_a_redis_restart() {
+    let mut redis = OwnRedis::start(crate::harness::free_port()).await;
+    let (url, p) = (redis.url(), prefix());
+    let a = node(&url, "a", &p, 1_000).await;
+    a.cabinet_here("cab-1");
+    until(Duration::from_secs(10), "a holds cab-1", || {
+        matches!(a.cabinet_lease("cab-1"), Some(Held::Held(_)))
+    })
+    .await;
+    let Some(Held::Held(before)) = a.cabinet_lease("cab-1") else {
+        panic!("held")
+    };
+    let port = redis.port;
+    redis.kill();
+    let _redis = OwnRedis::start(port).await;
+    let b = node(&url, "b", &p, 1_000).await;
+    b.cabinet_here("cab-1");
+    until(Duration::from_secs(10), "b holds cab-1", || {
+        matches!(b.cabinet_lease("cab-1"), Some(Held::Held(_)))
+    })
+    .await;
+    let Some(Held::Held(after)) = b.cabinet_lease("cab-1") else {
+        panic!("held")
+    };
+    assert!(after > before, "{after} after the restart, {before} before");
+    let owner = b.owner("cab-1").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(owner.map(|o| o.fence), Some(after), "stored exactly");
+}
+
+/// Redis restarted empty while cabinets beat on both nodes: the nodes reconnect, lead and hold
+/// leases again, carry requests again, and read the feed on under its new numbering; what a
+/// cabinet said meanwhile reaches the other node's screen.
+#[actix_rt::test]
+async fn nodes_carry_on_after_redis_restarts_empty_under_load() {
+    let mut redis = OwnRedis::start(crate::harness::free_port()).await;
+    let (a, b) = two_nodes_with(&[("HUB__REDIS__URL", redis.url())]).await;
+    let (op, secret) = cola_cabinet(&a, "KY1").await;
+    let mut c = connect_to(&b, "KY1", &secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    leases(&b, 1).await;
+    let mut ws = feed::connect(&a, &op, None).await;
+    let snap = feed::next(&mut ws, PATIENCE)
+        .await
+        .unwrap_or_else(|| panic!("no snapshot"));
+    assert_eq!(snap["type"], "snapshot");
+    c.seq += 1_000;
+    let beating = c.keep_beating();
+
+    let port = redis.port;
+    redis.kill();
+    for n in [&a, &b] {
+        readiness(n, 503, "unreachable").await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _redis = OwnRedis::start(port).await;
+    for n in [&a, &b] {
+        readiness(n, 200, "ok").await;
+    }
+    let start = Instant::now();
+    loop {
+        let leaders = a.metric("cluster_leader").await + b.metric("cluster_leader").await;
+        if leaders == 1.0 {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "leaders: {leaders}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    leases(&b, 1).await;
+    beating.abort();
+    c.seq += 1_000;
+    // Said after the restart: on a's screen, under the stream's new numbers.
+    c.event("tamper").await;
+    let start = Instant::now();
+    loop {
+        let v = feed::next(&mut ws, PATIENCE)
+            .await
+            .unwrap_or_else(|| panic!("the alert raised after the restart never came"));
+        if v["type"] == "alert" && v["data"]["alert"]["type"] == "tamper" {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE);
+    }
+    let pending = reboot_through(&a, &op, "KY1");
+    let reboot = c.expect_command("reboot", PATIENCE).await;
+    c.ack(&reboot, true, None).await;
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((s, v["outcome"].as_str()), (200, Some("ok")), "{v}");
+}
