@@ -172,6 +172,20 @@ impl Application {
                     )
                 })?,
         };
+        {
+            // Every cabinet lease taken here is recorded with its token, so that storage
+            // refuses the late writes of the node that held it before (`cluster_writes_refused_total`).
+            let (store, metrics) = (store.clone(), metrics.clone());
+            cluster.on_cabinet_lease(move |id, fence| {
+                let (store, metrics, id) = (store.clone(), metrics.clone(), id.to_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = store.record_lease_fence(&id, fence).await {
+                        metrics.store_errors.with_label_values(&["lease_fence"]).inc();
+                        tracing::warn!(cabinet_id = %id, fence, error = %e, "lease token not recorded");
+                    }
+                });
+            });
+        }
         let _renewing = cluster.start();
         tracing::info!(node = %node_id, shared = cluster.is_shared(), "cluster port ready");
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub cluster_cabinet_leases: IntGauge,
     pub cluster_lease_changes: IntCounterVec,
     pub redis_errors: IntCounterVec,
+    pub cluster_writes_refused: IntCounter,
     pub broker_partitions: IntGauge,
     pub broker_connections: IntGauge,
     pub broker_errors: IntCounterVec,
@@ -414,6 +415,13 @@ impl Metrics {
                     )
                     .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0]),
                     &["kind"],
+                )?,
+            ),
+            cluster_writes_refused: reg(
+                &r,
+                IntCounter::new(
+                    "cluster_writes_refused_total",
+                    "Writes for a cabinet (alerts, online state) refused because another node took its lease since (fencing token)",
                 )?,
             ),
             broker_partitions: reg(

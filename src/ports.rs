@@ -21,12 +21,16 @@ use crate::views::{ActiveAlertView, AlertEvent, CabinetLive};
 /// A write to the alert history.
 #[derive(Debug)]
 pub enum AlertWrite {
-    /// Raised.
-    Raised(CabinetMeta, ActiveAlert),
+    /// Raised, under the cabinet's lease token (0: unfenced).
+    Raised(CabinetMeta, ActiveAlert, u64),
     /// Cleared.
     Cleared {
         /// Alert id.
         id: String,
+        /// Its cabinet.
+        cabinet: String,
+        /// The cabinet's lease token (0: unfenced).
+        fence: u64,
         /// `condition` or a key id.
         by: String,
         /// Unix ms.
@@ -39,6 +43,8 @@ pub enum AlertWrite {
         cabinet: String,
         /// Unix ms, or `None` for offline.
         at: Option<i64>,
+        /// The cabinet's lease token (0: unfenced).
+        fence: u64,
     },
     /// A flapping alert's new count.
     Flaps {
@@ -119,6 +125,9 @@ impl CabinetPorts for HubPorts {
             _ => {}
         }
         let m = &self.metrics;
+        // Writes for the cabinet carry this node's lease token: storage refuses them once a
+        // newer owner recorded its own (a node that lost the lease and does not know it yet).
+        let fence = self.cluster.write_fence(cabinet.id.as_str());
         match effect {
             Effect::AlertRaised(a) => {
                 m.alert_active
@@ -133,7 +142,7 @@ impl CabinetPorts for HubPorts {
                 tracing::warn!(cabinet_id = %cabinet.id, alert = a.kind.as_str(), detail = a.detail.as_deref().unwrap_or(""), "alert raised");
                 let _ = self
                     .alerts
-                    .send(AlertWrite::Raised(cabinet.clone(), a.clone()));
+                    .send(AlertWrite::Raised(cabinet.clone(), a.clone(), fence));
             }
             Effect::AlertCleared { alert, by, at } => {
                 let _ = m.alert_active.remove_label_values(&[
@@ -149,6 +158,8 @@ impl CabinetPorts for HubPorts {
                 tracing::info!(cabinet_id = %cabinet.id, alert = alert.kind.as_str(), by = %by, "alert cleared");
                 let _ = self.alerts.send(AlertWrite::Cleared {
                     id: alert.id.clone(),
+                    cabinet: cabinet.id.to_string(),
+                    fence,
                     by,
                     at: *at as i64,
                 });
@@ -170,6 +181,7 @@ impl CabinetPorts for HubPorts {
                 let _ = self.alerts.send(AlertWrite::Online {
                     cabinet: cabinet.id.to_string(),
                     at,
+                    fence,
                 });
             }
             Effect::AlertFlapped(a) => {
@@ -241,17 +253,43 @@ pub async fn alert_writer(
             let _ = done.send(());
             continue;
         }
+        // A write under a token older than the cabinet's recorded one comes from a node that
+        // lost the cabinet and does not know it yet: refused (the statements check it too,
+        // atomically; this read is what tells a refusal from a no-op, for the count).
+        let fenced = match &w {
+            AlertWrite::Raised(c, _, f) => Some((c.id.as_str(), *f)),
+            AlertWrite::Cleared { cabinet, fence, .. }
+            | AlertWrite::Online { cabinet, fence, .. } => Some((cabinet.as_str(), *fence)),
+            _ => None,
+        };
+        if let Some((cabinet, fence)) = fenced.filter(|(_, f)| *f > 0) {
+            if store
+                .lease_fence(cabinet)
+                .await
+                .is_ok_and(|newest| newest > fence)
+            {
+                metrics.cluster_writes_refused.inc();
+                tracing::info!(cabinet_id = cabinet, fence, write = ?w, "write for a cabinet another node owns now: refused");
+                continue;
+            }
+        }
         let mut wait = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         for attempt in 1..=8 {
             let r = match &w {
-                AlertWrite::Raised(c, a) => store
-                    .insert_alert(c.id.as_str(), c.merchant.as_str(), a)
+                AlertWrite::Raised(c, a, fence) => store
+                    .insert_alert_fenced(c.id.as_str(), c.merchant.as_str(), a, *fence)
                     .await
                     .map(|_| ()),
-                AlertWrite::Cleared { id, by, at } => {
-                    store.clear_alert(id, by, *at).await.map(|_| ())
-                }
-                AlertWrite::Online { cabinet, at } => store.set_cabinet_online(cabinet, *at).await,
+                AlertWrite::Cleared {
+                    id, by, at, fence, ..
+                } => store
+                    .clear_alert_fenced(id, by, *at, *fence)
+                    .await
+                    .map(|_| ()),
+                AlertWrite::Online { cabinet, at, fence } => store
+                    .set_cabinet_online_fenced(cabinet, *at, *fence)
+                    .await
+                    .map(|_| ()),
                 AlertWrite::Flaps { id, flaps } => {
                     store.set_alert_flaps(id, *flaps).await.map(|_| ())
                 }

@@ -192,7 +192,16 @@ pub struct Cluster {
     partitions: Mutex<partitions::Partitions>,
     /// Until when (ms since `epoch`) the last renewal keeps the held partitions.
     partitions_until_ms: AtomicU64,
+    /// Told of every cabinet lease this node takes, with its token (storage records it, so
+    /// that a former owner's late writes are refused).
+    on_cabinet_lease: std::sync::OnceLock<LeaseHook>,
+    /// The last token this node held each cabinet's lease under, kept after the lease goes:
+    /// what its writes for the cabinet carry.
+    last_fences: Mutex<HashMap<String, u64>>,
 }
+
+/// What [`Cluster::on_cabinet_lease`] calls: the cabinet and the token it was taken under.
+pub type LeaseHook = Box<dyn Fn(&str, u64) + Send + Sync>;
 
 impl Cluster {
     /// A single node: it leads, it owns what connects to it.
@@ -245,6 +254,8 @@ impl Cluster {
             pending: calls::Pending::default(),
             partitions: Mutex::default(),
             partitions_until_ms: AtomicU64::new(0),
+            on_cabinet_lease: std::sync::OnceLock::new(),
+            last_fences: Mutex::default(),
         }
     }
 
@@ -394,6 +405,20 @@ impl Cluster {
 
     // ---- cabinets ------------------------------------------------------------------------
 
+    /// Calls `hook` with every cabinet lease this node takes and its token (set once).
+    pub fn on_cabinet_lease(&self, hook: impl Fn(&str, u64) + Send + Sync + 'static) {
+        let _ = self.on_cabinet_lease.set(Box::new(hook));
+    }
+
+    fn lease_taken(&self, id: &str, fence: u64) {
+        if let Ok(mut last) = self.last_fences.lock() {
+            last.insert(id.to_owned(), fence);
+        }
+        if let Some(hook) = self.on_cabinet_lease.get() {
+            hook(id, fence);
+        }
+    }
+
     /// An uplink from `id` reached this node: its connection is here, so this node owns it.
     /// Cheap when the lease is already held (every uplink calls it); otherwise the lease is
     /// taken in the background, over any other node's (the cabinet left that node).
@@ -437,6 +462,7 @@ impl Cluster {
                     Ordering::Acquire,
                     |cur| (cur == 0).then_some(until),
                 );
+                self.lease_taken(id, fence);
                 Held::Held(fence)
             }
             Ok(_) => Held::Lost,
@@ -511,6 +537,17 @@ impl Cluster {
                 Err(e) => me.failed("cabinet_release", &ClusterError::from(e)),
             }
         });
+    }
+
+    /// The token this node's writes for the cabinet carry: the last one it held the
+    /// cabinet's lease under (also once the lease went: a goodbye written as the cabinet goes
+    /// offline), 0 when it never held it (unfenced, as on a single node).
+    pub fn write_fence(&self, id: &str) -> u64 {
+        self.last_fences
+            .lock()
+            .ok()
+            .and_then(|last| last.get(id).copied())
+            .unwrap_or(0)
     }
 
     /// How this node holds the cabinet's lease: on a single node, always held.
@@ -610,6 +647,7 @@ impl Cluster {
                 if map.get(id) == Some(&Held::Held(*old)) {
                     map.insert(id.clone(), Held::Held(*new));
                     self.lease_change("cabinet", "acquired");
+                    self.lease_taken(id, *new);
                 }
             }
             self.metrics

@@ -241,6 +241,7 @@ fn migrator(postgres: bool) -> Migrator {
             sql!("0022_recognition_billing.sql"),
         ),
         (23, "stock", sql!("0023_stock.sql")),
+        (24, "lease_fence", sql!("0024_lease_fence.sql")),
     ];
     Migrator::with_migrations(
         files
@@ -850,10 +851,48 @@ impl Store {
     /// Records that a cabinet came online (`Some(at)`) or went offline (`None`), for the
     /// start-up sweep after a restart.
     pub async fn set_cabinet_online(&self, id: &str, online_at: Option<i64>) -> Result<()> {
+        self.set_cabinet_online_fenced(id, online_at, 0)
+            .await
+            .map(|_| ())
+    }
+
+    /// As [`Store::set_cabinet_online`], by the holder of the cabinet's lease under `fence`
+    /// (0: unfenced, a single node): false, and nothing written, when a newer owner's token is
+    /// recorded ([`Store::record_lease_fence`]).
+    pub async fn set_cabinet_online_fenced(
+        &self,
+        id: &str,
+        online_at: Option<i64>,
+        fence: u64,
+    ) -> Result<bool> {
         // Not in the cached row: a connect storm must not drop every cabinet read in flight.
-        sqlx::query("UPDATE cabinets SET online_at = $2 WHERE id = $1")
+        let r = sqlx::query(
+            "UPDATE cabinets SET online_at = $2 WHERE id = $1 AND ($3 = 0 OR lease_fence <= $3)",
+        )
+        .bind(id)
+        .bind(online_at)
+        .bind(fence as i64)
+        .execute(&mut *self.write().await?)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// The newest lease token recorded for the cabinet (0: none).
+    pub async fn lease_fence(&self, id: &str) -> Result<u64> {
+        let fence: Option<i64> =
+            sqlx::query_scalar("SELECT lease_fence FROM cabinets WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *self.read().await?)
+                .await?;
+        Ok(fence.unwrap_or(0).max(0) as u64)
+    }
+
+    /// Records that the cabinet's lease was taken under `fence`: from now on writes for it
+    /// under an older token are refused. A token older than the one recorded changes nothing.
+    pub async fn record_lease_fence(&self, id: &str, fence: u64) -> Result<()> {
+        sqlx::query("UPDATE cabinets SET lease_fence = $2 WHERE id = $1 AND lease_fence < $2")
             .bind(id)
-            .bind(online_at)
+            .bind(fence as i64)
             .execute(&mut *self.write().await?)
             .await?;
         Ok(())
@@ -986,7 +1025,21 @@ impl Store {
         merchant_id: &str,
         a: &ActiveAlert,
     ) -> Result<bool> {
-        let r = sqlx::query("INSERT INTO alerts (id, cabinet_id, merchant_id, type, severity, detail, raised_at, flaps) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING")
+        self.insert_alert_fenced(cabinet_id, merchant_id, a, 0)
+            .await
+    }
+
+    /// As [`Store::insert_alert`], by the holder of the cabinet's lease under `fence` (0:
+    /// unfenced): false, and nothing written, when a newer owner's token is recorded.
+    pub async fn insert_alert_fenced(
+        &self,
+        cabinet_id: &str,
+        merchant_id: &str,
+        a: &ActiveAlert,
+        fence: u64,
+    ) -> Result<bool> {
+        // `WHERE` on the SELECT also keeps SQLite from reading `ON CONFLICT` as a join.
+        let r = sqlx::query("INSERT INTO alerts (id, cabinet_id, merchant_id, type, severity, detail, raised_at, flaps) SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE $9 = 0 OR COALESCE((SELECT lease_fence FROM cabinets WHERE id = $2), 0) <= $9 ON CONFLICT DO NOTHING")
             .bind(&a.id)
             .bind(cabinet_id)
             .bind(merchant_id)
@@ -995,6 +1048,7 @@ impl Store {
             .bind(a.detail.as_deref())
             .bind(a.raised_at as i64)
             .bind(i64::from(if a.flapping { a.flaps.max(1) } else { 0 }))
+            .bind(fence as i64)
             .execute(&mut *self.write().await?)
             .await?;
         Ok(r.rows_affected() == 1)
@@ -1025,10 +1079,23 @@ impl Store {
 
     /// Marks an alert cleared (once).
     pub async fn clear_alert(&self, id: &str, by: &str, at: i64) -> Result<bool> {
-        let r = sqlx::query("UPDATE alerts SET cleared_at = $2, cleared_by = $3 WHERE id = $1 AND cleared_at IS NULL")
+        self.clear_alert_fenced(id, by, at, 0).await
+    }
+
+    /// As [`Store::clear_alert`], under `fence` (0: unfenced): false, and nothing written,
+    /// when a newer owner of the alert's cabinet has recorded its token.
+    pub async fn clear_alert_fenced(
+        &self,
+        id: &str,
+        by: &str,
+        at: i64,
+        fence: u64,
+    ) -> Result<bool> {
+        let r = sqlx::query("UPDATE alerts SET cleared_at = $2, cleared_by = $3 WHERE id = $1 AND cleared_at IS NULL AND ($4 = 0 OR COALESCE((SELECT lease_fence FROM cabinets WHERE cabinets.id = alerts.cabinet_id), 0) <= $4)")
             .bind(id)
             .bind(at)
             .bind(by)
+            .bind(fence as i64)
             .execute(&mut *self.write().await?)
             .await?;
         Ok(r.rows_affected() == 1)

@@ -1044,3 +1044,51 @@ async fn nodes_carry_on_after_redis_restarts_empty_under_load() {
     let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((s, v["outcome"].as_str()), (200, Some("ok")), "{v}");
 }
+
+/// A node that lost a cabinet's lease and does not know it yet (its next renewal is far off)
+/// has its writes for the cabinet refused by storage: the new owner recorded a newer token.
+/// Here the cabinet's old connection dies after it moved, and the old node's actor would store
+/// it offline and raise `cabinet_offline` while the new node serves it.
+#[actix_rt::test]
+async fn a_former_owners_late_writes_are_refused_by_the_fencing_token() {
+    let (a, b) = two_nodes_with(&[
+        ("HUB__CLUSTER__LEASE_MS", "60000".to_owned()),
+        ("HUB__CLUSTER__RENEW_MS", "30000".to_owned()),
+    ])
+    .await;
+    let (op, secret) = cola_cabinet(&a, "KY2").await;
+    let mut old = connect_to(&a, "KY2", &secret).await;
+    old.heartbeat("closed", "locked", true, 1).await;
+    leases(&a, 1).await;
+    // The cabinet comes up on b while its old connection to a lingers.
+    let mut new = connect_to(&b, "KY2", &secret).await;
+    new.heartbeat("closed", "locked", true, 1).await;
+    leases(&b, 1).await;
+    // b's token is recorded (in the background of its claim).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    old.cut();
+    let start = Instant::now();
+    while a.metric("cluster_writes_refused_total").await < 2.0 {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "a's late writes were not refused: {}",
+            a.metric("cluster_writes_refused_total").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(b
+        .active_alert(&op, "KY2", "cabinet_offline")
+        .await
+        .is_none());
+    let (s, rows) = b.get("/api/v1/cabinets", &op).await;
+    assert_eq!(s, 200, "{rows}");
+    assert_eq!(b.cabinet_state(&op, "KY2").await["online"], true);
+    // b's own writes still land: its actor goes offline when the cabinet does.
+    new.cut();
+    b.eventually(PATIENCE, "cabinet_offline raised by b", || async {
+        b.active_alert(&op, "KY2", "cabinet_offline")
+            .await
+            .map(|_| ())
+    })
+    .await;
+}
