@@ -236,6 +236,22 @@ pub async fn cluster(
         Err(e) => r.note(format!("after the failover: {e}")),
     }
     r.fig("failover_cabinets_moved", n as f64 - on_a, "");
+    // From the outside: a shopper's session through the survivor, for a sample of b's
+    // cabinets, asked again every half second from the kill until the door opens.
+    let b_cabinets: Vec<FleetCabinet> = cabs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .map(|(_, c)| c.clone())
+        .collect();
+    let step = (b_cabinets.len() / SERVED_SAMPLE).max(1);
+    let sample: Vec<FleetCabinet> = b_cabinets.into_iter().step_by(step).collect();
+    let (served, never) = served_again(a.clone(), op.clone(), sample, died).await;
+    if let Some(h) = &served {
+        r.latency("failover_served_again", h);
+        r.fig("failover_served_again_max_s", h.max() as f64 / 1e6, "s");
+    }
+    r.fig("failover_never_served", never as f64, "");
     r.fig(
         "failover_target_s",
         shared.lease_ms as f64 / 1000.0 + 5.0,
@@ -244,6 +260,68 @@ pub async fn cluster(
     fleet.shutdown().await;
     drop(workers);
     Ok(r)
+}
+
+/// How many of the dead node's cabinets are asked for a session after the kill.
+const SERVED_SAMPLE: usize = 100;
+
+/// For each cabinet of `sample`, the time from `died` until a purchase session asked of `a`
+/// opened its door (asked every 500 ms, each time with a new key, for up to two minutes), in
+/// microseconds; and how many were never served.
+async fn served_again(
+    a: Arc<Hub>,
+    op: String,
+    sample: Vec<FleetCabinet>,
+    died: Instant,
+) -> (Option<hdrhistogram::Histogram<u64>>, usize) {
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let tasks: Vec<_> = sample
+        .into_iter()
+        .enumerate()
+        .map(|(i, cab)| {
+            let (a, op) = (a.clone(), op.clone());
+            tokio::spawn(async move {
+                let deadline = died + Duration::from_secs(120);
+                for k in 0.. {
+                    let asked = a
+                        .call_timed(
+                            reqwest::Method::POST,
+                            "/api/v1/sessions",
+                            &op,
+                            Some(&format!("failover-{run}-{i}-{k}")),
+                            Some(json!({"cabinet_id": cab.id, "user_id": format!("failover{i}"), "channel": "wechat", "mode": "purchase"})),
+                        )
+                        .await;
+                    if let Ok((202, v, _)) = asked {
+                        if matches!(a.follow_session(&op, &v).await, Ok((state, _)) if state == "open")
+                        {
+                            return Some(died.elapsed());
+                        }
+                    }
+                    if Instant::now() > deadline {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                None
+            })
+        })
+        .collect();
+    let mut h = crate::report::histogram().ok();
+    let mut never = 0;
+    for t in tasks {
+        match t.await.ok().flatten() {
+            Some(d) => {
+                if let Some(h) = h.as_mut() {
+                    h.saturating_record(d.as_micros() as u64);
+                }
+            }
+            None => never += 1,
+        }
+    }
+    (h, never)
 }
 
 /// The most cabinets one node holds here: the hard open-file limit is 20,000 per process and a
