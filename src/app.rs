@@ -400,6 +400,7 @@ impl Application {
                 if leads.is_leader() {
                     collector.collect_due().await;
                     collector.follow_refunds().await;
+                    collector.complete_stalled().await;
                 }
             }
         });

@@ -201,6 +201,10 @@ pub struct ExternalBrokerSettings {
     pub keep_alive_s: u64,
 }
 
+fn default_completion_stalled_ms() -> u64 {
+    300_000
+}
+
 fn default_client_id_prefix() -> String {
     "cabinet-hub".to_owned()
 }
@@ -315,6 +319,11 @@ pub struct PaymentSettings {
     pub confirm_timeout_ms: u64,
     /// `HUB__PAYMENTS__DEDUCTION_CHECK_MS`
     pub deduction_check_ms: u64,
+    /// `HUB__PAYMENTS__COMPLETION_STALLED_MS`: an order still `completing` this long after
+    /// its last change was left by a node that died (its deduction check died with it): the
+    /// leader completes it again, as a restart would. Well above `deduction_check_ms`.
+    #[serde(default = "default_completion_stalled_ms")]
+    pub completion_stalled_ms: u64,
     /// `HUB__PAYMENTS__COLLECT_INTERVAL_MS`
     pub collect_interval_ms: u64,
     /// `HUB__PAYMENTS__REFUND_CHECK_MS`: a refund still processing this long after its last

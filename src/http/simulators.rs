@@ -66,6 +66,20 @@ pub struct SimUserBody {
     refund: RefundScript,
 }
 
+impl SimUserBody {
+    /// The script it asks for.
+    pub fn script(&self) -> UserScript {
+        UserScript {
+            confirm: self.confirm,
+            deduction: self.deduction,
+            // Bounded: a script is a test's, and a minute covers any client timeout worth
+            // testing.
+            cancel_delay_ms: self.cancel_delay_ms.min(60_000),
+            refund: self.refund,
+        }
+    }
+}
+
 fn yes() -> Confirm {
     Confirm::Yes
 }
@@ -96,13 +110,7 @@ pub async fn sim_user(
 ) -> ApiResult<HttpResponse> {
     caller.require(Role::Admin)?;
     let sims = simulators(&state)?;
-    let script = UserScript {
-        confirm: body.confirm,
-        deduction: body.deduction,
-        // Bounded: a script is a test's, and a minute covers any client timeout worth testing.
-        cancel_delay_ms: body.cancel_delay_ms.min(60_000),
-        refund: body.refund,
-    };
+    let script = body.script();
     sims.wechat.set_user(&path, script);
     sims.alipay.set_user(&path, script);
     Ok(HttpResponse::Ok().json(SimUser {

@@ -291,18 +291,58 @@ impl Sessions {
             if cluster.serves_elsewhere(&o.cabinet_id).await {
                 continue;
             }
-            let (Ok(Some(s)), Some(priced)) = (
-                self.store.session(&o.session_id).await,
-                o.priced
-                    .as_deref()
-                    .and_then(|p| serde_json::from_str::<PricedOrder>(p).ok()),
-            ) else {
-                continue;
-            };
             tracing::info!(order_id = %o.id, "completing an order interrupted by a restart");
-            if let Err(e) = self.finish_completion(&s, &o, &priced).await {
-                tracing::error!(order_id = %o.id, error = %e, "could not resume the order");
+            self.complete_again(&o).await;
+        }
+    }
+
+    /// Orders left `completing` for `payments.completion_stalled_ms` since their last change:
+    /// the node completing them died, and the deduction check it had scheduled with it (a
+    /// restart of that node would resume them, but it may not come back). The leader completes
+    /// them again, as a restart does: the provider refuses a second complete, and the deduction
+    /// is then checked. Orders whose check this node has scheduled are its own, in hand.
+    pub async fn complete_stalled(&self) {
+        let before = self.now() - self.settings.payments.completion_stalled_ms as i64;
+        let completing = match self
+            .store
+            .orders(&OrderFilter {
+                status: Some(OrderStatus::Completing.as_str()),
+                limit: 1000,
+                ..OrderFilter::default()
+            })
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "stalled completions not read");
+                return;
             }
+        };
+        for o in completing {
+            let in_hand = self
+                .unsettled
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&o.id);
+            if o.updated_at > before || in_hand {
+                continue;
+            }
+            tracing::warn!(order_id = %o.id, cabinet_id = %o.cabinet_id, "order left completing by a node that stopped; completing it again");
+            self.complete_again(&o).await;
+        }
+    }
+
+    async fn complete_again(&self, o: &OrderRow) {
+        let (Ok(Some(s)), Some(priced)) = (
+            self.store.session(&o.session_id).await,
+            o.priced
+                .as_deref()
+                .and_then(|p| serde_json::from_str::<PricedOrder>(p).ok()),
+        ) else {
+            return;
+        };
+        if let Err(e) = self.finish_completion(&s, o, &priced).await {
+            tracing::error!(order_id = %o.id, error = %e, "could not complete the order again");
         }
     }
 }

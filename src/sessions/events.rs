@@ -9,7 +9,7 @@ use cabinet_actors::actor::CabinetMeta;
 use cabinet_actors::machine::SessionEvent;
 use cabinet_actors::pricing::{price_basket, BasketItem, PricingError};
 use cabinet_actors::protocol::RecognitionStatus;
-use cabinet_actors::session::{Basket, Effect, Event, RECOGNITION_FAILED};
+use cabinet_actors::session::{Basket, Effect, Event, SessionState, RECOGNITION_FAILED};
 
 use super::Sessions;
 use crate::store::{OrderRow, OrderUpdate, SessionRow, StoreError};
@@ -103,13 +103,31 @@ impl Sessions {
             self.store.session(session_id),
             self.store.order_of_session(session_id)
         );
-        let (Some(s), Some(o)) = (s?, o?) else {
+        let (Some(mut s), Some(mut o)) = (s?, o?) else {
             tracing::warn!(cabinet_id = %meta.id, session_id, "event for an unknown session");
             return Ok(None);
         };
         if s.cabinet_id != meta.id.as_str() {
             tracing::warn!(cabinet_id = %meta.id, session_id, "event from another cabinet ignored");
             return Ok(None);
+        }
+        // A cabinet as fast as its firmware reports the door and the recognition the moment
+        // it acknowledged the unlock, and the actor tells them here before the start that sent
+        // the unlock has recorded the door open: applied to a session still `unlocking`, the
+        // recognition was refused and the shopper never charged. Wait for the start to record
+        // the ack's outcome (within the unlock's own timeout, which ends the start anyway).
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_millis(self.settings.cabinet.unlock_ack_timeout_ms + 5_000);
+        while s.state == SessionState::Unlocking.as_str() && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            let (again_s, again_o) = tokio::join!(
+                self.store.session(session_id),
+                self.store.order_of_session(session_id)
+            );
+            if let (Some(again_s), Some(again_o)) = (again_s?, again_o?) {
+                (s, o) = (again_s, again_o);
+            }
         }
         Ok(Some((s, o)))
     }

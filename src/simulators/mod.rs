@@ -156,14 +156,36 @@ pub async fn serve(settings: Settings, listen: SocketAddr) -> anyhow::Result<()>
     std::fs::create_dir_all(&settings.data_dir)?;
     let sims = Simulators::new(&settings)?;
     tracing::info!(%listen, "payment simulators serving");
+    // Scripting a shopper (as a hub's `PUT /sim/users/{id}` does for its own simulators) is
+    // offered on loopback only: there is no key to ask for here.
+    let control = listen.ip().is_loopback();
     actix_web::HttpServer::new(move || {
         let sims = sims.clone();
-        actix_web::App::new()
-            .route(
-                "/healthz",
-                web::get().to(|| async { actix_web::HttpResponse::Ok().body("ok") }),
+        let scripted = sims.clone();
+        let app = actix_web::App::new().route(
+            "/healthz",
+            web::get().to(|| async { actix_web::HttpResponse::Ok().body("ok") }),
+        );
+        let app = if control {
+            app.route(
+                "/sim/users/{user_id}",
+                web::put().to(
+                    move |path: web::Path<String>,
+                          body: web::Json<crate::http::simulators::SimUserBody>| {
+                        let sims = scripted.clone();
+                        async move {
+                            let script = body.script();
+                            sims.wechat.set_user(&path, script);
+                            sims.alipay.set_user(&path, script);
+                            actix_web::HttpResponse::Ok().json(script)
+                        }
+                    },
+                ),
             )
-            .configure(move |c| sims.configure(c))
+        } else {
+            app
+        };
+        app.configure(move |c| sims.configure(c))
     })
     .bind(listen)?
     .run()

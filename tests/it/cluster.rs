@@ -1092,3 +1092,71 @@ async fn a_former_owners_late_writes_are_refused_by_the_fencing_token() {
     })
     .await;
 }
+
+/// `kill -9` of the node completing an order whose deduction failed, before the check it had
+/// scheduled: the order would stay `completing` until that node came back. The leader completes
+/// it again once it stalled (the provider refuses a second complete: nothing is charged twice)
+/// and finds the deduction owed: the order is pending payment, as on a single node.
+#[actix_rt::test]
+async fn an_order_a_dead_node_left_completing_is_completed_by_the_leader() {
+    let sim = Simulator::start().await;
+    let (a, mut b) = two_nodes_with(&[
+        ("HUB__PAYMENTS__SIMULATOR_URL", sim.url.clone()),
+        ("HUB__PAYMENTS__DEDUCTION_CHECK_MS", "4000".into()),
+        ("HUB__PAYMENTS__COMPLETION_STALLED_MS", "2000".into()),
+        ("HUB__PAYMENTS__COLLECT_INTERVAL_MS", "800".into()),
+        ("HUB__PAYMENTS__SIMULATOR_RETRY_SCALE", "0.01".into()),
+    ])
+    .await;
+    let (op, secret) = cola_cabinet(&a, "KY3").await;
+    let r = a
+        .client
+        .put(format!("{}/sim/users/u1", sim.url))
+        .json(&serde_json::json!({"deduction": "fail"}))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.status().is_success(), "{}", r.status());
+    let mut c = connect_to(&b, "KY3", &secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    leases(&b, 1).await;
+    let (s, answer) = ask(&a, &op, "KY3").await;
+    assert_eq!(s, 202, "{answer}");
+    let session = answer["session"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let unlock = c.expect_command("unlock", PATIENCE).await;
+    c.ack(&unlock, true, None).await;
+    crate::purchase::door_then_recognition(
+        &mut c,
+        serde_json::json!({"session_id": session, "status": "ok", "items": [{"sku": "cola", "qty": 1}]}),
+    )
+    .await;
+    // Completed, the deduction failed, its check not due yet.
+    let start = Instant::now();
+    loop {
+        let (_, v) = a.get(&format!("/api/v1/sessions/{session}"), &op).await;
+        if v["order"]["status"] == "completing" && v["session"]["state"] == "closed" {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "never completing: {v}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    b.kill9();
+    let start = Instant::now();
+    let v = loop {
+        let (_, v) = a.get(&format!("/api/v1/sessions/{session}"), &op).await;
+        if v["order"]["status"] == "pending_payment" {
+            break v;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the order stayed {}: {v}",
+            v["order"]["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(v["order"]["paid_fen"], 0, "{v}");
+    assert_eq!(sim.charges(), 0, "nothing charged");
+}

@@ -1346,3 +1346,20 @@ async fn session_start_tells_where_the_time_went(b: Backend) {
     })
     .await;
 }
+
+/// A cabinet as fast as its firmware: the door opens, closes and the recognition comes the
+/// moment the unlock is acknowledged, before the caller has the start's answer.
+async fn a_visit_right_after_the_ack_is_charged(b: Backend) {
+    let (hub, op, mut c) = shop(b).await;
+    let pending = start(&hub, &op, "u1", Some("idem-fast"));
+    let unlock = c.expect_command("unlock", 3 * SEC).await;
+    let session = unlock["session_id"].as_str().unwrap_or_default().to_owned();
+    c.ack(&unlock, true, None).await;
+    shop_visit(&mut c, &session, json!([{"sku": "cola", "qty": 1}])).await;
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_open(s, &v);
+    let v = order_status(&hub, &op, &session, "paid").await;
+    assert_eq!(v["order"]["paid_fen"], 300, "{v}");
+}
+
+both!(a_visit_right_after_the_ack_is_charged);
