@@ -24,6 +24,9 @@ use crate::cluster::calls::{CallError, Reply};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::sessions::{Idempotency, StartSession};
 
+/// How often a carried request's wait checks that its node still owns the cabinet.
+const OWNER_RECHECK: Duration = Duration::from_millis(250);
+
 /// A request carried to the cabinet's owner.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -70,6 +73,17 @@ pub enum Call {
 }
 
 impl Call {
+    /// The cabinet it is for.
+    fn cabinet(&self) -> &str {
+        match self {
+            Call::Start { body, .. } => &body.cabinet_id,
+            Call::Command { cabinet_id, .. }
+            | Call::Config { cabinet_id, .. }
+            | Call::AlertAck { cabinet_id, .. }
+            | Call::AlertClear { cabinet_id, .. } => cabinet_id,
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             Call::Start { .. } => "start",
@@ -124,10 +138,30 @@ pub async fn carry_reply(
     let kind = call.kind();
     let body = serde_json::to_string(call).map_err(ApiError::internal)?;
     let started = Instant::now();
-    let reply = state
-        .cluster
-        .call(node, kind, &body, call_timeout(state))
-        .await;
+    // The owner may die with the request in its stream: once the cabinet's lease is no longer
+    // that node's (the cabinet reconnected elsewhere, or the lease ran out), waiting on for its
+    // answer only keeps the caller from asking again, which now reaches the new owner.
+    let moved = async {
+        loop {
+            tokio::time::sleep(OWNER_RECHECK).await;
+            // Redis not answering says nothing about the owner: wait on.
+            match state.cluster.owner(call.cabinet()).await {
+                Ok(Some(o)) if o.node == node => {}
+                Ok(_) => return,
+                Err(_) => {}
+            }
+        }
+    };
+    let reply = tokio::select! {
+        r = state.cluster.call(node, kind, &body, call_timeout(state)) => r,
+        () = moved => {
+            state.metrics.routed_calls.with_label_values(&["sent", "owner_moved"]).inc();
+            return Err(ApiError::new(
+                ErrorCode::NodeUnavailable,
+                format!("node {node}, which served the cabinet, no longer does (it stopped, or the cabinet moved) and did not answer; ask again"),
+            ));
+        }
+    };
     let outcome = match &reply {
         Ok(_) => "ok",
         Err(CallError::Timeout(_)) => "timeout",

@@ -1160,3 +1160,41 @@ async fn an_order_a_dead_node_left_completing_is_completed_by_the_leader() {
     assert_eq!(v["order"]["paid_fen"], 0, "{v}");
     assert_eq!(sim.charges(), 0, "nothing charged");
 }
+
+/// A request carried to a node that then dies is answered as soon as the cabinet is served
+/// elsewhere (503 `node_unavailable`: ask again), not after the whole call timeout; asked
+/// again, it reaches the new owner.
+#[actix_rt::test]
+async fn a_request_carried_to_a_node_that_died_is_answered_once_the_cabinet_moved() {
+    let (a, mut b) = two_nodes().await;
+    let (op, secret) = cola_cabinet(&a, "KY4").await;
+    let mut c = connect_to(&b, "KY4", &secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    leases(&b, 1).await;
+    b.kill9();
+    let asked = Instant::now();
+    let pending = reboot_through(&a, &op, "KY4");
+    // It waits in the dead node's stream while the cabinet reconnects to a.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.cut();
+    let mut c = connect_to(&a, "KY4", &secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    leases(&a, 1).await;
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (503, Some("node_unavailable")),
+        "{v}"
+    );
+    // Well within the call's own timeout (the unlock's 5 s and 10 s more).
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "answered after {:?}",
+        asked.elapsed()
+    );
+    let pending = reboot_through(&a, &op, "KY4");
+    let reboot = c.expect_command("reboot", PATIENCE).await;
+    c.ack(&reboot, true, None).await;
+    let (s, v) = pending.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((s, v["outcome"].as_str()), (200, Some("ok")), "{v}");
+}
