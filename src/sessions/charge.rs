@@ -278,15 +278,7 @@ impl Sessions {
                 tracing::warn!(session_id = %s.id, "session was unlocking at a crash; awaiting the cabinet's recognition");
             }
         }
-        let completing = self
-            .store
-            .orders(&OrderFilter {
-                status: Some(OrderStatus::Completing.as_str()),
-                limit: 1000,
-                ..OrderFilter::default()
-            })
-            .await
-            .unwrap_or_default();
+        let completing = self.completing().await.unwrap_or_default();
         for o in completing {
             if cluster.serves_elsewhere(&o.cabinet_id).await {
                 continue;
@@ -303,15 +295,7 @@ impl Sessions {
     /// is then checked. Orders whose check this node has scheduled are its own, in hand.
     pub async fn complete_stalled(&self) {
         let before = self.now() - self.settings.payments.completion_stalled_ms as i64;
-        let completing = match self
-            .store
-            .orders(&OrderFilter {
-                status: Some(OrderStatus::Completing.as_str()),
-                limit: 1000,
-                ..OrderFilter::default()
-            })
-            .await
-        {
+        let completing = match self.completing().await {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, "stalled completions not read");
@@ -330,6 +314,17 @@ impl Sessions {
             tracing::warn!(order_id = %o.id, cabinet_id = %o.cabinet_id, "order left completing by a node that stopped; completing it again");
             self.complete_again(&o).await;
         }
+    }
+
+    /// Orders being completed (at most 1,000 a pass).
+    async fn completing(&self) -> Result<Vec<OrderRow>, StoreError> {
+        self.store
+            .orders(&OrderFilter {
+                status: Some(OrderStatus::Completing.as_str()),
+                limit: 1000,
+                ..OrderFilter::default()
+            })
+            .await
     }
 
     async fn complete_again(&self, o: &OrderRow) {

@@ -353,19 +353,24 @@ async fn two_nodes() -> (crate::node::Node, crate::node::Node) {
 }
 
 /// [`two_nodes`] with more settings for both.
+/// Node `name` of a cluster on `db` and the test Redis under `prefix`, with short leases.
+pub(crate) fn node_spec(db: &str, prefix: &str, name: &str) -> Spec {
+    Spec::new()
+        .env("HUB__DATABASE__URL", db)
+        .env("HUB__REDIS__URL", redis_url())
+        .env("HUB__CLUSTER__KEY_PREFIX", prefix)
+        .env("HUB__CLUSTER__LEASE_MS", 2_000)
+        .env("HUB__CLUSTER__RENEW_MS", 400)
+        .env("HUB__NODE__ID", name)
+}
+
 pub(crate) async fn two_nodes_with(
     env: &[(&str, String)],
 ) -> (crate::node::Node, crate::node::Node) {
     let db = fresh_postgres().await;
     let p = prefix();
     let spec = |name: &str| {
-        let mut s = Spec::new()
-            .env("HUB__DATABASE__URL", &db)
-            .env("HUB__REDIS__URL", redis_url())
-            .env("HUB__CLUSTER__KEY_PREFIX", &p)
-            .env("HUB__CLUSTER__LEASE_MS", 2_000)
-            .env("HUB__CLUSTER__RENEW_MS", 400)
-            .env("HUB__NODE__ID", name);
+        let mut s = node_spec(&db, &p, name);
         for (k, v) in env {
             s = s.env(k, v);
         }
@@ -678,17 +683,7 @@ async fn a_node_killed_mid_session_loses_no_order_and_charges_once() {
     ])
     .await;
     let (op, secret) = cola_cabinet(&a, "KX5").await;
-    let mut c = connect_to(&b, "KX5", &secret).await;
-    c.heartbeat("closed", "locked", true, 1).await;
-    leases(&b, 1).await;
-    let (s, answer) = ask(&a, &op, "KX5").await;
-    assert_eq!(s, 202, "{answer}");
-    let session = answer["session"]["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let unlock = c.expect_command("unlock", PATIENCE).await;
-    c.ack(&unlock, true, None).await;
+    let (mut c, session) = unlocked_through(&a, &b, &op, "KX5", &secret).await;
     a.eventually(PATIENCE, "the door open", || async {
         let (_, v) = a.get(&format!("/api/v1/sessions/{session}"), &op).await;
         (v["session"]["state"] == "open").then_some(())
@@ -766,6 +761,29 @@ async fn readiness(n: &crate::harness::TestHub, status: u16, redis: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Cabinet `id` connected to `b`, and a purchase session for it asked of `a` (carried to `b`),
+/// its unlock acknowledged: the cabinet and the session's id.
+async fn unlocked_through(
+    a: &crate::node::Node,
+    b: &crate::node::Node,
+    op: &str,
+    id: &str,
+    secret: &str,
+) -> (Cabinet, String) {
+    let mut c = connect_to(b, id, secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    leases(b, 1).await;
+    let (s, answer) = ask(a, op, id).await;
+    assert_eq!(s, 202, "{answer}");
+    let session = answer["session"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let unlock = c.expect_command("unlock", PATIENCE).await;
+    c.ack(&unlock, true, None).await;
+    (c, session)
 }
 
 /// A purchase session asked of `hub` for `cabinet` (no idempotency key).
@@ -873,16 +891,7 @@ async fn a_cabinet_that_moved_is_served_by_its_new_node_not_the_actor_left_behin
 #[actix_rt::test]
 async fn a_node_joining_leaves_the_other_nodes_cabinets_online() {
     let (db, p) = (fresh_postgres().await, prefix());
-    let spec = |name: &str| {
-        Spec::new()
-            .env("HUB__DATABASE__URL", &db)
-            .env("HUB__REDIS__URL", redis_url())
-            .env("HUB__CLUSTER__KEY_PREFIX", &p)
-            .env("HUB__CLUSTER__LEASE_MS", 2_000)
-            .env("HUB__CLUSTER__RENEW_MS", 400)
-            .env("HUB__CABINET__HEARTBEAT_S", 1)
-            .env("HUB__NODE__ID", name)
-    };
+    let spec = |name: &str| node_spec(&db, &p, name).env("HUB__CABINET__HEARTBEAT_S", 1);
     let a = spec("node-a").start().await;
     let (op, secret) = cola_cabinet(&a, "KX8").await;
     let mut c = connect_to(&a, "KX8", &secret).await;
@@ -1117,17 +1126,7 @@ async fn an_order_a_dead_node_left_completing_is_completed_by_the_leader() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(r.status().is_success(), "{}", r.status());
-    let mut c = connect_to(&b, "KY3", &secret).await;
-    c.heartbeat("closed", "locked", true, 1).await;
-    leases(&b, 1).await;
-    let (s, answer) = ask(&a, &op, "KY3").await;
-    assert_eq!(s, 202, "{answer}");
-    let session = answer["session"]["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let unlock = c.expect_command("unlock", PATIENCE).await;
-    c.ack(&unlock, true, None).await;
+    let (mut c, session) = unlocked_through(&a, &b, &op, "KY3", &secret).await;
     crate::purchase::door_then_recognition(
         &mut c,
         serde_json::json!({"session_id": session, "status": "ok", "items": [{"sku": "cola", "qty": 1}]}),

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use cabinet_hub::cluster::partitions::partition_of;
 
-use crate::cluster::{prefix, reboot_through, redis_url, two_nodes_with};
+use crate::cluster::{node_spec, prefix, reboot_through, two_nodes_with};
 use crate::harness::{free_port, fresh_postgres, options, Cabinet, Got, TestHub, PATIENCE};
 use crate::node::{Node, Spec};
 
@@ -420,15 +420,8 @@ async fn a_node_joining_takes_half_the_fleet_over_without_a_gap() {
     let mq = Mosquitto::start().await;
     let (db, p) = (fresh_postgres().await, prefix());
     let spec = |name: &str| {
-        let mut s = Spec::new()
-            .env("HUB__DATABASE__URL", &db)
-            .env("HUB__REDIS__URL", redis_url())
-            .env("HUB__CLUSTER__KEY_PREFIX", &p)
-            .env("HUB__CLUSTER__LEASE_MS", 2_000)
-            .env("HUB__CLUSTER__RENEW_MS", 400)
-            // Offline after 3 s without a heartbeat: an actor left behind would say so.
-            .env("HUB__CABINET__HEARTBEAT_S", 1)
-            .env("HUB__NODE__ID", name);
+        // Offline after 3 s without a heartbeat: an actor left behind would say so.
+        let mut s = node_spec(&db, &p, name).env("HUB__CABINET__HEARTBEAT_S", 1);
         for (k, v) in mq.env() {
             s = s.env(k, v);
         }
