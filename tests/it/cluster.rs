@@ -786,6 +786,52 @@ async fn unlocked_through(
     (c, session)
 }
 
+/// Cabinet `id` (merchant `m1`) connected to `b`, online and leased there, and a screen on `a`
+/// past its snapshot: the operator's key, the cabinet and the screen.
+async fn on_b_watched_from_a(
+    a: &crate::node::Node,
+    b: &crate::node::Node,
+    id: &str,
+) -> (String, Cabinet, feed::Ws) {
+    let (op, secret) = cola_cabinet(a, id).await;
+    let mut c = connect_to(b, id, &secret).await;
+    c.heartbeat("closed", "locked", true, 1).await;
+    leases(b, 1).await;
+    let mut ws = feed::connect(a, &op, None).await;
+    let snap = feed::next(&mut ws, PATIENCE)
+        .await
+        .unwrap_or_else(|| panic!("no snapshot"));
+    assert_eq!(snap["type"], "snapshot");
+    (op, c, ws)
+}
+
+/// Reads the screen until a `tamper` alert comes (`what` names it in the failure).
+async fn tamper_on_screen(ws: &mut feed::Ws, what: &str) {
+    let start = Instant::now();
+    loop {
+        let v = feed::next(ws, PATIENCE)
+            .await
+            .unwrap_or_else(|| panic!("{what} never came"));
+        if v["type"] == "alert" && v["data"]["alert"]["type"] == "tamper" {
+            return;
+        }
+        assert!(start.elapsed() < PATIENCE, "{what} never came");
+    }
+}
+
+/// Waits until exactly one of the two nodes leads.
+async fn one_leader(a: &crate::harness::TestHub, b: &crate::harness::TestHub) {
+    let start = Instant::now();
+    loop {
+        let leaders = a.metric("cluster_leader").await + b.metric("cluster_leader").await;
+        if leaders == 1.0 {
+            return;
+        }
+        assert!(start.elapsed() < PATIENCE, "leaders: {leaders}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A purchase session asked of `hub` for `cabinet` (no idempotency key).
 async fn ask(hub: &crate::harness::TestHub, key: &str, cabinet: &str) -> (u16, serde_json::Value) {
     hub.post(
@@ -804,15 +850,7 @@ async fn nodes_come_back_together_after_redis_was_unreachable() {
     let relay = Relay::start(0).await;
     let url = format!("redis://127.0.0.1:{}", relay.port);
     let (a, b) = two_nodes_with(&[("HUB__REDIS__URL", url)]).await;
-    let (op, secret) = cola_cabinet(&a, "KX6").await;
-    let mut c = connect_to(&b, "KX6", &secret).await;
-    c.heartbeat("closed", "locked", true, 1).await;
-    leases(&b, 1).await;
-    let mut ws = feed::connect(&a, &op, None).await;
-    let snap = feed::next(&mut ws, PATIENCE)
-        .await
-        .unwrap_or_else(|| panic!("no snapshot"));
-    assert_eq!(snap["type"], "snapshot");
+    let (op, mut c, mut ws) = on_b_watched_from_a(&a, &b, "KX6").await;
 
     let port = relay.cut();
     for n in [&a, &b] {
@@ -826,25 +864,8 @@ async fn nodes_come_back_together_after_redis_was_unreachable() {
     for n in [&a, &b] {
         readiness(n, 200, "ok").await;
     }
-    let start = Instant::now();
-    loop {
-        let v = feed::next(&mut ws, PATIENCE)
-            .await
-            .unwrap_or_else(|| panic!("the alert raised while Redis was away never came"));
-        if v["type"] == "alert" && v["data"]["alert"]["type"] == "tamper" {
-            break;
-        }
-        assert!(start.elapsed() < PATIENCE);
-    }
-    let start = Instant::now();
-    loop {
-        let leaders = a.metric("cluster_leader").await + b.metric("cluster_leader").await;
-        if leaders == 1.0 {
-            break;
-        }
-        assert!(start.elapsed() < PATIENCE, "leaders: {leaders}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tamper_on_screen(&mut ws, "the alert raised while Redis was away").await;
+    one_leader(&a, &b).await;
     // Requests are carried again: b took its cabinet's lease again when it could renew.
     let pending = reboot_through(&a, &op, "KX6");
     let reboot = c.expect_command("reboot", PATIENCE).await;
@@ -1001,15 +1022,7 @@ async fn fencing_tokens_keep_growing_across_a_redis_restart() {
 async fn nodes_carry_on_after_redis_restarts_empty_under_load() {
     let mut redis = OwnRedis::start(crate::harness::free_port()).await;
     let (a, b) = two_nodes_with(&[("HUB__REDIS__URL", redis.url())]).await;
-    let (op, secret) = cola_cabinet(&a, "KY1").await;
-    let mut c = connect_to(&b, "KY1", &secret).await;
-    c.heartbeat("closed", "locked", true, 1).await;
-    leases(&b, 1).await;
-    let mut ws = feed::connect(&a, &op, None).await;
-    let snap = feed::next(&mut ws, PATIENCE)
-        .await
-        .unwrap_or_else(|| panic!("no snapshot"));
-    assert_eq!(snap["type"], "snapshot");
+    let (op, mut c, mut ws) = on_b_watched_from_a(&a, &b, "KY1").await;
     c.seq += 1_000;
     let beating = c.keep_beating();
 
@@ -1023,30 +1036,13 @@ async fn nodes_carry_on_after_redis_restarts_empty_under_load() {
     for n in [&a, &b] {
         readiness(n, 200, "ok").await;
     }
-    let start = Instant::now();
-    loop {
-        let leaders = a.metric("cluster_leader").await + b.metric("cluster_leader").await;
-        if leaders == 1.0 {
-            break;
-        }
-        assert!(start.elapsed() < PATIENCE, "leaders: {leaders}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    one_leader(&a, &b).await;
     leases(&b, 1).await;
     beating.abort();
     c.seq += 1_000;
     // Said after the restart: on a's screen, under the stream's new numbers.
     c.event("tamper").await;
-    let start = Instant::now();
-    loop {
-        let v = feed::next(&mut ws, PATIENCE)
-            .await
-            .unwrap_or_else(|| panic!("the alert raised after the restart never came"));
-        if v["type"] == "alert" && v["data"]["alert"]["type"] == "tamper" {
-            break;
-        }
-        assert!(start.elapsed() < PATIENCE);
-    }
+    tamper_on_screen(&mut ws, "the alert raised after the restart").await;
     let pending = reboot_through(&a, &op, "KY1");
     let reboot = c.expect_command("reboot", PATIENCE).await;
     c.ack(&reboot, true, None).await;
