@@ -982,6 +982,45 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.node_id(), "hub-a");
         assert!(a.redis.url.is_some());
+        let e = Settings::load(
+            Some(&dir.join("external-broker-node.example.toml")),
+            &Overrides::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(e.external_broker.partitions, 64);
+    }
+
+    #[test]
+    fn external_broker_settings_are_checked() {
+        let ok = |f: &dyn Fn(&mut Settings)| {
+            let mut s = Settings::defaults(Path::new("/tmp/x")).unwrap_or_else(|e| panic!("{e}"));
+            s.external_broker.url = Some("mqtt://broker:1883".into());
+            f(&mut s);
+            s.validate().map_err(|e| e.to_string())
+        };
+        assert!(ok(&|_| {}).is_ok());
+        for (bad, key) in [
+            (
+                &(|s: &mut Settings| s.external_broker.url = Some("http://broker".into()))
+                    as &dyn Fn(&mut Settings),
+                "HUB__EXTERNAL_BROKER__URL",
+            ),
+            (
+                &|s: &mut Settings| s.external_broker.partitions = 0,
+                "HUB__EXTERNAL_BROKER__PARTITIONS",
+            ),
+            (
+                &|s: &mut Settings| s.external_broker.client_id_prefix = "a b".into(),
+                "HUB__EXTERNAL_BROKER__CLIENT_ID_PREFIX",
+            ),
+            (
+                &|s: &mut Settings| s.external_broker.keep_alive_s = 1,
+                "HUB__EXTERNAL_BROKER__KEEP_ALIVE_S",
+            ),
+        ] {
+            let e = ok(bad).err().unwrap_or_else(|| panic!("{key} accepted"));
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     #[test]
