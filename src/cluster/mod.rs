@@ -543,6 +543,11 @@ impl Cluster {
     /// cabinet's lease under (also once the lease went: a goodbye written as the cabinet goes
     /// offline), 0 when it never held it (unfenced, as on a single node).
     pub fn write_fence(&self, id: &str) -> u64 {
+        // Taking the lease again (the cabinet came back): the new token is not known yet, and
+        // the last one may be older than another node's since; unfenced, as a first claim is.
+        if self.cabinets.lock().ok().and_then(|m| m.get(id).copied()) == Some(Held::Claiming) {
+            return 0;
+        }
         self.last_fences
             .lock()
             .ok()
@@ -699,10 +704,19 @@ impl Cluster {
     }
 
     /// Whether another live node serves the cabinet now (holds its lease): what it has under
-    /// way is its own. False on a single node, and when Redis cannot tell (the caller acts as
-    /// a single node would).
+    /// way is its own. False on a single node. When Redis cannot tell, true: a caller that
+    /// would take over another node's work (the start-up sweep, resuming sessions) leaves it
+    /// rather than act on it beside a live owner (a later pass, the leader's stale-session
+    /// sweep and stalled completions, picks up what truly has no owner).
     pub async fn serves_elsewhere(&self, cabinet: &str) -> bool {
-        matches!(self.owner(cabinet).await, Ok(Some(o)) if o.node != self.settings.node_id)
+        match self.owner(cabinet).await {
+            Ok(Some(o)) => o.node != self.settings.node_id,
+            Ok(None) => false,
+            Err(e) => {
+                self.failed("owner", &e);
+                self.redis.is_some()
+            }
+        }
     }
 
     /// Renews the leader lease and the cabinets' leases every `renew` until the process ends

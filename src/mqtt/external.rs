@@ -114,6 +114,10 @@ pub struct External {
     /// Subscriptions held, per partition (for the gauge).
     subscriptions: Mutex<HashMap<u32, usize>>,
     renew: Duration,
+    /// Set by `shut_down`: no partition is taken or read again.
+    closing: AtomicBool,
+    /// The balancing loop, stopped by `shut_down`.
+    managing: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// How many filters go in one SUBSCRIBE.
@@ -223,9 +227,14 @@ impl External {
             commands_up: Arc::new(AtomicBool::new(false)),
             subscriptions: Mutex::new(HashMap::new()),
             renew,
+            closing: AtomicBool::new(false),
+            managing: Mutex::new(None),
         });
         tokio::spawn(me.clone().publish_loop(commands.0));
-        tokio::spawn(me.clone().manage());
+        let managing = tokio::spawn(me.clone().manage());
+        if let Ok(mut m) = me.managing.lock() {
+            *m = Some(managing);
+        }
         me
     }
 
@@ -326,6 +335,9 @@ impl External {
     }
 
     async fn start_reader(self: &Arc<Self>, p: u32) {
+        if self.closing.load(Ordering::Acquire) {
+            return;
+        }
         // Its cabinets that were online on another node are served from here at once, as that
         // node last showed them: they have no reason to say anything before their next
         // heartbeat. Their actors start before the first message of the partition is read.
@@ -405,10 +417,33 @@ impl External {
                 .set(subs.values().sum::<usize>() as i64);
         }
         let total = self.connector.settings.partitions;
-        for id in self.directory.ids() {
-            if partition_of(id.as_str(), total) == p {
-                self.cluster.cabinet_left(id.as_str());
-            }
+        let ids: Vec<CabinetId> = self
+            .directory
+            .ids()
+            .into_iter()
+            .filter(|id| partition_of(id.as_str(), total) == p)
+            .collect();
+        // What was acknowledged here is in its actors' mailboxes: processed while this node
+        // still holds the cabinets, or its effects (a recognition, an order) would be dropped
+        // as a former owner's. A snapshot queues behind them.
+        let queued = ids
+            .iter()
+            .filter_map(|id| self.pump.registry.get(id))
+            .map(|h| async move { h.snapshot().await.map(|_| ()) });
+        if tokio::time::timeout(
+            Duration::from_secs(5),
+            futures_util::future::join_all(queued),
+        )
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                partition = p,
+                "the partition's actors did not catch up within 5 s; handed over anyway"
+            );
+        }
+        for id in &ids {
+            self.cluster.cabinet_left(id.as_str());
         }
         self.count_connections().await;
     }
@@ -437,6 +472,11 @@ impl External {
             }
             match event {
                 Ok(Event::Incoming(Packet::Publish(m))) => {
+                    // A belief that ran out: another node may read the partition now. Nothing
+                    // more is handed on or acknowledged here; the broker delivers it there.
+                    if !self.cluster.holds_partition(p) {
+                        break;
+                    }
                     self.pump.handle(m.topic.as_bytes(), &m.payload);
                     // Acknowledged once its actor has it; a full queue (never at the broker's
                     // in-flight window) leaves it to be delivered again.
@@ -473,6 +513,10 @@ impl External {
                     tracing::warn!(partition = p, error = %e, "partition connection down; reconnecting");
                     self.count_connections().await;
                     tokio::time::sleep(wait.next_delay()).await;
+                    // Reconnecting without the lease would push its new holder off the broker.
+                    if !self.cluster.holds_partition(p) || self.closing.load(Ordering::Acquire) {
+                        break;
+                    }
                 }
             }
         }
@@ -547,6 +591,14 @@ impl External {
     /// A clean shutdown: every partition handed back (what was handed to actors acknowledged,
     /// the rest left queued for the next holder), and this node out of the live set.
     pub async fn shut_down(&self) {
+        // The balancing loop first: it would start the readers stopped below again, and take
+        // partitions back after this node left.
+        self.closing.store(true, Ordering::Release);
+        let managing = self.managing.lock().ok().and_then(|mut m| m.take());
+        if let Some(m) = managing {
+            m.abort();
+            let _ = m.await;
+        }
         let held: Vec<u32> = self.readers.lock().await.keys().copied().collect();
         for p in held {
             self.stop(p, true).await;
