@@ -179,9 +179,12 @@ impl Application {
             cluster.on_cabinet_lease(move |id, fence| {
                 let (store, metrics, id) = (store.clone(), metrics.clone(), id.to_owned());
                 tokio::spawn(async move {
-                    if let Err(e) = store.record_lease_fence(&id, fence).await {
-                        metrics.store_errors.with_label_values(&["lease_fence"]).inc();
-                        tracing::warn!(cabinet_id = %id, fence, error = %e, "lease token not recorded");
+                    match store.record_lease_fence(&id, fence).await {
+                        Ok(()) => metrics.cluster_fences_recorded.inc(),
+                        Err(e) => {
+                            metrics.store_errors.with_label_values(&["lease_fence"]).inc();
+                            tracing::warn!(cabinet_id = %id, fence, error = %e, "lease token not recorded");
+                        }
                     }
                 });
             });

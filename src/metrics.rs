@@ -40,6 +40,7 @@ pub struct Metrics {
     pub cluster_lease_changes: IntCounterVec,
     pub redis_errors: IntCounterVec,
     pub cluster_writes_refused: IntCounter,
+    pub cluster_fences_recorded: IntCounter,
     pub broker_partitions: IntGauge,
     pub broker_connections: IntGauge,
     pub broker_errors: IntCounterVec,
@@ -422,6 +423,13 @@ impl Metrics {
                 IntCounter::new(
                     "cluster_writes_refused_total",
                     "Writes for a cabinet (alerts, online state) refused because another node took its lease since (fencing token)",
+                )?,
+            ),
+            cluster_fences_recorded: reg(
+                &r,
+                IntCounter::new(
+                    "cluster_fences_recorded_total",
+                    "Cabinet lease tokens this node recorded in storage (a former owner's later writes are refused from then on)",
                 )?,
             ),
             broker_partitions: reg(

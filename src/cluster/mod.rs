@@ -520,23 +520,26 @@ impl Cluster {
                 .cluster_cabinet_leases
                 .set(map.values().filter(|h| matches!(h, Held::Held(_))).count() as i64);
         }
-        let (me, id) = (self.clone(), id.to_owned());
-        tokio::spawn(async move {
-            let Some(r) = &me.redis else { return };
-            let mut conn = r.conn.clone();
-            let owner = format!("{}|{fence}", me.settings.node_id);
-            let done: Result<i64, _> = r
-                .release
-                .key(me.cabinet_key(&id))
-                .arg(owner)
-                .invoke_async(&mut conn)
-                .await;
-            match done {
-                Ok(1) => me.lease_change("cabinet", "released"),
-                Ok(_) => {}
-                Err(e) => me.failed("cabinet_release", &ClusterError::from(e)),
-            }
-        });
+        let (me, key) = (self.clone(), self.cabinet_key(id));
+        tokio::spawn(async move { me.release(&key, fence, "cabinet").await });
+    }
+
+    /// Gives the lease at `key` up if it is still this node's under `fence`; `lease` names it
+    /// in the metrics (`cabinet`, `partition`, `leader`).
+    async fn release(&self, key: &str, fence: u64, lease: &'static str) {
+        let Some(r) = &self.redis else { return };
+        let mut conn = r.conn.clone();
+        let done: Result<i64, _> = r
+            .release
+            .key(key)
+            .arg(format!("{}|{fence}", self.settings.node_id))
+            .invoke_async(&mut conn)
+            .await;
+        match done {
+            Ok(1) => self.lease_change(lease, "released"),
+            Ok(_) => {}
+            Err(e) => self.failed("release", &ClusterError::from(e)),
+        }
     }
 
     /// The token this node's writes for the cabinet carry: the last one it held the
@@ -738,7 +741,9 @@ impl Cluster {
     /// Gives up the leader lease for good (a clean shutdown), so that another node takes over
     /// at its next renewal rather than after the lease runs out.
     pub async fn step_down(&self) {
-        let Some(r) = &self.redis else { return };
+        if self.redis.is_none() {
+            return;
+        }
         self.stepped_down.store(true, Ordering::Release);
         if !self.is_leader() {
             return;
@@ -746,19 +751,7 @@ impl Cluster {
         let fence = self.leader_fence.load(Ordering::Acquire);
         self.leader_until_ms.store(0, Ordering::Release);
         self.metrics.cluster_leader.set(0);
-        let mut conn = r.conn.clone();
-        let owner = format!("{}|{fence}", self.settings.node_id);
-        let done: Result<i64, _> = r
-            .release
-            .key(self.key("leader"))
-            .arg(owner)
-            .invoke_async(&mut conn)
-            .await;
-        match done {
-            Ok(1) => self.lease_change("leader", "released"),
-            Ok(_) => {}
-            Err(e) => self.failed("leader_release", &ClusterError::from(e)),
-        }
+        self.release(&self.key("leader"), fence, "leader").await;
     }
 }
 

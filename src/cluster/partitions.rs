@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 
 use redis::Script;
 
-use super::{Cluster, ClusterError};
+use super::Cluster;
 
 /// Enters this node in the live set (`KEYS[1]`, scored by when each entry runs out, on Redis's
 /// clock), drops entries that ran out, and answers how many nodes are live.
@@ -233,20 +233,9 @@ impl Cluster {
             Ok(mut parts) => parts.held.remove(&p),
             Err(_) => None,
         };
-        let (Some(r), Some(fence)) = (&self.redis, fence) else {
-            return;
-        };
-        let mut conn = r.conn.clone();
-        let done: Result<i64, _> = r
-            .release
-            .key(self.partition_key(p))
-            .arg(format!("{}|{fence}", self.settings.node_id))
-            .invoke_async(&mut conn)
-            .await;
-        match done {
-            Ok(1) => self.lease_change("partition", "released"),
-            Ok(_) => {}
-            Err(e) => self.failed("partition_release", &ClusterError::from(e)),
+        if let Some(fence) = fence {
+            self.release(&self.partition_key(p), fence, "partition")
+                .await;
         }
     }
 

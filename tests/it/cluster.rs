@@ -983,6 +983,19 @@ impl Drop for OwnRedis {
     }
 }
 
+/// `node` takes the cabinet's lease (an uplink reached it): the token it holds it under.
+async fn takes(node: &Arc<Cluster>, id: &str) -> u64 {
+    node.cabinet_here(id);
+    until(Duration::from_secs(10), "the lease taken", || {
+        matches!(node.cabinet_lease(id), Some(Held::Held(_)))
+    })
+    .await;
+    match node.cabinet_lease(id) {
+        Some(Held::Held(fence)) => fence,
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Fencing tokens keep growing when Redis restarts empty: a lease taken after the restart
 /// holds a larger token than any taken before it, as a write fenced by it must see.
 #[actix_rt::test]
@@ -990,26 +1003,12 @@ async fn fencing_tokens_keep_growing_across_a_redis_restart() {
     let mut redis = OwnRedis::start(crate::harness::free_port()).await;
     let (url, p) = (redis.url(), prefix());
     let a = node(&url, "a", &p, 1_000).await;
-    a.cabinet_here("cab-1");
-    until(Duration::from_secs(10), "a holds cab-1", || {
-        matches!(a.cabinet_lease("cab-1"), Some(Held::Held(_)))
-    })
-    .await;
-    let Some(Held::Held(before)) = a.cabinet_lease("cab-1") else {
-        panic!("held")
-    };
+    let before = takes(&a, "cab-1").await;
     let port = redis.port;
     redis.kill();
     let _redis = OwnRedis::start(port).await;
     let b = node(&url, "b", &p, 1_000).await;
-    b.cabinet_here("cab-1");
-    until(Duration::from_secs(10), "b holds cab-1", || {
-        matches!(b.cabinet_lease("cab-1"), Some(Held::Held(_)))
-    })
-    .await;
-    let Some(Held::Held(after)) = b.cabinet_lease("cab-1") else {
-        panic!("held")
-    };
+    let after = takes(&b, "cab-1").await;
     assert!(after > before, "{after} after the restart, {before} before");
     let owner = b.owner("cab-1").await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(owner.map(|o| o.fence), Some(after), "stored exactly");
@@ -1070,7 +1069,11 @@ async fn a_former_owners_late_writes_are_refused_by_the_fencing_token() {
     new.heartbeat("closed", "locked", true, 1).await;
     leases(&b, 1).await;
     // b's token is recorded (in the background of its claim).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    while b.metric("cluster_fences_recorded_total").await < 1.0 {
+        assert!(start.elapsed() < PATIENCE, "b's token never recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     old.cut();
     let start = Instant::now();
     while a.metric("cluster_writes_refused_total").await < 2.0 {
