@@ -32,6 +32,7 @@ pub async fn capacity(
     );
     let hub = Arc::new(ctx.hub().await?);
     let (op, cabs, fleet) = shopping_fleet(ctx, &hub, cabinets, &mut r).await?;
+    let idle = fleet_idle_cores(&hub, &mut r).await;
 
     let mut paid_before = 0u64;
     let mut knee: Option<CurvePoint> = None;
@@ -41,9 +42,11 @@ pub async fn capacity(
         let (h, s) = shop(hub.clone(), op.clone(), cabs.clone(), rate, t0 + step).await?;
         let elapsed = t0.elapsed().as_secs_f64();
         let paid = wait_orders(&hub, paid_before + s.ok, Duration::from_secs(60)).await?;
+        let step_s = t0.elapsed().as_secs_f64();
         let per_session = |a: Option<f64>, b: Option<f64>| {
             a.zip(b).map(|(a, b)| (b - a) * 1000.0 / s.ok.max(1) as f64)
         };
+        let hub_cpu_ms = per_session(cpu0.0, hub.cpu_seconds());
         let point = CurvePoint {
             offered_per_s: rate,
             unlocked_per_s: s.ok as f64 / elapsed.max(1e-3),
@@ -51,7 +54,12 @@ pub async fn capacity(
             p99_ms: h.total.value_at_quantile(0.99) as f64 / 1000.0,
             refused: s.refused.values().sum::<u64>() + s.errors,
             orders_missing: (paid_before + s.ok).saturating_sub(paid as u64),
-            hub_cpu_ms: per_session(cpu0.0, hub.cpu_seconds()),
+            hub_cpu_ms,
+            // What the fleet costs the hub idle over the same time (its heartbeats) is not a
+            // purchase's work; the gross figure is reported beside it.
+            hub_cpu_net_ms: hub_cpu_ms
+                .zip(idle)
+                .map(|(ms, cores)| (ms - cores * step_s * 1000.0 / s.ok.max(1) as f64).max(0.0)),
             simulator_cpu_ms: per_session(cpu0.1, hub.simulator_cpu_seconds()),
         };
         paid_before = paid as u64;
@@ -59,8 +67,8 @@ pub async fn capacity(
             r.note(format!("at {rate}/s: {n} sessions refused: {code}"));
         }
         eprintln!(
-            "capacity: {rate}/s offered → {:.1}/s, unlock p50 {:.1} ms, p99 {:.1} ms, refused {}, missing {}, hub CPU {:?} ms/session",
-            point.unlocked_per_s, point.p50_ms, point.p99_ms, point.refused, point.orders_missing, point.hub_cpu_ms
+            "capacity: {rate}/s offered → {:.1}/s, unlock p50 {:.1} ms, p99 {:.1} ms, refused {}, missing {}, hub CPU {:?} ms/session ({:?} net of the idle fleet)",
+            point.unlocked_per_s, point.p50_ms, point.p99_ms, point.refused, point.orders_missing, point.hub_cpu_ms, point.hub_cpu_net_ms
         );
         let within =
             point.p99_ms <= P99_TARGET_MS && point.refused == 0 && point.orders_missing == 0;
@@ -91,6 +99,9 @@ pub async fn capacity(
             "sessions/s",
         );
     }
+    if let Some(cpu) = k.and_then(|p| p.hub_cpu_net_ms) {
+        r.fig("hub_cpu_ms_per_session_net_of_fleet", cpu, "ms");
+    }
     if let Some(cpu) = k.and_then(|p| p.simulator_cpu_ms) {
         r.fig("simulator_cpu_ms_per_session", cpu, "ms");
     }
@@ -102,4 +113,19 @@ pub async fn capacity(
         std::fs::write(path, curve_svg(&r.curve, &title))?;
     }
     Ok(r)
+}
+
+/// How long the fleet is watched idle before the first step.
+const IDLE_WATCH: Duration = Duration::from_secs(10);
+
+/// The cores the hub spends on the connected fleet with no purchase under way (heartbeats,
+/// sweeps), measured over [`IDLE_WATCH`] after it settles.
+async fn fleet_idle_cores(hub: &crate::hub::Hub, r: &mut Report) -> Option<f64> {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c0 = hub.cpu_seconds()?;
+    let t0 = Instant::now();
+    tokio::time::sleep(IDLE_WATCH).await;
+    let cores = (hub.cpu_seconds()? - c0) / t0.elapsed().as_secs_f64();
+    r.fig("hub_idle_fleet_cores", cores, "cores");
+    Some(cores)
 }

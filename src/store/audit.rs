@@ -63,7 +63,7 @@ impl Store {
     ) -> Result<Vec<AuditRow>> {
         let rows = sqlx::query(
             "SELECT * FROM audit WHERE ($1 IS NULL OR merchant_id = $1) AND ($2 IS NULL OR order_id = $2) \
-             AND ($3 IS NULL OR action = $3) ORDER BY at DESC, id LIMIT $4",
+             AND ($3 IS NULL OR action = $3) ORDER BY at DESC, id LIMIT CAST($4 AS BIGINT)",
         )
         .bind(merchant_id)
         .bind(order_id)

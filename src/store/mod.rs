@@ -1,5 +1,10 @@
 //! Storage over sqlx's `Any` driver: SQLite (the embedded default) and PostgreSQL, portable
 //! column types only (BIGINT, TEXT, DOUBLE PRECISION; money in fen, times in Unix ms, flags 0/1).
+//!
+//! A bound limit is written `LIMIT CAST($n AS BIGINT)`, never as a bare parameter: SQLite plans
+//! with the value of a bare limit parameter and so compiles the statement again every time a
+//! value is bound to it, which sqlx does on every run (the due-work scans several times a
+//! second, and every list). Through a cast the prepared statement is kept.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -1130,7 +1135,7 @@ impl Store {
             None => {}
         }
         sql.push_str(&format!(
-            " ORDER BY raised_at DESC, id LIMIT ${}",
+            " ORDER BY raised_at DESC, id LIMIT CAST(${} AS BIGINT)",
             binds.len() + 1
         ));
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));

@@ -135,7 +135,7 @@ impl Store {
     ) -> Result<Vec<ServiceOrderRow>> {
         let rows = sqlx::query(
             "SELECT * FROM service_orders WHERE ($1 IS NULL OR merchant_id = $1) \
-             ORDER BY created_at DESC, id LIMIT $2",
+             ORDER BY created_at DESC, id LIMIT CAST($2 AS BIGINT)",
         )
         .bind(merchant_id)
         .bind(limit)
@@ -149,7 +149,7 @@ impl Store {
     /// Unpaid orders whose time to be closed has come, oldest first.
     pub async fn due_service_orders(&self, now: i64, limit: i64) -> Result<Vec<ServiceOrderRow>> {
         let rows = sqlx::query(
-            "SELECT * FROM service_orders WHERE status = 'unpaid' AND due_at <= $1 ORDER BY due_at LIMIT $2",
+            "SELECT * FROM service_orders WHERE status = 'unpaid' AND due_at <= $1 ORDER BY due_at LIMIT CAST($2 AS BIGINT)",
         )
         .bind(now)
         .bind(limit)

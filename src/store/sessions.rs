@@ -467,7 +467,7 @@ impl Store {
             }
         }
         sql.push_str(&format!(
-            " ORDER BY created_at DESC, id LIMIT ${}",
+            " ORDER BY created_at DESC, id LIMIT CAST(${} AS BIGINT)",
             binds.len() + times.len() + 1
         ));
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -640,7 +640,7 @@ impl Store {
     ) -> Result<Vec<PaymentExceptionRow>> {
         let rows = sqlx::query(
             "SELECT * FROM payment_exceptions WHERE ($1 IS NULL OR merchant_id = $1) \
-             ORDER BY created_at DESC, id LIMIT $2",
+             ORDER BY created_at DESC, id LIMIT CAST($2 AS BIGINT)",
         )
         .bind(merchant_id)
         .bind(limit)
@@ -832,7 +832,7 @@ impl Store {
     /// ones to ask the provider about again.
     pub async fn refunds_in_flight(&self, before: i64, limit: i64) -> Result<Vec<RefundRow>> {
         let rows = sqlx::query(
-            "SELECT * FROM refunds WHERE status = 'processing' AND updated_at < $1 ORDER BY updated_at LIMIT $2",
+            "SELECT * FROM refunds WHERE status = 'processing' AND updated_at < $1 ORDER BY updated_at LIMIT CAST($2 AS BIGINT)",
         )
         .bind(before)
         .bind(limit)
@@ -853,7 +853,7 @@ impl Store {
     /// Orders whose deduction failed and whose next collection attempt is due.
     pub async fn due_collections(&self, now: i64, limit: i64) -> Result<Vec<OrderRow>> {
         let rows = sqlx::query(
-            "SELECT * FROM orders WHERE status = 'pending_payment' AND (next_collect_at IS NULL OR next_collect_at <= $1) ORDER BY created_at LIMIT $2",
+            "SELECT * FROM orders WHERE status = 'pending_payment' AND (next_collect_at IS NULL OR next_collect_at <= $1) ORDER BY created_at LIMIT CAST($2 AS BIGINT)",
         )
         .bind(now)
         .bind(limit)
@@ -1010,7 +1010,7 @@ impl Store {
     ) -> Result<Vec<SessionRow>> {
         let rows = sqlx::query(
             "SELECT * FROM sessions WHERE state IN ('confirming', 'unlocking', 'open') \
-             AND COALESCE(unlocked_at, created_at) < $1 ORDER BY created_at LIMIT $2",
+             AND COALESCE(unlocked_at, created_at) < $1 ORDER BY created_at LIMIT CAST($2 AS BIGINT)",
         )
         .bind(before)
         .bind(limit)
@@ -1030,7 +1030,7 @@ impl Store {
     ) -> Result<Vec<SessionRow>> {
         let rows = sqlx::query(
             "SELECT * FROM sessions WHERE state IN ('confirming', 'unlocking', 'open') \
-             AND ($1 IS NULL OR merchant_id = $1) ORDER BY created_at, id LIMIT $2",
+             AND ($1 IS NULL OR merchant_id = $1) ORDER BY created_at, id LIMIT CAST($2 AS BIGINT)",
         )
         .bind(merchant_id)
         .bind(limit)

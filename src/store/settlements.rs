@@ -140,7 +140,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT s.* FROM settlements s JOIN orders o ON o.id = s.order_id \
              WHERE s.state IN ('pending', 'splitting', 'split', 'failed') AND s.due_at <= $1 \
-             AND o.status IN ('paid', 'refunded') ORDER BY s.due_at LIMIT $2",
+             AND o.status IN ('paid', 'refunded') ORDER BY s.due_at LIMIT CAST($2 AS BIGINT)",
         )
         .bind(now)
         .bind(limit)
@@ -160,7 +160,7 @@ impl Store {
     ) -> Result<Vec<SettlementRow>> {
         let rows = sqlx::query(
             "SELECT * FROM settlements WHERE ($1 IS NULL OR merchant_id = $1) AND ($2 IS NULL OR state = $2) \
-             ORDER BY updated_at DESC, order_id LIMIT $3",
+             ORDER BY updated_at DESC, order_id LIMIT CAST($3 AS BIGINT)",
         )
         .bind(merchant_id)
         .bind(state)

@@ -127,7 +127,7 @@ impl Store {
     ) -> Result<Vec<super::SessionRow>> {
         let rows = sqlx::query(
             "SELECT * FROM sessions WHERE mode = 'restock' AND ($1 IS NULL OR merchant_id = $1) \
-             AND ($2 IS NULL OR cabinet_id = $2) ORDER BY created_at DESC, id LIMIT $3",
+             AND ($2 IS NULL OR cabinet_id = $2) ORDER BY created_at DESC, id LIMIT CAST($3 AS BIGINT)",
         )
         .bind(merchant_id)
         .bind(cabinet_id)
@@ -348,7 +348,7 @@ impl Store {
     ) -> Result<Vec<StockDiscrepancyRow>> {
         let rows = sqlx::query(
             "SELECT * FROM stock_discrepancies WHERE ($1 IS NULL OR merchant_id = $1) AND ($2 IS NULL OR state = $2) \
-             ORDER BY created_at DESC, id LIMIT $3",
+             ORDER BY created_at DESC, id LIMIT CAST($3 AS BIGINT)",
         )
         .bind(merchant_id)
         .bind(state)

@@ -517,3 +517,30 @@ async fn pending_collections_are_found_without_reading_every_order() {
         "{plan:?}"
     );
 }
+
+/// A statement whose `LIMIT` is a bare parameter is compiled again on every run by the SQLite
+/// the hub bundles (it plans with the bound limit): the settlement, collection and refund scans
+/// did that several times a second, a parse and a plan each time. Limits are bound through a
+/// cast (`LIMIT CAST($n AS BIGINT)`); no statement in the store may go back to the bare form.
+#[test]
+fn no_statement_limits_by_a_bare_parameter() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/store");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{dir}: {e}")) {
+        let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}"));
+        for (n, line) in text.lines().enumerate() {
+            assert!(
+                !line.contains("LIMIT $"),
+                "{}:{}: a bare LIMIT parameter: {line}",
+                path.display(),
+                n + 1
+            );
+        }
+        checked += text.matches("LIMIT CAST($").count();
+    }
+    assert!(
+        checked >= 10,
+        "the store's limits were not found ({checked})"
+    );
+}
