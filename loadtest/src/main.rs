@@ -165,7 +165,8 @@ enum Scenario {
         common: Common,
     },
     /// The shopping rush at rising offered rates until unlock p99 passes 50 ms or anything is
-    /// refused or lost: the curve (table, SVG) and the CPU per session.
+    /// refused or lost: the curve (table, SVG) and the CPU per session (gross, and net of what
+    /// the connected fleet costs the hub idle).
     Capacity {
         #[arg(long, default_value_t = 4_000)]
         cabinets: usize,
