@@ -76,6 +76,33 @@ pub struct Metrics {
     /// copied into the series below at each scrape.
     pub flow: Arc<rumqttd::FlowMeter>,
     flow_series: FlowSeries,
+    /// The merchant's request signing (`payments::crypto::MERCHANT_SIGNING`), copied at each
+    /// scrape.
+    signing: SigningSeries,
+}
+
+#[derive(Clone)]
+struct SigningSeries {
+    cpu: prometheus::Counter,
+    count: IntCounter,
+    sync: Arc<Mutex<()>>,
+}
+
+impl SigningSeries {
+    fn update(&self) {
+        let Ok(_one_at_a_time) = self.sync.lock() else {
+            return;
+        };
+        let (cpu, count) = crate::payments::crypto::MERCHANT_SIGNING.read();
+        let now = self.cpu.get();
+        if cpu > now {
+            self.cpu.inc_by(cpu - now);
+        }
+        let now = self.count.get();
+        if count > now {
+            self.count.inc_by(count - now);
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -596,6 +623,23 @@ impl Metrics {
                 ),
                 sync: Arc::new(Mutex::new(())),
             },
+            signing: SigningSeries {
+                cpu: reg(
+                    &r,
+                    prometheus::Counter::new(
+                        "payment_signing_cpu_seconds_total",
+                        "CPU the hub spent signing its requests to the payment providers (RSA-2048; its cost is the CPU's)",
+                    )?,
+                ),
+                count: reg(
+                    &r,
+                    IntCounter::new(
+                        "payment_signatures_total",
+                        "Requests to the payment providers the hub signed",
+                    )?,
+                ),
+                sync: Arc::new(Mutex::new(())),
+            },
             registry: r,
         };
         // Pre-create the label sets so dashboards see zeros rather than gaps.
@@ -626,6 +670,7 @@ impl Metrics {
         set(&self.memory.heap_in_use, m.heap_in_use);
         set(&self.memory.heap_free, m.heap_free);
         self.flow_series.update(&self.flow);
+        self.signing.update();
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");

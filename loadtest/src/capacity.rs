@@ -38,6 +38,7 @@ pub async fn capacity(
     let mut knee: Option<CurvePoint> = None;
     for &rate in rates {
         let cpu0 = (hub.cpu_seconds(), hub.simulator_cpu_seconds());
+        let signing0 = hub.metric_sum(SIGNING_CPU).await.ok();
         let t0 = Instant::now();
         let (h, s) = shop(hub.clone(), op.clone(), cabs.clone(), rate, t0 + step).await?;
         let elapsed = t0.elapsed().as_secs_f64();
@@ -60,6 +61,7 @@ pub async fn capacity(
             hub_cpu_net_ms: hub_cpu_ms
                 .zip(idle)
                 .map(|(ms, cores)| (ms - cores * step_s * 1000.0 / s.ok.max(1) as f64).max(0.0)),
+            hub_signing_ms: per_session(signing0, hub.metric_sum(SIGNING_CPU).await.ok()),
             simulator_cpu_ms: per_session(cpu0.1, hub.simulator_cpu_seconds()),
         };
         paid_before = paid as u64;
@@ -67,8 +69,8 @@ pub async fn capacity(
             r.note(format!("at {rate}/s: {n} sessions refused: {code}"));
         }
         eprintln!(
-            "capacity: {rate}/s offered → {:.1}/s, unlock p50 {:.1} ms, p99 {:.1} ms, refused {}, missing {}, hub CPU {:?} ms/session ({:?} net of the idle fleet)",
-            point.unlocked_per_s, point.p50_ms, point.p99_ms, point.refused, point.orders_missing, point.hub_cpu_ms, point.hub_cpu_net_ms
+            "capacity: {rate}/s offered → {:.1}/s, unlock p50 {:.1} ms, p99 {:.1} ms, refused {}, missing {}, hub CPU {:?} ms/session ({:?} net of the idle fleet, {:?} of it signing)",
+            point.unlocked_per_s, point.p50_ms, point.p99_ms, point.refused, point.orders_missing, point.hub_cpu_ms, point.hub_cpu_net_ms, point.hub_signing_ms
         );
         let within =
             point.p99_ms <= P99_TARGET_MS && point.refused == 0 && point.orders_missing == 0;
@@ -102,6 +104,11 @@ pub async fn capacity(
     if let Some(cpu) = k.and_then(|p| p.hub_cpu_net_ms) {
         r.fig("hub_cpu_ms_per_session_net_of_fleet", cpu, "ms");
     }
+    signing_figures(
+        &mut r,
+        k.and_then(|p| p.hub_cpu_ms),
+        k.and_then(|p| p.hub_signing_ms),
+    );
     if let Some(cpu) = k.and_then(|p| p.simulator_cpu_ms) {
         r.fig("simulator_cpu_ms_per_session", cpu, "ms");
     }
@@ -113,6 +120,26 @@ pub async fn capacity(
         std::fs::write(path, curve_svg(&r.curve, &title))?;
     }
     Ok(r)
+}
+
+/// The hub's counter of the CPU it spent signing its requests to the providers.
+pub(crate) const SIGNING_CPU: &str = "payment_signing_cpu_seconds_total";
+
+/// What the provider's mandated RSA signatures took of the hub's CPU a session, and the rest:
+/// the signatures' price is set by the CPU (0.3 ms each with AVX-512 IFMA, over 1 ms on some
+/// CPUs without it), the rest by the design, so a CPU figure read on one machine is
+/// comparable with another's only apart from it.
+pub(crate) fn signing_figures(r: &mut Report, cpu: Option<f64>, signing: Option<f64>) {
+    if let Some(sign) = signing {
+        r.fig("hub_signing_ms_per_session", sign, "ms");
+        if let Some(cpu) = cpu {
+            r.fig(
+                "hub_cpu_ms_per_session_net_of_signing",
+                (cpu - sign).max(0.0),
+                "ms",
+            );
+        }
+    }
 }
 
 /// How long the fleet is watched idle before the first step.

@@ -165,8 +165,8 @@ enum Scenario {
         common: Common,
     },
     /// The shopping rush at rising offered rates until unlock p99 passes 50 ms or anything is
-    /// refused or lost: the curve (table, SVG) and the CPU per session (gross, and net of what
-    /// the connected fleet costs the hub idle).
+    /// refused or lost: the curve (table, SVG) and the CPU per session (gross, net of what the
+    /// connected fleet costs the hub idle, and what of it the hub's RSA signing took).
     Capacity {
         #[arg(long, default_value_t = 4_000)]
         cabinets: usize,

@@ -90,6 +90,11 @@ pub struct CurvePoint {
     /// The same less what the connected fleet costs it idle over the step, ms.
     #[serde(default)]
     pub hub_cpu_net_ms: Option<f64>,
+    /// Of the hub's CPU, what signing its requests to the provider took, per unlocked session,
+    /// ms: the price of the CPU's RSA, not of the design (read from the hub's
+    /// `payment_signing_cpu_seconds_total`).
+    #[serde(default)]
+    pub hub_signing_ms: Option<f64>,
     /// The simulators' CPU per unlocked session, ms (when they run apart).
     pub simulator_cpu_ms: Option<f64>,
 }
@@ -420,12 +425,12 @@ pub fn markdown(
 pub fn curve_table(curve: &[CurvePoint]) -> String {
     let opt = |v: Option<f64>| v.map(fmt_value).unwrap_or_else(|| "–".into());
     let mut s = String::from(
-        "| offered sessions/s | unlocked/s | unlock p50 ms | unlock p99 ms | refused | orders missing | hub CPU ms/session | net of the idle fleet | simulator CPU ms/session |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| offered sessions/s | unlocked/s | unlock p50 ms | unlock p99 ms | refused | orders missing | hub CPU ms/session | net of the idle fleet | of it signing | simulator CPU ms/session |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for p in curve {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             fmt_value(p.offered_per_s),
             fmt_value(p.unlocked_per_s),
             fmt_value(p.p50_ms),
@@ -434,6 +439,7 @@ pub fn curve_table(curve: &[CurvePoint]) -> String {
             p.orders_missing,
             opt(p.hub_cpu_ms),
             opt(p.hub_cpu_net_ms),
+            opt(p.hub_signing_ms),
             opt(p.simulator_cpu_ms)
         );
     }

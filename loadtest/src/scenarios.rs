@@ -955,6 +955,7 @@ pub async fn shopping_rush(ctx: &Ctx, n: usize, rate: f64, duration: Duration) -
         tokio::spawn(async move { http_floor_probe(&hub, Duration::from_millis(20), until).await })
     };
     let cpu0 = (hub.cpu_seconds(), hub.simulator_cpu_seconds());
+    let signing0 = hub.metric_sum(crate::capacity::SIGNING_CPU).await.ok();
     let (h, s) = shop(hub.clone(), op, cabs.clone(), rate, until).await?;
     let floor = floor.await??;
     let http_floor = http_floor.await??;
@@ -1002,9 +1003,15 @@ pub async fn shopping_rush(ctx: &Ctx, n: usize, rate: f64, duration: Duration) -
     let per_session = |a: Option<f64>, b: Option<f64>| {
         a.zip(b).map(|(a, b)| (b - a) * 1000.0 / s.ok.max(1) as f64)
     };
-    if let Some(ms) = per_session(cpu0.0, hub.cpu_seconds()) {
+    let hub_cpu = per_session(cpu0.0, hub.cpu_seconds());
+    if let Some(ms) = hub_cpu {
         r.fig("hub_cpu_ms_per_session", ms, "ms");
     }
+    let signing = per_session(
+        signing0,
+        hub.metric_sum(crate::capacity::SIGNING_CPU).await.ok(),
+    );
+    crate::capacity::signing_figures(&mut r, hub_cpu, signing);
     if let Some(ms) = per_session(cpu0.1, hub.simulator_cpu_seconds()) {
         r.fig("simulator_cpu_ms_per_session", ms, "ms");
     }

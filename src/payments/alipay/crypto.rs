@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::payments::crypto::{CryptoError, RsaSigner, Verifier};
+use crate::payments::crypto::{CryptoError, RsaSigner, Verifier, MERCHANT_SIGNING};
 
 /// The string a request's parameters are signed as: sorted by key, empty values and `sign`
 /// left out, joined `k=v&k=v` with raw (unencoded) values.
@@ -33,7 +33,8 @@ pub fn sign_params(
     signer: &RsaSigner,
     params: &BTreeMap<String, String>,
 ) -> Result<String, CryptoError> {
-    signer.sign(request_sign_content(params).as_bytes())
+    let content = request_sign_content(params);
+    MERCHANT_SIGNING.timed(|| signer.sign(content.as_bytes()))
 }
 
 /// The exact text of the `<member>` object in a gateway response, for verification: Alipay

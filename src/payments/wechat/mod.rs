@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::crypto::{
-    apiv2_sign, decrypt_resource, CryptoError, RequestToSign, RsaSigner, Verifier,
+    apiv2_sign, decrypt_resource, CryptoError, RequestToSign, RsaSigner, Verifier, MERCHANT_SIGNING,
 };
 use crate::secrets::token;
 
@@ -513,17 +513,19 @@ impl WechatClient {
             body_text.clone(),
         );
         let auth = tokio::task::spawn_blocking(move || {
-            signer.authorization(
-                &mchid,
-                &serial,
-                &RequestToSign {
-                    method: &m,
-                    url: &url,
-                    timestamp,
-                    nonce: &nonce,
-                    body: &text,
-                },
-            )
+            MERCHANT_SIGNING.timed(|| {
+                signer.authorization(
+                    &mchid,
+                    &serial,
+                    &RequestToSign {
+                        method: &m,
+                        url: &url,
+                        timestamp,
+                        nonce: &nonce,
+                        body: &text,
+                    },
+                )
+            })
         })
         .await
         .map_err(|e| WechatError::Config(format!("signing task: {e}")))?
