@@ -136,7 +136,7 @@ pub fn apiv2_sign<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>, key:
 
 /// The CPU this process spent signing its requests to the payment providers, and how many it
 /// signed. An RSA-2048 signature is a purchase's largest single cost and its price is the
-/// CPU's (0.3 to 1.2 ms on the machines this hub was measured on), so it is counted apart
+/// CPU's (0.3 to 2 ms on the machines this hub was measured on), so it is counted apart
 /// (`payment_signing_cpu_seconds_total`, `payment_signatures_total`): the rest of a session's
 /// CPU is what the design costs.
 #[derive(Debug, Default)]
