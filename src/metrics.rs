@@ -98,10 +98,15 @@ impl SigningSeries {
         if cpu > now {
             self.cpu.inc_by(cpu - now);
         }
-        let now = self.count.get();
-        if count > now {
-            self.count.inc_by(count - now);
-        }
+        advance(&self.count, count);
+    }
+}
+
+/// Brings a counter copied from elsewhere up to `to` (never down).
+fn advance(c: &IntCounter, to: u64) {
+    let now = c.get();
+    if to > now {
+        c.inc_by(to - now);
     }
 }
 
@@ -118,12 +123,6 @@ impl FlowSeries {
     fn update(&self, flow: &rumqttd::FlowMeter) {
         let Ok(_one_at_a_time) = self.sync.lock() else {
             return;
-        };
-        let advance = |c: &IntCounter, to: u64| {
-            let now = c.get();
-            if to > now {
-                c.inc_by(to - now);
-            }
         };
         advance(&self.holds, flow.holds.load(Ordering::Relaxed));
         advance(&self.evicted, flow.skipped.load(Ordering::Relaxed));

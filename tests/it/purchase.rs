@@ -1011,19 +1011,11 @@ async fn operators_edit_the_blacklist(b: Backend) {
     );
 }
 
-/// A series of the hub's metrics without labels, 0 when absent.
-async fn metric(hub: &TestHub, name: &str) -> f64 {
-    let text = hub.metrics().await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 async fn wechat_happy_path_charges_once(b: Backend) {
     let (hub, op, mut c) = shop(b).await;
     let (signed, signing) = (
-        metric(&hub, "payment_signatures_total").await,
-        metric(&hub, "payment_signing_cpu_seconds_total").await,
+        hub.metric("payment_signatures_total").await,
+        hub.metric("payment_signing_cpu_seconds_total").await,
     );
     let pending = start(&hub, &op, "u1", Some("idem-1"));
     let unlock = c.expect_command("unlock", 3 * SEC).await;
@@ -1083,8 +1075,8 @@ async fn wechat_happy_path_charges_once(b: Backend) {
     // The hub signed two requests (the order's creation and its completion) and counted their
     // CPU; the simulator's signatures of its answers and notifications, which WeChat's
     // servers make in the field, are not the hub's.
-    assert_eq!(metric(&hub, "payment_signatures_total").await - signed, 2.0);
-    assert!(metric(&hub, "payment_signing_cpu_seconds_total").await > signing);
+    assert_eq!(hub.metric("payment_signatures_total").await - signed, 2.0);
+    assert!(hub.metric("payment_signing_cpu_seconds_total").await > signing);
     // A second session may start now.
     assert_eq!(hub.cabinet_state(&op, "KM1").await["session"], Value::Null);
 }
